@@ -1,0 +1,1 @@
+//! vnetd: the site gateway router (issue 6, in progress).
