@@ -1,0 +1,4 @@
+//! Emulated devices and the port-I/O / MMIO bus that dispatches vCPU exits to them.
+
+pub mod bus;
+pub mod serial;

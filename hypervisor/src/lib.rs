@@ -1,0 +1,23 @@
+//! `shrink-vmm`: a KVM virtual machine monitor built on the rust-vmm crates.
+//!
+//! It boots the project's `no_std` guest or a Linux kernel directly in long mode, with a
+//! serial console, a control API, snapshot/restore and the dirty-page tracking that live
+//! migration builds on.
+//!
+//! - [`arch`]: memory layout, long-mode entry, CPUID, MSRs.
+//! - [`vstate`]: KVM VM, vCPUs, guest memory and dirty logs.
+//! - [`devices`]: the I/O bus and the serial port.
+//! - [`loader`]: ELF and bzImage kernels with the Linux 64-bit boot protocol.
+//! - [`vmm`]: building and controlling a VM; [`snapshot`]: its on-disk form.
+//! - [`api`] and [`control`]: the JSON control socket and the loop that serves it.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod arch;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod loader;
+pub mod snapshot;
+pub mod vmm;
+pub mod vstate;

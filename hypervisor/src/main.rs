@@ -1,0 +1,122 @@
+//! `shrink-vmm`: boot or restore a VM and serve its control API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hypervisor::api::ApiServer;
+use hypervisor::config::{parse_mem_size, SerialOutput, VmConfig};
+use hypervisor::control::{self, Exit};
+use hypervisor::loader::KernelConfig;
+use hypervisor::vmm::Vmm;
+
+/// A KVM virtual machine monitor with snapshot/restore and live-migration support.
+///
+/// Boot: `shrink-vmm --kernel images/out/shrink-guest --mem 256M --cmdline "workload=idle"
+/// --api /run/shrink/vm1.sock --name vm1`. Restore: `shrink-vmm --restore DIR --api SOCK`.
+#[derive(Parser, Debug)]
+#[command(name = "shrink-vmm", version, about, long_about = None)]
+struct Args {
+    /// Kernel to boot: an ELF (the project's guest, a Linux vmlinux) or a bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    cmdline: String,
+
+    /// Guest memory size (e.g. 256M, 1G; at least 32M).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    mem: String,
+
+    /// Control API socket (JSON, one object per line; see the README).
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+
+    /// VM name, reported by `status`.
+    #[arg(long, value_name = "NAME", default_value = "vm")]
+    name: String,
+
+    /// Write the guest's serial console to FILE instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    serial: Option<PathBuf>,
+
+    /// Restore the VM from a snapshot directory written by the `snapshot` command.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "mem"])]
+    restore: Option<PathBuf>,
+
+    /// Start with the vCPUs paused (resume through the API).
+    #[arg(long)]
+    paused: bool,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, value_name = "FILTER", default_value = "warn")]
+    log: String,
+}
+
+fn run(args: Args) -> Result<Exit, String> {
+    let serial = match &args.serial {
+        Some(p) => SerialOutput::File(p.clone()),
+        None => SerialOutput::Stdout,
+    };
+    // Start the API first: a socket that is in use is reported before any guest runs.
+    let api = match &args.api {
+        Some(p) => Some(ApiServer::start(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut vmm = match &args.restore {
+        Some(dir) => {
+            let name = (args.name != "vm").then(|| args.name.clone());
+            Vmm::restore(dir, name, &serial, args.paused).map_err(|e| e.to_string())?
+        }
+        None => {
+            let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
+            let cfg = VmConfig {
+                name: args.name.clone(),
+                mem_size,
+                kernel: KernelConfig {
+                    kernel: args.kernel.clone().expect("clap requires --kernel without --restore"),
+                    initrd: args.initrd.clone(),
+                    cmdline: args.cmdline.clone(),
+                },
+                serial,
+                start_paused: args.paused,
+            };
+            Vmm::boot(&cfg).map_err(|e| e.to_string())?
+        }
+    };
+    control::install_signal_handlers();
+    let (_server, requests) = match api {
+        Some((s, rx)) => (Some(s), rx),
+        None => (None, std::sync::mpsc::channel().1),
+    };
+    let exit = control::run(&mut vmm, requests);
+    vmm.shutdown();
+    Ok(exit)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(args) {
+        Ok(Exit::Quit) | Ok(Exit::Signal) => ExitCode::SUCCESS,
+        Ok(Exit::GuestStopped(reason)) => {
+            eprintln!("shrink-vmm: {reason}");
+            if reason.contains("reset") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("shrink-vmm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The VMM: builds a VM (from a kernel or a snapshot), and controls it — pause, resume,
+//! snapshot, status, memory digests and dirty logging. The control API and the migration code
+//! drive it through these methods.
+
+use std::io::{LineWriter, Write};
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+use serde::Serialize;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{SerialOutput, VmConfig};
+use crate::devices::bus::Bus;
+use crate::devices::serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT};
+use crate::loader::{self, LoaderError};
+use crate::snapshot::{self, SnapshotError, SnapshotState, SnapshotStats, SNAPSHOT_VERSION};
+use crate::vstate::memory::{self, DirtyLog, MemoryDigest, MemoryError};
+use crate::vstate::vcpu::{ExitCounts, StopReason, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vm::{open_kvm, Vm, VmError};
+use crate::arch::msr;
+
+/// Errors of VMM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// KVM or VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// vCPU setup or control failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Reading or writing a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The MSR list could not be read.
+    #[error(transparent)]
+    Msr(#[from] msr::MsrError),
+    /// Device setup failed.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// The serial output file cannot be created.
+    #[error("cannot create serial output {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The operation needs another run state.
+    #[error("the VM is {0}")]
+    WrongState(&'static str),
+}
+
+/// Run state of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused by the user or the VMM.
+    Paused,
+    /// The guest stopped itself (shutdown, reset, error).
+    Stopped(String),
+}
+
+impl RunState {
+    /// The name used by the API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopped(_) => "stopped",
+        }
+    }
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// VM name.
+    pub name: String,
+    /// "running", "paused" or "stopped".
+    pub state: &'static str,
+    /// Whether the vCPUs are running.
+    pub running: bool,
+    /// Why the guest stopped, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// Milliseconds since the VMM started.
+    pub uptime_ms: u64,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Whether dirty logging is on.
+    pub dirty_logging: bool,
+    /// vCPU exit counts, by vCPU.
+    pub vcpus: Vec<VcpuStatus>,
+}
+
+/// Per-vCPU part of [`Status`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpuStatus {
+    /// vCPU index.
+    pub id: u8,
+    /// Exit counts by reason.
+    pub exits: ExitCounts,
+}
+
+/// A running (or paused) VM and its devices.
+pub struct Vmm {
+    name: String,
+    cmdline: String,
+    vm: Vm,
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    state: RunState,
+    started: Instant,
+    stopped: Receiver<(u8, StopReason)>,
+}
+
+fn serial_writer(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::File(path) => Box::new(LineWriter::new(std::fs::File::create(path).map_err(
+            |source| VmmError::SerialFile { path: path.display().to_string(), source },
+        )?)),
+        SerialOutput::Buffer(b) => Box::new(b.clone()),
+        SerialOutput::Sink => Box::new(std::io::sink()),
+    })
+}
+
+/// The pieces every VM has, before its vCPUs exist.
+struct Platform {
+    kvm: Kvm,
+    vm: Vm,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+fn build_platform(
+    mem_size: u64,
+    serial_out: &SerialOutput,
+    serial_state: Option<&SerialSnapshot>,
+    load: impl FnOnce(&memory::GuestMemoryMmap) -> Result<(), VmmError>,
+) -> Result<Platform, VmmError> {
+    let kvm = open_kvm()?;
+    let mem = memory::create_guest_memory(mem_size)?;
+    load(&mem)?;
+    let vm = Vm::new(&kvm, mem)?;
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("serial eventfd: {e}")))?;
+    vm.fd()
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| VmmError::Device(format!("serial irqfd: {e}")))?;
+    let out = serial_writer(serial_out)?;
+    let serial = match serial_state {
+        Some(s) => SerialDevice::from_snapshot(s, irq, out).map_err(|e| VmmError::Device(e.to_string()))?,
+        None => SerialDevice::new(irq, out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let mut pio = Bus::new();
+    pio.insert(COM1_PORT, 8, serial.clone())
+        .map_err(|e| VmmError::Device(e.to_string()))?;
+    Ok(Platform {
+        kvm,
+        vm,
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+        serial,
+    })
+}
+
+impl Vmm {
+    /// Boots a VM from a kernel.
+    pub fn boot(cfg: &VmConfig) -> Result<Vmm, VmmError> {
+        let mut entry = 0;
+        let p = build_platform(cfg.mem_size, &cfg.serial, None, |mem| {
+            entry = loader::load_kernel(mem, &cfg.kernel)?.entry;
+            Ok(())
+        })?;
+        let vcpu = Vcpu::new(&p.vm, 0, p.pio.clone(), p.mmio.clone())?;
+        vcpu.configure_boot(&p.kvm, p.vm.memory(), entry, 1)?;
+        Self::start(cfg.name.clone(), cfg.kernel.cmdline.clone(), p, vec![vcpu], cfg.start_paused)
+    }
+
+    /// Restores a VM from a snapshot directory. Name, serial output and whether to start paused
+    /// come from `cfg`; memory size and everything else from the snapshot.
+    pub fn restore(dir: &Path, name: Option<String>, serial: &SerialOutput, paused: bool) -> Result<Vmm, VmmError> {
+        let state = snapshot::read_state(dir)?;
+        let p = build_platform(state.mem_size, serial, Some(&state.serial), |mem| {
+            snapshot::read_memory(dir, mem)?;
+            Ok(())
+        })?;
+        p.vm.restore_state(&state.vm)?;
+        let mut vcpus = Vec::new();
+        for (id, vs) in state.vcpus.iter().enumerate() {
+            let vcpu = Vcpu::new(&p.vm, id as u8, p.pio.clone(), p.mmio.clone())?;
+            vcpu.restore_state(vs)?;
+            vcpus.push(vcpu);
+        }
+        Self::start(name.unwrap_or(state.name), state.cmdline, p, vcpus, paused)
+    }
+
+    fn start(
+        name: String,
+        cmdline: String,
+        p: Platform,
+        vcpus: Vec<Vcpu>,
+        paused: bool,
+    ) -> Result<Vmm, VmmError> {
+        let msrs = Arc::new(msr::saved_msr_indices(&p.kvm)?);
+        let (tx, stopped) = channel();
+        let handles = vcpus
+            .into_iter()
+            .map(|v| v.spawn(paused, msrs.clone(), tx.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Vmm {
+            name,
+            cmdline,
+            vm: p.vm,
+            vcpus: handles,
+            serial: p.serial,
+            state: if paused { RunState::Paused } else { RunState::Running },
+            started: Instant::now(),
+            stopped,
+        })
+    }
+
+    /// Name of the VM.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Current run state.
+    pub fn state(&self) -> &RunState {
+        &self.state
+    }
+
+    /// The VM (memory, dirty log).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Checks whether a vCPU stopped on its own; if so, pauses the others and records why.
+    pub fn poll_stopped(&mut self) -> Option<String> {
+        let (id, reason) = self.stopped.try_recv().ok()?;
+        for v in &self.vcpus {
+            let _ = v.pause();
+        }
+        self.flush_serial();
+        let msg = format!("vCPU {id}: {reason}");
+        self.state = RunState::Stopped(msg.clone());
+        Some(msg)
+    }
+
+    /// Pauses every vCPU (no-op when paused).
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        match self.state {
+            RunState::Running => {
+                for v in &self.vcpus {
+                    v.pause()?;
+                }
+                self.state = RunState::Paused;
+                self.flush_serial();
+                Ok(())
+            }
+            RunState::Paused => Ok(()),
+            RunState::Stopped(_) => Err(VmmError::WrongState("stopped")),
+        }
+    }
+
+    /// Resumes every vCPU (no-op when running).
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        match self.state {
+            RunState::Paused => {
+                for v in &self.vcpus {
+                    v.resume()?;
+                }
+                self.state = RunState::Running;
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            RunState::Stopped(_) => Err(VmmError::WrongState("stopped")),
+        }
+    }
+
+    /// The status report.
+    pub fn status(&self) -> Status {
+        Status {
+            name: self.name.clone(),
+            state: self.state.name(),
+            running: self.state == RunState::Running,
+            stop_reason: match &self.state {
+                RunState::Stopped(r) => Some(r.clone()),
+                _ => None,
+            },
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            memory_bytes: memory::mem_size(self.vm.memory()),
+            dirty_logging: self.vm.dirty_logging(),
+            vcpus: self
+                .vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, v)| VcpuStatus { id: i as u8, exits: v.exit_counts() })
+                .collect(),
+        }
+    }
+
+    /// Everything but memory, read from a paused VM.
+    pub fn save_state(&self) -> Result<SnapshotState, VmmError> {
+        if self.state == RunState::Running {
+            return Err(VmmError::WrongState("running"));
+        }
+        Ok(SnapshotState {
+            version: SNAPSHOT_VERSION,
+            name: self.name.clone(),
+            mem_size: memory::mem_size(self.vm.memory()),
+            cmdline: self.cmdline.clone(),
+            vm: self.vm.save_state()?,
+            vcpus: self.vcpus.iter().map(|v| v.save_state()).collect::<Result<_, _>>()?,
+            serial: self.serial.lock().expect("serial lock poisoned").snapshot(),
+        })
+    }
+
+    /// Writes a snapshot to `dir`: pauses the VM if needed and resumes it afterwards if it was
+    /// running.
+    pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, VmmError> {
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let result = self
+            .save_state()
+            .and_then(|state| Ok(snapshot::write_snapshot(dir, &state, self.vm.memory())?));
+        if was_running {
+            self.resume()?;
+        }
+        result
+    }
+
+    /// Digest of all guest memory; per-page digests go to `per_page` when given.
+    pub fn memory_digest(&self, per_page: Option<&Path>) -> Result<MemoryDigest, VmmError> {
+        match per_page {
+            None => Ok(memory::memory_digest(self.vm.memory(), None)?),
+            Some(path) => {
+                let file = std::fs::File::create(path).map_err(|source| MemoryError::Image {
+                    what: "create of the page-digest file",
+                    source,
+                })?;
+                let mut w = std::io::BufWriter::new(file);
+                let d = memory::memory_digest(self.vm.memory(), Some(&mut w))?;
+                w.flush().map_err(|source| MemoryError::Image { what: "write of page digests", source })?;
+                Ok(d)
+            }
+        }
+    }
+
+    /// Starts dirty logging.
+    pub fn start_dirty_log(&mut self) -> Result<(), VmmError> {
+        Ok(self.vm.start_dirty_log()?)
+    }
+
+    /// Stops dirty logging.
+    pub fn stop_dirty_log(&mut self) -> Result<(), VmmError> {
+        Ok(self.vm.stop_dirty_log()?)
+    }
+
+    /// Pages dirtied since logging started or the last call (then cleared).
+    pub fn dirty_log(&self) -> Result<DirtyLog, VmmError> {
+        Ok(self.vm.dirty_log()?)
+    }
+
+    fn flush_serial(&self) {
+        if let Ok(mut s) = self.serial.lock() {
+            s.flush();
+        }
+    }
+
+    /// Stops the vCPU threads.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.exit();
+        }
+        self.flush_serial();
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
