@@ -1,0 +1,496 @@
+//! The event loop: one `mio` poll over the pcap capture fd, the overlay UDP socket, the
+//! control socket and the router's timers.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::{UdpSocket, UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::router::{Action, Now, Router, RouterError};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot open LAN interface '{iface}' for capture: {err}{hint}")]
+    PcapOpen {
+        iface: String,
+        err: pcap::Error,
+        hint: &'static str,
+    },
+    #[error("pcap setup on '{iface}' failed ({what}): {err}")]
+    PcapSetup {
+        iface: String,
+        what: &'static str,
+        err: pcap::Error,
+    },
+    #[error("capture on '{iface}' failed: {err} (interface removed or down?)")]
+    PcapRead { iface: String, err: pcap::Error },
+    #[error("cannot write pcap file {path}: {err}")]
+    PcapOut { path: PathBuf, err: pcap::Error },
+    #[error("cannot bind overlay socket {addr}: {err}")]
+    Bind {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("cannot create control socket {path}: {err}")]
+    Control {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error(
+        "the kernel forwards IPv4 on this gateway ({path} = 1): it would route the same \
+         packets as vnetd. Run `sysctl -w net.ipv4.ip_forward=0` (or pass --allow-kernel-forwarding)"
+    )]
+    KernelForwarding { path: String },
+    #[error("event loop: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Router(#[from] RouterError),
+}
+
+/// How to run the daemon.
+pub struct Options {
+    pub config: Config,
+    pub pcap_out: Option<PathBuf>,
+    pub allow_kernel_forwarding: bool,
+}
+
+const CAPTURE: Token = Token(0);
+const OVERLAY: Token = Token(1);
+const CONTROL: Token = Token(2);
+const FIRST_CONN: usize = 16;
+
+struct Conn {
+    stream: UnixStream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    written: usize,
+}
+
+#[derive(Default, serde::Serialize)]
+struct DaemonCounters {
+    inject_errors: u64,
+    overlay_send_errors: u64,
+    pcap_received: u64,
+    pcap_dropped: u64,
+    pcap_if_dropped: u64,
+    pcap_out_frames: u64,
+}
+
+/// Refuse to run when the kernel would forward the packets vnetd routes.
+pub fn check_forwarding(iface: &str) -> Result<(), DaemonError> {
+    for path in [
+        "/proc/sys/net/ipv4/ip_forward".to_string(),
+        format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
+    ] {
+        if let Ok(v) = std::fs::read_to_string(&path) {
+            if v.trim() == "1" {
+                return Err(DaemonError::KernelForwarding { path });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn timeval_now() -> libc::timeval {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    }
+}
+
+fn open_capture(cfg: &Config) -> Result<pcap::Capture<pcap::Active>, DaemonError> {
+    let iface = cfg.lan_interface.clone();
+    let cap = pcap::Capture::from_device(iface.as_str())
+        .and_then(|c| {
+            c.promisc(true)
+                .immediate_mode(true)
+                .snaplen(65535)
+                .buffer_size(8 << 20)
+                .open()
+        })
+        .map_err(|err| {
+            let s = err.to_string();
+            let hint = if s.contains("ermission") || s.contains("not permitted") {
+                " (run as root or grant CAP_NET_RAW,CAP_NET_ADMIN)"
+            } else if s.contains("No such device") || s.contains("doesn't exist") {
+                " (no such interface in this network namespace)"
+            } else {
+                ""
+            };
+            DaemonError::PcapOpen {
+                iface: iface.clone(),
+                err,
+                hint,
+            }
+        })?;
+    let mut cap = cap.setnonblock().map_err(|err| DaemonError::PcapSetup {
+        iface: iface.clone(),
+        what: "non-blocking mode",
+        err,
+    })?;
+    // Only what vnetd needs: ARP, RARP and IPv4 sent to the router's MAC.
+    let filter = format!(
+        "arp or rarp or (ether dst {} and ip)",
+        cfg.router_mac
+    );
+    cap.filter(&filter, true).map_err(|err| DaemonError::PcapSetup {
+        iface: iface.clone(),
+        what: "BPF filter",
+        err,
+    })?;
+    // Frames we inject (and the kernel's own) are not captured back.
+    cap.direction(pcap::Direction::In)
+        .map_err(|err| DaemonError::PcapSetup {
+            iface,
+            what: "direction",
+            err,
+        })?;
+    Ok(cap)
+}
+
+fn set_no_pmtu(sock: &UdpSocket) {
+    let v: libc::c_int = libc::IP_PMTUDISC_DONT;
+    let big: libc::c_int = 4 << 20;
+    for (opt_level, opt, val) in [
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, &v),
+        (libc::SOL_SOCKET, libc::SO_RCVBUF, &big),
+        (libc::SOL_SOCKET, libc::SO_SNDBUF, &big),
+    ] {
+        // SAFETY: the fd is a valid open socket owned by `sock` for the whole call, and
+        // `val` points to a live c_int whose size is passed as the option length.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                opt_level,
+                opt,
+                (val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            warn!(opt, error = %std::io::Error::last_os_error(), "setsockopt on overlay socket failed");
+        }
+    }
+}
+
+/// Run until a fatal error.
+pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = opts.config;
+    if !opts.allow_kernel_forwarding {
+        check_forwarding(&cfg.lan_interface)?;
+    }
+    let mut cap = open_capture(&cfg)?;
+    let mut savefile = match &opts.pcap_out {
+        Some(p) => {
+            let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|err| {
+                DaemonError::PcapOut {
+                    path: p.clone(),
+                    err,
+                }
+            })?;
+            Some(dead.savefile(p).map_err(|err| DaemonError::PcapOut {
+                path: p.clone(),
+                err,
+            })?)
+        }
+        None => None,
+    };
+    let mut udp = UdpSocket::bind(cfg.listen).map_err(|err| DaemonError::Bind {
+        addr: cfg.listen,
+        err,
+    })?;
+    set_no_pmtu(&udp);
+    let mut control = match &cfg.control_socket {
+        Some(path) => {
+            if path.exists() {
+                let _ = std::fs::remove_file(path);
+            }
+            Some(
+                UnixListener::bind(path).map_err(|err| DaemonError::Control {
+                    path: path.clone(),
+                    err,
+                })?,
+            )
+        }
+        None => None,
+    };
+
+    let mut poll = Poll::new()?;
+    let cap_fd = cap.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&cap_fd), CAPTURE, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut udp, OVERLAY, Interest::READABLE)?;
+    if let Some(l) = control.as_mut() {
+        poll.registry().register(l, CONTROL, Interest::READABLE)?;
+    }
+
+    let mut router = Router::new(cfg.clone(), Now::now())?;
+    let mut dc = DaemonCounters::default();
+    let mut conns: HashMap<Token, Conn> = HashMap::new();
+    let mut next_conn = FIRST_CONN;
+    let mut events = Events::with_capacity(256);
+    let mut buf = vec![0u8; 65536];
+    info!(
+        site = %cfg.site, iface = %cfg.lan_interface, mac = %cfg.router_mac, ip = %cfg.router_ip,
+        listen = %cfg.listen, peers = cfg.peers.len(),
+        control = ?cfg.control_socket, pcap_out = ?opts.pcap_out,
+        "vnetd started"
+    );
+
+    // Executes the router's actions: inject frames (and log them to the pcap file),
+    // send datagrams.
+    macro_rules! flush_actions {
+        () => {
+            for act in router.take_actions() {
+                match act {
+                    Action::Inject(frame) => {
+                        if let Err(e) = cap.sendpacket(&frame[..]) {
+                            dc.inject_errors += 1;
+                            if dc.inject_errors < 10 || dc.inject_errors % 1000 == 0 {
+                                warn!(error = %e, count = dc.inject_errors, "frame injection failed");
+                            }
+                        }
+                        if let Some(sf) = savefile.as_mut() {
+                            let hdr = pcap::PacketHeader {
+                                ts: timeval_now(),
+                                caplen: frame.len() as u32,
+                                len: frame.len() as u32,
+                            };
+                            sf.write(&pcap::Packet::new(&hdr, &frame));
+                            let _ = sf.flush();
+                            dc.pcap_out_frames += 1;
+                        }
+                    }
+                    Action::Send(to, bytes) => {
+                        if let Err(e) = udp.send_to(&bytes, to) {
+                            dc.overlay_send_errors += 1;
+                            if dc.overlay_send_errors < 10 || dc.overlay_send_errors % 1000 == 0 {
+                                warn!(%to, error = %e, count = dc.overlay_send_errors,
+                                      "overlay send failed");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    loop {
+        let timeout = router
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_micros(200));
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                CAPTURE => loop {
+                    // Edge-triggered: drain until the capture is empty.
+                    let res = match cap.next_packet() {
+                        Ok(p) => {
+                            let now = Now::now();
+                            if let Some(sf) = savefile.as_mut() {
+                                sf.write(&p);
+                                let _ = sf.flush();
+                                dc.pcap_out_frames += 1;
+                            }
+                            router.handle_frame(&now, p.data);
+                            Ok(true)
+                        }
+                        Err(pcap::Error::TimeoutExpired) => Ok(false),
+                        Err(err) => Err(err),
+                    };
+                    match res {
+                        Ok(true) => flush_actions!(),
+                        Ok(false) => break,
+                        Err(err) => {
+                            error!(error = %err, "capture failed");
+                            return Err(DaemonError::PcapRead {
+                                iface: cfg.lan_interface.clone(),
+                                err,
+                            });
+                        }
+                    }
+                },
+                OVERLAY => loop {
+                    match udp.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            router.handle_datagram(&Now::now(), from, &buf[..n]);
+                            flush_actions!();
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            // ICMP errors (peer not listening yet) surface here: not fatal.
+                            warn!(error = %e, "overlay receive error");
+                            break;
+                        }
+                    }
+                },
+                CONTROL => {
+                    if let Some(l) = control.as_mut() {
+                        loop {
+                            match l.accept() {
+                                Ok((mut stream, _)) => {
+                                    let t = Token(next_conn);
+                                    next_conn += 1;
+                                    if poll
+                                        .registry()
+                                        .register(
+                                            &mut stream,
+                                            t,
+                                            Interest::READABLE | Interest::WRITABLE,
+                                        )
+                                        .is_ok()
+                                    {
+                                        conns.insert(
+                                            t,
+                                            Conn {
+                                                stream,
+                                                inbuf: Vec::new(),
+                                                outbuf: Vec::new(),
+                                                written: 0,
+                                            },
+                                        );
+                                    }
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                                Err(e) => {
+                                    warn!(error = %e, "control accept failed");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                t => {
+                    let mut close = false;
+                    if let Some(c) = conns.get_mut(&t) {
+                        if c.outbuf.is_empty() {
+                            let mut eof = false;
+                            let mut tmp = [0u8; 4096];
+                            loop {
+                                match c.stream.read(&mut tmp) {
+                                    Ok(0) => {
+                                        eof = true;
+                                        break;
+                                    }
+                                    Ok(n) => {
+                                        c.inbuf.extend_from_slice(&tmp[..n]);
+                                        if c.inbuf.len() > 65536 {
+                                            eof = true;
+                                            break;
+                                        }
+                                    }
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                                    Err(_) => {
+                                        close = true;
+                                        break;
+                                    }
+                                }
+                            }
+                            if !close && (eof || c.inbuf.contains(&b'\n')) {
+                                if let Ok(st) = cap.stats() {
+                                    dc.pcap_received = u64::from(st.received);
+                                    dc.pcap_dropped = u64::from(st.dropped);
+                                    dc.pcap_if_dropped = u64::from(st.if_dropped);
+                                }
+                                let resp = control_response(&router, &dc, &opts.pcap_out, &c.inbuf);
+                                c.outbuf = resp.into_bytes();
+                                c.outbuf.push(b'\n');
+                            }
+                        }
+                        if !c.outbuf.is_empty() {
+                            loop {
+                                match c.stream.write(&c.outbuf[c.written..]) {
+                                    Ok(n) => {
+                                        c.written += n;
+                                        if c.written >= c.outbuf.len() {
+                                            close = true;
+                                            break;
+                                        }
+                                    }
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                                    Err(_) => {
+                                        close = true;
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if close {
+                        if let Some(mut c) = conns.remove(&t) {
+                            let _ = poll.registry().deregister(&mut c.stream);
+                        }
+                    }
+                }
+            }
+        }
+        router.handle_timers(&Now::now());
+        flush_actions!();
+    }
+}
+
+fn control_response(
+    router: &Router,
+    dc: &DaemonCounters,
+    pcap_out: &Option<PathBuf>,
+    req: &[u8],
+) -> String {
+    let line = String::from_utf8_lossy(req);
+    let line = line.lines().next().unwrap_or("").trim();
+    let cmd = if line.is_empty() || line == "status" {
+        "status".to_string()
+    } else {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => v
+                .get("cmd")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .to_string(),
+            Err(_) => line.to_string(),
+        }
+    };
+    match cmd.as_str() {
+        "status" => {
+            let mut v = router.status(&Now::now());
+            v["daemon"] = serde_json::to_value(dc).unwrap_or_default();
+            v["pcap_out"] = serde_json::json!(pcap_out);
+            v.to_string()
+        }
+        other => serde_json::json!({"error": format!("unknown command '{other}' (try {{\"cmd\":\"status\"}})")})
+            .to_string(),
+    }
+}
+
+/// Client side of `vnetd --status SOCKET`: the JSON status of a running vnetd.
+pub fn query_status(path: &Path) -> Result<serde_json::Value, std::io::Error> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"{\"cmd\":\"status\"}\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    serde_json::from_str(out.trim()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad status reply: {e}"),
+        )
+    })
+}

@@ -1,0 +1,530 @@
+//! Router-to-router protocol (UDP), authenticated with HMAC-SHA256.
+//!
+//! ```text
+//! off  len  field
+//! 0    4    magic "VNE1"
+//! 4    1    type (1 data, 2 who-has, 3 i-have, 4 host-route, 5 host-route-ack)
+//! 5    1    sender name length n (1..=32)
+//! 6    n    sender name (UTF-8)
+//! 6+n  8    sequence number (per sender, strictly increasing, starts at boot time in µs)
+//! 14+n 8    timestamp, µs since the Unix epoch
+//! 22+n 2    body length m
+//! 24+n m    body
+//! ..   32   HMAC-SHA256(key, all preceding bytes)
+//! ```
+//! Every field is big-endian. Bodies:
+//! - data: an IPv4 packet;
+//! - who-has: query id (4), MAC (6);
+//! - i-have: query id (4), MAC (6), IPv4 (4);
+//! - host-route: IPv4 (4), route sequence (8), MAC (6), owner length (1), owner;
+//! - host-route-ack: IPv4 (4), route sequence (8), flags (1; bit 0 = "I served this IP
+//!   before"), host count (2), hosts (4 each).
+
+use std::net::Ipv4Addr;
+
+use openssl::hash::MessageDigest;
+use openssl::pkey::{PKey, Private};
+use openssl::sign::Signer;
+
+use crate::frames::Mac;
+
+/// Magic bytes at the start of every message.
+pub const MAGIC: &[u8; 4] = b"VNE1";
+/// Length of the HMAC trailer.
+pub const MAC_LEN: usize = 32;
+/// Longest router name.
+pub const MAX_NAME: usize = 32;
+/// Most hosts carried in one acknowledgement.
+pub const MAX_HOSTS: usize = 1024;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    #[error("message too short ({0} bytes)")]
+    TooShort(usize),
+    #[error("bad magic")]
+    BadMagic,
+    #[error("authentication failed (HMAC mismatch)")]
+    BadHmac,
+    #[error("unknown message type {0}")]
+    BadType(u8),
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    #[error("crypto error: {0}")]
+    Crypto(String),
+    #[error("message too large ({0} bytes body)")]
+    TooLarge(usize),
+}
+
+/// Message bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body<'a> {
+    /// A tunnelled IPv4 packet.
+    Data(&'a [u8]),
+    /// "Which IP does this MAC use?" (a RARP was seen).
+    WhoHas { query: u32, mac: Mac },
+    /// Answer from a HWDT.
+    IHave { query: u32, mac: Mac, ip: Ipv4Addr },
+    /// GNDT /32 update: `ip` is now served by `owner`.
+    HostRoute {
+        ip: Ipv4Addr,
+        seq: u64,
+        mac: Mac,
+        owner: String,
+    },
+    /// Acknowledgement of a host route; the previous owner lists its LAN hosts.
+    HostRouteAck {
+        ip: Ipv4Addr,
+        seq: u64,
+        was_owner: bool,
+        hosts: Vec<Ipv4Addr>,
+    },
+}
+
+impl Body<'_> {
+    fn type_id(&self) -> u8 {
+        match self {
+            Body::Data(_) => 1,
+            Body::WhoHas { .. } => 2,
+            Body::IHave { .. } => 3,
+            Body::HostRoute { .. } => 4,
+            Body::HostRouteAck { .. } => 5,
+        }
+    }
+
+    /// Short name for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Data(_) => "data",
+            Body::WhoHas { .. } => "who-has",
+            Body::IHave { .. } => "i-have",
+            Body::HostRoute { .. } => "host-route",
+            Body::HostRouteAck { .. } => "host-route-ack",
+        }
+    }
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub sender: String,
+    pub seq: u64,
+    pub timestamp_us: u64,
+    pub body: Body<'a>,
+}
+
+/// The shared key.
+pub struct Auth {
+    key: PKey<Private>,
+}
+
+impl Auth {
+    /// Create from the shared key bytes.
+    pub fn new(key: &[u8]) -> Result<Auth, ProtoError> {
+        let key = PKey::hmac(key).map_err(|e| ProtoError::Crypto(e.to_string()))?;
+        Ok(Auth { key })
+    }
+
+    fn hmac(&self, data: &[u8]) -> Result<Vec<u8>, ProtoError> {
+        let mut s = Signer::new(MessageDigest::sha256(), &self.key)
+            .map_err(|e| ProtoError::Crypto(e.to_string()))?;
+        s.update(data)
+            .map_err(|e| ProtoError::Crypto(e.to_string()))?;
+        s.sign_to_vec()
+            .map_err(|e| ProtoError::Crypto(e.to_string()))
+    }
+}
+
+/// Encode and sign a message.
+pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
+    let name = msg.sender.as_bytes();
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(ProtoError::Malformed("sender name length"));
+    }
+    let mut body = Vec::new();
+    match &msg.body {
+        Body::Data(p) => body.extend_from_slice(p),
+        Body::WhoHas { query, mac } => {
+            body.extend_from_slice(&query.to_be_bytes());
+            body.extend_from_slice(&mac.0);
+        }
+        Body::IHave { query, mac, ip } => {
+            body.extend_from_slice(&query.to_be_bytes());
+            body.extend_from_slice(&mac.0);
+            body.extend_from_slice(&ip.octets());
+        }
+        Body::HostRoute {
+            ip,
+            seq,
+            mac,
+            owner,
+        } => {
+            if owner.is_empty() || owner.len() > MAX_NAME {
+                return Err(ProtoError::Malformed("owner name length"));
+            }
+            body.extend_from_slice(&ip.octets());
+            body.extend_from_slice(&seq.to_be_bytes());
+            body.extend_from_slice(&mac.0);
+            body.push(owner.len() as u8);
+            body.extend_from_slice(owner.as_bytes());
+        }
+        Body::HostRouteAck {
+            ip,
+            seq,
+            was_owner,
+            hosts,
+        } => {
+            if hosts.len() > MAX_HOSTS {
+                return Err(ProtoError::TooLarge(hosts.len() * 4));
+            }
+            body.extend_from_slice(&ip.octets());
+            body.extend_from_slice(&seq.to_be_bytes());
+            body.push(u8::from(*was_owner));
+            body.extend_from_slice(&(hosts.len() as u16).to_be_bytes());
+            for h in hosts {
+                body.extend_from_slice(&h.octets());
+            }
+        }
+    }
+    if body.len() > usize::from(u16::MAX) {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(24 + name.len() + body.len() + MAC_LEN);
+    out.extend_from_slice(MAGIC);
+    out.push(msg.body.type_id());
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&msg.seq.to_be_bytes());
+    out.extend_from_slice(&msg.timestamp_us.to_be_bytes());
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(&body);
+    let tag = auth.hmac(&out)?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtoError> {
+        if self.buf.len() - self.pos < n {
+            return Err(ProtoError::Malformed(what));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
+        let s = self.take(2, what)?;
+        Ok(u16::from_be_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, ProtoError> {
+        let s = self.take(4, what)?;
+        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
+        let s = self.take(8, what)?;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(s);
+        Ok(u64::from_be_bytes(b))
+    }
+    fn mac(&mut self, what: &'static str) -> Result<Mac, ProtoError> {
+        let s = self.take(6, what)?;
+        let mut b = [0u8; 6];
+        b.copy_from_slice(s);
+        Ok(Mac(b))
+    }
+    fn ip(&mut self, what: &'static str) -> Result<Ipv4Addr, ProtoError> {
+        let s = self.take(4, what)?;
+        Ok(Ipv4Addr::new(s[0], s[1], s[2], s[3]))
+    }
+    fn name(&mut self, what: &'static str) -> Result<String, ProtoError> {
+        let n = usize::from(self.u8(what)?);
+        if n == 0 || n > MAX_NAME {
+            return Err(ProtoError::Malformed(what));
+        }
+        let s = self.take(n, what)?;
+        String::from_utf8(s.to_vec()).map_err(|_| ProtoError::Malformed(what))
+    }
+    fn done(&self, what: &'static str) -> Result<(), ProtoError> {
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(ProtoError::Malformed(what))
+        }
+    }
+}
+
+/// Verify the HMAC, then decode. Never panics on any input.
+pub fn decode<'a>(auth: &Auth, buf: &'a [u8]) -> Result<Message<'a>, ProtoError> {
+    if buf.len() < 4 + 2 + 1 + 8 + 8 + 2 + MAC_LEN {
+        return Err(ProtoError::TooShort(buf.len()));
+    }
+    if &buf[..4] != MAGIC {
+        return Err(ProtoError::BadMagic);
+    }
+    let (signed, tag) = buf.split_at(buf.len() - MAC_LEN);
+    let expect = auth.hmac(signed)?;
+    if !openssl::memcmp::eq(&expect, tag) {
+        return Err(ProtoError::BadHmac);
+    }
+    decode_unauthenticated(signed)
+}
+
+/// Decode the signed part (without the HMAC trailer). Exposed for fuzzing.
+pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> {
+    let mut r = Reader {
+        buf: signed,
+        pos: 0,
+    };
+    if r.take(4, "magic")? != MAGIC {
+        return Err(ProtoError::BadMagic);
+    }
+    let ty = r.u8("type")?;
+    let sender = r.name("sender")?;
+    let seq = r.u64("seq")?;
+    let timestamp_us = r.u64("timestamp")?;
+    let blen = usize::from(r.u16("body length")?);
+    let body_bytes = r.take(blen, "body")?;
+    r.done("trailing bytes")?;
+    let mut b = Reader {
+        buf: body_bytes,
+        pos: 0,
+    };
+    let body = match ty {
+        1 => {
+            if body_bytes.is_empty() {
+                return Err(ProtoError::Malformed("empty data"));
+            }
+            Body::Data(body_bytes)
+        }
+        2 => {
+            let query = b.u32("query")?;
+            let mac = b.mac("mac")?;
+            b.done("who-has length")?;
+            Body::WhoHas { query, mac }
+        }
+        3 => {
+            let query = b.u32("query")?;
+            let mac = b.mac("mac")?;
+            let ip = b.ip("ip")?;
+            b.done("i-have length")?;
+            Body::IHave { query, mac, ip }
+        }
+        4 => {
+            let ip = b.ip("ip")?;
+            let seq = b.u64("route seq")?;
+            let mac = b.mac("mac")?;
+            let owner = b.name("owner")?;
+            b.done("host-route length")?;
+            Body::HostRoute {
+                ip,
+                seq,
+                mac,
+                owner,
+            }
+        }
+        5 => {
+            let ip = b.ip("ip")?;
+            let seq = b.u64("route seq")?;
+            let flags = b.u8("flags")?;
+            let n = usize::from(b.u16("host count")?);
+            if n > MAX_HOSTS {
+                return Err(ProtoError::Malformed("host count"));
+            }
+            let mut hosts = Vec::with_capacity(n);
+            for _ in 0..n {
+                hosts.push(b.ip("host")?);
+            }
+            b.done("ack length")?;
+            Body::HostRouteAck {
+                ip,
+                seq,
+                was_owner: flags & 1 == 1,
+                hosts,
+            }
+        }
+        t => return Err(ProtoError::BadType(t)),
+    };
+    Ok(Message {
+        sender,
+        seq,
+        timestamp_us,
+        body,
+    })
+}
+
+/// Sliding anti-replay window (as IPsec's): accepts each sequence number once, and
+/// sequence numbers up to `WINDOW - 1` behind the highest seen (UDP may reorder).
+#[derive(Debug, Default, Clone)]
+pub struct ReplayWindow {
+    top: u64,
+    bits: [u64; 4],
+    any: bool,
+}
+
+/// Width of the window.
+pub const WINDOW: u64 = 256;
+
+impl ReplayWindow {
+    fn bit(&self, off: u64) -> bool {
+        self.bits[(off / 64) as usize] >> (off % 64) & 1 == 1
+    }
+    fn set(&mut self, off: u64) {
+        self.bits[(off / 64) as usize] |= 1 << (off % 64);
+    }
+
+    /// Returns true (and records it) if `seq` was never seen and is not too old.
+    pub fn accept(&mut self, seq: u64) -> bool {
+        if !self.any {
+            self.any = true;
+            self.top = seq;
+            self.bits = [0; 4];
+            self.set(0);
+            return true;
+        }
+        if seq > self.top {
+            let shift = seq - self.top;
+            if shift >= WINDOW {
+                self.bits = [0; 4];
+            } else {
+                // Shift the bitmap left by `shift` bits (bit i = top - i).
+                let mut nb = [0u64; 4];
+                for off in 0..(WINDOW - shift) {
+                    if self.bit(off) {
+                        let n = off + shift;
+                        nb[(n / 64) as usize] |= 1 << (n % 64);
+                    }
+                }
+                self.bits = nb;
+            }
+            self.top = seq;
+            self.set(0);
+            true
+        } else {
+            let off = self.top - seq;
+            if off >= WINDOW || self.bit(off) {
+                false
+            } else {
+                self.set(off);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(b"correct horse battery staple").unwrap()
+    }
+
+    fn all_bodies() -> Vec<Body<'static>> {
+        vec![
+            Body::Data(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 10, 1, 0, 1, 10, 1, 1, 1]),
+            Body::WhoHas {
+                query: 7,
+                mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            },
+            Body::IHave {
+                query: 7,
+                mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                ip: Ipv4Addr::new(10, 1, 0, 10),
+            },
+            Body::HostRoute {
+                ip: Ipv4Addr::new(10, 1, 0, 10),
+                seq: 3,
+                mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                owner: "siteB".into(),
+            },
+            Body::HostRouteAck {
+                ip: Ipv4Addr::new(10, 1, 0, 10),
+                seq: 3,
+                was_owner: true,
+                hosts: vec![Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2)],
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_type() {
+        let a = auth();
+        for (i, body) in all_bodies().into_iter().enumerate() {
+            let m = Message {
+                sender: "siteA".into(),
+                seq: 1000 + i as u64,
+                timestamp_us: 1_700_000_000_000_000,
+                body,
+            };
+            let bytes = encode(&a, &m).unwrap();
+            assert_eq!(decode(&a, &bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn tampering_and_wrong_key_are_rejected() {
+        let a = auth();
+        let m = Message {
+            sender: "siteA".into(),
+            seq: 1,
+            timestamp_us: 5,
+            body: all_bodies().remove(3),
+        };
+        let bytes = encode(&a, &m).unwrap();
+        for i in 0..bytes.len() {
+            let mut t = bytes.clone();
+            t[i] ^= 0x01;
+            assert!(decode(&a, &t).is_err(), "flip at {i}");
+        }
+        let other = Auth::new(b"wrong key").unwrap();
+        assert_eq!(decode(&other, &bytes), Err(ProtoError::BadHmac));
+        for n in 0..bytes.len() {
+            assert!(decode(&a, &bytes[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn unauthenticated_decoder_survives_garbage() {
+        let mut x: u32 = 12345;
+        for len in 0..200usize {
+            let mut buf = Vec::with_capacity(len);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                buf.push(x as u8);
+            }
+            if len >= 4 {
+                buf[..4].copy_from_slice(MAGIC);
+            }
+            let _ = decode_unauthenticated(&buf);
+        }
+    }
+
+    #[test]
+    fn replay_window() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(100));
+        assert!(!w.accept(100));
+        assert!(w.accept(102));
+        assert!(w.accept(101));
+        assert!(!w.accept(101));
+        assert!(w.accept(90));
+        assert!(!w.accept(90));
+        assert!(w.accept(400));
+        assert!(!w.accept(102)); // fell out of the window
+        assert!(w.accept(399));
+        assert!(w.accept(400 - 255));
+        assert!(!w.accept(400 - 256));
+        assert!(w.accept(1000));
+        assert!(!w.accept(400));
+    }
+}

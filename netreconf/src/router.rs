@@ -1,0 +1,1408 @@
+//! The ViNe router logic, free of I/O: frames and datagrams in, [`Action`]s out.
+//!
+//! The event loop ([`crate::daemon`]) feeds captured frames, overlay datagrams and timer
+//! expiries; everything the router decides to do comes back as frames to inject on the
+//! LAN or datagrams to send to a peer. This keeps the whole migration protocol testable
+//! in memory (see the tests at the bottom, which wire two routers together).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::frames::{self, Arp, Frame, Mac, OP_REQUEST};
+use crate::proto::{self, Auth, Body, Message, ProtoError, ReplayWindow};
+use crate::tables::{Gndt, HostUpdate, Hwdt, Lndt};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("bad shared key: {0}")]
+    Key(#[from] ProtoError),
+}
+
+/// A point in time, monotonic and wall-clock (µs since the epoch).
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall_us: u64,
+}
+
+impl Now {
+    /// The current time.
+    pub fn now() -> Now {
+        Now {
+            mono: Instant::now(),
+            wall_us: wall_us(),
+        }
+    }
+
+    /// `self` advanced by `d` (for tests and scheduling).
+    pub fn after(&self, d: Duration) -> Now {
+        Now {
+            mono: self.mono + d,
+            wall_us: self.wall_us + d.as_micros() as u64,
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What the router wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Inject this frame on the LAN.
+    Inject(Vec<u8>),
+    /// Send this datagram to a peer router.
+    Send(SocketAddr, Vec<u8>),
+}
+
+/// Counters shown by the status dump.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters {
+    pub frames_captured: u64,
+    pub frames_malformed: u64,
+    pub frames_ignored: u64,
+    pub arp_seen: u64,
+    pub rarp_seen: u64,
+    pub arp_replies_sent: u64,
+    pub proxy_arp_replies: u64,
+    pub lndt_denied: u64,
+    pub no_route: u64,
+    pub ttl_expired: u64,
+    pub tunnelled_out: u64,
+    pub tunnelled_in: u64,
+    pub delivered_local: u64,
+    pub hairpinned: u64,
+    pub forwarded_onward: u64,
+    pub loop_dropped: u64,
+    pub arp_resolutions: u64,
+    pub arp_unresolved_dropped: u64,
+    pub arp_queue_dropped: u64,
+    pub detections_rate_limited: u64,
+    pub detections_duplicate: u64,
+    pub detections_already_local: u64,
+    pub rarp_unknown_mac: u64,
+    pub migrations_detected: u64,
+    pub migrations_completed: u64,
+    pub migrations_lost: u64,
+    pub route_updates_installed: u64,
+    pub route_updates_duplicate: u64,
+    pub route_updates_stale: u64,
+    pub route_updates_rejected: u64,
+    pub route_unacked_peers: u64,
+    pub announcements_sent: u64,
+    pub overlay_rx: u64,
+    pub overlay_tx: u64,
+    pub overlay_auth_failed: u64,
+    pub overlay_malformed: u64,
+    pub overlay_replayed: u64,
+    pub overlay_stale: u64,
+    pub overlay_unknown_peer: u64,
+    pub overlay_unsolicited: u64,
+    pub hwdt_expired: u64,
+}
+
+/// One migration as seen by this router.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationRecord {
+    /// "destination" (the VM arrived here) or "source" (it left).
+    pub role: &'static str,
+    pub ip: Ipv4Addr,
+    pub mac: Option<Mac>,
+    pub seq: u64,
+    /// Destination: the router that served the IP before. Source: the new owner.
+    pub other_router: String,
+    /// "rarp", "garp" (destination) or "host-route" (source).
+    pub trigger: &'static str,
+    /// First detection frame seen (destination) or host route received (source), µs.
+    pub detected_us: u64,
+    /// IP of the MAC known (destination), µs.
+    pub resolved_us: Option<u64>,
+    /// Every peer acknowledged the /32 (destination), µs.
+    pub all_acked_us: Option<u64>,
+    /// First LAN announcement injected, µs.
+    pub first_announce_us: Option<u64>,
+    /// Peers that acknowledged.
+    pub acked_by: Vec<String>,
+    /// LAN hosts the source router reported (destination) or announced (source).
+    pub hosts: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    name: String,
+    addr: SocketAddr,
+    replay: ReplayWindow,
+    last_rx: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Query {
+    id: u32,
+    trigger: &'static str,
+    detected_us: u64,
+}
+
+#[derive(Debug)]
+struct Migration {
+    mac: Mac,
+    seq: u64,
+    unacked: BTreeSet<String>,
+    attempts: u32,
+    record: usize, // index into history (by id)
+}
+
+#[derive(Debug)]
+struct Pending {
+    queue: VecDeque<Vec<u8>>,
+    tries: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Timer {
+    Inject(Vec<u8>),
+    QueryTimeout(Mac, u32),
+    Retransmit(Ipv4Addr, u64),
+    ArpRetry(Ipv4Addr),
+    Housekeeping,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Most outstanding who-has queries.
+const MAX_QUERIES: usize = 256;
+/// Most destinations waiting for ARP resolution.
+const MAX_PENDING_ARP: usize = 256;
+/// Migration records kept for the status dump.
+const HISTORY: usize = 64;
+
+/// The router.
+pub struct Router {
+    cfg: Config,
+    auth: Auth,
+    /// HardWare Description Table.
+    pub hwdt: Hwdt,
+    /// Local Network Description Table.
+    pub lndt: Lndt,
+    /// Global Network Description Table.
+    pub gndt: Gndt,
+    /// Counters.
+    pub counters: Counters,
+    peers: Vec<PeerState>,
+    tx_seq: u64,
+    next_query: u32,
+    queries: HashMap<Mac, Query>,
+    migrations: BTreeMap<Ipv4Addr, Migration>,
+    /// Remote hosts this router told a migrated VM about (VM IP → hosts).
+    announced_to: HashMap<Ipv4Addr, BTreeSet<Ipv4Addr>>,
+    /// Hand-overs this router did as the source: IP → (seq, hosts), to re-ack.
+    handovers: HashMap<Ipv4Addr, (u64, Vec<Ipv4Addr>)>,
+    pending_arp: HashMap<Ipv4Addr, Pending>,
+    timers: BTreeMap<(Instant, u64), Timer>,
+    timer_id: u64,
+    bucket: Bucket,
+    history: VecDeque<(usize, MigrationRecord)>,
+    history_id: usize,
+    actions: Vec<Action>,
+    started: Instant,
+}
+
+impl Router {
+    /// Build a router from its configuration.
+    pub fn new(cfg: Config, now: Now) -> Result<Router, RouterError> {
+        let auth = Auth::new(&cfg.key)?;
+        let mut gndt = Gndt::default();
+        for (p, r) in &cfg.gndt {
+            gndt.insert(*p, r, 0);
+        }
+        let lndt = Lndt::new(&cfg.lndt);
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|p| PeerState {
+                name: p.name.clone(),
+                addr: p.address,
+                replay: ReplayWindow::default(),
+                last_rx: None,
+            })
+            .collect();
+        let bucket = Bucket {
+            tokens: f64::from(cfg.timers.rarp_burst),
+            last: now.mono,
+            rate: f64::from(cfg.timers.rarp_rate_per_s),
+            burst: f64::from(cfg.timers.rarp_burst),
+        };
+        let mut r = Router {
+            auth,
+            hwdt: Hwdt::default(),
+            lndt,
+            gndt,
+            counters: Counters::default(),
+            peers,
+            // Starting at boot time keeps sequence numbers increasing across restarts.
+            tx_seq: now.wall_us,
+            next_query: 1,
+            queries: HashMap::new(),
+            migrations: BTreeMap::new(),
+            announced_to: HashMap::new(),
+            handovers: HashMap::new(),
+            pending_arp: HashMap::new(),
+            timers: BTreeMap::new(),
+            timer_id: 0,
+            bucket,
+            history: VecDeque::new(),
+            history_id: 0,
+            actions: Vec::new(),
+            started: now.mono,
+            cfg,
+        };
+        r.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
+        Ok(r)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Take the actions decided so far.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// When `handle_timers` must next be called.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.keys().next().map(|(t, _)| *t)
+    }
+
+    fn schedule(&mut self, at: Instant, t: Timer) {
+        self.timer_id += 1;
+        self.timers.insert((at, self.timer_id), t);
+    }
+
+    fn me(&self) -> &str {
+        &self.cfg.site
+    }
+
+    fn mac(&self) -> Mac {
+        self.cfg.router_mac
+    }
+
+    /// Router serving `ip`, if any.
+    fn route_of(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.gndt.lookup(ip).map(|r| r.router.as_str())
+    }
+
+    fn is_local(&self, ip: Ipv4Addr) -> bool {
+        self.route_of(ip) == Some(self.me())
+    }
+
+    fn inject(&mut self, frame: Vec<u8>) {
+        self.actions.push(Action::Inject(frame));
+    }
+
+    /// Inject now and `announce_count - 1` more times, spaced by `announce_interval`.
+    fn announce(&mut self, now: &Now, frame: Vec<u8>) {
+        let n = self.cfg.timers.announce_count;
+        let iv = self.cfg.timers.announce_interval;
+        for k in 1..n {
+            self.schedule(now.mono + iv * k, Timer::Inject(frame.clone()));
+        }
+        self.counters.announcements_sent += 1;
+        self.inject(frame);
+    }
+
+    fn record(&mut self, rec: MigrationRecord) -> usize {
+        self.history_id += 1;
+        self.history.push_back((self.history_id, rec));
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        self.history_id
+    }
+
+    fn record_mut(&mut self, id: usize) -> Option<&mut MigrationRecord> {
+        self.history
+            .iter_mut()
+            .find(|(i, _)| *i == id)
+            .map(|(_, r)| r)
+    }
+
+    fn send(&mut self, now: &Now, peer: usize, body: Body<'_>) {
+        self.tx_seq += 1;
+        let msg = Message {
+            sender: self.cfg.site.clone(),
+            seq: self.tx_seq,
+            timestamp_us: now.wall_us,
+            body,
+        };
+        match proto::encode(&self.auth, &msg) {
+            Ok(bytes) => {
+                self.counters.overlay_tx += 1;
+                self.actions.push(Action::Send(self.peers[peer].addr, bytes));
+            }
+            Err(e) => warn!(error = %e, kind = msg.body.kind(), "cannot encode message"),
+        }
+    }
+
+    fn peer_index(&self, name: &str) -> Option<usize> {
+        self.peers.iter().position(|p| p.name == name)
+    }
+
+    /// Local hosts known in the HWDT (LNDT members served by this router), except `but`.
+    fn local_hosts(&self, but: Ipv4Addr) -> Vec<(Ipv4Addr, Mac)> {
+        self.hwdt
+            .iter()
+            .filter(|(ip, _)| {
+                **ip != but
+                    && **ip != self.cfg.router_ip
+                    && self.lndt.contains(**ip)
+                    && self.is_local(**ip)
+            })
+            .map(|(ip, e)| (*ip, e.mac))
+            .collect()
+    }
+
+    // ------------------------------------------------------------ LAN side
+
+    /// A frame captured on the LAN.
+    pub fn handle_frame(&mut self, now: &Now, data: &[u8]) {
+        self.counters.frames_captured += 1;
+        match frames::parse(data) {
+            Err(e) => {
+                self.counters.frames_malformed += 1;
+                debug!(error = %e, len = data.len(), "malformed frame dropped");
+            }
+            Ok(Frame::Arp(a)) => self.on_arp(now, a),
+            Ok(Frame::Rarp(a)) => self.on_rarp(now, a),
+            Ok(Frame::Ipv4 {
+                eth_src,
+                eth_dst,
+                src,
+                dst,
+                packet,
+            }) => {
+                if eth_dst != self.mac() || eth_src == self.mac() {
+                    self.counters.frames_ignored += 1;
+                    return;
+                }
+                let packet = packet.to_vec();
+                self.on_ipv4(now, src, dst, packet);
+            }
+            Ok(Frame::Other { .. }) => self.counters.frames_ignored += 1,
+        }
+    }
+
+    fn on_arp(&mut self, now: &Now, a: Arp) {
+        self.counters.arp_seen += 1;
+        if a.eth_src == self.mac() || a.sha == self.mac() {
+            self.counters.frames_ignored += 1;
+            return;
+        }
+        if !a.sha.is_unicast() {
+            self.counters.frames_malformed += 1;
+            return;
+        }
+        if !a.spa.is_unspecified() && a.spa != self.cfg.router_ip && !a.spa.is_broadcast() {
+            if self.hwdt.learn(a.spa, a.sha, now.mono) {
+                debug!(ip = %a.spa, mac = %a.sha, "HWDT learned");
+            }
+            self.flush_pending(a.spa, a.sha);
+        }
+        if a.is_gratuitous() && !self.is_local(a.spa) && self.route_of(a.spa).is_some() {
+            // A host announcing an address another site serves: it migrated here.
+            self.detect(now, a.sha, Some(a.spa), "garp");
+            return;
+        }
+        if a.op != OP_REQUEST || a.is_gratuitous() || a.spa.is_unspecified() {
+            return;
+        }
+        if a.tpa == self.cfg.router_ip {
+            self.counters.arp_replies_sent += 1;
+            let f = frames::arp_reply(self.mac(), a.tpa, a.sha, a.spa);
+            self.inject(f);
+            return;
+        }
+        match self.route_of(a.tpa) {
+            Some(r) if r != self.me() => {
+                if self.lndt.contains(a.spa) {
+                    self.counters.proxy_arp_replies += 1;
+                    let f = frames::arp_reply(self.mac(), a.tpa, a.sha, a.spa);
+                    self.inject(f);
+                } else {
+                    self.counters.lndt_denied += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rarp(&mut self, now: &Now, a: Arp) {
+        self.counters.rarp_seen += 1;
+        if !a.sha.is_unicast() || a.sha == self.mac() {
+            self.counters.frames_malformed += 1;
+            return;
+        }
+        self.detect(now, a.sha, None, "rarp");
+    }
+
+    /// A frame revealed that `mac` (maybe with `ip`) is on this LAN.
+    fn detect(&mut self, now: &Now, mac: Mac, ip: Option<Ipv4Addr>, trigger: &'static str) {
+        if !self.bucket.take(now.mono) {
+            self.counters.detections_rate_limited += 1;
+            return;
+        }
+        let ip = ip.or_else(|| self.hwdt.ip_of(mac));
+        match ip {
+            Some(ip) => {
+                if self.is_local(ip) {
+                    self.counters.detections_already_local += 1;
+                    return;
+                }
+                if self.route_of(ip).is_none() {
+                    self.counters.no_route += 1;
+                    return;
+                }
+                self.start_migration(now, ip, mac, trigger, now.wall_us);
+            }
+            None => {
+                if self.queries.contains_key(&mac) {
+                    self.counters.detections_duplicate += 1;
+                    return;
+                }
+                if self.queries.len() >= MAX_QUERIES {
+                    self.counters.detections_rate_limited += 1;
+                    return;
+                }
+                let id = self.next_query;
+                self.next_query = self.next_query.wrapping_add(1);
+                self.queries.insert(
+                    mac,
+                    Query {
+                        id,
+                        trigger,
+                        detected_us: now.wall_us,
+                    },
+                );
+                info!(%mac, trigger, "migration suspected: asking peers which IP this MAC uses");
+                for i in 0..self.peers.len() {
+                    self.send(now, i, Body::WhoHas { query: id, mac });
+                }
+                let t = now.mono + self.cfg.timers.query_timeout;
+                self.schedule(t, Timer::QueryTimeout(mac, id));
+            }
+        }
+    }
+
+    fn start_migration(
+        &mut self,
+        now: &Now,
+        ip: Ipv4Addr,
+        mac: Mac,
+        trigger: &'static str,
+        detected_us: u64,
+    ) {
+        let previous = self.route_of(ip).unwrap_or("?").to_string();
+        let seq = self.gndt.host_seq(ip) + 1;
+        let me = self.cfg.site.clone();
+        self.gndt.offer_host(ip, &me, seq);
+        self.lndt.add(ip);
+        self.hwdt.learn(ip, mac, now.mono);
+        self.handovers.remove(&ip);
+        self.counters.migrations_detected += 1;
+        info!(
+            %ip, %mac, seq, from = %previous, trigger,
+            detect_to_resolve_ms = ms(now.wall_us, detected_us),
+            "migration detected: installed /32 and propagating to every router"
+        );
+        let rec = self.record(MigrationRecord {
+            role: "destination",
+            ip,
+            mac: Some(mac),
+            seq,
+            other_router: previous,
+            trigger,
+            detected_us,
+            resolved_us: Some(now.wall_us),
+            all_acked_us: None,
+            first_announce_us: None,
+            acked_by: Vec::new(),
+            hosts: Vec::new(),
+        });
+        let unacked: BTreeSet<String> = self.peers.iter().map(|p| p.name.clone()).collect();
+        for i in 0..self.peers.len() {
+            self.send(
+                now,
+                i,
+                Body::HostRoute {
+                    ip,
+                    seq,
+                    mac,
+                    owner: me.clone(),
+                },
+            );
+        }
+        self.schedule(now.mono + self.cfg.timers.retransmit, Timer::Retransmit(ip, seq));
+        let empty = unacked.is_empty();
+        self.migrations.insert(
+            ip,
+            Migration {
+                mac,
+                seq,
+                unacked,
+                attempts: 0,
+                record: rec,
+            },
+        );
+        // Routing optimisation (§5.5.4): the VM and the hosts of its new LAN talk directly.
+        let locals = self.local_hosts(ip);
+        let own = self.mac();
+        for (h, hmac) in &locals {
+            let to_vm = frames::directed_update(own, mac, ip, *h, *hmac);
+            self.announce(now, to_vm);
+            let to_host = frames::directed_update(own, *hmac, *h, ip, mac);
+            self.announce(now, to_host);
+        }
+        if !locals.is_empty() {
+            if let Some(r) = self.record_mut(rec) {
+                r.first_announce_us = Some(now.wall_us);
+            }
+        }
+        if empty {
+            self.complete(now, ip);
+        }
+    }
+
+    fn complete(&mut self, now: &Now, ip: Ipv4Addr) {
+        if let Some(m) = self.migrations.remove(&ip) {
+            self.counters.migrations_completed += 1;
+            let rec = m.record;
+            if let Some(r) = self.record_mut(rec) {
+                r.all_acked_us = Some(now.wall_us);
+                let (d, res) = (r.detected_us, r.resolved_us.unwrap_or(r.detected_us));
+                info!(
+                    %ip, seq = m.seq,
+                    detect_to_resolved_ms = ms(res, d),
+                    detect_to_all_routers_ms = ms(now.wall_us, d),
+                    "reconfigured: every router holds the /32"
+                );
+            }
+        }
+    }
+
+    fn on_ipv4(&mut self, now: &Now, src: Ipv4Addr, dst: Ipv4Addr, packet: Vec<u8>) {
+        if dst == self.cfg.router_ip {
+            self.counters.frames_ignored += 1;
+            return;
+        }
+        if !self.lndt.contains(src) {
+            self.counters.lndt_denied += 1;
+            return;
+        }
+        match self.route_of(dst).map(|s| s.to_string()) {
+            None => self.counters.no_route += 1,
+            Some(r) if r == self.cfg.site => {
+                self.counters.hairpinned += 1;
+                self.deliver_local(now, dst, packet);
+            }
+            Some(r) => self.tunnel(now, &r, packet, false),
+        }
+    }
+
+    fn tunnel(&mut self, now: &Now, router: &str, mut packet: Vec<u8>, onward: bool) {
+        let Some(i) = self.peer_index(router) else {
+            self.counters.no_route += 1;
+            return;
+        };
+        if !frames::decrement_ttl(&mut packet) {
+            self.counters.ttl_expired += 1;
+            return;
+        }
+        if onward {
+            self.counters.forwarded_onward += 1;
+        } else {
+            self.counters.tunnelled_out += 1;
+        }
+        self.send(now, i, Body::Data(&packet));
+    }
+
+    fn deliver_local(&mut self, now: &Now, dst: Ipv4Addr, packet: Vec<u8>) {
+        if let Some(mac) = self.hwdt.mac_of(dst) {
+            self.counters.delivered_local += 1;
+            let f = frames::ipv4_frame(self.mac(), mac, &packet);
+            self.inject(f);
+            return;
+        }
+        let qlen = self.cfg.timers.arp_queue_len;
+        if let Some(p) = self.pending_arp.get_mut(&dst) {
+            if p.queue.len() >= qlen {
+                self.counters.arp_queue_dropped += 1;
+            } else {
+                p.queue.push_back(packet);
+            }
+            return;
+        }
+        if self.pending_arp.len() >= MAX_PENDING_ARP || qlen == 0 {
+            self.counters.arp_queue_dropped += 1;
+            return;
+        }
+        let mut queue = VecDeque::new();
+        queue.push_back(packet);
+        self.pending_arp.insert(dst, Pending { queue, tries: 1 });
+        self.counters.arp_resolutions += 1;
+        let f = frames::arp_request(self.mac(), self.cfg.router_ip, dst);
+        self.inject(f);
+        self.schedule(now.mono + Duration::from_millis(500), Timer::ArpRetry(dst));
+    }
+
+    fn flush_pending(&mut self, ip: Ipv4Addr, mac: Mac) {
+        if let Some(p) = self.pending_arp.remove(&ip) {
+            for pkt in p.queue {
+                self.counters.delivered_local += 1;
+                let f = frames::ipv4_frame(self.mac(), mac, &pkt);
+                self.inject(f);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ overlay side
+
+    /// A datagram received on the overlay socket.
+    pub fn handle_datagram(&mut self, now: &Now, from: SocketAddr, data: &[u8]) {
+        self.counters.overlay_rx += 1;
+        let msg = match proto::decode(&self.auth, data) {
+            Ok(m) => m,
+            Err(ProtoError::BadHmac) => {
+                self.counters.overlay_auth_failed += 1;
+                warn!(%from, "overlay message with a bad HMAC dropped");
+                return;
+            }
+            Err(e) => {
+                self.counters.overlay_malformed += 1;
+                warn!(%from, error = %e, "malformed overlay message dropped");
+                return;
+            }
+        };
+        let Some(pi) = self.peer_index(&msg.sender) else {
+            self.counters.overlay_unknown_peer += 1;
+            warn!(%from, sender = %msg.sender, "message from an unknown router dropped");
+            return;
+        };
+        let skew = self.cfg.timers.max_clock_skew.as_micros() as u64;
+        if msg.timestamp_us.abs_diff(now.wall_us) > skew {
+            self.counters.overlay_stale += 1;
+            warn!(%from, sender = %msg.sender, age_ms = ms(now.wall_us, msg.timestamp_us),
+                  "stale overlay message dropped");
+            return;
+        }
+        if !self.peers[pi].replay.accept(msg.seq) {
+            self.counters.overlay_replayed += 1;
+            warn!(%from, sender = %msg.sender, seq = msg.seq, "replayed overlay message dropped");
+            return;
+        }
+        self.peers[pi].last_rx = Some(now.mono);
+        let sender = msg.sender.clone();
+        match msg.body {
+            Body::Data(p) => self.on_tunnelled(now, &sender, p.to_vec()),
+            Body::WhoHas { query, mac } => {
+                if let Some(ip) = self.hwdt.ip_of(mac) {
+                    debug!(%mac, %ip, to = %sender, "answering who-has from HWDT");
+                    self.send(now, pi, Body::IHave { query, mac, ip });
+                }
+            }
+            Body::IHave { query, mac, ip } => {
+                match self.queries.get(&mac) {
+                    Some(q) if q.id == query => {
+                        let q = self.queries.remove(&mac).expect("present");
+                        if self.is_local(ip) {
+                            self.counters.detections_already_local += 1;
+                        } else if self.route_of(ip).is_none() {
+                            self.counters.no_route += 1;
+                        } else {
+                            info!(%mac, %ip, from = %sender, "peer HWDT resolved the MAC");
+                            self.start_migration(now, ip, mac, q.trigger, q.detected_us);
+                        }
+                    }
+                    _ => self.counters.overlay_unsolicited += 1,
+                }
+            }
+            Body::HostRoute {
+                ip,
+                seq,
+                mac,
+                owner,
+            } => self.on_host_route(now, pi, ip, seq, mac, owner),
+            Body::HostRouteAck {
+                ip,
+                seq,
+                was_owner,
+                hosts,
+            } => self.on_ack(now, &sender, ip, seq, was_owner, hosts),
+        }
+    }
+
+    fn on_tunnelled(&mut self, now: &Now, sender: &str, packet: Vec<u8>) {
+        let dst = match frames::ipv4_addrs(&packet) {
+            Ok((_, d)) => d,
+            Err(_) => {
+                self.counters.overlay_malformed += 1;
+                return;
+            }
+        };
+        self.counters.tunnelled_in += 1;
+        match self.route_of(dst).map(|s| s.to_string()) {
+            None => self.counters.no_route += 1,
+            Some(r) if r == self.cfg.site => self.deliver_local(now, dst, packet),
+            Some(r) if r == sender => self.counters.loop_dropped += 1,
+            Some(r) => self.tunnel(now, &r, packet, true),
+        }
+    }
+
+    fn on_host_route(
+        &mut self,
+        now: &Now,
+        pi: usize,
+        ip: Ipv4Addr,
+        seq: u64,
+        mac: Mac,
+        owner: String,
+    ) {
+        let sender = self.peers[pi].name.clone();
+        if owner != sender {
+            self.counters.route_updates_rejected += 1;
+            warn!(%ip, %owner, %sender, "host route for another router rejected");
+            return;
+        }
+        let was_owner = self.is_local(ip);
+        match self.gndt.offer_host(ip, &owner, seq) {
+            HostUpdate::Installed { previous } => {
+                self.counters.route_updates_installed += 1;
+                if let Some(m) = self.migrations.remove(&ip) {
+                    self.counters.migrations_lost += 1;
+                    warn!(%ip, our_seq = m.seq, their_seq = seq, winner = %owner,
+                          "our in-flight host route was superseded");
+                }
+                let mut hosts = Vec::new();
+                if was_owner {
+                    hosts = self.hand_over(now, ip, seq, &owner);
+                } else {
+                    info!(%ip, seq, owner = %owner, previous = ?previous, "GNDT /32 updated");
+                    self.announced_to.remove(&ip);
+                    self.hwdt.remove(ip);
+                }
+                self.send(
+                    now,
+                    pi,
+                    Body::HostRouteAck {
+                        ip,
+                        seq,
+                        was_owner,
+                        hosts,
+                    },
+                );
+            }
+            HostUpdate::Duplicate => {
+                self.counters.route_updates_duplicate += 1;
+                let (was, hosts) = match self.handovers.get(&ip) {
+                    Some((s, h)) if *s == seq => (true, h.clone()),
+                    _ => (false, Vec::new()),
+                };
+                self.send(
+                    now,
+                    pi,
+                    Body::HostRouteAck {
+                        ip,
+                        seq,
+                        was_owner: was,
+                        hosts,
+                    },
+                );
+            }
+            HostUpdate::Stale { installed_seq } => {
+                self.counters.route_updates_stale += 1;
+                warn!(%ip, seq, installed_seq, from = %sender, %mac, "stale host route ignored");
+            }
+        }
+    }
+
+    /// The VM at `ip` left our LAN: claim its IP on the LAN and report our hosts.
+    fn hand_over(&mut self, now: &Now, ip: Ipv4Addr, seq: u64, owner: &str) -> Vec<Ipv4Addr> {
+        self.lndt.remove(ip);
+        self.hwdt.remove(ip);
+        self.pending_arp.remove(&ip);
+        let locals = self.local_hosts(ip);
+        let own = self.mac();
+        // Gratuitous ARP request and reply: "ip is-at <router MAC>" (Linux always applies
+        // a GARP to an existing entry), repeated past the 1 s locktime.
+        self.announce(now, frames::garp_request(own, ip));
+        self.announce(now, frames::garp_reply(own, ip));
+        // Directed requests to every known host (the form smoltcp accepts too).
+        for (h, hmac) in &locals {
+            self.announce(now, frames::directed_update(own, *hmac, *h, ip, own));
+        }
+        let mut hosts: BTreeSet<Ipv4Addr> = locals.iter().map(|(h, _)| *h).collect();
+        if let Some(prev) = self.announced_to.remove(&ip) {
+            hosts.extend(prev);
+        }
+        hosts.remove(&ip);
+        let hosts: Vec<Ipv4Addr> = hosts.into_iter().take(proto::MAX_HOSTS).collect();
+        self.handovers.insert(ip, (seq, hosts.clone()));
+        info!(%ip, seq, new_owner = %owner, hosts = hosts.len(),
+              "VM left this site: LNDT updated, gratuitous ARP and proxy ARP for its IP");
+        self.record(MigrationRecord {
+            role: "source",
+            ip,
+            mac: None,
+            seq,
+            other_router: owner.to_string(),
+            trigger: "host-route",
+            detected_us: now.wall_us,
+            resolved_us: None,
+            all_acked_us: None,
+            first_announce_us: Some(now.wall_us),
+            acked_by: Vec::new(),
+            hosts: hosts.clone(),
+        });
+        hosts
+    }
+
+    fn on_ack(
+        &mut self,
+        now: &Now,
+        sender: &str,
+        ip: Ipv4Addr,
+        seq: u64,
+        was_owner: bool,
+        hosts: Vec<Ipv4Addr>,
+    ) {
+        let Some(m) = self.migrations.get_mut(&ip) else {
+            self.counters.overlay_unsolicited += 1;
+            return;
+        };
+        if m.seq != seq || !m.unacked.remove(sender) {
+            self.counters.overlay_unsolicited += 1;
+            return;
+        }
+        let (vm_mac, rec) = (m.mac, m.record);
+        let done = m.unacked.is_empty();
+        let own = self.mac();
+        let mut announced = Vec::new();
+        if was_owner {
+            for h in &hosts {
+                if *h == ip || self.is_local(*h) || *h == self.cfg.router_ip {
+                    continue;
+                }
+                // "h is-at <our MAC>", aimed at the VM's own IP so any stack accepts it.
+                let f = frames::directed_update(own, vm_mac, ip, *h, own);
+                self.announce(now, f);
+                announced.push(*h);
+            }
+            self.announced_to.entry(ip).or_default().extend(announced.iter().copied());
+        }
+        let first = !announced.is_empty();
+        if let Some(r) = self.record_mut(rec) {
+            r.acked_by.push(sender.to_string());
+            if was_owner {
+                r.hosts = hosts.clone();
+            }
+            if first && r.first_announce_us.is_none() {
+                r.first_announce_us = Some(now.wall_us);
+            }
+        }
+        debug!(%ip, seq, from = %sender, was_owner, hosts = hosts.len(), "host route acknowledged");
+        if done {
+            self.complete(now, ip);
+        }
+    }
+
+    // ------------------------------------------------------------ timers
+
+    /// Run every timer due at `now`.
+    pub fn handle_timers(&mut self, now: &Now) {
+        while let Some((&key, _)) = self.timers.iter().next() {
+            if key.0 > now.mono {
+                break;
+            }
+            let t = self.timers.remove(&key).expect("present");
+            match t {
+                Timer::Inject(f) => self.inject(f),
+                Timer::QueryTimeout(mac, id) => {
+                    if self.queries.get(&mac).map(|q| q.id) == Some(id) {
+                        self.queries.remove(&mac);
+                        self.counters.rarp_unknown_mac += 1;
+                        info!(%mac, "no router knows this MAC: nothing changed");
+                    }
+                }
+                Timer::Retransmit(ip, seq) => self.retransmit(now, ip, seq),
+                Timer::ArpRetry(ip) => {
+                    let give_up = match self.pending_arp.get_mut(&ip) {
+                        None => continue,
+                        Some(p) if p.tries >= 3 => true,
+                        Some(p) => {
+                            p.tries += 1;
+                            false
+                        }
+                    };
+                    if give_up {
+                        if let Some(p) = self.pending_arp.remove(&ip) {
+                            self.counters.arp_unresolved_dropped += p.queue.len() as u64;
+                        }
+                    } else {
+                        let f = frames::arp_request(self.mac(), self.cfg.router_ip, ip);
+                        self.inject(f);
+                        self.schedule(now.mono + Duration::from_millis(500), Timer::ArpRetry(ip));
+                    }
+                }
+                Timer::Housekeeping => {
+                    let n = self.hwdt.expire(now.mono, self.cfg.timers.hwdt_max_age);
+                    self.counters.hwdt_expired += n as u64;
+                    self.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
+                }
+            }
+        }
+    }
+
+    fn retransmit(&mut self, now: &Now, ip: Ipv4Addr, seq: u64) {
+        let max = self.cfg.timers.retransmit_count;
+        let Some(m) = self.migrations.get_mut(&ip) else {
+            return;
+        };
+        if m.seq != seq {
+            return;
+        }
+        if m.attempts >= max {
+            let missing: Vec<String> = m.unacked.iter().cloned().collect();
+            warn!(%ip, seq, ?missing, "peers never acknowledged the host route");
+            self.counters.route_unacked_peers += missing.len() as u64;
+            self.migrations.remove(&ip);
+            return;
+        }
+        m.attempts += 1;
+        let delay = self.cfg.timers.retransmit * (1u32 << m.attempts.min(10));
+        let (mac, names): (Mac, Vec<String>) = (m.mac, m.unacked.iter().cloned().collect());
+        let me = self.cfg.site.clone();
+        for n in names {
+            if let Some(i) = self.peer_index(&n) {
+                self.send(
+                    now,
+                    i,
+                    Body::HostRoute {
+                        ip,
+                        seq,
+                        mac,
+                        owner: me.clone(),
+                    },
+                );
+            }
+        }
+        self.schedule(now.mono + delay, Timer::Retransmit(ip, seq));
+    }
+
+    // ------------------------------------------------------------ status
+
+    /// The status dump: tables, counters, migrations.
+    pub fn status(&self, now: &Now) -> serde_json::Value {
+        let hwdt: Vec<_> = self
+            .hwdt
+            .iter()
+            .map(|(ip, e)| {
+                serde_json::json!({
+                    "ip": ip, "mac": e.mac,
+                    "age_ms": now.mono.saturating_duration_since(e.last_seen).as_millis() as u64,
+                    "local": self.lndt.contains(*ip) && self.is_local(*ip),
+                })
+            })
+            .collect();
+        let gndt: Vec<_> = self.gndt.routes().collect();
+        let peers: Vec<_> = self
+            .peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "address": p.addr.to_string(),
+                    "last_rx_ms_ago": p.last_rx.map(|t| now.mono.saturating_duration_since(t).as_millis() as u64),
+                })
+            })
+            .collect();
+        let migrations: Vec<_> = self.history.iter().map(|(_, r)| r).collect();
+        serde_json::json!({
+            "site": self.cfg.site,
+            "router_mac": self.cfg.router_mac,
+            "router_ip": self.cfg.router_ip,
+            "lan_interface": self.cfg.lan_interface,
+            "uptime_ms": now.mono.saturating_duration_since(self.started).as_millis() as u64,
+            "hwdt": hwdt,
+            "lndt": self.lndt.view(),
+            "gndt": gndt,
+            "peers": peers,
+            "pending_queries": self.queries.len(),
+            "migrations_in_flight": self.migrations.len(),
+            "migrations": migrations,
+            "counters": self.counters,
+        })
+    }
+}
+
+fn ms(a: u64, b: u64) -> f64 {
+    (a as f64 - b as f64) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    const VM_MAC: Mac = Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    const A1_MAC: Mac = Mac([2, 0, 0x0a, 1, 0, 1]);
+    const B1_MAC: Mac = Mac([2, 0, 0x0a, 1, 1, 1]);
+    const RA: Mac = Mac([2, 0, 0x0a, 1, 0, 0xfe]);
+    const RB: Mac = Mac([2, 0, 0x0a, 1, 1, 0xfe]);
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn routers(now: Now) -> (Router, Router) {
+        let a = Config::parse(include_str!("../examples/site-a.toml"), Path::new("a")).unwrap();
+        let b = Config::parse(include_str!("../examples/site-b.toml"), Path::new("b")).unwrap();
+        (Router::new(a, now).unwrap(), Router::new(b, now).unwrap())
+    }
+
+    /// Deliver overlay datagrams between the two routers until quiet; return LAN frames
+    /// injected by each.
+    fn pump(now: &Now, a: &mut Router, b: &mut Router) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut fa, mut fb) = (Vec::new(), Vec::new());
+        let addr_a = a.cfg.listen;
+        let addr_b = b.cfg.listen;
+        for _ in 0..20 {
+            let mut moved = false;
+            for act in a.take_actions() {
+                match act {
+                    Action::Inject(f) => fa.push(f),
+                    Action::Send(to, d) => {
+                        assert_eq!(to, addr_b);
+                        b.handle_datagram(now, addr_a, &d);
+                        moved = true;
+                    }
+                }
+            }
+            for act in b.take_actions() {
+                match act {
+                    Action::Inject(f) => fb.push(f),
+                    Action::Send(to, d) => {
+                        assert_eq!(to, addr_a);
+                        a.handle_datagram(now, addr_b, &d);
+                        moved = true;
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        (fa, fb)
+    }
+
+    fn arps(frames: &[Vec<u8>]) -> Vec<Arp> {
+        frames
+            .iter()
+            .filter_map(|f| match frames::parse(f) {
+                Ok(Frame::Arp(a)) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn learn(r: &mut Router, now: &Now, mac: Mac, addr: &str, target: &str) {
+        let f = frames::arp_request(mac, ip(addr), ip(target));
+        r.handle_frame(now, &f);
+    }
+
+    #[test]
+    fn proxy_arp_for_remote_site_and_own_address() {
+        let now = Now::now();
+        let (mut a, _) = routers(now);
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.1.1");
+        let out = arps(&pump(&now, &mut a, &mut routers(now).1).0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].op, 2);
+        assert_eq!(out[0].sha, RA);
+        assert_eq!(out[0].spa, ip("10.1.1.1"));
+        assert_eq!(out[0].eth_dst, A1_MAC);
+        // Local target: no answer.
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.10");
+        assert!(a.take_actions().is_empty());
+        // Own address.
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.254");
+        assert_eq!(a.take_actions().len(), 1);
+        // Sender outside the LNDT.
+        learn(&mut a, &now, A1_MAC, "10.1.7.1", "10.1.1.1");
+        assert!(a.take_actions().is_empty());
+        assert_eq!(a.counters.lndt_denied, 1);
+    }
+
+    #[test]
+    fn migration_a_to_b_and_back() {
+        let now = Now::now();
+        let (mut a, mut b) = routers(now);
+        let vm = ip("10.1.0.10");
+        // Before: A sees the VM and A1, B sees B1.
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.10");
+        learn(&mut b, &now, B1_MAC, "10.1.1.1", "10.1.0.10");
+        pump(&now, &mut a, &mut b);
+
+        // The VM resumes at B: QEMU's RARP.
+        let t1 = now.after(Duration::from_millis(10));
+        b.handle_frame(&t1, &frames::qemu_rarp(VM_MAC));
+        let (fa, fb) = pump(&t1, &mut a, &mut b);
+        for r in [&a, &b] {
+            let route = r.gndt.host_route(vm).expect("/32 installed");
+            assert_eq!((route.router.as_str(), route.seq), ("B", 1));
+        }
+        assert!(!a.lndt.contains(vm));
+        assert!(b.lndt.contains(vm));
+        assert_eq!(b.counters.migrations_completed, 1);
+        // A: gratuitous request + reply for the VM's IP with A's MAC, and a directed
+        // update to A1.
+        let la = arps(&fa);
+        assert!(la.iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RA && x.op == 1));
+        assert!(la.iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RA && x.op == 2));
+        assert!(la
+            .iter()
+            .any(|x| x.eth_dst == A1_MAC && x.spa == vm && x.sha == RA && x.tpa == ip("10.1.0.1")));
+        // B: tells the VM that A1 is at B's MAC (aimed at the VM's own IP), and
+        // optimises B1 <-> VM to direct layer 2 in both directions.
+        let lb = arps(&fb);
+        assert!(lb.iter().any(|x| x.eth_dst == VM_MAC
+            && x.tpa == vm
+            && x.spa == ip("10.1.0.1")
+            && x.sha == RB));
+        assert!(lb.iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.1.1") && x.sha == B1_MAC));
+        assert!(lb.iter().any(|x| x.eth_dst == B1_MAC && x.spa == vm && x.sha == VM_MAC));
+        // Repeats are scheduled past the locktime.
+        let t2 = t1.after(Duration::from_millis(1200));
+        a.handle_timers(&t2);
+        assert!(!a.take_actions().is_empty());
+
+        // Proxy ARP at A for the VM; at B for A1 (asked by the VM).
+        learn(&mut a, &t2, A1_MAC, "10.1.0.1", "10.1.0.10");
+        let r = arps(&pump(&t2, &mut a, &mut b).0);
+        assert!(r.iter().any(|x| x.op == 2 && x.spa == vm && x.sha == RA));
+        learn(&mut b, &t2, VM_MAC, "10.1.0.10", "10.1.0.1");
+        let r = arps(&pump(&t2, &mut a, &mut b).1);
+        assert!(r.iter().any(|x| x.op == 2 && x.spa == ip("10.1.0.1") && x.sha == RB));
+
+        // Further RARP rounds change nothing.
+        b.handle_frame(&t2, &frames::qemu_rarp(VM_MAC));
+        pump(&t2, &mut a, &mut b);
+        assert_eq!(b.gndt.host_seq(vm), 1);
+        assert_eq!(b.counters.detections_already_local, 1);
+
+        // Move back to A.
+        let t3 = t2.after(Duration::from_secs(5));
+        a.handle_frame(&t3, &frames::qemu_rarp(VM_MAC));
+        let (fa, fb) = pump(&t3, &mut a, &mut b);
+        for r in [&a, &b] {
+            let route = r.gndt.host_route(vm).unwrap();
+            assert_eq!((route.router.as_str(), route.seq), ("A", 2));
+        }
+        assert!(a.lndt.contains(vm) && !b.lndt.contains(vm));
+        let la = arps(&fa);
+        // A1 and the VM are told to talk directly again.
+        assert!(la.iter().any(|x| x.eth_dst == A1_MAC && x.spa == vm && x.sha == VM_MAC));
+        assert!(la.iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.0.1") && x.sha == A1_MAC));
+        // The VM learns that B1 is now behind A.
+        assert!(la.iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.1.1") && x.sha == RA));
+        // B claims the VM's IP on LAN B.
+        let lb = arps(&fb);
+        assert!(lb.iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RB));
+        assert!(lb.iter().any(|x| x.eth_dst == B1_MAC && x.spa == vm && x.sha == RB));
+    }
+
+    #[test]
+    fn data_path_tunnels_and_delivers() {
+        let now = Now::now();
+        let (mut a, mut b) = routers(now);
+        learn(&mut b, &now, B1_MAC, "10.1.1.1", "10.1.1.254");
+        b.take_actions();
+        let mut pkt = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 1, 10, 1, 1, 1];
+        pkt.extend_from_slice(&[0; 8]);
+        let f = frames::ipv4_frame(A1_MAC, RA, &pkt);
+        a.handle_frame(&now, &f);
+        let (_, fb) = pump(&now, &mut a, &mut b);
+        assert_eq!(a.counters.tunnelled_out, 1);
+        assert_eq!(fb.len(), 1);
+        match frames::parse(&fb[0]).unwrap() {
+            Frame::Ipv4 { eth_src, eth_dst, packet, .. } => {
+                assert_eq!((eth_src, eth_dst), (RB, B1_MAC));
+                assert_eq!(packet[8], 63);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unknown destination: B ARPs and queues, then delivers on the reply.
+        let mut pkt2 = pkt.clone();
+        pkt2[19] = 2;
+        a.handle_frame(&now, &frames::ipv4_frame(A1_MAC, RA, &pkt2));
+        let (_, fb) = pump(&now, &mut a, &mut b);
+        let q = arps(&fb);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].tpa, ip("10.1.1.2"));
+        let reply = frames::arp_reply(Mac([2, 0, 0, 0, 0, 9]), ip("10.1.1.2"), RB, ip("10.1.1.254"));
+        b.handle_frame(&now, &reply);
+        let out = b.take_actions();
+        assert_eq!(out.len(), 1);
+        // Not from the LNDT: dropped.
+        let mut pkt3 = pkt.clone();
+        pkt3[12] = 99;
+        a.handle_frame(&now, &frames::ipv4_frame(A1_MAC, RA, &pkt3));
+        assert!(a.take_actions().is_empty());
+        assert_eq!(a.counters.lndt_denied, 1);
+    }
+
+    #[test]
+    fn unknown_mac_flood_replay_and_forgery_change_nothing() {
+        let now = Now::now();
+        let (mut a, mut b) = routers(now);
+        let before = format!("{:?}", b.gndt);
+        for i in 0..500u32 {
+            let m = Mac([2, 0x99, 0, (i >> 8) as u8, i as u8, 1]);
+            b.handle_frame(&now, &frames::qemu_rarp(m));
+        }
+        pump(&now, &mut a, &mut b);
+        b.handle_timers(&now.after(Duration::from_secs(2)));
+        assert_eq!(format!("{:?}", b.gndt), before);
+        assert_eq!(b.counters.rarp_unknown_mac, 40);
+        assert_eq!(b.counters.detections_rate_limited, 460);
+        // Forged (bad key) and replayed messages.
+        let evil = Auth::new(b"not the shared key at all").unwrap();
+        let forged = proto::encode(
+            &evil,
+            &Message {
+                sender: "A".into(),
+                seq: u64::MAX / 2,
+                timestamp_us: now.wall_us,
+                body: Body::HostRoute { ip: ip("10.1.1.1"), seq: 99, mac: VM_MAC, owner: "A".into() },
+            },
+        )
+        .unwrap();
+        b.handle_datagram(&now, a.cfg.listen, &forged);
+        assert_eq!(b.counters.overlay_auth_failed, 1);
+        let good = proto::encode(
+            &a.auth,
+            &Message {
+                sender: "A".into(),
+                seq: a.tx_seq + 100,
+                timestamp_us: now.wall_us,
+                body: Body::WhoHas { query: 1, mac: VM_MAC },
+            },
+        )
+        .unwrap();
+        b.handle_datagram(&now, a.cfg.listen, &good);
+        b.handle_datagram(&now, a.cfg.listen, &good);
+        assert_eq!(b.counters.overlay_replayed, 1);
+        let old = proto::encode(
+            &a.auth,
+            &Message {
+                sender: "A".into(),
+                seq: a.tx_seq + 200,
+                timestamp_us: now.wall_us - 3_600_000_000,
+                body: Body::WhoHas { query: 1, mac: VM_MAC },
+            },
+        )
+        .unwrap();
+        b.handle_datagram(&now, a.cfg.listen, &old);
+        assert_eq!(b.counters.overlay_stale, 1);
+        // A host route claimed by someone else than its sender.
+        let hijack = proto::encode(
+            &a.auth,
+            &Message {
+                sender: "A".into(),
+                seq: a.tx_seq + 300,
+                timestamp_us: now.wall_us,
+                body: Body::HostRoute { ip: ip("10.1.1.1"), seq: 5, mac: VM_MAC, owner: "B".into() },
+            },
+        )
+        .unwrap();
+        b.handle_datagram(&now, a.cfg.listen, &hijack);
+        assert_eq!(b.counters.route_updates_rejected, 1);
+        assert_eq!(format!("{:?}", b.gndt), before);
+    }
+
+    #[test]
+    fn gratuitous_arp_for_a_remote_ip_is_a_migration() {
+        let now = Now::now();
+        let (mut a, mut b) = routers(now);
+        let f = frames::garp_request(VM_MAC, ip("10.1.0.10"));
+        b.handle_frame(&now, &f);
+        pump(&now, &mut a, &mut b);
+        assert_eq!(a.gndt.host_route(ip("10.1.0.10")).unwrap().router, "B");
+        assert_eq!(b.counters.migrations_completed, 1);
+    }
+
+    #[test]
+    fn lost_ack_is_retransmitted_and_host_list_resent() {
+        let now = Now::now();
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.10");
+        a.take_actions();
+        b.handle_frame(&now, &frames::qemu_rarp(VM_MAC));
+        // who-has -> A
+        for act in b.take_actions() {
+            if let Action::Send(_, d) = act {
+                a.handle_datagram(&now, b.cfg.listen, &d);
+            }
+        }
+        // i-have -> B
+        for act in a.take_actions() {
+            if let Action::Send(_, d) = act {
+                b.handle_datagram(&now, a.cfg.listen, &d);
+            }
+        }
+        // host-route -> A; drop A's ack.
+        for act in b.take_actions() {
+            if let Action::Send(_, d) = act {
+                a.handle_datagram(&now, b.cfg.listen, &d);
+            }
+        }
+        a.take_actions();
+        assert_eq!(b.counters.migrations_completed, 0);
+        let later = now.after(Duration::from_millis(250));
+        b.handle_timers(&later);
+        let (_, fb) = pump(&later, &mut a, &mut b);
+        assert_eq!(b.counters.migrations_completed, 1);
+        assert_eq!(a.counters.route_updates_duplicate, 1);
+        assert!(arps(&fb).iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.0.1")));
+    }
+}
