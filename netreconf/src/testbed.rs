@@ -1,1 +1,489 @@
-//! placeholder
+//! A two-site testbed in network namespaces, shared by the integration tests and the
+//! benchmark. Needs root and iproute2 (`ip`); everything is removed on drop, even when
+//! a test panics.
+//!
+//! ```text
+//!   <p>-a1 (10.1.0.1/16)   <p>-vm (10.1.0.10/16)          <p>-b1 (10.1.1.1/16)
+//!        eth0                   eth0                            eth0
+//!         |                      |  (moved between bridges)       |
+//!   [<p>-swa: bridge brA  pa1 pvm pra]                 [<p>-swb: bridge brB  pb1 (pvm) prb]
+//!                                  |                                     |
+//!                     <p>-ra: lan0 (vnetd A)  wan0 ===== wan0  <p>-rb: lan0 (vnetd B)
+//!                                192.168.100.1/24      192.168.100.2/24
+//! ```
+//! Site A serves 10.1.0.0/24 (gateway 10.1.0.254), site B 10.1.1.0/24 (10.1.1.254);
+//! hosts use the whole 10.1.0.0/16 as their subnet (routing optimisation, §5.5.4).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::frames::Mac;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error("the vnetd testbed needs root (network namespaces); run the tests as root")]
+    NotRoot,
+    #[error("`{0}` not found: install it (apt-get install {1})")]
+    MissingTool(&'static str, &'static str),
+    #[error("command failed: {cmd}: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: String, secs: u64 },
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, TestbedError>;
+
+/// MAC of host A1.
+pub const A1_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0x01, 0x00, 0x01]);
+/// MAC of host B1.
+pub const B1_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0x01, 0x01, 0x01]);
+/// MAC of the VM (QEMU's default OUI).
+pub const VM_MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+/// MAC of router A on LAN A.
+pub const RA_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0x01, 0x00, 0xfe]);
+/// MAC of router B on LAN B.
+pub const RB_MAC: Mac = Mac([0x02, 0x00, 0x0a, 0x01, 0x01, 0xfe]);
+/// A1's address.
+pub const A1_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+/// B1's address.
+pub const B1_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+/// The VM's address (site A's network).
+pub const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
+/// Overlay address of router A.
+pub const RA_WAN: &str = "192.168.100.1:7800";
+/// Overlay address of router B.
+pub const RB_WAN: &str = "192.168.100.2:7800";
+/// The shared key used by the testbed.
+pub const KEY: &str = "testbed-shared-key-0123456789abcdef";
+
+/// Check that the testbed can run: root, `ip`, `ethtool`.
+pub fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(TestbedError::NotRoot);
+    }
+    for (tool, pkg) in [("ip", "iproute2"), ("ethtool", "ethtool")] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false)
+            || Path::new("/usr/sbin").join(tool).is_file()
+            || Path::new("/sbin").join(tool).is_file();
+        if !found {
+            return Err(TestbedError::MissingTool(tool, pkg));
+        }
+    }
+    Ok(())
+}
+
+/// Run a command; error with its stderr if it fails.
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(TestbedError::Command {
+            cmd: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Run a command inside a namespace.
+pub fn nsrun(ns: &str, args: &[&str]) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    run(&v)
+}
+
+/// Poll `f` every 50 ms until it returns Some, for at most `secs` seconds.
+pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            return Err(TestbedError::Timeout {
+                what: what.to_string(),
+                secs,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawn `args` in namespace `ns`, stdout+stderr to `log`.
+    pub fn spawn(name: &str, ns: &str, args: &[&str], log: PathBuf) -> Result<Proc> {
+        let f = std::fs::File::create(&log)?;
+        let f2 = f.try_clone()?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::from(f2))
+            .spawn()?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Spawn with stdout captured to `out` and stderr to `log`.
+    pub fn spawn_out(name: &str, ns: &str, args: &[&str], out: PathBuf, log: PathBuf) -> Result<Proc> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(&out)?))
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .spawn()?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Is it still running?
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Wait for exit (up to `secs`), then kill.
+    pub fn wait(&mut self, secs: u64) -> Result<std::process::ExitStatus> {
+        let name = self.name.clone();
+        let c = self.child.as_mut().ok_or_else(|| TestbedError::Timeout {
+            what: format!("{name} (already reaped)"),
+            secs: 0,
+        })?;
+        let st = wait_for(&format!("{name} to exit"), secs, || c.try_wait().ok().flatten());
+        if st.is_err() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        st
+    }
+
+    /// Kill now.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log's content.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Which site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    A,
+    B,
+}
+
+/// The two-site world.
+pub struct TwoSites {
+    pub prefix: String,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    pub vnetd: Vec<Proc>,
+    pub vm_site: Site,
+    keep_dir: bool,
+}
+
+impl TwoSites {
+    /// Namespace name of a role ("a1", "b1", "vm", "ra", "rb", "swa", "swb").
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{}", self.prefix, role)
+    }
+
+    /// Build the topology. `tag` must be unique among concurrently running tests.
+    pub fn build(tag: &str) -> Result<TwoSites> {
+        preflight()?;
+        let prefix = format!("vn{}{}", std::process::id(), tag);
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut tb = TwoSites {
+            prefix,
+            dir,
+            namespaces: Vec::new(),
+            vnetd: Vec::new(),
+            vm_site: Site::A,
+            keep_dir: std::env::var_os("VNETD_KEEP").is_some(),
+        };
+        tb.setup()?;
+        Ok(tb)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        for role in ["swa", "swb", "ra", "rb", "a1", "b1", "vm"] {
+            let ns = self.ns(role);
+            run(&["ip", "netns", "add", &ns])?;
+            self.namespaces.push(ns.clone());
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        }
+        for (sw, br) in [("swa", "brA"), ("swb", "brB")] {
+            let ns = self.ns(sw);
+            run(&["ip", "-n", &ns, "link", "add", br, "type", "bridge", "stp_state", "0"])?;
+            run(&["ip", "-n", &ns, "link", "set", br, "up"])?;
+        }
+        // Hosts and VM.
+        let hosts = [
+            ("a1", "pa1", "swa", "brA", A1_MAC, "10.1.0.1/16"),
+            ("vm", "pvm", "swa", "brA", VM_MAC, "10.1.0.10/16"),
+            ("b1", "pb1", "swb", "brB", B1_MAC, "10.1.1.1/16"),
+        ];
+        for (role, port, sw, br, mac, addr) in hosts {
+            self.attach(role, "eth0", &mac.to_string(), port, sw, br)?;
+            let ns = self.ns(role);
+            run(&["ip", "-n", &ns, "addr", "add", addr, "dev", "eth0"])?;
+        }
+        // A migrated VM keeps its ARP cache: moving the link must not flush it.
+        let _ = nsrun(
+            &self.ns("vm"),
+            &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_evict_nocarrier=0"],
+        );
+        // Routers.
+        for (role, port, sw, br, mac) in [
+            ("ra", "pra", "swa", "brA", RA_MAC),
+            ("rb", "prb", "swb", "brB", RB_MAC),
+        ] {
+            self.attach(role, "lan0", &mac.to_string(), port, sw, br)?;
+            let ns = self.ns(role);
+            // The kernel of the gateway must not route what vnetd routes.
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
+            // The bridge port feeding vnetd segments and checksums what it hands over
+            // (veth otherwise passes GSO super-packets with unfinished checksums).
+            nsrun(
+                &self.ns(sw),
+                &["ethtool", "-K", port, "tx", "off", "tso", "off", "gso", "off", "sg", "off"],
+            )?;
+        }
+        let (ra, rb) = (self.ns("ra"), self.ns("rb"));
+        run(&[
+            "ip", "-n", &ra, "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name",
+            "wan0", "netns", &rb, "mtu", "1600",
+        ])?;
+        run(&["ip", "-n", &ra, "addr", "add", "192.168.100.1/24", "dev", "wan0"])?;
+        run(&["ip", "-n", &rb, "addr", "add", "192.168.100.2/24", "dev", "wan0"])?;
+        run(&["ip", "-n", &ra, "link", "set", "wan0", "up"])?;
+        run(&["ip", "-n", &rb, "link", "set", "wan0", "up"])?;
+        Ok(())
+    }
+
+    /// veth `ifname` in `role` (with `mac`), peer `port` enslaved to `br` in `sw`.
+    fn attach(&self, role: &str, ifname: &str, mac: &str, port: &str, sw: &str, br: &str) -> Result<()> {
+        let (ns, swns) = (self.ns(role), self.ns(sw));
+        run(&[
+            "ip", "-n", &ns, "link", "add", ifname, "address", mac, "type", "veth", "peer", "name",
+            port, "netns", &swns,
+        ])?;
+        run(&["ip", "-n", &swns, "link", "set", port, "master", br, "up"])?;
+        run(&["ip", "-n", &ns, "link", "set", ifname, "up"])?;
+        Ok(())
+    }
+
+    /// The vnetd configuration of a site.
+    pub fn config_text(&self, site: Site) -> String {
+        let (name, mac, ip, listen, peer, peer_addr, lndt, sock) = match site {
+            Site::A => ("A", RA_MAC, "10.1.0.254", RA_WAN, "B", RB_WAN, "10.1.0.0/24", "a.sock"),
+            Site::B => ("B", RB_MAC, "10.1.1.254", RB_WAN, "A", RA_WAN, "10.1.1.0/24", "b.sock"),
+        };
+        format!(
+            r#"site = "{name}"
+lan_interface = "lan0"
+router_mac = "{mac}"
+router_ip = "{ip}"
+listen = "{listen}"
+key = "{KEY}"
+control_socket = "{sock}"
+lndt = ["{lndt}"]
+
+[[peers]]
+name = "{peer}"
+address = "{peer_addr}"
+
+[[gndt]]
+network = "10.1.0.0/24"
+router = "A"
+
+[[gndt]]
+network = "10.1.1.0/24"
+router = "B"
+"#,
+            sock = self.dir.join(sock).display()
+        )
+    }
+
+    /// Control socket of a site's vnetd.
+    pub fn socket(&self, site: Site) -> PathBuf {
+        self.dir.join(match site {
+            Site::A => "a.sock",
+            Site::B => "b.sock",
+        })
+    }
+
+    /// pcap-out file of a site's vnetd.
+    pub fn pcap(&self, site: Site) -> PathBuf {
+        self.dir.join(match site {
+            Site::A => "a.pcap",
+            Site::B => "b.pcap",
+        })
+    }
+
+    /// Start vnetd on both routers and wait for their control sockets.
+    pub fn start_vnetd(&mut self, vnetd: &Path) -> Result<()> {
+        for (site, role, cfg) in [(Site::A, "ra", "a.toml"), (Site::B, "rb", "b.toml")] {
+            let cfgp = self.dir.join(cfg);
+            std::fs::write(&cfgp, self.config_text(site))?;
+            let _ = std::fs::remove_file(self.socket(site));
+            let p = Proc::spawn(
+                &format!("vnetd-{role}"),
+                &self.ns(role),
+                &[
+                    vnetd.to_str().unwrap_or("vnetd"),
+                    "--config",
+                    cfgp.to_str().unwrap_or(""),
+                    "--pcap-out",
+                    self.pcap(site).to_str().unwrap_or(""),
+                ],
+                self.dir.join(format!("vnetd-{role}.log")),
+            )?;
+            self.vnetd.push(p);
+        }
+        for site in [Site::A, Site::B] {
+            let sock = self.socket(site);
+            let procs = &mut self.vnetd;
+            wait_for(&format!("vnetd {site:?} control socket"), 20, || {
+                for p in procs.iter_mut() {
+                    if !p.alive() {
+                        return Some(Err(TestbedError::Command {
+                            cmd: p.name.clone(),
+                            stderr: format!("exited early: {}", p.log_text()),
+                        }));
+                    }
+                }
+                if crate::daemon::query_status(&sock).is_ok() {
+                    Some(Ok(()))
+                } else {
+                    None
+                }
+            })??;
+        }
+        Ok(())
+    }
+
+    /// Stop both vnetd processes.
+    pub fn stop_vnetd(&mut self) {
+        for p in &mut self.vnetd {
+            p.stop();
+        }
+        self.vnetd.clear();
+    }
+
+    /// Status JSON of a site's vnetd.
+    pub fn status(&self, site: Site) -> Result<serde_json::Value> {
+        Ok(crate::daemon::query_status(&self.socket(site))?)
+    }
+
+    /// Move the VM's link to the other site's bridge (the VM keeps MAC, IP, ARP cache).
+    pub fn move_vm(&mut self, to: Site) -> Result<()> {
+        let (from_sw, to_sw, br) = match to {
+            Site::A => (self.ns("swb"), self.ns("swa"), "brA"),
+            Site::B => (self.ns("swa"), self.ns("swb"), "brB"),
+        };
+        run(&["ip", "-n", &from_sw, "link", "set", "pvm", "netns", &to_sw])?;
+        run(&["ip", "-n", &to_sw, "link", "set", "pvm", "master", br, "up"])?;
+        self.vm_site = to;
+        Ok(())
+    }
+
+    /// MAC of `ip` in the neighbour table of `role` (None if absent or incomplete/failed).
+    pub fn neigh(&self, role: &str, ip: Ipv4Addr) -> Option<Mac> {
+        let out = nsrun(&self.ns(role), &["ip", "neigh", "show", &ip.to_string(), "dev", "eth0"]).ok()?;
+        let mut it = out.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == "lladdr" {
+                return it.next()?.parse().ok();
+            }
+        }
+        None
+    }
+
+    /// Wait until `role`'s neighbour entry for `ip` is `mac`.
+    pub fn wait_neigh(&self, role: &str, ip: Ipv4Addr, mac: Mac, secs: u64) -> Result<()> {
+        wait_for(&format!("{role}: neighbour {ip} -> {mac} (now {:?})", self.neigh(role, ip)), secs, || {
+            (self.neigh(role, ip) == Some(mac)).then_some(())
+        })
+    }
+
+    /// One ping from `role` to `ip` succeeds within `secs` (retrying).
+    pub fn ping(&self, role: &str, ip: Ipv4Addr, secs: u64) -> Result<()> {
+        let ns = self.ns(role);
+        let ips = ip.to_string();
+        wait_for(&format!("ping {role} -> {ip}"), secs, || {
+            nsrun(&ns, &["ping", "-c", "1", "-W", "1", "-n", "-q", &ips]).ok().map(|_| ())
+        })
+    }
+
+    /// Dump logs (for failures).
+    pub fn dump_logs(&self) {
+        for p in &self.vnetd {
+            eprintln!("==== {} ({}) ====\n{}", p.name, p.log.display(), p.log_text());
+        }
+        for site in [Site::A, Site::B] {
+            if let Ok(s) = self.status(site) {
+                eprintln!("==== status {site:?} ====\n{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            }
+        }
+    }
+}
+
+impl Drop for TwoSites {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.stop_vnetd();
+        for ns in self.namespaces.iter().rev() {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Integration tests: two sites in network namespaces, the real `vnetd` on both routers.
+//! Need root, iproute2, ethtool, iputils-ping and tcpdump; fail loudly otherwise.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use netreconf::frames::{self, Mac};
+use netreconf::proto::{self, Auth, Body, Message};
+use netreconf::testbed::*;
+use serde_json::Value;
+
+fn vnetd() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_vnetd"))
+}
+
+const PROBE: &str = env!("CARGO_BIN_EXE_vnet-probe");
+
+fn build(tag: &str) -> TwoSites {
+    match TwoSites::build(tag) {
+        Ok(t) => t,
+        Err(e) => panic!("cannot build the two-site testbed: {e}"),
+    }
+}
+
+/// The /32 for `ip` in a status dump: (router, seq).
+fn host_route(st: &Value, ip: Ipv4Addr) -> Option<(String, u64)> {
+    st["gndt"].as_array()?.iter().find_map(|r| {
+        (r["prefix"] == format!("{ip}/32")).then(|| {
+            (
+                r["router"].as_str().unwrap_or("").to_string(),
+                r["seq"].as_u64().unwrap_or(0),
+            )
+        })
+    })
+}
+
+fn counter(st: &Value, name: &str) -> u64 {
+    st["counters"][name].as_u64().unwrap_or(0)
+}
+
+fn wait_route(tb: &TwoSites, router: &str, seq: u64) {
+    for site in [Site::A, Site::B] {
+        let r = wait_for(
+            &format!("{site:?} GNDT: {VM_IP}/32 -> {router} seq {seq}"),
+            15,
+            || {
+                let st = tb.status(site).ok()?;
+                (host_route(&st, VM_IP) == Some((router.to_string(), seq))).then_some(())
+            },
+        );
+        if let Err(e) = r {
+            panic!("{e}; status {site:?}: {:?}", tb.status(site).ok().map(|s| s["gndt"].clone()));
+        }
+    }
+}
+
+fn rarp(tb: &TwoSites) {
+    nsrun(
+        &tb.ns("vm"),
+        &[PROBE, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()],
+    )
+    .expect("send QEMU's RARP rounds from the VM");
+}
+
+fn ping_all(tb: &TwoSites) {
+    for (from, to) in [("a1", VM_IP), ("vm", A1_IP), ("b1", VM_IP), ("vm", B1_IP)] {
+        tb.ping(from, to, 15).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+struct Stream {
+    recv: Proc,
+    send: Proc,
+    stop: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, name: &str) -> Stream {
+    let stop = tb.dir.join(format!("{name}.stop"));
+    let out = tb.dir.join(format!("{name}.json"));
+    let addr = format!("{dst}:{port}");
+    let recv = Proc::spawn_out(
+        &format!("{name}-recv"),
+        &tb.ns(to),
+        &[PROBE, "udp-recv", "--bind", &addr, "--stop-file", stop.to_str().unwrap()],
+        out.clone(),
+        tb.dir.join(format!("{name}-recv.log")),
+    )
+    .expect("start udp-recv");
+    std::thread::sleep(Duration::from_millis(200));
+    let send = Proc::spawn(
+        &format!("{name}-send"),
+        &tb.ns(from),
+        &[
+            PROBE, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file",
+            stop.to_str().unwrap(),
+        ],
+        tb.dir.join(format!("{name}-send.log")),
+    )
+    .expect("start udp-send");
+    Stream { recv, send, stop, out }
+}
+
+fn stop_stream(mut s: Stream) -> Value {
+    std::fs::write(&s.stop, b"stop").unwrap();
+    s.send.wait(10).expect("udp-send exits");
+    s.recv.wait(10).expect("udp-recv exits");
+    let text = std::fs::read_to_string(&s.out).unwrap_or_default();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("udp-recv output {text:?}: {e}"))
+}
+
+#[test]
+fn vm_migrates_to_site_b_and_back() {
+    let mut tb = build("m");
+    tb.start_vnetd(vnetd()).expect("start vnetd on both routers");
+
+    // ---- Before migration: A1 <-> VM directly, B1 <-> VM through the tunnel.
+    ping_all(&tb);
+    assert_eq!(tb.neigh("a1", VM_IP), Some(VM_MAC), "A1 reaches the VM directly");
+    assert_eq!(tb.neigh("b1", VM_IP), Some(RB_MAC), "B1 reaches the VM through router B (proxy ARP)");
+    assert_eq!(tb.neigh("vm", B1_IP), Some(RA_MAC), "the VM reaches B1 through router A");
+    let s = start_stream(&tb, "b1", "vm", VM_IP, 9001, "b1-vm");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = stop_stream(s);
+    assert!(r["received"].as_u64().unwrap_or(0) > 0, "UDP B1 -> VM through the tunnel: {r}");
+    let st = tb.status(Site::A).unwrap();
+    assert!(counter(&st, "tunnelled_in") > 0 && counter(&st, "tunnelled_out") > 0, "{st}");
+
+    // ---- Move the VM to site B while A1 streams UDP to it.
+    let stream = start_stream(&tb, "a1", "vm", VM_IP, 9000, "a1-vm");
+    std::thread::sleep(Duration::from_millis(500));
+    tb.move_vm(Site::B).unwrap();
+    rarp(&tb);
+    wait_route(&tb, "B", 1);
+    tb.wait_neigh("a1", VM_IP, RA_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    tb.wait_neigh("vm", A1_IP, RB_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    ping_all(&tb);
+    // Routing optimisation: the VM and B1 now talk directly at layer 2.
+    tb.wait_neigh("b1", VM_IP, VM_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    tb.wait_neigh("vm", B1_IP, B1_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = stop_stream(stream);
+    eprintln!("UDP stream A1 -> VM across the move to site B: {r}");
+    let gap = r["max_gap_ms"].as_f64().unwrap_or(-1.0);
+    eprintln!("connectivity gap A1 -> VM (move to B): {gap:.1} ms");
+    let st_a = tb.status(Site::A).unwrap();
+    let st_b = tb.status(Site::B).unwrap();
+    assert!(r["received"].as_u64().unwrap_or(0) > 500, "{r}");
+    assert_eq!(counter(&st_b, "migrations_completed"), 1, "{st_b}");
+    let lndt_a = st_a["lndt"]["excluded"].as_array().unwrap();
+    assert!(lndt_a.iter().any(|v| v == "10.1.0.10"), "LNDT A lost the VM: {}", st_a["lndt"]);
+    assert!(
+        st_b["lndt"]["hosts"].as_array().unwrap().iter().any(|v| v == "10.1.0.10"),
+        "LNDT B gained the VM: {}",
+        st_b["lndt"]
+    );
+    let m = &st_b["migrations"][0];
+    eprintln!(
+        "migration record at B: detected {} resolved {} all routers {} (µs)",
+        m["detected_us"], m["resolved_us"], m["all_acked_us"]
+    );
+
+    // ---- Move back: everything returns to direct layer-2 paths.
+    tb.move_vm(Site::A).unwrap();
+    rarp(&tb);
+    wait_route(&tb, "A", 2);
+    tb.wait_neigh("a1", VM_IP, VM_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    tb.wait_neigh("vm", A1_IP, A1_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    tb.wait_neigh("b1", VM_IP, RB_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    tb.wait_neigh("vm", B1_IP, RA_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    ping_all(&tb);
+    let st_a = tb.status(Site::A).unwrap();
+    assert_eq!(counter(&st_a, "migrations_completed"), 1, "{st_a}");
+
+    // ---- The pcap files are readable by tcpdump and hold the RARP and the GARP.
+    let b = run(&["tcpdump", "-nr", tb.pcap(Site::B).to_str().unwrap()]).expect("tcpdump -r b.pcap");
+    assert!(b.contains("Reverse Request"), "RARP in b.pcap:\n{b}");
+    let a = run(&["tcpdump", "-nr", tb.pcap(Site::A).to_str().unwrap()]).expect("tcpdump -r a.pcap");
+    assert!(a.contains("is-at 02:00:0a:01:00:fe") || a.contains("Reply 10.1.0.10 is-at 02:00:0a:01:00:fe"), "GARP in a.pcap:\n{a}");
+    for p in tb.vnetd.iter_mut() {
+        assert!(p.alive(), "{} died: {}", p.name, p.log_text());
+    }
+}
+
+fn arp_hex(f: &[u8]) -> String {
+    f.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn bad_input_is_counted_and_changes_nothing() {
+    let mut tb = build("x");
+    tb.start_vnetd(vnetd()).expect("start vnetd on both routers");
+    tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    let before_a = tb.status(Site::A).unwrap();
+    let before_b = tb.status(Site::B).unwrap();
+
+    // Capture a genuine B -> A overlay message to replay later.
+    let cap_file = tb.dir.join("wan.pcap");
+    let mut dump = Proc::spawn(
+        "tcpdump",
+        &tb.ns("ra"),
+        &[
+            "tcpdump", "-i", "wan0", "-U", "-c", "3", "-w", cap_file.to_str().unwrap(),
+            "udp and src host 192.168.100.2",
+        ],
+        tb.dir.join("tcpdump.log"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    tb.ping("b1", A1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    let _ = nsrun(&tb.ns("b1"), &["ping", "-c", "3", "-i", "0.2", "-n", "-q", "10.1.0.1"]);
+    dump.wait(10).expect("tcpdump captured 3 datagrams");
+
+    // Malformed and truncated ARP/RARP frames from A1.
+    let vm_garp = frames::garp_request(Mac([2, 0, 0, 0, 0, 7]), Ipv4Addr::new(10, 1, 1, 77));
+    let rarp_f = frames::qemu_rarp(Mac([2, 0xde, 0xad, 0, 0, 1]));
+    let mut bad = Vec::new();
+    bad.push(arp_hex(&vm_garp[..34])); // truncated ARP (the kernel drops runts under ~30 bytes)
+    bad.push(arp_hex(&rarp_f[..30])); // truncated RARP
+    let mut f = rarp_f.clone();
+    f[21] = 1; // RARP with opcode 1
+    bad.push(arp_hex(&f));
+    let mut f = vm_garp.clone();
+    f[18] = 8; // hlen 8
+    bad.push(arp_hex(&f));
+    let mut f = vm_garp.clone();
+    f[16] = 0x86;
+    f[17] = 0xdd; // ptype IPv6
+    bad.push(arp_hex(&f));
+    let mut f = vm_garp.clone();
+    f[21] = 0x55; // opcode 0x55
+    bad.push(arp_hex(&f));
+    let mut f = rarp_f.clone();
+    f[22..28].copy_from_slice(&[0xff; 6]); // broadcast sender
+    bad.push(arp_hex(&f));
+    let mut args = vec![PROBE, "frames", "--iface", "eth0"];
+    for h in &bad {
+        args.push("--hex");
+        args.push(h);
+    }
+    nsrun(&tb.ns("a1"), &args).expect("send malformed frames");
+
+    // A RARP for a MAC no router knows.
+    nsrun(
+        &tb.ns("a1"),
+        &[PROBE, "rarp", "--iface", "eth0", "--mac", "02:de:ad:be:ef:01", "--schedule-ms", "0"],
+    )
+    .unwrap();
+    wait_for("rarp_unknown_mac at A", 10, || {
+        (counter(&tb.status(Site::A).ok()?, "rarp_unknown_mac") >= 1).then_some(())
+    })
+    .unwrap();
+
+    // A RARP flood.
+    nsrun(&tb.ns("a1"), &[PROBE, "rarp-flood", "--iface", "eth0", "--count", "3000"]).unwrap();
+
+    // Forged, stale and replayed control messages, sent from router B's namespace.
+    let now = netreconf::router::wall_us();
+    let evil = Auth::new(b"this is not the shared key!").unwrap();
+    let forged = proto::encode(
+        &evil,
+        &Message {
+            sender: "B".into(),
+            seq: now,
+            timestamp_us: now,
+            body: Body::HostRoute { ip: VM_IP, seq: 1000, mac: VM_MAC, owner: "B".into() },
+        },
+    )
+    .unwrap();
+    let good = Auth::new(KEY.as_bytes()).unwrap();
+    let stale = proto::encode(
+        &good,
+        &Message {
+            sender: "B".into(),
+            seq: 1,
+            timestamp_us: now - 3_600_000_000,
+            body: Body::HostRoute { ip: VM_IP, seq: 1000, mac: VM_MAC, owner: "B".into() },
+        },
+    )
+    .unwrap();
+    let stranger = proto::encode(
+        &good,
+        &Message {
+            sender: "Z".into(),
+            seq: now,
+            timestamp_us: now,
+            body: Body::HostRoute { ip: VM_IP, seq: 1000, mac: VM_MAC, owner: "Z".into() },
+        },
+    )
+    .unwrap();
+    let mut replay = Vec::new();
+    let mut cap = pcap::Capture::from_file(&cap_file).expect("read wan.pcap");
+    while let Ok(p) = cap.next_packet() {
+        let ihl = usize::from(p.data[14] & 0x0f) * 4;
+        replay.push(arp_hex(&p.data[14 + ihl + 8..]));
+    }
+    assert!(!replay.is_empty());
+    let mut args = vec![PROBE.to_string(), "udp-hex".into(), "--to".into(), RA_WAN.into()];
+    for h in [arp_hex(&forged), arp_hex(&stale), arp_hex(&stranger), arp_hex(b"junk")]
+        .into_iter()
+        .chain(replay.iter().cloned())
+    {
+        args.push("--hex".into());
+        args.push(h);
+    }
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    nsrun(&tb.ns("rb"), &args).expect("send forged/replayed datagrams");
+
+    let st = wait_for("A to count the bad datagrams", 10, || {
+        let st = tb.status(Site::A).ok()?;
+        (counter(&st, "overlay_replayed") >= replay.len() as u64
+            && counter(&st, "rarp_unknown_mac") >= 2)
+            .then_some(st)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", tb.status(Site::A).ok().map(|s| s["counters"].clone())));
+    eprintln!("counters at A after bad input: {}", st["counters"]);
+    assert!(counter(&st, "frames_malformed") >= bad.len() as u64, "{}", st["counters"]);
+    assert!(counter(&st, "detections_rate_limited") > 0, "{}", st["counters"]);
+    assert_eq!(counter(&st, "overlay_auth_failed"), 1, "{}", st["counters"]);
+    assert_eq!(counter(&st, "overlay_stale"), 1, "{}", st["counters"]);
+    assert_eq!(counter(&st, "overlay_unknown_peer"), 1, "{}", st["counters"]);
+    assert!(counter(&st, "overlay_malformed") >= 1, "{}", st["counters"]);
+    assert_eq!(counter(&st, "migrations_detected"), 0);
+
+    // Tables unchanged, daemons alive, traffic still flows.
+    let st_b = tb.status(Site::B).unwrap();
+    assert_eq!(st["gndt"], before_a["gndt"]);
+    assert_eq!(st_b["gndt"], before_b["gndt"]);
+    assert_eq!(st["lndt"], before_a["lndt"]);
+    assert_eq!(host_route(&st, VM_IP), None);
+    for p in tb.vnetd.iter_mut() {
+        assert!(p.alive(), "{} died: {}", p.name, p.log_text());
+    }
+    tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    tb.ping("b1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+
+    // The flood did not stop real detection for long: a real move still works.
+    std::thread::sleep(Duration::from_millis(2500));
+    tb.move_vm(Site::B).unwrap();
+    rarp(&tb);
+    wait_route(&tb, "B", 1);
+    tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A dedicated namespace, deleted on drop.
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.0]);
+    }
+}
+
+#[test]
+fn refuses_to_run_when_the_kernel_forwards() {
+    preflight().unwrap_or_else(|e| panic!("{e}"));
+    let ns = Ns(format!("vn{}fwd", std::process::id()));
+    run(&["ip", "netns", "add", &ns.0]).unwrap();
+    run(&["ip", "-n", &ns.0, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]).unwrap();
+    run(&["ip", "-n", &ns.0, "link", "set", "lan0", "up"]).unwrap();
+    nsrun(&ns.0, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    let dir = std::env::temp_dir().join(&ns.0);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        include_str!("../examples/site-a.toml")
+            .replace("/run/vnetd-A.sock", dir.join("s").to_str().unwrap())
+            .replace("192.168.100.1:7800", "127.0.0.1:7800"),
+    )
+    .unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, vnetd().to_str().unwrap(), "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("ip_forward"), "{err}");
+}
