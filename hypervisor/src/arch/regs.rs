@@ -109,16 +109,23 @@ pub fn setup_long_mode<M: GuestMemory>(mem: &M, sregs: &mut kvm_sregs) -> Result
     sregs.tr = tss;
 
     sregs.cr3 = PML4_START;
-    sregs.cr4 |= X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
-    sregs.efer |= EFER_LME | EFER_LMA;
+    // Set exactly, not OR'ed into the reset values: the reset CR0 has CD and NW (caches off).
+    sregs.cr4 = X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG;
+    sregs.efer = EFER_LME | EFER_LMA;
     Ok(())
 }
 
 /// Identity-maps the low 4 GiB: PML4[0] → PDPT, PDPT[0..4] → four page directories of 2 MiB
 /// pages, so that RAM, device MMIO, the IOAPIC and the LAPIC are all reachable.
+///
+/// Every level has the User bit set, so a guest may run its code at CPL 3 on these tables.
+/// That matters on PVM-based nested KVM (the development machines): there only CPL 3 code runs
+/// natively, while CPL 0 code is emulated instruction by instruction (without SSE support), so
+/// the project's guest does its privileged set-up in a few instructions and runs in ring 3.
+/// Linux replaces these tables early in boot.
 fn setup_page_tables<M: GuestMemory>(mem: &M) -> Result<(), RegsError> {
-    const PRESENT_RW: u64 = 0x3;
+    const PRESENT_RW: u64 = 0x7;
     const HUGE: u64 = 0x80;
     let err = |_| RegsError::WritePageTables;
     mem.write_obj(PDPTE_START | PRESENT_RW, GuestAddress(PML4_START))
@@ -180,8 +187,8 @@ mod tests {
         let m = mem();
         let mut sregs = kvm_sregs::default();
         setup_long_mode(&m, &mut sregs).unwrap();
-        assert_eq!(m.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(), PDPTE_START | 3);
-        assert_eq!(m.read_obj::<u64>(GuestAddress(PDPTE_START + 24)).unwrap(), (PDE_START + 0x3000) | 3);
+        assert_eq!(m.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(), PDPTE_START | 7);
+        assert_eq!(m.read_obj::<u64>(GuestAddress(PDPTE_START + 24)).unwrap(), (PDE_START + 0x3000) | 7);
         // The last 2 MiB page holds the LAPIC at 0xfee00000.
         let last = m.read_obj::<u64>(GuestAddress(PDE_START + 2047 * 8)).unwrap();
         assert_eq!(last & !0xfff, 0xffe0_0000);

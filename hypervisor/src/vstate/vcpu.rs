@@ -370,7 +370,20 @@ impl Vcpu {
             Ok(VcpuExit::FailEntry(reason, cpu)) => Err(StopReason::Error(format!(
                 "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
             ))),
-            Ok(VcpuExit::InternalError) => Err(StopReason::Error("KVM_EXIT_INTERNAL_ERROR".into())),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // active member of the kvm_run union.
+                let (suberror, data) = unsafe {
+                    let i = fd.get_kvm_run().__bindgen_anon_1.internal;
+                    (i.suberror, i.data[..(i.ndata as usize).min(16)].to_vec())
+                };
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                let s = fd.get_sregs().unwrap_or_default();
+                Err(StopReason::Error(format!(
+                    "KVM_EXIT_INTERNAL_ERROR suberror {suberror} data {data:x?} at rip {rip:#x} (cr0 {:#x} cr4 {:#x} efer {:#x})",
+                    s.cr0, s.cr4, s.efer
+                )))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 Err(StopReason::Error(format!("system event {kind}")))
             }
