@@ -270,7 +270,6 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                                 len: frame.len() as u32,
                             };
                             sf.write(&pcap::Packet::new(&hdr, &frame));
-                            let _ = sf.flush();
                             dc.pcap_out_frames += 1;
                         }
                     }
@@ -307,7 +306,6 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                             let now = Now::now();
                             if let Some(sf) = savefile.as_mut() {
                                 sf.write(&p);
-                                let _ = sf.flush();
                                 dc.pcap_out_frames += 1;
                             }
                             router.handle_frame(&now, p.data);
@@ -445,6 +443,11 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         }
         router.handle_timers(&Now::now());
         flush_actions!();
+        // One flush per loop iteration keeps the pcap file current without a write
+        // per frame.
+        if let Some(sf) = savefile.as_mut() {
+            let _ = sf.flush();
+        }
     }
 }
 

@@ -29,6 +29,10 @@ enum Cmd {
         mac: Mac,
         #[arg(long, value_delimiter = ',', default_value = "0,50,200,450,800")]
         schedule_ms: Vec<u64>,
+        /// Open the interface first, then wait until this file exists before the first
+        /// round (so the announcement follows the "resume" without process start-up).
+        #[arg(long)]
+        wait_file: Option<PathBuf>,
     },
     /// Send raw Ethernet frames given in hex, each `repeat` times.
     Frames {
@@ -136,9 +140,19 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             iface,
             mac,
             schedule_ms,
+            wait_file,
         } => {
             let mut cap = open(&iface)?;
             let f = frames::qemu_rarp(mac);
+            if let Some(w) = wait_file {
+                let t = Instant::now();
+                while !w.exists() {
+                    if t.elapsed() > Duration::from_secs(60) {
+                        return Err(format!("{} never appeared", w.display()));
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
             let t0 = Instant::now();
             let mut sent = Vec::new();
             for ms in schedule_ms {

@@ -1,1 +1,383 @@
-fn main() {}
+//! `vnetd-bench OUT.json`: the vnetd benchmark on the two-site namespace testbed (root).
+//!
+//! - detection-to-reconfigured time for several moves (first RARP seen at the
+//!   destination → every router holds the /32 → first gratuitous ARP out at the source),
+//!   from the routers' `--pcap-out` timestamps and migration records;
+//! - the connectivity gap of a 1 kHz UDP stream A1 → VM across each move;
+//! - TCP throughput and UDP round-trip latency A1 → B1 through the vnetd tunnel and
+//!   through a plain kernel-routed path between the same namespaces, with an unlimited
+//!   WAN link and with `tc tbf` at 100 Mbit/s.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use netreconf::frames::{self, Frame, Mac};
+use netreconf::testbed::*;
+use serde_json::{json, Value};
+
+struct Bins {
+    vnetd: PathBuf,
+    probe: String,
+}
+
+fn bins() -> Bins {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    Bins {
+        vnetd: dir.join("vnetd"),
+        probe: dir.join("vnet-probe").to_string_lossy().to_string(),
+    }
+}
+
+type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// (timestamp µs, frame) of every frame in a pcap file.
+fn read_pcap(p: &Path) -> R<Vec<(u64, Vec<u8>)>> {
+    let mut cap = pcap::Capture::from_file(p)?;
+    let mut out = Vec::new();
+    while let Ok(pk) = cap.next_packet() {
+        let ts = pk.header.ts.tv_sec as u64 * 1_000_000 + pk.header.ts.tv_usec as u64;
+        out.push((ts, pk.data.to_vec()));
+    }
+    Ok(out)
+}
+
+fn first_after(frames_: &[(u64, Vec<u8>)], after: u64, pred: impl Fn(&frames::Arp, bool) -> bool) -> Option<u64> {
+    frames_.iter().find_map(|(ts, f)| {
+        if *ts < after {
+            return None;
+        }
+        match frames::parse(f) {
+            Ok(Frame::Arp(a)) if pred(&a, false) => Some(*ts),
+            Ok(Frame::Rarp(a)) if pred(&a, true) => Some(*ts),
+            _ => None,
+        }
+    })
+}
+
+fn stream_start(tb: &TwoSites, b: &Bins, name: &str) -> R<(Proc, Proc, PathBuf, PathBuf)> {
+    let stop = tb.dir.join(format!("{name}.stop"));
+    let out = tb.dir.join(format!("{name}.json"));
+    let addr = format!("{VM_IP}:9000");
+    let recv = Proc::spawn_out(
+        "udp-recv",
+        &tb.ns("vm"),
+        &[&b.probe, "udp-recv", "--bind", &addr, "--stop-file", stop.to_str().unwrap_or("")],
+        out.clone(),
+        tb.dir.join(format!("{name}-recv.log")),
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    let send = Proc::spawn(
+        "udp-send",
+        &tb.ns("a1"),
+        &[&b.probe, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file", stop.to_str().unwrap_or("")],
+        tb.dir.join(format!("{name}-send.log")),
+    )?;
+    Ok((recv, send, stop, out))
+}
+
+fn stats(v: &[f64]) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "n": s.len(),
+        "min": s[0],
+        "median": s[s.len() / 2],
+        "max": s[s.len() - 1],
+        "mean": s.iter().sum::<f64>() / s.len() as f64,
+    })
+}
+
+fn host_route(st: &Value, ip: Ipv4Addr) -> Option<(String, u64)> {
+    st["gndt"].as_array()?.iter().find_map(|r| {
+        (r["prefix"] == format!("{ip}/32"))
+            .then(|| (r["router"].as_str().unwrap_or("").to_string(), r["seq"].as_u64().unwrap_or(0)))
+    })
+}
+
+fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
+    let (dest, src, dest_name, src_mac, dest_mac) = match to {
+        Site::A => (Site::A, Site::B, "A", RB_MAC, RA_MAC),
+        Site::B => (Site::B, Site::A, "B", RA_MAC, RB_MAC),
+    };
+    let (mut recv, mut send, stop, out) = stream_start(tb, b, &format!("mig{seq}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    // The RARP sender is started first and waits for the "resume" signal, as QEMU
+    // announces right when the VM resumes.
+    let go = tb.dir.join(format!("go{seq}"));
+    let mut announcer = Proc::spawn(
+        "rarp",
+        &tb.ns("vm"),
+        &[&b.probe, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string(), "--wait-file", go.to_str().unwrap_or("")],
+        tb.dir.join(format!("rarp{seq}.log")),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let t_move = netreconf::router::wall_us();
+    tb.move_vm(to)?;
+    std::fs::write(&go, b"go")?;
+    let t_resume = netreconf::router::wall_us();
+    announcer.wait(10)?;
+    for site in [Site::A, Site::B] {
+        wait_for(&format!("{site:?} /32 seq {seq}"), 15, || {
+            let st = tb.status(site).ok()?;
+            (host_route(&st, VM_IP) == Some((dest_name.to_string(), seq))).then_some(())
+        })?;
+    }
+    let (a1_expect, vm_expect) = match to {
+        Site::B => (RA_MAC, RB_MAC),
+        Site::A => (VM_MAC, A1_MAC),
+    };
+    tb.wait_neigh("a1", VM_IP, a1_expect, 10)?;
+    tb.wait_neigh("vm", A1_IP, vm_expect, 10)?;
+    tb.ping("a1", VM_IP, 10)?;
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, b"stop")?;
+    send.wait(10)?;
+    recv.wait(10)?;
+    let udp: Value = serde_json::from_str(std::fs::read_to_string(&out)?.trim())?;
+    // Let the repeated announcements finish before the next move.
+    std::thread::sleep(Duration::from_millis(2600));
+
+    let st = tb.status(dest)?;
+    let rec = st["migrations"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|r| r["role"] == "destination" && r["seq"] == seq))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let dp = read_pcap(&tb.pcap(dest))?;
+    let sp = read_pcap(&tb.pcap(src))?;
+    let t_rarp = first_after(&dp, t_move, |a, rarp| rarp && a.sha == VM_MAC);
+    let t_garp = first_after(&sp, t_move, |a, _| a.is_gratuitous() && a.spa == VM_IP && a.sha == src_mac);
+    let t_vm_update = first_after(&dp, t_move, |a, _| a.eth_dst == VM_MAC && a.tpa == VM_IP && a.op == frames::OP_REQUEST);
+    let _ = dest_mac;
+    let ms = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => json!((a as f64 - b as f64) / 1000.0),
+        _ => Value::Null,
+    };
+    let detected = rec["detected_us"].as_u64();
+    Ok(json!({
+        "to": dest_name,
+        "seq": seq,
+        "rarp_seen_to_ip_resolved_ms": ms(rec["resolved_us"].as_u64(), detected),
+        "rarp_seen_to_all_routers_ms": ms(rec["all_acked_us"].as_u64(), detected),
+        "rarp_seen_to_first_garp_out_ms": ms(t_garp, t_rarp),
+        "rarp_seen_to_first_vm_update_out_ms": ms(t_vm_update, t_rarp),
+        "link_move_to_rarp_seen_ms": ms(t_rarp, Some(t_move)),
+        "link_move_ms": (t_resume as f64 - t_move as f64) / 1000.0,
+        "udp_gap_ms": udp["max_gap_ms"],
+        "udp_restored_after_rarp_ms": ms(udp["max_gap_end_us"].as_u64(), t_rarp),
+        "udp_lost": udp["lost"],
+        "udp_received": udp["received"],
+    }))
+}
+
+fn throughput_latency(tb: &TwoSites, b: &Bins, label: &str) -> R<Value> {
+    let stop = tb.dir.join(format!("{label}.stop"));
+    let _ = std::fs::remove_file(&stop);
+    let mut sink = Proc::spawn(
+        "tcp-sink",
+        &tb.ns("b1"),
+        &[&b.probe, "tcp-sink", "--bind", "10.1.1.1:5201", "--stop-file", stop.to_str().unwrap_or("")],
+        tb.dir.join(format!("{label}-sink.log")),
+    )?;
+    let mut echo = Proc::spawn(
+        "udp-echo",
+        &tb.ns("b1"),
+        &[&b.probe, "udp-echo", "--bind", "10.1.1.1:5202", "--stop-file", stop.to_str().unwrap_or("")],
+        tb.dir.join(format!("{label}-echo.log")),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    tb.ping("a1", B1_IP, 10)?;
+    let rtt: Value = serde_json::from_str(
+        nsrun(&tb.ns("a1"), &[&b.probe, "udp-rtt", "--to", "10.1.1.1:5202", "--count", "1000", "--interval-us", "1000"])?.trim(),
+    )?;
+    let tcp: Value = serde_json::from_str(
+        nsrun(&tb.ns("a1"), &[&b.probe, "tcp-send", "--to", "10.1.1.1:5201", "--seconds", "5"])?.trim(),
+    )?;
+    std::fs::write(&stop, b"stop")?;
+    let _ = sink.wait(10);
+    let _ = echo.wait(10);
+    Ok(json!({"tcp": tcp, "udp_rtt": rtt}))
+}
+
+fn plain_routing(tb: &TwoSites, on: bool) -> R<()> {
+    for (r, addr, peer, remote) in [
+        ("ra", "10.1.0.254/24", "192.168.100.2", "10.1.1.0/24"),
+        ("rb", "10.1.1.254/24", "192.168.100.1", "10.1.0.0/24"),
+    ] {
+        let ns = tb.ns(r);
+        if on {
+            run(&["ip", "-n", &ns, "addr", "add", addr, "dev", "lan0"])?;
+            run(&["ip", "-n", &ns, "route", "add", remote, "via", peer])?;
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv4.conf.lan0.proxy_arp=1"])?;
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv4.neigh.lan0.proxy_delay=0"])?;
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        } else {
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
+            nsrun(&ns, &["sysctl", "-qw", "net.ipv4.conf.lan0.proxy_arp=0"])?;
+            let _ = run(&["ip", "-n", &ns, "route", "del", remote]);
+            let _ = run(&["ip", "-n", &ns, "addr", "del", addr, "dev", "lan0"]);
+        }
+    }
+    Ok(())
+}
+
+fn wan_tbf(tb: &TwoSites, on: bool) -> R<()> {
+    for r in ["ra", "rb"] {
+        let ns = tb.ns(r);
+        if on {
+            run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "wan0", "root", "tbf", "rate", "100mbit", "burst", "256kb", "latency", "50ms"])?;
+        } else {
+            let _ = run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "del", "dev", "wan0", "root"]);
+        }
+    }
+    Ok(())
+}
+
+fn bench(out: &Path, moves: u32) -> R<()> {
+    let b = bins();
+    if !b.vnetd.is_file() {
+        return Err(format!("{} not found: build with `cargo build --release -p netreconf`", b.vnetd.display()).into());
+    }
+    let mut tb = TwoSites::build("bench")?;
+    tb.start_vnetd(&b.vnetd)?;
+    for (from, to) in [("a1", VM_IP), ("vm", A1_IP), ("b1", VM_IP), ("a1", B1_IP)] {
+        tb.ping(from, to, 10)?;
+    }
+    let mut migrations = Vec::new();
+    for i in 0..moves {
+        let to = if i % 2 == 0 { Site::B } else { Site::A };
+        let m = migrate(&mut tb, &b, to, u64::from(i) + 1)?;
+        eprintln!("move {}: {m}", i + 1);
+        migrations.push(m);
+    }
+    if tb.vm_site == Site::B {
+        tb.move_vm(Site::A)?;
+        nsrun(&tb.ns("vm"), &[&b.probe, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()])?;
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let col = |k: &str| -> Vec<f64> { migrations.iter().filter_map(|m| m[k].as_f64()).collect() };
+
+    eprintln!("throughput/latency through vnetd (unlimited WAN)...");
+    let v_unl = throughput_latency(&tb, &b, "vnetd-unl")?;
+    wan_tbf(&tb, true)?;
+    eprintln!("throughput/latency through vnetd (WAN tbf 100 Mbit/s)...");
+    let v_tbf = throughput_latency(&tb, &b, "vnetd-tbf")?;
+    wan_tbf(&tb, false)?;
+    let status_a = tb.status(Site::A)?;
+    tb.stop_vnetd();
+    plain_routing(&tb, true)?;
+    eprintln!("throughput/latency plain kernel routing (unlimited WAN)...");
+    let p_unl = throughput_latency(&tb, &b, "plain-unl")?;
+    wan_tbf(&tb, true)?;
+    eprintln!("throughput/latency plain kernel routing (WAN tbf 100 Mbit/s)...");
+    let p_tbf = throughput_latency(&tb, &b, "plain-tbf")?;
+    wan_tbf(&tb, false)?;
+    plain_routing(&tb, false)?;
+
+    let cmp = |v: &Value, p: &Value| {
+        let vt = v["tcp"]["mbit_s"].as_f64().unwrap_or(0.0);
+        let pt = p["tcp"]["mbit_s"].as_f64().unwrap_or(0.0);
+        let vl = v["udp_rtt"]["p50_us"].as_f64().unwrap_or(0.0);
+        let pl = p["udp_rtt"]["p50_us"].as_f64().unwrap_or(0.0);
+        json!({
+            "vnetd_tcp_mbit_s": vt, "plain_tcp_mbit_s": pt,
+            "vnetd_over_plain_throughput": if pt > 0.0 { vt / pt } else { 0.0 },
+            "vnetd_rtt_p50_us": vl, "plain_rtt_p50_us": pl,
+            "added_rtt_p50_us": vl - pl,
+            "vnetd_rtt_p99_us": v["udp_rtt"]["p99_us"], "plain_rtt_p99_us": p["udp_rtt"]["p99_us"],
+            "raw": {"vnetd": v, "plain": p},
+        })
+    };
+    let uname = run(&["uname", "-r"]).unwrap_or_default().trim().to_string();
+    let result = json!({
+        "benchmark": "vnetd",
+        "command": format!("vnetd-bench {} --moves {moves}", out.display()),
+        "timestamp_unix": netreconf::router::wall_us() / 1_000_000,
+        "kernel": uname,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "testbed": "network namespaces: bridge per site, vnetd per router namespace (libpcap on a veth into the bridge), veth WAN link (MTU 1600); hosts A1 10.1.0.1, VM 10.1.0.10, B1 10.1.1.1 in 10.1.0.0/16",
+        "migration": {
+            "moves": migrations,
+            "rarp_seen_to_all_routers_ms": stats(&col("rarp_seen_to_all_routers_ms")),
+            "rarp_seen_to_first_garp_out_ms": stats(&col("rarp_seen_to_first_garp_out_ms")),
+            "rarp_seen_to_first_vm_update_out_ms": stats(&col("rarp_seen_to_first_vm_update_out_ms")),
+            "udp_gap_a1_to_vm_ms": stats(&col("udp_gap_ms")),
+            "udp_restored_after_rarp_ms": stats(&col("udp_restored_after_rarp_ms")),
+            "link_move_ms": stats(&col("link_move_ms")),
+            "note": "udp gap = longest inter-arrival gap of a 1 kHz UDP stream A1 -> VM; it includes the simulated move itself (two `ip link` commands moving the VM's veth between bridges, link_move_ms); udp_restored_after_rarp = first datagram after the gap minus first RARP seen at the destination router",
+        },
+        "tunnel_vs_plain_routing": {
+            "unlimited_wan": cmp(&v_unl, &p_unl),
+            "wan_tbf_100mbit": cmp(&v_tbf, &p_tbf),
+            "note": "A1 -> B1: TCP bulk send for 5 s; UDP echo RTT, 1000 probes at 1 ms. Plain = same namespaces, kernel IP forwarding + proxy ARP on the routers, vnetd stopped",
+        },
+        "vnetd_counters_site_a": status_a["counters"],
+        "vnetd_daemon_site_a": status_a["daemon"],
+    });
+    if let Some(d) = out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("{}", serde_json::to_string_pretty(&json!({
+        "migration": {
+            "rarp_seen_to_all_routers_ms": result["migration"]["rarp_seen_to_all_routers_ms"],
+            "rarp_seen_to_first_garp_out_ms": result["migration"]["rarp_seen_to_first_garp_out_ms"],
+            "udp_gap_a1_to_vm_ms": result["migration"]["udp_gap_a1_to_vm_ms"],
+            "udp_restored_after_rarp_ms": result["migration"]["udp_restored_after_rarp_ms"],
+            "link_move_ms": result["migration"]["link_move_ms"],
+        },
+        "unlimited_wan": {
+            "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["vnetd_tcp_mbit_s"],
+            "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["plain_tcp_mbit_s"],
+            "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_p50_us"],
+        },
+        "wan_tbf_100mbit": {
+            "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["vnetd_tcp_mbit_s"],
+            "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["plain_tcp_mbit_s"],
+            "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_p50_us"],
+        },
+    }))?);
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = None;
+    let mut moves = 6u32;
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--moves" => {
+                moves = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(6);
+                i += 1;
+            }
+            "-h" | "--help" => {
+                println!("usage: vnetd-bench OUT.json [--moves N]   (root; builds a namespace testbed)");
+                return ExitCode::SUCCESS;
+            }
+            s => out = Some(PathBuf::from(s)),
+        }
+        i += 1;
+    }
+    let Some(out) = out else {
+        eprintln!("usage: vnetd-bench OUT.json [--moves N]");
+        return ExitCode::FAILURE;
+    };
+    let _ = Mac::ZERO;
+    match bench(&out, moves.max(1)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vnetd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
