@@ -1,0 +1,208 @@
+//! Helpers for the VMM integration tests: real `shrink-vmm` processes booting the project's
+//! guest on KVM, their serial consoles and API sockets.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypervisor::api::ApiClient;
+use serde_json::Value;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// An artefact of `make images`, or a clear failure telling how to build it.
+pub fn image(name: &str) -> PathBuf {
+    let p = repo_root().join("images/out").join(name);
+    assert!(p.exists(), "{} is missing: run `make images` first", p.display());
+    p
+}
+
+/// The project's guest kernel.
+pub fn guest() -> PathBuf {
+    image("shrink-guest")
+}
+
+/// The shrink-vmm binary under test.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shrink-vmm")
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "shrink-test-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running shrink-vmm process; killed on drop.
+pub struct VmProcess {
+    pub child: Child,
+    pub serial: PathBuf,
+    pub api: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl VmProcess {
+    /// Starts `shrink-vmm` with `args` plus `--serial` and `--api` in `dir`.
+    pub fn spawn(dir: &Path, tag: &str, args: &[&str]) -> VmProcess {
+        let serial = dir.join(format!("{tag}.serial"));
+        let api = dir.join(format!("{tag}.sock"));
+        let stderr = dir.join(format!("{tag}.stderr"));
+        let child = Command::new(vmm_bin())
+            .args(args)
+            .arg("--serial")
+            .arg(&serial)
+            .arg("--api")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start shrink-vmm");
+        let vm = VmProcess { child, serial, api, stderr };
+        vm.wait_for_api();
+        vm
+    }
+
+    /// Boots the guest with `cmdline` and `mem`.
+    pub fn boot(dir: &Path, tag: &str, mem: &str, cmdline: &str) -> VmProcess {
+        let g = guest();
+        VmProcess::spawn(
+            dir,
+            tag,
+            &["--kernel", g.to_str().unwrap(), "--mem", mem, "--cmdline", cmdline, "--name", tag],
+        )
+    }
+
+    fn wait_for_api(&self) {
+        let start = Instant::now();
+        while !self.api.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!("no API socket after 10 s; stderr: {}", self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::connect(&self.api).expect("connect to the API")
+    }
+
+    /// Executes an API command that must succeed.
+    pub fn exec(&self, cmd: &str, args: Value) -> Value {
+        self.client()
+            .execute(cmd, args)
+            .expect("API I/O")
+            .unwrap_or_else(|e| panic!("{cmd} failed: {e}"))
+    }
+
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the serial console contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.serial_text().contains(needle) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "no {needle:?} on serial after {timeout:?}; serial:\n{}\nstderr:\n{}",
+                    self.serial_text(),
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last heartbeat number on the serial console.
+    pub fn last_heartbeat(&self) -> Option<u64> {
+        last_heartbeat(&self.serial_text())
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The heartbeat numbers in a console transcript.
+pub fn heartbeats(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("heartbeat "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// The last heartbeat number in a console transcript.
+pub fn last_heartbeat(text: &str) -> Option<u64> {
+    heartbeats(text).last().copied()
+}
+
+/// Runs shrink-vmm to completion with `args`; returns (exit code, stderr).
+pub fn run_vmm(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            return (status.code(), err);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, String::from("timed out"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
