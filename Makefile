@@ -1,0 +1,46 @@
+SHELL := /bin/bash
+# shrink — build, test, benchmark and demo entry points.
+#
+#   make demo    install what is missing, build, build the images, run the demo
+#   make test    everything `make demo` needs, then the whole test suite (CI runs this)
+#   make bench   benchmarks; JSON and plots under bench/results/
+#
+# Everything runs as root on a fresh Debian machine: missing packages are installed here.
+
+CARGO   ?= cargo
+PACKAGES := redis-server libpcap-dev libssl-dev pkg-config e2fsprogs debootstrap tcpdump \
+            qemu-utils iproute2 lz4 util-linux python3
+RELEASE := target/release
+
+.PHONY: all deps build images test bench demo clean
+
+all: build
+
+# Install the Debian packages that are missing (apt-get update only when needed).
+deps:
+	@missing=""; for p in $(PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo ">> installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo ">> system packages present"; fi
+
+build: deps
+	$(CARGO) build --release --workspace
+
+images: deps
+	$(MAKE) -C images all
+
+test: build images
+	$(CARGO) test --release --workspace 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
+
+bench: build images
+	./bench/run.sh
+
+demo: build images
+	./scripts/demo.sh
+
+clean:
+	$(CARGO) clean
+	$(MAKE) -C images clean
