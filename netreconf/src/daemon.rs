@@ -237,7 +237,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         poll.registry().register(l, CONTROL, Interest::READABLE)?;
     }
 
-    let mut router = Router::new(cfg.clone(), Now::now())?;
+    let mut router = Router::new(cfg.clone(), Now::current())?;
     let mut dc = DaemonCounters::default();
     let mut conns: HashMap<Token, Conn> = HashMap::new();
     let mut next_conn = FIRST_CONN;
@@ -303,7 +303,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                     // Edge-triggered: drain until the capture is empty.
                     let res = match cap.next_packet() {
                         Ok(p) => {
-                            let now = Now::now();
+                            let now = Now::current();
                             if let Some(sf) = savefile.as_mut() {
                                 sf.write(&p);
                                 dc.pcap_out_frames += 1;
@@ -329,7 +329,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                 OVERLAY => loop {
                     match udp.recv_from(&mut buf) {
                         Ok((n, from)) => {
-                            router.handle_datagram(&Now::now(), from, &buf[..n]);
+                            router.handle_datagram(&Now::current(), from, &buf[..n]);
                             flush_actions!();
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -441,7 +441,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                 }
             }
         }
-        router.handle_timers(&Now::now());
+        router.handle_timers(&Now::current());
         flush_actions!();
         // One flush per loop iteration keeps the pcap file current without a write
         // per frame.
@@ -473,7 +473,7 @@ fn control_response(
     };
     match cmd.as_str() {
         "status" => {
-            let mut v = router.status(&Now::now());
+            let mut v = router.status(&Now::current());
             v["daemon"] = serde_json::to_value(dc).unwrap_or_default();
             v["pcap_out"] = serde_json::json!(pcap_out);
             v.to_string()

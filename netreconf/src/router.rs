@@ -33,7 +33,7 @@ pub struct Now {
 
 impl Now {
     /// The current time.
-    pub fn now() -> Now {
+    pub fn current() -> Now {
         Now {
             mono: Instant::now(),
             wall_us: wall_us(),
@@ -1150,7 +1150,7 @@ mod tests {
 
     #[test]
     fn proxy_arp_for_remote_site_and_own_address() {
-        let now = Now::now();
+        let now = Now::current();
         let (mut a, _) = routers(now);
         learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.1.1");
         let out = arps(&pump(&now, &mut a, &mut routers(now).1).0);
@@ -1173,7 +1173,7 @@ mod tests {
 
     #[test]
     fn migration_a_to_b_and_back() {
-        let now = Now::now();
+        let now = Now::current();
         let (mut a, mut b) = routers(now);
         let vm = ip("10.1.0.10");
         // Before: A sees the VM and A1, B sees B1.
@@ -1252,7 +1252,7 @@ mod tests {
 
     #[test]
     fn data_path_tunnels_and_delivers() {
-        let now = Now::now();
+        let now = Now::current();
         let (mut a, mut b) = routers(now);
         learn(&mut b, &now, B1_MAC, "10.1.1.1", "10.1.1.254");
         b.take_actions();
@@ -1292,7 +1292,7 @@ mod tests {
 
     #[test]
     fn unknown_mac_flood_replay_and_forgery_change_nothing() {
-        let now = Now::now();
+        let now = Now::current();
         let (mut a, mut b) = routers(now);
         let before = format!("{:?}", b.gndt);
         for i in 0..500u32 {
@@ -1361,7 +1361,7 @@ mod tests {
 
     #[test]
     fn gratuitous_arp_for_a_remote_ip_is_a_migration() {
-        let now = Now::now();
+        let now = Now::current();
         let (mut a, mut b) = routers(now);
         let f = frames::garp_request(VM_MAC, ip("10.1.0.10"));
         b.handle_frame(&now, &f);
@@ -1372,7 +1372,7 @@ mod tests {
 
     #[test]
     fn lost_ack_is_retransmitted_and_host_list_resent() {
-        let now = Now::now();
+        let now = Now::current();
         let (mut a, mut b) = routers(now);
         learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
         learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.10");

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = Config::parse(&text, std::path::Path::new("fuzz.toml")).expect("example config");
     let auth = Auth::new(&cfg.key).expect("key");
     let _ = proto::decode(&auth, data);
-    let now = Now::now();
+    let now = Now::current();
     let peer = cfg.peers[0].address;
     let mut r = Router::new(cfg, now).expect("router");
     r.handle_datagram(&now, peer, data);

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         std::path::Path::new("fuzz.toml"),
     )
     .expect("example config");
-    let now = Now::now();
+    let now = Now::current();
     let mut r = Router::new(cfg, now).expect("router");
     // The same bytes twice, then the timers: exercises learning, detection, proxy ARP
     // and the data path.

@@ -111,7 +111,7 @@ enum Cmd {
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
     let s: String = s.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
-    if s.len() % 2 != 0 {
+    if s.len() & 1 == 1 {
         return Err(format!("odd-length hex '{s}'"));
     }
     (0..s.len())

@@ -32,7 +32,13 @@ fn main() -> ExitCode {
     if let Some(sock) = cli.status {
         return match daemon::query_status(&sock) {
             Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                use std::io::Write;
+                // A closed pipe (`| head`) is not an error worth a panic.
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
