@@ -87,6 +87,8 @@ fn boot_in_process(cmdline: &str, mem: u64) -> (Vmm, SharedBuffer) {
         kernel: KernelConfig { kernel: guest(), initrd: None, cmdline: cmdline.into() },
         serial: SerialOutput::Buffer(buf.clone()),
         start_paused: false,
+        net: Vec::new(),
+        disk: None,
     };
     (Vmm::boot(&cfg).unwrap(), buf)
 }

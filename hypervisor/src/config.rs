@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use crate::arch::layout::MIN_MEM_SIZE;
 use crate::devices::serial::SharedBuffer;
+use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::net::NetConfig;
 use crate::loader::KernelConfig;
 
 /// Errors in user-supplied configuration values.
@@ -88,6 +90,10 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Start with the vCPUs paused (QEMU's `-S`).
     pub start_paused: bool,
+    /// NICs, in order.
+    pub net: Vec<NetConfig>,
+    /// The disk, if any.
+    pub disk: Option<DiskConfig>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ use clap::Parser;
 use hypervisor::api::ApiServer;
 use hypervisor::config::{parse_mem_size, SerialOutput, VmConfig};
 use hypervisor::control::{self, Exit};
+use hypervisor::devices::virtio::block::DiskConfig;
+use hypervisor::devices::virtio::net::NetConfig;
 use hypervisor::loader::KernelConfig;
 use hypervisor::vmm::Vmm;
 
@@ -45,8 +47,22 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     serial: Option<PathBuf>,
 
+    /// A NIC backed by a tap device, created if absent and attached to BR when given
+    /// (repeatable).
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,bridge=BR]")]
+    net: Vec<String>,
+
+    /// Base disk image (qcow2) shared by VMs; the VM writes to its own overlay (--disk).
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+
+    /// The VM's qcow2 overlay of --image: reused when it exists, created otherwise
+    /// [default: NAME.qcow2 beside the base image].
+    #[arg(long, value_name = "PATH", requires = "image")]
+    disk: Option<PathBuf>,
+
     /// Restore the VM from a snapshot directory written by the `snapshot` command.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "mem"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "mem", "net", "image"])]
     restore: Option<PathBuf>,
 
     /// Start with the vCPUs paused (resume through the API).
@@ -75,6 +91,17 @@ fn run(args: Args) -> Result<Exit, String> {
         }
         None => {
             let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
+            let net = args
+                .net
+                .iter()
+                .map(|n| NetConfig::parse(n).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let disk = args.image.as_ref().map(|base| DiskConfig {
+                base: base.clone(),
+                overlay: args.disk.clone().unwrap_or_else(|| {
+                    base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))
+                }),
+            });
             let cfg = VmConfig {
                 name: args.name.clone(),
                 mem_size,
@@ -85,6 +112,8 @@ fn run(args: Args) -> Result<Exit, String> {
                 },
                 serial,
                 start_paused: args.paused,
+                net,
+                disk,
             };
             Vmm::boot(&cfg).map_err(|e| e.to_string())?
         }

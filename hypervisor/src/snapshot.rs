@@ -76,6 +76,9 @@ pub struct SnapshotState {
     pub vcpus: Vec<VcpuState>,
     /// COM1 registers.
     pub serial: SerialSnapshot,
+    /// virtio devices: backends and transport state, in MMIO order.
+    #[serde(default)]
+    pub devices: Vec<crate::vmm::DeviceSnapshot>,
 }
 
 /// Sizes and timings of a written snapshot.

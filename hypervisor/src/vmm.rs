@@ -12,8 +12,14 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::layout::MMIO_DEVICES_START;
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::bus::Bus;
+use crate::devices::virtio::block::{self, Block, DiskConfig};
+use crate::devices::virtio::mmio::{MmioState, MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, NetConfig};
+use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT};
 use crate::loader::{self, LoaderError};
 use crate::snapshot::{self, SnapshotError, SnapshotState, SnapshotStats, SNAPSHOT_VERSION};
@@ -57,6 +63,78 @@ pub enum VmmError {
     /// The operation needs another run state.
     #[error("the VM is {0}")]
     WrongState(&'static str),
+    /// A tap cannot be opened.
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::tap::TapError),
+    /// A disk cannot be opened.
+    #[error(transparent)]
+    Disk(#[from] block::DiskError),
+}
+
+/// First GSI of virtio devices (after the legacy ISA interrupts in use).
+const VIRTIO_FIRST_GSI: u32 = 5;
+
+/// What a device is, as recorded in snapshots (so that a restore re-opens the same backends).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceConfig {
+    /// A NIC.
+    Net(NetConfig),
+    /// A disk.
+    Block(DiskConfig),
+}
+
+/// A device in a snapshot: its backend and its transport state.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DeviceSnapshot {
+    /// Backend.
+    pub config: DeviceConfig,
+    /// Transport and queues.
+    pub mmio: MmioState,
+}
+
+/// A virtio device as the VMM keeps it.
+struct DeviceSlot {
+    config: DeviceConfig,
+    transport: Arc<Mutex<MmioTransport>>,
+    base: u64,
+    gsi: u32,
+}
+
+/// The device part of `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStatus {
+    /// `net0`, `blk0`, ...
+    pub name: String,
+    /// MMIO base address.
+    pub mmio_base: String,
+    /// Interrupt line.
+    pub irq: u32,
+    /// Whether the device is in NEEDS_RESET (the guest broke the protocol).
+    pub needs_reset: bool,
+}
+
+/// The devices of a VM in their MMIO order: the disk first, then the NICs.
+pub fn device_list(cfg: &VmConfig) -> Vec<DeviceConfig> {
+    cfg.disk
+        .iter()
+        .map(|d| DeviceConfig::Block(d.clone()))
+        .chain(cfg.net.iter().map(|n| DeviceConfig::Net(n.clone())))
+        .collect()
+}
+
+/// The kernel command-line fragment announcing `n` virtio-mmio devices the Linux way.
+pub fn virtio_cmdline(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "virtio_mmio.device=4K@{:#x}:{}",
+                MMIO_DEVICES_START + i as u64 * MMIO_WINDOW,
+                VIRTIO_FIRST_GSI + i as u32
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Run state of the VM.
@@ -101,6 +179,8 @@ pub struct Status {
     pub dirty_logging: bool,
     /// vCPU exit counts, by vCPU.
     pub vcpus: Vec<VcpuStatus>,
+    /// virtio devices.
+    pub devices: Vec<DeviceStatus>,
 }
 
 /// Per-vCPU part of [`Status`].
@@ -119,6 +199,7 @@ pub struct Vmm {
     vm: Vm,
     vcpus: Vec<VcpuHandle>,
     serial: Arc<Mutex<SerialDevice>>,
+    devices: Vec<DeviceSlot>,
     state: RunState,
     started: Instant,
     stopped: Receiver<(u8, StopReason)>,
@@ -142,12 +223,57 @@ struct Platform {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
+    devices: Vec<DeviceSlot>,
+}
+
+/// Opens a device's backend; `index` counts devices of the same kind (`net0`, `net1`, `blk0`).
+fn open_device(config: &DeviceConfig, index: usize) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    Ok(match config {
+        DeviceConfig::Net(n) => {
+            let tap = Tap::open(&n.tap)?;
+            if let Some(br) = &n.bridge {
+                tap.attach_to_bridge(br)?;
+            }
+            Box::new(Net::new(format!("net{index}"), tap, n.mac))
+        }
+        DeviceConfig::Block(d) => Box::new(Block::new(format!("blk{index}"), block::open_overlay(d)?)),
+    })
+}
+
+fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Vec<DeviceSlot>, VmmError> {
+    let dev_err = |e: std::io::Error| VmmError::Device(e.to_string());
+    let mut slots = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        let same_kind = configs[..i]
+            .iter()
+            .filter(|c| std::mem::discriminant(*c) == std::mem::discriminant(config))
+            .count();
+        let device = open_device(config, same_kind)?;
+        let base = MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
+        let gsi = VIRTIO_FIRST_GSI + i as u32;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(dev_err)?;
+        vm.fd()
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| VmmError::Device(format!("{}: irqfd: {e}", device.name())))?;
+        let transport = MmioTransport::new(device, vm.memory().clone(), irq).map_err(dev_err)?;
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
+                .map_err(|e| VmmError::Device(format!("{}: ioeventfd: {e}", transport.name())))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(base, MMIO_WINDOW, transport.clone())
+            .map_err(|e| VmmError::Device(e.to_string()))?;
+        slots.push(DeviceSlot { config: config.clone(), transport, base, gsi });
+    }
+    Ok(slots)
 }
 
 fn build_platform(
     mem_size: u64,
     serial_out: &SerialOutput,
     serial_state: Option<&SerialSnapshot>,
+    devices: &[DeviceConfig],
     load: impl FnOnce(&memory::GuestMemoryMmap) -> Result<(), VmmError>,
 ) -> Result<Platform, VmmError> {
     let kvm = open_kvm()?;
@@ -167,37 +293,57 @@ fn build_platform(
     let mut pio = Bus::new();
     pio.insert(COM1_PORT, 8, serial.clone())
         .map_err(|e| VmmError::Device(e.to_string()))?;
+    let mut mmio = Bus::new();
+    let devices = build_devices(&vm, devices, &mut mmio)?;
     Ok(Platform {
         kvm,
         vm,
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
         serial,
+        devices,
     })
 }
 
 impl Vmm {
     /// Boots a VM from a kernel.
     pub fn boot(cfg: &VmConfig) -> Result<Vmm, VmmError> {
+        let devices = device_list(cfg);
+        let mut kernel = cfg.kernel.clone();
+        if !devices.is_empty() {
+            kernel.cmdline = format!("{} {}", kernel.cmdline.trim(), virtio_cmdline(devices.len()))
+                .trim()
+                .to_owned();
+        }
         let mut entry = 0;
-        let p = build_platform(cfg.mem_size, &cfg.serial, None, |mem| {
-            entry = loader::load_kernel(mem, &cfg.kernel)?.entry;
+        let p = build_platform(cfg.mem_size, &cfg.serial, None, &devices, |mem| {
+            entry = loader::load_kernel(mem, &kernel)?.entry;
             Ok(())
         })?;
         let vcpu = Vcpu::new(&p.vm, 0, p.pio.clone(), p.mmio.clone())?;
         vcpu.configure_boot(&p.kvm, p.vm.memory(), entry, 1)?;
-        Self::start(cfg.name.clone(), cfg.kernel.cmdline.clone(), p, vec![vcpu], cfg.start_paused)
+        Self::start(cfg.name.clone(), kernel.cmdline, p, vec![vcpu], cfg.start_paused)
     }
 
     /// Restores a VM from a snapshot directory. Name, serial output and whether to start paused
     /// come from `cfg`; memory size and everything else from the snapshot.
     pub fn restore(dir: &Path, name: Option<String>, serial: &SerialOutput, paused: bool) -> Result<Vmm, VmmError> {
         let state = snapshot::read_state(dir)?;
-        let p = build_platform(state.mem_size, serial, Some(&state.serial), |mem| {
+        let configs: Vec<DeviceConfig> = state.devices.iter().map(|d| d.config.clone()).collect();
+        let p = build_platform(state.mem_size, serial, Some(&state.serial), &configs, |mem| {
             snapshot::read_memory(dir, mem)?;
             Ok(())
         })?;
         p.vm.restore_state(&state.vm)?;
+        for (slot, saved) in p.devices.iter().zip(&state.devices) {
+            let mut t = slot.transport.lock().expect("device lock poisoned");
+            // Restored paused: nothing may touch memory before the vCPUs run.
+            t.pause();
+            t.restore(&saved.mmio).map_err(VmmError::Device)?;
+            if !paused {
+                t.resume();
+            }
+        }
         let mut vcpus = Vec::new();
         for (id, vs) in state.vcpus.iter().enumerate() {
             let vcpu = Vcpu::new(&p.vm, id as u8, p.pio.clone(), p.mmio.clone())?;
@@ -226,6 +372,7 @@ impl Vmm {
             vm: p.vm,
             vcpus: handles,
             serial: p.serial,
+            devices: p.devices,
             state: if paused { RunState::Paused } else { RunState::Running },
             started: Instant::now(),
             stopped,
@@ -266,6 +413,9 @@ impl Vmm {
                 for v in &self.vcpus {
                     v.pause()?;
                 }
+                for d in &self.devices {
+                    d.transport.lock().expect("device lock poisoned").pause();
+                }
                 self.state = RunState::Paused;
                 self.flush_serial();
                 Ok(())
@@ -279,6 +429,9 @@ impl Vmm {
     pub fn resume(&mut self) -> Result<(), VmmError> {
         match self.state {
             RunState::Paused => {
+                for d in &self.devices {
+                    d.transport.lock().expect("device lock poisoned").resume();
+                }
                 for v in &self.vcpus {
                     v.resume()?;
                 }
@@ -309,6 +462,19 @@ impl Vmm {
                 .enumerate()
                 .map(|(i, v)| VcpuStatus { id: i as u8, exits: v.exit_counts() })
                 .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|d| {
+                    let t = d.transport.lock().expect("device lock poisoned");
+                    DeviceStatus {
+                        name: t.name().to_owned(),
+                        mmio_base: format!("{:#x}", d.base),
+                        irq: d.gsi,
+                        needs_reset: t.failed(),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -325,6 +491,14 @@ impl Vmm {
             vm: self.vm.save_state()?,
             vcpus: self.vcpus.iter().map(|v| v.save_state()).collect::<Result<_, _>>()?,
             serial: self.serial.lock().expect("serial lock poisoned").snapshot(),
+            devices: self
+                .devices
+                .iter()
+                .map(|d| DeviceSnapshot {
+                    config: d.config.clone(),
+                    mmio: d.transport.lock().expect("device lock poisoned").state(),
+                })
+                .collect(),
         })
     }
 

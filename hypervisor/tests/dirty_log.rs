@@ -19,6 +19,8 @@ fn boot(cmdline: &str, mem: u64) -> (Vmm, SharedBuffer) {
         kernel: KernelConfig { kernel: common::guest(), initrd: None, cmdline: cmdline.into() },
         serial: SerialOutput::Buffer(buf.clone()),
         start_paused: false,
+        net: Vec::new(),
+        disk: None,
     };
     let vmm = Vmm::boot(&cfg).expect("boot");
     (vmm, buf)
