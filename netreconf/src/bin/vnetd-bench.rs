@@ -292,6 +292,8 @@ fn bench(out: &Path, moves: u32) -> R<()> {
             "vnetd_over_plain_throughput": if pt > 0.0 { vt / pt } else { 0.0 },
             "vnetd_rtt_p50_us": vl, "plain_rtt_p50_us": pl,
             "added_rtt_p50_us": vl - pl,
+            "vnetd_rtt_min_us": v["udp_rtt"]["min_us"], "plain_rtt_min_us": p["udp_rtt"]["min_us"],
+            "added_rtt_min_us": v["udp_rtt"]["min_us"].as_f64().unwrap_or(0.0) - p["udp_rtt"]["min_us"].as_f64().unwrap_or(0.0),
             "vnetd_rtt_p99_us": v["udp_rtt"]["p99_us"], "plain_rtt_p99_us": p["udp_rtt"]["p99_us"],
             "raw": {"vnetd": v, "plain": p},
         })
@@ -317,7 +319,7 @@ fn bench(out: &Path, moves: u32) -> R<()> {
         "tunnel_vs_plain_routing": {
             "unlimited_wan": cmp(&v_unl, &p_unl),
             "wan_tbf_100mbit": cmp(&v_tbf, &p_tbf),
-            "note": "A1 -> B1: TCP bulk send for 5 s; UDP echo RTT, 1000 probes at 1 ms. Plain = same namespaces, kernel IP forwarding + proxy ARP on the routers, vnetd stopped",
+            "note": "A1 -> B1: TCP bulk send for 5 s; UDP echo RTT, 1000 probes at 1 ms (p50 is sensitive to other load on the 2-core machine; min is the steadier figure). Plain = same namespaces, kernel IP forwarding + proxy ARP on the routers, vnetd stopped",
         },
         "vnetd_counters_site_a": status_a["counters"],
         "vnetd_daemon_site_a": status_a["daemon"],
@@ -338,11 +340,13 @@ fn bench(out: &Path, moves: u32) -> R<()> {
             "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["vnetd_tcp_mbit_s"],
             "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["plain_tcp_mbit_s"],
             "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_p50_us"],
+            "added_rtt_min_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_min_us"],
         },
         "wan_tbf_100mbit": {
             "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["vnetd_tcp_mbit_s"],
             "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["plain_tcp_mbit_s"],
             "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_p50_us"],
+            "added_rtt_min_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_min_us"],
         },
     }))?);
     eprintln!("wrote {}", out.display());
