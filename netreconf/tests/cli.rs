@@ -3,15 +3,14 @@
 use std::process::Command;
 
 fn check(text: &str, name: &str) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("vn{}cli", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    let p = std::env::temp_dir().join(format!("vn{}cli-{name}", std::process::id()));
     std::fs::write(&p, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vnetd"))
         .arg("--check")
         .arg(&p)
         .output()
         .unwrap();
+    let _ = std::fs::remove_file(&p);
     (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
@@ -36,7 +35,7 @@ fn bad_config_names_the_field_in_one_line() {
         (ex.replace("shrink-demo-key-change-me-0123456789", "short"), "key"),
         (ex.replace("lan_interface = \"lan0\"", ""), "lan_interface"),
     ] {
-        let (ok, err) = check(&bad, "bad.toml");
+        let (ok, err) = check(&bad, &format!("bad-{field}.toml"));
         assert!(!ok);
         assert!(err.contains(field), "{field}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
