@@ -1,1 +1,5 @@
-//! The migration stream protocol, pre-copy engine, source-side dedup and cluster orchestration (not built yet: see issues 4 and 5).
+//! shrink's migration: the stream protocol ([`protocol`], pure and KVM-free), and — as they
+//! land — the pre-copy engine, source-side deduplication and cluster orchestration.
+#![warn(missing_docs)]
+
+pub mod protocol;
