@@ -2,18 +2,20 @@
 //! calibration.
 //!
 //! The LAPIC timer frequency is measured once, in this order of preference:
-//! 1. against PIT channel 2 (gate on port 0x61, mode 0, output polled on
-//!    port 0x61 bit 5), if the PIT answers sensibly;
-//! 2. against the TSC, whose frequency comes from kvmclock (KVM paravirtual
-//!    clock) or CPUID leaves 0x15/0x16;
-//! 3. failing both, KVM's fixed emulated APIC bus of 1 GHz is assumed.
+//! 1. against the TSC, if kvmclock (KVM's paravirtual clock) gives the TSC
+//!    frequency: exact, and only two LAPIC reads (VM exits) bracket the
+//!    window, so exit latency hardly matters;
+//! 2. against PIT channel 2 (gate on port 0x61, mode 0, output polled on
+//!    port 0x61 bit 5), if the PIT answers sensibly; two windows of different
+//!    length are measured and subtracted, which cancels the fixed cost of the
+//!    port I/O exits around each window;
+//! 3. against the TSC with its frequency from CPUID leaves 0x15/0x16;
+//! 4. failing all, KVM's fixed emulated APIC bus of 1 GHz is assumed.
 
 use crate::cpu::{self, inb, outb};
 use crate::interrupts::{SPURIOUS_VECTOR, TIMER_VECTOR};
 
 const LAPIC_BASE: usize = 0xfee0_0000;
-const IA32_APIC_BASE: u32 = 0x1b;
-const APIC_GLOBAL_ENABLE: u64 = 1 << 11;
 
 // Register offsets.
 const REG_TPR: usize = 0x080;
@@ -64,16 +66,9 @@ pub fn mask_pic() {
     outb(0xa1, 0xff);
 }
 
-/// Software-enables the LAPIC (SVR = 0x1FF) with the timer masked.
+/// Software-enables the LAPIC (SVR = 0x1FF) with the timer masked. (`_start`
+/// already set the global enable bit in IA32_APIC_BASE.)
 pub fn init() {
-    // SAFETY: IA32_APIC_BASE exists on every CPU with a LAPIC; setting the
-    // global enable bit keeps the default base address.
-    unsafe {
-        let base = cpu::rdmsr(IA32_APIC_BASE);
-        if base & APIC_GLOBAL_ENABLE == 0 {
-            cpu::wrmsr(IA32_APIC_BASE, base | APIC_GLOBAL_ENABLE);
-        }
-    }
     write(REG_SVR, SVR_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
     write(REG_TPR, 0);
     write(REG_LVT_LINT0, LVT_MASKED);
@@ -97,10 +92,15 @@ pub struct TimerFrequency {
 
 /// Measures the LAPIC timer's input clock.
 pub fn calibrate() -> TimerFrequency {
+    if let Some(tsc_hz) = kvmclock_tsc_hz() {
+        if let Some(bus_hz) = calibrate_with_tsc(tsc_hz) {
+            return TimerFrequency { bus_hz, how: Calibration::Tsc { tsc_hz, source: "kvmclock" } };
+        }
+    }
     if let Some(bus_hz) = calibrate_with_pit() {
         return TimerFrequency { bus_hz, how: Calibration::Pit };
     }
-    if let Some((tsc_hz, source)) = tsc_frequency() {
+    if let Some((tsc_hz, source)) = cpuid_tsc_hz() {
         if let Some(bus_hz) = calibrate_with_tsc(tsc_hz) {
             return TimerFrequency { bus_hz, how: Calibration::Tsc { tsc_hz, source } };
         }
@@ -132,13 +132,26 @@ fn pit2_count() -> u16 {
     u16::from_le_bytes([lo, hi])
 }
 
-/// Times a 50 ms PIT channel 2 one-shot with the LAPIC timer.
+/// Measures the LAPIC input clock against the PIT: the difference between
+/// a long and a short PIT window cancels the fixed overhead of the exits.
+fn calibrate_with_pit() -> Option<u64> {
+    // The short window goes first with a tight bound, so that a PIT whose
+    // output never rises (e.g. port 0x61 not emulated) costs little.
+    let short = pit_window(PIT_CALIBRATION_TICKS / 5, 1 << 28)?;
+    let long = pit_window(PIT_CALIBRATION_TICKS, 1 << 31)?;
+    let diff = long.checked_sub(short)?;
+    (diff > 0).then(|| diff * PIT_HZ / (PIT_CALIBRATION_TICKS - PIT_CALIBRATION_TICKS / 5))
+}
+
+/// Times a PIT channel 2 one-shot of `ticks` PIT ticks with the LAPIC timer
+/// and returns the elapsed LAPIC input cycles; gives up after `limit` cycles
+/// (1 << 28 is 268 ms at KVM's 1 GHz).
 ///
 /// Same sequence as Linux's `pit_calibrate_tsc`: gate high first, then program
 /// mode 0; the count starts when its high byte is written (KVM's PIT ignores
 /// the gate in mode 0, real hardware counts while it is high), and OUT2 (port
 /// 0x61 bit 5) goes high at terminal count.
-fn calibrate_with_pit() -> Option<u64> {
+fn pit_window(ticks: u64, limit: u32) -> Option<u64> {
     let port61 = inb(0x61);
     if port61 == 0xff {
         return None;
@@ -147,18 +160,17 @@ fn calibrate_with_pit() -> Option<u64> {
     outb(0x61, (port61 & !0x02) | 0x01);
     // Channel 2, lobyte/hibyte, mode 0 (interrupt on terminal count), binary.
     outb(0x43, 0xb0);
-    outb(0x42, PIT_CALIBRATION_TICKS as u8);
-    outb(0x42, (PIT_CALIBRATION_TICKS >> 8) as u8);
+    outb(0x42, ticks as u8);
+    outb(0x42, (ticks >> 8) as u8);
     start_free_running();
 
     // Sanity check: a missing PIT reads back as 0x0000 or 0xffff, and its
     // output would never change.
     let count = u64::from(pit2_count());
-    let mut ok = count != 0 && count <= PIT_CALIBRATION_TICKS && inb(0x61) & 0x20 == 0;
+    let mut ok = count != 0 && count <= ticks && inb(0x61) & 0x20 == 0;
     if ok {
         ok = false;
-        // Bound the wait by the LAPIC itself: 2^31 cycles is > 2 s at 1 GHz.
-        while elapsed_since_start() < 1 << 31 {
+        while elapsed_since_start() < limit {
             if inb(0x61) & 0x20 != 0 {
                 ok = true;
                 break;
@@ -168,10 +180,7 @@ fn calibrate_with_pit() -> Option<u64> {
     let elapsed = u64::from(elapsed_since_start());
     stop_timer();
     outb(0x61, port61 & !0x03);
-    if !ok || elapsed == 0 {
-        return None;
-    }
-    Some(elapsed * PIT_HZ / PIT_CALIBRATION_TICKS)
+    (ok && elapsed != 0).then_some(elapsed)
 }
 
 /// KVM pvclock (kvmclock) time info structure.
@@ -201,11 +210,8 @@ static mut PVCLOCK: PvclockTimeInfo = PvclockTimeInfo {
 const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
 
-/// TSC frequency from kvmclock or CPUID, if the (virtual) CPU tells.
-fn tsc_frequency() -> Option<(u64, &'static str)> {
-    if let Some(hz) = kvmclock_tsc_hz() {
-        return Some((hz, "kvmclock"));
-    }
+/// TSC frequency from CPUID leaves 0x15/0x16, if the (virtual) CPU tells.
+fn cpuid_tsc_hz() -> Option<(u64, &'static str)> {
     let max_leaf = cpu::cpuid(0).eax;
     if max_leaf >= 0x15 {
         let l = cpu::cpuid(0x15);
@@ -257,17 +263,26 @@ fn kvmclock_tsc_hz() -> Option<u64> {
     Some(hz as u64)
 }
 
-/// Times 50 ms of TSC with the LAPIC timer.
+/// Times about 50 ms of TSC with the LAPIC timer. Each LAPIC read is
+/// bracketed by TSC reads, so the window is measured between the midpoints.
 fn calibrate_with_tsc(tsc_hz: u64) -> Option<u64> {
     let window = tsc_hz / 20;
     start_free_running();
-    let start = cpu::rdtsc();
-    while cpu::rdtsc().wrapping_sub(start) < window {
+    let read_pair = || {
+        let before = cpu::rdtsc();
+        let count = read(REG_TIMER_CURRENT);
+        let after = cpu::rdtsc();
+        (before / 2 + after / 2, count)
+    };
+    let (t0, c0) = read_pair();
+    while cpu::rdtsc().wrapping_sub(t0) < window {
         core::hint::spin_loop();
     }
-    let elapsed = u64::from(elapsed_since_start());
+    let (t1, c1) = read_pair();
     stop_timer();
-    (elapsed != 0).then_some(elapsed * 20)
+    let cycles = u64::from(c0.checked_sub(c1)?);
+    let tsc = t1.checked_sub(t0)?;
+    (cycles != 0 && tsc != 0).then(|| (u128::from(cycles) * u128::from(tsc_hz) / u128::from(tsc)) as u64)
 }
 
 /// Arms the LAPIC timer in periodic mode on [`TIMER_VECTOR`] at `hz`, given

@@ -1,13 +1,17 @@
-//! Thin wrappers around privileged x86-64 instructions (port I/O, MSRs,
-//! CPUID, TSC, interrupt flag).
+//! CPU access for the ring-3 Rust code (see `boot.rs` for why it runs in ring
+//! 3): port I/O (TSS I/O bitmap), CPUID and TSC work directly; halting,
+//! enabling interrupts and MSRs go through the ring-0 service gate
+//! (`shrink_service` in `interrupts.rs`).
 
 use core::arch::asm;
+
+use crate::interrupts::{SYS_ENABLE_INTERRUPTS, SYS_HALT, SYS_RDMSR, SYS_WAIT_TICK, SYS_WRMSR};
 
 /// Writes a byte to an I/O port.
 #[inline]
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O has no memory effects visible to Rust; the guest runs at
-    // CPL 0, so the instruction cannot fault.
+    // SAFETY: port I/O has no memory effects visible to Rust; the TSS I/O
+    // bitmap allows every port in ring 3.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
@@ -20,16 +24,27 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Calls ring-0 service `nr` through the `ud2` gate (see `interrupts.rs`).
+///
+/// # Safety
+/// The service and its arguments must be valid (e.g. an existing MSR).
+#[inline]
+unsafe fn service(nr: u64, a: u64, b: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: `shrink_service` (ud2 trap into ring 0, then ret) preserves
+    // every register except RAX; the caller guarantees the request is valid.
+    unsafe { asm!("call shrink_service", inout("rax") nr => ret, in("rdi") a, in("rsi") b) }
+    ret
+}
+
 /// Reads a model-specific register.
 ///
 /// # Safety
 /// `msr` must exist on this (virtual) CPU, otherwise the CPU raises #GP.
-#[inline]
+#[allow(dead_code)]
 pub unsafe fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
-    (u64::from(hi) << 32) | u64::from(lo)
+    unsafe { service(SYS_RDMSR, u64::from(msr), 0) }
 }
 
 /// Writes a model-specific register.
@@ -37,13 +52,25 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 /// # Safety
 /// `msr` must exist and `value` must be valid for it; the effects of the write
 /// are the caller's responsibility.
-#[inline]
 pub unsafe fn wrmsr(msr: u32, value: u64) {
     // SAFETY: the caller guarantees the MSR and value are valid.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
-             options(nostack, preserves_flags))
-    }
+    unsafe { service(SYS_WRMSR, u64::from(msr), value) };
+}
+
+/// Sleeps (`sti; hlt` in ring 0) unless the tick counter already differs
+/// from `seen`. The check and the halt are atomic with respect to the timer
+/// interrupt, so no tick is slept through.
+#[inline]
+pub fn wait_for_tick(seen: u64) {
+    // SAFETY: the wait service only reads the tick counter and halts.
+    unsafe { service(SYS_WAIT_TICK, seen, 0) };
+}
+
+/// Stops the CPU for good (interrupts disabled, `hlt` in a loop in ring 0).
+pub fn halt_forever() -> ! {
+    // SAFETY: the halt service never returns.
+    unsafe { service(SYS_HALT, 0, 0) };
+    unreachable!("the halt service returned")
 }
 
 /// Result of the CPUID instruction.
@@ -58,8 +85,8 @@ pub struct Cpuid {
 /// Executes CPUID for `leaf` (sub-leaf 0).
 #[inline]
 pub fn cpuid(leaf: u32) -> Cpuid {
-    // CPUID is available on every x86-64 CPU and has no side effects (the
-    // intrinsic is safe).
+    // CPUID is available on every x86-64 CPU, in any ring, and has no side
+    // effects (the intrinsic is safe).
     let r = core::arch::x86_64::__cpuid_count(leaf, 0);
     Cpuid { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
 }
@@ -67,58 +94,14 @@ pub fn cpuid(leaf: u32) -> Cpuid {
 /// Reads the time-stamp counter.
 #[inline]
 pub fn rdtsc() -> u64 {
-    // SAFETY: RDTSC is always available in long mode at CPL 0.
+    // SAFETY: RDTSC is allowed in ring 3 (CR4.TSD is clear).
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Reads CR2 (the faulting linear address of the last page fault).
+/// Enables maskable interrupts (sets IF for the ring-3 code).
 #[inline]
-pub fn read_cr2() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR2 at CPL 0 has no side effects.
-    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) }
-    value
-}
-
-/// Reads the current code segment selector.
-#[inline]
-pub fn read_cs() -> u16 {
-    let value: u16;
-    // SAFETY: reading a segment register has no side effects.
-    unsafe { asm!("mov {0:x}, cs", out(reg) value, options(nomem, nostack, preserves_flags)) }
-    value
-}
-
-/// Disables maskable interrupts.
-#[inline]
-pub fn cli() {
-    // SAFETY: only changes RFLAGS.IF; the guest runs at CPL 0.
-    unsafe { asm!("cli", options(nomem, nostack)) }
-}
-
-/// Atomically enables interrupts and halts until the next one arrives.
-///
-/// The one-instruction interrupt shadow of `sti` guarantees that an interrupt
-/// which became pending while interrupts were disabled wakes the `hlt`.
-#[inline]
-pub fn enable_interrupts_and_halt() {
-    // SAFETY: an IDT is loaded before this is called, so the interrupts that
-    // become deliverable have handlers.
-    unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
-}
-
-/// Stops the CPU for good (interrupts disabled, `hlt` in a loop).
-pub fn halt_forever() -> ! {
-    loop {
-        // SAFETY: with interrupts disabled `hlt` only returns on NMI/SMI, after
-        // which we halt again.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
-    }
-}
-
-/// Enables maskable interrupts.
-#[inline]
-pub fn sti() {
-    // SAFETY: an IDT is loaded before this is called.
-    unsafe { asm!("sti", options(nomem, nostack)) }
+pub fn enable_interrupts() {
+    // SAFETY: the IDT is filled before this is called, so interrupts have
+    // handlers.
+    unsafe { service(SYS_ENABLE_INTERRUPTS, 0, 0) };
 }

@@ -1,23 +1,42 @@
-//! Interrupt descriptor table, exception reporting and the timer tick.
+//! Interrupt descriptor table, exception reporting, the timer tick and the
+//! ring-3 service gate.
 //!
-//! * Vectors 0..32 (CPU exceptions) go through assembly stubs that save the
-//!   general-purpose registers and call [`exception_handler`], which prints
-//!   vector, RIP, error code and CR2 on the serial console and halts forever.
+//! All handlers are ring-0 assembly (ring-0 code is emulated instruction by
+//! instruction on this platform, see `boot.rs`, so they stay tiny and free of
+//! SSE).
+//!
+//! * Vectors 0..32 (CPU exceptions) go through stubs that save the
+//!   general-purpose registers and CR2, then `iretq` to ring 3 into
+//!   [`exception_report`] on a dedicated stack, which prints vector, RIP,
+//!   error code and CR2 on the serial console and halts forever.
 //! * Vector 0x20 (LAPIC timer) is a tiny assembly handler: it increments
 //!   [`TICKS`] and writes the LAPIC EOI register. Being pure assembly, it
 //!   clobbers no register (in particular no SSE state of the interrupted code).
 //! * Vector 0xff (LAPIC spurious) returns without EOI, as the SDM requires.
+//! * Vector 6 (#UD) doubles as the service gate: ring 3 calls
+//!   `shrink_service`, whose `ud2` traps into ring 0, for the few privileged
+//!   services it needs: wait for the next tick (`sti; hlt`), halt forever,
+//!   enable interrupts, and RDMSR/WRMSR (see [`crate::cpu`]). (Neither
+//!   `int 0x80` nor SYSCALL work on the nested hypervisor: `int n` in ring 3
+//!   becomes #UD, and SYSCALL does not switch to ring 0.)
 //! * Every other vector reports "unexpected interrupt" and halts.
 
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::boot::KERNEL_CS;
 use crate::cpu;
 
 /// Vector of the periodic LAPIC timer.
 pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of LAPIC spurious interrupts (SVR low byte).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Ring-3 services (number in RAX), see `shrink_service`.
+pub const SYS_WAIT_TICK: u64 = 0;
+pub const SYS_HALT: u64 = 1;
+pub const SYS_RDMSR: u64 = 2;
+pub const SYS_WRMSR: u64 = 3;
+pub const SYS_ENABLE_INTERRUPTS: u64 = 4;
 
 /// Timer ticks since the timer was armed. Lives in guest memory, so it survives
 /// snapshot/restore and migration together with everything else.
@@ -33,6 +52,7 @@ pub fn ticks() -> u64 {
 #[repr(C)]
 #[derive(Debug)]
 pub struct ExceptionFrame {
+    pub cr2: u64,
     pub r15: u64,
     pub r14: u64,
     pub r13: u64,
@@ -132,9 +152,23 @@ exc_common:
     push r13
     push r14
     push r15
-    mov rdi, rsp            // &ExceptionFrame; RSP is 16-byte aligned here
-    call {handler}
-    // The handler never returns.
+    mov rax, cr2
+    push rax
+    mov rdi, rsp            // &ExceptionFrame
+    // Report only once: a fault while reporting just halts.
+    lock bts qword ptr [rip + {reporting}], 0
+    jc 2f
+    // Continue in ring 3 (where Rust code runs natively) on the report stack:
+    // exception_report(frame), interrupts off.
+    lea rax, [rip + REPORT_STACK_TOP]
+    sub rax, 8
+    push 0x23
+    push rax
+    push 0x0002
+    push 0x2b
+    lea rax, [rip + {report}]
+    push rax
+    iretq
 2:
     cli
     hlt
@@ -155,10 +189,86 @@ timer_stub:
 spurious_stub:
     iretq
 
+    // Ring-3 services. Ring 3 calls `shrink_service`, whose UD2 raises #UD
+    // (the nested hypervisor delivers exceptions from ring 3 faithfully, but
+    // turns `int n` into #UD and does not switch privilege on SYSCALL). The
+    // #UD stub recognises that UD2 by its address, skips it and dispatches:
+    // RAX = service, RDI/RSI = arguments, result in RAX, every other register
+    // preserved. Entered with IF = 0 on the ring-0 stack (TSS.RSP0).
+    .align 16
+    .globl shrink_service
+shrink_service:
+    ud2
+    ret
+
+    .align 16
+ud_stub:
+    push rax
+    lea rax, [rip + shrink_service]
+    cmp rax, [rsp + 8]      // faulting RIP
+    pop rax
+    jne exc_stub_6          // a genuine #UD: report it
+    add qword ptr [rsp], 2  // resume after the UD2
+    cmp rax, 0
+    je 10f
+    cmp rax, 1
+    je 11f
+    cmp rax, 2
+    je 12f
+    cmp rax, 3
+    je 13f
+    cmp rax, 4
+    je 15f
+    mov rax, -1
+    iretq
+10:                         // wait for a tick newer than RDI
+    mov rax, [rip + {ticks}]
+    cmp rax, rdi
+    jne 14f
+    sti                     // the interrupt shadow makes sti; hlt atomic
+    hlt
+    cli
+14:
+    iretq
+11:                         // halt forever
+    cli
+    hlt
+    jmp 11b
+12:                         // rdmsr(ecx = RDI) -> RAX
+    push rcx
+    push rdx
+    mov ecx, edi
+    rdmsr
+    shl rdx, 32
+    or rax, rdx
+    pop rdx
+    pop rcx
+    iretq
+13:                         // wrmsr(ecx = RDI, RSI)
+    push rcx
+    push rdx
+    mov ecx, edi
+    mov eax, esi
+    mov rdx, rsi
+    shr rdx, 32
+    wrmsr
+    pop rdx
+    pop rcx
+    xor eax, eax
+    iretq
+15:                         // set IF in the caller's RFLAGS
+    or qword ptr [rsp + 16], 0x200
+    xor eax, eax
+    iretq
+
     .section .rodata.interrupts, "a"
     .align 8
 exception_stubs:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,256
+    .irp n, 0,1,2,3,4,5
+    .quad exc_stub_\n
+    .endr
+    .quad ud_stub
+    .irp n, 7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,256
     .quad exc_stub_\n
     .endr
 timer_stub_addr:
@@ -169,14 +279,21 @@ spurious_stub_addr:
     .globl timer_stub_addr
     .globl spurious_stub_addr
 "#,
-    handler = sym exception_handler,
+    report = sym exception_report,
+    reporting = sym REPORTING,
     ticks = sym TICKS,
 );
+
+/// Set (bit 0) by the first exception; later ones just halt.
+#[no_mangle]
+static REPORTING: AtomicU64 = AtomicU64::new(0);
 
 extern "C" {
     static exception_stubs: [u64; 33];
     static timer_stub_addr: u64;
     static spurious_stub_addr: u64;
+    /// The IDT itself (4 KiB in .bss, loaded by `_start`).
+    static mut BOOT_IDT: [Gate; 256];
 }
 
 /// One 16-byte IDT gate descriptor.
@@ -193,16 +310,14 @@ struct Gate {
 }
 
 impl Gate {
-    const EMPTY: Gate =
-        Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
-
-    /// A present, DPL 0, 64-bit interrupt gate (IF cleared on entry).
-    fn interrupt(handler: u64, selector: u16) -> Gate {
+    /// A present 64-bit interrupt gate (IF cleared on entry), callable with
+    /// `int` from privilege level `dpl`.
+    fn interrupt(handler: u64, selector: u16, dpl: u8) -> Gate {
         Gate {
             offset_low: handler as u16,
             selector,
             ist: 0,
-            type_attr: 0x8e,
+            type_attr: 0x8e | (dpl << 5),
             offset_mid: (handler >> 16) as u16,
             offset_high: (handler >> 32) as u32,
             reserved: 0,
@@ -210,41 +325,25 @@ impl Gate {
     }
 }
 
-#[repr(C, align(16))]
-struct Idt([Gate; 256]);
-
-static mut IDT: Idt = Idt([Gate::EMPTY; 256]);
-
-#[repr(C, packed)]
-struct IdtPointer {
-    limit: u16,
-    base: u64,
-}
-
-/// Fills and loads the IDT. Interrupts stay disabled.
+/// Fills the IDT that `_start` loaded (still empty until now). Runs in ring 3:
+/// the table is ordinary (user-accessible) memory. Interrupts stay disabled.
 pub fn init() {
-    // Use whatever 64-bit code selector the VMM gave us (0x10 by the Linux
-    // boot protocol).
-    let cs = cpu::read_cs();
     // SAFETY: the stub table and addresses are defined in the global_asm above
     // and are immutable.
     let (stubs, timer, spurious) = unsafe { (&exception_stubs, timer_stub_addr, spurious_stub_addr) };
-    // SAFETY: runs once on the only CPU, with interrupts disabled, before the
-    // IDT is loaded: nothing else accesses IDT concurrently.
-    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
-    for (vector, gate) in idt.0.iter_mut().enumerate() {
-        let handler = match vector {
-            0..=31 => stubs[vector],
-            v if v == usize::from(TIMER_VECTOR) => timer,
-            v if v == usize::from(SPURIOUS_VECTOR) => spurious,
-            _ => stubs[32],
+    // SAFETY: runs once on the only CPU with interrupts disabled; nothing else
+    // reads or writes the IDT memory concurrently (the CPU reads it only on
+    // interrupt delivery, and none can happen while IF = 0 and no exception is
+    // raised here).
+    let idt = unsafe { &mut *core::ptr::addr_of_mut!(BOOT_IDT) };
+    for (vector, gate) in idt.iter_mut().enumerate() {
+        *gate = match vector {
+            0..=31 => Gate::interrupt(stubs[vector], KERNEL_CS, 0),
+            v if v == usize::from(TIMER_VECTOR) => Gate::interrupt(timer, KERNEL_CS, 0),
+            v if v == usize::from(SPURIOUS_VECTOR) => Gate::interrupt(spurious, KERNEL_CS, 0),
+            _ => Gate::interrupt(stubs[32], KERNEL_CS, 0),
         };
-        *gate = Gate::interrupt(handler, cs);
     }
-    let pointer = IdtPointer { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt as *const Idt as u64 };
-    // SAFETY: `pointer` describes a valid, 'static IDT whose gates point at
-    // the handlers above.
-    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) }
 }
 
 fn exception_name(vector: u64) -> &'static str {
@@ -274,15 +373,15 @@ fn exception_name(vector: u64) -> &'static str {
     }
 }
 
-/// Called by the exception stubs: report and halt.
-extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
+/// Entered (in ring 3) from the exception stubs: report and halt.
+extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
     crate::println!(
         "guest exception: vector {} ({}) rip=0x{:x} error=0x{:x} cr2=0x{:x} rsp=0x{:x} cs=0x{:x} rflags=0x{:x}",
         frame.vector,
         exception_name(frame.vector),
         frame.rip,
         frame.error_code,
-        cpu::read_cr2(),
+        frame.cr2,
         frame.rsp,
         frame.cs,
         frame.rflags

@@ -5,9 +5,12 @@
 //! long mode with interrupts disabled, identity-mapped low 4 GiB, and RSI
 //! pointing to the `boot_params` zero page.
 //!
-//! The kernel sets up its own stack, heap (from e820), IDT and LAPIC timer
-//! (100 Hz), prints `shrink-guest ready`, then `heartbeat <n>` every second and
-//! runs the workload chosen on the command line between `sti; hlt` idles.
+//! The kernel sets up its own stack, page tables, GDT/TSS and IDT in a small
+//! ring-0 assembly part (`boot.rs`), then runs the Rust code in ring 3 (ring 0
+//! is emulated on this platform, ring 3 runs natively): heap (from e820),
+//! LAPIC timer (100 Hz), `shrink-guest ready`, then `heartbeat <n>` every
+//! second and the workload chosen on the command line between `sti; hlt`
+//! idles.
 
 #![no_std]
 #![no_main]
@@ -16,6 +19,7 @@ extern crate alloc;
 
 mod allocator;
 mod apic;
+mod boot;
 mod bootparams;
 mod cpu;
 mod interrupts;
@@ -24,7 +28,6 @@ mod serial;
 mod workload;
 
 use alloc::string::String;
-use core::arch::global_asm;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,50 +36,13 @@ use workload::{Config, Kind, MemWorkload};
 
 /// Timer frequency.
 const HZ: u64 = 100;
-/// Size of the boot stack.
-const STACK_SIZE: usize = 64 * 1024;
-
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-static mut STACK: Stack = Stack([0; STACK_SIZE]);
 
 /// Heartbeats printed so far. In guest memory, so a restored or migrated VM
 /// continues counting where it left off.
 static HEARTBEATS: AtomicU64 = AtomicU64::new(0);
 
-// Entry point. The first instructions switch away from the VMM's stack: clear
-// .bss (it holds our stack and statics; the loader need not zero it), load our
-// stack pointer, and call `kernel_main(boot_params)`.
-global_asm!(
-    r#"
-    .section .text._start, "ax"
-    .globl _start
-    .type _start, @function
-_start:
-    cli
-    cld
-    mov r12, rsi                    // boot_params (RSI per the boot protocol)
-    lea rdi, [rip + __bss_start]
-    lea rcx, [rip + __bss_end]
-    sub rcx, rdi
-    xor eax, eax
-    rep stosb
-    lea rsp, [rip + {stack} + {stack_size}]
-    xor ebp, ebp
-    mov rdi, r12
-    call {main}
-1:
-    cli
-    hlt
-    jmp 1b
-"#,
-    stack = sym STACK,
-    stack_size = const STACK_SIZE,
-    main = sym kernel_main,
-);
-
-extern "C" fn kernel_main(boot_params: u64) -> ! {
+/// Entered from `_start` (boot.rs) in ring 3, interrupts disabled.
+pub extern "C" fn kernel_main(boot_params: u64) -> ! {
     serial::init();
 
     // SAFETY: RSI at entry is the identity-mapped zero page (boot protocol);
@@ -124,19 +90,18 @@ extern "C" fn kernel_main(boot_params: u64) -> ! {
         }
     };
 
+    cpu::enable_interrupts();
     println!("shrink-guest ready");
 
     let mut last_tick = interrupts::ticks();
     loop {
-        // Check for new ticks with interrupts off, so that a tick arriving
-        // between the check and the `hlt` still wakes us (sti's shadow).
-        cpu::cli();
+        // Sleep until the timer has ticked since `last_tick` (atomically: a
+        // tick that arrives just before the halt still wakes us).
+        cpu::wait_for_tick(last_tick);
         let now = interrupts::ticks();
         if now == last_tick {
-            cpu::enable_interrupts_and_halt();
             continue;
         }
-        cpu::sti();
         last_tick = now;
 
         if let Some(w) = mem_workload.as_mut() {
