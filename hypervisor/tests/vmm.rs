@@ -48,7 +48,9 @@ fn snapshot_then_restore_in_a_new_process_continues_the_guest() {
     vm.exec("pause", json!({}));
     let before = vm.exec("memory-digest", json!({}));
     let stats = vm.exec("snapshot", json!({"path": snap.to_str().unwrap()}));
-    assert!(stats["memory_bytes"].as_u64().unwrap() > 16 << 20, "{stats}");
+    // The guest has written about 1 MB/s of random pages: they are in, the zero pages are not.
+    let written = stats["memory_bytes"].as_u64().unwrap();
+    assert!(written > 1 << 20 && written < 64 << 20, "{stats}");
     assert_eq!(vm.exec("status", json!({}))["state"], "paused", "snapshot keeps a paused VM paused");
     let last = vm.last_heartbeat().unwrap();
     vm.exec("quit", json!({}));
