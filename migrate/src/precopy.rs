@@ -1,0 +1,924 @@
+//! The pre-copy engine, both ends, independent of KVM: the VMM plugs in through [`Source`] and
+//! [`Sink`].
+//!
+//! Source: dirty logging on; a full pass; dirty passes until QEMU's switch-over rule holds
+//! (bytes still dirty < measured bandwidth × downtime limit); pause; the last dirty pages, the
+//! VM state, `End`; then wait for the destination's verdict. Only a positive verdict ends the
+//! source's copy of the guest; any failure before it (destination gone, link down, corrupt
+//! stream, cancel) resumes the guest at the source. With auto-converge a guest that dirties
+//! memory faster than the link carries it is throttled (20 %, then +10 % per period, as QEMU).
+//!
+//! Destination: installs chunks as they arrive, checks the stream's own totals at `End`,
+//! restores the VM, says so, and only then starts the guest.
+
+use std::io::{BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::protocol::{
+    self, uniform_byte, Chunk, Decoder, DigestKind, Hello, PagesBuilder, ProtocolError, Record, Region,
+};
+
+/// Guest page size (dirty-log granularity).
+pub const PAGE_SIZE: usize = 4096;
+/// Target size of one `Pages` record.
+const BATCH_BYTES: usize = 1 << 20;
+/// Chunks classified together (one dedup round trip for the whole group).
+const GROUP: usize = 1024;
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream is broken or the peer speaks nonsense.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The VMM side failed.
+    #[error("{0}")]
+    Vmm(String),
+    /// The user cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The guest dirties memory faster than the link can carry it.
+    #[error("did not converge after {iterations} iterations: {dirty_mbps:.1} MB/s dirtied against {link_mbps:.1} MB/s sent")]
+    NoConvergence {
+        /// Passes made.
+        iterations: u32,
+        /// Dirty rate.
+        dirty_mbps: f64,
+        /// Link rate.
+        link_mbps: f64,
+    },
+    /// The destination refused or failed.
+    #[error("destination failed: {0}")]
+    Destination(String),
+    /// The stream violated the sequence (e.g. pages outside guest memory).
+    #[error("invalid stream: {0}")]
+    Invalid(String),
+}
+
+/// How a migration runs (QEMU's parameters).
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Longest acceptable pause of the guest.
+    pub downtime_limit: Duration,
+    /// Upper bound of the sending rate, bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Give up after this many dirty passes without converging.
+    pub max_iterations: Option<u32>,
+    /// Throttle a guest that dirties faster than the link.
+    pub auto_converge: bool,
+    /// Deduplication granularity.
+    pub chunk_size: usize,
+    /// Digest of digest-only chunks (None: plain pre-copy).
+    pub digest: DigestKind,
+    /// How long to wait for the destination's verdict after `End`.
+    pub verdict_timeout: Duration,
+}
+
+impl Default for Params {
+    fn default() -> Params {
+        Params {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            max_iterations: None,
+            auto_converge: false,
+            chunk_size: PAGE_SIZE,
+            digest: DigestKind::None,
+            verdict_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Migration status, with QEMU's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Nothing started.
+    #[default]
+    None,
+    /// Connecting and announcing.
+    Setup,
+    /// Passes running.
+    Active,
+    /// The guest runs at the destination.
+    Completed,
+    /// Failed; the guest runs at the source.
+    Failed,
+    /// Cancelled; the guest runs at the source.
+    Cancelled,
+}
+
+/// `ram` of `query-migrate`, QEMU's names and meanings.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    /// Bytes sent on the wire (all records, headers included).
+    pub transferred: u64,
+    /// Bytes still dirty.
+    pub remaining: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Uniform pages (QEMU's historical name for zero pages).
+    pub duplicate: u64,
+    /// Pages sent in full.
+    pub normal: u64,
+    /// `normal` × page size.
+    pub normal_bytes: u64,
+    /// Dirty-bitmap synchronisations (passes).
+    pub dirty_sync_count: u64,
+    /// Pages sent per second, last period.
+    pub pages_per_second: u64,
+    /// Sending rate, last period, Mbit/s.
+    pub mbps: f64,
+    /// Pages dirtied per second, last period.
+    pub dirty_pages_rate: u64,
+    /// Chunks sent as a digest only (shrink's deduplication).
+    pub deduplicated: u64,
+}
+
+/// `query-migrate`, QEMU's names and meanings.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    /// State of the migration.
+    pub status: Status,
+    /// Milliseconds since the start (or in total once finished).
+    pub total_time: u64,
+    /// Milliseconds before the first pass.
+    pub setup_time: u64,
+    /// Milliseconds the guest was paused (once completed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime: Option<u64>,
+    /// Downtime expected if switching over now, ms (while active).
+    pub expected_downtime: u64,
+    /// Current vCPU throttle, percent.
+    pub cpu_throttle_percentage: u8,
+    /// Memory statistics.
+    pub ram: RamStats,
+    /// Why it failed.
+    #[serde(rename = "error-desc", skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the engine needs from the source VMM.
+pub trait Source {
+    /// Guest memory regions, in order.
+    fn regions(&self) -> Vec<Region>;
+    /// The bytes of region `index` (may change under the reader while the guest runs: the
+    /// dirty log catches such pages).
+    fn region_bytes(&self, index: usize) -> &[u8];
+    /// Starts dirty logging.
+    fn start_dirty_log(&mut self) -> Result<(), String>;
+    /// Stops dirty logging.
+    fn stop_dirty_log(&mut self) -> Result<(), String>;
+    /// Pages written since the last call, one bitmap per region (bit per 4 KiB page).
+    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String>;
+    /// Pauses the guest (vCPUs and devices).
+    fn pause(&mut self) -> Result<(), String>;
+    /// Resumes the guest.
+    fn resume(&mut self) -> Result<(), String>;
+    /// vCPU, VM and device state of the paused guest.
+    fn vm_state(&mut self) -> Result<Vec<u8>, String>;
+    /// Sets the vCPU throttle (percent of time kept off the CPU).
+    fn set_throttle(&mut self, percent: u8);
+    /// VM name.
+    fn name(&self) -> String;
+}
+
+/// How non-uniform chunks travel: in full, or as a digest the destination resolves.
+pub trait Dedup {
+    /// For each chunk of `chunks` (address, bytes), `Some(digest)` to send only the digest,
+    /// `None` to send it in full.
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String>;
+}
+
+/// Plain pre-copy: everything in full.
+pub struct NoDedup;
+
+impl Dedup for NoDedup {
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+        Ok(vec![None; chunks.len()])
+    }
+}
+
+/// Counts bytes written through it.
+struct Counting<W: Write> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The sending side of one migration.
+pub struct Sender<'a, S: Source, D: Dedup, W: Write, R: Read> {
+    src: &'a mut S,
+    dedup: D,
+    out: Counting<BufWriter<W>>,
+    back: R,
+    params: Params,
+    info: Arc<Mutex<MigrationInfo>>,
+    cancel: Arc<AtomicBool>,
+    start: Instant,
+    builder: PagesBuilder,
+    entries: u64,
+    page_bytes: u64,
+    paused: bool,
+    throttle: u8,
+    throttle_strikes: u32,
+}
+
+/// Sets every page bit of a region of `len` bytes.
+fn full_bitmap(len: u64) -> Vec<u64> {
+    let pages = (len as usize) / PAGE_SIZE;
+    let mut v = vec![u64::MAX; pages.div_ceil(64)];
+    if pages % 64 != 0 {
+        *v.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
+    }
+    v
+}
+
+fn count_bits(maps: &[Vec<u64>]) -> u64 {
+    maps.iter().flatten().map(|w| w.count_ones() as u64).sum()
+}
+
+impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
+    /// A sender over `out` (the migration stream) and `back` (the destination's answers).
+    pub fn new(
+        src: &'a mut S,
+        dedup: D,
+        out: W,
+        back: R,
+        params: Params,
+        info: Arc<Mutex<MigrationInfo>>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        let builder = PagesBuilder::new(params.chunk_size, params.digest, BATCH_BYTES);
+        Sender {
+            src,
+            dedup,
+            out: Counting { inner: BufWriter::with_capacity(4 << 20, out), bytes: 0 },
+            back,
+            params,
+            info,
+            cancel,
+            start: Instant::now(),
+            builder,
+            entries: 0,
+            page_bytes: 0,
+            paused: false,
+            throttle: 0,
+            throttle_strikes: 0,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        let mut i = self.info.lock().expect("migration info poisoned");
+        f(&mut i);
+        i.total_time = self.start.elapsed().as_millis() as u64;
+        i.ram.transferred = self.out.bytes;
+    }
+
+    /// Runs the migration to its end. On success the guest runs at the destination; on error
+    /// it runs here again.
+    pub fn run(mut self) -> Result<MigrationInfo, MigrationError> {
+        let result = self.migrate();
+        match result {
+            Ok(downtime) => {
+                let _ = self.src.stop_dirty_log();
+                self.update(|i| {
+                    i.status = Status::Completed;
+                    i.downtime = Some(downtime.as_millis() as u64);
+                    i.ram.remaining = 0;
+                    i.expected_downtime = 0;
+                });
+            }
+            Err(ref e) => {
+                self.src.set_throttle(0);
+                let resumed = if self.paused { self.src.resume() } else { Ok(()) };
+                let _ = self.src.stop_dirty_log();
+                let status = if matches!(e, MigrationError::Cancelled) { Status::Cancelled } else { Status::Failed };
+                let mut msg = e.to_string();
+                if let Err(r) = resumed {
+                    msg.push_str(&format!("; resuming the guest at the source failed: {r}"));
+                }
+                self.update(|i| {
+                    i.status = status;
+                    i.error = Some(msg);
+                    i.cpu_throttle_percentage = 0;
+                });
+            }
+        }
+        let info = self.info.lock().expect("migration info poisoned").clone();
+        result.map(|_| info)
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::SeqCst) {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn migrate(&mut self) -> Result<Duration, MigrationError> {
+        let regions = self.src.regions();
+        let total: u64 = regions.iter().map(|r| r.len).sum();
+        self.update(|i| {
+            i.status = Status::Setup;
+            i.ram.total = total;
+            i.expected_downtime = self.params.downtime_limit.as_millis() as u64;
+        });
+        protocol::write_hello(
+            &mut self.out,
+            &Hello {
+                version: protocol::VERSION,
+                chunk_size: self.params.chunk_size as u32,
+                digest: self.params.digest,
+                mem_size: total,
+                name: self.src.name(),
+            },
+        )?;
+        protocol::write_layout(&mut self.out, &regions)?;
+        self.src.start_dirty_log().map_err(MigrationError::Vmm)?;
+        let setup = self.start.elapsed().as_millis() as u64;
+        self.update(|i| {
+            i.status = Status::Active;
+            i.setup_time = setup;
+        });
+
+        // Pass 1: everything. Later passes: what the guest wrote meanwhile.
+        let mut dirty: Vec<Vec<u64>> = regions.iter().map(|r| full_bitmap(r.len)).collect();
+        let mut pass = 0u32;
+        let mut last_sync = Instant::now();
+        loop {
+            pass += 1;
+            let (sent, took) = self.send_pass(&regions, &dirty, pass)?;
+            dirty = self.src.dirty_log().map_err(MigrationError::Vmm)?;
+            let period = last_sync.elapsed().as_secs_f64().max(1e-3);
+            last_sync = Instant::now();
+            let dirty_bytes = count_bits(&dirty) * PAGE_SIZE as u64;
+            // Bandwidth measured on the link during the pass (bytes/s).
+            let bandwidth = sent as f64 / took.as_secs_f64().max(1e-3);
+            let threshold = bandwidth * self.params.downtime_limit.as_secs_f64();
+            let expected = if bandwidth > 0.0 { dirty_bytes as f64 / bandwidth } else { 0.0 };
+            self.update(|i| {
+                i.ram.dirty_sync_count = pass as u64;
+                i.ram.remaining = dirty_bytes;
+                i.ram.dirty_pages_rate = ((dirty_bytes / PAGE_SIZE as u64) as f64 / period) as u64;
+                i.expected_downtime = (expected * 1e3) as u64;
+            });
+            protocol::write_iteration(&mut self.out, pass, dirty_bytes)?;
+            if (dirty_bytes as f64) <= threshold {
+                break;
+            }
+            if self.params.auto_converge && dirty_bytes as f64 > 0.5 * sent as f64 {
+                // QEMU: two periods in a row dirtying more than half of what was sent.
+                self.throttle_strikes += 1;
+                if self.throttle_strikes >= 2 {
+                    self.throttle = if self.throttle == 0 { 20 } else { (self.throttle + 10).min(99) };
+                    self.src.set_throttle(self.throttle);
+                    let t = self.throttle;
+                    self.update(|i| i.cpu_throttle_percentage = t);
+                    self.throttle_strikes = 0;
+                }
+            }
+            if let Some(max) = self.params.max_iterations {
+                if pass >= max {
+                    return Err(MigrationError::NoConvergence {
+                        iterations: pass,
+                        dirty_mbps: dirty_bytes as f64 / period / 1e6,
+                        link_mbps: bandwidth / 1e6,
+                    });
+                }
+            }
+        }
+
+        // Switch over.
+        self.check_cancel()?;
+        let stop = Instant::now();
+        self.src.pause().map_err(MigrationError::Vmm)?;
+        self.paused = true;
+        let last = self.src.dirty_log().map_err(MigrationError::Vmm)?;
+        for (d, l) in dirty.iter_mut().zip(&last) {
+            for (x, y) in d.iter_mut().zip(l) {
+                *x |= y;
+            }
+        }
+        self.send_pass(&regions, &dirty, pass + 1)?;
+        let state = self.src.vm_state().map_err(MigrationError::Vmm)?;
+        protocol::write_vm_state(&mut self.out, &state)?;
+        protocol::write_end(&mut self.out, self.entries, self.page_bytes)?;
+        self.out.flush().map_err(ProtocolError::from)?;
+        self.update(|_| {});
+        // The destination has everything; wait for it to say the guest runs there.
+        let mut decoder = Decoder::new();
+        match decoder.read(&mut self.back) {
+            Ok(Some(Record::Verdict { ok: true, .. })) => Ok(stop.elapsed()),
+            Ok(Some(Record::Verdict { ok: false, message })) => Err(MigrationError::Destination(message)),
+            Ok(Some(other)) => Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name()))),
+            Ok(None) => Err(MigrationError::Destination("closed the connection without a verdict".into())),
+            Err(e) => Err(MigrationError::Destination(e.to_string())),
+        }
+    }
+
+    /// Sends every chunk of the pages set in `dirty`; returns (bytes written, time taken).
+    fn send_pass(&mut self, regions: &[Region], dirty: &[Vec<u64>], pass: u32) -> Result<(u64, Duration), MigrationError> {
+        let t0 = Instant::now();
+        let b0 = self.out.bytes;
+        let chunk = self.params.chunk_size;
+        let mut group: Vec<(u64, usize, usize)> = Vec::with_capacity(GROUP); // (gpa, region, offset)
+        let mut window = (Instant::now(), self.out.bytes, 0u64);
+        for (ri, (region, bits)) in regions.iter().zip(dirty).enumerate() {
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let b = word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    let page_off = (w * 64 + b) * PAGE_SIZE;
+                    if page_off as u64 >= region.len {
+                        continue;
+                    }
+                    for off in (page_off..page_off + PAGE_SIZE).step_by(chunk) {
+                        group.push((region.gpa + off as u64, ri, off));
+                    }
+                    if group.len() >= GROUP {
+                        self.send_group(&group)?;
+                        group.clear();
+                        self.pace(t0, b0)?;
+                        if window.0.elapsed() >= Duration::from_millis(100) {
+                            let secs = window.0.elapsed().as_secs_f64();
+                            let (bytes, pages) = (self.out.bytes - window.1, self.entries - window.2);
+                            self.update(|i| {
+                                i.ram.mbps = bytes as f64 * 8.0 / secs / 1e6;
+                                i.ram.pages_per_second = (pages as f64 / secs) as u64;
+                            });
+                            window = (Instant::now(), self.out.bytes, self.entries);
+                        }
+                    }
+                }
+            }
+        }
+        self.send_group(&group)?;
+        self.page_bytes += self.builder.flush(&mut self.out)? as u64;
+        self.out.flush().map_err(ProtocolError::from)?;
+        let _ = pass;
+        Ok((self.out.bytes - b0, t0.elapsed()))
+    }
+
+    /// Classifies a group of chunks (uniform / full / digest) and queues them.
+    fn send_group(&mut self, group: &[(u64, usize, usize)]) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        let chunk = self.params.chunk_size;
+        let mut others: Vec<(u64, &[u8])> = Vec::with_capacity(group.len());
+        let mut uniform = 0u64;
+        let mut uniforms = Vec::new();
+        for &(gpa, ri, off) in group {
+            let bytes = &self.src.region_bytes(ri)[off..off + chunk];
+            match uniform_byte(bytes) {
+                Some(b) => {
+                    uniforms.push((gpa, b));
+                    uniform += 1;
+                }
+                None => others.push((gpa, bytes)),
+            }
+        }
+        let decisions = if others.is_empty() { Vec::new() } else { self.dedup.decide(&others).map_err(MigrationError::Vmm)? };
+        let (mut full, mut dedup) = (0u64, 0u64);
+        for (gpa, b) in uniforms {
+            self.builder.uniform(gpa, b);
+            self.entries += 1;
+            if self.builder.is_full() {
+                self.page_bytes += self.builder.flush(&mut self.out)? as u64;
+            }
+        }
+        for ((gpa, bytes), d) in others.iter().zip(decisions) {
+            match d {
+                Some(digest) => {
+                    self.builder.digest(*gpa, &digest);
+                    dedup += 1;
+                }
+                None => {
+                    self.builder.full(*gpa, bytes);
+                    full += 1;
+                }
+            }
+            self.entries += 1;
+            if self.builder.is_full() {
+                self.page_bytes += self.builder.flush(&mut self.out)? as u64;
+            }
+        }
+        let per_page = (PAGE_SIZE / chunk) as u64;
+        self.update(|i| {
+            i.ram.duplicate += uniform / per_page;
+            i.ram.normal += full / per_page;
+            i.ram.normal_bytes += full * chunk as u64;
+            i.ram.deduplicated += dedup;
+            i.ram.remaining = i.ram.remaining.saturating_sub((group.len() * chunk) as u64);
+        });
+        Ok(())
+    }
+
+    /// Keeps the sending rate under `max_bandwidth`.
+    fn pace(&mut self, t0: Instant, b0: u64) -> Result<(), MigrationError> {
+        if let Some(rate) = self.params.max_bandwidth.filter(|&r| r > 0) {
+            let due = (self.out.bytes - b0) as f64 / rate as f64;
+            let elapsed = t0.elapsed().as_secs_f64();
+            if due > elapsed {
+                std::thread::sleep(Duration::from_secs_f64(due - elapsed));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the engine needs from the destination VMM.
+pub trait Sink {
+    /// Creates guest memory for `regions` (from `Hello` and `MemoryLayout`).
+    fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String>;
+    /// Guest memory of region `index`, writable (the guest is not running).
+    fn region_bytes_mut(&mut self, index: usize) -> &mut [u8];
+    /// A digest-only chunk at `gpa`: find the content and install it.
+    fn resolve_digest(&mut self, gpa: u64, digest: &[u8]) -> Result<(), String> {
+        Err(format!("digest-only chunk at {gpa:#x} ({} bytes of digest) but no content index", digest.len()))
+    }
+    /// Everything has arrived: restore vCPU, VM and device state; do not run yet.
+    fn restore(&mut self, state: &[u8]) -> Result<(), String>;
+    /// Starts the guest (after the source was told).
+    fn start(&mut self) -> Result<(), String>;
+}
+
+/// What the destination saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReceiveStats {
+    /// VM name.
+    pub name: String,
+    /// Chunk entries installed.
+    pub entries: u64,
+    /// Full chunks.
+    pub full: u64,
+    /// Uniform chunks.
+    pub uniform: u64,
+    /// Digest-only chunks resolved.
+    pub digest: u64,
+    /// Passes announced by the source.
+    pub passes: u32,
+    /// Milliseconds from `Hello` to the guest starting.
+    pub total_ms: u64,
+}
+
+/// Receives a migration on `input`, answering on `answer`. The guest starts only after every
+/// chunk is in place, the state restored and the source told so.
+pub fn receive<S: Sink, R: Read, W: Write>(sink: &mut S, input: R, mut answer: W) -> Result<ReceiveStats, MigrationError> {
+    match receive_inner(sink, input) {
+        Ok(mut stats) => {
+            protocol::write_verdict(&mut answer, true, "running")?;
+            answer.flush().map_err(ProtocolError::from)?;
+            let t = Instant::now();
+            sink.start().map_err(MigrationError::Vmm)?;
+            stats.total_ms += t.elapsed().as_millis() as u64;
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = protocol::write_verdict(&mut answer, false, &e.to_string());
+            let _ = answer.flush();
+            Err(e)
+        }
+    }
+}
+
+fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStats, MigrationError> {
+    let start = Instant::now();
+    let mut input = std::io::BufReader::with_capacity(4 << 20, input);
+    let mut dec = Decoder::new();
+    let mut next = |dec: &mut Decoder, what: &str| -> Result<Record, MigrationError> {
+        dec.read(&mut input)?
+            .ok_or_else(|| MigrationError::Invalid(format!("stream ended before {what}")))
+    };
+    let hello = match next(&mut dec, "Hello")? {
+        Record::Hello(h) => h,
+        r => return Err(MigrationError::Invalid(format!("expected Hello, got {}", r.name()))),
+    };
+    let regions = match next(&mut dec, "MemoryLayout")? {
+        Record::MemoryLayout(r) => r,
+        r => return Err(MigrationError::Invalid(format!("expected MemoryLayout, got {}", r.name()))),
+    };
+    let total: u64 = regions.iter().map(|r| r.len).sum();
+    if total != hello.mem_size || regions.is_empty() {
+        return Err(MigrationError::Invalid(format!("layout of {total} bytes for a {}-byte guest", hello.mem_size)));
+    }
+    sink.prepare(&hello, &regions).map_err(MigrationError::Vmm)?;
+    let chunk = hello.chunk_size as usize;
+    let mut stats = ReceiveStats { name: hello.name.clone(), ..Default::default() };
+    let mut page_bytes = 0u64;
+    let mut state = None;
+    loop {
+        match next(&mut dec, "End")? {
+            Record::Pages(p) => {
+                page_bytes += p.payload_len() as u64;
+                for (gpa, c) in p.iter() {
+                    let (ri, off) = regions
+                        .iter()
+                        .enumerate()
+                        .find(|(_, r)| gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len)
+                        .map(|(i, r)| (i, (gpa - r.gpa) as usize))
+                        .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))?;
+                    match c {
+                        Chunk::Full(data) => {
+                            sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
+                            stats.full += 1;
+                        }
+                        Chunk::Uniform(b) => {
+                            sink.region_bytes_mut(ri)[off..off + chunk].fill(b);
+                            stats.uniform += 1;
+                        }
+                        Chunk::Digest(d) => {
+                            sink.resolve_digest(gpa, d).map_err(MigrationError::Vmm)?;
+                            stats.digest += 1;
+                        }
+                    }
+                    stats.entries += 1;
+                }
+            }
+            Record::Iteration { pass, .. } => stats.passes = pass,
+            Record::VmState(s) => state = Some(s),
+            Record::End { entries, page_bytes: pb } => {
+                if entries != stats.entries || pb != page_bytes {
+                    return Err(MigrationError::Invalid(format!(
+                        "source sent {entries} entries in {pb} bytes, {} entries in {page_bytes} bytes arrived",
+                        stats.entries
+                    )));
+                }
+                break;
+            }
+            r => return Err(MigrationError::Invalid(format!("unexpected {} record", r.name()))),
+        }
+    }
+    let state = state.ok_or_else(|| MigrationError::Invalid("no VmState before End".into()))?;
+    sink.restore(&state).map_err(MigrationError::Vmm)?;
+    stats.total_ms = start.elapsed().as_millis() as u64;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A fake guest: memory in a Vec, writes simulated between passes.
+    struct FakeVm {
+        mem: Vec<u8>,
+        dirty: Vec<u64>,
+        logging: bool,
+        paused: bool,
+        resumed: u32,
+        /// Pages the "guest" dirties at each dirty-log fetch while running.
+        churn: Vec<usize>,
+        throttle: u8,
+        max_throttle: u8,
+    }
+
+    impl FakeVm {
+        fn new(pages: usize) -> FakeVm {
+            let mut mem = vec![0u8; pages * PAGE_SIZE];
+            for p in 0..pages / 2 {
+                mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill((p % 251) as u8 + 1);
+                mem[p * PAGE_SIZE + 7] = p as u8; // not uniform
+            }
+            FakeVm { mem, dirty: vec![0; pages.div_ceil(64)], logging: false, paused: false, resumed: 0, churn: vec![], throttle: 0, max_throttle: 0 }
+        }
+        fn write(&mut self, page: usize, byte: u8) {
+            self.mem[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(byte);
+            self.mem[page * PAGE_SIZE] ^= 0x55;
+            if self.logging {
+                self.dirty[page / 64] |= 1 << (page % 64);
+            }
+        }
+    }
+
+    impl Source for FakeVm {
+        fn regions(&self) -> Vec<Region> {
+            vec![Region { gpa: 0, len: self.mem.len() as u64 }]
+        }
+        fn region_bytes(&self, _: usize) -> &[u8] {
+            &self.mem
+        }
+        fn start_dirty_log(&mut self) -> Result<(), String> {
+            self.logging = true;
+            Ok(())
+        }
+        fn stop_dirty_log(&mut self) -> Result<(), String> {
+            self.logging = false;
+            Ok(())
+        }
+        fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String> {
+            if !self.paused {
+                let churn = self.churn.clone();
+                for p in churn {
+                    self.write(p, 0xee);
+                }
+            }
+            let n = self.dirty.len();
+            Ok(vec![std::mem::replace(&mut self.dirty, vec![0; n])])
+        }
+        fn pause(&mut self) -> Result<(), String> {
+            self.paused = true;
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            self.paused = false;
+            self.resumed += 1;
+            Ok(())
+        }
+        fn vm_state(&mut self) -> Result<Vec<u8>, String> {
+            Ok(b"state".to_vec())
+        }
+        fn set_throttle(&mut self, p: u8) {
+            self.throttle = p;
+            self.max_throttle = self.max_throttle.max(p);
+        }
+        fn name(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeDest {
+        mem: Vec<u8>,
+        state: Vec<u8>,
+        started: bool,
+    }
+
+    impl Sink for FakeDest {
+        fn prepare(&mut self, _: &Hello, regions: &[Region]) -> Result<(), String> {
+            self.mem = vec![0xaa; regions[0].len as usize];
+            Ok(())
+        }
+        fn region_bytes_mut(&mut self, _: usize) -> &mut [u8] {
+            &mut self.mem
+        }
+        fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+            self.state = state.to_vec();
+            Ok(())
+        }
+        fn start(&mut self) -> Result<(), String> {
+            self.started = true;
+            Ok(())
+        }
+    }
+
+    /// A byte pipe between threads.
+    struct Pipe(mpsc::Sender<Vec<u8>>);
+    impl Write for Pipe {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.send(b.to_vec()).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    struct PipeIn(mpsc::Receiver<Vec<u8>>, Vec<u8>, usize);
+    impl Read for PipeIn {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            while self.2 >= self.1.len() {
+                match self.0.recv() {
+                    Ok(v) => {
+                        self.1 = v;
+                        self.2 = 0;
+                    }
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = buf.len().min(self.1.len() - self.2);
+            buf[..n].copy_from_slice(&self.1[self.2..self.2 + n]);
+            self.2 += n;
+            Ok(n)
+        }
+    }
+
+    fn run(vm: &mut FakeVm, params: Params) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
+        let (tx, rx) = mpsc::channel();
+        let (btx, brx) = mpsc::channel();
+        let dest = std::thread::spawn(move || {
+            let mut d = FakeDest::default();
+            receive(&mut d, PipeIn(rx, vec![], 0), Pipe(btx)).map(|_| d)
+        });
+        let info = Arc::new(Mutex::new(MigrationInfo::default()));
+        let r = Sender::new(vm, NoDedup, Pipe(tx), PipeIn(brx, vec![], 0), params, info, Arc::new(AtomicBool::new(false))).run();
+        (r, dest.join().unwrap())
+    }
+
+    #[test]
+    fn converging_migration_copies_memory_exactly() {
+        let mut vm = FakeVm::new(1024);
+        vm.churn = vec![3, 5, 700];
+        let (r, d) = run(&mut vm, Params::default());
+        let info = r.unwrap();
+        let d = d.unwrap();
+        assert!(d.started);
+        assert_eq!(d.state, b"state");
+        assert_eq!(d.mem, vm.mem, "destination memory differs");
+        assert_eq!(info.status, Status::Completed);
+        assert_eq!(info.ram.total, 1024 * 4096);
+        assert!(info.ram.duplicate >= 512, "zero pages are uniform: {:?}", info.ram);
+        assert!(info.ram.normal >= 512);
+        assert!(info.ram.transferred > info.ram.normal_bytes);
+        assert!(info.downtime.is_some());
+        assert_eq!(vm.resumed, 0, "a completed migration never resumes the source");
+    }
+
+    #[test]
+    fn a_refusing_destination_resumes_the_source() {
+        struct Refuse;
+        impl Sink for Refuse {
+            fn prepare(&mut self, _: &Hello, _: &[Region]) -> Result<(), String> {
+                Err("no room for this guest".into())
+            }
+            fn region_bytes_mut(&mut self, _: usize) -> &mut [u8] {
+                unreachable!()
+            }
+            fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+                Ok(())
+            }
+            fn start(&mut self) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let mut vm = FakeVm::new(64);
+        let (tx, rx) = mpsc::channel();
+        let (btx, brx) = mpsc::channel();
+        let dest = std::thread::spawn(move || receive(&mut Refuse, PipeIn(rx, vec![], 0), Pipe(btx)));
+        let info = Arc::new(Mutex::new(MigrationInfo::default()));
+        let r = Sender::new(&mut vm, NoDedup, Pipe(tx), PipeIn(brx, vec![], 0), Params::default(), info.clone(), Arc::new(AtomicBool::new(false))).run();
+        assert!(dest.join().unwrap().is_err());
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("no room for this guest"), "{e}");
+        assert_eq!(info.lock().unwrap().status, Status::Failed);
+        assert!(!vm.paused);
+        assert!(!vm.logging, "dirty logging off again");
+    }
+
+    #[test]
+    fn no_convergence_is_reported_not_hung() {
+        let mut vm = FakeVm::new(256);
+        vm.churn = (0..256).collect();
+        let params = Params { max_iterations: Some(4), downtime_limit: Duration::from_nanos(1), ..Params::default() };
+        let (r, d) = run(&mut vm, params);
+        let e = r.unwrap_err();
+        assert!(matches!(e, MigrationError::NoConvergence { iterations: 4, .. }), "{e}");
+        assert!(d.is_err(), "destination sees the stream end early");
+        assert!(!vm.paused);
+    }
+
+    #[test]
+    fn auto_converge_throttles_a_busy_guest() {
+        let mut vm = FakeVm::new(256);
+        vm.churn = (0..256).collect();
+        let params = Params { max_iterations: Some(6), auto_converge: true, downtime_limit: Duration::from_nanos(1), ..Params::default() };
+        let _ = run(&mut vm, params);
+        // Two strikes per step: 20 % after pass 2, 30 % after pass 4, 40 % after pass 6.
+        assert_eq!(vm.max_throttle, 40, "throttle steps of QEMU's policy");
+        assert_eq!(vm.throttle, 0, "throttle released after the migration");
+    }
+
+    #[test]
+    fn a_truncated_stream_fails_cleanly_at_the_destination() {
+        let mut full = Vec::new();
+        {
+            let mut vm = FakeVm::new(64);
+            let (tx, rx) = mpsc::channel();
+            let (btx, brx) = mpsc::channel::<Vec<u8>>();
+            drop(brx);
+            let info = Arc::new(Mutex::new(MigrationInfo::default()));
+            let _ = btx;
+            let _ = Sender::new(&mut vm, NoDedup, Pipe(tx), std::io::empty(), Params::default(), info, Arc::new(AtomicBool::new(false))).run();
+            while let Ok(v) = rx.try_recv() {
+                full.extend(v);
+            }
+        }
+        for cut in [0, 10, full.len() / 2, full.len() - 1] {
+            let mut d = FakeDest::default();
+            let mut answer = Vec::new();
+            let e = receive(&mut d, &full[..cut], &mut answer).unwrap_err();
+            assert!(!d.started, "cut at {cut}: guest started");
+            let _ = e;
+            let v = Decoder::new().read(&mut &answer[..]).unwrap().unwrap();
+            assert!(matches!(v, Record::Verdict { ok: false, .. }));
+        }
+        let mut d = FakeDest::default();
+        receive(&mut d, &full[..], Vec::new()).unwrap();
+        assert!(d.started);
+    }
+}
