@@ -47,8 +47,8 @@ impl BootParams {
     /// for as long as [`BootParams::cmdline`] is used.
     pub unsafe fn parse(addr: u64) -> BootParams {
         let base = addr as *const u8;
-        // SAFETY (whole closure body): the caller guarantees `base` points to a
-        // readable 4 KiB page; every offset read below is inside it.
+        // SAFETY: the caller guarantees `base` points to a readable 4 KiB
+        // page; every offset read below is inside it.
         let read_u8 = |off: usize| unsafe { base.add(off).read_volatile() };
         // SAFETY: as above; unaligned reads because the fields are packed.
         let read_u32 = |off: usize| unsafe { (base.add(off) as *const u32).read_unaligned() };

@@ -5,7 +5,7 @@
 
 use core::arch::asm;
 
-use crate::interrupts::{SYS_ENABLE_INTERRUPTS, SYS_HALT, SYS_RDMSR, SYS_WAIT_TICK, SYS_WRMSR};
+use crate::interrupts::{SYS_ENABLE_INTERRUPTS, SYS_HALT, SYS_RDMSR, SYS_WAIT_UNTIL, SYS_WRMSR};
 
 /// Writes a byte to an I/O port.
 #[inline]
@@ -57,13 +57,14 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
     unsafe { service(SYS_WRMSR, u64::from(msr), value) };
 }
 
-/// Sleeps (`sti; hlt` in ring 0) unless the tick counter already differs
-/// from `seen`. The check and the halt are atomic with respect to the timer
-/// interrupt, so no tick is slept through.
+/// Sleeps (`sti; hlt` in ring 0) until the tick counter reaches `tick`;
+/// returns at once if it already has. The check and the halt are atomic with
+/// respect to the timer interrupt, so no tick is slept through, and ticks
+/// before `tick` are absorbed in ring 0 without returning to ring 3.
 #[inline]
-pub fn wait_for_tick(seen: u64) {
+pub fn wait_until_tick(tick: u64) {
     // SAFETY: the wait service only reads the tick counter and halts.
-    unsafe { service(SYS_WAIT_TICK, seen, 0) };
+    unsafe { service(SYS_WAIT_UNTIL, tick, 0) };
 }
 
 /// Stops the CPU for good (interrupts disabled, `hlt` in a loop in ring 0).

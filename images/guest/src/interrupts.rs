@@ -15,7 +15,7 @@
 //! * Vector 0xff (LAPIC spurious) returns without EOI, as the SDM requires.
 //! * Vector 6 (#UD) doubles as the service gate: ring 3 calls
 //!   `shrink_service`, whose `ud2` traps into ring 0, for the few privileged
-//!   services it needs: wait for the next tick (`sti; hlt`), halt forever,
+//!   services it needs: sleep until a given tick (`sti; hlt`), halt forever,
 //!   enable interrupts, and RDMSR/WRMSR (see [`crate::cpu`]). (Neither
 //!   `int 0x80` nor SYSCALL work on the nested hypervisor: `int n` in ring 3
 //!   becomes #UD, and SYSCALL does not switch to ring 0.)
@@ -32,7 +32,7 @@ pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of LAPIC spurious interrupts (SVR low byte).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// Ring-3 services (number in RAX), see `shrink_service`.
-pub const SYS_WAIT_TICK: u64 = 0;
+pub const SYS_WAIT_UNTIL: u64 = 0;
 pub const SYS_HALT: u64 = 1;
 pub const SYS_RDMSR: u64 = 2;
 pub const SYS_WRMSR: u64 = 3;
@@ -221,13 +221,14 @@ ud_stub:
     je 15f
     mov rax, -1
     iretq
-10:                         // wait for a tick newer than RDI
-    mov rax, [rip + {ticks}]
-    cmp rax, rdi
-    jne 14f
+10:                         // sleep until TICKS >= RDI (stays in ring 0
+    mov rax, [rip + {ticks}]    // across ticks, so idle ticks cost no
+    cmp rax, rdi                // return to ring 3)
+    jae 14f
     sti                     // the interrupt shadow makes sti; hlt atomic
     hlt
     cli
+    jmp 10b
 14:
     iretq
 11:                         // halt forever
