@@ -11,7 +11,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Sender};
 
 use serde_json::{json, Value};
 
@@ -94,9 +94,9 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` and returns the stream of requests. A stale socket file (no process
-    /// behind it) is replaced; a live one is an error.
-    pub fn start(path: &Path) -> Result<(ApiServer, Receiver<ApiRequest>), ApiError> {
+    /// Listens on `path` and sends every request to `requests`. A stale socket file (no
+    /// process behind it) is replaced; a live one is an error.
+    pub fn start<T: From<ApiRequest> + Send + 'static>(path: &Path, requests: Sender<T>) -> Result<ApiServer, ApiError> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(ApiError::InUse(path.to_owned()));
@@ -112,7 +112,7 @@ impl ApiServer {
             path: path.to_owned(),
             source,
         })?;
-        let (tx, rx) = channel();
+        let tx = requests;
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -124,7 +124,7 @@ impl ApiServer {
                 }
             })
             .map_err(|source| ApiError::Bind { path: path.to_owned(), source })?;
-        Ok((ApiServer { path: path.to_owned() }, rx))
+        Ok(ApiServer { path: path.to_owned() })
     }
 }
 
@@ -134,7 +134,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve_connection(stream: UnixStream, requests: Sender<ApiRequest>) {
+fn serve_connection<T: From<ApiRequest>>(stream: UnixStream, requests: Sender<T>) {
     let Ok(mut writer) = stream.try_clone() else { return };
     let reader = BufReader::new(stream);
     for line in reader.lines() {
@@ -147,7 +147,7 @@ fn serve_connection(stream: UnixStream, requests: Sender<ApiRequest>) {
             Ok((command, arguments)) => {
                 let (rtx, rrx) = channel();
                 let req = ApiRequest { command, arguments, reply: rtx };
-                if requests.send(req).is_err() {
+                if requests.send(T::from(req)).is_err() {
                     return;
                 }
                 match rrx.recv() {
@@ -164,40 +164,7 @@ fn serve_connection(stream: UnixStream, requests: Sender<ApiRequest>) {
     }
 }
 
-/// A blocking client for the API (used by tests, `shrink-migrate` and scripts).
-pub struct ApiClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl ApiClient {
-    /// Connects to a VMM's API socket.
-    pub fn connect(path: &Path) -> std::io::Result<ApiClient> {
-        let s = UnixStream::connect(path)?;
-        Ok(ApiClient { writer: s.try_clone()?, reader: BufReader::new(s) })
-    }
-
-    /// Sends a raw line and reads the reply line.
-    pub fn raw(&mut self, line: &str) -> std::io::Result<Value> {
-        self.writer.write_all(line.as_bytes())?;
-        self.writer.write_all(b"\n")?;
-        let mut reply = String::new();
-        if self.reader.read_line(&mut reply)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "API connection closed"));
-        }
-        serde_json::from_str(&reply).map_err(std::io::Error::other)
-    }
-
-    /// Executes a command; `Ok(return value)` or `Err(error description)`.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> std::io::Result<Result<Value, String>> {
-        let reply = self.raw(&json!({"execute": command, "arguments": arguments}).to_string())?;
-        Ok(match (reply.get("return"), reply.get("error")) {
-            (Some(v), _) => Ok(v.clone()),
-            (_, Some(e)) => Err(e.get("desc").and_then(Value::as_str).unwrap_or("error").to_owned()),
-            _ => Err(format!("malformed reply {reply}")),
-        })
-    }
-}
+pub use migrate::client::ApiClient;
 
 #[cfg(test)]
 mod tests {
@@ -226,7 +193,8 @@ mod tests {
     fn server_answers_every_line_and_keeps_the_connection() {
         let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let path = dir.as_path().join("api.sock");
-        let (server, rx) = ApiServer::start(&path).unwrap();
+        let (tx, rx) = channel::<ApiRequest>();
+        let server = ApiServer::start(&path, tx).unwrap();
         std::thread::spawn(move || {
             for req in rx {
                 let _ = req.reply.send(ok_reply(json!({"echo": req.command})));
@@ -235,7 +203,7 @@ mod tests {
         let mut c = ApiClient::connect(&path).unwrap();
         assert_eq!(c.raw("garbage").unwrap()["error"]["class"], "GenericError");
         assert_eq!(c.execute("ping", json!({})).unwrap().unwrap()["echo"], "ping");
-        assert!(matches!(ApiServer::start(&path), Err(ApiError::InUse(_))));
+        assert!(matches!(ApiServer::start(&path, channel::<ApiRequest>().0), Err(ApiError::InUse(_))));
         drop(server);
         assert!(!path.exists());
     }

@@ -1,14 +1,17 @@
-//! The VMM's control loop: executes API commands and reacts to the guest stopping itself or
-//! to SIGINT/SIGTERM.
+//! The VMM's control loop: the one thread that owns the [`Vmm`]. It executes API commands,
+//! runs calls from the migration thread (pause, dirty log, state), and reacts to the guest
+//! stopping itself, to SIGINT/SIGTERM, and to the end of an outgoing migration.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::api::{error_reply, ok_reply, ApiRequest, ErrorClass};
+use crate::migration::Outgoing;
+use migrate::precopy::Status;
 use crate::vmm::Vmm;
 
 /// Why the control loop ended.
@@ -20,6 +23,53 @@ pub enum Exit {
     Signal,
     /// The guest stopped itself; the reason.
     GuestStopped(String),
+    /// The guest was migrated away and runs at the destination.
+    Migrated,
+}
+
+/// A message to the control loop.
+pub enum ControlMsg {
+    /// An API request.
+    Api(ApiRequest),
+    /// Run a closure on the VMM (from the migration thread).
+    Call(Box<dyn FnOnce(&mut Vmm) + Send>),
+    /// The outgoing migration ended: `true` when the guest runs at the destination.
+    MigrationDone(bool),
+}
+
+impl From<ApiRequest> for ControlMsg {
+    fn from(r: ApiRequest) -> ControlMsg {
+        ControlMsg::Api(r)
+    }
+}
+
+/// Runs closures on the VMM from another thread, through the control loop.
+#[derive(Clone)]
+pub struct VmmCaller {
+    tx: Sender<ControlMsg>,
+}
+
+impl VmmCaller {
+    /// A caller sending to `tx`.
+    pub fn new(tx: Sender<ControlMsg>) -> VmmCaller {
+        VmmCaller { tx }
+    }
+
+    /// Sends a message to the control loop.
+    pub fn send(&self, msg: ControlMsg) -> Result<(), String> {
+        self.tx.send(msg).map_err(|_| "the VMM control loop is gone".to_owned())
+    }
+
+    /// Runs `f` on the VMM and returns its result.
+    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut Vmm) -> R + Send + 'static) -> Result<R, String> {
+        let (rtx, rrx) = channel();
+        self.tx
+            .send(ControlMsg::Call(Box::new(move |vmm| {
+                let _ = rtx.send(f(vmm));
+            })))
+            .map_err(|_| "the VMM control loop is gone".to_owned())?;
+        rrx.recv().map_err(|_| "the VMM control loop is gone".to_owned())
+    }
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
@@ -34,8 +84,23 @@ pub fn install_signal_handlers() {
     }
 }
 
+/// Whether SIGINT or SIGTERM arrived.
+pub fn terminating() -> bool {
+    TERMINATE.load(Ordering::SeqCst)
+}
+
 /// The commands of the API, for `help` texts and errors.
-pub const COMMANDS: &[&str] = &["status", "pause", "resume", "snapshot", "memory-digest", "quit"];
+pub const COMMANDS: &[&str] = &[
+    "status",
+    "pause",
+    "resume",
+    "snapshot",
+    "memory-digest",
+    "migrate",
+    "query-migrate",
+    "migrate_cancel",
+    "quit",
+];
 
 fn path_arg(args: &Value, name: &str) -> Result<PathBuf, String> {
     match args.get(name) {
@@ -45,62 +110,158 @@ fn path_arg(args: &Value, name: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Executes one command. Returns the reply and whether the VMM must quit.
-pub fn dispatch(vmm: &mut Vmm, command: &str, args: &Value) -> (Value, bool) {
-    let generic = |e: String| error_reply(ErrorClass::GenericError, e);
-    let reply = match command {
-        "status" => ok_reply(serde_json::to_value(vmm.status()).unwrap_or(Value::Null)),
-        "pause" => vmm.pause().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
-        "resume" => vmm.resume().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
-        "snapshot" => match path_arg(args, "path") {
-            Err(e) => generic(e),
-            Ok(dir) => match vmm.snapshot(&dir) {
-                Ok(stats) => ok_reply(serde_json::to_value(stats).unwrap_or(Value::Null)),
-                Err(e) => generic(e.to_string()),
-            },
-        },
-        "memory-digest" => {
-            let per_page = match args.get("pages") {
-                None => Ok(None),
-                Some(_) => path_arg(args, "pages").map(Some),
-            };
-            match per_page {
-                Err(e) => generic(e),
-                Ok(p) => match vmm.memory_digest(p.as_deref()) {
-                    Ok(d) => ok_reply(serde_json::to_value(d).unwrap_or(Value::Null)),
-                    Err(e) => generic(e.to_string()),
-                },
-            }
-        }
-        "quit" => return (ok_reply(json!({})), true),
-        other => error_reply(
-            ErrorClass::CommandNotFound,
-            format!("unknown command \"{other}\" (commands: {})", COMMANDS.join(", ")),
-        ),
-    };
-    (reply, false)
+/// The VMM and what the control loop keeps beside it.
+pub struct Controller {
+    vmm: Vmm,
+    tx: Sender<ControlMsg>,
+    rx: Receiver<ControlMsg>,
+    migration: Option<Outgoing>,
 }
 
-/// Serves API requests and watches the guest until `quit`, a signal, or the guest stopping.
-pub fn run(vmm: &mut Vmm, requests: Receiver<ApiRequest>) -> Exit {
-    loop {
-        if TERMINATE.load(Ordering::SeqCst) {
-            return Exit::Signal;
-        }
-        if let Some(reason) = vmm.poll_stopped() {
-            return Exit::GuestStopped(reason);
-        }
-        match requests.recv_timeout(Duration::from_millis(100)) {
-            Ok(req) => {
-                let (reply, quit) = dispatch(vmm, &req.command, &req.arguments);
-                let _ = req.reply.send(reply);
-                if quit {
-                    return Exit::Quit;
+impl Controller {
+    /// A controller for `vmm`, receiving on a fresh channel (see [`Controller::sender`]).
+    pub fn new(vmm: Vmm) -> Controller {
+        let (tx, rx) = channel();
+        Controller::with_channel(vmm, tx, rx)
+    }
+
+    /// A controller for `vmm` serving a channel made beforehand (the API may start first).
+    pub fn with_channel(vmm: Vmm, tx: Sender<ControlMsg>, rx: Receiver<ControlMsg>) -> Controller {
+        Controller { vmm, tx, rx, migration: None }
+    }
+
+    /// Where API servers and helpers send their messages.
+    pub fn sender(&self) -> Sender<ControlMsg> {
+        self.tx.clone()
+    }
+
+    /// The VMM.
+    pub fn vmm(&mut self) -> &mut Vmm {
+        &mut self.vmm
+    }
+
+    /// Executes one API command. Returns the reply and whether the VMM must quit.
+    pub fn dispatch(&mut self, command: &str, args: &Value) -> (Value, bool) {
+        let generic = |e: String| error_reply(ErrorClass::GenericError, e);
+        let migrated = self.migration.as_ref().is_some_and(|m| m.info().status == Status::Completed);
+        let reply = match command {
+            "migrate" | "resume" | "snapshot" if migrated => {
+                generic("the guest was migrated and runs at the destination".into())
+            }
+            "status" => ok_reply(serde_json::to_value(self.vmm.status()).unwrap_or(Value::Null)),
+            "pause" => self.vmm.pause().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
+            "resume" => self.vmm.resume().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
+            "snapshot" => match path_arg(args, "path") {
+                Err(e) => generic(e),
+                Ok(dir) => match self.vmm.snapshot(&dir) {
+                    Ok(stats) => ok_reply(serde_json::to_value(stats).unwrap_or(Value::Null)),
+                    Err(e) => generic(e.to_string()),
+                },
+            },
+            "memory-digest" => {
+                let per_page = match args.get("pages") {
+                    None => Ok(None),
+                    Some(_) => path_arg(args, "pages").map(Some),
+                };
+                match per_page {
+                    Err(e) => generic(e),
+                    Ok(p) => match self.vmm.memory_digest(p.as_deref()) {
+                        Ok(d) => ok_reply(serde_json::to_value(d).unwrap_or(Value::Null)),
+                        Err(e) => generic(e.to_string()),
+                    },
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            // No API: nothing but signals and the guest can end the loop.
-            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(100)),
+            "migrate" => {
+                if self.migration.as_ref().is_some_and(|m| m.running()) {
+                    generic("a migration is already in progress".into())
+                } else {
+                    match Outgoing::start(&self.vmm, args, VmmCaller::new(self.tx.clone())) {
+                        Ok(m) => {
+                            self.migration = Some(m);
+                            ok_reply(json!({}))
+                        }
+                        Err(e) => generic(e),
+                    }
+                }
+            }
+            "query-migrate" => match &self.migration {
+                Some(m) => ok_reply(serde_json::to_value(m.info()).unwrap_or(Value::Null)),
+                None => ok_reply(json!({})),
+            },
+            "migrate_cancel" => {
+                if let Some(m) = &self.migration {
+                    m.cancel();
+                }
+                ok_reply(json!({}))
+            }
+            "quit" => return (ok_reply(json!({})), true),
+            other => error_reply(
+                ErrorClass::CommandNotFound,
+                format!("unknown command \"{other}\" (commands: {})", COMMANDS.join(", ")),
+            ),
+        };
+        (reply, false)
+    }
+
+    /// Serves messages and watches the guest until `quit`, a signal, the guest stopping, or the
+    /// guest leaving for another host.
+    pub fn run(&mut self) -> Exit {
+        // After a completed migration the source lingers briefly (paused, as QEMU's
+        // "postmigrate") so that whoever drives it can read the final statistics.
+        let mut migrated_at: Option<std::time::Instant> = None;
+        loop {
+            if terminating() {
+                return Exit::Signal;
+            }
+            if migrated_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+                return Exit::Migrated;
+            }
+            if let Some(reason) = self.vmm.poll_stopped() {
+                return Exit::GuestStopped(reason);
+            }
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(ControlMsg::Api(req)) => {
+                    let (reply, quit) = self.dispatch(&req.command, &req.arguments);
+                    let _ = req.reply.send(reply);
+                    if quit {
+                        return Exit::Quit;
+                    }
+                    if migrated_at.is_some() && req.command == "query-migrate" {
+                        return Exit::Migrated;
+                    }
+                }
+                Ok(ControlMsg::Call(f)) => f(&mut self.vmm),
+                Ok(ControlMsg::MigrationDone(true)) => migrated_at = Some(std::time::Instant::now()),
+                Ok(ControlMsg::MigrationDone(false)) => {
+                    if let Some(m) = &self.migration {
+                        let info = m.info();
+                        eprintln!(
+                            "shrink-vmm: migration {:?}: {}; the guest keeps running here",
+                            info.status,
+                            info.error.unwrap_or_default()
+                        );
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+            }
         }
+    }
+
+    /// Stops everything (the migration thread first, then the vCPUs).
+    pub fn shutdown(&mut self) {
+        if let Some(m) = self.migration.take() {
+            m.cancel();
+            // Let the migration thread finish its calls before the loop stops serving them.
+            while m.running() {
+                match self.rx.recv_timeout(Duration::from_millis(10)) {
+                    Ok(ControlMsg::Call(f)) => f(&mut self.vmm),
+                    Ok(ControlMsg::Api(req)) => {
+                        let _ = req.reply.send(error_reply(ErrorClass::GenericError, "the VMM is shutting down"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.vmm.shutdown();
     }
 }

@@ -10,6 +10,7 @@
 //! - [`loader`]: ELF and bzImage kernels with the Linux 64-bit boot protocol.
 //! - [`vmm`]: building and controlling a VM; [`snapshot`]: its on-disk form.
 //! - [`api`] and [`control`]: the JSON control socket and the loop that serves it.
+//! - [`migration`]: the two ends of a live migration.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod migration;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use hypervisor::api::ApiServer;
 use hypervisor::config::{parse_mem_size, SerialOutput, VmConfig};
-use hypervisor::control::{self, Exit};
+use hypervisor::control::{self, Controller, Exit};
+use hypervisor::migration::{self, IncomingOptions};
+use hypervisor::vmm::DeviceConfig;
 use hypervisor::devices::virtio::block::DiskConfig;
 use hypervisor::devices::virtio::net::NetConfig;
 use hypervisor::loader::KernelConfig;
@@ -20,7 +22,7 @@ use hypervisor::vmm::Vmm;
 #[command(name = "shrink-vmm", version, about, long_about = None)]
 struct Args {
     /// Kernel to boot: an ELF (the project's guest, a Linux vmlinux) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "incoming"])]
     kernel: Option<PathBuf>,
 
     /// Initial ramdisk for a Linux kernel.
@@ -65,6 +67,11 @@ struct Args {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "mem", "net", "image"])]
     restore: Option<PathBuf>,
 
+    /// Receive a live migration on tcp:ADDR:PORT instead of booting; --net, --image and --disk
+    /// give this host's backends (default: the source's).
+    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "mem", "restore", "paused"])]
+    incoming: Option<String>,
+
     /// Start with the vCPUs paused (resume through the API).
     #[arg(long)]
     paused: bool,
@@ -79,52 +86,55 @@ fn run(args: Args) -> Result<Exit, String> {
         Some(p) => SerialOutput::File(p.clone()),
         None => SerialOutput::Stdout,
     };
-    // Start the API first: a socket that is in use is reported before any guest runs.
-    let api = match &args.api {
-        Some(p) => Some(ApiServer::start(p).map_err(|e| e.to_string())?),
+    let net = args
+        .net
+        .iter()
+        .map(|n| NetConfig::parse(n).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let disk = args.image.as_ref().map(|base| DiskConfig {
+        base: base.clone(),
+        overlay: args.disk.clone().unwrap_or_else(|| {
+            base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))
+        }),
+    });
+    // The API listens first: a socket that is in use is reported before any guest runs, and
+    // requests wait in the channel until the VM exists.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _server = match &args.api {
+        Some(p) => Some(ApiServer::start(p, tx.clone()).map_err(|e| e.to_string())?),
         None => None,
     };
-    let mut vmm = match &args.restore {
-        Some(dir) => {
-            let name = (args.name != "vm").then(|| args.name.clone());
-            Vmm::restore(dir, name, &serial, args.paused).map_err(|e| e.to_string())?
-        }
-        None => {
-            let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
-            let net = args
-                .net
-                .iter()
-                .map(|n| NetConfig::parse(n).map_err(|e| e.to_string()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let disk = args.image.as_ref().map(|base| DiskConfig {
-                base: base.clone(),
-                overlay: args.disk.clone().unwrap_or_else(|| {
-                    base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))
-                }),
-            });
-            let cfg = VmConfig {
-                name: args.name.clone(),
-                mem_size,
-                kernel: KernelConfig {
-                    kernel: args.kernel.clone().expect("clap requires --kernel without --restore"),
-                    initrd: args.initrd.clone(),
-                    cmdline: args.cmdline.clone(),
-                },
-                serial,
-                start_paused: args.paused,
-                net,
-                disk,
-            };
-            Vmm::boot(&cfg).map_err(|e| e.to_string())?
-        }
-    };
     control::install_signal_handlers();
-    let (_server, requests) = match api {
-        Some((s, rx)) => (Some(s), rx),
-        None => (None, std::sync::mpsc::channel().1),
+    let name = (args.name != "vm").then(|| args.name.clone());
+    let vmm = if let Some(dir) = &args.restore {
+        Vmm::restore(dir, name, &serial, args.paused).map_err(|e| e.to_string())?
+    } else if let Some(uri) = &args.incoming {
+        let mut devices: Vec<DeviceConfig> = disk.iter().map(|d| DeviceConfig::Block(d.clone())).collect();
+        devices.extend(net.iter().map(|n| DeviceConfig::Net(n.clone())));
+        let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices) };
+        let (vmm, stats) = migration::incoming(uri, opts)?;
+        tracing::info!("incoming migration done: {stats:?}");
+        vmm
+    } else {
+        let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
+        let cfg = VmConfig {
+            name: args.name.clone(),
+            mem_size,
+            kernel: KernelConfig {
+                kernel: args.kernel.clone().expect("clap requires --kernel without --restore"),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+            },
+            serial,
+            start_paused: args.paused,
+            net,
+            disk,
+        };
+        Vmm::boot(&cfg).map_err(|e| e.to_string())?
     };
-    let exit = control::run(&mut vmm, requests);
-    vmm.shutdown();
+    let mut controller = Controller::with_channel(vmm, tx, rx);
+    let exit = controller.run();
+    controller.shutdown();
     Ok(exit)
 }
 
@@ -135,6 +145,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(args) {
         Ok(Exit::Quit) | Ok(Exit::Signal) => ExitCode::SUCCESS,
+        Ok(Exit::Migrated) => {
+            eprintln!("shrink-vmm: the guest was migrated and runs at the destination");
+            ExitCode::SUCCESS
+        }
         Ok(Exit::GuestStopped(reason)) => {
             eprintln!("shrink-vmm: {reason}");
             if reason.contains("reset") {

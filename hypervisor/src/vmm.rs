@@ -4,6 +4,7 @@
 
 use std::io::{LineWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -71,6 +72,22 @@ pub enum VmmError {
     Disk(#[from] block::DiskError),
 }
 
+/// QEMU's self-announce frame for `mac`, preceded by the tap's zeroed virtio-net header:
+/// 60 bytes, broadcast, ethertype 0x8035 (RARP), htype 1, ptype 0x0800, hlen 6, plen 4,
+/// opcode 3 (reverse request), sender and target hardware address = `mac`, IPs 0.0.0.0.
+pub fn rarp_announce(mac: &[u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; crate::devices::virtio::tap::VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0, 6, 4, 0, 3]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(crate::devices::virtio::tap::VNET_HDR_LEN + 60, 0);
+    f
+}
+
 /// First GSI of virtio devices (after the legacy ISA interrupts in use).
 const VIRTIO_FIRST_GSI: u32 = 5;
 
@@ -96,6 +113,8 @@ pub struct DeviceSnapshot {
 /// A virtio device as the VMM keeps it.
 struct DeviceSlot {
     config: DeviceConfig,
+    /// For NICs: a handle on the tap, to announce the guest after a migration.
+    announce: Option<Tap>,
     transport: Arc<Mutex<MmioTransport>>,
     base: u64,
     gsi: u32,
@@ -200,6 +219,8 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     serial: Arc<Mutex<SerialDevice>>,
     devices: Vec<DeviceSlot>,
+    throttle: Arc<AtomicU8>,
+    kicker: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
     state: RunState,
     started: Instant,
     stopped: Receiver<(u8, StopReason)>,
@@ -227,16 +248,17 @@ struct Platform {
 }
 
 /// Opens a device's backend; `index` counts devices of the same kind (`net0`, `net1`, `blk0`).
-fn open_device(config: &DeviceConfig, index: usize) -> Result<Box<dyn VirtioDevice>, VmmError> {
+fn open_device(config: &DeviceConfig, index: usize) -> Result<(Box<dyn VirtioDevice>, Option<Tap>), VmmError> {
     Ok(match config {
         DeviceConfig::Net(n) => {
             let tap = Tap::open(&n.tap)?;
             if let Some(br) = &n.bridge {
                 tap.attach_to_bridge(br)?;
             }
-            Box::new(Net::new(format!("net{index}"), tap, n.mac))
+            let announce = tap.try_clone().map_err(|e| VmmError::Device(format!("tap {}: {e}", n.tap)))?;
+            (Box::new(Net::new(format!("net{index}"), tap, n.mac)), Some(announce))
         }
-        DeviceConfig::Block(d) => Box::new(Block::new(format!("blk{index}"), block::open_overlay(d)?)),
+        DeviceConfig::Block(d) => (Box::new(Block::new(format!("blk{index}"), block::open_overlay(d)?)), None),
     })
 }
 
@@ -248,7 +270,7 @@ fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Ve
             .iter()
             .filter(|c| std::mem::discriminant(*c) == std::mem::discriminant(config))
             .count();
-        let device = open_device(config, same_kind)?;
+        let (device, announce) = open_device(config, same_kind)?;
         let base = MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(dev_err)?;
@@ -264,21 +286,18 @@ fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Ve
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(base, MMIO_WINDOW, transport.clone())
             .map_err(|e| VmmError::Device(e.to_string()))?;
-        slots.push(DeviceSlot { config: config.clone(), transport, base, gsi });
+        slots.push(DeviceSlot { config: config.clone(), announce, transport, base, gsi });
     }
     Ok(slots)
 }
 
 fn build_platform(
-    mem_size: u64,
+    mem: memory::GuestMemoryMmap,
     serial_out: &SerialOutput,
     serial_state: Option<&SerialSnapshot>,
     devices: &[DeviceConfig],
-    load: impl FnOnce(&memory::GuestMemoryMmap) -> Result<(), VmmError>,
 ) -> Result<Platform, VmmError> {
     let kvm = open_kvm()?;
-    let mem = memory::create_guest_memory(mem_size)?;
-    load(&mem)?;
     let vm = Vm::new(&kvm, mem)?;
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("serial eventfd: {e}")))?;
     vm.fd()
@@ -315,11 +334,11 @@ impl Vmm {
                 .trim()
                 .to_owned();
         }
-        let mut entry = 0;
-        let p = build_platform(cfg.mem_size, &cfg.serial, None, &devices, |mem| {
-            entry = loader::load_kernel(mem, &kernel)?.entry;
-            Ok(())
-        })?;
+        // Check /dev/kvm before spending time on memory and the kernel.
+        open_kvm()?;
+        let mem = memory::create_guest_memory(cfg.mem_size)?;
+        let entry = loader::load_kernel(&mem, &kernel)?.entry;
+        let p = build_platform(mem, &cfg.serial, None, &devices)?;
         let vcpu = Vcpu::new(&p.vm, 0, p.pio.clone(), p.mmio.clone())?;
         vcpu.configure_boot(&p.kvm, p.vm.memory(), entry, 1)?;
         Self::start(cfg.name.clone(), kernel.cmdline, p, vec![vcpu], cfg.start_paused)
@@ -329,11 +348,49 @@ impl Vmm {
     /// come from `cfg`; memory size and everything else from the snapshot.
     pub fn restore(dir: &Path, name: Option<String>, serial: &SerialOutput, paused: bool) -> Result<Vmm, VmmError> {
         let state = snapshot::read_state(dir)?;
-        let configs: Vec<DeviceConfig> = state.devices.iter().map(|d| d.config.clone()).collect();
-        let p = build_platform(state.mem_size, serial, Some(&state.serial), &configs, |mem| {
-            snapshot::read_memory(dir, mem)?;
-            Ok(())
-        })?;
+        open_kvm()?;
+        let mem = memory::create_guest_memory(state.mem_size)?;
+        snapshot::read_memory(dir, &mem)?;
+        Self::restore_with(state, mem, name, serial, paused, None)
+    }
+
+    /// Builds a VM around memory that already holds the guest (a snapshot's, or what a
+    /// migration installed) and its saved state. `devices` replaces the backends recorded in the
+    /// state (a destination host has its own taps and disk paths); they must match in number
+    /// and kind.
+    pub fn restore_with(
+        state: SnapshotState,
+        mem: memory::GuestMemoryMmap,
+        name: Option<String>,
+        serial: &SerialOutput,
+        paused: bool,
+        devices: Option<Vec<DeviceConfig>>,
+    ) -> Result<Vmm, VmmError> {
+        if memory::mem_size(&mem) != state.mem_size {
+            return Err(VmmError::Device(format!(
+                "guest memory is {} bytes, the saved state {}",
+                memory::mem_size(&mem),
+                state.mem_size
+            )));
+        }
+        let recorded: Vec<DeviceConfig> = state.devices.iter().map(|d| d.config.clone()).collect();
+        let configs = match devices {
+            None => recorded,
+            Some(given) => {
+                let kinds = |v: &[DeviceConfig]| v.iter().map(|d| matches!(d, DeviceConfig::Net(_))).collect::<Vec<_>>();
+                if kinds(&given) != kinds(&recorded) {
+                    return Err(VmmError::Device(format!(
+                        "the guest has {} NIC(s) and {} disk(s); the command line gives {} and {}",
+                        recorded.iter().filter(|d| matches!(d, DeviceConfig::Net(_))).count(),
+                        recorded.iter().filter(|d| matches!(d, DeviceConfig::Block(_))).count(),
+                        given.iter().filter(|d| matches!(d, DeviceConfig::Net(_))).count(),
+                        given.iter().filter(|d| matches!(d, DeviceConfig::Block(_))).count(),
+                    )));
+                }
+                given
+            }
+        };
+        let p = build_platform(mem, serial, Some(&state.serial), &configs)?;
         p.vm.restore_state(&state.vm)?;
         for (slot, saved) in p.devices.iter().zip(&state.devices) {
             let mut t = slot.transport.lock().expect("device lock poisoned");
@@ -362,9 +419,10 @@ impl Vmm {
     ) -> Result<Vmm, VmmError> {
         let msrs = Arc::new(msr::saved_msr_indices(&p.kvm)?);
         let (tx, stopped) = channel();
+        let throttle = Arc::new(AtomicU8::new(0));
         let handles = vcpus
             .into_iter()
-            .map(|v| v.spawn(paused, msrs.clone(), tx.clone()))
+            .map(|v| v.spawn(paused, msrs.clone(), tx.clone(), throttle.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Vmm {
             name,
@@ -373,10 +431,47 @@ impl Vmm {
             vcpus: handles,
             serial: p.serial,
             devices: p.devices,
+            throttle,
+            kicker: None,
             state: if paused { RunState::Paused } else { RunState::Running },
             started: Instant::now(),
             stopped,
         })
+    }
+
+    /// Guest memory (shared: the mapping lives as long as any clone).
+    pub fn memory(&self) -> &memory::GuestMemoryMmap {
+        self.vm.memory()
+    }
+
+    /// Sends QEMU's self-announcement after a migration: for each NIC, five RARP frames (MAC →
+    /// broadcast, ethertype 0x8035, opcode 3) on its tap at about 0, 50, 200, 450 and 800 ms,
+    /// so that switches and site gateways learn where the guest now is.
+    pub fn announce_self(&self) {
+        for d in &self.devices {
+            let (DeviceConfig::Net(n), Some(tap)) = (&d.config, &d.announce) else { continue };
+            let tap = match tap.try_clone() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("announce on {}: {e}", n.tap);
+                    continue;
+                }
+            };
+            let frame = rarp_announce(&n.mac);
+            std::thread::spawn(move || {
+                let mut tap = tap;
+                let start = std::time::Instant::now();
+                for at in [0u64, 50, 200, 450, 800] {
+                    let due = std::time::Duration::from_millis(at);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                    if let Err(e) = tap.write(&frame) {
+                        tracing::warn!("announce on {}: {e}", tap.name());
+                    }
+                }
+            });
+        }
     }
 
     /// Name of the VM.
@@ -554,8 +649,34 @@ impl Vmm {
         }
     }
 
+    /// Throttles the vCPUs (auto-converge): they stay off the CPU `percent` of the time.
+    pub fn set_throttle(&mut self, percent: u8) {
+        self.throttle.store(percent.min(99), Ordering::Relaxed);
+        if percent == 0 {
+            if let Some((stop, t)) = self.kicker.take() {
+                stop.store(true, Ordering::Relaxed);
+                let _ = t.join();
+            }
+        } else if self.kicker.is_none() {
+            // Kick running vCPUs every 10 ms so that a busy guest reaches the throttle.
+            let stop = Arc::new(AtomicBool::new(false));
+            let kicks: Vec<_> = self.vcpus.iter().map(|v| v.kicker()).collect();
+            let s = stop.clone();
+            let t = std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    for k in &kicks {
+                        k.kick();
+                    }
+                }
+            });
+            self.kicker = Some((stop, t));
+        }
+    }
+
     /// Stops the vCPU threads.
     pub fn shutdown(&mut self) {
+        self.set_throttle(0);
         for v in &mut self.vcpus {
             v.exit();
         }

@@ -2,5 +2,6 @@
 //! land — the pre-copy engine, source-side deduplication and cluster orchestration.
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod protocol;
 pub mod precopy;

@@ -1,1 +1,171 @@
-fn main() {}
+//! `shrink-migrate`: drives live migrations.
+//!
+//! `shrink-migrate --vm SOCKET --to tcp:HOST:PORT` migrates one VM (whose destination VMM runs
+//! `shrink-vmm --incoming tcp:HOST:PORT`), showing progress, and prints QEMU-style statistics.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use migrate::client::ApiClient;
+use serde_json::{json, Value};
+
+/// Live-migrates a VM to another shrink-vmm.
+#[derive(Parser, Debug)]
+#[command(name = "shrink-migrate", version, about)]
+struct Args {
+    /// The source VM's API socket.
+    #[arg(long, value_name = "SOCKET")]
+    vm: PathBuf,
+
+    /// Where the destination VMM listens (`shrink-vmm --incoming tcp:HOST:PORT`).
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    to: String,
+
+    /// Longest acceptable pause of the guest, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    downtime_limit_ms: u64,
+
+    /// Upper bound of the migration traffic, bytes per second.
+    #[arg(long, value_name = "BYTES_PER_S")]
+    max_bandwidth: Option<u64>,
+
+    /// Give up after this many passes without converging.
+    #[arg(long, value_name = "N")]
+    max_iterations: Option<u64>,
+
+    /// Throttle a guest that dirties memory faster than the link carries it.
+    #[arg(long)]
+    auto_converge: bool,
+
+    /// Print the final statistics as JSON (no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", U[i])
+}
+
+/// Prints the statistics the way `info migrate` does.
+fn print_stats(info: &Value) {
+    let ram = &info["ram"];
+    let g = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+    println!("status: {}", info["status"].as_str().unwrap_or("?"));
+    if let Some(e) = info.get("error-desc").and_then(Value::as_str) {
+        println!("error: {e}");
+    }
+    println!("total time: {} ms", g(info, "total-time"));
+    println!("setup time: {} ms", g(info, "setup-time"));
+    if info.get("downtime").is_some() {
+        println!("downtime: {} ms", g(info, "downtime"));
+    } else {
+        println!("expected downtime: {} ms", g(info, "expected-downtime"));
+    }
+    println!("transferred ram: {} ({} bytes)", human_bytes(ram["transferred"].as_u64().unwrap_or(0)), g(ram, "transferred"));
+    println!("total ram: {}", human_bytes(ram["total"].as_u64().unwrap_or(0)));
+    println!("remaining ram: {} bytes", g(ram, "remaining"));
+    println!("duplicate: {} pages", g(ram, "duplicate"));
+    println!("normal: {} pages", g(ram, "normal"));
+    println!("normal bytes: {} kbytes", ram["normal-bytes"].as_u64().unwrap_or(0) / 1024);
+    println!("dirty sync count: {}", g(ram, "dirty-sync-count"));
+    println!("pages-per-second: {}", g(ram, "pages-per-second"));
+    println!("mbps: {:.2}", ram["mbps"].as_f64().unwrap_or(0.0));
+    println!("dirty pages rate: {} pages/s", g(ram, "dirty-pages-rate"));
+    println!("cpu throttle percentage: {}", g(info, "cpu-throttle-percentage"));
+}
+
+fn run(args: Args) -> Result<Value, String> {
+    let connect = || ApiClient::connect(&args.vm).map_err(|e| format!("cannot connect to {}: {e}", args.vm.display()));
+    let mut api = connect()?;
+    let mut margs = json!({"uri": args.to, "downtime_limit_ms": args.downtime_limit_ms, "auto_converge": args.auto_converge});
+    if let Some(b) = args.max_bandwidth {
+        margs["max_bandwidth"] = json!(b);
+    }
+    if let Some(n) = args.max_iterations {
+        margs["max_iterations"] = json!(n);
+    }
+    api.execute("migrate", margs)
+        .map_err(|e| format!("{}: {e}", args.vm.display()))?
+        .map_err(|e| format!("migrate: {e}"))?;
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {bytes}/{total_bytes} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let mut last = json!({});
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        // Once the destination confirms, the source VMM exits: its last answer is final, and a
+        // vanished socket after an active migration means it completed.
+        let info = match api.execute("query-migrate", json!({})) {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(format!("query-migrate: {e}")),
+            Err(_) => {
+                bar.finish_and_clear();
+                let mut done = last.clone();
+                if done["status"] == "active" || done["status"] == "setup" {
+                    // The VMM only exits on its own after a positive verdict.
+                    if connect().is_err() {
+                        done["status"] = json!("completed");
+                    }
+                }
+                return Ok(done);
+            }
+        };
+        let ram = &info["ram"];
+        let total = ram["total"].as_u64().unwrap_or(0);
+        bar.set_length(total);
+        bar.set_position(total.saturating_sub(ram["remaining"].as_u64().unwrap_or(total)));
+        bar.set_message(format!(
+            "{} pass {} {:.0} Mbit/s sent {}",
+            info["status"].as_str().unwrap_or(""),
+            ram["dirty-sync-count"],
+            ram["mbps"].as_f64().unwrap_or(0.0),
+            human_bytes(ram["transferred"].as_u64().unwrap_or(0))
+        ));
+        let status = info["status"].as_str().unwrap_or("").to_owned();
+        last = info;
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            bar.finish_and_clear();
+            return Ok(last);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let json = args.json;
+    match run(args) {
+        Ok(info) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+            } else {
+                print_stats(&info);
+            }
+            if info["status"] == "completed" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("shrink-migrate: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

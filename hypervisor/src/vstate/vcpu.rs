@@ -6,7 +6,7 @@
 //! `EINTR`. Kicks repeat until the thread answers, which closes the race where a kick lands
 //! just before the thread enters `KVM_RUN`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
@@ -407,6 +407,7 @@ impl Vcpu {
         paused: bool,
         msr_indices: Arc<Vec<u32>>,
         stopped: Sender<(u8, StopReason)>,
+        throttle: Arc<AtomicU8>,
     ) -> Result<VcpuHandle, VcpuError> {
         static KICK_HANDLER: Once = Once::new();
         KICK_HANDLER.call_once(|| {
@@ -419,7 +420,7 @@ impl Vcpu {
         let (resp_tx, resp_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(self, paused, msr_indices, req_rx, resp_tx, stopped))
+            .spawn(move || vcpu_loop(self, paused, msr_indices, req_rx, resp_tx, stopped, throttle))
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle {
             id,
@@ -450,6 +451,7 @@ fn vcpu_loop(
     requests: Receiver<VcpuRequest>,
     responses: Sender<VcpuResponse>,
     stopped: Sender<(u8, StopReason)>,
+    throttle: Arc<AtomicU8>,
 ) {
     // Returns false when the thread must end.
     let handle = |req: VcpuRequest, vcpu: &Vcpu, paused: &mut bool| -> bool {
@@ -496,9 +498,32 @@ fn vcpu_loop(
         if paused {
             continue;
         }
+        let ran = std::time::Instant::now();
         if let Err(reason) = vcpu.run_once() {
             paused = true;
             let _ = stopped.send((vcpu.id, reason));
+        }
+        // Auto-converge: stay off the CPU for `p` percent of the time (the VMM kicks running
+        // vCPUs every few milliseconds while throttling, so a busy guest comes back here).
+        let p = throttle.load(Ordering::Relaxed).min(99) as u32;
+        if p > 0 {
+            let off = ran.elapsed() * p / (100 - p);
+            std::thread::sleep(off.min(Duration::from_millis(100)));
+        }
+    }
+}
+
+/// Kicks a vCPU thread out of `KVM_RUN` (see [`VcpuHandle::kicker`]).
+#[derive(Clone, Copy)]
+pub struct Kicker(Option<libc::pthread_t>);
+
+impl Kicker {
+    /// Sends the kick signal; a thread outside `KVM_RUN` ignores it.
+    pub fn kick(&self) {
+        if let Some(t) = self.0 {
+            // SAFETY: the pthread_t belongs to a vCPU thread, which the VMM joins only after
+            // stopping every kicker (Vmm::set_throttle(0) in shutdown); the handler is a no-op.
+            unsafe { libc::pthread_kill(t, SIGRTMIN()) };
         }
     }
 }
@@ -528,6 +553,13 @@ impl VcpuHandle {
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::ThreadGone(self.id)),
             }
         }
+    }
+
+    /// A handle that can kick this vCPU out of `KVM_RUN` from another thread, while the vCPU
+    /// thread lives.
+    pub fn kicker(&self) -> Kicker {
+        use std::os::unix::thread::JoinHandleExt;
+        Kicker(self.thread.as_ref().map(|t| t.as_pthread_t()))
     }
 
     /// Stops the vCPU and waits until it is out of `KVM_RUN`.

@@ -1,0 +1,312 @@
+//! The VMM's two ends of a live migration, on top of `migrate::precopy`.
+//!
+//! - Outgoing: the API command `migrate` starts a thread that connects to the destination and
+//!   runs the pre-copy [`Sender`]; it reads guest memory directly and asks the control loop
+//!   (through [`VmmCaller`]) for everything else: dirty logs, pause, resume, state, throttle.
+//!   The process exits once the destination confirms the guest runs there.
+//! - Incoming: `shrink-vmm --incoming tcp:ADDR:PORT` accepts one connection, installs the guest
+//!   as it arrives, builds the VM from the saved state with its own devices, tells the source,
+//!   then starts the guest and announces it (RARP) on its NICs.
+
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use migrate::precopy::{self, MigrationInfo, NoDedup, Params, ReceiveStats, Sink, Source, Status};
+use migrate::protocol::{Hello, Region};
+use serde_json::Value;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::config::SerialOutput;
+use crate::control::{ControlMsg, VmmCaller};
+use crate::snapshot::SnapshotState;
+use crate::vmm::{DeviceConfig, Vmm};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Parses `tcp:HOST:PORT` into something to connect to or bind.
+pub fn parse_tcp_uri(uri: &str) -> Result<String, String> {
+    let rest = uri
+        .strip_prefix("tcp:")
+        .ok_or_else(|| format!("migration URI '{uri}': only tcp:HOST:PORT is supported"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("migration URI '{uri}': missing :PORT"))?;
+    port.parse::<u16>()
+        .map_err(|_| format!("migration URI '{uri}': '{port}' is not a port number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
+}
+
+fn host_slice(mem: &GuestMemoryMmap, index: usize) -> (*mut u8, usize) {
+    let region = mem.iter().nth(index).expect("region index within the layout");
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .expect("a mapped region has a host address");
+    (host, region.len() as usize)
+}
+
+fn regions_of(mem: &GuestMemoryMmap) -> Vec<Region> {
+    mem.iter().map(|r| Region { gpa: r.start_addr().0, len: r.len() }).collect()
+}
+
+/// The source VM as the pre-copy engine sees it.
+struct VmmSource {
+    mem: GuestMemoryMmap,
+    caller: VmmCaller,
+    name: String,
+}
+
+impl Source for VmmSource {
+    fn regions(&self) -> Vec<Region> {
+        regions_of(&self.mem)
+    }
+    fn region_bytes(&self, index: usize) -> &[u8] {
+        let (ptr, len) = host_slice(&self.mem, index);
+        // SAFETY: the mapping lives as long as `self.mem` (a clone of the VM's memory keeps it
+        // mapped). The guest may write concurrently; such pages are in the next dirty log, so a
+        // torn read is always sent again.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+    fn start_dirty_log(&mut self) -> Result<(), String> {
+        self.caller.call(|v| v.start_dirty_log().map_err(|e| e.to_string()))?
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), String> {
+        self.caller.call(|v| v.stop_dirty_log().map_err(|e| e.to_string()))?
+    }
+    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String> {
+        let log = self.caller.call(|v| v.dirty_log().map_err(|e| e.to_string()))??;
+        Ok(log.regions.into_iter().map(|r| r.bitmap).collect())
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.caller.call(|v| v.pause().map_err(|e| e.to_string()))?
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.caller.call(|v| v.resume().map_err(|e| e.to_string()))?
+    }
+    fn vm_state(&mut self) -> Result<Vec<u8>, String> {
+        let state = self.caller.call(|v| v.save_state().map_err(|e| e.to_string()))??;
+        serde_json::to_vec(&state).map_err(|e| e.to_string())
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        let _ = self.caller.call(move |v| v.set_throttle(percent));
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+fn u64_arg(args: &Value, name: &str) -> Result<Option<u64>, String> {
+    match args.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("argument \"{name}\" must be a non-negative integer")),
+    }
+}
+
+/// Migration parameters from the `migrate` command's arguments.
+pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
+    let uri = args
+        .get("uri")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "missing argument \"uri\" (tcp:HOST:PORT)".to_owned())?;
+    let addr = parse_tcp_uri(uri)?;
+    if let Some(obj) = args.as_object() {
+        for k in obj.keys() {
+            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge"].contains(&k.as_str()) {
+                return Err(format!("unknown argument \"{k}\""));
+            }
+        }
+    }
+    let mut p = Params::default();
+    if let Some(ms) = u64_arg(args, "downtime_limit_ms")? {
+        p.downtime_limit = Duration::from_millis(ms);
+    }
+    p.max_bandwidth = u64_arg(args, "max_bandwidth")?;
+    p.max_iterations = u64_arg(args, "max_iterations")?.map(|n| n.min(u32::MAX as u64) as u32);
+    p.auto_converge = match args.get("auto_converge") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("argument \"auto_converge\" must be true or false".into()),
+    };
+    Ok((addr, p))
+}
+
+/// An outgoing migration in progress (or finished).
+pub struct Outgoing {
+    info: Arc<Mutex<MigrationInfo>>,
+    cancel: Arc<AtomicBool>,
+    socket: Arc<Mutex<Option<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Outgoing {
+    /// Starts migrating `vmm` as `args` (the `migrate` command's arguments) ask.
+    pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, String> {
+        let (addr, params) = params_from_args(args)?;
+        let info = Arc::new(Mutex::new(MigrationInfo { status: Status::Setup, ..Default::default() }));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let socket = Arc::new(Mutex::new(None));
+        let mut source = VmmSource { mem: vmm.memory().clone(), caller: caller.clone(), name: vmm.name().to_owned() };
+        let (i, c, s) = (info.clone(), cancel.clone(), socket.clone());
+        let thread = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let result = connect(&addr).and_then(|stream| {
+                    let back = stream.try_clone().map_err(|e| e.to_string())?;
+                    *s.lock().expect("socket lock poisoned") = stream.try_clone().ok();
+                    if c.load(Ordering::SeqCst) {
+                        return Err("cancelled".into());
+                    }
+                    precopy::Sender::new(&mut source, NoDedup, stream, back, params, i.clone(), c.clone())
+                        .run()
+                        .map_err(|e| e.to_string())
+                });
+                let ok = match result {
+                    Ok(_) => true,
+                    Err(e) => {
+                        let mut info = i.lock().expect("migration info poisoned");
+                        if !matches!(info.status, Status::Failed | Status::Cancelled) {
+                            info.status = if c.load(Ordering::SeqCst) { Status::Cancelled } else { Status::Failed };
+                            info.error = Some(e);
+                        }
+                        false
+                    }
+                };
+                let _ = caller_done(&caller, ok);
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        Ok(Outgoing { info, cancel, socket, thread: Some(thread) })
+    }
+
+    /// A copy of the statistics.
+    pub fn info(&self) -> MigrationInfo {
+        self.info.lock().expect("migration info poisoned").clone()
+    }
+
+    /// Whether the migration thread still runs.
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Aborts the migration: the guest keeps (or goes back to) running here.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(s) = self.socket.lock().expect("socket lock poisoned").as_ref() {
+            // Unblocks a write stuck on a slow or dead link.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn caller_done(caller: &VmmCaller, ok: bool) -> Result<(), String> {
+    caller.send(ControlMsg::MigrationDone(ok))
+}
+
+fn connect(addr: &str) -> Result<TcpStream, String> {
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .collect();
+    let mut last = format!("cannot resolve {addr}");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = format!("cannot connect to {a}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Options of the destination VM: what the command line gives.
+pub struct IncomingOptions {
+    /// VM name override.
+    pub name: Option<String>,
+    /// Serial output.
+    pub serial: SerialOutput,
+    /// Device backends on this host (None: those recorded by the source).
+    pub devices: Option<Vec<DeviceConfig>>,
+}
+
+struct VmmSink {
+    opts: IncomingOptions,
+    mem: Option<GuestMemoryMmap>,
+    vmm: Option<Vmm>,
+}
+
+impl Sink for VmmSink {
+    fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String> {
+        let ranges: Vec<(GuestAddress, usize)> = regions.iter().map(|r| (GuestAddress(r.gpa), r.len as usize)).collect();
+        let expected = crate::arch::layout::ram_ranges(hello.mem_size);
+        if ranges != expected {
+            return Err(format!("memory layout {ranges:x?} is not what this VMM builds for {} bytes", hello.mem_size));
+        }
+        self.mem = Some(
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot allocate guest memory: {e}"))?,
+        );
+        Ok(())
+    }
+
+    fn region_bytes_mut(&mut self, index: usize) -> &mut [u8] {
+        let (ptr, len) = host_slice(self.mem.as_ref().expect("prepare() ran"), index);
+        // SAFETY: the region is mapped for as long as `self.mem` lives and no vCPU runs yet;
+        // this is the only writer.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let state: SnapshotState = serde_json::from_slice(state).map_err(|e| format!("invalid VM state: {e}"))?;
+        let mem = self.mem.take().ok_or("VM state before memory")?;
+        let vmm = Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())
+            .map_err(|e| e.to_string())?;
+        self.vmm = Some(vmm);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let vmm = self.vmm.as_mut().ok_or("no VM to start")?;
+        vmm.resume().map_err(|e| e.to_string())?;
+        vmm.announce_self();
+        Ok(())
+    }
+}
+
+/// Waits for one incoming migration on `uri` and returns the running VM.
+pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, ReceiveStats), String> {
+    let addr = parse_tcp_uri(uri)?;
+    let listener = TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let (stream, peer) = listener.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
+    drop(listener);
+    tracing::info!("incoming migration from {peer}");
+    let back = stream.try_clone().map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let mut sink = VmmSink { opts, mem: None, vmm: None };
+    let stats = precopy::receive(&mut sink, stream, back).map_err(|e| format!("incoming migration from {peer}: {e}"))?;
+    let vmm = sink.vmm.take().ok_or("the migration ended without a VM")?;
+    Ok((vmm, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_and_arguments() {
+        assert_eq!(parse_tcp_uri("tcp:127.0.0.1:4444").unwrap(), "127.0.0.1:4444");
+        assert_eq!(parse_tcp_uri("tcp:[::1]:4444").unwrap(), "[::1]:4444");
+        assert!(parse_tcp_uri("unix:/x").unwrap_err().contains("only tcp"));
+        assert!(parse_tcp_uri("tcp:host").unwrap_err().contains("missing :PORT"));
+        assert!(parse_tcp_uri("tcp:host:http").unwrap_err().contains("not a port"));
+        let (a, p) = params_from_args(&serde_json::json!({"uri": "tcp:10.0.0.2:7000", "downtime_limit_ms": 100,
+            "max_bandwidth": 12500000, "max_iterations": 30, "auto_converge": true})).unwrap();
+        assert_eq!(a, "10.0.0.2:7000");
+        assert_eq!(p.downtime_limit, Duration::from_millis(100));
+        assert_eq!((p.max_bandwidth, p.max_iterations, p.auto_converge), (Some(12_500_000), Some(30), true));
+        assert!(params_from_args(&serde_json::json!({})).unwrap_err().contains("missing argument \"uri\""));
+        assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "speed": 1})).unwrap_err().contains("unknown argument"));
+        assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "max_bandwidth": -5})).is_err());
+    }
+}

@@ -1,0 +1,43 @@
+//! A blocking client for the VMM control API (QMP-style JSON, one object per line).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// A blocking client for the API (used by tests, `shrink-migrate` and scripts).
+pub struct ApiClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ApiClient {
+    /// Connects to a VMM's API socket.
+    pub fn connect(path: &Path) -> std::io::Result<ApiClient> {
+        let s = UnixStream::connect(path)?;
+        Ok(ApiClient { writer: s.try_clone()?, reader: BufReader::new(s) })
+    }
+
+    /// Sends a raw line and reads the reply line.
+    pub fn raw(&mut self, line: &str) -> std::io::Result<Value> {
+        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        let mut reply = String::new();
+        if self.reader.read_line(&mut reply)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "API connection closed"));
+        }
+        serde_json::from_str(&reply).map_err(std::io::Error::other)
+    }
+
+    /// Executes a command; `Ok(return value)` or `Err(error description)`.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> std::io::Result<Result<Value, String>> {
+        let reply = self.raw(&json!({"execute": command, "arguments": arguments}).to_string())?;
+        Ok(match (reply.get("return"), reply.get("error")) {
+            (Some(v), _) => Ok(v.clone()),
+            (_, Some(e)) => Err(e.get("desc").and_then(Value::as_str).unwrap_or("error").to_owned()),
+            _ => Err(format!("malformed reply {reply}")),
+        })
+    }
+}
+
