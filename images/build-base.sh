@@ -13,8 +13,10 @@
 #                      the script exits at once.
 #
 # Determinism (cheap measures): SOURCE_DATE_EPOCH for every timestamp in the
-# tree and in the filesystem (E2FSPROGS_FAKE_TIME), fixed filesystem UUID and
-# directory hash seed, logs/caches/machine-id cleared.
+# filesystem (mtimes clamped in the tree, atime/ctime set with debugfs,
+# superblock times via E2FSPROGS_FAKE_TIME), fixed filesystem UUID and
+# directory hash seed, logs/caches/machine-id cleared. Two builds from the same
+# debootstrapped tree give byte-identical images.
 #
 # Must run as root. Environment overrides: SUITE, IMAGE_SIZE, MIRROR,
 # SOURCE_DATE_EPOCH, FS_UUID.
@@ -142,7 +144,7 @@ if [ "$(cat "${CACHE}/rootfs.key" 2>/dev/null)" != "$ROOTFS_KEY" ] || [ ! -d "$R
     echo "$ROOTFS_KEY" >"${CACHE}/rootfs.key"
 fi
 
-# Normalise every timestamp in the tree (cheap, also on reuse).
+# Clamp modification times to SOURCE_DATE_EPOCH (cheap, also on reuse).
 find "$ROOTFS" -xdev -newermt "@${SOURCE_DATE_EPOCH}" -exec touch -h -d "@${SOURCE_DATE_EPOCH}" {} + 2>/dev/null || true
 
 # --- stage 2: ext4 image -> qcow2 ---------------------------------------------
@@ -151,8 +153,27 @@ rm -f "$RAW" "$IMAGE" "${IMAGE}.key"
 log "mkfs.ext4 -d ($IMAGE_SIZE)"
 # E2FSPROGS_FAKE_TIME fixes the superblock/inode times mke2fs itself writes.
 E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" mkfs.ext4 -q -F -L shrink-root -U "$FS_UUID" \
-    -E "hash_seed=${FS_UUID},root_owner=0:0" -I 256 -d "$ROOTFS" "$RAW" "$IMAGE_SIZE"
-E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" e2fsck -fn "$RAW" >/dev/null
+    -E "hash_seed=${FS_UUID},root_owner=0:0" -I 256 -d "$ROOTFS" "$RAW" "$IMAGE_SIZE" 2>&1 \
+    | grep -v '^Creating regular file' >&2 || true
+# mke2fs -d copies atime and ctime from the tree, which no one can set (ctime)
+# or which change whenever a file is read (atime): set both to
+# SOURCE_DATE_EPOCH in the filesystem itself, one debugfs pass (~1 s).
+(cd "$ROOTFS" && find . -xdev -mindepth 1 -printf '%P\0') | SDE="$SOURCE_DATE_EPOCH" python3 -c '
+import os, sys
+e = os.environ["SDE"]
+print(f"sif / atime @{e}\nsif / ctime @{e}")
+for p in sys.stdin.buffer.read().decode("utf-8", "surrogateescape").split("\0"):
+    if p:
+        q = "\"/" + p.replace("\\", "\\\\").replace("\"", "\\\"") + "\""
+        print(f"sif {q} atime @{e}\nsif {q} ctime @{e}")
+' >"${CACHE}/debugfs-times.cmd"
+E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" debugfs -w -f "${CACHE}/debugfs-times.cmd" "$RAW" >"${CACHE}/debugfs-times.log" 2>&1
+if grep -v '^debugfs' "${CACHE}/debugfs-times.log" | grep -q .; then
+    grep -v '^debugfs' "${CACHE}/debugfs-times.log" | head -n 5 >&2
+    die "debugfs could not set some timestamps (log: ${CACHE}/debugfs-times.log)"
+fi
+E2FSPROGS_FAKE_TIME="$SOURCE_DATE_EPOCH" e2fsck -fn "$RAW" >"${CACHE}/e2fsck.log" 2>&1 \
+    || { cat "${CACHE}/e2fsck.log" >&2; die "e2fsck found errors in the new filesystem"; }
 log "qemu-img convert -> $IMAGE"
 qemu-img convert -f raw -O qcow2 "$RAW" "${IMAGE}.tmp"
 rm -f "$RAW"
