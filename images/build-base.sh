@@ -182,11 +182,12 @@ mv "${IMAGE}.tmp" "$IMAGE"
 # --- kernel -------------------------------------------------------------------
 VMLINUZ="$(ls "${ROOTFS}"/boot/vmlinuz-* | sort -V | tail -n1)"
 [ -f "$VMLINUZ" ] || die "no /boot/vmlinuz-* in the rootfs"
-cp "$VMLINUZ" "${OUT}/vmlinuz.tmp" && mv "${OUT}/vmlinuz.tmp" "${OUT}/vmlinuz"
+# Copy only on change, so that make does not redo out/vmlinux needlessly.
+cmp -s "$VMLINUZ" "${OUT}/vmlinuz" || { cp "$VMLINUZ" "${OUT}/vmlinuz.tmp" && mv "${OUT}/vmlinuz.tmp" "${OUT}/vmlinuz"; }
 basename "$VMLINUZ" | sed 's/^vmlinuz-//' >"${OUT}/vmlinuz.release"
 INITRD="${ROOTFS}/boot/initrd.img-$(cat "${OUT}/vmlinuz.release")"
 if [ -f "$INITRD" ]; then
-    cp "$INITRD" "${OUT}/initrd.img"
+    cmp -s "$INITRD" "${OUT}/initrd.img" || cp "$INITRD" "${OUT}/initrd.img"
 fi
 
 echo "$IMAGE_KEY" >"${IMAGE}.key"
