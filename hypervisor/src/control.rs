@@ -116,6 +116,7 @@ pub struct Controller {
     tx: Sender<ControlMsg>,
     rx: Receiver<ControlMsg>,
     migration: Option<Outgoing>,
+    incoming: Option<migrate::precopy::ReceiveStats>,
 }
 
 impl Controller {
@@ -127,12 +128,17 @@ impl Controller {
 
     /// A controller for `vmm` serving a channel made beforehand (the API may start first).
     pub fn with_channel(vmm: Vmm, tx: Sender<ControlMsg>, rx: Receiver<ControlMsg>) -> Controller {
-        Controller { vmm, tx, rx, migration: None }
+        Controller { vmm, tx, rx, migration: None, incoming: None }
     }
 
     /// Where API servers and helpers send their messages.
     pub fn sender(&self) -> Sender<ControlMsg> {
         self.tx.clone()
+    }
+
+    /// Records how this VM arrived (shown by `query-migrate` on the destination).
+    pub fn set_incoming(&mut self, stats: migrate::precopy::ReceiveStats) {
+        self.incoming = Some(stats);
     }
 
     /// The VMM.
@@ -184,9 +190,10 @@ impl Controller {
                     }
                 }
             }
-            "query-migrate" => match &self.migration {
-                Some(m) => ok_reply(serde_json::to_value(m.info()).unwrap_or(Value::Null)),
-                None => ok_reply(json!({})),
+            "query-migrate" => match (&self.migration, &self.incoming) {
+                (Some(m), _) => ok_reply(serde_json::to_value(m.info()).unwrap_or(Value::Null)),
+                (None, Some(i)) => ok_reply(json!({"status": "completed", "incoming": i})),
+                (None, None) => ok_reply(json!({})),
             },
             "migrate_cancel" => {
                 if let Some(m) = &self.migration {

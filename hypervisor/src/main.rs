@@ -106,6 +106,7 @@ fn run(args: Args) -> Result<Exit, String> {
     };
     control::install_signal_handlers();
     let name = (args.name != "vm").then(|| args.name.clone());
+    let mut incoming_stats = None;
     let vmm = if let Some(dir) = &args.restore {
         Vmm::restore(dir, name, &serial, args.paused).map_err(|e| e.to_string())?
     } else if let Some(uri) = &args.incoming {
@@ -114,6 +115,7 @@ fn run(args: Args) -> Result<Exit, String> {
         let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices) };
         let (vmm, stats) = migration::incoming(uri, opts)?;
         tracing::info!("incoming migration done: {stats:?}");
+        incoming_stats = Some(stats);
         vmm
     } else {
         let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
@@ -133,6 +135,9 @@ fn run(args: Args) -> Result<Exit, String> {
         Vmm::boot(&cfg).map_err(|e| e.to_string())?
     };
     let mut controller = Controller::with_channel(vmm, tx, rx);
+    if let Some(stats) = incoming_stats {
+        controller.set_incoming(stats);
+    }
     let exit = controller.run();
     controller.shutdown();
     Ok(exit)

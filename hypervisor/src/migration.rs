@@ -95,6 +95,9 @@ impl Source for VmmSource {
     fn name(&self) -> String {
         self.name.clone()
     }
+    fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+        Ok(crate::vstate::memory::sha256_all(&self.mem))
+    }
 }
 
 fn u64_arg(args: &Value, name: &str) -> Result<Option<u64>, String> {
@@ -113,7 +116,7 @@ pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
     let addr = parse_tcp_uri(uri)?;
     if let Some(obj) = args.as_object() {
         for k in obj.keys() {
-            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge"].contains(&k.as_str()) {
+            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge", "verify"].contains(&k.as_str()) {
                 return Err(format!("unknown argument \"{k}\""));
             }
         }
@@ -128,6 +131,11 @@ pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err("argument \"auto_converge\" must be true or false".into()),
+    };
+    p.verify = match args.get("verify") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("argument \"verify\" must be true or false".into()),
     };
     Ok((addr, p))
 }
@@ -257,7 +265,17 @@ impl Sink for VmmSink {
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }
     }
 
+    fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+        let mem = self.mem.as_ref().ok_or("no guest memory")?;
+        Ok(crate::vstate::memory::sha256_all(mem))
+    }
+
     fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        // Test hook: hold the destination between "everything arrived" and its verdict, so
+        // that tests can kill it while the source is paused and waiting.
+        if let Some(ms) = std::env::var("SHRINK_TEST_STALL_BEFORE_VERDICT_MS").ok().and_then(|v| v.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let state: SnapshotState = serde_json::from_slice(state).map_err(|e| format!("invalid VM state: {e}"))?;
         let mem = self.mem.take().ok_or("VM state before memory")?;
         let vmm = Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())

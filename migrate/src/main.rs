@@ -40,6 +40,11 @@ struct Args {
     #[arg(long)]
     auto_converge: bool,
 
+    /// Check end to end: the source sends a digest of all guest memory at pause and the
+    /// destination refuses a copy that differs (costs downtime: memory is hashed twice).
+    #[arg(long)]
+    verify: bool,
+
     /// Print the final statistics as JSON (no progress bar).
     #[arg(long)]
     json: bool,
@@ -87,7 +92,8 @@ fn print_stats(info: &Value) {
 fn run(args: Args) -> Result<Value, String> {
     let connect = || ApiClient::connect(&args.vm).map_err(|e| format!("cannot connect to {}: {e}", args.vm.display()));
     let mut api = connect()?;
-    let mut margs = json!({"uri": args.to, "downtime_limit_ms": args.downtime_limit_ms, "auto_converge": args.auto_converge});
+    let mut margs = json!({"uri": args.to, "downtime_limit_ms": args.downtime_limit_ms,
+        "auto_converge": args.auto_converge, "verify": args.verify});
     if let Some(b) = args.max_bandwidth {
         margs["max_bandwidth"] = json!(b);
     }

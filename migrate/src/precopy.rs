@@ -76,6 +76,8 @@ pub struct Params {
     pub digest: DigestKind,
     /// How long to wait for the destination's verdict after `End`.
     pub verdict_timeout: Duration,
+    /// Send a digest of all memory at pause; the destination refuses on a mismatch.
+    pub verify: bool,
 }
 
 impl Default for Params {
@@ -88,6 +90,7 @@ impl Default for Params {
             chunk_size: PAGE_SIZE,
             digest: DigestKind::None,
             verdict_timeout: Duration::from_secs(120),
+            verify: false,
         }
     }
 }
@@ -161,6 +164,9 @@ pub struct MigrationInfo {
     /// Why it failed.
     #[serde(rename = "error-desc", skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// SHA-256 of all guest memory at pause (with `verify`), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_sha256: Option<String>,
 }
 
 /// What the engine needs from the source VMM.
@@ -186,6 +192,13 @@ pub trait Source {
     fn set_throttle(&mut self, percent: u8);
     /// VM name.
     fn name(&self) -> String;
+    /// SHA-256 of all guest memory in address order (the guest is paused).
+    fn memory_digest(&mut self) -> Result<[u8; 32], String>;
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How non-uniform chunks travel: in full, or as a digest the destination resolves.
@@ -237,6 +250,11 @@ pub struct Sender<'a, S: Source, D: Dedup, W: Write, R: Read> {
     paused: bool,
     throttle: u8,
     throttle_strikes: u32,
+    /// Leaky bucket of the bandwidth cap: when the next byte may leave.
+    next_send: Instant,
+    /// Bytes and time spent sending passes (for the bandwidth estimate).
+    pass_bytes: u64,
+    pass_time: Duration,
 }
 
 /// Sets every page bit of a region of `len` bytes.
@@ -280,6 +298,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             paused: false,
             throttle: 0,
             throttle_strikes: 0,
+            next_send: Instant::now(),
+            pass_bytes: 0,
+            pass_time: Duration::ZERO,
         }
     }
 
@@ -369,8 +390,14 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
             last_sync = Instant::now();
             let dirty_bytes = count_bits(&dirty) * PAGE_SIZE as u64;
-            // Bandwidth measured on the link during the pass (bytes/s).
-            let bandwidth = sent as f64 / took.as_secs_f64().max(1e-3);
+            // Bandwidth of the link, measured over every pass so far: a short pass alone mostly
+            // measures how fast socket buffers fill, and would switch over too early.
+            self.pass_bytes += sent;
+            self.pass_time += took;
+            let mut bandwidth = self.pass_bytes as f64 / self.pass_time.as_secs_f64().max(1e-3);
+            if let Some(cap) = self.params.max_bandwidth.filter(|&c| c > 0) {
+                bandwidth = bandwidth.min(cap as f64);
+            }
             let threshold = bandwidth * self.params.downtime_limit.as_secs_f64();
             let expected = if bandwidth > 0.0 { dirty_bytes as f64 / bandwidth } else { 0.0 };
             self.update(|i| {
@@ -419,6 +446,11 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         self.send_pass(&regions, &dirty, pass + 1)?;
         let state = self.src.vm_state().map_err(MigrationError::Vmm)?;
         protocol::write_vm_state(&mut self.out, &state)?;
+        if self.params.verify {
+            let d = self.src.memory_digest().map_err(MigrationError::Vmm)?;
+            protocol::write_verify(&mut self.out, &d)?;
+            self.update(|i| i.memory_sha256 = Some(hex(&d)));
+        }
         protocol::write_end(&mut self.out, self.entries, self.page_bytes)?;
         self.out.flush().map_err(ProtocolError::from)?;
         self.update(|_| {});
@@ -456,7 +488,6 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                     if group.len() >= GROUP {
                         self.send_group(&group)?;
                         group.clear();
-                        self.pace(t0, b0)?;
                         if window.0.elapsed() >= Duration::from_millis(100) {
                             let secs = window.0.elapsed().as_secs_f64();
                             let (bytes, pages) = (self.out.bytes - window.1, self.entries - window.2);
@@ -471,7 +502,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
         }
         self.send_group(&group)?;
-        self.page_bytes += self.builder.flush(&mut self.out)? as u64;
+        self.flush_batch()?;
         self.out.flush().map_err(ProtocolError::from)?;
         let _ = pass;
         Ok((self.out.bytes - b0, t0.elapsed()))
@@ -500,7 +531,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             self.builder.uniform(gpa, b);
             self.entries += 1;
             if self.builder.is_full() {
-                self.page_bytes += self.builder.flush(&mut self.out)? as u64;
+                flush_batch(&mut self.builder, &mut self.out, self.params.max_bandwidth, &mut self.next_send, &mut self.page_bytes)?;
             }
         }
         for ((gpa, bytes), d) in others.iter().zip(decisions) {
@@ -516,7 +547,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
             self.entries += 1;
             if self.builder.is_full() {
-                self.page_bytes += self.builder.flush(&mut self.out)? as u64;
+                flush_batch(&mut self.builder, &mut self.out, self.params.max_bandwidth, &mut self.next_send, &mut self.page_bytes)?;
             }
         }
         let per_page = (PAGE_SIZE / chunk) as u64;
@@ -530,17 +561,32 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         Ok(())
     }
 
-    /// Keeps the sending rate under `max_bandwidth`.
-    fn pace(&mut self, t0: Instant, b0: u64) -> Result<(), MigrationError> {
-        if let Some(rate) = self.params.max_bandwidth.filter(|&r| r > 0) {
-            let due = (self.out.bytes - b0) as f64 / rate as f64;
-            let elapsed = t0.elapsed().as_secs_f64();
-            if due > elapsed {
-                std::thread::sleep(Duration::from_secs_f64(due - elapsed));
-            }
-        }
-        Ok(())
+    fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        flush_batch(&mut self.builder, &mut self.out, self.params.max_bandwidth, &mut self.next_send, &mut self.page_bytes)
     }
+}
+
+/// Writes the current batch as a record, keeping the rate under `max_bandwidth` (a leaky
+/// bucket: each record leaves once the previous ones have drained at that rate).
+fn flush_batch<W: Write>(
+    builder: &mut PagesBuilder,
+    out: &mut Counting<BufWriter<W>>,
+    max_bandwidth: Option<u64>,
+    next_send: &mut Instant,
+    page_bytes: &mut u64,
+) -> Result<(), MigrationError> {
+    let n = builder.flush(out)?;
+    *page_bytes += n as u64;
+    if let Some(rate) = max_bandwidth.filter(|&r| r > 0) {
+        let now = Instant::now();
+        *next_send = (*next_send).max(now) + Duration::from_secs_f64(n as f64 / rate as f64);
+        if *next_send > now {
+            // The buffered writer must not hold the record back while we wait.
+            out.flush().map_err(ProtocolError::from)?;
+            std::thread::sleep(*next_send - now);
+        }
+    }
+    Ok(())
 }
 
 /// What the engine needs from the destination VMM.
@@ -557,6 +603,8 @@ pub trait Sink {
     fn restore(&mut self, state: &[u8]) -> Result<(), String>;
     /// Starts the guest (after the source was told).
     fn start(&mut self) -> Result<(), String>;
+    /// SHA-256 of all guest memory in address order, before the guest runs.
+    fn memory_digest(&mut self) -> Result<[u8; 32], String>;
 }
 
 /// What the destination saw.
@@ -576,6 +624,8 @@ pub struct ReceiveStats {
     pub passes: u32,
     /// Milliseconds from `Hello` to the guest starting.
     pub total_ms: u64,
+    /// SHA-256 of the installed memory, when the source asked for verification.
+    pub memory_sha256: Option<String>,
 }
 
 /// Receives a migration on `input`, answering on `answer`. The guest starts only after every
@@ -623,6 +673,7 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
     let mut stats = ReceiveStats { name: hello.name.clone(), ..Default::default() };
     let mut page_bytes = 0u64;
     let mut state = None;
+    let mut verify = None;
     loop {
         match next(&mut dec, "End")? {
             Record::Pages(p) => {
@@ -653,6 +704,7 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
             }
             Record::Iteration { pass, .. } => stats.passes = pass,
             Record::VmState(s) => state = Some(s),
+            Record::Verify(d) => verify = Some(d),
             Record::End { entries, page_bytes: pb } => {
                 if entries != stats.entries || pb != page_bytes {
                     return Err(MigrationError::Invalid(format!(
@@ -666,6 +718,17 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
         }
     }
     let state = state.ok_or_else(|| MigrationError::Invalid("no VmState before End".into()))?;
+    if let Some(expected) = verify {
+        let got = sink.memory_digest().map_err(MigrationError::Vmm)?;
+        stats.memory_sha256 = Some(hex(&got));
+        if got != expected {
+            return Err(MigrationError::Invalid(format!(
+                "memory digest mismatch: source {}, destination {}",
+                hex(&expected),
+                hex(&got)
+            )));
+        }
+    }
     sink.restore(&state).map_err(MigrationError::Vmm)?;
     stats.total_ms = start.elapsed().as_millis() as u64;
     Ok(stats)
@@ -751,6 +814,20 @@ mod tests {
         fn name(&self) -> String {
             "fake".into()
         }
+        fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+            Ok(toy_digest(&self.mem))
+        }
+    }
+
+    /// Not cryptographic; enough to compare two byte strings in tests.
+    fn toy_digest(b: &[u8]) -> [u8; 32] {
+        let mut d = [0u8; 32];
+        for (i, chunk) in b.chunks(32).enumerate() {
+            for (j, x) in chunk.iter().enumerate() {
+                d[j] = d[j].wrapping_mul(31).wrapping_add(*x ^ i as u8);
+            }
+        }
+        d
     }
 
     #[derive(Default)]
@@ -758,6 +835,8 @@ mod tests {
         mem: Vec<u8>,
         state: Vec<u8>,
         started: bool,
+        /// Simulates a page that arrived wrong.
+        corrupt: bool,
     }
 
     impl Sink for FakeDest {
@@ -775,6 +854,12 @@ mod tests {
         fn start(&mut self) -> Result<(), String> {
             self.started = true;
             Ok(())
+        }
+        fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+            if self.corrupt {
+                self.mem[4096 * 3 + 9] ^= 1;
+            }
+            Ok(toy_digest(&self.mem))
         }
     }
 
@@ -809,10 +894,14 @@ mod tests {
     }
 
     fn run(vm: &mut FakeVm, params: Params) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
+        run_to(vm, params, FakeDest::default())
+    }
+
+    fn run_to(vm: &mut FakeVm, params: Params, dest: FakeDest) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
         let (tx, rx) = mpsc::channel();
         let (btx, brx) = mpsc::channel();
         let dest = std::thread::spawn(move || {
-            let mut d = FakeDest::default();
+            let mut d = dest;
             receive(&mut d, PipeIn(rx, vec![], 0), Pipe(btx)).map(|_| d)
         });
         let info = Arc::new(Mutex::new(MigrationInfo::default()));
@@ -840,6 +929,24 @@ mod tests {
     }
 
     #[test]
+    fn verified_migrations_compare_memory_digests() {
+        let mut vm = FakeVm::new(256);
+        vm.churn = vec![1, 2];
+        let (r, d) = run(&mut vm, Params { verify: true, ..Params::default() });
+        let info = r.unwrap();
+        assert_eq!(info.memory_sha256.as_deref(), Some(hex(&toy_digest(&vm.mem)).as_str()));
+        assert!(d.unwrap().started);
+        // A destination whose memory came out different refuses, and the source resumes.
+        let mut vm = FakeVm::new(256);
+        let (r, d) = run_to(&mut vm, Params { verify: true, ..Params::default() }, FakeDest { corrupt: true, ..FakeDest::default() });
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("memory digest mismatch"), "{e}");
+        assert!(d.is_err());
+        assert!(!vm.paused, "source resumed");
+        assert_eq!(vm.resumed, 1);
+    }
+
+    #[test]
     fn a_refusing_destination_resumes_the_source() {
         struct Refuse;
         impl Sink for Refuse {
@@ -854,6 +961,9 @@ mod tests {
             }
             fn start(&mut self) -> Result<(), String> {
                 Ok(())
+            }
+            fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+                Ok([0; 32])
             }
         }
         let mut vm = FakeVm::new(64);

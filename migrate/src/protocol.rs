@@ -28,6 +28,7 @@
 //! | 4    | `VmState`      | opaque bytes: vCPU, VM and device state as the VMM encodes it           |
 //! | 5    | `Iteration`    | pass number u32, bytes still dirty u64 (progress, not needed to restore) |
 //! | 6    | `End`          | page entries sent u64, payload bytes sent u64 (checked by the receiver) |
+//! | 7    | `Verify`       | SHA-256 (32 bytes) of all guest memory at pause, in address order (optional; sent before `End`) |
 //!
 //! A page entry is a u64 whose low 3 bits are the kind and whose other bits are the chunk's
 //! guest physical address (chunks are aligned, so the low bits are free, as in QEMU's format):
@@ -67,6 +68,7 @@ const T_PAGES: u8 = 3;
 const T_VM_STATE: u8 = 4;
 const T_ITERATION: u8 = 5;
 const T_END: u8 = 6;
+const T_VERIFY: u8 = 7;
 const T_VERDICT: u8 = 16;
 
 const KIND_FULL: u64 = 0;
@@ -300,6 +302,8 @@ pub enum Record {
         /// Payload bytes of `Pages` records sent.
         page_bytes: u64,
     },
+    /// Digest of all guest memory at pause.
+    Verify([u8; 32]),
     /// The destination's answer.
     Verdict {
         /// Whether the guest runs at the destination.
@@ -319,6 +323,7 @@ impl Record {
             Record::VmState(_) => "VmState",
             Record::Iteration { .. } => "Iteration",
             Record::End { .. } => "End",
+            Record::Verify(_) => "Verify",
             Record::Verdict { .. } => "Verdict",
         }
     }
@@ -401,7 +406,7 @@ impl Decoder {
         if len > MAX_PAYLOAD {
             return Err(ProtocolError::TooLong { kind, len });
         }
-        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERDICT) {
+        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERIFY | T_VERDICT) {
             return Err(ProtocolError::UnknownType(kind));
         }
         let mut payload = vec![0u8; len as usize];
@@ -508,6 +513,13 @@ impl Decoder {
                 }
                 Ok(Record::End { entries: u64_at(&payload, 0), page_bytes: u64_at(&payload, 8) })
             }
+            T_VERIFY => {
+                let d: [u8; 32] = payload
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| malformed("Verify", format!("{} bytes, expected 32", payload.len())))?;
+                Ok(Record::Verify(d))
+            }
             T_VERDICT => {
                 if payload.is_empty() || payload[0] > 1 {
                     return Err(malformed("Verdict", "status must be 0 or 1"));
@@ -562,6 +574,11 @@ pub fn write_end<W: Write>(w: &mut W, entries: u64, page_bytes: u64) -> Result<(
     p[..8].copy_from_slice(&entries.to_le_bytes());
     p[8..].copy_from_slice(&page_bytes.to_le_bytes());
     write_record(w, T_END, &p)
+}
+
+/// Writes `Verify`.
+pub fn write_verify<W: Write>(w: &mut W, digest: &[u8; 32]) -> Result<(), ProtocolError> {
+    write_record(w, T_VERIFY, digest)
 }
 
 /// Writes `Verdict`.

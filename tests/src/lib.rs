@@ -1,1 +1,6 @@
-//! Helpers for the cross-crate integration and two-site tests.
+//! Helpers for tests that cross crates and hosts: network namespaces as hosts, veth pairs as
+//! links (optionally shaped with `tc tbf` like a WAN), bridges as LANs. Everything is created
+//! with unique names and removed on drop, even when the test panics.
+#![warn(missing_docs)]
+
+pub mod netns;

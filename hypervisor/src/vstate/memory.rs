@@ -174,6 +174,13 @@ pub struct MemoryDigest {
     pub nonzero_pages: u64,
 }
 
+/// SHA-256 of all guest memory in address order.
+pub fn sha256_all(mem: &GuestMemoryMmap) -> [u8; 32] {
+    let mut total = Sha256::new();
+    for_each_page(mem, |_, page| total.update(page));
+    total.finish()
+}
+
 /// Digests guest memory, and writes each page's SHA-256 (32 bytes, address order) to
 /// `per_page` when given.
 pub fn memory_digest(

@@ -66,10 +66,26 @@ pub struct VmProcess {
 impl VmProcess {
     /// Starts `shrink-vmm` with `args` plus `--serial` and `--api` in `dir`.
     pub fn spawn(dir: &Path, tag: &str, args: &[&str]) -> VmProcess {
+        VmProcess::spawn_in(None, dir, tag, args, &[])
+    }
+
+    /// Like [`VmProcess::spawn`], inside network namespace `ns` and with extra environment.
+    pub fn spawn_in(ns: Option<&str>, dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> VmProcess {
         let serial = dir.join(format!("{tag}.serial"));
         let api = dir.join(format!("{tag}.sock"));
         let stderr = dir.join(format!("{tag}.stderr"));
-        let child = Command::new(vmm_bin())
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, vmm_bin()]);
+                c
+            }
+            None => Command::new(vmm_bin()),
+        };
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .args(args)
             .arg("--serial")
             .arg(&serial)

@@ -1,0 +1,228 @@
+//! Live migration between two shrink-vmm processes: real guests, real sockets, real faults.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use shrink_tests::netns::{self, Netns};
+
+const BOOT: Duration = Duration::from_secs(20);
+
+/// Waits for `query-migrate` on the source to reach a final status; returns it.
+fn wait_migration(src: &VmProcess, timeout: Duration) -> Value {
+    let start = Instant::now();
+    let mut last = json!({});
+    while start.elapsed() < timeout {
+        match src.client().execute("query-migrate", json!({})) {
+            Ok(Ok(v)) => {
+                if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                    return v;
+                }
+                last = v;
+            }
+            _ => return json!({"status": "gone", "last": last}),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("migration still running after {timeout:?}: {last}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn incoming(dir: &std::path::Path, tag: &str, uri: &str) -> VmProcess {
+    VmProcess::spawn(dir, tag, &["--incoming", uri])
+}
+
+#[test]
+fn a_busy_guest_migrates_over_loopback_exactly() {
+    let dir = TempDir::new("mig-loop");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = incoming(dir.path(), "dst", &uri);
+    let mut src = VmProcess::boot(dir.path(), "src", "256M", "workload=mem mem=32M rate=4M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri, "verify": true}));
+    let info = wait_migration(&src, Duration::from_secs(60));
+    assert_eq!(info["status"], "completed", "{info}");
+    let src_digest = info["memory-sha256"].as_str().unwrap().to_owned();
+    assert!(info["downtime"].as_u64().is_some() && info["ram"]["transferred"].as_u64().unwrap() > 4 << 20, "{info}");
+    assert!(info["ram"]["duplicate"].as_u64().unwrap() > 40_000, "zero pages sent as uniform: {info}");
+    // The source process is gone.
+    assert!(src.wait_exit(Duration::from_secs(5)).expect("source still running").success());
+    let last = src.last_heartbeat().unwrap();
+    // The destination installed exactly the paused source's memory, and the guest goes on.
+    let incoming = dst.exec("query-migrate", json!({}));
+    assert_eq!(incoming["incoming"]["memory_sha256"].as_str(), Some(src_digest.as_str()), "{incoming}");
+    dst.wait_for(&format!("heartbeat {}\n", last + 1), Duration::from_secs(5));
+    let hb = heartbeats(&dst.serial_text());
+    assert_eq!(hb[0], last + 1, "the heartbeat continues without restarting: {hb:?}");
+    assert_eq!(dst.exec("status", json!({}))["state"], "running");
+    dst.exec("quit", json!({}));
+    assert!(dst.wait_exit(Duration::from_secs(5)).unwrap().success());
+}
+
+#[test]
+fn migration_over_a_100_mbit_link_between_namespaces() {
+    netns::available().unwrap();
+    let t = netns::unique_tag();
+    let (a, b) = (Netns::new(&format!("mga{t}")).unwrap(), Netns::new(&format!("mgb{t}")).unwrap());
+    netns::link(&a, "10.99.0.1/24", &b, "10.99.0.2/24", Some("100mbit")).unwrap();
+    let dir = TempDir::new("mig-tbf");
+    let uri = "tcp:10.99.0.2:7000";
+    let _dst = VmProcess::spawn_in(Some(b.name()), dir.path(), "dst", &["--incoming", uri], &[]);
+    let g = guest();
+    let src = VmProcess::spawn_in(
+        Some(a.name()),
+        dir.path(),
+        "src",
+        &["--kernel", g.to_str().unwrap(), "--mem", "256M", "--cmdline", "workload=mem mem=24M rate=12M"],
+        &[],
+    );
+    // Let the working set fill with random data: about 24 MB to carry.
+    src.wait_for("heartbeat 3\n", BOOT);
+    src.exec("migrate", json!({"uri": uri}));
+    let info = wait_migration(&src, Duration::from_secs(120));
+    assert_eq!(info["status"], "completed", "{info}");
+    let bytes = info["ram"]["transferred"].as_u64().unwrap() as f64;
+    let secs = info["total-time"].as_u64().unwrap() as f64 / 1e3;
+    let rate = bytes * 8.0 / secs / 1e6;
+    eprintln!("100 Mbit/s link: {bytes} bytes in {secs:.2} s = {rate:.1} Mbit/s, downtime {} ms", info["downtime"]);
+    assert!(bytes > 20e6, "{info}");
+    // total-time is consistent with transferred and the link rate: it cannot beat the link,
+    // and the sender keeps the link busy.
+    assert!(rate <= 105.0, "faster than the link: {rate:.1} Mbit/s");
+    assert!(rate >= 50.0, "link badly used: {rate:.1} Mbit/s");
+}
+
+fn source_keeps_running(src: &VmProcess) {
+    let n = src.last_heartbeat().unwrap();
+    src.wait_for(&format!("heartbeat {}\n", n + 2), Duration::from_secs(6));
+    assert_eq!(src.exec("status", json!({}))["state"], "running");
+}
+
+#[test]
+fn killing_the_destination_during_the_dirty_passes_leaves_the_guest_at_the_source() {
+    let dir = TempDir::new("mig-kill1");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = incoming(dir.path(), "dst", &uri);
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    // 2 MB/s: the passes take several seconds.
+    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 2_000_000}));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(src.exec("query-migrate", json!({}))["status"], "active");
+    dst.child.kill().unwrap();
+    let info = wait_migration(&src, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(info["error-desc"].as_str().unwrap().len() > 5, "{info}");
+    source_keeps_running(&src);
+}
+
+#[test]
+fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source() {
+    let dir = TempDir::new("mig-kill2");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = VmProcess::spawn_in(None, dir.path(), "dst", &["--incoming", &uri], &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "20000")]);
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=8M rate=1M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri}));
+    // The source pauses the guest for the final pass and waits for the verdict.
+    let start = Instant::now();
+    while src.exec("status", json!({}))["state"] != "paused" {
+        assert!(start.elapsed() < Duration::from_secs(20), "source never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.child.kill().unwrap();
+    let info = wait_migration(&src, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    source_keeps_running(&src);
+}
+
+#[test]
+fn cancel_mid_way_keeps_the_guest_at_the_source() {
+    let dir = TempDir::new("mig-cancel");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = incoming(dir.path(), "dst", &uri);
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 1_000_000}));
+    std::thread::sleep(Duration::from_millis(800));
+    src.exec("migrate_cancel", json!({}));
+    let info = wait_migration(&src, Duration::from_secs(30));
+    assert_eq!(info["status"], "cancelled", "{info}");
+    source_keeps_running(&src);
+    // The destination saw a broken stream and gave up: no half-started guest.
+    let status = dst.wait_exit(Duration::from_secs(10)).expect("destination still running");
+    assert!(!status.success());
+    assert!(dst.stderr_text().contains("incoming migration"), "{}", dst.stderr_text());
+}
+
+#[test]
+fn garbage_and_truncated_streams_are_refused_by_the_destination() {
+    let dir = TempDir::new("mig-garbage");
+    // Garbage.
+    let port = free_port();
+    let mut dst = incoming(dir.path(), "dst1", &format!("tcp:127.0.0.1:{port}"));
+    let mut s = connect_retry(port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: shrink\r\n\r\n").unwrap();
+    drop(s);
+    let status = dst.wait_exit(Duration::from_secs(10)).expect("destination still running");
+    assert_eq!(status.code(), Some(1));
+    let err = dst.stderr_text();
+    assert!(err.contains("bad record magic") && err.lines().count() == 1, "{err}");
+    // A valid start, then the stream stops.
+    let port = free_port();
+    let mut dst = incoming(dir.path(), "dst2", &format!("tcp:127.0.0.1:{port}"));
+    let mut s = connect_retry(port);
+    use migrate::protocol::*;
+    let mut buf = Vec::new();
+    write_hello(&mut buf, &Hello { version: VERSION, chunk_size: 4096, digest: DigestKind::None, mem_size: 64 << 20, name: "x".into() }).unwrap();
+    write_layout(&mut buf, &[Region { gpa: 0, len: 64 << 20 }]).unwrap();
+    buf.extend_from_slice(&buf.clone()[..10]);
+    s.write_all(&buf).unwrap();
+    drop(s);
+    let status = dst.wait_exit(Duration::from_secs(10)).expect("destination still running");
+    assert_eq!(status.code(), Some(1));
+    assert!(dst.stderr_text().contains("truncated"), "{}", dst.stderr_text());
+}
+
+fn connect_retry(port: u16) -> std::net::TcpStream {
+    let start = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if start.elapsed() > Duration::from_secs(5) => panic!("connect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[test]
+fn auto_converge_makes_a_fast_dirtying_guest_converge() {
+    let dir = TempDir::new("mig-converge");
+    // A 64 Mbit/s link (rate cap) against a guest dirtying 32 MB/s of a 4 MB working set:
+    // 300 ms of downtime allows 2.4 MB, the working set is 4 MB.
+    let run = |auto: bool, tag: &str| -> Value {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let _dst = incoming(dir.path(), &format!("{tag}-dst"), &uri);
+        let src = VmProcess::boot(dir.path(), &format!("{tag}-src"), "64M", "workload=mem mem=4M rate=32M");
+        src.wait_for("heartbeat 1\n", BOOT);
+        let iterations = if auto { 40 } else { 10 };
+        src.exec("migrate", json!({"uri": uri, "max_bandwidth": 8_000_000, "max_iterations": iterations, "auto_converge": auto}));
+        let info = wait_migration(&src, Duration::from_secs(120));
+        if info["status"] != "completed" {
+            source_keeps_running(&src);
+        }
+        info
+    };
+    let without = run(false, "plain");
+    assert_eq!(without["status"], "failed", "{without}");
+    assert!(without["error-desc"].as_str().unwrap().contains("did not converge"), "{without}");
+    let with = run(true, "auto");
+    assert_eq!(with["status"], "completed", "{with}");
+    assert!(with["ram"]["dirty-sync-count"].as_u64().unwrap() > 2, "{with}");
+}
