@@ -329,8 +329,10 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 self.src.set_throttle(0);
                 let resumed = if self.paused { self.src.resume() } else { Ok(()) };
                 let _ = self.src.stop_dirty_log();
-                let status = if matches!(e, MigrationError::Cancelled) { Status::Cancelled } else { Status::Failed };
-                let mut msg = e.to_string();
+                // A cancel also shuts the socket down, so it may surface as an I/O error.
+                let cancelled = matches!(e, MigrationError::Cancelled) || self.cancel.load(Ordering::SeqCst);
+                let status = if cancelled { Status::Cancelled } else { Status::Failed };
+                let mut msg = if cancelled { "cancelled".to_owned() } else { e.to_string() };
                 if let Err(r) = resumed {
                     msg.push_str(&format!("; resuming the guest at the source failed: {r}"));
                 }
