@@ -43,3 +43,8 @@ pub fn init(boot: &BootParams) -> (u64, u64) {
     unsafe { HEAP.lock().init(start as *mut u8, size as usize) };
     (start, start + size)
 }
+
+/// Free heap bytes.
+pub fn free() -> usize {
+    HEAP.lock().free()
+}

@@ -18,6 +18,7 @@ use crate::interrupts::{SPURIOUS_VECTOR, TIMER_VECTOR};
 const LAPIC_BASE: usize = 0xfee0_0000;
 
 // Register offsets.
+const REG_ID: usize = 0x020;
 const REG_TPR: usize = 0x080;
 const REG_EOI: usize = 0x0b0;
 const REG_SVR: usize = 0x0f0;
@@ -58,6 +59,11 @@ fn write(reg: usize, value: u32) {
 #[allow(dead_code)]
 pub fn eoi() {
     write(REG_EOI, 0);
+}
+
+/// This CPU's LAPIC ID (xAPIC: bits 31:24 of the ID register).
+pub fn id() -> u8 {
+    (read(REG_ID) >> 24) as u8
 }
 
 /// Masks both legacy 8259 PICs so only the LAPIC delivers interrupts.
@@ -283,6 +289,24 @@ fn calibrate_with_tsc(tsc_hz: u64) -> Option<u64> {
     let cycles = u64::from(c0.checked_sub(c1)?);
     let tsc = t1.checked_sub(t0)?;
     (cycles != 0 && tsc != 0).then(|| (u128::from(cycles) * u128::from(tsc_hz) / u128::from(tsc)) as u64)
+}
+
+/// The TSC frequency: as found during calibration, else measured against the
+/// (calibrated) LAPIC timer over about 50 ms.
+pub fn tsc_hz(freq: &TimerFrequency) -> u64 {
+    if let Calibration::Tsc { tsc_hz, .. } = freq.how {
+        return tsc_hz;
+    }
+    let window = (freq.bus_hz / 20) as u32;
+    start_free_running();
+    let t0 = cpu::rdtsc();
+    while elapsed_since_start() < window {
+        core::hint::spin_loop();
+    }
+    let cycles = u64::from(elapsed_since_start());
+    let t1 = cpu::rdtsc();
+    stop_timer();
+    (u128::from(t1.wrapping_sub(t0)) * u128::from(freq.bus_hz) / u128::from(cycles.max(1))) as u64
 }
 
 /// Arms the LAPIC timer in periodic mode on [`TIMER_VECTOR`] at `hz`, given

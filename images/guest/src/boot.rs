@@ -24,7 +24,7 @@ pub const KERNEL_CS: u16 = 0x10;
 /// Size of the ring-0 stack (TSS.RSP0), used by interrupts and the service gate.
 pub const KERNEL_STACK_SIZE: usize = 16 * 1024;
 /// Size of the ring-3 stack the Rust code runs on.
-pub const USER_STACK_SIZE: usize = 128 * 1024;
+pub const USER_STACK_SIZE: usize = 1024 * 1024;
 /// Size of the ring-3 stack used to report exceptions.
 pub const REPORT_STACK_SIZE: usize = 32 * 1024;
 

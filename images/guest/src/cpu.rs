@@ -5,7 +5,7 @@
 
 use core::arch::asm;
 
-use crate::interrupts::{SYS_ENABLE_INTERRUPTS, SYS_HALT, SYS_RDMSR, SYS_WAIT_UNTIL, SYS_WRMSR};
+use crate::interrupts::{SYS_ENABLE_INTERRUPTS, SYS_HALT, SYS_RDMSR, SYS_WAIT_EVENT, SYS_WAIT_UNTIL, SYS_WRMSR};
 
 /// Writes a byte to an I/O port.
 #[inline]
@@ -65,6 +65,15 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
 pub fn wait_until_tick(tick: u64) {
     // SAFETY: the wait service only reads the tick counter and halts.
     unsafe { service(SYS_WAIT_UNTIL, tick, 0) };
+}
+
+/// Sleeps until the tick counter reaches `tick` or a device interrupt is
+/// pending ([`crate::interrupts::IRQ_PENDING`] set); returns at once if either
+/// already holds. Ticks before `tick` are absorbed in ring 0.
+#[inline]
+pub fn wait_event(tick: u64) {
+    // SAFETY: the service only reads the tick counter and the flag, and halts.
+    unsafe { service(SYS_WAIT_EVENT, tick, 0) };
 }
 
 /// Stops the CPU for good (interrupts disabled, `hlt` in a loop in ring 0).

@@ -12,10 +12,15 @@
 //! * Vector 0x20 (LAPIC timer) is a tiny assembly handler: it increments
 //!   [`TICKS`] and writes the LAPIC EOI register. Being pure assembly, it
 //!   clobbers no register (in particular no SSE state of the interrupted code).
+//! * Vectors 0x30..0x40 (device interrupts routed through the IOAPIC) share
+//!   one tiny stub: it sets [`IRQ_PENDING`] and writes the LAPIC EOI. The
+//!   "wait for an event" service returns to ring 3 as soon as that flag is
+//!   set, so an arriving frame is handled at once, not at the next tick.
 //! * Vector 0xff (LAPIC spurious) returns without EOI, as the SDM requires.
 //! * Vector 6 (#UD) doubles as the service gate: ring 3 calls
 //!   `shrink_service`, whose `ud2` traps into ring 0, for the few privileged
-//!   services it needs: sleep until a given tick (`sti; hlt`), halt forever,
+//!   services it needs: sleep until a given tick (`sti; hlt`), sleep until a
+//!   given tick or a device interrupt, halt forever,
 //!   enable interrupts, and RDMSR/WRMSR (see [`crate::cpu`]). (Neither
 //!   `int 0x80` nor SYSCALL work on the nested hypervisor: `int n` in ring 3
 //!   becomes #UD, and SYSCALL does not switch to ring 0.)
@@ -37,6 +42,12 @@ pub const SYS_HALT: u64 = 1;
 pub const SYS_RDMSR: u64 = 2;
 pub const SYS_WRMSR: u64 = 3;
 pub const SYS_ENABLE_INTERRUPTS: u64 = 4;
+pub const SYS_WAIT_EVENT: u64 = 5;
+/// First vector used for device interrupts (IOAPIC pins); vectors
+/// `DEVICE_VECTOR_BASE..DEVICE_VECTOR_BASE + DEVICE_VECTORS` all go to the
+/// device stub.
+pub const DEVICE_VECTOR_BASE: u8 = 0x30;
+pub const DEVICE_VECTORS: u8 = 16;
 
 /// Timer ticks since the timer was armed. Lives in guest memory, so it survives
 /// snapshot/restore and migration together with everything else.
@@ -46,6 +57,25 @@ pub static TICKS: AtomicU64 = AtomicU64::new(0);
 /// Number of timer ticks seen so far.
 pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
+}
+
+/// Set to 1 by the device interrupt stub; ring 3 clears it before it polls
+/// the devices, and the wait service returns while it is set.
+#[no_mangle]
+pub static IRQ_PENDING: AtomicU64 = AtomicU64::new(0);
+
+/// Device interrupts taken so far (for statistics).
+#[no_mangle]
+pub static IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// Clears the device-interrupt flag; returns whether it was set.
+pub fn take_irq() -> bool {
+    IRQ_PENDING.swap(0, Ordering::AcqRel) != 0
+}
+
+/// Device interrupts taken so far.
+pub fn irq_count() -> u64 {
+    IRQ_COUNT.load(Ordering::Relaxed)
 }
 
 /// Register state saved by the exception stubs (lowest address first).
@@ -184,6 +214,19 @@ timer_stub:
     pop rax
     iretq
 
+    // Device interrupt (IOAPIC, edge): flag it for ring 3 and acknowledge
+    // it. The wait service sees the flag and returns to ring 3, which polls
+    // every device. Touches only RAX.
+    .align 16
+device_stub:
+    mov qword ptr [rip + {irq_pending}], 1
+    lock inc qword ptr [rip + {irq_count}]
+    push rax
+    mov eax, 0xfee000b0     // LAPIC EOI register
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
     // LAPIC spurious interrupt: no EOI.
     .align 16
 spurious_stub:
@@ -219,6 +262,8 @@ ud_stub:
     je 13f
     cmp rax, 4
     je 15f
+    cmp rax, 5
+    je 16f
     mov rax, -1
     iretq
 10:                         // sleep until TICKS >= RDI (stays in ring 0
@@ -261,6 +306,19 @@ ud_stub:
     or qword ptr [rsp + 16], 0x200
     xor eax, eax
     iretq
+16:                         // sleep until TICKS >= RDI or a device
+    cmp qword ptr [rip + {irq_pending}], 0  // interrupt is pending
+    jne 17f
+    mov rax, [rip + {ticks}]
+    cmp rax, rdi
+    jae 17f
+    sti
+    hlt
+    cli
+    jmp 16b
+17:
+    xor eax, eax
+    iretq
 
     .section .rodata.interrupts, "a"
     .align 8
@@ -276,6 +334,9 @@ timer_stub_addr:
     .quad timer_stub
 spurious_stub_addr:
     .quad spurious_stub
+device_stub_addr:
+    .quad device_stub
+    .globl device_stub_addr
     .globl exception_stubs
     .globl timer_stub_addr
     .globl spurious_stub_addr
@@ -283,6 +344,8 @@ spurious_stub_addr:
     report = sym exception_report,
     reporting = sym REPORTING,
     ticks = sym TICKS,
+    irq_pending = sym IRQ_PENDING,
+    irq_count = sym IRQ_COUNT,
 );
 
 /// Set (bit 0) by the first exception; later ones just halt.
@@ -293,6 +356,7 @@ extern "C" {
     static exception_stubs: [u64; 33];
     static timer_stub_addr: u64;
     static spurious_stub_addr: u64;
+    static device_stub_addr: u64;
     /// The IDT itself (4 KiB in .bss, loaded by `_start`).
     static mut BOOT_IDT: [Gate; 256];
 }
@@ -331,7 +395,9 @@ impl Gate {
 pub fn init() {
     // SAFETY: the stub table and addresses are defined in the global_asm above
     // and are immutable.
-    let (stubs, timer, spurious) = unsafe { (&exception_stubs, timer_stub_addr, spurious_stub_addr) };
+    let (stubs, timer, spurious, device) =
+        unsafe { (&exception_stubs, timer_stub_addr, spurious_stub_addr, device_stub_addr) };
+    let devices = usize::from(DEVICE_VECTOR_BASE)..usize::from(DEVICE_VECTOR_BASE + DEVICE_VECTORS);
     // SAFETY: runs once on the only CPU with interrupts disabled; nothing else
     // reads or writes the IDT memory concurrently (the CPU reads it only on
     // interrupt delivery, and none can happen while IF = 0 and no exception is
@@ -342,6 +408,7 @@ pub fn init() {
             0..=31 => Gate::interrupt(stubs[vector], KERNEL_CS, 0),
             v if v == usize::from(TIMER_VECTOR) => Gate::interrupt(timer, KERNEL_CS, 0),
             v if v == usize::from(SPURIOUS_VECTOR) => Gate::interrupt(spurious, KERNEL_CS, 0),
+            v if devices.contains(&v) => Gate::interrupt(device, KERNEL_CS, 0),
             _ => Gate::interrupt(stubs[32], KERNEL_CS, 0),
         };
     }

@@ -21,21 +21,37 @@ mod allocator;
 mod apic;
 mod boot;
 mod bootparams;
+mod clock;
+mod config;
 mod cpu;
+mod disk;
 mod interrupts;
+mod ioapic;
 mod mem;
+mod net;
+mod probe;
+mod region;
 mod serial;
+mod virtio;
 mod workload;
 
 use alloc::string::String;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use virtio_drivers::transport::DeviceType;
+
 use bootparams::BootParams;
-use workload::{Config, Kind, MemWorkload};
+use config::{Config, DiskTest};
+use disk::{Disk, IoWorkload};
+use net::{MacFmt, Net};
+use region::Regions;
+use workload::MemWorkload;
 
 /// Timer frequency.
 const HZ: u64 = 100;
+/// Milliseconds per tick.
+const TICK_MS: u64 = 1000 / HZ;
 
 /// Heartbeats printed so far. In guest memory, so a restored or migrated VM
 /// continues counting where it left off.
@@ -75,52 +91,222 @@ pub extern "C" fn kernel_main(boot_params: u64) -> ! {
             println!("timer: lapic {} Hz (assumed, no pit/tsc info), {HZ} Hz tick, count {count}", freq.bus_hz)
         }
     }
+    clock::init(apic::tsc_hz(&freq));
 
-    let mut mem_workload = match config.kind {
-        Kind::Idle => None,
-        Kind::Mem => {
-            let w = MemWorkload::new(&config, &boot, heap_end, HZ, interrupts::ticks());
-            match &w {
-                Some(w) => {
-                    println!("workload mem: base=0x{:x} size={} rate={}", w.base(), w.size(), w.rate())
-                }
-                None => println!("workload mem: no usable memory above 0x{heap_end:x}, running idle"),
+    // Memory above the heap, handed out in a fixed order so that the same
+    // options give the same addresses.
+    let mut regions = Regions::new(&boot, heap_end);
+    let mut mem_workload = if config.mem_workload {
+        match regions.take(config.mem, 4096) {
+            Some((base, size)) => {
+                let w = MemWorkload::new(&config, base, size, HZ, interrupts::ticks());
+                println!("workload mem: base=0x{:x} size={} rate={}", w.base(), w.size(), w.rate());
+                Some(w)
             }
-            w
+            None => {
+                println!("workload mem: no usable memory above 0x{heap_end:x}, running idle");
+                None
+            }
         }
+    } else {
+        None
+    };
+
+    // Devices: the first disk and the first NIC are used; each device's GSI
+    // is routed to its own vector.
+    let apic_id = apic::id();
+    let mut disk: Option<Disk> = None;
+    let mut net: Option<Net> = None;
+    for (i, found) in virtio::discover(&config.devices).into_iter().enumerate() {
+        let base = found.dev.base;
+        match found.kind {
+            DeviceType::Block if disk.is_none() => match Disk::new(found.transport, base) {
+                Ok(d) => {
+                    println!("disk: {} bytes", d.capacity);
+                    disk = Some(d);
+                }
+                Err(e) => println!("disk: virtio-blk at 0x{base:x} failed: {e:?}"),
+            },
+            DeviceType::Network if net.is_none() => match Net::new(found.transport, base, &config, clock::now_ms()) {
+                Ok(n) => {
+                    match n.ip {
+                        Some(([a, b, c, d], len)) => match config.gw {
+                            Some([w, x, y, z]) => println!(
+                                "net: mac={} ip={a}.{b}.{c}.{d}/{len} gw={w}.{x}.{y}.{z}",
+                                MacFmt(n.mac)
+                            ),
+                            None => println!("net: mac={} ip={a}.{b}.{c}.{d}/{len}", MacFmt(n.mac)),
+                        },
+                        None => println!("net: mac={} ip=none", MacFmt(n.mac)),
+                    }
+                    net = Some(n);
+                }
+                Err(e) => println!("net: virtio-net at 0x{base:x} failed: {e:?}"),
+            },
+            kind => {
+                println!("virtio: {kind:?} at 0x{base:x} not used");
+                continue;
+            }
+        }
+        let vector = interrupts::DEVICE_VECTOR_BASE + (i as u8 % interrupts::DEVICE_VECTORS);
+        if !ioapic::route(found.dev.gsi, vector, apic_id) {
+            println!("virtio: gsi {} of 0x{base:x} is not an IOAPIC pin, polling only", found.dev.gsi);
+        }
+    }
+    // Per-VM data derive from the MAC, else from `seed=`.
+    let seed = match &net {
+        Some(n) => u64::from_be_bytes([0, 0, n.mac[0], n.mac[1], n.mac[2], n.mac[3], n.mac[4], n.mac[5]]),
+        None => config.seed,
+    };
+
+    if config.preload > 0 {
+        match disk.as_mut() {
+            None => println!("preload: no disk"),
+            Some(d) => {
+                let want = config.preload.min(d.capacity) & !4095;
+                match regions.take(want, 4096) {
+                    Some((base, size)) => {
+                        // SAFETY: the region is usable RAM handed out to the
+                        // preload alone, identity-mapped, kept for good.
+                        let buf = unsafe { core::slice::from_raw_parts_mut(base as *mut u8, size as usize) };
+                        let t0 = clock::now_us();
+                        let result = d.preload(buf);
+                        let us = (clock::now_us() - t0).max(1);
+                        match result {
+                            Ok(()) => println!(
+                                "preload: {size} bytes in {} ms ({}.{} MB/s)",
+                                us / 1000,
+                                size / us,
+                                size * 10 / us % 10
+                            ),
+                            Err(e) => println!("preload: failed: {e:?}"),
+                        }
+                    }
+                    None => println!("preload: no memory left"),
+                }
+            }
+        }
+    }
+
+    if config.private > 0 {
+        match regions.take(config.private, 4096) {
+            Some((base, size)) => {
+                workload::fill_private(base, size, seed);
+                println!("private: {size} bytes");
+            }
+            None => println!("private: no memory left"),
+        }
+    }
+
+    for test in &config.disktests {
+        let Some(d) = disk.as_mut() else {
+            println!("disktest: no disk");
+            break;
+        };
+        match *test {
+            DiskTest::Write(sector) => match d.test_write(sector, seed) {
+                Ok(()) => println!("disktest: wrote {sector}"),
+                Err(e) => println!("disktest: error {sector}: {e:?}"),
+            },
+            DiskTest::Check(sector) => match d.test_check(sector, seed) {
+                Ok(true) => println!("disktest: ok {sector}"),
+                Ok(false) => println!("disktest: mismatch {sector}"),
+                Err(e) => println!("disktest: error {sector}: {e:?}"),
+            },
+        }
+    }
+
+    let mut io_workload = if config.io_workload {
+        match disk.as_ref() {
+            None => {
+                println!("workload io: no disk");
+                None
+            }
+            Some(d) => {
+                let start = config.preload.next_multiple_of(1 << 20);
+                match IoWorkload::new(d, start, config.ioarea, config.iorate, seed, HZ, interrupts::ticks()) {
+                    Some(w) => {
+                        let (start, size) = w.area();
+                        println!("workload io: disk area {start}+{size} rate={}", config.iorate);
+                        Some(w)
+                    }
+                    None => {
+                        println!("workload io: no room on the disk after {start}");
+                        None
+                    }
+                }
+            }
+        }
+    } else {
+        None
     };
 
     cpu::enable_interrupts();
     println!("shrink-guest ready");
 
     let mut last_tick = interrupts::ticks();
+    let mut reported_reset = [false; 2];
     loop {
-        // Sleep until there is work: every tick for the mem workload, else
-        // until the next heartbeat is due (idle ticks then stay in ring 0).
-        let next_heartbeat = (HEARTBEATS.load(Ordering::Relaxed) + 1) * HZ;
-        let wake_at = if mem_workload.is_some() { last_tick + 1 } else { next_heartbeat };
-        cpu::wait_until_tick(wake_at);
+        // Clear the device flag first: an interrupt arriving while we poll
+        // makes the wait below return at once.
+        interrupts::take_irq();
         let now = interrupts::ticks();
-        if now == last_tick {
-            continue;
-        }
-        last_tick = now;
+        let now_ms = clock::now_ms();
 
-        if let Some(w) = mem_workload.as_mut() {
-            w.step(now);
+        if let Some(n) = net.as_mut() {
+            n.poll(now_ms);
         }
-        let mut beats = HEARTBEATS.load(Ordering::Relaxed);
-        while now >= (beats + 1) * HZ {
-            beats += 1;
-            HEARTBEATS.store(beats, Ordering::Relaxed);
-            println!("heartbeat {beats}");
-            if let Some(w) = mem_workload.as_ref() {
-                println!("mem: dirtied {}", w.dirtied());
+        let mut io_inflight = false;
+        if let (Some(w), Some(d)) = (io_workload.as_mut(), disk.as_mut()) {
+            io_inflight = w.step(d, now);
+        }
+        if now != last_tick {
+            last_tick = now;
+            if let Some(w) = mem_workload.as_mut() {
+                w.step(now);
+            }
+            let mut beats = HEARTBEATS.load(Ordering::Relaxed);
+            while now >= (beats + 1) * HZ {
+                beats += 1;
+                HEARTBEATS.store(beats, Ordering::Relaxed);
+                println!("heartbeat {beats}");
+                if let Some(w) = mem_workload.as_ref() {
+                    println!("mem: dirtied {}", w.dirtied());
+                }
+                if let Some(w) = io_workload.as_ref() {
+                    println!("io: read={} written={}", w.read, w.written);
+                }
+                if let Some(p) = net.as_ref().and_then(|n| n.probe.as_ref()) {
+                    p.report();
+                }
+                for (i, base) in [disk.as_ref().map(|d| d.mmio_base), net.as_ref().map(|n| n.mmio_base)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if let Some(base) = base {
+                        if !reported_reset[i] && virtio::needs_reset(base) {
+                            reported_reset[i] = true;
+                            println!("virtio: {} at 0x{base:x} needs reset", ["disk", "net"][i]);
+                        }
+                    }
+                }
             }
         }
+
+        // Sleep until there is work: a device interrupt, the next tick for
+        // the workloads, the network stack's next timer, else the next
+        // heartbeat (idle ticks then stay in ring 0).
+        let mut wake_at = (HEARTBEATS.load(Ordering::Relaxed) + 1) * HZ;
+        if mem_workload.is_some() || (io_workload.is_some() && !io_inflight) {
+            wake_at = wake_at.min(now + 1);
+        }
+        if let Some(deadline) = net.as_mut().and_then(|n| n.next_deadline(now_ms)) {
+            let ticks = deadline.saturating_sub(now_ms).div_ceil(TICK_MS).max(1);
+            wake_at = wake_at.min(now + ticks);
+        }
+        cpu::wait_event(wake_at);
     }
 }
-
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     println!("guest panic: {}", info.message());

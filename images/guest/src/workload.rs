@@ -4,76 +4,14 @@
 //! * `workload=mem mem=<size> rate=<size> [memtrace=1]`: rewrite whole 4 KiB
 //!   pages of a working set with pseudo-random data, at pseudo-random pages,
 //!   paced by the timer so the average dirty rate is `rate` bytes/s.
+//! * `private=<size>`: per-VM pseudo-random memory, written once at boot
+//!   ([`fill_private`]).
+//! * `workload=io` lives in `disk.rs`.
 
-use crate::bootparams::{align_up, BootParams};
+use crate::config::Config;
 use crate::println;
 
 const PAGE_SIZE: u64 = 4096;
-const DEFAULT_MEM: u64 = 64 << 20;
-const DEFAULT_RATE: u64 = 20 << 20;
-/// Only the low 4 GiB are identity-mapped by the VMM's page tables.
-const MAPPED_LIMIT: u64 = 1 << 32;
-
-/// Which workload to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Idle,
-    Mem,
-}
-
-/// Workload settings parsed from the command line.
-#[derive(Clone, Copy, Debug)]
-pub struct Config {
-    pub kind: Kind,
-    /// Working-set size in bytes.
-    pub mem: u64,
-    /// Dirty rate in bytes per second.
-    pub rate: u64,
-    /// Print `wrote 0x<addr>` after every page write.
-    pub memtrace: bool,
-}
-
-impl Config {
-    /// Parses space-separated `key=value` words; unknown keys are ignored,
-    /// malformed values keep the default (with a warning).
-    pub fn from_cmdline(cmdline: &str) -> Config {
-        let mut config = Config { kind: Kind::Idle, mem: DEFAULT_MEM, rate: DEFAULT_RATE, memtrace: false };
-        for word in cmdline.split_ascii_whitespace() {
-            let Some((key, value)) = word.split_once('=') else { continue };
-            match key {
-                "workload" => match value {
-                    "idle" => config.kind = Kind::Idle,
-                    "mem" => config.kind = Kind::Mem,
-                    other => println!("warning: unknown workload '{other}', using idle"),
-                },
-                "mem" => match parse_size(value) {
-                    Some(v) => config.mem = v,
-                    None => println!("warning: bad mem= value '{value}'"),
-                },
-                "rate" => match parse_size(value) {
-                    Some(v) => config.rate = v,
-                    None => println!("warning: bad rate= value '{value}'"),
-                },
-                "memtrace" => config.memtrace = matches!(value, "1" | "on" | "yes" | "true"),
-                _ => {}
-            }
-        }
-        config
-    }
-}
-
-/// Parses `<digits>[K|M|G][B]` (binary multiples, case-insensitive).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.strip_suffix(['B', 'b']).unwrap_or(s);
-    let (digits, shift) = match s.as_bytes().last()? {
-        b'k' | b'K' => (&s[..s.len() - 1], 10),
-        b'm' | b'M' => (&s[..s.len() - 1], 20),
-        b'g' | b'G' => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().ok()?;
-    n.checked_mul(1 << shift)
-}
 
 /// xorshift64 pseudo-random generator.
 #[derive(Clone, Copy, Debug)]
@@ -112,19 +50,12 @@ pub struct MemWorkload {
 }
 
 impl MemWorkload {
-    /// Chooses the working set: the largest usable RAM range at or above
-    /// `floor` (the end of the kernel's heap) within the mapped 4 GiB,
-    /// clamped to `config.mem`. Returns `None` if there is no room at all.
-    pub fn new(config: &Config, boot: &BootParams, floor: u64, hz: u64, now: u64) -> Option<MemWorkload> {
-        let floor = align_up(floor, 2 << 20);
-        let (start, end) = boot.usable_ram(floor, MAPPED_LIMIT).max_by_key(|&(s, e)| e - s)?;
-        let size = config.mem.min(end - start) & !(PAGE_SIZE - 1);
-        if size == 0 {
-            return None;
-        }
-        Some(MemWorkload {
-            base: start,
-            pages: size / PAGE_SIZE,
+    /// The workload over the working set `[base, base + size)` (usable RAM,
+    /// page-aligned, owned by the workload alone).
+    pub fn new(config: &Config, base: u64, size: u64, hz: u64, now: u64) -> MemWorkload {
+        MemWorkload {
+            base,
+            pages: (size / PAGE_SIZE).max(1),
             rate: config.rate,
             memtrace: config.memtrace,
             hz,
@@ -133,7 +64,7 @@ impl MemWorkload {
             dirtied: 0,
             pick: XorShift64::new(0x2545_f491_4f6c_dd1d),
             data: XorShift64::new(0x9e37_79b9_7f4a_7c15),
-        })
+        }
     }
 
     pub fn base(&self) -> u64 {
@@ -187,5 +118,27 @@ impl MemWorkload {
             // happen (nobody in the guest reads them).
             unsafe { words.add(i).write_volatile(self.data.next()) };
         }
+    }
+}
+
+/// splitmix64: a good 64-bit mix, used to derive per-VM data from a seed.
+#[inline]
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fills `[base, base + size)` with pseudo-random data derived from `seed`
+/// (the MAC, or `seed=`), so that VMs booted from one image hold different
+/// private pages.
+pub fn fill_private(base: u64, size: u64, seed: u64) {
+    let mut rng = XorShift64::new(splitmix64(seed ^ 0x5052_4956_4154_4521));
+    let words = base as *mut u64;
+    for i in 0..(size / 8) as usize {
+        // SAFETY: the caller hands over a region of usable RAM (e820) owned
+        // by the private data alone, identity-mapped.
+        unsafe { words.add(i).write_volatile(rng.next()) };
     }
 }
