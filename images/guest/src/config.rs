@@ -26,6 +26,17 @@ pub struct Probe {
     pub interval_ms: u64,
 }
 
+/// `udpsend=<ip>:<port>[,<size>[,<rate>]]`: a UDP traffic source.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpSend {
+    pub ip: [u8; 4],
+    pub port: u16,
+    /// Payload bytes per datagram.
+    pub size: usize,
+    /// Payload bytes per second; 0: as fast as the NIC takes them.
+    pub rate: u64,
+}
+
 /// `disktest=write:<sector>` / `disktest=check:<sector>`.
 #[derive(Clone, Copy, Debug)]
 pub enum DiskTest {
@@ -55,6 +66,7 @@ pub struct Config {
     /// Default gateway.
     pub gw: Option<[u8; 4]>,
     pub probe: Option<Probe>,
+    pub udpsend: Option<UdpSend>,
     /// Bytes of the disk to read into memory at boot.
     pub preload: u64,
     /// Bytes of per-VM pseudo-random memory.
@@ -79,6 +91,7 @@ impl Config {
             ip: None,
             gw: None,
             probe: None,
+            udpsend: None,
             preload: 0,
             private: 0,
             seed: 0,
@@ -126,6 +139,10 @@ impl Config {
                 "probe" => match parse_probe(value) {
                     Some(v) => c.probe = Some(v),
                     None => println!("warning: bad probe= value '{value}' (expected ip:port,interval_ms)"),
+                },
+                "udpsend" => match parse_udpsend(value) {
+                    Some(v) => c.udpsend = Some(v),
+                    None => println!("warning: bad udpsend= value '{value}' (expected ip:port[,size[,rate]])"),
                 },
                 "disktest" => match parse_disktest(value) {
                     Some(v) => c.disktests.push(v),
@@ -183,6 +200,14 @@ fn parse_probe(s: &str) -> Option<Probe> {
     let (ip, port) = addr.split_once(':')?;
     let interval_ms: u64 = interval.parse().ok()?;
     (interval_ms > 0).then_some(Probe { ip: parse_ipv4(ip)?, port: port.parse().ok()?, interval_ms })
+}
+
+fn parse_udpsend(s: &str) -> Option<UdpSend> {
+    let mut parts = s.split(',');
+    let (ip, port) = parts.next()?.split_once(':')?;
+    let size = parts.next().map_or(Some(1472), |v| parse_size(v))? as usize;
+    let rate = parts.next().map_or(Some(0), parse_size)?;
+    (1..=1472).contains(&size).then_some(UdpSend { ip: parse_ipv4(ip)?, port: port.parse().ok()?, size, rate })
 }
 
 fn parse_disktest(s: &str) -> Option<DiskTest> {

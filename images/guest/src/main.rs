@@ -279,6 +279,9 @@ pub extern "C" fn kernel_main(boot_params: u64) -> ! {
                 if let Some(p) = net.as_ref().and_then(|n| n.probe.as_ref()) {
                     p.report();
                 }
+                if let Some(u) = net.as_ref().and_then(|n| n.sender.as_ref()) {
+                    u.report();
+                }
                 for (i, base) in [disk.as_ref().map(|d| d.mmio_base), net.as_ref().map(|n| n.mmio_base)]
                     .into_iter()
                     .enumerate()

@@ -20,17 +20,18 @@
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::AtomicU32;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::udp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
 use virtio_drivers::device::net::VirtIONetRaw;
 
 use crate::config::Config;
 use crate::probe::Probe;
-use crate::virtio::{IdentityHal, Mmio};
+use crate::virtio::{DeferredNotify, IdentityHal, Mmio};
 
 /// Queue size (the device's maximum) and receive buffers posted.
 const QS: usize = 256;
@@ -47,6 +48,10 @@ pub const ECHO_PORT: u16 = 7;
 /// How long a learnt neighbour MAC counts as fresh.
 const NEIGHBOUR_REFRESH_MS: u64 = 20_000;
 
+/// Queues of the NIC with buffers the device has not been told about yet
+/// (see [`DeferredNotify`]); flushed at the end of every poll.
+static NOTIFY_PENDING: AtomicU32 = AtomicU32::new(0);
+
 /// Packet counters.
 #[derive(Default, Clone, Copy, Debug)]
 pub struct Stats {
@@ -58,7 +63,7 @@ pub struct Stats {
 
 /// The virtio side: rings and buffer pools.
 struct Core {
-    raw: VirtIONetRaw<IdentityHal, Mmio, QS>,
+    raw: VirtIONetRaw<IdentityHal, DeferredNotify, QS>,
     rx_pool: Vec<u8>,
     /// Receive buffer index of each in-flight token (descriptor head).
     rx_of_token: [u16; QS],
@@ -335,7 +340,49 @@ pub struct Net {
     sockets: SocketSet<'static>,
     echo: Option<SocketHandle>,
     pub probe: Option<Probe>,
+    pub sender: Option<Sender>,
     buf: Vec<u8>,
+}
+
+/// `udpsend=`: sends datagrams of `size` bytes at `rate` bytes/s (0: as
+/// fast as the transmit ring drains; transmit completions wake the guest).
+pub struct Sender {
+    handle: SocketHandle,
+    peer: IpEndpoint,
+    size: usize,
+    rate: u64,
+    credit: u64,
+    last_ms: u64,
+    pub datagrams: u64,
+    pub bytes: u64,
+}
+
+/// Local UDP port of the sender.
+const SENDER_PORT: u16 = 40009;
+
+impl Sender {
+    fn fill(&mut self, sock: &mut udp::Socket<'static>, now_ms: u64, buf: &mut [u8]) {
+        if self.rate > 0 {
+            let ms = now_ms.saturating_sub(self.last_ms);
+            self.credit = (self.credit + ms * self.rate / 1000).min(self.rate);
+        }
+        self.last_ms = now_ms;
+        while sock.can_send() && (self.rate == 0 || self.credit >= self.size as u64) {
+            buf[..8].copy_from_slice(&self.datagrams.to_le_bytes());
+            if sock.send_slice(&buf[..self.size], self.peer).is_err() {
+                break;
+            }
+            self.datagrams += 1;
+            self.bytes += self.size as u64;
+            if self.rate > 0 {
+                self.credit -= self.size as u64;
+            }
+        }
+    }
+
+    pub fn report(&self) {
+        crate::println!("udpsend: sent={} bytes={}", self.datagrams, self.bytes);
+    }
 }
 
 fn udp_socket(packets: usize, bytes: usize) -> udp::Socket<'static> {
@@ -348,7 +395,8 @@ fn udp_socket(packets: usize, bytes: usize) -> udp::Socket<'static> {
 impl Net {
     /// Initialises the NIC behind `transport` and the stack on it.
     pub fn new(transport: Mmio, mmio_base: u64, config: &Config, now_ms: u64) -> Result<Net, virtio_drivers::Error> {
-        let raw = VirtIONetRaw::<IdentityHal, Mmio, QS>::new(transport)?;
+        let transport = DeferredNotify::new(transport, mmio_base, &NOTIFY_PENDING);
+        let raw = VirtIONetRaw::<IdentityHal, DeferredNotify, QS>::new(transport)?;
         let mac = raw.mac_address();
         let mut core = Core {
             raw,
@@ -362,6 +410,7 @@ impl Net {
         for i in 0..QS as u16 {
             core.post_rx(i);
         }
+        DeferredNotify::flush(mmio_base, &NOTIFY_PENDING);
         let learner = config.ip.map(|(ip, len)| Learner {
             ip,
             mac,
@@ -377,6 +426,7 @@ impl Net {
         let mut sockets = SocketSet::new(Vec::new());
         let mut echo = None;
         let mut probe = None;
+        let mut sender = None;
         if let Some((ip, len)) = config.ip {
             iface.update_ip_addrs(|addrs| {
                 let _ = addrs.push(IpCidr::new(IpAddress::v4(ip[0], ip[1], ip[2], ip[3]), len));
@@ -393,8 +443,23 @@ impl Net {
                 let handle = sockets.add(s);
                 probe = Some(Probe::new(p, handle, now_ms));
             }
+            if let Some(u) = config.udpsend {
+                let mut s = udp_socket(256, 512 * 1024);
+                s.bind(SENDER_PORT).expect("bind the sender port");
+                let [a, b, c, d] = u.ip;
+                sender = Some(Sender {
+                    handle: sockets.add(s),
+                    peer: IpEndpoint::new(IpAddress::v4(a, b, c, d), u.port),
+                    size: u.size,
+                    rate: u.rate,
+                    credit: 0,
+                    last_ms: now_ms,
+                    datagrams: 0,
+                    bytes: 0,
+                });
+            }
         }
-        Ok(Net { mac, ip: config.ip, mmio_base, nic, iface, sockets, echo, probe, buf: vec![0u8; 65536] })
+        Ok(Net { mac, ip: config.ip, mmio_base, nic, iface, sockets, echo, probe, sender, buf: vec![0u8; 65536] })
     }
 
     /// Processes everything that arrived and everything due at `now_ms`.
@@ -402,6 +467,9 @@ impl Net {
         let ts = Instant::from_millis(now_ms as i64);
         self.nic.now_ms = now_ms;
         for _ in 0..64 {
+            if let Some(u) = self.sender.as_mut() {
+                u.fill(self.sockets.get_mut::<udp::Socket>(u.handle), now_ms, &mut self.buf);
+            }
             self.iface.poll(ts, &mut self.nic, &mut self.sockets);
             let mut again = false;
             if let Some(h) = self.echo {
@@ -423,13 +491,18 @@ impl Net {
             }
         }
         self.nic.core.reclaim();
+        DeferredNotify::flush(self.mmio_base, &NOTIFY_PENDING);
     }
 
     /// When the stack next needs a poll (milliseconds), if ever.
     pub fn next_deadline(&mut self, now_ms: u64) -> Option<u64> {
         let ts = Instant::from_millis(now_ms as i64);
         let stack = self.iface.poll_at(ts, &self.sockets).map(|t| t.total_millis().max(0) as u64);
-        let probe = self.probe.as_ref().map(|p| p.next_deadline());
+        let mut probe = self.probe.as_ref().map(|p| p.next_deadline());
+        if self.sender.is_some() {
+            // Paced sending: every tick (completions wake the unpaced one).
+            probe = Some(probe.unwrap_or(u64::MAX).min(now_ms + 1));
+        }
         match (stack, probe) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -93,3 +93,96 @@ pub fn needs_reset(base: u64) -> bool {
     // side effect.
     unsafe { ((base + REG_STATUS) as *const u32).read_volatile() & STATUS_NEEDS_RESET != 0 }
 }
+
+/// Offset of the QueueNotify register.
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+
+/// A transport whose queue notifications are collected and sent by
+/// [`DeferredNotify::flush`], once per poll of the device instead of once
+/// per buffer: every notification is an exit, and smoltcp sends and recycles
+/// buffers one at a time.
+pub struct DeferredNotify {
+    inner: Mmio,
+    base: u64,
+    /// Bit `q`: queue `q` has new buffers the device was not told about.
+    pending: &'static core::sync::atomic::AtomicU32,
+}
+
+impl DeferredNotify {
+    pub fn new(inner: Mmio, base: u64, pending: &'static core::sync::atomic::AtomicU32) -> DeferredNotify {
+        DeferredNotify { inner, base, pending }
+    }
+
+    /// Notifies the queues of the transport at `base` marked in `pending`.
+    pub fn flush(base: u64, pending: &core::sync::atomic::AtomicU32) {
+        let mut queues = pending.swap(0, core::sync::atomic::Ordering::Relaxed);
+        while queues != 0 {
+            let q = queues.trailing_zeros();
+            queues &= queues - 1;
+            // SAFETY: `base` is the virtio-mmio window of this transport;
+            // writing a queue index to QueueNotify is what `notify` does.
+            unsafe { ((base + REG_QUEUE_NOTIFY) as *mut u32).write_volatile(q) };
+        }
+    }
+}
+
+use virtio_drivers::transport::{DeviceStatus, InterruptStatus};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+impl Transport for DeferredNotify {
+    fn device_type(&self) -> DeviceType {
+        self.inner.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.inner.read_device_features()
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.inner.write_driver_features(driver_features)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.inner.max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        if queue < 32 {
+            self.pending.fetch_or(1 << queue, core::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.inner.notify(queue)
+        }
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.inner.get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.inner.set_status(status)
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.inner.set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.inner.requires_legacy_layout()
+    }
+    fn queue_set(&mut self, queue: u16, size: u32, descriptors: PhysAddr, driver_area: PhysAddr, device_area: PhysAddr) {
+        self.inner.queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.inner.queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.inner.queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.inner.ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.inner.read_config_generation()
+    }
+    fn read_config_space<T: FromBytes + IntoBytes>(&self, offset: usize) -> virtio_drivers::Result<T> {
+        self.inner.read_config_space(offset)
+    }
+    fn write_config_space<T: IntoBytes + Immutable>(&mut self, offset: usize, value: T) -> virtio_drivers::Result<()> {
+        self.inner.write_config_space(offset, value)
+    }
+}
+
+// SAFETY (for the `Drop` of the inner transport): nothing to add; the
+// wrapper only forwards.
