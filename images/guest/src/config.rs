@@ -205,7 +205,7 @@ fn parse_probe(s: &str) -> Option<Probe> {
 fn parse_udpsend(s: &str) -> Option<UdpSend> {
     let mut parts = s.split(',');
     let (ip, port) = parts.next()?.split_once(':')?;
-    let size = parts.next().map_or(Some(1472), |v| parse_size(v))? as usize;
+    let size = parts.next().map_or(Some(1472), parse_size)? as usize;
     let rate = parts.next().map_or(Some(0), parse_size)?;
     (1..=1472).contains(&size).then_some(UdpSend { ip: parse_ipv4(ip)?, port: port.parse().ok()?, size, rate })
 }

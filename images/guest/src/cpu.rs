@@ -62,6 +62,7 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
 /// respect to the timer interrupt, so no tick is slept through, and ticks
 /// before `tick` are absorbed in ring 0 without returning to ring 3.
 #[inline]
+#[allow(dead_code)]
 pub fn wait_until_tick(tick: u64) {
     // SAFETY: the wait service only reads the tick counter and halts.
     unsafe { service(SYS_WAIT_UNTIL, tick, 0) };

@@ -37,6 +37,7 @@ pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of LAPIC spurious interrupts (SVR low byte).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// Ring-3 services (number in RAX), see `shrink_service`.
+#[allow(dead_code)]
 pub const SYS_WAIT_UNTIL: u64 = 0;
 pub const SYS_HALT: u64 = 1;
 pub const SYS_RDMSR: u64 = 2;
@@ -64,18 +65,9 @@ pub fn ticks() -> u64 {
 #[no_mangle]
 pub static IRQ_PENDING: AtomicU64 = AtomicU64::new(0);
 
-/// Device interrupts taken so far (for statistics).
-#[no_mangle]
-pub static IRQ_COUNT: AtomicU64 = AtomicU64::new(0);
-
 /// Clears the device-interrupt flag; returns whether it was set.
 pub fn take_irq() -> bool {
     IRQ_PENDING.swap(0, Ordering::AcqRel) != 0
-}
-
-/// Device interrupts taken so far.
-pub fn irq_count() -> u64 {
-    IRQ_COUNT.load(Ordering::Relaxed)
 }
 
 /// Register state saved by the exception stubs (lowest address first).
@@ -220,7 +212,6 @@ timer_stub:
     .align 16
 device_stub:
     mov qword ptr [rip + {irq_pending}], 1
-    lock inc qword ptr [rip + {irq_count}]
     push rax
     mov eax, 0xfee000b0     // LAPIC EOI register
     mov dword ptr [rax], 0
@@ -345,7 +336,6 @@ device_stub_addr:
     reporting = sym REPORTING,
     ticks = sym TICKS,
     irq_pending = sym IRQ_PENDING,
-    irq_count = sym IRQ_COUNT,
 );
 
 /// Set (bit 0) by the first exception; later ones just halt.

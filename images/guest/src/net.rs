@@ -395,7 +395,7 @@ fn udp_socket(packets: usize, bytes: usize) -> udp::Socket<'static> {
 impl Net {
     /// Initialises the NIC behind `transport` and the stack on it.
     pub fn new(transport: Mmio, mmio_base: u64, config: &Config, now_ms: u64) -> Result<Net, virtio_drivers::Error> {
-        let transport = DeferredNotify::new(transport, mmio_base, &NOTIFY_PENDING);
+        let transport = DeferredNotify::new(transport, &NOTIFY_PENDING);
         let raw = VirtIONetRaw::<IdentityHal, DeferredNotify, QS>::new(transport)?;
         let mac = raw.mac_address();
         let mut core = Core {
@@ -509,6 +509,8 @@ impl Net {
         }
     }
 
+    /// Packet counters.
+    #[allow(dead_code)]
     pub fn stats(&self) -> Stats {
         self.nic.core.stats
     }

@@ -103,14 +103,13 @@ const REG_QUEUE_NOTIFY: u64 = 0x050;
 /// buffers one at a time.
 pub struct DeferredNotify {
     inner: Mmio,
-    base: u64,
     /// Bit `q`: queue `q` has new buffers the device was not told about.
     pending: &'static core::sync::atomic::AtomicU32,
 }
 
 impl DeferredNotify {
-    pub fn new(inner: Mmio, base: u64, pending: &'static core::sync::atomic::AtomicU32) -> DeferredNotify {
-        DeferredNotify { inner, base, pending }
+    pub fn new(inner: Mmio, pending: &'static core::sync::atomic::AtomicU32) -> DeferredNotify {
+        DeferredNotify { inner, pending }
     }
 
     /// Notifies the queues of the transport at `base` marked in `pending`.
@@ -183,6 +182,3 @@ impl Transport for DeferredNotify {
         self.inner.write_config_space(offset, value)
     }
 }
-
-// SAFETY (for the `Drop` of the inner transport): nothing to add; the
-// wrapper only forwards.
