@@ -276,10 +276,13 @@ impl Sink for VmmSink {
         if let Some(ms) = std::env::var("SHRINK_TEST_STALL_BEFORE_VERDICT_MS").ok().and_then(|v| v.parse().ok()) {
             std::thread::sleep(Duration::from_millis(ms));
         }
+        let t = std::time::Instant::now();
         let state: SnapshotState = serde_json::from_slice(state).map_err(|e| format!("invalid VM state: {e}"))?;
+        let parsed = t.elapsed();
         let mem = self.mem.take().ok_or("VM state before memory")?;
         let vmm = Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())
             .map_err(|e| e.to_string())?;
+        tracing::info!("restore: state parsed in {parsed:?}, VM rebuilt in {:?}", t.elapsed() - parsed);
         self.vmm = Some(vmm);
         Ok(())
     }

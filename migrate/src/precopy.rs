@@ -438,6 +438,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         self.check_cancel()?;
         let stop = Instant::now();
         self.src.pause().map_err(MigrationError::Vmm)?;
+        tracing::info!("switch-over: paused in {:?}", stop.elapsed());
         self.paused = true;
         let last = self.src.dirty_log().map_err(MigrationError::Vmm)?;
         for (d, l) in dirty.iter_mut().zip(&last) {
@@ -446,7 +447,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
         }
         self.send_pass(&regions, &dirty, pass + 1)?;
+        tracing::info!("switch-over: last pass sent at {:?}", stop.elapsed());
         let state = self.src.vm_state().map_err(MigrationError::Vmm)?;
+        tracing::info!("switch-over: state ({} bytes) read at {:?}", state.len(), stop.elapsed());
         protocol::write_vm_state(&mut self.out, &state)?;
         if self.params.verify {
             let d = self.src.memory_digest().map_err(MigrationError::Vmm)?;
@@ -455,6 +458,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         }
         protocol::write_end(&mut self.out, self.entries, self.page_bytes)?;
         self.out.flush().map_err(ProtocolError::from)?;
+        tracing::info!("switch-over: end sent at {:?}", stop.elapsed());
         self.update(|_| {});
         // The destination has everything; wait for it to say the guest runs there.
         let mut decoder = Decoder::new();
@@ -593,7 +597,8 @@ fn flush_batch<W: Write>(
 
 /// What the engine needs from the destination VMM.
 pub trait Sink {
-    /// Creates guest memory for `regions` (from `Hello` and `MemoryLayout`).
+    /// Creates guest memory for `regions` (from `Hello` and `MemoryLayout`). It must be
+    /// zero-filled: zero chunks are written only over chunks written before.
     fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String>;
     /// Guest memory of region `index`, writable (the guest is not running).
     fn region_bytes_mut(&mut self, index: usize) -> &mut [u8];
@@ -673,6 +678,9 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
     sink.prepare(&hello, &regions).map_err(MigrationError::Vmm)?;
     let chunk = hello.chunk_size as usize;
     let mut stats = ReceiveStats { name: hello.name.clone(), ..Default::default() };
+    // Chunks written so far, per region. Fresh guest memory is zero: a zero chunk that was
+    // never written needs no write at all (and its page is never faulted in).
+    let mut written: Vec<Vec<u64>> = regions.iter().map(|r| vec![0u64; ((r.len as usize) / chunk).div_ceil(64)]).collect();
     let mut page_bytes = 0u64;
     let mut state = None;
     let mut verify = None;
@@ -687,17 +695,22 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
                         .find(|(_, r)| gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len)
                         .map(|(i, r)| (i, (gpa - r.gpa) as usize))
                         .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))?;
+                    let (word, bit) = ((off / chunk) / 64, 1u64 << ((off / chunk) % 64));
                     match c {
                         Chunk::Full(data) => {
                             sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
+                            written[ri][word] |= bit;
                             stats.full += 1;
                         }
+                        Chunk::Uniform(0) if written[ri][word] & bit == 0 => stats.uniform += 1,
                         Chunk::Uniform(b) => {
                             sink.region_bytes_mut(ri)[off..off + chunk].fill(b);
+                            written[ri][word] |= bit;
                             stats.uniform += 1;
                         }
                         Chunk::Digest(d) => {
                             sink.resolve_digest(gpa, d).map_err(MigrationError::Vmm)?;
+                            written[ri][word] |= bit;
                             stats.digest += 1;
                         }
                     }
@@ -843,7 +856,7 @@ mod tests {
 
     impl Sink for FakeDest {
         fn prepare(&mut self, _: &Hello, regions: &[Region]) -> Result<(), String> {
-            self.mem = vec![0xaa; regions[0].len as usize];
+            self.mem = vec![0; regions[0].len as usize];
             Ok(())
         }
         fn region_bytes_mut(&mut self, _: usize) -> &mut [u8] {

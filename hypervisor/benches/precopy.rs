@@ -1,0 +1,255 @@
+//! `make bench` for pre-copy live migration: shrink and QEMU side by side, on the same guest
+//! memory and over the same links (two network namespaces joined by a veth pair, shaped to
+//! 100 Mbit/s with `tc tbf` or left unshaped).
+//!
+//! For each workload the shrink guest runs in namespace A; just before migrating it, the bench
+//! pauses it and takes a snapshot, whose memory image QEMU then loads (`-M microvm -accel kvm -S
+//! -device loader,...`) and migrates with its own `migrate` over the same link. QEMU migrates a
+//! paused VM (it cannot run the project's guest), so for busy workloads it has no dirty pages to
+//! chase: its figures are the one-pass copy of the same memory.
+//!
+//! Usage: `cargo bench -p hypervisor --bench precopy -- OUT.json`
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use migrate::client::ApiClient;
+use serde_json::{json, Value};
+use shrink_tests::netns::{self, Netns};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let b = repo().join("target/release").join(name);
+    assert!(b.exists(), "build first: cargo build --release ({name})");
+    b
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &Netns, program: &Path, args: &[&str], log: &Path) -> Proc {
+    Proc(
+        ns.command(program.to_str().unwrap())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_path(p: &Path) {
+    let start = Instant::now();
+    while !p.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_text(p: &Path, needle: &str) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(p).unwrap_or_default().contains(needle) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no {needle:?} in {}", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn api(sock: &Path, cmd: &str, args: Value) -> Value {
+    ApiClient::connect(sock)
+        .unwrap()
+        .execute(cmd, args)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+/// One shrink migration; returns query-migrate at the end.
+fn shrink_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, dst_ip: &str, snap: &Path) -> Value {
+    let vmm = bin("shrink-vmm");
+    let guest = repo().join("images/out/shrink-guest");
+    let uri = format!("tcp:{dst_ip}:7100");
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let _ = std::fs::remove_file(&src_sock);
+    let _ = std::fs::remove_file(&dst_sock);
+    let _dst = spawn_in(b, &vmm, &["--incoming", &uri, "--api", dst_sock.to_str().unwrap(), "--serial", "/dev/null"], &dir.join("dst.log"));
+    let serial = dir.join("src.serial");
+    let _src = spawn_in(
+        a,
+        &vmm,
+        &["--kernel", guest.to_str().unwrap(), "--mem", "256M", "--cmdline", cmdline, "--api", src_sock.to_str().unwrap(), "--serial", serial.to_str().unwrap()],
+        &dir.join("src.log"),
+    );
+    wait_path(&src_sock);
+    wait_text(&serial, "shrink-guest ready");
+    std::thread::sleep(fill);
+    // The memory QEMU will carry: the same guest, paused at this point.
+    api(&src_sock, "pause", json!({}));
+    api(&src_sock, "snapshot", json!({"path": snap.to_str().unwrap()}));
+    api(&src_sock, "resume", json!({}));
+    wait_path(&dst_sock);
+    api(&src_sock, "migrate", json!({"uri": uri, "max_iterations": 60}));
+    let mut client = ApiClient::connect(&src_sock).unwrap();
+    let mut last = json!({});
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        match client.execute("query-migrate", json!({})) {
+            Ok(Ok(v)) => {
+                if matches!(v["status"].as_str(), Some("completed" | "failed")) {
+                    return v;
+                }
+                last = v;
+            }
+            _ => return last,
+        }
+    }
+}
+
+/// A QMP connection (with the capabilities handshake).
+struct Qmp(BufReader<UnixStream>, UnixStream);
+
+impl Qmp {
+    fn connect(sock: &Path) -> Qmp {
+        wait_path(sock);
+        let s = UnixStream::connect(sock).unwrap();
+        let mut q = Qmp(BufReader::new(s.try_clone().unwrap()), s);
+        q.read(); // greeting
+        q.cmd("qmp_capabilities", json!({}));
+        q
+    }
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.0.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or(Value::Null)
+    }
+    fn cmd(&mut self, cmd: &str, args: Value) -> Value {
+        writeln!(self.1, "{}", json!({"execute": cmd, "arguments": args})).unwrap();
+        loop {
+            let v = self.read();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    }
+}
+
+/// One QEMU migration of `image` (a flat RAM image) over the same link.
+fn qemu_run(dir: &Path, a: &Netns, b: &Netns, image: &Path, dst_ip: &str) -> Value {
+    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    let common = ["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none"];
+    let (src_q, dst_q) = (dir.join("qsrc.qmp"), dir.join("qdst.qmp"));
+    let _ = std::fs::remove_file(&src_q);
+    let _ = std::fs::remove_file(&dst_q);
+    let uri = format!("tcp:{dst_ip}:7200");
+    let mut dargs: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+    dargs.extend(["-incoming".into(), uri.clone(), "-qmp".into(), format!("unix:{},server=on,wait=off", dst_q.display())]);
+    let _dst = spawn_in(b, &qemu, &dargs.iter().map(String::as_str).collect::<Vec<_>>(), &dir.join("qdst.log"));
+    let mut sargs: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+    sargs.extend([
+        "-S".into(),
+        "-device".into(),
+        format!("loader,file={},addr=0,force-raw=on", image.display()),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", src_q.display()),
+    ]);
+    let _src = spawn_in(a, &qemu, &sargs.iter().map(String::as_str).collect::<Vec<_>>(), &dir.join("qsrc.log"));
+    let mut q = Qmp::connect(&src_q);
+    let _qd = Qmp::connect(&dst_q);
+    // No artificial cap (QEMU's default is 128 MiB/s): the link decides, as for shrink.
+    q.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300}));
+    q.cmd("migrate", json!({"uri": uri}));
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let r = q.cmd("query-migrate", json!({}));
+        let st = r["return"]["status"].as_str().unwrap_or("").to_owned();
+        if st == "completed" || st == "failed" || start.elapsed() > Duration::from_secs(300) {
+            return r["return"].clone();
+        }
+    }
+}
+
+fn summary(system: &str, v: &Value) -> Value {
+    json!({
+        "system": system,
+        "status": v["status"],
+        "total_time_ms": v["total-time"],
+        "downtime_ms": v["downtime"],
+        "transferred_bytes": v["ram"]["transferred"],
+        "iterations": v["ram"]["dirty-sync-count"],
+        "normal_pages": v["ram"]["normal"],
+        "duplicate_pages": v["ram"]["duplicate"],
+        "mbps": v["ram"]["mbps"],
+    })
+}
+
+fn main() {
+    let out = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("bench/results/precopy.json"));
+    netns::available().unwrap();
+    let has_qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();
+    let dir = std::env::temp_dir().join(format!("shrink-bench-precopy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workloads = [
+        ("idle", "workload=idle", Duration::from_secs(1)),
+        // Dirties 4 MB/s (a third of the 100 Mbit/s link) over a 48 MB working set.
+        ("mem", "workload=mem mem=48M rate=4M", Duration::from_secs(4)),
+    ];
+    let mut results = Vec::new();
+    for (link, rate) in [("100mbit", Some("100mbit")), ("unshaped", None)] {
+        for (wname, cmdline, fill) in workloads {
+            let t = netns::unique_tag();
+            let a = Netns::new(&format!("pba{t}")).unwrap();
+            let b = Netns::new(&format!("pbb{t}")).unwrap();
+            netns::link(&a, "10.98.0.1/24", &b, "10.98.0.2/24", rate).unwrap();
+            let snap = dir.join(format!("snap-{link}-{wname}"));
+            eprintln!("precopy bench: shrink, {wname}, {link} ...");
+            let s = shrink_run(&dir, &a, &b, cmdline, fill, "10.98.0.2", &snap);
+            let mut row = json!({"link": link, "workload": wname, "guest_memory": "256 MiB", "shrink": summary("shrink", &s)});
+            if has_qemu {
+                eprintln!("precopy bench: QEMU, {wname}, {link} ...");
+                let q = qemu_run(&dir, &a, &b, &snap.join("memory.img"), "10.98.0.2");
+                row["qemu"] = summary("qemu", &q);
+                let ratio = |k: &str| {
+                    let (x, y) = (row["shrink"][k].as_f64().unwrap_or(0.0), row["qemu"][k].as_f64().unwrap_or(0.0));
+                    if y > 0.0 { json!(x / y) } else { Value::Null }
+                };
+                row["shrink_over_qemu"] = json!({"total_time": ratio("total_time_ms"), "transferred": ratio("transferred_bytes")});
+            }
+            eprintln!("{}", row);
+            results.push(row);
+        }
+    }
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        .unwrap_or_default();
+    let date = String::from_utf8_lossy(&Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap().stdout).trim().to_owned();
+    let doc = json!({
+        "benchmark": "precopy",
+        "date": date,
+        "host": {"cpu": host, "cores": 2},
+        "command": "cargo bench -p hypervisor --bench precopy -- bench/results/precopy.json",
+        "note": "QEMU migrates the same memory image, paused (it cannot run the project's guest): for the mem workload it has no dirty pages to chase",
+        "runs": results,
+    });
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
