@@ -197,7 +197,7 @@ fn main() {
     let out = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
+        .map(|p| repo().join(p))
         .unwrap_or_else(|| repo().join("bench/results/precopy.json"));
     netns::available().unwrap();
     let has_qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();

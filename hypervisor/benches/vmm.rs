@@ -105,7 +105,7 @@ fn main() {
     let out = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
+        .map(|p| repo().join(p))
         .unwrap_or_else(|| repo().join("bench/results/vmm.json"));
     let dir = std::env::temp_dir().join(format!("shrink-bench-vmm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
