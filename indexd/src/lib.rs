@@ -1,1 +1,19 @@
-//! Destination-side content index, peer page server and Redis index client (not built yet: see issue 5).
+//! `indexd`: the pieces of a cluster migration that let pages identical across VMs cross the WAN
+//! once (Shrinker).
+//!
+//! - [`hash`]: chunk digests (SHA-256 or SHA-1, through OpenSSL).
+//! - [`redis`]: the Redis index client — one Redis server or a Redis Cluster behind one type —
+//!   with pipelined `SET NX` (source-site coordination) and `SADD`/`SREM`/`SRANDMEMBER`/`SMEMBERS`
+//!   (destination-site holders of each digest).
+//! - [`index`]: which guest chunks of this VMM hold which content.
+//! - [`peer`]: serve and fetch chunks by digest between the hypervisors of one site, in batches.
+
+pub mod hash;
+pub mod index;
+pub mod peer;
+pub mod redis;
+
+pub use hash::{digest, Algo, HashError};
+pub use index::ContentIndex;
+pub use peer::{ChunkSource, PeerClient, PeerError, PeerServer};
+pub use redis::{Redis, RedisError, Target};
