@@ -89,7 +89,7 @@ pub const STATUS_BAD_REQUEST: u8 = 1;
 /// Response status: unsupported version.
 pub const STATUS_BAD_VERSION: u8 = 2;
 /// Most connections a server keeps; further ones are closed at once.
-pub const MAX_CONNECTIONS: usize = 1024;
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Response bytes a connection buffers before waiting for the socket to drain.
 const OUT_HIGH_WATER: usize = 1 << 20;
@@ -422,6 +422,7 @@ impl PeerServer {
             next_token: FIRST_CONN,
             source,
             shared: shared.clone(),
+            scratch: vec![0; READ_CHUNK],
         };
         let thread = std::thread::Builder::new()
             .name(format!("peer-server-{}", local.port()))
@@ -499,6 +500,7 @@ struct EventLoop {
     next_token: usize,
     source: Arc<dyn ChunkSource>,
     shared: Arc<Shared>,
+    scratch: Vec<u8>,
 }
 
 impl EventLoop {
@@ -522,7 +524,10 @@ impl EventLoop {
                     token => {
                         let close = match self.conns.get_mut(&token) {
                             Some(c) => {
-                                matches!(drive(c, &*self.source, &self.shared), Drive::Close)
+                                matches!(
+                                    drive(c, &*self.source, &self.shared, &mut self.scratch),
+                                    Drive::Close
+                                )
                             }
                             None => false,
                         };
@@ -565,7 +570,9 @@ impl EventLoop {
                         closing: false,
                     };
                     // Data may already be there (edge-triggered).
-                    if let Drive::Close = drive(&mut c, &*self.source, &self.shared) {
+                    if let Drive::Close =
+                        drive(&mut c, &*self.source, &self.shared, &mut self.scratch)
+                    {
                         let _ = self.poll.registry().deregister(&mut c.sock);
                     } else {
                         self.conns.insert(token, c);
@@ -584,7 +591,7 @@ impl EventLoop {
 
 /// Makes every possible step on a connection: produce response entries, write, read and parse
 /// the next request; returns when nothing moves without the socket becoming ready again.
-fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared) -> Drive {
+fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared, scratch: &mut [u8]) -> Drive {
     loop {
         let mut progress = false;
 
@@ -663,28 +670,21 @@ fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared) -> Drive {
                 }
                 continue;
             }
-            let old = c.inbuf.len();
-            c.inbuf.resize(old + READ_CHUNK, 0);
-            let r = c.sock.read(&mut c.inbuf[old..]);
-            match r {
+            match c.sock.read(scratch) {
                 Ok(0) => {
-                    c.inbuf.truncate(old);
                     // EOF: finish what is being written, then close.
                     c.closing = true;
                     progress = true;
                 }
                 Ok(n) => {
-                    c.inbuf.truncate(old + n);
+                    c.inbuf.extend_from_slice(&scratch[..n]);
                     progress = true;
                 }
-                Err(e) => {
-                    c.inbuf.truncate(old);
-                    match e.kind() {
-                        ErrorKind::WouldBlock => {}
-                        ErrorKind::Interrupted => progress = true,
-                        _ => return Drive::Close,
-                    }
-                }
+                Err(e) => match e.kind() {
+                    ErrorKind::WouldBlock => {}
+                    ErrorKind::Interrupted => progress = true,
+                    _ => return Drive::Close,
+                },
             }
         }
 
