@@ -18,3 +18,18 @@ pub use hash::{digest, Algo, HashError};
 pub use index::ContentIndex;
 pub use peer::{ChunkSource, PeerClient, PeerError, PeerServer};
 pub use redis::{Redis, RedisError, Target};
+
+#[cfg(test)]
+mod tests {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+
+    /// The migration engine moves these into worker threads.
+    #[test]
+    fn thread_safety() {
+        send::<crate::Redis>();
+        send::<crate::PeerClient>();
+        send_sync::<crate::PeerServer>();
+        send_sync::<crate::ContentIndex>();
+    }
+}

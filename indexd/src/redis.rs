@@ -21,8 +21,12 @@
 //! timeouts of [`IO_TIMEOUT`]. After a connection error the connection is dropped and the next
 //! call reconnects, so a restarted Redis works again without restarting the caller. A call that
 //! fails on a connection that had been idle (a server restarted since the last call) is retried
-//! once on a fresh connection when that is safe: always for the idempotent commands, and for
-//! `SET NX` only when the server had not answered any command of the batch (single server).
+//! once on a fresh connection when that is safe: always for the idempotent commands; for
+//! `SET NX` when the server had answered no command of the batch (single server) or the
+//! connection was found closed (cluster). The one imprecision left: a cluster connection that
+//! drops after a node ran part of a batch without losing its data makes the retry report keys
+//! this caller had just claimed as not new — the page then reaches the destination by the
+//! slower path (pulled from the source), never wrongly. Timeouts are never retried.
 
 use std::time::Duration;
 
@@ -313,7 +317,12 @@ impl Redis {
                 self.conn = None;
             }
             let stale = connection_level && !was_fresh && !f.error.is_timeout();
-            let safe = batch.idempotent || f.answered == 0;
+            // SET NX is retried only when no command of the batch can have run: the server
+            // answered none (single server), or, for a cluster (which does not say), the
+            // connection was found closed — a node restarted since the last call.
+            let safe = batch.idempotent
+                || f.answered == 0
+                || (f.answered == usize::MAX && f.error.is_connection_dropped());
             if attempt == 0 && stale && safe {
                 tracing::debug!(target = %self.name, op = batch.op, error = %f.error, "Redis connection lost; retrying on a new one");
                 continue;

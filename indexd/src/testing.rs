@@ -291,6 +291,33 @@ impl RedisCluster {
         Ok(RedisCluster { nodes })
     }
 
+    /// Restarts node `i` on its port with its cluster configuration (its data is lost, its
+    /// slots stay), and waits for `cluster_state:ok` everywhere.
+    pub fn restart_node(&mut self, i: usize) -> Result<(), TestingError> {
+        self.nodes[i].restart()?;
+        self.wait_ok()
+    }
+
+    fn wait_ok(&self) -> Result<(), TestingError> {
+        let deadline = Instant::now() + READY_WITHIN;
+        for n in &self.nodes {
+            loop {
+                let info = n.cli(&["cluster", "info"])?;
+                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(TestingError::Other(format!(
+                        "cluster node {} not ok: {info}",
+                        n.port()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     /// The nodes.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes

@@ -292,3 +292,27 @@ fn cluster_through_one_seed() {
         .iter()
         .all(|m| m == &["h:1".to_string()]));
 }
+
+#[test]
+fn cluster_survives_a_node_restart() {
+    let mut c = cluster();
+    let mut r = Redis::connect(&Target::parse(&c.target_string()).unwrap()).unwrap();
+    let ks = keys("cluster-restart", 3000);
+    assert!(r.set_nx_many(&ks, 60).unwrap().iter().all(|&b| b));
+    c.restart_node(0).unwrap();
+    // The restarted node lost its keys; the others kept theirs. The first call works.
+    let v = r.set_nx_many(&ks, 60).unwrap();
+    let new = v.iter().filter(|&&b| b).count();
+    assert!(
+        new > 500 && new < 2500,
+        "{new} keys new after one node of three restarted"
+    );
+    let sk = keys("cluster-restart-set", 300);
+    let entries: Vec<_> = sk.iter().map(|k| (k.clone(), "h:1".to_string())).collect();
+    r.sadd_many(&entries).unwrap();
+    assert!(r
+        .srandmember_many(&sk)
+        .unwrap()
+        .iter()
+        .all(|m| m.as_deref() == Some("h:1")));
+}
