@@ -116,7 +116,8 @@ pub struct Controller {
     tx: Sender<ControlMsg>,
     rx: Receiver<ControlMsg>,
     migration: Option<Outgoing>,
-    incoming: Option<migrate::precopy::ReceiveStats>,
+    incoming: Option<crate::migration::IncomingStats>,
+    site: Option<crate::site_index::SiteIndex>,
 }
 
 impl Controller {
@@ -128,7 +129,7 @@ impl Controller {
 
     /// A controller for `vmm` serving a channel made beforehand (the API may start first).
     pub fn with_channel(vmm: Vmm, tx: Sender<ControlMsg>, rx: Receiver<ControlMsg>) -> Controller {
-        Controller { vmm, tx, rx, migration: None, incoming: None }
+        Controller { vmm, tx, rx, migration: None, incoming: None, site: None }
     }
 
     /// Where API servers and helpers send their messages.
@@ -136,9 +137,11 @@ impl Controller {
         self.tx.clone()
     }
 
-    /// Records how this VM arrived (shown by `query-migrate` on the destination).
-    pub fn set_incoming(&mut self, stats: migrate::precopy::ReceiveStats) {
+    /// Records how this VM arrived (shown by `query-migrate` on the destination), and keeps
+    /// its site-index membership (peers may still fetch its content) for as long as it runs.
+    pub fn set_incoming(&mut self, stats: crate::migration::IncomingStats, site: Option<crate::site_index::SiteIndex>) {
         self.incoming = Some(stats);
+        self.site = site;
     }
 
     /// The VMM.
@@ -177,6 +180,17 @@ impl Controller {
                     },
                 }
             }
+            "set-peer-corrupt" => {
+                // Test hook: this VMM's peer server corrupts every chunk it serves.
+                let on = args.get("on").and_then(Value::as_bool).unwrap_or(true);
+                match &self.site {
+                    Some(s) => {
+                        s.set_corrupt(on);
+                        ok_reply(json!({}))
+                    }
+                    None => generic("this VMM serves no peers".into()),
+                }
+            }
             "migrate" => {
                 if self.migration.as_ref().is_some_and(|m| m.running()) {
                     generic("a migration is already in progress".into())
@@ -191,8 +205,14 @@ impl Controller {
                 }
             }
             "query-migrate" => match (&self.migration, &self.incoming) {
-                (Some(m), _) => ok_reply(serde_json::to_value(m.info()).unwrap_or(Value::Null)),
-                (None, Some(i)) => ok_reply(json!({"status": "completed", "incoming": i})),
+                (Some(m), _) => ok_reply(m.info_json()),
+                (None, Some(i)) => {
+                    let mut i = serde_json::to_value(i).unwrap_or(Value::Null);
+                    if let Some(site) = &self.site {
+                        i["site"] = serde_json::to_value(site.snapshot_stats()).unwrap_or(Value::Null);
+                    }
+                    ok_reply(json!({"status": "completed", "incoming": i}))
+                }
                 (None, None) => ok_reply(json!({})),
             },
             "migrate_cancel" => {
@@ -256,6 +276,8 @@ impl Controller {
 
     /// Stops everything (the migration thread first, then the vCPUs).
     pub fn shutdown(&mut self) {
+        // Leave the site index first: this host no longer holds the guest's content.
+        self.site = None;
         if let Some(m) = self.migration.take() {
             m.cancel();
             // Let the migration thread finish its calls before the loop stops serving them.

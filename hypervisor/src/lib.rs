@@ -23,3 +23,4 @@ pub mod migration;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
+pub mod site_index;

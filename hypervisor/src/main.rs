@@ -8,6 +8,7 @@ use hypervisor::api::ApiServer;
 use hypervisor::config::{parse_mem_size, SerialOutput, VmConfig};
 use hypervisor::control::{self, Controller, Exit};
 use hypervisor::migration::{self, IncomingOptions};
+use hypervisor::site_index::SiteOptions;
 use hypervisor::vmm::DeviceConfig;
 use hypervisor::devices::virtio::block::DiskConfig;
 use hypervisor::devices::virtio::net::NetConfig;
@@ -72,6 +73,25 @@ struct Args {
     #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "mem", "restore", "paused"])]
     incoming: Option<String>,
 
+    /// With --incoming: the destination site's index Redis (one URL, or several comma-separated
+    /// for a Redis Cluster); enables content-based addressing of deduplicated chunks.
+    #[arg(long, value_name = "redis://HOST:PORT", requires = "incoming")]
+    index: Option<String>,
+
+    /// With --index: where this VMM serves chunks to the site's other hypervisors.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:0", requires = "incoming")]
+    peer_listen: String,
+
+    /// With --index: the address the site's other hypervisors use to reach this one
+    /// [default: the listening address].
+    #[arg(long, value_name = "HOST:PORT", requires = "incoming")]
+    peer_advertise: Option<String>,
+
+    /// With --incoming: after the stream ends, how long to look for content at the site
+    /// before pulling it from the source.
+    #[arg(long, value_name = "MS", default_value_t = 2000, requires = "incoming")]
+    pull_wait_ms: u64,
+
     /// Start with the vCPUs paused (resume through the API).
     #[arg(long)]
     paused: bool,
@@ -112,10 +132,16 @@ fn run(args: Args) -> Result<Exit, String> {
     } else if let Some(uri) = &args.incoming {
         let mut devices: Vec<DeviceConfig> = disk.iter().map(|d| DeviceConfig::Block(d.clone())).collect();
         devices.extend(net.iter().map(|n| DeviceConfig::Net(n.clone())));
-        let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices) };
-        let (vmm, stats) = migration::incoming(uri, opts)?;
+        let site = Some(SiteOptions {
+            index: args.index.clone(),
+            peer_listen: args.peer_listen.clone(),
+            peer_advertise: args.peer_advertise.clone(),
+            wait: std::time::Duration::from_millis(args.pull_wait_ms),
+        });
+        let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
+        let (vmm, stats, site) = migration::incoming(uri, opts)?;
         tracing::info!("incoming migration done: {stats:?}");
-        incoming_stats = Some(stats);
+        incoming_stats = Some((stats, site));
         vmm
     } else {
         let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
@@ -135,8 +161,8 @@ fn run(args: Args) -> Result<Exit, String> {
         Vmm::boot(&cfg).map_err(|e| e.to_string())?
     };
     let mut controller = Controller::with_channel(vmm, tx, rx);
-    if let Some(stats) = incoming_stats {
-        controller.set_incoming(stats);
+    if let Some((stats, site)) = incoming_stats {
+        controller.set_incoming(stats, site);
     }
     let exit = controller.run();
     controller.shutdown();

@@ -14,13 +14,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use migrate::precopy::{self, MigrationInfo, NoDedup, Params, ReceiveStats, Sink, Source, Status};
+use migrate::dedup::{DedupConfig, DedupStats, RedisDedup};
+use migrate::precopy::{self, Dedup, MigrationInfo, NoDedup, Params, ReceiveOptions, ReceiveStats, Sink, Source, Status};
+use migrate::protocol::DigestKind;
 use migrate::protocol::{Hello, Region};
 use serde_json::Value;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::config::SerialOutput;
 use crate::control::{ControlMsg, VmmCaller};
+use crate::site_index::{SiteIndex, SiteOptions, SiteStats};
 use crate::snapshot::SnapshotState;
 use crate::vmm::{DeviceConfig, Vmm};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -107,6 +110,38 @@ fn u64_arg(args: &Value, name: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// The `dedup` argument of `migrate`.
+fn dedup_from_args(args: &Value, params: &mut Params) -> Result<Option<DedupConfig>, String> {
+    let Some(d) = args.get("dedup").filter(|v| !v.is_null()) else { return Ok(None) };
+    let obj = d.as_object().ok_or("argument \"dedup\" must be an object")?;
+    for k in obj.keys() {
+        if !["coordination", "migration_id", "dest_site", "digest", "chunk", "ttl_s"].contains(&k.as_str()) {
+            return Err(format!("unknown dedup argument \"{k}\""));
+        }
+    }
+    let s = |k: &str| -> Result<String, String> {
+        obj.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| format!("dedup needs \"{k}\" (a string)"))
+    };
+    let algo = indexd::hash::Algo::parse(obj.get("digest").and_then(Value::as_str).unwrap_or("sha256")).map_err(|e| e.to_string())?;
+    let chunk = match obj.get("chunk").map(|c| c.as_u64()) {
+        None => 4096,
+        Some(Some(c @ (512 | 1024 | 2048 | 4096))) => c as usize,
+        Some(_) => return Err("dedup \"chunk\" must be 512, 1024, 2048 or 4096".into()),
+    };
+    params.chunk_size = chunk;
+    params.digest = match algo {
+        indexd::hash::Algo::Sha256 => DigestKind::Sha256,
+        indexd::hash::Algo::Sha1 => DigestKind::Sha1,
+    };
+    Ok(Some(DedupConfig {
+        coordination: s("coordination")?,
+        migration_id: s("migration_id")?,
+        dest_site: s("dest_site")?,
+        algo,
+        ttl_s: obj.get("ttl_s").and_then(Value::as_u64).unwrap_or(3600),
+    }))
+}
+
 /// Migration parameters from the `migrate` command's arguments.
 pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
     let uri = args
@@ -116,7 +151,7 @@ pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
     let addr = parse_tcp_uri(uri)?;
     if let Some(obj) = args.as_object() {
         for k in obj.keys() {
-            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge", "verify"].contains(&k.as_str()) {
+            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge", "verify", "dedup"].contains(&k.as_str()) {
                 return Err(format!("unknown argument \"{k}\""));
             }
         }
@@ -140,9 +175,17 @@ pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
     Ok((addr, p))
 }
 
+/// All of `migrate`'s arguments.
+pub fn parse_migrate_args(args: &Value) -> Result<(String, Params, Option<DedupConfig>), String> {
+    let (addr, mut p) = params_from_args(args)?;
+    let dedup = dedup_from_args(args, &mut p)?;
+    Ok((addr, p, dedup))
+}
+
 /// An outgoing migration in progress (or finished).
 pub struct Outgoing {
     info: Arc<Mutex<MigrationInfo>>,
+    dedup: Option<Arc<Mutex<DedupStats>>>,
     cancel: Arc<AtomicBool>,
     socket: Arc<Mutex<Option<TcpStream>>>,
     thread: Option<JoinHandle<()>>,
@@ -151,8 +194,17 @@ pub struct Outgoing {
 impl Outgoing {
     /// Starts migrating `vmm` as `args` (the `migrate` command's arguments) ask.
     pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, String> {
-        let (addr, params) = params_from_args(args)?;
+        let (addr, params, dedup_cfg) = parse_migrate_args(args)?;
         let info = Arc::new(Mutex::new(MigrationInfo { status: Status::Setup, ..Default::default() }));
+        // Coordination is set up here, so that an unreachable service is reported at once.
+        let (dedup, dedup_stats): (Box<dyn Dedup + Send>, _) = match &dedup_cfg {
+            Some(cfg) => {
+                let d = RedisDedup::new(cfg);
+                let stats = d.stats.clone();
+                (Box::new(d), Some(stats))
+            }
+            None => (Box::new(NoDedup), None),
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let socket = Arc::new(Mutex::new(None));
         let mut source = VmmSource { mem: vmm.memory().clone(), caller: caller.clone(), name: vmm.name().to_owned() };
@@ -166,7 +218,7 @@ impl Outgoing {
                     if c.load(Ordering::SeqCst) {
                         return Err("cancelled".into());
                     }
-                    precopy::Sender::new(&mut source, NoDedup, stream, back, params, i.clone(), c.clone())
+                    precopy::Sender::new(&mut source, dedup, stream, back, params, i.clone(), c.clone())
                         .run()
                         .map_err(|e| e.to_string())
                 });
@@ -184,12 +236,21 @@ impl Outgoing {
                 let _ = caller_done(&caller, ok);
             })
             .map_err(|e| format!("cannot start the migration thread: {e}"))?;
-        Ok(Outgoing { info, cancel, socket, thread: Some(thread) })
+        Ok(Outgoing { info, dedup: dedup_stats, cancel, socket, thread: Some(thread) })
     }
 
     /// A copy of the statistics.
     pub fn info(&self) -> MigrationInfo {
         self.info.lock().expect("migration info poisoned").clone()
+    }
+
+    /// The statistics as `query-migrate` shows them (QEMU's, plus deduplication).
+    pub fn info_json(&self) -> Value {
+        let mut v = serde_json::to_value(self.info()).unwrap_or(Value::Null);
+        if let Some(d) = &self.dedup {
+            v["dedup"] = serde_json::to_value(d.lock().expect("dedup stats poisoned").clone()).unwrap_or(Value::Null);
+        }
+        v
     }
 
     /// Whether the migration thread still runs.
@@ -237,12 +298,21 @@ pub struct IncomingOptions {
     pub serial: SerialOutput,
     /// Device backends on this host (None: those recorded by the source).
     pub devices: Option<Vec<DeviceConfig>>,
+    /// This host's part in its site's content index (Shrinker's content-based addressing).
+    pub site: Option<SiteOptions>,
 }
 
 struct VmmSink {
     opts: IncomingOptions,
     mem: Option<GuestMemoryMmap>,
     vmm: Option<Vmm>,
+    site: Option<SiteIndex>,
+}
+
+impl VmmSink {
+    fn mem(&self) -> &GuestMemoryMmap {
+        self.mem.as_ref().expect("prepare() ran")
+    }
 }
 
 impl Sink for VmmSink {
@@ -252,10 +322,35 @@ impl Sink for VmmSink {
         if ranges != expected {
             return Err(format!("memory layout {ranges:x?} is not what this VMM builds for {} bytes", hello.mem_size));
         }
-        self.mem = Some(
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot allocate guest memory: {e}"))?,
-        );
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot allocate guest memory: {e}"))?;
+        if let (Some(site), Some(algo)) = (&self.opts.site, hello.digest.algo()) {
+            self.site = Some(SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)?);
+        }
+        self.mem = Some(mem);
         Ok(())
+    }
+
+    fn on_write(&mut self, gpa: u64, data: Option<&[u8]>) {
+        if let Some(site) = self.site.as_mut() {
+            site.on_write(gpa, data);
+        }
+    }
+
+    fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+        let Some(site) = self.site.as_mut() else { return Ok(()) };
+        let mem = self.mem.as_ref().expect("prepare() ran").clone();
+        site.resolve(batch, &mut |gpa, bytes| {
+            use vm_memory::Bytes;
+            // Chunks are in guest memory (checked when the stream named them).
+            let _ = mem.write_slice(bytes, GuestAddress(gpa));
+        });
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if let Some(site) = self.site.as_mut() {
+            site.flush();
+        }
     }
 
     fn region_bytes_mut(&mut self, index: usize) -> &mut [u8] {
@@ -266,8 +361,7 @@ impl Sink for VmmSink {
     }
 
     fn memory_digest(&mut self) -> Result<[u8; 32], String> {
-        let mem = self.mem.as_ref().ok_or("no guest memory")?;
-        Ok(crate::vstate::memory::sha256_all(mem))
+        Ok(crate::vstate::memory::sha256_all(self.mem()))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), String> {
@@ -295,8 +389,20 @@ impl Sink for VmmSink {
     }
 }
 
-/// Waits for one incoming migration on `uri` and returns the running VM.
-pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, ReceiveStats), String> {
+/// How a VM arrived.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IncomingStats {
+    /// What the stream carried.
+    #[serde(flatten)]
+    pub stream: ReceiveStats,
+    /// Where digest-only content came from (with deduplication).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteStats>,
+}
+
+/// Waits for one incoming migration on `uri` and returns the running VM, and the site index
+/// membership that keeps serving its content to peers (drop it when the VM goes away).
+pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), String> {
     let addr = parse_tcp_uri(uri)?;
     let listener = TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let (stream, peer) = listener.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
@@ -304,10 +410,13 @@ pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, ReceiveStats),
     tracing::info!("incoming migration from {peer}");
     let back = stream.try_clone().map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let mut sink = VmmSink { opts, mem: None, vmm: None };
-    let stats = precopy::receive(&mut sink, stream, back).map_err(|e| format!("incoming migration from {peer}: {e}"))?;
+    let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(Duration::from_secs(2));
+    let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
+    let stats = precopy::receive_with(&mut sink, stream, back, ReceiveOptions { wait })
+        .map_err(|e| format!("incoming migration from {peer}: {e}"))?;
     let vmm = sink.vmm.take().ok_or("the migration ended without a VM")?;
-    Ok((vmm, stats))
+    let site = sink.site.take();
+    Ok((vmm, IncomingStats { stream: stats, site: site.as_ref().map(|s| s.snapshot_stats()) }, site))
 }
 
 #[cfg(test)]

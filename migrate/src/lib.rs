@@ -5,3 +5,6 @@
 pub mod client;
 pub mod protocol;
 pub mod precopy;
+pub mod dedup;
+pub mod cluster;
+pub mod orchestrate;

@@ -12,17 +12,44 @@ use indicatif::{ProgressBar, ProgressStyle};
 use migrate::client::ApiClient;
 use serde_json::{json, Value};
 
-/// Live-migrates a VM to another shrink-vmm.
+/// Live-migrates a VM to another shrink-vmm, or a whole virtual cluster to another site.
+///
+/// One VM: `shrink-migrate --vm SOCKET --to tcp:HOST:PORT`.
+/// A cluster: `shrink-migrate --cluster vc.toml --dest SITE` (see the README for vc.toml).
 #[derive(Parser, Debug)]
 #[command(name = "shrink-migrate", version, about)]
 struct Args {
     /// The source VM's API socket.
-    #[arg(long, value_name = "SOCKET")]
-    vm: PathBuf,
+    #[arg(long, value_name = "SOCKET", required_unless_present = "cluster", requires = "to")]
+    vm: Option<PathBuf>,
 
     /// Where the destination VMM listens (`shrink-vmm --incoming tcp:HOST:PORT`).
-    #[arg(long, value_name = "tcp:HOST:PORT")]
-    to: String,
+    #[arg(long, value_name = "tcp:HOST:PORT", requires = "vm")]
+    to: Option<String>,
+
+    /// The virtual cluster's description (sites, hosts, VMs).
+    #[arg(long, value_name = "vc.toml", conflicts_with = "vm", requires = "dest")]
+    cluster: Option<PathBuf>,
+
+    /// The site to move the cluster to.
+    #[arg(long, value_name = "SITE", requires = "cluster")]
+    dest: Option<String>,
+
+    /// Cluster: plain pre-copy, no deduplication (the baseline).
+    #[arg(long)]
+    no_dedup: bool,
+
+    /// Cluster: deduplication granularity in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_chunk)]
+    chunk: u32,
+
+    /// Cluster: digest of deduplicated chunks.
+    #[arg(long, value_name = "ALGO", default_value = "sha256", value_parser = ["sha256", "sha1"])]
+    digest: String,
+
+    /// Cluster: first TCP port of the destination VMMs (one per VM; peer servers use +100).
+    #[arg(long, value_name = "PORT", default_value_t = 7400)]
+    port_base: u16,
 
     /// Longest acceptable pause of the guest, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -48,6 +75,13 @@ struct Args {
     /// Print the final statistics as JSON (no progress bar).
     #[arg(long)]
     json: bool,
+}
+
+fn parse_chunk(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(c @ (512 | 1024 | 2048 | 4096)) => Ok(c),
+        _ => Err(format!("'{s}': the chunk size is 512, 1024, 2048 or 4096")),
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -90,9 +124,11 @@ fn print_stats(info: &Value) {
 }
 
 fn run(args: Args) -> Result<Value, String> {
-    let connect = || ApiClient::connect(&args.vm).map_err(|e| format!("cannot connect to {}: {e}", args.vm.display()));
+    let vm = args.vm.clone().expect("clap requires --vm");
+    let to = args.to.clone().expect("clap requires --to");
+    let connect = || ApiClient::connect(&vm).map_err(|e| format!("cannot connect to {}: {e}", vm.display()));
     let mut api = connect()?;
-    let mut margs = json!({"uri": args.to, "downtime_limit_ms": args.downtime_limit_ms,
+    let mut margs = json!({"uri": to, "downtime_limit_ms": args.downtime_limit_ms,
         "auto_converge": args.auto_converge, "verify": args.verify});
     if let Some(b) = args.max_bandwidth {
         margs["max_bandwidth"] = json!(b);
@@ -101,7 +137,7 @@ fn run(args: Args) -> Result<Value, String> {
         margs["max_iterations"] = json!(n);
     }
     api.execute("migrate", margs)
-        .map_err(|e| format!("{}: {e}", args.vm.display()))?
+        .map_err(|e| format!("{}: {e}", vm.display()))?
         .map_err(|e| format!("migrate: {e}"))?;
     let bar = if args.json {
         ProgressBar::hidden()
@@ -153,8 +189,43 @@ fn run(args: Args) -> Result<Value, String> {
     }
 }
 
+fn run_cluster(args: &Args) -> ExitCode {
+    let opts = migrate::orchestrate::ClusterOptions {
+        file: args.cluster.clone().expect("clap requires --cluster"),
+        dest: args.dest.clone().expect("clap requires --dest"),
+        no_dedup: args.no_dedup,
+        chunk: args.chunk,
+        digest: args.digest.clone(),
+        verify: args.verify,
+        downtime_limit_ms: args.downtime_limit_ms,
+        port_base: args.port_base,
+        progress: !args.json,
+    };
+    match migrate::orchestrate::run(&opts) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                migrate::orchestrate::print_report(&report);
+            }
+            if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("shrink-migrate: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.cluster.is_some() {
+        return run_cluster(&args);
+    }
     let json = args.json;
     match run(args) {
         Ok(info) => {

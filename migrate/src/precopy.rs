@@ -11,6 +11,7 @@
 //! Destination: installs chunks as they arrive, checks the stream's own totals at `End`,
 //! restores the VM, says so, and only then starts the guest.
 
+use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::protocol::{
-    self, uniform_byte, Chunk, Decoder, DigestKind, Hello, PagesBuilder, ProtocolError, Record, Region,
+    self, uniform_byte, Chunk, Decoder, DigestKind, Hello, PagesBuilder, ProtocolError, Record, Region, StreamParams,
 };
 
 /// Guest page size (dirty-log granularity).
@@ -140,6 +141,8 @@ pub struct RamStats {
     pub dirty_pages_rate: u64,
     /// Chunks sent as a digest only (shrink's deduplication).
     pub deduplicated: u64,
+    /// Chunks the destination pulled from the source after `End` (no peer had them).
+    pub pulled: u64,
 }
 
 /// `query-migrate`, QEMU's names and meanings.
@@ -206,6 +209,12 @@ pub trait Dedup {
     /// For each chunk of `chunks` (address, bytes), `Some(digest)` to send only the digest,
     /// `None` to send it in full.
     fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String>;
+}
+
+impl<D: Dedup + ?Sized> Dedup for Box<D> {
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+        (**self).decide(chunks)
+    }
 }
 
 /// Plain pre-copy: everything in full.
@@ -460,15 +469,48 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         self.out.flush().map_err(ProtocolError::from)?;
         tracing::info!("switch-over: end sent at {:?}", stop.elapsed());
         self.update(|_| {});
-        // The destination has everything; wait for it to say the guest runs there.
-        let mut decoder = Decoder::new();
-        match decoder.read(&mut self.back) {
-            Ok(Some(Record::Verdict { ok: true, .. })) => Ok(stop.elapsed()),
-            Ok(Some(Record::Verdict { ok: false, message })) => Err(MigrationError::Destination(message)),
-            Ok(Some(other)) => Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name()))),
-            Ok(None) => Err(MigrationError::Destination("closed the connection without a verdict".into())),
-            Err(e) => Err(MigrationError::Destination(e.to_string())),
+        // The destination has everything or pulls what its site lacks; then it says whether the
+        // guest runs there.
+        let mut decoder = Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
+        loop {
+            match decoder.read(&mut self.back) {
+                Ok(Some(Record::Verdict { ok: true, .. })) => return Ok(stop.elapsed()),
+                Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
+                Ok(Some(Record::Pull(list))) => self.serve_pull(&regions, &list)?,
+                Ok(Some(other)) => return Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name()))),
+                Ok(None) => return Err(MigrationError::Destination("closed the connection without a verdict".into())),
+                Err(e) => return Err(MigrationError::Destination(e.to_string())),
+            }
         }
+    }
+
+    /// Answers a `Pull`: the chunks in full, from the paused guest, each checked against the
+    /// digest the destination holds for it.
+    fn serve_pull(&mut self, regions: &[Region], list: &[(u64, Vec<u8>)]) -> Result<(), MigrationError> {
+        let algo = self.params.digest.algo().ok_or_else(|| MigrationError::Invalid("Pull in a stream without digests".into()))?;
+        let chunk = self.params.chunk_size;
+        for (gpa, digest) in list {
+            let (ri, off) = regions
+                .iter()
+                .enumerate()
+                .find(|(_, r)| *gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len && gpa % chunk as u64 == 0)
+                .map(|(i, r)| (i, (gpa - r.gpa) as usize))
+                .ok_or_else(|| MigrationError::Invalid(format!("pull of {gpa:#x}, outside guest memory")))?;
+            let bytes = &self.src.region_bytes(ri)[off..off + chunk];
+            if indexd::hash::digest(algo, bytes) != *digest {
+                return Err(MigrationError::Invalid(format!("pull of {gpa:#x}: the paused guest holds other content")));
+            }
+            self.builder.full(*gpa, bytes);
+            if self.builder.is_full() {
+                self.flush_batch()?;
+            }
+        }
+        self.flush_batch()?;
+        protocol::write_pull_done(&mut self.out, list.len() as u32)?;
+        self.out.flush().map_err(ProtocolError::from)?;
+        let n = list.len() as u64;
+        self.update(|i| i.ram.pulled += n);
+        Ok(())
     }
 
     /// Sends every chunk of the pages set in `dirty`; returns (bytes written, time taken).
@@ -602,10 +644,16 @@ pub trait Sink {
     fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String>;
     /// Guest memory of region `index`, writable (the guest is not running).
     fn region_bytes_mut(&mut self, index: usize) -> &mut [u8];
-    /// A digest-only chunk at `gpa`: find the content and install it.
-    fn resolve_digest(&mut self, gpa: u64, digest: &[u8]) -> Result<(), String> {
-        Err(format!("digest-only chunk at {gpa:#x} ({} bytes of digest) but no content index", digest.len()))
+    /// A chunk was installed at `gpa`: `Some(bytes)` for content that arrived in full (or was
+    /// pulled), `None` for a uniform chunk. (Content indexes keep track here.)
+    fn on_write(&mut self, _gpa: u64, _data: Option<&[u8]>) {}
+    /// Digest-only chunks `(address, digest)`: install those whose content can be found (this
+    /// VM's memory, peers) and remove them from `batch`; the rest wait. The default finds none.
+    fn resolve(&mut self, _batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+        Ok(())
     }
+    /// End of a record: a good moment to push batched index updates.
+    fn flush(&mut self) {}
     /// Everything has arrived: restore vCPU, VM and device state; do not run yet.
     fn restore(&mut self, state: &[u8]) -> Result<(), String>;
     /// Starts the guest (after the source was told).
@@ -633,12 +681,39 @@ pub struct ReceiveStats {
     pub total_ms: u64,
     /// SHA-256 of the installed memory, when the source asked for verification.
     pub memory_sha256: Option<String>,
+    /// Digest-only chunks installed from content found at the destination site.
+    pub resolved: u64,
+    /// Digest-only chunks pulled from the source in the end.
+    pub pulled: u64,
+}
+
+/// How the destination waits for content before pulling it from the source.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveOptions {
+    /// After `End`, how long to keep looking for chunks at the site before pulling them.
+    pub wait: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions { wait: Duration::from_secs(2) }
+    }
 }
 
 /// Receives a migration on `input`, answering on `answer`. The guest starts only after every
 /// chunk is in place, the state restored and the source told so.
-pub fn receive<S: Sink, R: Read, W: Write>(sink: &mut S, input: R, mut answer: W) -> Result<ReceiveStats, MigrationError> {
-    match receive_inner(sink, input) {
+pub fn receive<S: Sink, R: Read, W: Write>(sink: &mut S, input: R, answer: W) -> Result<ReceiveStats, MigrationError> {
+    receive_with(sink, input, answer, ReceiveOptions::default())
+}
+
+/// [`receive`] with options.
+pub fn receive_with<S: Sink, R: Read, W: Write>(
+    sink: &mut S,
+    input: R,
+    mut answer: W,
+    opts: ReceiveOptions,
+) -> Result<ReceiveStats, MigrationError> {
+    match receive_inner(sink, input, &mut answer, opts) {
         Ok(mut stats) => {
             protocol::write_verdict(&mut answer, true, "running")?;
             answer.flush().map_err(ProtocolError::from)?;
@@ -655,19 +730,37 @@ pub fn receive<S: Sink, R: Read, W: Write>(sink: &mut S, input: R, mut answer: W
     }
 }
 
-fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStats, MigrationError> {
+/// Tries the waiting digests again; counts what got resolved.
+fn retry_pending<S: Sink>(sink: &mut S, pending: &mut HashMap<u64, Vec<u8>>, stats: &mut ReceiveStats) -> Result<(), MigrationError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut batch: Vec<(u64, Vec<u8>)> = pending.drain().collect();
+    let before = batch.len();
+    sink.resolve(&mut batch).map_err(MigrationError::Vmm)?;
+    stats.resolved += (before - batch.len()) as u64;
+    pending.extend(batch);
+    Ok(())
+}
+
+fn receive_inner<S: Sink, R: Read, W: Write>(
+    sink: &mut S,
+    input: R,
+    answer: &mut W,
+    opts: ReceiveOptions,
+) -> Result<ReceiveStats, MigrationError> {
     let start = Instant::now();
     let mut input = std::io::BufReader::with_capacity(4 << 20, input);
     let mut dec = Decoder::new();
-    let mut next = |dec: &mut Decoder, what: &str| -> Result<Record, MigrationError> {
-        dec.read(&mut input)?
+    let next = |dec: &mut Decoder, input: &mut std::io::BufReader<R>, what: &str| -> Result<Record, MigrationError> {
+        dec.read(input)?
             .ok_or_else(|| MigrationError::Invalid(format!("stream ended before {what}")))
     };
-    let hello = match next(&mut dec, "Hello")? {
+    let hello = match next(&mut dec, &mut input, "Hello")? {
         Record::Hello(h) => h,
         r => return Err(MigrationError::Invalid(format!("expected Hello, got {}", r.name()))),
     };
-    let regions = match next(&mut dec, "MemoryLayout")? {
+    let regions = match next(&mut dec, &mut input, "MemoryLayout")? {
         Record::MemoryLayout(r) => r,
         r => return Err(MigrationError::Invalid(format!("expected MemoryLayout, got {}", r.name()))),
     };
@@ -684,10 +777,14 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
     let mut page_bytes = 0u64;
     let mut state = None;
     let mut verify = None;
+    // Digest-only chunks whose content was not found yet, by address (a newer write to the
+    // address cancels the wait).
+    let mut pending: HashMap<u64, Vec<u8>> = HashMap::new();
     loop {
-        match next(&mut dec, "End")? {
+        match next(&mut dec, &mut input, "End")? {
             Record::Pages(p) => {
                 page_bytes += p.payload_len() as u64;
+                let mut batch = Vec::new();
                 for (gpa, c) in p.iter() {
                     let (ri, off) = regions
                         .iter()
@@ -696,28 +793,46 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
                         .map(|(i, r)| (i, (gpa - r.gpa) as usize))
                         .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))?;
                     let (word, bit) = ((off / chunk) / 64, 1u64 << ((off / chunk) % 64));
+                    if !pending.is_empty() {
+                        pending.remove(&gpa);
+                    }
                     match c {
                         Chunk::Full(data) => {
                             sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
                             written[ri][word] |= bit;
+                            sink.on_write(gpa, Some(data));
                             stats.full += 1;
                         }
                         Chunk::Uniform(0) if written[ri][word] & bit == 0 => stats.uniform += 1,
                         Chunk::Uniform(b) => {
                             sink.region_bytes_mut(ri)[off..off + chunk].fill(b);
                             written[ri][word] |= bit;
+                            sink.on_write(gpa, None);
                             stats.uniform += 1;
                         }
                         Chunk::Digest(d) => {
-                            sink.resolve_digest(gpa, d).map_err(MigrationError::Vmm)?;
+                            if hello.digest.is_none() {
+                                return Err(MigrationError::Invalid("digest entry in a plain stream".into()));
+                            }
                             written[ri][word] |= bit;
+                            batch.push((gpa, d.to_vec()));
                             stats.digest += 1;
                         }
                     }
                     stats.entries += 1;
                 }
+                if !batch.is_empty() {
+                    let before = batch.len();
+                    sink.resolve(&mut batch).map_err(MigrationError::Vmm)?;
+                    stats.resolved += (before - batch.len()) as u64;
+                    pending.extend(batch);
+                }
+                sink.flush();
             }
-            Record::Iteration { pass, .. } => stats.passes = pass,
+            Record::Iteration { pass, .. } => {
+                stats.passes = pass;
+                retry_pending(sink, &mut pending, &mut stats)?;
+            }
             Record::VmState(s) => state = Some(s),
             Record::Verify(d) => verify = Some(d),
             Record::End { entries, page_bytes: pb } => {
@@ -733,6 +848,19 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
         }
     }
     let state = state.ok_or_else(|| MigrationError::Invalid("no VmState before End".into()))?;
+    // Chunks still waiting: other hosts of the site may be receiving them right now; look again
+    // for a while, then pull what is left from the (paused) source.
+    let deadline = Instant::now() + opts.wait;
+    loop {
+        retry_pending(sink, &mut pending, &mut stats)?;
+        if pending.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !pending.is_empty() {
+        pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, pending, &mut stats)?;
+    }
     if let Some(expected) = verify {
         let got = sink.memory_digest().map_err(MigrationError::Vmm)?;
         stats.memory_sha256 = Some(hex(&got));
@@ -747,6 +875,64 @@ fn receive_inner<S: Sink, R: Read>(sink: &mut S, input: R) -> Result<ReceiveStat
     sink.restore(&state).map_err(MigrationError::Vmm)?;
     stats.total_ms = start.elapsed().as_millis() as u64;
     Ok(stats)
+}
+
+/// Asks the source for `pending` and installs its answer, checking every chunk's digest.
+#[allow(clippy::too_many_arguments)]
+fn pull<S: Sink, R: Read, W: Write>(
+    sink: &mut S,
+    dec: &mut Decoder,
+    input: &mut R,
+    answer: &mut W,
+    regions: &[Region],
+    chunk: usize,
+    digest: DigestKind,
+    pending: HashMap<u64, Vec<u8>>,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
+    let algo = digest.algo().ok_or_else(|| MigrationError::Invalid("digest entries in a plain stream".into()))?;
+    let list: Vec<(u64, Vec<u8>)> = pending.into_iter().collect();
+    let mut want: HashMap<u64, Vec<u8>> = HashMap::new();
+    for part in list.chunks(4096) {
+        protocol::write_pull(answer, part)?;
+        want.extend(part.iter().cloned());
+    }
+    answer.flush().map_err(ProtocolError::from)?;
+    let mut got = 0u64;
+    let mut dones = 0usize;
+    let parts = list.len().div_ceil(4096);
+    while dones < parts {
+        match dec.read(input)?.ok_or_else(|| MigrationError::Invalid("stream ended during a pull".into()))? {
+            Record::Pages(p) => {
+                for (gpa, c) in p.iter() {
+                    let Chunk::Full(data) = c else {
+                        return Err(MigrationError::Invalid("a pulled chunk that is not full".into()));
+                    };
+                    let expected = want.remove(&gpa).ok_or_else(|| MigrationError::Invalid(format!("pulled chunk {gpa:#x} was not asked for")))?;
+                    if indexd::hash::digest(algo, data) != expected {
+                        return Err(MigrationError::Invalid(format!("pulled chunk {gpa:#x} does not match its digest")));
+                    }
+                    let (ri, off) = regions
+                        .iter()
+                        .enumerate()
+                        .find(|(_, r)| gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len)
+                        .map(|(i, r)| (i, (gpa - r.gpa) as usize))
+                        .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))?;
+                    sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
+                    sink.on_write(gpa, Some(data));
+                    got += 1;
+                }
+                sink.flush();
+            }
+            Record::PullDone(_) => dones += 1,
+            r => return Err(MigrationError::Invalid(format!("unexpected {} record during a pull", r.name()))),
+        }
+    }
+    if !want.is_empty() {
+        return Err(MigrationError::Invalid(format!("{} pulled chunks never arrived", want.len())));
+    }
+    stats.pulled += got;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -852,6 +1038,9 @@ mod tests {
         started: bool,
         /// Simulates a page that arrived wrong.
         corrupt: bool,
+        /// Resolve digest-only chunks from this VM's own memory (else they must be pulled).
+        resolvable: bool,
+        index: HashMap<Vec<u8>, u64>,
     }
 
     impl Sink for FakeDest {
@@ -861,6 +1050,26 @@ mod tests {
         }
         fn region_bytes_mut(&mut self, _: usize) -> &mut [u8] {
             &mut self.mem
+        }
+        fn on_write(&mut self, gpa: u64, data: Option<&[u8]>) {
+            if let Some(d) = data {
+                self.index.insert(indexd::hash::digest(indexd::hash::Algo::Sha256, d), gpa);
+            }
+        }
+        fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+            if !self.resolvable {
+                return Ok(());
+            }
+            batch.retain(|(gpa, d)| {
+                let Some(&src) = self.index.get(d) else { return true };
+                let chunk = self.mem[src as usize..src as usize + PAGE_SIZE].to_vec();
+                if indexd::hash::digest(indexd::hash::Algo::Sha256, &chunk) != *d {
+                    return true;
+                }
+                self.mem[*gpa as usize..*gpa as usize + PAGE_SIZE].copy_from_slice(&chunk);
+                false
+            });
+            Ok(())
         }
         fn restore(&mut self, state: &[u8]) -> Result<(), String> {
             self.state = state.to_vec();
@@ -913,15 +1122,95 @@ mod tests {
     }
 
     fn run_to(vm: &mut FakeVm, params: Params, dest: FakeDest) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
+        run_full(vm, params, dest, NoDedup).map_second()
+    }
+
+    trait MapSecond<A, B> {
+        fn map_second(self) -> (A, B);
+    }
+    impl<A, B, C> MapSecond<A, B> for (A, B, C) {
+        fn map_second(self) -> (A, B) {
+            (self.0, self.1)
+        }
+    }
+
+    fn run_full<D: Dedup>(
+        vm: &mut FakeVm,
+        params: Params,
+        dest: FakeDest,
+        dedup: D,
+    ) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>, ReceiveStats) {
         let (tx, rx) = mpsc::channel();
         let (btx, brx) = mpsc::channel();
         let dest = std::thread::spawn(move || {
             let mut d = dest;
-            receive(&mut d, PipeIn(rx, vec![], 0), Pipe(btx)).map(|_| d)
+            let opts = ReceiveOptions { wait: Duration::from_millis(100) };
+            match receive_with(&mut d, PipeIn(rx, vec![], 0), Pipe(btx), opts) {
+                Ok(s) => (Ok(d), s),
+                Err(e) => (Err(e), ReceiveStats::default()),
+            }
         });
         let info = Arc::new(Mutex::new(MigrationInfo::default()));
-        let r = Sender::new(vm, NoDedup, Pipe(tx), PipeIn(brx, vec![], 0), params, info, Arc::new(AtomicBool::new(false))).run();
-        (r, dest.join().unwrap())
+        let r = Sender::new(vm, dedup, Pipe(tx), PipeIn(brx, vec![], 0), params, info, Arc::new(AtomicBool::new(false))).run();
+        let (d, s) = dest.join().unwrap();
+        (r, d, s)
+    }
+
+    /// In-memory coordination: the first chunk with a digest goes in full, the others as digests.
+    struct SetDedup(std::collections::HashSet<Vec<u8>>);
+    impl Dedup for SetDedup {
+        fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+            Ok(chunks
+                .iter()
+                .map(|(_, c)| {
+                    let d = indexd::hash::digest(indexd::hash::Algo::Sha256, c);
+                    if self.0.insert(d.clone()) {
+                        None
+                    } else {
+                        Some(d)
+                    }
+                })
+                .collect())
+        }
+    }
+
+    fn duplicated_vm() -> FakeVm {
+        let mut vm = FakeVm::new(512);
+        // 256 pages of data, but only 16 distinct contents.
+        for p in 0..256 {
+            let fill = (p % 16) as u8 + 1;
+            vm.mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(fill);
+            vm.mem[p * PAGE_SIZE + 1] = 0x77;
+        }
+        vm
+    }
+
+    #[test]
+    fn duplicates_travel_as_digests_and_are_found_at_the_destination() {
+        let mut vm = duplicated_vm();
+        vm.churn = vec![300];
+        let params = Params { digest: DigestKind::Sha256, verify: true, ..Params::default() };
+        let dest = FakeDest { resolvable: true, ..FakeDest::default() };
+        let (r, d, stats) = run_full(&mut vm, params, dest, SetDedup(Default::default()));
+        let info = r.unwrap();
+        assert_eq!(d.unwrap().mem, vm.mem);
+        assert!(info.ram.deduplicated >= 240, "{:?}", info.ram);
+        assert_eq!(info.ram.pulled, 0);
+        assert_eq!(stats.resolved, stats.digest);
+        assert_eq!(stats.pulled, 0);
+    }
+
+    #[test]
+    fn content_nobody_at_the_destination_holds_is_pulled_from_the_source() {
+        let mut vm = duplicated_vm();
+        let params = Params { digest: DigestKind::Sha256, verify: true, ..Params::default() };
+        let dest = FakeDest { resolvable: false, ..FakeDest::default() };
+        let (r, d, stats) = run_full(&mut vm, params, dest, SetDedup(Default::default()));
+        let info = r.unwrap();
+        assert_eq!(d.unwrap().mem, vm.mem, "pulled chunks are in place");
+        assert_eq!(info.ram.pulled, info.ram.deduplicated, "{:?}", info.ram);
+        assert_eq!(stats.pulled, stats.digest);
+        assert_eq!(stats.resolved, 0);
     }
 
     #[test]

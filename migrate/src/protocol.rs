@@ -29,6 +29,7 @@
 //! | 5    | `Iteration`    | pass number u32, bytes still dirty u64 (progress, not needed to restore) |
 //! | 6    | `End`          | page entries sent u64, payload bytes sent u64 (checked by the receiver) |
 //! | 7    | `Verify`       | SHA-256 (32 bytes) of all guest memory at pause, in address order (optional; sent before `End`) |
+//! | 8    | `PullDone`     | chunks sent u32: closes the answer (`Pages` records of full chunks) to a `Pull` |
 //!
 //! A page entry is a u64 whose low 3 bits are the kind and whose other bits are the chunk's
 //! guest physical address (chunks are aligned, so the low bits are free, as in QEMU's format):
@@ -44,12 +45,16 @@
 //! | type | record    | payload                                                                |
 //! |------|-----------|------------------------------------------------------------------------|
 //! | 16   | `Verdict` | status u8 (0 = every page is in place and the guest resumed, 1 = failed), message (UTF-8, rest) |
+//! | 17   | `Pull`    | count u32, then per chunk: guest physical address u64, digest (stream digest length): content no peer could supply |
 //!
 //! # Sequence
 //!
 //! `Hello`, `MemoryLayout`, then per pass zero or more `Pages` and an `Iteration`; after the
-//! source pauses the guest: the last `Pages`, `VmState`, `End`. The destination answers with one
-//! `Verdict`. Only a `Verdict` with status 0 lets the source stop its copy of the guest.
+//! source pauses the guest: the last `Pages`, `VmState`, (`Verify`), `End`. With deduplication,
+//! the destination may then ask for the chunks it could not find at its site with `Pull`
+//! records, each answered by `Pages` and `PullDone` (the source is paused: the content is stable
+//! and must match the digest). The destination ends with one `Verdict`. Only a `Verdict` with
+//! status 0 lets the source stop its copy of the guest.
 
 use std::io::{Read, Write};
 
@@ -69,6 +74,8 @@ const T_VM_STATE: u8 = 4;
 const T_ITERATION: u8 = 5;
 const T_END: u8 = 6;
 const T_VERIFY: u8 = 7;
+const T_PULL_DONE: u8 = 8;
+const T_PULL: u8 = 17;
 const T_VERDICT: u8 = 16;
 
 const KIND_FULL: u64 = 0;
@@ -141,6 +148,15 @@ pub enum DigestKind {
 }
 
 impl DigestKind {
+    /// The hash function, when there is one.
+    pub fn algo(self) -> Option<indexd::hash::Algo> {
+        match self {
+            DigestKind::None => None,
+            DigestKind::Sha256 => Some(indexd::hash::Algo::Sha256),
+            DigestKind::Sha1 => Some(indexd::hash::Algo::Sha1),
+        }
+    }
+
     /// Digest length in bytes.
     pub fn len(self) -> usize {
         match self {
@@ -304,6 +320,10 @@ pub enum Record {
     },
     /// Digest of all guest memory at pause.
     Verify([u8; 32]),
+    /// Chunks the destination asks the source for: (address, digest).
+    Pull(Vec<(u64, Vec<u8>)>),
+    /// End of the answer to a `Pull`.
+    PullDone(u32),
     /// The destination's answer.
     Verdict {
         /// Whether the guest runs at the destination.
@@ -324,6 +344,8 @@ impl Record {
             Record::Iteration { .. } => "Iteration",
             Record::End { .. } => "End",
             Record::Verify(_) => "Verify",
+            Record::Pull(_) => "Pull",
+            Record::PullDone(_) => "PullDone",
             Record::Verdict { .. } => "Verdict",
         }
     }
@@ -388,6 +410,11 @@ impl Decoder {
         Decoder { params: None }
     }
 
+    /// A decoder for the back channel of a stream with these parameters (it sees no `Hello`).
+    pub fn with_params(params: StreamParams) -> Decoder {
+        Decoder { params: Some(params) }
+    }
+
     /// Reads the next record; `Ok(None)` at a clean end of stream (between records).
     pub fn read<R: Read>(&mut self, r: &mut R) -> Result<Option<Record>, ProtocolError> {
         let mut hdr = [0u8; HEADER_LEN];
@@ -406,7 +433,7 @@ impl Decoder {
         if len > MAX_PAYLOAD {
             return Err(ProtocolError::TooLong { kind, len });
         }
-        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERIFY | T_VERDICT) {
+        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERIFY | T_PULL_DONE | T_PULL | T_VERDICT) {
             return Err(ProtocolError::UnknownType(kind));
         }
         let mut payload = vec![0u8; len as usize];
@@ -520,6 +547,34 @@ impl Decoder {
                     .map_err(|_| malformed("Verify", format!("{} bytes, expected 32", payload.len())))?;
                 Ok(Record::Verify(d))
             }
+            T_PULL_DONE => {
+                if payload.len() != 4 {
+                    return Err(malformed("PullDone", format!("{} bytes, expected 4", payload.len())));
+                }
+                Ok(Record::PullDone(u32_at(&payload, 0)))
+            }
+            T_PULL => {
+                let params = self.params.ok_or_else(|| malformed("Pull", "before Hello"))?;
+                let dl = params.digest.len();
+                if params.digest.is_none() {
+                    return Err(malformed("Pull", "in a stream without digests"));
+                }
+                if payload.len() < 4 {
+                    return Err(malformed("Pull", "no count"));
+                }
+                let n = u32_at(&payload, 0) as usize;
+                if payload.len() != 4 + n.saturating_mul(8 + dl) {
+                    return Err(malformed("Pull", format!("{n} entries in {} bytes", payload.len())));
+                }
+                Ok(Record::Pull(
+                    (0..n)
+                        .map(|i| {
+                            let o = 4 + i * (8 + dl);
+                            (u64_at(&payload, o), payload[o + 8..o + 8 + dl].to_vec())
+                        })
+                        .collect(),
+                ))
+            }
             T_VERDICT => {
                 if payload.is_empty() || payload[0] > 1 {
                     return Err(malformed("Verdict", "status must be 0 or 1"));
@@ -579,6 +634,22 @@ pub fn write_end<W: Write>(w: &mut W, entries: u64, page_bytes: u64) -> Result<(
 /// Writes `Verify`.
 pub fn write_verify<W: Write>(w: &mut W, digest: &[u8; 32]) -> Result<(), ProtocolError> {
     write_record(w, T_VERIFY, digest)
+}
+
+/// Writes `Pull`.
+pub fn write_pull<W: Write>(w: &mut W, entries: &[(u64, Vec<u8>)]) -> Result<(), ProtocolError> {
+    let mut p = Vec::with_capacity(4 + entries.len() * 40);
+    p.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (gpa, d) in entries {
+        p.extend_from_slice(&gpa.to_le_bytes());
+        p.extend_from_slice(d);
+    }
+    write_record(w, T_PULL, &p)
+}
+
+/// Writes `PullDone`.
+pub fn write_pull_done<W: Write>(w: &mut W, chunks: u32) -> Result<(), ProtocolError> {
+    write_record(w, T_PULL_DONE, &chunks.to_le_bytes())
 }
 
 /// Writes `Verdict`.
@@ -779,6 +850,27 @@ mod tests {
         let mut big = stream()[..HEADER_LEN].to_vec();
         big[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         assert!(matches!(Decoder::new().read(&mut &big[..]), Err(ProtocolError::TooLong { .. })));
+    }
+
+    #[test]
+    fn pulls() {
+        let mut s = Vec::new();
+        write_hello(&mut s, &hello(DigestKind::Sha1, 4096)).unwrap();
+        write_pull(&mut s, &[(0x1000, vec![1; 20]), (0x5000, vec![2; 20])]).unwrap();
+        write_pull_done(&mut s, 2).unwrap();
+        let mut d = Decoder::new();
+        let mut r = &s[..];
+        d.read(&mut r).unwrap();
+        assert_eq!(d.read(&mut r).unwrap().unwrap(), Record::Pull(vec![(0x1000, vec![1; 20]), (0x5000, vec![2; 20])]));
+        assert_eq!(d.read(&mut r).unwrap().unwrap(), Record::PullDone(2));
+        // A pull in a plain stream makes no sense.
+        let mut s = Vec::new();
+        write_hello(&mut s, &hello(DigestKind::None, 4096)).unwrap();
+        write_pull(&mut s, &[(0x1000, vec![])]).unwrap();
+        let mut d = Decoder::new();
+        let mut r = &s[..];
+        d.read(&mut r).unwrap();
+        assert!(d.read(&mut r).unwrap_err().to_string().contains("without digests"));
     }
 
     #[test]

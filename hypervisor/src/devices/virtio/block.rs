@@ -370,7 +370,7 @@ impl BlockHandler {
             }
         }
         if used {
-            self.interrupt.signal_used();
+            super::notify_used(&self.queues, 0, &self.mem, &self.interrupt);
         }
     }
 }

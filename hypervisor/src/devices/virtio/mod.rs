@@ -207,6 +207,20 @@ pub fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
         .collect()
 }
 
+/// Signals used buffers on queue `index` unless the driver suppressed interrupts
+/// (`VIRTQ_AVAIL_F_NO_INTERRUPT`, or the event index when negotiated).
+pub fn notify_used(queues: &SharedQueues, index: usize, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+    let needed = queues
+        .lock()
+        .expect("queues poisoned")
+        .get_mut(index)
+        .map(|q| q.needs_notification(mem).unwrap_or(true))
+        .unwrap_or(true);
+    if needed {
+        interrupt.signal_used();
+    }
+}
+
 /// Marks a queue as not ready after a reset (virtio-queue keeps max_size).
 pub fn reset_queue(q: &mut Queue) {
     q.reset();

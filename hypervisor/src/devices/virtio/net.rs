@@ -248,7 +248,7 @@ impl NetHandler {
             used = true;
         }
         if used {
-            self.interrupt.signal_used();
+            super::notify_used(&self.queues, RX, &self.mem, &self.interrupt);
         }
     }
 
@@ -299,7 +299,7 @@ impl NetHandler {
             used = true;
         }
         if used {
-            self.interrupt.signal_used();
+            super::notify_used(&self.queues, TX, &self.mem, &self.interrupt);
         }
     }
 }

@@ -1,0 +1,376 @@
+//! The description of a virtual cluster and its sites (`vc.toml`), as `shrink-migrate
+//! --cluster vc.toml --dest SITE` reads it.
+//!
+//! ```toml
+//! migration_id = "demo"          # optional: default is made from the time
+//! vmm = "/usr/local/bin/shrink-vmm"   # optional: the VMM started on destination hosts
+//! workdir = "/var/tmp/shrink"    # optional: logs and sockets of destination VMMs
+//!
+//! [[sites]]
+//! name = "siteA"
+//! coordination = "redis://10.10.0.100:6379"   # SET NX of pages sent from this site
+//! index = "redis://10.10.0.100:6380"          # SADD/SRANDMEMBER of pages held at this site
+//! launch = "ip netns exec {host} {cmd}"       # how to run a command on a host of the site
+//! gateway = "gwA"                             # informational (vnetd runs there)
+//!
+//! [[sites.hosts]]
+//! name = "hostA1"
+//! address = "10.10.0.11"                      # migration and peer traffic
+//!
+//! [[vms]]
+//! name = "vm1"
+//! host = "hostA1"                             # where it runs now
+//! api = "/run/shrink/vm1.sock"                # its VMM's control socket
+//! dest_host = "hostB1"                        # optional: else spread over the site's hosts
+//! ```
+//!
+//! Redis URLs may list several nodes, comma-separated, for a Redis Cluster. Errors name the
+//! line and the field.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use serde::Deserialize;
+
+/// Errors in a cluster description.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterError {
+    /// Not TOML, or a field of the wrong type, or a missing field.
+    #[error("{file}: {msg}")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// toml's message (line and column included).
+        msg: String,
+    },
+    /// A field whose value makes no sense.
+    #[error("{file}:{line}: {field}: {why}")]
+    Field {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// `vms[2].host` and the like.
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// A value with where it stands in the file.
+pub type Spanned<T> = toml::Spanned<T>;
+
+/// A host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// Its name (what `{host}` becomes in the launch template).
+    pub name: Spanned<String>,
+    /// Its address for migration and peer traffic.
+    pub address: Spanned<String>,
+}
+
+/// A site.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Its name.
+    pub name: Spanned<String>,
+    /// Coordination Redis (source side of a migration).
+    pub coordination: Spanned<String>,
+    /// Index Redis (destination side).
+    pub index: Spanned<String>,
+    /// Command template with `{host}` and `{cmd}`.
+    pub launch: Spanned<String>,
+    /// The gateway's name.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Its hosts.
+    pub hosts: Vec<Host>,
+}
+
+/// A VM of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// Its name.
+    pub name: Spanned<String>,
+    /// The host it runs on.
+    pub host: Spanned<String>,
+    /// Its VMM's API socket.
+    pub api: Spanned<String>,
+    /// Where it should go (optional).
+    #[serde(default)]
+    pub dest_host: Option<Spanned<String>>,
+}
+
+/// A cluster description.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// Migration id.
+    #[serde(default)]
+    pub migration_id: Option<String>,
+    /// VMM binary on destination hosts.
+    #[serde(default)]
+    pub vmm: Option<String>,
+    /// Working directory of destination VMMs.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Sites.
+    pub sites: Vec<Site>,
+    /// VMs.
+    pub vms: Vec<Vm>,
+}
+
+/// One VM's move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// VM name.
+    pub vm: String,
+    /// Its source VMM's API socket.
+    pub api: String,
+    /// Source site.
+    pub from_site: String,
+    /// Source host.
+    pub from_host: String,
+    /// Destination host.
+    pub to_host: String,
+    /// Destination host's address.
+    pub to_address: String,
+}
+
+/// A checked description.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// What the file says.
+    pub file: ClusterFile,
+}
+
+fn line_of(text: &str, span: Range<usize>) -> usize {
+    text[..span.start.min(text.len())].matches('\n').count() + 1
+}
+
+fn check_redis(url: &str) -> Result<(), String> {
+    for u in url.split(',') {
+        let u = u.trim();
+        let rest = u
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("'{u}' is not a redis:// URL"))?;
+        let hostport = rest.split('/').next().unwrap_or("");
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{u}' has no :PORT"))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("'{u}' is not redis://HOST:PORT"));
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Parses and checks `text` (from `file`, for messages).
+    pub fn parse(file: &str, text: &str) -> Result<Cluster, ClusterError> {
+        let parsed: ClusterFile = toml::from_str(text).map_err(|e| ClusterError::Syntax {
+            file: file.to_owned(),
+            msg: e.to_string().trim().replace('\n', " "),
+        })?;
+        let err = |span: Range<usize>, field: String, why: String| ClusterError::Field {
+            file: file.to_owned(),
+            line: line_of(text, span),
+            field,
+            why,
+        };
+        if parsed.sites.len() < 2 {
+            return Err(ClusterError::Field {
+                file: file.to_owned(),
+                line: 1,
+                field: "sites".into(),
+                why: format!("{} site(s) described; a migration needs two", parsed.sites.len()),
+            });
+        }
+        let mut hosts: HashMap<&str, &str> = HashMap::new();
+        let mut site_names = Vec::new();
+        for (si, s) in parsed.sites.iter().enumerate() {
+            if site_names.contains(&s.name.get_ref().as_str()) {
+                return Err(err(s.name.span(), format!("sites[{si}].name"), format!("site '{}' is described twice", s.name.get_ref())));
+            }
+            site_names.push(s.name.get_ref().as_str());
+            for (f, v) in [("coordination", &s.coordination), ("index", &s.index)] {
+                check_redis(v.get_ref()).map_err(|why| err(v.span(), format!("sites[{si}].{f}"), why))?;
+            }
+            let l = s.launch.get_ref();
+            if !l.contains("{cmd}") {
+                return Err(err(s.launch.span(), format!("sites[{si}].launch"), "the launch template has no {cmd}".into()));
+            }
+            if s.hosts.is_empty() {
+                return Err(err(s.name.span(), format!("sites[{si}].hosts"), format!("site '{}' has no hosts", s.name.get_ref())));
+            }
+            for (hi, h) in s.hosts.iter().enumerate() {
+                if hosts.insert(h.name.get_ref(), s.name.get_ref()).is_some() {
+                    return Err(err(h.name.span(), format!("sites[{si}].hosts[{hi}].name"), format!("host '{}' is described twice", h.name.get_ref())));
+                }
+                if h.address.get_ref().parse::<std::net::IpAddr>().is_err() && h.address.get_ref().contains(' ') {
+                    return Err(err(h.address.span(), format!("sites[{si}].hosts[{hi}].address"), "not an address".into()));
+                }
+            }
+        }
+        let mut names = Vec::new();
+        for (vi, v) in parsed.vms.iter().enumerate() {
+            if names.contains(&v.name.get_ref().as_str()) {
+                return Err(err(v.name.span(), format!("vms[{vi}].name"), format!("VM '{}' is described twice", v.name.get_ref())));
+            }
+            names.push(v.name.get_ref().as_str());
+            if !hosts.contains_key(v.host.get_ref().as_str()) {
+                return Err(err(v.host.span(), format!("vms[{vi}].host"), format!("unknown host '{}'", v.host.get_ref())));
+            }
+            if let Some(d) = &v.dest_host {
+                if !hosts.contains_key(d.get_ref().as_str()) {
+                    return Err(err(d.span(), format!("vms[{vi}].dest_host"), format!("unknown host '{}'", d.get_ref())));
+                }
+            }
+        }
+        if parsed.vms.is_empty() {
+            return Err(ClusterError::Field { file: file.to_owned(), line: 1, field: "vms".into(), why: "no VMs described".into() });
+        }
+        Ok(Cluster { file: parsed })
+    }
+
+    /// The site called `name`.
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.file.sites.iter().find(|s| s.name.get_ref() == name)
+    }
+
+    /// The site a host belongs to.
+    pub fn site_of_host(&self, host: &str) -> Option<&Site> {
+        self.file.sites.iter().find(|s| s.hosts.iter().any(|h| h.name.get_ref() == host))
+    }
+
+    /// Where every VM not already at `dest` goes: its `dest_host`, else the destination site's
+    /// hosts in turn.
+    pub fn plan(&self, dest: &str) -> Result<Vec<Move>, String> {
+        let site = self
+            .site(dest)
+            .ok_or_else(|| format!("--dest {dest}: no such site (sites: {})", self.file.sites.iter().map(|s| s.name.get_ref().clone()).collect::<Vec<_>>().join(", ")))?;
+        let mut moves = Vec::new();
+        let mut next = 0usize;
+        for v in &self.file.vms {
+            let from = self.site_of_host(v.host.get_ref()).expect("checked at parse");
+            if from.name.get_ref() == dest {
+                continue;
+            }
+            let to = match &v.dest_host {
+                Some(h) => {
+                    if self.site_of_host(h.get_ref()).map(|s| s.name.get_ref().as_str()) != Some(dest) {
+                        return Err(format!("VM {}: dest_host {} is not in site {dest}", v.name.get_ref(), h.get_ref()));
+                    }
+                    site.hosts.iter().find(|x| x.name.get_ref() == h.get_ref()).expect("checked")
+                }
+                None => {
+                    let h = &site.hosts[next % site.hosts.len()];
+                    next += 1;
+                    h
+                }
+            };
+            moves.push(Move {
+                vm: v.name.get_ref().clone(),
+                api: v.api.get_ref().clone(),
+                from_site: from.name.get_ref().clone(),
+                from_host: v.host.get_ref().clone(),
+                to_host: to.name.get_ref().clone(),
+                to_address: to.address.get_ref().clone(),
+            });
+        }
+        Ok(moves)
+    }
+}
+
+/// Fills a launch template.
+pub fn launch_command(template: &str, host: &str, cmd: &str) -> String {
+    template.replace("{host}", host).replace("{cmd}", cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+migration_id = "t"
+
+[[sites]]
+name = "siteA"
+coordination = "redis://10.10.0.100:6379"
+index = "redis://10.10.0.100:6380"
+launch = "ip netns exec {host} {cmd}"
+
+[[sites.hosts]]
+name = "hostA1"
+address = "10.10.0.11"
+
+[[sites]]
+name = "siteB"
+coordination = "redis://10.20.0.100:6379"
+index = "redis://10.20.0.100:6380,redis://10.20.0.100:6381"
+launch = "ip netns exec {host} {cmd}"
+
+[[sites.hosts]]
+name = "hostB1"
+address = "10.20.0.11"
+
+[[sites.hosts]]
+name = "hostB2"
+address = "10.20.0.12"
+
+[[vms]]
+name = "vm1"
+host = "hostA1"
+api = "/run/shrink/vm1.sock"
+
+[[vms]]
+name = "vm2"
+host = "hostA1"
+api = "/run/shrink/vm2.sock"
+
+[[vms]]
+name = "vm3"
+host = "hostA1"
+api = "/run/shrink/vm3.sock"
+dest_host = "hostB1"
+"#;
+
+    #[test]
+    fn a_good_file_plans_moves() {
+        let c = Cluster::parse("vc.toml", GOOD).unwrap();
+        let m = c.plan("siteB").unwrap();
+        assert_eq!(m.iter().map(|m| m.to_host.as_str()).collect::<Vec<_>>(), ["hostB1", "hostB2", "hostB1"]);
+        assert_eq!(m[1].to_address, "10.20.0.12");
+        assert!(c.plan("siteA").unwrap().is_empty(), "nothing to move to where it is");
+        assert!(c.plan("siteC").unwrap_err().contains("no such site"));
+        assert_eq!(launch_command("ssh {host} {cmd}", "h1", "shrink-vmm --x"), "ssh h1 shrink-vmm --x");
+    }
+
+    fn err_of(text: &str) -> String {
+        Cluster::parse("vc.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_files_name_the_line_and_the_field() {
+        let e = err_of(&GOOD.replace("host = \"hostA1\"\napi = \"/run/shrink/vm2.sock\"", "host = \"hostZ\"\napi = \"/run/shrink/vm2.sock\""));
+        assert!(e.starts_with("vc.toml:35: vms[1].host: unknown host 'hostZ'"), "{e}");
+        let e = err_of(&GOOD.replace("redis://10.20.0.100:6379", "http://10.20.0.100:6379"));
+        assert!(e.contains("sites[1].coordination") && e.contains("not a redis:// URL") && e.contains("vc.toml:16"), "{e}");
+        let e = err_of(&GOOD.replace("redis://10.10.0.100:6380", "redis://10.10.0.100"));
+        assert!(e.contains("sites[0].index") && e.contains("no :PORT"), "{e}");
+        let text: String = GOOD.split("[[sites]]").take(2).collect::<Vec<_>>().join("[[sites]]");
+        let e = err_of(&format!("{text}\n[[vms]]\nname = \"v\"\nhost = \"hostA1\"\napi = \"x\"\n"));
+        assert!(e.contains("sites") && e.contains("a migration needs two"), "{e}");
+        let e = err_of(&GOOD.replace("api = \"/run/shrink/vm1.sock\"\n", ""));
+        assert!(e.contains("missing field `api`") && e.contains("line"), "{e}");
+        let e = err_of(&GOOD.replace("dest_host = \"hostB1\"", "dest_host = \"nowhere\""));
+        assert!(e.contains("vms[2].dest_host: unknown host 'nowhere'"), "{e}");
+        let e = err_of(&GOOD.replace("launch = \"ip netns exec {host} {cmd}\"\n\n[[sites.hosts]]\nname = \"hostA1\"", "launch = \"ip netns exec {host}\"\n\n[[sites.hosts]]\nname = \"hostA1\""));
+        assert!(e.contains("sites[0].launch") && e.contains("{cmd}"), "{e}");
+        let e = err_of("this is = not toml [");
+        assert!(e.starts_with("vc.toml: "), "{e}");
+    }
+}

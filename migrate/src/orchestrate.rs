@@ -1,0 +1,380 @@
+//! `shrink-migrate --cluster vc.toml --dest SITE`: moves a virtual cluster. Starts a destination
+//! VMM for every VM on a host of the destination site (through the site's launch template),
+//! migrates all VMs at once with deduplication across them, follows them with a progress bar
+//! each, and reports where every page came from.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::client::ApiClient;
+use crate::cluster::{launch_command, Cluster, Move};
+
+/// How to run the cluster migration.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The description.
+    pub file: PathBuf,
+    /// Destination site.
+    pub dest: String,
+    /// Plain pre-copy (the baseline).
+    pub no_dedup: bool,
+    /// Dedup granularity.
+    pub chunk: u32,
+    /// Digest algorithm name.
+    pub digest: String,
+    /// End-to-end memory check.
+    pub verify: bool,
+    /// Downtime limit per VM.
+    pub downtime_limit_ms: u64,
+    /// First TCP port of destination VMMs (one per VM; peer servers use +100).
+    pub port_base: u16,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// One VM's outcome.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct VmReport {
+    /// VM name.
+    pub vm: String,
+    /// From and to hosts.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// `completed` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Chunks sent in full.
+    pub full: u64,
+    /// Chunks sent as a digest only.
+    pub deduplicated: u64,
+    /// Uniform chunks (one byte each).
+    pub uniform: u64,
+    /// Digest-only chunks found in the VM's own memory at the destination.
+    pub local: u64,
+    /// Digest-only chunks fetched from other hypervisors of the destination site.
+    pub fetched_from_peers: u64,
+    /// Digest-only chunks pulled back from the source.
+    pub pulled: u64,
+    /// Bytes on the migration stream (what crosses the WAN).
+    pub wan_bytes: u64,
+    /// Milliseconds from start to the guest running at the destination.
+    pub total_time_ms: u64,
+    /// Milliseconds the guest was paused.
+    pub downtime_ms: u64,
+    /// Passes.
+    pub passes: u64,
+    /// Warnings (coordination or index unavailable: degraded, still correct).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The whole cluster's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterReport {
+    /// Migration id.
+    pub migration_id: String,
+    /// Destination site.
+    pub dest: String,
+    /// Whether deduplication was on.
+    pub dedup: bool,
+    /// Chunk size.
+    pub chunk: u32,
+    /// Digest.
+    pub digest: String,
+    /// Per VM.
+    pub vms: Vec<VmReport>,
+    /// Sum of chunks sent in full.
+    pub full: u64,
+    /// Sum of chunks sent as digests.
+    pub deduplicated: u64,
+    /// Sum of uniform chunks.
+    pub uniform: u64,
+    /// Sum of chunks found locally.
+    pub local: u64,
+    /// Sum of chunks fetched from peers.
+    pub fetched_from_peers: u64,
+    /// Sum of chunks pulled from the sources.
+    pub pulled: u64,
+    /// Bytes that crossed the WAN.
+    pub wan_bytes: u64,
+    /// Milliseconds until the last VM ran at the destination.
+    pub total_time_ms: u64,
+    /// VMs that failed (and run at the source).
+    pub failed: usize,
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn wait_socket(p: &Path, log: &Path, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while !p.exists() {
+        if start.elapsed() > timeout {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("destination VMM did not start (no {}): {}", p.display(), tail.trim()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Runs a cluster migration.
+pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
+    let text = std::fs::read_to_string(&opts.file).map_err(|e| format!("{}: {e}", opts.file.display()))?;
+    let cluster = Cluster::parse(&opts.file.display().to_string(), &text).map_err(|e| e.to_string())?;
+    let moves = cluster.plan(&opts.dest)?;
+    if moves.is_empty() {
+        return Err(format!("every VM is already at {}", opts.dest));
+    }
+    let dest = cluster.site(&opts.dest).expect("planned");
+    let id = cluster.file.migration_id.clone().unwrap_or_else(|| {
+        format!("{}-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0), std::process::id())
+    });
+    let workdir = PathBuf::from(cluster.file.workdir.clone().unwrap_or_else(|| format!("/tmp/shrink-migrate-{id}")));
+    std::fs::create_dir_all(&workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
+    let vmm = cluster.file.vmm.clone().map(PathBuf::from).unwrap_or_else(|| {
+        std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("shrink-vmm"))).unwrap_or_else(|| PathBuf::from("shrink-vmm"))
+    });
+
+    // 1. Destination VMMs, waiting for their guests.
+    let mut dests = Vec::new();
+    for (i, m) in moves.iter().enumerate() {
+        let port = opts.port_base + i as u16;
+        let peer = opts.port_base + 100 + i as u16;
+        let api = workdir.join(format!("{}-{}.sock", m.vm, opts.dest));
+        let serial = workdir.join(format!("{}-{}.serial", m.vm, opts.dest));
+        let log = workdir.join(format!("{}-{}.log", m.vm, opts.dest));
+        let _ = std::fs::remove_file(&api);
+        let mut cmd = format!(
+            "{} --incoming tcp:{}:{port} --api {} --serial {} --name {}",
+            vmm.display(),
+            m.to_address,
+            api.display(),
+            serial.display(),
+            m.vm
+        );
+        if !opts.no_dedup {
+            cmd.push_str(&format!(
+                " --index {} --peer-listen {addr}:{peer} --peer-advertise {addr}:{peer}",
+                dest.index.get_ref(),
+                addr = m.to_address
+            ));
+        }
+        let full = launch_command(dest.launch.get_ref(), &m.to_host, &cmd);
+        let logf = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .args(["-c", &full])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().map_err(|e| e.to_string())?)
+            .stderr(logf)
+            // Its own process group: the guest must outlive this command (and its Ctrl-C).
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run `{full}`: {e}"))?;
+        dests.push((api, log, port));
+    }
+    for (api, log, _) in &dests {
+        wait_socket(api, log, Duration::from_secs(30))?;
+    }
+
+    // 2. All migrations at once.
+    let start = Instant::now();
+    let multi = if opts.progress { MultiProgress::new() } else { MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()) };
+    let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut live = Vec::new();
+    for (m, (_, log, port)) in moves.iter().zip(&dests) {
+        let bar = multi.add(ProgressBar::new(0));
+        bar.set_style(style.clone());
+        bar.set_prefix(m.vm.clone());
+        let from = cluster.site(&m.from_site).expect("planned");
+        let mut args = json!({
+            "uri": format!("tcp:{}:{port}", m.to_address),
+            "downtime_limit_ms": opts.downtime_limit_ms,
+            "verify": opts.verify,
+        });
+        if !opts.no_dedup {
+            args["dedup"] = json!({
+                "coordination": from.coordination.get_ref(),
+                "migration_id": id,
+                "dest_site": opts.dest,
+                "digest": opts.digest,
+                "chunk": opts.chunk,
+            });
+        }
+        let result = ApiClient::connect(Path::new(&m.api))
+            .map_err(|e| format!("{}: cannot reach its VMM at {}: {e}", m.vm, m.api))
+            .and_then(|mut c| c.execute("migrate", args).map_err(|e| e.to_string()))
+            .and_then(|r| r.map_err(|e| format!("{}: migrate: {e}", m.vm)));
+        let state = match result {
+            Ok(_) => None,
+            Err(e) => {
+                bar.finish_with_message(format!("failed: {e}"));
+                Some(json!({"status": "failed", "error-desc": e}))
+            }
+        };
+        let _ = log;
+        live.push((m.clone(), bar, state, json!({}), Instant::now()));
+    }
+
+    // 3. Follow them.
+    loop {
+        let mut running = 0;
+        for (m, bar, state, last, t) in live.iter_mut() {
+            if state.is_some() {
+                continue;
+            }
+            running += 1;
+            let info = ApiClient::connect(Path::new(&m.api)).and_then(|mut c| c.execute("query-migrate", json!({})));
+            match info {
+                Ok(Ok(v)) => {
+                    let ram = &v["ram"];
+                    bar.set_length(u(&ram["total"]));
+                    bar.set_position(u(&ram["total"]).saturating_sub(u(&ram["remaining"])));
+                    bar.set_message(format!(
+                        "{} pass {} sent {:.1} MB dedup {}",
+                        v["status"].as_str().unwrap_or(""),
+                        u(&ram["dirty-sync-count"]),
+                        u(&ram["transferred"]) as f64 / 1e6,
+                        u(&ram["deduplicated"])
+                    ));
+                    if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                        bar.finish_with_message(format!("{} in {} ms", v["status"].as_str().unwrap_or(""), u(&v["total-time"])));
+                        *state = Some(v);
+                    } else {
+                        *last = v;
+                    }
+                }
+                _ => {
+                    // The source VMM exits once the destination confirmed: the last figures stand.
+                    let mut v = last.clone();
+                    v["status"] = json!("completed");
+                    v["total-time"] = json!(t.elapsed().as_millis() as u64);
+                    bar.finish_with_message("completed");
+                    *state = Some(v);
+                }
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let total_time_ms = start.elapsed().as_millis() as u64;
+
+    // 4. Where every page came from: the sources' and the destinations' figures.
+    let mut vms = Vec::new();
+    for ((m, _, state, _, _), (api, _, _)) in live.into_iter().zip(&dests) {
+        vms.push(vm_report(&m, state.unwrap_or_default(), api));
+    }
+    let sum = |f: fn(&VmReport) -> u64| vms.iter().map(f).sum::<u64>();
+    Ok(ClusterReport {
+        migration_id: id,
+        dest: opts.dest.clone(),
+        dedup: !opts.no_dedup,
+        chunk: opts.chunk,
+        digest: if opts.no_dedup { "none".into() } else { opts.digest.clone() },
+        full: sum(|v| v.full),
+        deduplicated: sum(|v| v.deduplicated),
+        uniform: sum(|v| v.uniform),
+        local: sum(|v| v.local),
+        fetched_from_peers: sum(|v| v.fetched_from_peers),
+        pulled: sum(|v| v.pulled),
+        wan_bytes: sum(|v| v.wan_bytes),
+        failed: vms.iter().filter(|v| v.status != "completed").count(),
+        total_time_ms,
+        vms,
+    })
+}
+
+fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
+    let mut r = VmReport {
+        vm: m.vm.clone(),
+        from: m.from_host.clone(),
+        to: m.to_host.clone(),
+        status: src["status"].as_str().unwrap_or("unknown").to_owned(),
+        error: src["error-desc"].as_str().map(str::to_owned),
+        wan_bytes: u(&src["ram"]["transferred"]),
+        total_time_ms: u(&src["total-time"]),
+        downtime_ms: u(&src["downtime"]),
+        passes: u(&src["ram"]["dirty-sync-count"]),
+        deduplicated: u(&src["ram"]["deduplicated"]),
+        pulled: u(&src["ram"]["pulled"]),
+        ..Default::default()
+    };
+    if let Some(w) = src["dedup"]["warning"].as_str() {
+        r.warnings.push(w.to_owned());
+    }
+    if r.status != "completed" {
+        return r;
+    }
+    let dest = ApiClient::connect(dest_api).and_then(|mut c| c.execute("query-migrate", json!({})));
+    if let Ok(Ok(v)) = dest {
+        let i = &v["incoming"];
+        r.full = u(&i["full"]);
+        r.uniform = u(&i["uniform"]);
+        r.deduplicated = u(&i["digest"]);
+        r.pulled = u(&i["pulled"]);
+        r.local = u(&i["site"]["local"]);
+        r.fetched_from_peers = u(&i["site"]["peer"]);
+        if let Some(w) = i["site"]["warning"].as_str() {
+            r.warnings.push(w.to_owned());
+        }
+    }
+    r
+}
+
+/// The report as a person reads it.
+pub fn print_report(r: &ClusterReport) {
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "cluster migration {} to {} ({}, {}-byte chunks, {})",
+        r.migration_id,
+        r.dest,
+        if r.dedup { "deduplicated" } else { "plain pre-copy" },
+        r.chunk,
+        r.digest
+    );
+    println!(
+        "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9} {:>8} {:>8}",
+        "vm", "from", "to", "full", "dedup", "uniform", "local", "peers", "pulled", "WAN MB", "time ms", "down ms"
+    );
+    for v in &r.vms {
+        println!(
+            "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9.1} {:>8} {:>8}{}",
+            v.vm,
+            v.from,
+            v.to,
+            v.full,
+            v.deduplicated,
+            v.uniform,
+            v.local,
+            v.fetched_from_peers,
+            v.pulled,
+            mb(v.wan_bytes),
+            v.total_time_ms,
+            v.downtime_ms,
+            if v.status == "completed" { String::new() } else { format!("  {}: {}", v.status, v.error.clone().unwrap_or_default()) }
+        );
+        for w in &v.warnings {
+            println!("           warning: {w}");
+        }
+    }
+    println!(
+        "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9.1} {:>8}",
+        "total", "", "", r.full, r.deduplicated, r.uniform, r.local, r.fetched_from_peers, r.pulled, mb(r.wan_bytes), r.total_time_ms
+    );
+    if r.failed > 0 {
+        println!("{} VM(s) failed and keep running at the source", r.failed);
+    }
+}
