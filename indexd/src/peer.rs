@@ -949,6 +949,36 @@ mod tests {
         ));
     }
 
+    /// Arbitrary bytes never panic the decoders, and never make them allocate past the bounds.
+    #[test]
+    fn random_bytes_decode_safely() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..20_000 {
+            let len = (rnd() % 64) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            // Half the time, a valid magic and version so the decoders go further.
+            if i % 2 == 0 && b.len() >= 6 {
+                b[..4].copy_from_slice(if i % 4 == 0 {
+                    &REQUEST_MAGIC
+                } else {
+                    &RESPONSE_MAGIC
+                });
+                b[4] = VERSION;
+                b[5] = (rnd() % 3) as u8;
+            }
+            if let Ok(h) = decode_request_header(&b) {
+                assert!(h.total_len() <= HEADER_LEN + MAX_DIGESTS * MAX_DIGEST_LEN);
+            }
+            let _ = read_response(&mut Cursor::new(&b), (rnd() % 8) as usize);
+        }
+    }
+
     #[test]
     fn response_bounds() {
         let mut b = Vec::new();
