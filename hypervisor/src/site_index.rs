@@ -97,8 +97,9 @@ pub struct SiteIndex {
     redis: Option<Redis>,
     peers: PeerClient,
     server: PeerServer,
-    sadd: Vec<(Vec<u8>, String)>,
-    srem: Vec<(Vec<u8>, String)>,
+    /// Index updates not pushed yet: per key, whether this VMM holds it (the last word wins,
+    /// so a digest dropped and regained between two flushes stays registered).
+    pending: HashMap<Vec<u8>, bool>,
     /// Counters.
     pub stats: SiteStats,
 }
@@ -133,8 +134,7 @@ impl SiteIndex {
             redis,
             peers: PeerClient::new(Duration::from_secs(2)),
             server,
-            sadd: Vec::new(),
-            srem: Vec::new(),
+            pending: HashMap::new(),
             stats,
         })
     }
@@ -160,7 +160,7 @@ impl SiteIndex {
                 let d = hash::digest(self.algo, bytes);
                 let old = index.insert(gpa, &d);
                 if self.redis.is_some() && old.as_ref().is_none_or(|(o, _)| *o != d) {
-                    self.sadd.push((key(&d), self.member.clone()));
+                    self.pending.insert(key(&d), true);
                 }
                 old
             }
@@ -168,14 +168,21 @@ impl SiteIndex {
         };
         if let Some((od, true)) = old {
             if self.redis.is_some() && index.lookup(&od).is_none() {
-                self.srem.push((key(&od), self.member.clone()));
+                self.pending.insert(key(&od), false);
             }
         }
     }
 
     /// Pushes batched index updates.
     pub fn flush(&mut self) {
-        let (sadd, srem) = (std::mem::take(&mut self.sadd), std::mem::take(&mut self.srem));
+        let (mut sadd, mut srem) = (Vec::new(), Vec::new());
+        for (k, holds) in self.pending.drain() {
+            if holds {
+                sadd.push((k, self.member.clone()));
+            } else {
+                srem.push((k, self.member.clone()));
+            }
+        }
         let Some(redis) = self.redis.as_mut() else { return };
         let r = redis.sadd_many(&sadd).and_then(|_| redis.srem_many(&srem));
         match r {
