@@ -324,7 +324,13 @@ impl Sink for VmmSink {
         }
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot allocate guest memory: {e}"))?;
         if let (Some(site), Some(algo)) = (&self.opts.site, hello.digest.algo()) {
-            self.site = Some(SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)?);
+            let index = SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)?;
+            // Test hook: this VM's peer server corrupts what it serves.
+            let name = self.opts.name.clone().unwrap_or_else(|| hello.name.clone());
+            if std::env::var("SHRINK_TEST_CORRUPT_PEER").is_ok_and(|v| v == name) {
+                index.set_corrupt(true);
+            }
+            self.site = Some(index);
         }
         self.mem = Some(mem);
         Ok(())
@@ -412,7 +418,9 @@ pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, IncomingStats,
     let _ = stream.set_nodelay(true);
     let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(Duration::from_secs(2));
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
-    let stats = precopy::receive_with(&mut sink, stream, back, ReceiveOptions { wait })
+    // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
+    let pull = std::env::var("SHRINK_TEST_NO_PULL").is_err();
+    let stats = precopy::receive_with(&mut sink, stream, back, ReceiveOptions { wait, pull })
         .map_err(|e| format!("incoming migration from {peer}: {e}"))?;
     let vmm = sink.vmm.take().ok_or("the migration ended without a VM")?;
     let site = sink.site.take();

@@ -63,6 +63,12 @@ pub struct VmReport {
     pub fetched_from_peers: u64,
     /// Digest-only chunks pulled back from the source.
     pub pulled: u64,
+    /// Peer answers that did not match their digest (dropped; the content came from elsewhere).
+    pub corrupt_from_peers: u64,
+    /// Peers that could not be reached.
+    pub peer_errors: u64,
+    /// Failed index operations (the index was then left alone).
+    pub index_errors: u64,
     /// Bytes on the migration stream (what crosses the WAN).
     pub wan_bytes: u64,
     /// Milliseconds from start to the guest running at the destination.
@@ -103,6 +109,8 @@ pub struct ClusterReport {
     pub fetched_from_peers: u64,
     /// Sum of chunks pulled from the sources.
     pub pulled: u64,
+    /// Sum of corrupt peer answers caught.
+    pub corrupt_from_peers: u64,
     /// Bytes that crossed the WAN.
     pub wan_bytes: u64,
     /// Milliseconds until the last VM ran at the destination.
@@ -290,6 +298,7 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
         local: sum(|v| v.local),
         fetched_from_peers: sum(|v| v.fetched_from_peers),
         pulled: sum(|v| v.pulled),
+        corrupt_from_peers: sum(|v| v.corrupt_from_peers),
         wan_bytes: sum(|v| v.wan_bytes),
         failed: vms.iter().filter(|v| v.status != "completed").count(),
         total_time_ms,
@@ -327,6 +336,9 @@ fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
         r.pulled = u(&i["pulled"]);
         r.local = u(&i["site"]["local"]);
         r.fetched_from_peers = u(&i["site"]["peer"]);
+        r.corrupt_from_peers = u(&i["site"]["corrupt_from_peer"]);
+        r.peer_errors = u(&i["site"]["peer_errors"]);
+        r.index_errors = u(&i["site"]["index_errors"]);
         if let Some(w) = i["site"]["warning"].as_str() {
             r.warnings.push(w.to_owned());
         }
@@ -366,6 +378,12 @@ pub fn print_report(r: &ClusterReport) {
             v.downtime_ms,
             if v.status == "completed" { String::new() } else { format!("  {}: {}", v.status, v.error.clone().unwrap_or_default()) }
         );
+        if v.corrupt_from_peers + v.peer_errors + v.index_errors > 0 {
+            println!(
+                "           fallbacks: {} corrupt peer answers, {} unreachable peers, {} index errors",
+                v.corrupt_from_peers, v.peer_errors, v.index_errors
+            );
+        }
         for w in &v.warnings {
             println!("           warning: {w}");
         }

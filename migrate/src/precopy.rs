@@ -394,6 +394,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         let mut dirty: Vec<Vec<u64>> = regions.iter().map(|r| full_bitmap(r.len)).collect();
         let mut pass = 0u32;
         let mut last_sync = Instant::now();
+        let mut synced = false;
         loop {
             pass += 1;
             let (sent, took) = self.send_pass(&regions, &dirty, pass)?;
@@ -419,7 +420,26 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             });
             protocol::write_iteration(&mut self.out, pass, dirty_bytes)?;
             if (dirty_bytes as f64) <= threshold {
-                break;
+                // The source is ready; is the destination? It may still be installing what the
+                // socket buffers hold, or waiting for content other hosts of its site are
+                // receiving. Pausing now would add that to the downtime: let it catch up while
+                // the guest still runs, then decide again on a fresh dirty log.
+                if synced {
+                    break;
+                }
+                self.sync(pass)?;
+                synced = true;
+                let more = self.src.dirty_log().map_err(MigrationError::Vmm)?;
+                for (d, l) in dirty.iter_mut().zip(&more) {
+                    for (x, y) in d.iter_mut().zip(l) {
+                        *x |= y;
+                    }
+                }
+                let dirty_bytes = count_bits(&dirty) * PAGE_SIZE as u64;
+                if (dirty_bytes as f64) <= threshold {
+                    break;
+                }
+                continue;
             }
             if self.params.auto_converge && dirty_bytes as f64 > 0.5 * sent as f64 {
                 // QEMU: two periods in a row dirtying more than half of what was sent.
@@ -479,6 +499,28 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 Ok(Some(Record::Pull(list))) => self.serve_pull(&regions, &list)?,
                 Ok(Some(other)) => return Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name()))),
                 Ok(None) => return Err(MigrationError::Destination("closed the connection without a verdict".into())),
+                Err(e) => return Err(MigrationError::Destination(e.to_string())),
+            }
+        }
+    }
+
+    /// Waits until the destination has installed everything sent so far.
+    fn sync(&mut self, seq: u32) -> Result<(), MigrationError> {
+        protocol::write_sync(&mut self.out, seq)?;
+        self.out.flush().map_err(ProtocolError::from)?;
+        let t = Instant::now();
+        let mut decoder = Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
+        loop {
+            self.check_cancel()?;
+            match decoder.read(&mut self.back) {
+                Ok(Some(Record::SyncAck { seq: s, pending })) if s == seq => {
+                    tracing::info!("destination caught up in {:?} ({pending} chunks still waiting)", t.elapsed());
+                    return Ok(());
+                }
+                Ok(Some(Record::SyncAck { .. })) => {}
+                Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
+                Ok(Some(other)) => return Err(MigrationError::Invalid(format!("expected a SyncAck, got {}", other.name()))),
+                Ok(None) => return Err(MigrationError::Destination("closed the connection".into())),
                 Err(e) => return Err(MigrationError::Destination(e.to_string())),
             }
         }
@@ -692,11 +734,14 @@ pub struct ReceiveStats {
 pub struct ReceiveOptions {
     /// After `End`, how long to keep looking for chunks at the site before pulling them.
     pub wait: Duration,
+    /// Whether chunks nobody at the site holds may be pulled from the source (tests turn it
+    /// off to see a migration fail cleanly when every fallback is down).
+    pub pull: bool,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        ReceiveOptions { wait: Duration::from_secs(2) }
+        ReceiveOptions { wait: Duration::from_secs(2), pull: true }
     }
 }
 
@@ -833,6 +878,20 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 stats.passes = pass;
                 retry_pending(sink, &mut pending, &mut stats)?;
             }
+            Record::Sync(seq) => {
+                // Everything before this is installed; give the site a moment to supply what
+                // is still waiting, then tell the source (which then decides to pause).
+                let deadline = Instant::now() + opts.wait;
+                loop {
+                    retry_pending(sink, &mut pending, &mut stats)?;
+                    if pending.is_empty() || Instant::now() >= deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                protocol::write_sync_ack(answer, seq, pending.len() as u64)?;
+                answer.flush().map_err(ProtocolError::from)?;
+            }
             Record::VmState(s) => state = Some(s),
             Record::Verify(d) => verify = Some(d),
             Record::End { entries, page_bytes: pb } => {
@@ -859,6 +918,12 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
         std::thread::sleep(Duration::from_millis(50));
     }
     if !pending.is_empty() {
+        if !opts.pull {
+            return Err(MigrationError::Invalid(format!(
+                "{} chunks were sent as digests but no hypervisor of the site holds them, and pulling from the source is off",
+                pending.len()
+            )));
+        }
         pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, pending, &mut stats)?;
     }
     if let Some(expected) = verify {
@@ -1144,7 +1209,7 @@ mod tests {
         let (btx, brx) = mpsc::channel();
         let dest = std::thread::spawn(move || {
             let mut d = dest;
-            let opts = ReceiveOptions { wait: Duration::from_millis(100) };
+            let opts = ReceiveOptions { wait: Duration::from_millis(100), pull: true };
             match receive_with(&mut d, PipeIn(rx, vec![], 0), Pipe(btx), opts) {
                 Ok(s) => (Ok(d), s),
                 Err(e) => (Err(e), ReceiveStats::default()),
@@ -1307,29 +1372,48 @@ mod tests {
         assert_eq!(vm.throttle, 0, "throttle released after the migration");
     }
 
+    /// Copies what passes through into a shared buffer.
+    struct Tee(Pipe, Arc<Mutex<Vec<u8>>>);
+    impl Write for Tee {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1.lock().unwrap().extend_from_slice(b);
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_truncated_stream_fails_cleanly_at_the_destination() {
-        let mut full = Vec::new();
+        // Record a complete migration's stream.
+        let full = Arc::new(Mutex::new(Vec::new()));
         {
             let mut vm = FakeVm::new(64);
             let (tx, rx) = mpsc::channel();
-            let (btx, brx) = mpsc::channel::<Vec<u8>>();
-            drop(brx);
+            let (btx, brx) = mpsc::channel();
+            let dest = std::thread::spawn(move || receive(&mut FakeDest::default(), PipeIn(rx, vec![], 0), Pipe(btx)));
             let info = Arc::new(Mutex::new(MigrationInfo::default()));
-            let _ = btx;
-            let _ = Sender::new(&mut vm, NoDedup, Pipe(tx), std::io::empty(), Params::default(), info, Arc::new(AtomicBool::new(false))).run();
-            while let Ok(v) = rx.try_recv() {
-                full.extend(v);
-            }
+            Sender::new(&mut vm, NoDedup, Tee(Pipe(tx), full.clone()), PipeIn(brx, vec![], 0), Params::default(), info, Arc::new(AtomicBool::new(false)))
+                .run()
+                .unwrap();
+            dest.join().unwrap().unwrap();
         }
+        let full = full.lock().unwrap().clone();
         for cut in [0, 10, full.len() / 2, full.len() - 1] {
             let mut d = FakeDest::default();
             let mut answer = Vec::new();
             let e = receive(&mut d, &full[..cut], &mut answer).unwrap_err();
             assert!(!d.started, "cut at {cut}: guest started");
             let _ = e;
-            let v = Decoder::new().read(&mut &answer[..]).unwrap().unwrap();
-            assert!(matches!(v, Record::Verdict { ok: false, .. }));
+            // The answer ends with a failed verdict (after any SyncAck).
+            let mut dec = Decoder::new();
+            let mut r = &answer[..];
+            let mut last = None;
+            while let Ok(Some(rec)) = dec.read(&mut r) {
+                last = Some(rec);
+            }
+            assert!(matches!(last, Some(Record::Verdict { ok: false, .. })), "cut at {cut}: {last:?}");
         }
         let mut d = FakeDest::default();
         receive(&mut d, &full[..], Vec::new()).unwrap();

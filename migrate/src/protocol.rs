@@ -30,6 +30,7 @@
 //! | 6    | `End`          | page entries sent u64, payload bytes sent u64 (checked by the receiver) |
 //! | 7    | `Verify`       | SHA-256 (32 bytes) of all guest memory at pause, in address order (optional; sent before `End`) |
 //! | 8    | `PullDone`     | chunks sent u32: closes the answer (`Pages` records of full chunks) to a `Pull` |
+//! | 9    | `Sync`         | sequence u32: "answer when you have caught up" (sent before the switch-over) |
 //!
 //! A page entry is a u64 whose low 3 bits are the kind and whose other bits are the chunk's
 //! guest physical address (chunks are aligned, so the low bits are free, as in QEMU's format):
@@ -46,6 +47,7 @@
 //! |------|-----------|------------------------------------------------------------------------|
 //! | 16   | `Verdict` | status u8 (0 = every page is in place and the guest resumed, 1 = failed), message (UTF-8, rest) |
 //! | 17   | `Pull`    | count u32, then per chunk: guest physical address u64, digest (stream digest length): content no peer could supply |
+//! | 18   | `SyncAck` | sequence u32, chunks still waiting for content u64: everything before the `Sync` is installed |
 //!
 //! # Sequence
 //!
@@ -75,6 +77,8 @@ const T_ITERATION: u8 = 5;
 const T_END: u8 = 6;
 const T_VERIFY: u8 = 7;
 const T_PULL_DONE: u8 = 8;
+const T_SYNC: u8 = 9;
+const T_SYNC_ACK: u8 = 18;
 const T_PULL: u8 = 17;
 const T_VERDICT: u8 = 16;
 
@@ -324,6 +328,15 @@ pub enum Record {
     Pull(Vec<(u64, Vec<u8>)>),
     /// End of the answer to a `Pull`.
     PullDone(u32),
+    /// The source asks the destination to catch up before it pauses the guest.
+    Sync(u32),
+    /// The destination has installed everything before the `Sync`.
+    SyncAck {
+        /// The `Sync`'s sequence number.
+        seq: u32,
+        /// Digest-only chunks still waiting for their content.
+        pending: u64,
+    },
     /// The destination's answer.
     Verdict {
         /// Whether the guest runs at the destination.
@@ -346,6 +359,8 @@ impl Record {
             Record::Verify(_) => "Verify",
             Record::Pull(_) => "Pull",
             Record::PullDone(_) => "PullDone",
+            Record::Sync(_) => "Sync",
+            Record::SyncAck { .. } => "SyncAck",
             Record::Verdict { .. } => "Verdict",
         }
     }
@@ -433,7 +448,7 @@ impl Decoder {
         if len > MAX_PAYLOAD {
             return Err(ProtocolError::TooLong { kind, len });
         }
-        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERIFY | T_PULL_DONE | T_PULL | T_VERDICT) {
+        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERIFY | T_PULL_DONE | T_SYNC | T_PULL | T_SYNC_ACK | T_VERDICT) {
             return Err(ProtocolError::UnknownType(kind));
         }
         let mut payload = vec![0u8; len as usize];
@@ -553,6 +568,18 @@ impl Decoder {
                 }
                 Ok(Record::PullDone(u32_at(&payload, 0)))
             }
+            T_SYNC => {
+                if payload.len() != 4 {
+                    return Err(malformed("Sync", format!("{} bytes, expected 4", payload.len())));
+                }
+                Ok(Record::Sync(u32_at(&payload, 0)))
+            }
+            T_SYNC_ACK => {
+                if payload.len() != 12 {
+                    return Err(malformed("SyncAck", format!("{} bytes, expected 12", payload.len())));
+                }
+                Ok(Record::SyncAck { seq: u32_at(&payload, 0), pending: u64_at(&payload, 4) })
+            }
             T_PULL => {
                 let params = self.params.ok_or_else(|| malformed("Pull", "before Hello"))?;
                 let dl = params.digest.len();
@@ -650,6 +677,19 @@ pub fn write_pull<W: Write>(w: &mut W, entries: &[(u64, Vec<u8>)]) -> Result<(),
 /// Writes `PullDone`.
 pub fn write_pull_done<W: Write>(w: &mut W, chunks: u32) -> Result<(), ProtocolError> {
     write_record(w, T_PULL_DONE, &chunks.to_le_bytes())
+}
+
+/// Writes `Sync`.
+pub fn write_sync<W: Write>(w: &mut W, seq: u32) -> Result<(), ProtocolError> {
+    write_record(w, T_SYNC, &seq.to_le_bytes())
+}
+
+/// Writes `SyncAck`.
+pub fn write_sync_ack<W: Write>(w: &mut W, seq: u32, pending: u64) -> Result<(), ProtocolError> {
+    let mut p = [0u8; 12];
+    p[..4].copy_from_slice(&seq.to_le_bytes());
+    p[4..].copy_from_slice(&pending.to_le_bytes());
+    write_record(w, T_SYNC_ACK, &p)
 }
 
 /// Writes `Verdict`.

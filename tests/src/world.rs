@@ -1,0 +1,164 @@
+//! A small world of hosts for cross-crate tests: network namespaces joined through a switch
+//! (a bridge in its own namespace), optionally with a shaped link, and `redis-server`
+//! processes running inside them. Everything is removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::{self, run, Netns, NetnsError};
+
+/// A host: a namespace with an address on the switch.
+pub struct Host {
+    /// The namespace (its name is the host name used in launch templates).
+    pub ns: Netns,
+    /// Its address.
+    pub addr: String,
+}
+
+/// Hosts on one switch.
+pub struct World {
+    /// The switch.
+    pub switch: Netns,
+    /// The hosts, in the order given.
+    pub hosts: Vec<Host>,
+    redis: Vec<Child>,
+}
+
+impl World {
+    /// Hosts `(suffix, address/24)` on a switch; links of hosts listed in `shaped` are limited
+    /// to `rate` (`tc tbf`) in both directions.
+    pub fn new(tag: &str, hosts: &[(&str, &str)], shaped: &[&str], rate: &str) -> Result<World, NetnsError> {
+        let t = netns::unique_tag();
+        let switch = Netns::new(&format!("{tag}sw{t}"))?;
+        netns::bridge(&switch, "sw0")?;
+        let mut out = Vec::new();
+        for (i, (name, addr)) in hosts.iter().enumerate() {
+            let ns = Netns::new(&format!("{tag}{name}{t}"))?;
+            let (h, s) = (format!("h{i}{t}"), format!("s{i}{t}"));
+            run(&["ip", "link", "add", &h, "type", "veth", "peer", "name", &s])?;
+            run(&["ip", "link", "set", &h, "netns", ns.name()])?;
+            run(&["ip", "link", "set", &s, "netns", switch.name()])?;
+            ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", &h])?;
+            ns.exec(&["ip", "link", "set", &h, "up"])?;
+            switch.exec(&["ip", "link", "set", &s, "master", "sw0"])?;
+            switch.exec(&["ip", "link", "set", &s, "up"])?;
+            if shaped.contains(name) {
+                ns.exec(&["tc", "qdisc", "add", "dev", &h, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
+                switch.exec(&["tc", "qdisc", "add", "dev", &s, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
+            }
+            out.push(Host { ns, addr: addr.to_string() });
+        }
+        Ok(World { switch, hosts: out, redis: Vec::new() })
+    }
+
+    /// The host whose namespace name contains `name`.
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.ns.name().contains(name)).expect("host exists")
+    }
+
+    /// Starts `redis-server` on `host` at `port`; returns its index (for [`World::kill_redis`]).
+    pub fn redis(&mut self, host: &str, port: u16, dir: &Path, cluster: bool) -> usize {
+        let h = self.host(host);
+        let data = dir.join(format!("redis-{}-{port}", h.addr));
+        std::fs::create_dir_all(&data).unwrap();
+        let mut args = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--bind".to_owned(),
+            h.addr.clone(),
+            "--save".to_owned(),
+            String::new(),
+            "--appendonly".to_owned(),
+            "no".to_owned(),
+            "--dir".to_owned(),
+            data.display().to_string(),
+            "--protected-mode".to_owned(),
+            "no".to_owned(),
+        ];
+        if cluster {
+            args.extend(["--cluster-enabled".into(), "yes".into(), "--cluster-config-file".into(), format!("nodes-{port}.conf")]);
+        }
+        let child = h
+            .ns
+            .command("redis-server")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make deps)");
+        let addr = h.addr.clone();
+        let ns = h.ns.name().to_owned();
+        self.redis.push(child);
+        let start = Instant::now();
+        while run(&["ip", "netns", "exec", &ns, "redis-cli", "-h", &addr, "-p", &port.to_string(), "ping"]).map(|o| !o.contains("PONG")).unwrap_or(true) {
+            assert!(start.elapsed() < Duration::from_secs(10), "redis on {addr}:{port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.redis.len() - 1
+    }
+
+    /// A three-node Redis Cluster on `host`; returns its URL list for shrink (comma-separated).
+    pub fn redis_cluster(&mut self, host: &str, ports: [u16; 3], dir: &Path) -> String {
+        for p in ports {
+            self.redis(host, p, dir, true);
+        }
+        let h = self.host(host);
+        let nodes: Vec<String> = ports.iter().map(|p| format!("{}:{p}", h.addr)).collect();
+        let mut args = vec!["redis-cli", "--cluster", "create"];
+        args.extend(nodes.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        h.ns.exec(&args).expect("redis-cli --cluster create");
+        let start = Instant::now();
+        loop {
+            let info = h.ns.exec(&["redis-cli", "-h", &h.addr, "-p", &ports[0].to_string(), "cluster", "info"]).unwrap_or_default();
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "cluster not ok: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        nodes.iter().map(|n| format!("redis://{n}")).collect::<Vec<_>>().join(",")
+    }
+
+    /// Stops Redis number `i` (as [`World::redis`] returned).
+    pub fn kill_redis(&mut self, i: usize) {
+        let _ = self.redis[i].kill();
+        let _ = self.redis[i].wait();
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for c in &mut self.redis {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A binary of this workspace (built by `cargo build --release`).
+pub fn release_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("target/release").join(name);
+    assert!(p.exists(), "{} is missing: cargo build --release --workspace", p.display());
+    p
+}
+
+/// Runs a command in the background, its output in `log`; killed on drop.
+pub struct Bg(pub Child);
+
+impl Bg {
+    /// Spawns `cmd`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Bg {
+        let f = std::fs::File::create(log).unwrap();
+        Bg(cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap())
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

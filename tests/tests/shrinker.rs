@@ -1,0 +1,370 @@
+//! Shrinker end to end: virtual clusters of real KVM guests built from one base image move
+//! from site A to site B with `shrink-migrate --cluster`, with real `redis-server`s for the
+//! coordination (site A) and index (site B) services, and real faults.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shrink_tests::netns;
+use shrink_tests::world::{release_bin, Bg, World};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn image(name: &str) -> PathBuf {
+    let p = repo().join("images/out").join(name);
+    assert!(p.exists(), "{} is missing: run `make images`", p.display());
+    p
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("shrink-{tag}-{}-{}", std::process::id(), netns::unique_tag()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Site A has one hypervisor (a1, with the coordination Redis), site B two (b1 with the
+/// index Redis, b2).
+struct Sites {
+    dir: TempDir,
+    world: World,
+    vms: Vec<(String, Bg)>,
+}
+
+const A1: &str = "10.77.0.11";
+const B1: &str = "10.77.0.21";
+const B2: &str = "10.77.0.22";
+
+impl Sites {
+    fn new(tag: &str) -> Sites {
+        netns::available().unwrap();
+        let dir = TempDir::new(tag);
+        let world = World::new(tag, &[("a1", A1), ("b1", B1), ("b2", B2)], &[], "").unwrap();
+        Sites { dir, world, vms: Vec::new() }
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.0.join(f)
+    }
+
+    /// Boots a VM at site A from the base image.
+    fn boot(&mut self, name: &str, cmdline: &str) {
+        let a1 = self.world.host("a1");
+        let mut cmd = a1.ns.command(release_bin("shrink-vmm").to_str().unwrap());
+        cmd.args(["--kernel", image("shrink-guest").to_str().unwrap(), "--mem", "128M", "--cmdline", cmdline, "--name", name]);
+        cmd.args(["--image", image("base.qcow2").to_str().unwrap()]);
+        cmd.arg("--disk").arg(self.path(&format!("{name}.qcow2")));
+        cmd.arg("--api").arg(self.path(&format!("{name}.sock")));
+        cmd.arg("--serial").arg(self.path(&format!("{name}.serial")));
+        let bg = Bg::spawn(cmd, &self.path(&format!("{name}.log")));
+        self.vms.push((name.to_owned(), bg));
+    }
+
+    fn wait_ready(&self) {
+        for (name, _) in &self.vms {
+            wait_text(&self.path(&format!("{name}.serial")), "heartbeat 1\n", Duration::from_secs(60));
+        }
+    }
+
+    /// Writes vc.toml for `names`; `launch_b` is site B's launch template.
+    fn vc(&self, file: &str, names: &[&str], coordination: &str, index: &str, launch_b: &str) -> PathBuf {
+        let host = |n: &str| self.world.host(n).ns.name().to_owned();
+        let mut t = format!(
+            "migration_id = \"{file}-{}\"\nvmm = \"{}\"\nworkdir = \"{}\"\n\n",
+            netns::unique_tag(),
+            release_bin("shrink-vmm").display(),
+            self.dir.0.display()
+        );
+        t += &format!(
+            "[[sites]]\nname = \"siteA\"\ncoordination = \"{coordination}\"\nindex = \"redis://{A1}:6390\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{A1}\"\n\n",
+            host("a1")
+        );
+        t += &format!(
+            "[[sites]]\nname = \"siteB\"\ncoordination = \"redis://{B1}:6391\"\nindex = \"{index}\"\nlaunch = \"{launch_b}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{B1}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{B2}\"\n\n",
+            host("b1"),
+            host("b2")
+        );
+        for n in names {
+            t += &format!("[[vms]]\nname = \"{n}\"\nhost = \"{}\"\napi = \"{}\"\n\n", host("a1"), self.path(&format!("{n}.sock")).display());
+        }
+        let p = self.path(file);
+        std::fs::write(&p, t).unwrap();
+        p
+    }
+
+    /// Runs shrink-migrate --cluster; returns (exit code, JSON report or stderr).
+    fn migrate(&self, vc: &Path, extra: &[&str]) -> (i32, Value, String) {
+        let out = Command::new(release_bin("shrink-migrate"))
+            .args(["--cluster", vc.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), report, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The VM's guest runs at the destination and its heartbeat carries on from the source's.
+    fn assert_moved(&mut self, name: &str) {
+        let src_serial = std::fs::read_to_string(self.path(&format!("{name}.serial"))).unwrap();
+        let last = last_heartbeat(&src_serial).expect("source heartbeats");
+        let dst = self.path(&format!("{name}-siteB.serial"));
+        wait_text(&dst, &format!("heartbeat {}\n", last + 1), Duration::from_secs(10));
+        let first = std::fs::read_to_string(&dst).unwrap().lines().find_map(|l| l.strip_prefix("heartbeat ").map(|n| n.trim().parse::<u64>().unwrap())).unwrap();
+        assert_eq!(first, last + 1, "{name}: the destination continues the heartbeat");
+        // The source VMM is gone.
+        let (_, bg) = self.vms.iter_mut().find(|(n, _)| n == name).unwrap();
+        let start = Instant::now();
+        while bg.0.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(5), "{name}: source VMM still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The VM still runs at the source.
+    fn assert_still_at_source(&self, name: &str) {
+        let serial = self.path(&format!("{name}.serial"));
+        let n = last_heartbeat(&std::fs::read_to_string(&serial).unwrap()).unwrap();
+        wait_text(&serial, &format!("heartbeat {}\n", n + 2), Duration::from_secs(6));
+    }
+}
+
+impl Drop for Sites {
+    fn drop(&mut self) {
+        // Destination VMMs started through the launch template live in the namespaces, which
+        // the World removes (killing what is inside).
+        self.vms.clear();
+    }
+}
+
+fn wait_text(p: &Path, needle: &str, timeout: Duration) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(p).unwrap_or_default().contains(needle) {
+        assert!(start.elapsed() < timeout, "no {needle:?} in {}:\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn last_heartbeat(text: &str) -> Option<u64> {
+    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).last()
+}
+
+fn vm_cmdline(i: usize) -> String {
+    format!("preload=32M private=1M seed={}", 1000 + i)
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
+    let mut s = Sites::new("sk");
+    let d = s.dir.0.clone();
+    s.world.redis("a1", 6379, &d, false);
+    s.world.redis("b1", 6380, &d, false);
+    let names = ["vm1", "vm2", "vm3", "vm4"];
+    for (i, n) in names.iter().enumerate() {
+        s.boot(n, &vm_cmdline(i));
+    }
+    s.wait_ready();
+    let vc = s.vc("vc.toml", &names, &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let (code, r, err) = s.migrate(&vc, &[]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    assert_eq!(u(&r["failed"]), 0, "{r}");
+    for n in names {
+        s.assert_moved(n);
+    }
+    // Pages shared by the VMs crossed once: the others found them at site B.
+    assert!(u(&r["deduplicated"]) > 3 * 4000, "{r}");
+    assert!(u(&r["fetched_from_peers"]) > 0, "VMs on the other host fetched from peers: {r}");
+    assert_eq!(u(&r["deduplicated"]), u(&r["local"]) + u(&r["fetched_from_peers"]) + u(&r["pulled"]), "every digest resolved: {r}");
+
+    // The same cluster, plain pre-copy.
+    let names2 = ["pv1", "pv2", "pv3", "pv4"];
+    for (i, n) in names2.iter().enumerate() {
+        s.boot(n, &vm_cmdline(i));
+    }
+    for n in names2 {
+        wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
+    }
+    let vc2 = s.vc("vc-plain.toml", &names2, &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let (code, plain, err) = s.migrate(&vc2, &["--no-dedup", "--port-base", "7600"]);
+    assert_eq!(code, 0, "{err}\n{plain}");
+    let (with, without) = (u(&r["wan_bytes"]) as f64, u(&plain["wan_bytes"]) as f64);
+    eprintln!("WAN bytes: dedup {with:.0}, plain {without:.0} ({:.1} %)", with / without * 100.0);
+    for v in r["vms"].as_array().unwrap() {
+        eprintln!("{}: downtime {} ms, total {} ms", v["vm"], v["downtime_ms"], v["total_time_ms"]);
+    }
+    assert!(with < 0.6 * without, "dedup {with} vs plain {without}");
+    assert_eq!(u(&plain["deduplicated"]), 0);
+}
+
+#[test]
+fn intra_vm_duplicates_are_deduplicated_for_a_single_vm() {
+    let mut s = Sites::new("si");
+    let d = s.dir.0.clone();
+    s.world.redis("a1", 6379, &d, false);
+    s.world.redis("b1", 6380, &d, false);
+    // The base image's first 64 MiB hold a few dozen duplicate pages.
+    s.boot("solo", "preload=64M seed=7");
+    s.wait_ready();
+    let vc = s.vc("vc.toml", &["solo"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let (code, r, err) = s.migrate(&vc, &[]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    let vm = &r["vms"][0];
+    assert!(u(&vm["deduplicated"]) >= 40, "{vm}");
+    assert_eq!(u(&vm["local"]), u(&vm["deduplicated"]), "found in its own memory: {vm}");
+    assert_eq!(u(&vm["pulled"]), 0, "{vm}");
+    s.assert_moved("solo");
+}
+
+#[test]
+fn the_same_with_three_node_redis_clusters() {
+    let mut s = Sites::new("sc");
+    let d = s.dir.0.clone();
+    let coordination = s.world.redis_cluster("a1", [7001, 7002, 7003], &d);
+    let index = s.world.redis_cluster("b1", [7011, 7012, 7013], &d);
+    let names = ["cv1", "cv2", "cv3"];
+    for (i, n) in names.iter().enumerate() {
+        s.boot(n, &vm_cmdline(i));
+    }
+    s.wait_ready();
+    let vc = s.vc("vc.toml", &names, &coordination, &index, "ip netns exec {host} {cmd}");
+    let (code, r, err) = s.migrate(&vc, &[]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    assert!(u(&r["deduplicated"]) > 2 * 4000, "{r}");
+    assert!(u(&r["fetched_from_peers"]) > 0, "{r}");
+    for n in names {
+        s.assert_moved(n);
+    }
+}
+
+#[test]
+fn faults_degrade_but_never_corrupt() {
+    let mut s = Sites::new("sf");
+    let d = s.dir.0.clone();
+    let coord = s.world.redis("a1", 6379, &d, false);
+    s.world.redis("b1", 6380, &d, false);
+
+    // 1. Coordination Redis stopped before the migration: plain pre-copy, with a warning.
+    s.boot("f1", &vm_cmdline(0));
+    s.boot("f2", &vm_cmdline(1));
+    s.wait_ready();
+    s.world.kill_redis(coord);
+    let vc = s.vc("vc1.toml", &["f1", "f2"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let (code, r, err) = s.migrate(&vc, &[]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    assert_eq!(u(&r["deduplicated"]), 0, "{r}");
+    assert!(r["vms"][0]["warnings"].to_string().contains("coordination"), "{r}");
+    s.assert_moved("f1");
+    s.assert_moved("f2");
+    s.world.redis("a1", 6379, &d, false);
+
+    // 2. A peer that serves corrupted chunks: caught by the digest check, content from
+    //    another holder or the source.
+    s.boot("g1", &vm_cmdline(2));
+    s.boot("g2", &vm_cmdline(3));
+    s.boot("g3", &vm_cmdline(4));
+    for n in ["g1", "g2", "g3"] {
+        wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
+    }
+    let vc = s.vc("vc2.toml", &["g1", "g2", "g3"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} env SHRINK_TEST_CORRUPT_PEER=g1 {cmd}");
+    let (code, r, err) = s.migrate(&vc, &["--port-base", "7700"]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    assert!(u(&r["corrupt_from_peers"]) > 0, "the corrupt peer was asked and caught: {r}");
+    for n in ["g1", "g2", "g3"] {
+        s.assert_moved(n);
+    }
+
+    // 3. Every fallback down (no index, no pull): the VMs that need content from elsewhere fail
+    //    cleanly and keep running at the source.
+    s.boot("h1", &vm_cmdline(5));
+    s.boot("h2", &vm_cmdline(6));
+    for n in ["h1", "h2"] {
+        wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
+    }
+    let vc = s.vc("vc3.toml", &["h1", "h2"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6999"), "ip netns exec {host} env SHRINK_TEST_NO_PULL=1 {cmd}");
+    let (code, r, _) = s.migrate(&vc, &["--port-base", "7800"]);
+    assert_ne!(code, 0, "{r}");
+    let failed: Vec<&Value> = r["vms"].as_array().unwrap().iter().filter(|v| v["status"] != "completed").collect();
+    assert!(!failed.is_empty(), "{r}");
+    for v in failed {
+        assert!(v["error"].as_str().unwrap().contains("pulling from the source is off"), "{v}");
+        s.assert_still_at_source(v["vm"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn index_restart_and_a_dead_peer_during_the_migration() {
+    let mut s = Sites::new("sr");
+    let d = s.dir.0.clone();
+    s.world.redis("a1", 6379, &d, false);
+    let index = s.world.redis("b1", 6380, &d, false);
+    let names = ["r1", "r2", "r3", "r4"];
+    for (i, n) in names.iter().enumerate() {
+        s.boot(n, &format!("preload=32M private=1M seed={} workload=mem mem=8M rate=1M", 2000 + i));
+    }
+    s.wait_ready();
+    let vc = s.vc("vc.toml", &names, &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc2 = vc.clone();
+    let dir = s.dir.0.clone();
+    let migration = std::thread::spawn(move || {
+        let out = Command::new(release_bin("shrink-migrate"))
+            .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
+            .output()
+            .unwrap();
+        (out.status.code(), serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null), String::from_utf8_lossy(&out.stderr).into_owned())
+    });
+    // As soon as r1's destination exists: restart the index Redis and kill r1's destination VMM.
+    wait_text(&dir.join("r1-siteB.log"), "", Duration::from_secs(20));
+    let start = Instant::now();
+    while !dir.join("r1-siteB.sock").exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    s.world.kill_redis(index);
+    let b = s.world.hosts.iter().map(|h| h.ns.name().to_owned()).collect::<Vec<_>>();
+    for ns in &b[1..] {
+        let _ = Command::new("ip").args(["netns", "exec", ns, "pkill", "-f", "--name r1"]).status();
+    }
+    s.world.redis("b1", 6380, &d, false);
+    let (code, r, err) = migration.join().unwrap();
+    let vms = r["vms"].as_array().unwrap_or_else(|| panic!("{err}"));
+    let r1 = vms.iter().find(|v| v["vm"] == "r1").unwrap();
+    assert_ne!(r1["status"], "completed", "r1 lost its destination: {r}");
+    s.assert_still_at_source("r1");
+    for v in vms.iter().filter(|v| v["vm"] != "r1") {
+        assert_eq!(v["status"], "completed", "{v}");
+        s.assert_moved(v["vm"].as_str().unwrap());
+    }
+    assert_eq!(code, Some(1), "one VM failed");
+}
+
+#[test]
+fn a_malformed_cluster_description_names_the_line_and_field() {
+    let dir = TempDir::new("svc");
+    let p = dir.0.join("vc.toml");
+    std::fs::write(
+        &p,
+        "[[sites]]\nname = \"siteA\"\ncoordination = \"redis://x:1\"\nindex = \"redis://x:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\n\n[[sites]]\nname = \"siteB\"\ncoordination = \"redis://y:1\"\nindex = \"mysql://y:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\n\n[[vms]]\nname = \"v\"\nhost = \"a\"\napi = \"/x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(release_bin("shrink-migrate")).args(["--cluster", p.to_str().unwrap(), "--dest", "siteB"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("vc.toml:13: sites[1].index: 'mysql://y:2' is not a redis:// URL"), "{err}");
+    let out = Command::new(release_bin("shrink-migrate")).args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("index"), "bad file first");
+}
