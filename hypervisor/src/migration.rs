@@ -327,7 +327,7 @@ impl Sink for VmmSink {
             let index = SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)?;
             // Test hook: this VM's peer server corrupts what it serves.
             let name = self.opts.name.clone().unwrap_or_else(|| hello.name.clone());
-            if std::env::var("SHRINK_TEST_CORRUPT_PEER").is_ok_and(|v| v == name) {
+            if std::env::var("SHRINK_TEST_CORRUPT_PEER").is_ok_and(|v| v == "*" || v.split(',').any(|n| n == name)) {
                 index.set_corrupt(true);
             }
             self.site = Some(index);
@@ -420,7 +420,8 @@ pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, IncomingStats,
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
     let pull = std::env::var("SHRINK_TEST_NO_PULL").is_err();
-    let stats = precopy::receive_with(&mut sink, stream, back, ReceiveOptions { wait, pull })
+    let opts = ReceiveOptions { wait, pull, cancelled: Some(crate::control::terminating) };
+    let stats = precopy::receive_with(&mut sink, stream, back, opts)
         .map_err(|e| format!("incoming migration from {peer}: {e}"))?;
     let vmm = sink.vmm.take().ok_or("the migration ended without a VM")?;
     let site = sink.site.take();

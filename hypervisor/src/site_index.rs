@@ -58,6 +58,8 @@ pub struct SiteStats {
     pub registered: u64,
     /// Chunks this VMM served to peers.
     pub served: u64,
+    /// Times this VMM re-registered everything it holds after the index came back.
+    pub resyncs: u64,
     /// Why the index is not used, if it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
@@ -95,6 +97,12 @@ pub struct SiteIndex {
     index: Arc<Mutex<ContentIndex>>,
     chunks: Arc<GuestChunks>,
     redis: Option<Redis>,
+    /// Where the index is (to connect again after it was unreachable).
+    target: Option<Target>,
+    /// No index operation before this (after a failure).
+    retry_at: std::time::Instant,
+    /// The index lost track of us (it failed, perhaps restarted empty): re-register all.
+    resync: bool,
     peers: PeerClient,
     server: PeerServer,
     /// Index updates not pushed yet: per key, whether this VMM holds it (the last word wins,
@@ -113,12 +121,16 @@ impl SiteIndex {
             .map_err(|e| format!("peer server on {}: {e}", opts.peer_listen))?;
         let member = opts.peer_advertise.clone().unwrap_or_else(|| server.local_addr().to_string());
         let mut stats = SiteStats::default();
-        let redis = match &opts.index {
+        let target = match &opts.index {
             None => None,
-            Some(url) => match Target::parse(url).and_then(|t| Redis::connect(&t)) {
+            Some(url) => Some(Target::parse(url).map_err(|e| format!("--index {url}: {e}"))?),
+        };
+        let redis = match &target {
+            None => None,
+            Some(t) => match Redis::connect(t) {
                 Ok(r) => Some(r),
                 Err(e) => {
-                    let msg = format!("index Redis {url} unreachable ({e}): missing content comes from the source");
+                    let msg = format!("index Redis unreachable ({e}): missing content comes from the source until it answers");
                     tracing::warn!("{msg}");
                     stats.warning = Some(msg);
                     None
@@ -132,6 +144,9 @@ impl SiteIndex {
             index,
             chunks,
             redis,
+            target,
+            retry_at: std::time::Instant::now(),
+            resync: false,
             peers: PeerClient::new(Duration::from_secs(2)),
             server,
             pending: HashMap::new(),
@@ -145,11 +160,56 @@ impl SiteIndex {
     }
 
     fn index_failed(&mut self, e: impl std::fmt::Display) {
-        let msg = format!("index Redis failed ({e}): missing content comes from the source from here on");
+        let msg = format!("index Redis failed ({e}): content came from the source while it was down");
         tracing::warn!("{msg}");
         self.stats.index_errors += 1;
         self.stats.warning = Some(msg);
-        self.redis = None;
+        // Leave it alone for a moment; when it answers again it may have lost everything (a
+        // restart), so this VMM registers all it holds once more.
+        self.retry_at = std::time::Instant::now() + Duration::from_millis(500);
+        self.resync = true;
+    }
+
+    /// The index, when it may be used now (reconnecting when it was unreachable).
+    fn index(&mut self) -> Option<&mut Redis> {
+        let now = std::time::Instant::now();
+        if now < self.retry_at {
+            return None;
+        }
+        if self.redis.is_none() {
+            let t = self.target.as_ref()?;
+            match Redis::connect(t) {
+                Ok(r) => {
+                    self.redis = Some(r);
+                    self.resync = true;
+                }
+                Err(_) => {
+                    self.retry_at = now + Duration::from_secs(1);
+                    return None;
+                }
+            }
+        }
+        if self.resync {
+            let all: Vec<(Vec<u8>, String)> = self
+                .index
+                .lock()
+                .expect("index poisoned")
+                .digests()
+                .into_iter()
+                .map(|d| (key(&d), self.member.clone()))
+                .collect();
+            let r = self.redis.as_mut()?;
+            if all.chunks(8192).all(|part| r.sadd_many(part).is_ok()) {
+                self.resync = false;
+                self.stats.resyncs += 1;
+                self.stats.registered += all.len() as u64;
+            } else {
+                self.retry_at = now + Duration::from_millis(500);
+                self.stats.index_errors += 1;
+                return None;
+            }
+        }
+        self.redis.as_mut()
     }
 
     /// A chunk was installed at `gpa` (`Some` = content, `None` = uniform chunk).
@@ -159,7 +219,7 @@ impl SiteIndex {
             Some(bytes) => {
                 let d = hash::digest(self.algo, bytes);
                 let old = index.insert(gpa, &d);
-                if self.redis.is_some() && old.as_ref().is_none_or(|(o, _)| *o != d) {
+                if self.target.is_some() && old.as_ref().is_none_or(|(o, _)| *o != d) {
                     self.pending.insert(key(&d), true);
                 }
                 old
@@ -167,7 +227,7 @@ impl SiteIndex {
             None => index.remove(gpa),
         };
         if let Some((od, true)) = old {
-            if self.redis.is_some() && index.lookup(&od).is_none() {
+            if self.target.is_some() && index.lookup(&od).is_none() {
                 self.pending.insert(key(&od), false);
             }
         }
@@ -183,7 +243,14 @@ impl SiteIndex {
                 srem.push((k, self.member.clone()));
             }
         }
-        let Some(redis) = self.redis.as_mut() else { return };
+        if sadd.is_empty() && srem.is_empty() {
+            return;
+        }
+        let Some(redis) = self.index() else {
+            // Not now: what this VMM holds is registered in full when the index answers again.
+            self.resync = self.target.is_some();
+            return;
+        };
         let r = redis.sadd_many(&sadd).and_then(|_| redis.srem_many(&srem));
         match r {
             Ok(()) => self.stats.registered += sadd.len() as u64,
@@ -219,10 +286,10 @@ impl SiteIndex {
             }
         }
         // 2. Other hypervisors of the site: a random holder, then the others.
-        if !left.is_empty() && self.redis.is_some() {
+        if !left.is_empty() && self.index().is_some() {
             let keys: Vec<Vec<u8>> = left.iter().map(|(d, _)| key(d)).collect();
             // A random holder first (SRANDMEMBER); the whole set only for what that fails on.
-            let first = match self.redis.as_mut().map(|r| r.srandmember_many(&keys)) {
+            let first = match self.index().map(|r| r.srandmember_many(&keys)) {
                 Some(Ok(h)) => h,
                 Some(Err(e)) => {
                     self.index_failed(e);
@@ -240,7 +307,7 @@ impl SiteIndex {
                     let again: Vec<usize> = (0..left.len()).filter(|&i| !done[i] && candidates[i].is_empty()).collect();
                     if !again.is_empty() {
                         let keys: Vec<Vec<u8>> = again.iter().map(|&i| key(&left[i].0)).collect();
-                        if let Some(Ok(all)) = self.redis.as_mut().map(|r| r.smembers_many(&keys)) {
+                        if let Some(Ok(all)) = self.index().map(|r| r.smembers_many(&keys)) {
                             for (&i, members) in again.iter().zip(all) {
                                 candidates[i] = members.into_iter().filter(|m| *m != self.member && !tried[i].contains(m)).collect();
                             }

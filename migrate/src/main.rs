@@ -47,9 +47,11 @@ struct Args {
     #[arg(long, value_name = "ALGO", default_value = "sha256", value_parser = ["sha256", "sha1"])]
     digest: String,
 
-    /// Cluster: first TCP port of the destination VMMs (one per VM; peer servers use +100).
-    #[arg(long, value_name = "PORT", default_value_t = 7400)]
-    port_base: u16,
+    /// Cluster: first TCP port of the destination VMMs (one per VM; peer servers use +100)
+    /// [default: a random base between 20000 and 59000, so that VMMs of earlier migrations,
+    /// still serving their peers, are not in the way].
+    #[arg(long, value_name = "PORT")]
+    port_base: Option<u16>,
 
     /// Longest acceptable pause of the guest, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -161,10 +163,10 @@ fn run(args: Args) -> Result<Value, String> {
                 bar.finish_and_clear();
                 let mut done = last.clone();
                 if done["status"] == "active" || done["status"] == "setup" {
-                    // The VMM only exits on its own after a positive verdict.
-                    if connect().is_err() {
-                        done["status"] = json!("completed");
-                    }
+                    // The source VMM lingers a second after a completion to answer this; gone
+                    // without saying so, it may have completed or died: check the destination.
+                    done["status"] = json!("unknown");
+                    done["error-desc"] = json!("the source VMM exited before reporting the end: check the destination");
                 }
                 return Ok(done);
             }
@@ -198,7 +200,10 @@ fn run_cluster(args: &Args) -> ExitCode {
         digest: args.digest.clone(),
         verify: args.verify,
         downtime_limit_ms: args.downtime_limit_ms,
-        port_base: args.port_base,
+        port_base: args.port_base.unwrap_or_else(|| {
+            let r = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+            20000 + (r % 390) as u16 * 100
+        }),
         progress: !args.json,
     };
     match migrate::orchestrate::run(&opts) {

@@ -238,7 +238,7 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
     // 3. Follow them.
     loop {
         let mut running = 0;
-        for (m, bar, state, last, t) in live.iter_mut() {
+        for ((m, bar, state, last, t), (dest_api, _, _)) in live.iter_mut().zip(&dests) {
             if state.is_some() {
                 continue;
             }
@@ -264,11 +264,23 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
                     }
                 }
                 _ => {
-                    // The source VMM exits once the destination confirmed: the last figures stand.
+                    // The source VMM exits once the destination confirmed. But it may also have
+                    // died: only a destination running the guest makes this a completion.
                     let mut v = last.clone();
-                    v["status"] = json!("completed");
-                    v["total-time"] = json!(t.elapsed().as_millis() as u64);
-                    bar.finish_with_message("completed");
+                    let arrived = ApiClient::connect(dest_api)
+                        .and_then(|mut c| c.execute("query-migrate", json!({})))
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .is_some_and(|d| d.get("incoming").is_some());
+                    if arrived {
+                        v["status"] = json!("completed");
+                        v["total-time"] = json!(t.elapsed().as_millis() as u64);
+                        bar.finish_with_message("completed");
+                    } else {
+                        v["status"] = json!("failed");
+                        v["error-desc"] = json!("the source VMM exited and the destination does not run the guest");
+                        bar.finish_with_message("failed: source VMM gone");
+                    }
                     *state = Some(v);
                 }
             }

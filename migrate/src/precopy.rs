@@ -737,11 +737,14 @@ pub struct ReceiveOptions {
     /// Whether chunks nobody at the site holds may be pulled from the source (tests turn it
     /// off to see a migration fail cleanly when every fallback is down).
     pub pull: bool,
+    /// Asked at every record and before the verdict: `true` aborts the incoming migration
+    /// (e.g. the destination VMM got SIGTERM) — the guest then stays at the source.
+    pub cancelled: Option<fn() -> bool>,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        ReceiveOptions { wait: Duration::from_secs(2), pull: true }
+        ReceiveOptions { wait: Duration::from_secs(2), pull: true, cancelled: None }
     }
 }
 
@@ -825,7 +828,15 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     // Digest-only chunks whose content was not found yet, by address (a newer write to the
     // address cancels the wait).
     let mut pending: HashMap<u64, Vec<u8>> = HashMap::new();
+    let check = |opts: &ReceiveOptions| -> Result<(), MigrationError> {
+        if opts.cancelled.is_some_and(|f| f()) {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    };
     loop {
+        check(&opts)?;
         match next(&mut dec, &mut input, "End")? {
             Record::Pages(p) => {
                 page_bytes += p.payload_len() as u64;
@@ -883,6 +894,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 // is still waiting, then tell the source (which then decides to pause).
                 let deadline = Instant::now() + opts.wait;
                 loop {
+                    check(&opts)?;
                     retry_pending(sink, &mut pending, &mut stats)?;
                     if pending.is_empty() || Instant::now() >= deadline {
                         break;
@@ -911,6 +923,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     // for a while, then pull what is left from the (paused) source.
     let deadline = Instant::now() + opts.wait;
     loop {
+        check(&opts)?;
         retry_pending(sink, &mut pending, &mut stats)?;
         if pending.is_empty() || Instant::now() >= deadline {
             break;
@@ -938,6 +951,8 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
         }
     }
     sink.restore(&state).map_err(MigrationError::Vmm)?;
+    // Last chance to say no: after the verdict the guest runs here.
+    check(&opts)?;
     stats.total_ms = start.elapsed().as_millis() as u64;
     Ok(stats)
 }
@@ -1209,7 +1224,7 @@ mod tests {
         let (btx, brx) = mpsc::channel();
         let dest = std::thread::spawn(move || {
             let mut d = dest;
-            let opts = ReceiveOptions { wait: Duration::from_millis(100), pull: true };
+            let opts = ReceiveOptions { wait: Duration::from_millis(100), ..ReceiveOptions::default() };
             match receive_with(&mut d, PipeIn(rx, vec![], 0), Pipe(btx), opts) {
                 Ok(s) => (Ok(d), s),
                 Err(e) => (Err(e), ReceiveStats::default()),
