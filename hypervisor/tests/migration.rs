@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -225,4 +226,59 @@ fn auto_converge_makes_a_fast_dirtying_guest_converge() {
     let with = run(true, "auto");
     assert_eq!(with["status"], "completed", "{with}");
     assert!(with["ram"]["dirty-sync-count"].as_u64().unwrap() > 2, "{with}");
+}
+
+#[test]
+fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
+    netns::available().unwrap();
+    let ns = Netns::new(&format!("mgr{}", netns::unique_tag())).unwrap();
+    netns::bridge(&ns, "br0").unwrap();
+    ns.exec(&["ip", "addr", "add", "10.1.0.1/16", "dev", "br0"]).unwrap();
+    let dir = TempDir::new("mig-rarp");
+    let mac = "52:54:00:00:07:02";
+    let g = guest();
+    // Both VMMs on the same bridge, each with its own tap.
+    let src = VmProcess::spawn_in(
+        Some(ns.name()),
+        dir.path(),
+        "src",
+        &["--kernel", g.to_str().unwrap(), "--mem", "128M", "--cmdline", "ip=10.1.0.2/16", "--net", &format!("tap=tsrc,mac={mac},bridge=br0")],
+        &[],
+    );
+    src.wait_for("shrink-guest ready", BOOT);
+    let uri = "tcp:127.0.0.1:7400";
+    let dst = VmProcess::spawn_in(Some(ns.name()), dir.path(), "dst", &["--incoming", uri, "--net", &format!("tap=tdst,mac={mac},bridge=br0")], &[]);
+    let probe = repo_root().join("target/release/vnet-probe");
+    assert!(probe.exists(), "{} is missing: cargo build --release --workspace", probe.display());
+    let rtt = |count: &str| -> Value {
+        let out = ns.exec(&[probe.to_str().unwrap(), "udp-rtt", "--to", "10.1.0.2:7", "--count", count, "--interval-us", "1000"]).unwrap();
+        serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap()
+    };
+    assert_eq!(rtt("50")["received"], 50, "echo before");
+    // Capture RARP on the bridge during the migration.
+    let pcap = dir.path().join("rarp.pcap");
+    let mut dump = ns
+        .command("tcpdump")
+        .args(["-i", "br0", "-w", pcap.to_str().unwrap(), "-U", "ether proto 0x8035"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump (make deps)");
+    std::thread::sleep(Duration::from_millis(500));
+    src.exec("migrate", json!({"uri": uri}));
+    let info = wait_migration(&src, Duration::from_secs(60));
+    assert_eq!(info["status"], "completed", "{info}");
+    // The guest answers at its new place (once the first announcement has told the bridge).
+    std::thread::sleep(Duration::from_millis(200));
+    let after = rtt("100");
+    assert_eq!(after["received"], 100, "echo after: {after}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let _ = Command::new("kill").arg("-INT").arg(dump.id().to_string()).status();
+    let _ = dump.wait();
+    let text = Command::new("tcpdump").args(["-r", pcap.to_str().unwrap(), "-e", "-n"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    let frames: Vec<&str> = text.lines().filter(|l| l.contains(mac) && l.contains("Reverse Request")).collect();
+    assert_eq!(frames.len(), 5, "QEMU's five RARP rounds:\n{text}");
+    assert!(text.contains("ff:ff:ff:ff:ff:ff") && text.contains("length 60"), "{text}");
+    drop(dst);
 }
