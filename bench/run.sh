@@ -5,6 +5,14 @@ cd "$(dirname "$0")/.."
 mkdir -p bench/results
 echo ">> VMM: boot, memory overhead, idle cost, dirty log, snapshot/restore"
 cargo bench -q -p hypervisor --bench vmm -- bench/results/vmm.json
+echo ">> pre-copy live migration, side by side with QEMU"
+cargo bench -q -p hypervisor --bench precopy -- bench/results/precopy.json
+echo ">> devices: UDP through the tap, preload from qcow2"
+cargo bench -q -p hypervisor --bench devices -- bench/results/devices.json
+echo ">> Shrinker: clusters of 1..16 VMs at 100 Mbit/s, dedup vs plain vs QEMU"
+cargo bench -q -p shrink-tests --bench shrinker -- bench/results/shrinker.json
+echo ">> indexd: Redis pipelines and peer fetches"
+target/release/indexd-bench > bench/results/indexd.txt 2>&1 || true
 echo ">> vnetd: detection, reconfiguration, connectivity gap, tunnel cost"
 target/release/vnetd-bench bench/results/vnetd.json --moves 6
 echo ">> results in bench/results/"
