@@ -2,8 +2,9 @@
 # make demo: what shrink can do today, end to end, on this machine.
 #
 # Boots the project's guest under shrink-vmm, talks to its control API, pauses it,
-# snapshots it, and restores it in a new VMM process where the guest carries on.
-# (The two-site cluster migration demo joins this script once migration lands.)
+# snapshots it, restores it in a new VMM process where the guest carries on, and
+# live-migrates it to a third VMM with shrink-migrate.
+# (The two-site cluster demo with vnetd joins this script with the testbed.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VMM=target/release/shrink-vmm
@@ -48,5 +49,11 @@ after=$(api $work/vm2.sock '{"execute":"memory-digest"}')
 api $work/vm2.sock '{"execute":"resume"}' >/dev/null
 wait_for $work/vm2.serial "heartbeat"
 echo "   before: $last; after restore: $(grep -o 'heartbeat [0-9]*' $work/vm2.serial | head -1)"
-api $work/vm2.sock '{"execute":"quit"}' >/dev/null
+echo "== 5. live-migrate the running guest to a new VMM (over loopback)"
+$VMM --incoming tcp:127.0.0.1:4444 --api $work/vm3.sock --serial $work/vm3.serial & pids+=($!)
+for _ in $(seq 1 100); do [ -S $work/vm3.sock ] && break; sleep 0.1; done
+target/release/shrink-migrate --vm $work/vm2.sock --to tcp:127.0.0.1:4444 --verify | sed 's/^/   /'
+wait_for $work/vm3.serial "heartbeat"
+echo "   the source's last: $(grep -o 'heartbeat [0-9]*' $work/vm2.serial | tail -1); the destination's first: $(grep -o 'heartbeat [0-9]*' $work/vm3.serial | head -1)"
+api $work/vm3.sock '{"execute":"quit"}' >/dev/null
 echo "== done"

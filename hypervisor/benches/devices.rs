@@ -5,25 +5,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use shrink_tests::netns::{self, Netns};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
+use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
 
 fn wait_text(p: &Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let t = std::fs::read_to_string(p).unwrap_or_default();
-        if t.contains(needle) {
-            return t;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no {needle:?} in {}", p.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    shrink_tests::util::wait_text(p, needle, Duration::from_secs(120))
 }
 
 struct Vm(std::process::Child);
@@ -48,11 +37,7 @@ fn boot(ns: &Netns, dir: &Path, name: &str, mac: &str, cmdline: &str, disk: bool
 }
 
 fn main() {
-    let out = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(|p| repo().join(p))
-        .unwrap_or_else(|| repo().join("bench/results/devices.json"));
+    let out = bench_output("bench/results/devices.json");
     netns::available().unwrap();
     let dir = std::env::temp_dir().join(format!("shrink-bench-devices-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -84,7 +69,7 @@ fn main() {
     let f: Vec<f64> = rx.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     let (pkts, bytes, secs) = (f[0], f[1], f[2]);
 
-    let date = String::from_utf8_lossy(&std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap().stdout).trim().to_owned();
+    let date = utc_now();
     let doc = json!({
         "benchmark": "devices",
         "date": date,

@@ -20,9 +20,7 @@ use migrate::client::ApiClient;
 use serde_json::{json, Value};
 use shrink_tests::netns::{self, Netns};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
+use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
 
 fn bin(name: &str) -> PathBuf {
     let b = repo().join("target/release").join(name);
@@ -59,11 +57,7 @@ fn wait_path(p: &Path) {
 }
 
 fn wait_text(p: &Path, needle: &str) {
-    let start = Instant::now();
-    while !std::fs::read_to_string(p).unwrap_or_default().contains(needle) {
-        assert!(start.elapsed() < Duration::from_secs(60), "no {needle:?} in {}", p.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    shrink_tests::util::wait_text(p, needle, Duration::from_secs(60));
 }
 
 fn api(sock: &Path, cmd: &str, args: Value) -> Value {
@@ -194,11 +188,7 @@ fn summary(system: &str, v: &Value) -> Value {
 }
 
 fn main() {
-    let out = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(|p| repo().join(p))
-        .unwrap_or_else(|| repo().join("bench/results/precopy.json"));
+    let out = bench_output("bench/results/precopy.json");
     netns::available().unwrap();
     let has_qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();
     let dir = std::env::temp_dir().join(format!("shrink-bench-precopy-{}", std::process::id()));
@@ -239,7 +229,7 @@ fn main() {
         .find(|l| l.starts_with("model name"))
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         .unwrap_or_default();
-    let date = String::from_utf8_lossy(&Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap().stdout).trim().to_owned();
+    let date = utc_now();
     let doc = json!({
         "benchmark": "precopy",
         "date": date,

@@ -13,9 +13,7 @@ use hypervisor::loader::KernelConfig;
 use hypervisor::vmm::Vmm;
 use serde_json::json;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
+use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
 
 fn guest() -> PathBuf {
     let g = repo().join("images/out/shrink-guest");
@@ -102,11 +100,7 @@ fn wait_text(buf: &SharedBuffer, needle: &str, secs: u64) {
 }
 
 fn main() {
-    let out = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(|p| repo().join(p))
-        .unwrap_or_else(|| repo().join("bench/results/vmm.json"));
+    let out = bench_output("bench/results/vmm.json");
     let dir = std::env::temp_dir().join(format!("shrink-bench-vmm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -175,7 +169,7 @@ fn main() {
     let mb = stats.memory_bytes as f64 / 1e6;
     let result = json!({
         "benchmark": "vmm",
-        "date": chrono_like_now(),
+        "date": utc_now(),
         "host": host_info(),
         "boot_to_ready_ms": {"median": median(boots.clone()), "runs": boots},
         "idle_vm_cpu_percent_of_one_core": idle_cpu_percent,
@@ -199,11 +193,6 @@ fn main() {
     std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn chrono_like_now() -> String {
-    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn host_info() -> serde_json::Value {

@@ -87,8 +87,8 @@ struct Args {
     #[arg(long, value_name = "HOST:PORT", requires = "incoming")]
     peer_advertise: Option<String>,
 
-    /// With --incoming: after the stream ends, how long to look for content at the site
-    /// before pulling it from the source.
+    /// With --incoming: how long content the site does not hold yet may stop arriving (other
+    /// VMs' streams bring it) before it is pulled from the source.
     #[arg(long, value_name = "MS", default_value_t = 2000, requires = "incoming")]
     pull_wait_ms: u64,
 

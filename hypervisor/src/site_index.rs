@@ -37,7 +37,7 @@ pub struct SiteOptions {
     pub peer_listen: String,
     /// The address other hypervisors use to reach it (default: the listening address).
     pub peer_advertise: Option<String>,
-    /// After the stream's end, how long to look for content at the site before pulling it.
+    /// How long waiting content may stop arriving at the site before it is pulled from the source.
     pub wait: Duration,
 }
 

@@ -427,7 +427,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 if synced {
                     break;
                 }
-                self.sync(pass)?;
+                self.sync(pass, &regions)?;
                 synced = true;
                 let more = self.src.dirty_log().map_err(MigrationError::Vmm)?;
                 for (d, l) in dirty.iter_mut().zip(&more) {
@@ -504,8 +504,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         }
     }
 
-    /// Waits until the destination has installed everything sent so far.
-    fn sync(&mut self, seq: u32) -> Result<(), MigrationError> {
+    /// Waits until the destination has installed everything sent so far, serving the chunks it
+    /// pulls meanwhile (the guest still runs).
+    fn sync(&mut self, seq: u32, regions: &[Region]) -> Result<(), MigrationError> {
         protocol::write_sync(&mut self.out, seq)?;
         self.out.flush().map_err(ProtocolError::from)?;
         let t = Instant::now();
@@ -518,6 +519,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                     return Ok(());
                 }
                 Ok(Some(Record::SyncAck { .. })) => {}
+                Ok(Some(Record::Pull(list))) => self.serve_pull(regions, &list)?,
                 Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
                 Ok(Some(other)) => return Err(MigrationError::Invalid(format!("expected a SyncAck, got {}", other.name()))),
                 Ok(None) => return Err(MigrationError::Destination("closed the connection".into())),
@@ -526,31 +528,39 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         }
     }
 
-    /// Answers a `Pull`: the chunks in full, from the paused guest, each checked against the
-    /// digest the destination holds for it.
+    /// Answers a `Pull`: the chunks in full, each checked against the digest the destination
+    /// holds for it. While the guest runs, a chunk may have changed since its digest was taken:
+    /// it is skipped (the dirty log sends its new content later). Once paused, nothing changes,
+    /// and a mismatch is an error.
     fn serve_pull(&mut self, regions: &[Region], list: &[(u64, Vec<u8>)]) -> Result<(), MigrationError> {
         let algo = self.params.digest.algo().ok_or_else(|| MigrationError::Invalid("Pull in a stream without digests".into()))?;
         let chunk = self.params.chunk_size;
+        let mut sent = 0u32;
+        // Pulled chunks are not part of the stream's own totals (checked at `End`).
+        let stream_bytes = self.page_bytes;
         for (gpa, digest) in list {
-            let (ri, off) = regions
-                .iter()
-                .enumerate()
-                .find(|(_, r)| *gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len && gpa % chunk as u64 == 0)
-                .map(|(i, r)| (i, (gpa - r.gpa) as usize))
-                .ok_or_else(|| MigrationError::Invalid(format!("pull of {gpa:#x}, outside guest memory")))?;
+            if gpa % chunk as u64 != 0 {
+                return Err(MigrationError::Invalid(format!("pull of {gpa:#x}: not a chunk address")));
+            }
+            let (ri, off) = locate(regions, *gpa, chunk)?;
             let bytes = &self.src.region_bytes(ri)[off..off + chunk];
             if indexd::hash::digest(algo, bytes) != *digest {
-                return Err(MigrationError::Invalid(format!("pull of {gpa:#x}: the paused guest holds other content")));
+                if self.paused {
+                    return Err(MigrationError::Invalid(format!("pull of {gpa:#x}: the paused guest holds other content")));
+                }
+                continue;
             }
             self.builder.full(*gpa, bytes);
+            sent += 1;
             if self.builder.is_full() {
                 self.flush_batch()?;
             }
         }
         self.flush_batch()?;
-        protocol::write_pull_done(&mut self.out, list.len() as u32)?;
+        self.page_bytes = stream_bytes;
+        protocol::write_pull_done(&mut self.out, sent)?;
         self.out.flush().map_err(ProtocolError::from)?;
-        let n = list.len() as u64;
+        let n = sent as u64;
         self.update(|i| i.ram.pulled += n);
         Ok(())
     }
@@ -732,7 +742,8 @@ pub struct ReceiveStats {
 /// How the destination waits for content before pulling it from the source.
 #[derive(Debug, Clone, Copy)]
 pub struct ReceiveOptions {
-    /// After `End`, how long to keep looking for chunks at the site before pulling them.
+    /// How long the waiting list may go without progress (other hosts of the site delivering
+    /// the content) before the rest is pulled from the source.
     pub wait: Duration,
     /// Whether chunks nobody at the site holds may be pulled from the source (tests turn it
     /// off to see a migration fail cleanly when every fallback is down).
@@ -842,12 +853,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 page_bytes += p.payload_len() as u64;
                 let mut batch = Vec::new();
                 for (gpa, c) in p.iter() {
-                    let (ri, off) = regions
-                        .iter()
-                        .enumerate()
-                        .find(|(_, r)| gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len)
-                        .map(|(i, r)| (i, (gpa - r.gpa) as usize))
-                        .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))?;
+                    let (ri, off) = locate(&regions, gpa, chunk)?;
                     let (word, bit) = ((off / chunk) / 64, 1u64 << ((off / chunk) % 64));
                     if !pending.is_empty() {
                         pending.remove(&gpa);
@@ -890,16 +896,13 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 retry_pending(sink, &mut pending, &mut stats)?;
             }
             Record::Sync(seq) => {
-                // Everything before this is installed; give the site a moment to supply what
-                // is still waiting, then tell the source (which then decides to pause).
-                let deadline = Instant::now() + opts.wait;
-                loop {
-                    check(&opts)?;
-                    retry_pending(sink, &mut pending, &mut stats)?;
-                    if pending.is_empty() || Instant::now() >= deadline {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+                // Everything before this is installed. The content still waiting is usually on
+                // its way in other VMs' streams (the WAN is shared): wait while it keeps
+                // arriving — the guest still runs at the source, so this costs no downtime —
+                // and pull what stalls, also before the source pauses.
+                wait_for_site(sink, &mut pending, &mut stats, &opts, &check)?;
+                if !pending.is_empty() && opts.pull {
+                    pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, std::mem::take(&mut pending), &mut stats, true)?;
                 }
                 protocol::write_sync_ack(answer, seq, pending.len() as u64)?;
                 answer.flush().map_err(ProtocolError::from)?;
@@ -919,17 +922,9 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
         }
     }
     let state = state.ok_or_else(|| MigrationError::Invalid("no VmState before End".into()))?;
-    // Chunks still waiting: other hosts of the site may be receiving them right now; look again
-    // for a while, then pull what is left from the (paused) source.
-    let deadline = Instant::now() + opts.wait;
-    loop {
-        check(&opts)?;
-        retry_pending(sink, &mut pending, &mut stats)?;
-        if pending.is_empty() || Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Chunks still waiting (from the last pass): other hosts of the site may be receiving them
+    // right now; look again while they keep coming, then pull what is left from the paused source.
+    wait_for_site(sink, &mut pending, &mut stats, &opts, &check)?;
     if !pending.is_empty() {
         if !opts.pull {
             return Err(MigrationError::Invalid(format!(
@@ -937,7 +932,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 pending.len()
             )));
         }
-        pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, pending, &mut stats)?;
+        pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, pending, &mut stats, false)?;
     }
     if let Some(expected) = verify {
         let got = sink.memory_digest().map_err(MigrationError::Vmm)?;
@@ -957,7 +952,46 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     Ok(stats)
 }
 
-/// Asks the source for `pending` and installs its answer, checking every chunk's digest.
+/// The region and offset of the chunk at `gpa`, which must lie inside guest memory.
+fn locate(regions: &[Region], gpa: u64, chunk: usize) -> Result<(usize, usize), MigrationError> {
+    regions
+        .iter()
+        .enumerate()
+        .find(|(_, r)| gpa >= r.gpa && gpa.saturating_add(chunk as u64) <= r.gpa + r.len)
+        .map(|(i, r)| (i, (gpa - r.gpa) as usize))
+        .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))
+}
+
+/// Retries the waiting digests for as long as they keep getting resolved; gives up after
+/// `opts.wait` without progress.
+fn wait_for_site<S: Sink>(
+    sink: &mut S,
+    pending: &mut HashMap<u64, Vec<u8>>,
+    stats: &mut ReceiveStats,
+    opts: &ReceiveOptions,
+    check: &dyn Fn(&ReceiveOptions) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    let mut left = pending.len();
+    let mut progress = Instant::now();
+    loop {
+        check(opts)?;
+        retry_pending(sink, pending, stats)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if pending.len() < left {
+            left = pending.len();
+            progress = Instant::now();
+        } else if progress.elapsed() >= opts.wait {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asks the source for `pending` and installs its answer, checking every chunk's digest. With
+/// `live` (the guest still runs at the source), chunks the source no longer holds are dropped:
+/// their new content comes with a later pass.
 #[allow(clippy::too_many_arguments)]
 fn pull<S: Sink, R: Read, W: Write>(
     sink: &mut S,
@@ -969,6 +1003,7 @@ fn pull<S: Sink, R: Read, W: Write>(
     digest: DigestKind,
     pending: HashMap<u64, Vec<u8>>,
     stats: &mut ReceiveStats,
+    live: bool,
 ) -> Result<(), MigrationError> {
     let algo = digest.algo().ok_or_else(|| MigrationError::Invalid("digest entries in a plain stream".into()))?;
     let list: Vec<(u64, Vec<u8>)> = pending.into_iter().collect();
@@ -992,12 +1027,7 @@ fn pull<S: Sink, R: Read, W: Write>(
                     if indexd::hash::digest(algo, data) != expected {
                         return Err(MigrationError::Invalid(format!("pulled chunk {gpa:#x} does not match its digest")));
                     }
-                    let (ri, off) = regions
-                        .iter()
-                        .enumerate()
-                        .find(|(_, r)| gpa >= r.gpa && gpa + chunk as u64 <= r.gpa + r.len)
-                        .map(|(i, r)| (i, (gpa - r.gpa) as usize))
-                        .ok_or_else(|| MigrationError::Invalid(format!("chunk at {gpa:#x} outside guest memory")))?;
+                    let (ri, off) = locate(regions, gpa, chunk)?;
                     sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
                     sink.on_write(gpa, Some(data));
                     got += 1;
@@ -1008,7 +1038,7 @@ fn pull<S: Sink, R: Read, W: Write>(
             r => return Err(MigrationError::Invalid(format!("unexpected {} record during a pull", r.name()))),
         }
     }
-    if !want.is_empty() {
+    if !want.is_empty() && !live {
         return Err(MigrationError::Invalid(format!("{} pulled chunks never arrived", want.len())));
     }
     stats.pulled += got;

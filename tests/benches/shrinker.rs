@@ -27,20 +27,14 @@ const B1: &str = "10.78.0.21";
 const B2: &str = "10.78.0.22";
 const CMDLINE: &str = "preload=64M private=28M";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
+use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
 
 fn image(n: &str) -> PathBuf {
     repo().join("images/out").join(n)
 }
 
 fn wait_text(p: &Path, needle: &str) {
-    let start = Instant::now();
-    while !std::fs::read_to_string(p).unwrap_or_default().contains(needle) {
-        assert!(start.elapsed() < Duration::from_secs(120), "no {needle:?} in {}", p.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    shrink_tests::util::wait_text(p, needle, Duration::from_secs(120));
 }
 
 fn api(sock: &Path, cmd: &str, args: Value) -> Value {
@@ -240,7 +234,7 @@ fn pipeline_throughput(world: &World) -> Value {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let out = args.iter().find(|a| !a.starts_with("--") && a.ends_with(".json")).map(|p| repo().join(p)).unwrap_or_else(|| repo().join("bench/results/shrinker.json"));
+    let out = bench_output("bench/results/shrinker.json");
     let sizes: Vec<usize> = args
         .iter()
         .position(|a| a == "--sizes")
@@ -318,7 +312,7 @@ fn main() {
         let _ = std::fs::remove_dir_all(&run_dir);
     }
     let pipeline = pipeline_throughput(&world);
-    let date = String::from_utf8_lossy(&Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap().stdout).trim().to_owned();
+    let date = utc_now();
     let doc = json!({
         "benchmark": "shrinker",
         "date": date,

@@ -5,3 +5,4 @@
 
 pub mod netns;
 pub mod world;
+pub mod util;

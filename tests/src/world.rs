@@ -10,6 +10,8 @@ use crate::netns::{self, run, Netns, NetnsError};
 
 /// A host: a namespace with an address on the switch.
 pub struct Host {
+    /// The short name given to [`World::new`].
+    pub name: String,
     /// The namespace (its name is the host name used in launch templates).
     pub ns: Netns,
     /// Its address.
@@ -47,14 +49,14 @@ impl World {
                 ns.exec(&["tc", "qdisc", "add", "dev", &h, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
                 switch.exec(&["tc", "qdisc", "add", "dev", &s, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
             }
-            out.push(Host { ns, addr: addr.to_string() });
+            out.push(Host { name: name.to_string(), ns, addr: addr.to_string() });
         }
         Ok(World { switch, hosts: out, redis: Vec::new() })
     }
 
-    /// The host whose namespace name contains `name`.
+    /// The host called `name` (its short name).
     pub fn host(&self, name: &str) -> &Host {
-        self.hosts.iter().find(|h| h.ns.name().contains(name)).expect("host exists")
+        self.hosts.iter().find(|h| h.name == name).expect("host exists")
     }
 
     /// Starts `redis-server` on `host` at `port`; returns its index (for [`World::kill_redis`]).

@@ -181,10 +181,7 @@ impl VirtioDevice for Block {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Only `capacity` (u64 sectors at offset 0) is offered.
-        let cap = self.capacity.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cap.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let [evt]: [EventFd; 1] = ctx.queue_evts.try_into().map_err(|_| ActivateError::BadQueue(0))?;
@@ -201,8 +198,8 @@ impl VirtioDevice for Block {
         self.worker = Some(Worker::spawn(&self.name, handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
-    fn reset(&mut self) {
-        self.worker = None;
+    fn worker(&mut self) -> &mut Option<Worker> {
+        &mut self.worker
     }
     fn pause(&mut self) {
         if let Some(w) = &self.worker {
@@ -211,11 +208,6 @@ impl VirtioDevice for Block {
         // A paused VM's disk is consistent on disk (snapshots, migration).
         if let Err(e) = self.disk.flush() {
             tracing::warn!("{}: flush on pause: {e}", self.name);
-        }
-    }
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
         }
     }
     fn name(&self) -> &str {

@@ -403,6 +403,9 @@ mod tests {
             self.activations.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+        fn worker(&mut self) -> &mut Option<crate::devices::virtio::worker::Worker> {
+            unreachable!("the dummy device has no worker")
+        }
         fn reset(&mut self) {
             self.resets.fetch_add(1, Ordering::SeqCst);
         }

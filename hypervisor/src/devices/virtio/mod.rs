@@ -140,14 +140,33 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts processing the queues.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// The device's worker thread, when active.
+    fn worker(&mut self) -> &mut Option<worker::Worker>;
     /// Stops processing and forgets the queues (driver reset).
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        *self.worker() = None;
+    }
     /// Stops touching guest memory until [`VirtioDevice::resume`]; returns once quiescent.
-    fn pause(&mut self);
+    fn pause(&mut self) {
+        if let Some(w) = self.worker() {
+            w.pause();
+        }
+    }
     /// Resumes processing (and catches up on what arrived meanwhile).
-    fn resume(&mut self);
+    fn resume(&mut self) {
+        if let Some(w) = self.worker() {
+            w.resume();
+        }
+    }
     /// A short name for logs (`net0`, `blk0`).
     fn name(&self) -> &str;
+}
+
+/// Reads `data.len()` bytes of a configuration space `space` at `offset` (zeros past its end).
+pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = space.get(offset as usize + i).copied().unwrap_or(0);
+    }
 }
 
 /// Serialisable form of a queue (virtio-queue's `QueueState`).

@@ -140,9 +140,7 @@ impl VirtioDevice for Net {
         VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = self.mac.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.mac, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let [rx_evt, tx_evt]: [EventFd; 2] = ctx.queue_evts.try_into().map_err(|_| ActivateError::BadQueue(0))?;
@@ -160,18 +158,8 @@ impl VirtioDevice for Net {
         self.worker = Some(Worker::spawn(&self.name, handler).map_err(ActivateError::Worker)?);
         Ok(())
     }
-    fn reset(&mut self) {
-        self.worker = None;
-    }
-    fn pause(&mut self) {
-        if let Some(w) = &self.worker {
-            w.pause();
-        }
-    }
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+    fn worker(&mut self) -> &mut Option<Worker> {
+        &mut self.worker
     }
     fn name(&self) -> &str {
         &self.name

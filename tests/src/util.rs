@@ -1,0 +1,38 @@
+//! Small helpers shared by benchmarks and tests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_owned()
+}
+
+/// A benchmark's output file: its first argument ending in `.json` (relative to the repository
+/// root, since cargo runs benches from their package's directory), else `default`.
+pub fn bench_output(default: &str) -> PathBuf {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a.ends_with(".json"))
+        .map(|p| repo_root().join(p))
+        .unwrap_or_else(|| repo_root().join(default))
+}
+
+/// Waits until the file contains `needle`; returns its text.
+pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let t = std::fs::read_to_string(p).unwrap_or_default();
+        if t.contains(needle) {
+            return t;
+        }
+        assert!(start.elapsed() < timeout, "no {needle:?} in {} after {timeout:?}", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The current UTC time, ISO 8601.
+pub fn utc_now() -> String {
+    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}
