@@ -15,4 +15,5 @@ echo ">> indexd: Redis pipelines and peer fetches"
 target/release/indexd-bench > bench/results/indexd.txt 2>&1 || true
 echo ">> vnetd: detection, reconfiguration, connectivity gap, tunnel cost"
 target/release/vnetd-bench bench/results/vnetd.json --moves 6
-echo ">> results in bench/results/"
+python3 bench/summarize.py
+echo ">> results in bench/results/ (summary: bench/results/README.md)"
