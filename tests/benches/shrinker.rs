@@ -299,17 +299,26 @@ fn main() {
             },
         });
         eprintln!("{row}");
+        for v in dedup["vms"].as_array().into_iter().flatten() {
+            eprintln!("  {}: peers {} pulled {} corrupt {} peer errors {} index errors {} warnings {}", v["vm"], v["fetched_from_peers"], v["pulled"], v["corrupt_from_peers"], v["peer_errors"], v["index_errors"], v["warnings"]);
+        }
         runs.push(row);
-        // Free the hosts for the next size: the migrated VMs run in the site-B namespaces.
+        // Free the hosts for the next size: stop the migrated VMs (and QEMUs) in the site-B
+        // namespaces — only those: the index Redis runs there too.
         for ns in [world.host("b1").ns.name().to_owned(), world.host("b2").ns.name().to_owned()] {
             if let Ok(pids) = netns::run(&["ip", "netns", "pids", &ns]) {
                 for p in pids.split_whitespace() {
-                    let _ = netns::run(&["kill", p]);
+                    let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                    if comm.starts_with("shrink-vmm") || comm.starts_with("qemu-system") {
+                        let _ = netns::run(&["kill", p]);
+                    }
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(500));
-        let _ = std::fs::remove_dir_all(&run_dir);
+        if std::env::var("SHRINK_BENCH_KEEP").is_err() {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
     }
     let pipeline = pipeline_throughput(&world);
     let date = utc_now();
