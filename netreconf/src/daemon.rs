@@ -83,6 +83,11 @@ struct DaemonCounters {
     pcap_dropped: u64,
     pcap_if_dropped: u64,
     pcap_out_frames: u64,
+    /// Frames longer than the capture's snapshot length (GRO/GSO super-packets): not
+    /// forwardable, dropped.
+    frames_truncated: u64,
+    /// Tunnel datagrams the kernel dropped because the overlay socket was full.
+    overlay_rx_dropped: u64,
 }
 
 /// Refuse to run when the kernel would forward the packets vnetd routes.
@@ -110,14 +115,74 @@ fn timeval_now() -> libc::timeval {
     }
 }
 
-fn open_capture(cfg: &Config) -> Result<pcap::Capture<pcap::Active>, DaemonError> {
+/// MTU of `iface` (SIOCGIFMTU), if the interface exists.
+fn iface_mtu(iface: &str) -> Option<u32> {
+    if iface.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `fd` is an open socket and `req` a live ifreq with a NUL-terminated name
+    // (the name is shorter than IFNAMSIZ and the struct was zeroed).
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFMTU as _, &mut req as *mut libc::ifreq) };
+    // SAFETY: `fd` is ours and closed exactly once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).ok().filter(|m| *m > 0)
+}
+
+/// Largest frame vnetd captures: the LAN MTU plus an Ethernet header with a VLAN tag.
+/// vnetd can only forward packets that fit the LAN MTU; a larger frame (a GRO/GSO
+/// super-packet) arrives truncated and is dropped and counted.
+fn capture_snaplen(iface: &str) -> u32 {
+    match iface_mtu(iface) {
+        Some(mtu) => (mtu + 18).clamp(1518, 65535),
+        None => 65535,
+    }
+}
+
+/// Frames the capture ring must hold while vnetd gets no CPU (a loaded gateway): at
+/// 1 kHz of traffic, seconds of stall.
+const RING_FRAMES: u32 = 4096;
+/// Ring buffer bounds (bytes).
+const RING_MIN_BYTES: u32 = 8 << 20;
+const RING_MAX_BYTES: u32 = 64 << 20;
+
+/// Capture ring size for frames of up to `snaplen` bytes.
+///
+/// libpcap's Linux capture (TPACKET_V2 in immediate mode) cuts the buffer into fixed
+/// slots, one frame each, sized for the snapshot length (plus ~100 bytes of headers).
+/// With a snapshot length of 64 KiB an 8 MiB buffer held only 128 frames: a forwarder
+/// that lost the CPU for ~130 ms dropped every further packet (`pcap_dropped`). Sizing
+/// the buffer in frames of the LAN's MTU keeps thousands of packets queued instead.
+fn ring_bytes(snaplen: u32) -> u32 {
+    let slot = snaplen + 128;
+    slot.saturating_mul(RING_FRAMES)
+        .clamp(RING_MIN_BYTES, RING_MAX_BYTES)
+}
+
+fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), DaemonError> {
     let iface = cfg.lan_interface.clone();
+    let snaplen = capture_snaplen(&iface);
+    let ring = ring_bytes(snaplen);
     let cap = pcap::Capture::from_device(iface.as_str())
         .and_then(|c| {
             c.promisc(true)
                 .immediate_mode(true)
-                .snaplen(65535)
-                .buffer_size(8 << 20)
+                .snaplen(snaplen as i32)
+                .buffer_size(ring as i32)
                 .open()
         })
         .map_err(|err| {
@@ -135,6 +200,8 @@ fn open_capture(cfg: &Config) -> Result<pcap::Capture<pcap::Active>, DaemonError
                 hint,
             }
         })?;
+    info!(iface = %iface, snaplen, ring_bytes = ring, ring_frames_approx = ring / (snaplen + 128),
+          "capture ring");
     let mut cap = cap.setnonblock().map_err(|err| DaemonError::PcapSetup {
         iface: iface.clone(),
         what: "non-blocking mode",
@@ -157,32 +224,80 @@ fn open_capture(cfg: &Config) -> Result<pcap::Capture<pcap::Active>, DaemonError
             what: "direction",
             err,
         })?;
-    Ok(cap)
+    Ok((cap, snaplen))
 }
 
-fn set_no_pmtu(sock: &UdpSocket) {
-    let v: libc::c_int = libc::IP_PMTUDISC_DONT;
-    let big: libc::c_int = 4 << 20;
-    for (opt_level, opt, val) in [
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, &v),
-        (libc::SOL_SOCKET, libc::SO_RCVBUF, &big),
-        (libc::SOL_SOCKET, libc::SO_SNDBUF, &big),
+fn setsockopt_int(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> bool {
+    // SAFETY: the fd is a valid open socket owned by `sock` for the whole call, and the
+    // value points to a live c_int whose size is passed as the option length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+fn getsockopt_int(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int) -> Option<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd; `val`/`len` are live and describe a c_int-sized buffer.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), level, opt, (&mut val as *mut libc::c_int).cast(), &mut len)
+    };
+    (rc == 0).then_some(val)
+}
+
+/// Datagrams the kernel dropped on the overlay socket because its receive buffer was
+/// full (SO_MEMINFO, SK_MEMINFO_DROPS).
+fn socket_drops(sock: &UdpSocket) -> Option<u64> {
+    let mut mem = [0u32; 16];
+    let mut len = std::mem::size_of_val(&mem) as libc::socklen_t;
+    // SAFETY: valid fd; `mem`/`len` describe a live buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            mem.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let i = libc::SK_MEMINFO_DROPS as usize;
+    (rc == 0 && (len as usize) > i * 4).then(|| u64::from(mem[i]))
+}
+
+/// Overlay socket buffers: the tunnel must absorb bursts while vnetd is descheduled.
+const OVERLAY_BUF: libc::c_int = 8 << 20;
+
+/// No path-MTU discovery (the kernel fragments oversized tunnel datagrams) and large
+/// buffers. SO_RCVBUFFORCE/SO_SNDBUFFORCE (vnetd has CAP_NET_ADMIN) are not capped by
+/// `net.core.rmem_max`/`wmem_max` (often 208 KiB, a few hundred tunnel datagrams);
+/// without the capability the plain options give what the sysctls allow.
+fn tune_overlay_socket(sock: &UdpSocket) {
+    if !setsockopt_int(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT) {
+        warn!(error = %std::io::Error::last_os_error(), "IP_MTU_DISCOVER on overlay socket failed");
+    }
+    for (force, plain, name) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "SO_RCVBUF"),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "SO_SNDBUF"),
     ] {
-        // SAFETY: the fd is a valid open socket owned by `sock` for the whole call, and
-        // `val` points to a live c_int whose size is passed as the option length.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                opt_level,
-                opt,
-                (val as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            warn!(opt, error = %std::io::Error::last_os_error(), "setsockopt on overlay socket failed");
+        if !setsockopt_int(sock, libc::SOL_SOCKET, force, OVERLAY_BUF)
+            && !setsockopt_int(sock, libc::SOL_SOCKET, plain, OVERLAY_BUF)
+        {
+            warn!(opt = name, error = %std::io::Error::last_os_error(),
+                  "setsockopt on overlay socket failed");
         }
     }
+    info!(
+        rcvbuf = getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_RCVBUF),
+        sndbuf = getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUF),
+        "overlay socket buffers"
+    );
 }
 
 /// Run until a fatal error.
@@ -191,7 +306,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     if !opts.allow_kernel_forwarding {
         check_forwarding(&cfg.lan_interface)?;
     }
-    let mut cap = open_capture(&cfg)?;
+    let (mut cap, snaplen) = open_capture(&cfg)?;
     let mut savefile = match &opts.pcap_out {
         Some(p) => {
             let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|err| {
@@ -211,7 +326,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         addr: cfg.listen,
         err,
     })?;
-    set_no_pmtu(&udp);
+    tune_overlay_socket(&udp);
     let mut control = match &cfg.control_socket {
         Some(path) => {
             if path.exists() {
@@ -308,7 +423,18 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                                 sf.write(&p);
                                 dc.pcap_out_frames += 1;
                             }
-                            router.handle_frame(&now, p.data);
+                            if p.header.caplen < p.header.len {
+                                // Cut at the snapshot length: forwarding it would send
+                                // a corrupt packet.
+                                dc.frames_truncated += 1;
+                                if dc.frames_truncated < 10 || dc.frames_truncated % 1000 == 0 {
+                                    warn!(len = p.header.len, snaplen, count = dc.frames_truncated,
+                                          "frame longer than the LAN MTU dropped (disable GRO/TSO \
+                                           on the LAN interface)");
+                                }
+                            } else {
+                                router.handle_frame(&now, p.data);
+                            }
                             Ok(true)
                         }
                         Err(pcap::Error::TimeoutExpired) => Ok(false),
@@ -409,6 +535,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                                     dc.pcap_dropped = u64::from(st.dropped);
                                     dc.pcap_if_dropped = u64::from(st.if_dropped);
                                 }
+                                if let Some(d) = socket_drops(&udp) {
+                                    dc.overlay_rx_dropped = d;
+                                }
                                 let resp = control_response(&router, &dc, &opts.pcap_out, &c.inbuf);
                                 c.outbuf = resp.into_bytes();
                                 c.outbuf.push(b'\n');
@@ -496,4 +625,23 @@ pub fn query_status(path: &Path) -> Result<serde_json::Value, std::io::Error> {
             format!("bad status reply: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capture_ring_holds_thousands_of_lan_frames() {
+        // Ethernet LAN: 8 MiB of ~1.6 KiB slots.
+        assert_eq!(ring_bytes(1518), RING_MIN_BYTES);
+        assert!(ring_bytes(1518) / (1518 + 128) >= RING_FRAMES);
+        // Jumbo frames: grown to keep RING_FRAMES slots.
+        assert!(ring_bytes(9018) / (9018 + 128) >= RING_FRAMES);
+        // Unknown MTU (64 KiB snapshot): capped.
+        assert_eq!(ring_bytes(65535), RING_MAX_BYTES);
+        // No such interface: the full snapshot length.
+        assert_eq!(capture_snaplen("no-such-if0"), 65535);
+        assert_eq!(capture_snaplen("lo"), 65535);
+    }
 }

@@ -162,6 +162,11 @@ impl Proc {
         })
     }
 
+    /// Process id (`ip netns exec` execs the command, so this is the command's pid).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Is it still running?
     pub fn alive(&mut self) -> bool {
         match self.child.as_mut() {

@@ -134,6 +134,27 @@ fn stop(p: &Path) -> bool {
     p.exists()
 }
 
+/// Ask for an 8 MiB receive buffer (SO_RCVBUFFORCE as root, else up to `rmem_max`).
+fn big_rcvbuf(s: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: valid fd owned by `s`; `v` is a live c_int whose size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
     match cmd {
         Cmd::Rarp {
@@ -228,6 +249,9 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             let s = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
             s.set_read_timeout(Some(Duration::from_millis(20)))
                 .map_err(|e| e.to_string())?;
+            // The receiver measures the network, not its own scheduling: a roomy buffer
+            // keeps what arrives while it waits for the CPU.
+            big_rcvbuf(&s);
             let t0 = Instant::now();
             let mut buf = [0u8; 2048];
             let (mut received, mut dup) = (0u64, 0u64);
@@ -235,8 +259,17 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             let (mut max_gap_us, mut gap_end_us, mut gap_seqs) = (0u64, 0u64, 0u64);
             let mut first_seq = None;
             let mut max_seq = 0u64;
-            while !stop(&stop_file) && t0.elapsed() < Duration::from_secs(max_seconds) {
+            let mut draining = false;
+            loop {
+                if !draining
+                    && (stop(&stop_file) || t0.elapsed() >= Duration::from_secs(max_seconds))
+                {
+                    // Count what already arrived but was not read yet, then stop.
+                    draining = true;
+                    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                }
                 match s.recv_from(&mut buf) {
+                    Err(_) if draining => break, // WouldBlock: nothing left
                     Ok((n, _)) if n >= 16 => {
                         let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or([0; 8]));
                         let now = netreconf::router::wall_us();
