@@ -374,3 +374,24 @@ fn a_malformed_cluster_description_names_the_line_and_field() {
     let out = Command::new(release_bin("shrink-migrate")).args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("index"), "bad file first");
 }
+
+#[test]
+fn sub_page_chunks_deduplicate_at_their_granularity() {
+    let mut s = Sites::new("sp");
+    let d = s.dir.0.clone();
+    s.world.redis("a1", 6379, &d, false);
+    s.world.redis("b1", 6380, &d, false);
+    s.boot("sub1", "preload=16M private=1M seed=11");
+    s.boot("sub2", "preload=16M private=1M seed=12");
+    s.wait_ready();
+    let vc = s.vc("vc.toml", &["sub1", "sub2"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let (code, r, err) = s.migrate(&vc, &["--chunk", "1024", "--digest", "sha1"]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    assert_eq!(r["chunk"], 1024, "{r}");
+    assert_eq!(r["digest"], "sha1", "{r}");
+    // Counted in 1 KiB chunks: 16 MiB of shared preload is thousands of them.
+    assert!(u(&r["deduplicated"]) > 4 * 2000, "{r}");
+    for n in ["sub1", "sub2"] {
+        s.assert_moved(n);
+    }
+}
