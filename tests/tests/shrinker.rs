@@ -389,8 +389,10 @@ fn sub_page_chunks_deduplicate_at_their_granularity() {
     assert_eq!(code, 0, "{err}\n{r}");
     assert_eq!(r["chunk"], 1024, "{r}");
     assert_eq!(r["digest"], "sha1", "{r}");
-    // Counted in 1 KiB chunks: 16 MiB of shared preload is thousands of them.
-    assert!(u(&r["deduplicated"]) > 4 * 2000, "{r}");
+    // Counted in 1 KiB chunks: the image's first 16 MiB hold about 3.4 MB of non-uniform data,
+    // shared by both VMs, so a couple of thousand chunks cross once.
+    assert!(u(&r["deduplicated"]) > 1500, "{r}");
+    assert!(u(&r["fetched_from_peers"]) + u(&r["local"]) > 1500, "{r}");
     for n in ["sub1", "sub2"] {
         s.assert_moved(n);
     }
