@@ -282,7 +282,9 @@ fn faults_degrade_but_never_corrupt() {
     for n in ["g1", "g2", "g3"] {
         wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
     }
-    let vc = s.vc("vc2.toml", &["g1", "g2", "g3"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} env SHRINK_TEST_CORRUPT_PEER=* {cmd}");
+    // An index of its own: the VMs moved in part 1 still serve the same OS content, uncorrupted.
+    s.world.redis("b1", 6381, &d, false);
+    let vc = s.vc("vc2.toml", &["g1", "g2", "g3"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6381"), "ip netns exec {host} env SHRINK_TEST_CORRUPT_PEER=* {cmd}");
     let (code, r, err) = s.migrate(&vc, &["--port-base", "7700"]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert!(u(&r["corrupt_from_peers"]) > 0, "corrupt peers were asked and caught: {r}");
