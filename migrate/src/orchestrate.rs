@@ -37,20 +37,9 @@ pub struct ClusterOptions {
     pub progress: bool,
 }
 
-/// One VM's outcome.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct VmReport {
-    /// VM name.
-    pub vm: String,
-    /// From and to hosts.
-    pub from: String,
-    /// Destination host.
-    pub to: String,
-    /// `completed` or `failed`.
-    pub status: String,
-    /// Why it failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+/// Where a migration's chunks came from, and what it cost; for one VM or summed over many.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Counts {
     /// Chunks sent in full.
     pub full: u64,
     /// Chunks sent as a digest only.
@@ -71,6 +60,40 @@ pub struct VmReport {
     pub index_errors: u64,
     /// Bytes on the migration stream (what crosses the WAN).
     pub wan_bytes: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.full += o.full;
+        self.deduplicated += o.deduplicated;
+        self.uniform += o.uniform;
+        self.local += o.local;
+        self.fetched_from_peers += o.fetched_from_peers;
+        self.pulled += o.pulled;
+        self.corrupt_from_peers += o.corrupt_from_peers;
+        self.peer_errors += o.peer_errors;
+        self.index_errors += o.index_errors;
+        self.wan_bytes += o.wan_bytes;
+    }
+}
+
+/// One VM's outcome.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct VmReport {
+    /// VM name.
+    pub vm: String,
+    /// From and to hosts.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// `completed` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where the chunks came from.
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Milliseconds from start to the guest running at the destination.
     pub total_time_ms: u64,
     /// Milliseconds the guest was paused.
@@ -97,22 +120,9 @@ pub struct ClusterReport {
     pub digest: String,
     /// Per VM.
     pub vms: Vec<VmReport>,
-    /// Sum of chunks sent in full.
-    pub full: u64,
-    /// Sum of chunks sent as digests.
-    pub deduplicated: u64,
-    /// Sum of uniform chunks.
-    pub uniform: u64,
-    /// Sum of chunks found locally.
-    pub local: u64,
-    /// Sum of chunks fetched from peers.
-    pub fetched_from_peers: u64,
-    /// Sum of chunks pulled from the sources.
-    pub pulled: u64,
-    /// Sum of corrupt peer answers caught.
-    pub corrupt_from_peers: u64,
-    /// Bytes that crossed the WAN.
-    pub wan_bytes: u64,
+    /// The sums over the VMs.
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Milliseconds until the last VM ran at the destination.
     pub total_time_ms: u64,
     /// VMs that failed (and run at the source).
@@ -297,21 +307,17 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
     for ((m, _, state, _, _), (api, _, _)) in live.into_iter().zip(&dests) {
         vms.push(vm_report(&m, state.unwrap_or_default(), api));
     }
-    let sum = |f: fn(&VmReport) -> u64| vms.iter().map(f).sum::<u64>();
+    let mut counts = Counts::default();
+    for v in &vms {
+        counts += v.counts;
+    }
     Ok(ClusterReport {
         migration_id: id,
         dest: opts.dest.clone(),
         dedup: !opts.no_dedup,
         chunk: opts.chunk,
         digest: if opts.no_dedup { "none".into() } else { opts.digest.clone() },
-        full: sum(|v| v.full),
-        deduplicated: sum(|v| v.deduplicated),
-        uniform: sum(|v| v.uniform),
-        local: sum(|v| v.local),
-        fetched_from_peers: sum(|v| v.fetched_from_peers),
-        pulled: sum(|v| v.pulled),
-        corrupt_from_peers: sum(|v| v.corrupt_from_peers),
-        wan_bytes: sum(|v| v.wan_bytes),
+        counts,
         failed: vms.iter().filter(|v| v.status != "completed").count(),
         total_time_ms,
         vms,
@@ -325,12 +331,15 @@ fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
         to: m.to_host.clone(),
         status: src["status"].as_str().unwrap_or("unknown").to_owned(),
         error: src["error-desc"].as_str().map(str::to_owned),
-        wan_bytes: u(&src["ram"]["transferred"]),
         total_time_ms: u(&src["total-time"]),
         downtime_ms: u(&src["downtime"]),
         passes: u(&src["ram"]["dirty-sync-count"]),
-        deduplicated: u(&src["ram"]["deduplicated"]),
-        pulled: u(&src["ram"]["pulled"]),
+        counts: Counts {
+            wan_bytes: u(&src["ram"]["transferred"]),
+            deduplicated: u(&src["ram"]["deduplicated"]),
+            pulled: u(&src["ram"]["pulled"]),
+            ..Counts::default()
+        },
         ..Default::default()
     };
     if let Some(w) = src["dedup"]["warning"].as_str() {
@@ -342,15 +351,16 @@ fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
     let dest = ApiClient::connect(dest_api).and_then(|mut c| c.execute("query-migrate", json!({})));
     if let Ok(Ok(v)) = dest {
         let i = &v["incoming"];
-        r.full = u(&i["full"]);
-        r.uniform = u(&i["uniform"]);
-        r.deduplicated = u(&i["digest"]);
-        r.pulled = u(&i["pulled"]);
-        r.local = u(&i["site"]["local"]);
-        r.fetched_from_peers = u(&i["site"]["peer"]);
-        r.corrupt_from_peers = u(&i["site"]["corrupt_from_peer"]);
-        r.peer_errors = u(&i["site"]["peer_errors"]);
-        r.index_errors = u(&i["site"]["index_errors"]);
+        let c = &mut r.counts;
+        c.full = u(&i["full"]);
+        c.uniform = u(&i["uniform"]);
+        c.deduplicated = u(&i["digest"]);
+        c.pulled = u(&i["pulled"]);
+        c.local = u(&i["site"]["local"]);
+        c.fetched_from_peers = u(&i["site"]["peer"]);
+        c.corrupt_from_peers = u(&i["site"]["corrupt_from_peer"]);
+        c.peer_errors = u(&i["site"]["peer_errors"]);
+        c.index_errors = u(&i["site"]["index_errors"]);
         if let Some(w) = i["site"]["warning"].as_str() {
             r.warnings.push(w.to_owned());
         }
@@ -379,21 +389,22 @@ pub fn print_report(r: &ClusterReport) {
             v.vm,
             v.from,
             v.to,
-            v.full,
-            v.deduplicated,
-            v.uniform,
-            v.local,
-            v.fetched_from_peers,
-            v.pulled,
-            mb(v.wan_bytes),
+            v.counts.full,
+            v.counts.deduplicated,
+            v.counts.uniform,
+            v.counts.local,
+            v.counts.fetched_from_peers,
+            v.counts.pulled,
+            mb(v.counts.wan_bytes),
             v.total_time_ms,
             v.downtime_ms,
             if v.status == "completed" { String::new() } else { format!("  {}: {}", v.status, v.error.clone().unwrap_or_default()) }
         );
-        if v.corrupt_from_peers + v.peer_errors + v.index_errors > 0 {
+        let c = &v.counts;
+        if c.corrupt_from_peers + c.peer_errors + c.index_errors > 0 {
             println!(
                 "           fallbacks: {} corrupt peer answers, {} unreachable peers, {} index errors",
-                v.corrupt_from_peers, v.peer_errors, v.index_errors
+                c.corrupt_from_peers, c.peer_errors, c.index_errors
             );
         }
         for w in &v.warnings {
@@ -402,7 +413,7 @@ pub fn print_report(r: &ClusterReport) {
     }
     println!(
         "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9.1} {:>8}",
-        "total", "", "", r.full, r.deduplicated, r.uniform, r.local, r.fetched_from_peers, r.pulled, mb(r.wan_bytes), r.total_time_ms
+        "total", "", "", r.counts.full, r.counts.deduplicated, r.counts.uniform, r.counts.local, r.counts.fetched_from_peers, r.counts.pulled, mb(r.counts.wan_bytes), r.total_time_ms
     );
     if r.failed > 0 {
         println!("{} VM(s) failed and keep running at the source", r.failed);
