@@ -50,6 +50,8 @@ api $work/vm2.sock '{"execute":"resume"}' >/dev/null
 wait_for $work/vm2.serial "heartbeat"
 echo "   before: $last; after restore: $(grep -o 'heartbeat [0-9]*' $work/vm2.serial | head -1)"
 echo "== 5. live-migrate the running guest to a new VMM (over loopback)"
+echo "   (--verify: both ends hash all 256 MiB during the pause to prove the copy exact; it adds"
+echo "    that hashing to the downtime — without it, an idle guest pauses for a few milliseconds)"
 $VMM --incoming tcp:127.0.0.1:4444 --api $work/vm3.sock --serial $work/vm3.serial & pids+=($!)
 for _ in $(seq 1 100); do [ -S $work/vm3.sock ] && break; sleep 0.1; done
 target/release/shrink-migrate --vm $work/vm2.sock --to tcp:127.0.0.1:4444 --verify | sed 's/^/   /'
