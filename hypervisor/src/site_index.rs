@@ -214,13 +214,18 @@ impl SiteIndex {
 
     /// A chunk was installed at `gpa` (`Some` = content, `None` = uniform chunk).
     pub fn on_write(&mut self, gpa: u64, data: Option<&[u8]>) {
+        let digest = data.map(|bytes| hash::digest(self.algo, bytes));
+        self.record(gpa, digest.as_deref());
+    }
+
+    /// Chunk `gpa` now holds content `digest` (`None`: not indexed content).
+    fn record(&mut self, gpa: u64, digest: Option<&[u8]>) {
         let mut index = self.index.lock().expect("index poisoned");
-        let old = match data {
-            Some(bytes) => {
-                let d = hash::digest(self.algo, bytes);
-                let old = index.insert(gpa, &d);
-                if self.target.is_some() && old.as_ref().is_none_or(|(o, _)| *o != d) {
-                    self.pending.insert(key(&d), true);
+        let old = match digest {
+            Some(d) => {
+                let old = index.insert(gpa, d);
+                if self.target.is_some() && old.as_ref().is_none_or(|(o, _)| o != d) {
+                    self.pending.insert(key(d), true);
                 }
                 old
             }
@@ -258,10 +263,11 @@ impl SiteIndex {
         }
     }
 
-    fn install(&mut self, mem_write: &mut dyn FnMut(u64, &[u8]), gpas: &[u64], bytes: &[u8]) {
+    /// Writes verified content (`bytes` hashing to `digest`) at every address of `gpas`.
+    fn install(&mut self, mem_write: &mut dyn FnMut(u64, &[u8]), gpas: &[u64], bytes: &[u8], digest: &[u8]) {
         for &g in gpas {
             mem_write(g, bytes);
-            self.on_write(g, Some(bytes));
+            self.record(g, Some(digest));
         }
     }
 
@@ -280,7 +286,7 @@ impl SiteIndex {
             match src.and_then(|g| self.chunks.read(g)).filter(|b| hash::digest(self.algo, b) == d) {
                 Some(bytes) => {
                     self.stats.local += gpas.len() as u64;
-                    self.install(mem_write, &gpas, &bytes);
+                    self.install(mem_write, &gpas, &bytes, &d);
                 }
                 None => left.push((d, gpas)),
             }
@@ -336,9 +342,9 @@ impl SiteIndex {
                                         self.stats.corrupt_from_peer += 1;
                                         continue;
                                     }
-                                    let gpas = left[i].1.clone();
+                                    let (d, gpas) = left[i].clone();
                                     self.stats.peer += gpas.len() as u64;
-                                    self.install(mem_write, &gpas, &bytes);
+                                    self.install(mem_write, &gpas, &bytes, &d);
                                     done[i] = true;
                                 }
                             }

@@ -272,23 +272,9 @@ impl RedisCluster {
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
         redis_cli(&[], &args)?;
-        let deadline = Instant::now() + READY_WITHIN;
-        for n in &nodes {
-            loop {
-                let info = n.cli(&["cluster", "info"])?;
-                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(TestingError::Other(format!(
-                        "cluster node {} not ok: {info}",
-                        n.port()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(RedisCluster { nodes })
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok()?;
+        Ok(cluster)
     }
 
     /// Restarts node `i` on its port with its cluster configuration (its data is lost, its
