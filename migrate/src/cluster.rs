@@ -259,13 +259,10 @@ impl Cluster {
             if from.name.get_ref() == dest {
                 continue;
             }
-            let to = match &v.dest_host {
-                Some(h) => {
-                    if self.site_of_host(h.get_ref()).map(|s| s.name.get_ref().as_str()) != Some(dest) {
-                        return Err(format!("VM {}: dest_host {} is not in site {dest}", v.name.get_ref(), h.get_ref()));
-                    }
-                    site.hosts.iter().find(|x| x.name.get_ref() == h.get_ref()).expect("checked")
-                }
+            // A dest_host at another site is where the VM goes when it moves there.
+            let wanted = v.dest_host.as_ref().and_then(|h| site.hosts.iter().find(|x| x.name.get_ref() == h.get_ref()));
+            let to = match wanted {
+                Some(h) => h,
                 None => {
                     let h = &site.hosts[next % site.hosts.len()];
                     next += 1;
@@ -283,6 +280,56 @@ impl Cluster {
         }
         Ok(moves)
     }
+}
+
+/// Where a VM runs after a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relocation {
+    /// The VM.
+    pub vm: String,
+    /// Its new host.
+    pub host: String,
+    /// Its new VMM's API socket.
+    pub api: String,
+}
+
+/// `text` (a cluster description) with the `host` and `api` of the relocated VMs replaced,
+/// everything else (comments, order, layout) kept as written.
+pub fn relocate(file: &str, text: &str, moved: &[Relocation]) -> Result<String, ClusterError> {
+    let c = Cluster::parse(file, text)?;
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    for r in moved {
+        let v = c.file.vms.iter().find(|v| v.name.get_ref() == &r.vm).ok_or_else(|| ClusterError::Field {
+            file: file.to_owned(),
+            line: 1,
+            field: "vms".into(),
+            why: format!("VM '{}' is no longer described", r.vm),
+        })?;
+        edits.push((v.host.span(), toml_string(&r.host)));
+        edits.push((v.api.span(), toml_string(&r.api)));
+    }
+    edits.sort_by_key(|(s, _)| std::cmp::Reverse(s.start));
+    let mut out = text.to_owned();
+    for (span, new) in edits {
+        out.replace_range(span, &new);
+    }
+    Ok(out)
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => o.push_str(&format!("\\u{:04X}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
 }
 
 /// Fills a launch template.
@@ -347,6 +394,27 @@ dest_host = "hostB1"
         assert!(c.plan("siteA").unwrap().is_empty(), "nothing to move to where it is");
         assert!(c.plan("siteC").unwrap_err().contains("no such site"));
         assert_eq!(launch_command("ssh {host} {cmd}", "h1", "shrink-vmm --x"), "ssh h1 shrink-vmm --x");
+    }
+
+    #[test]
+    fn relocation_rewrites_only_host_and_api() {
+        let moved = [Relocation { vm: "vm2".into(), host: "hostB2".into(), api: "/w/vm2 \"B\".sock".into() }];
+        let text = GOOD.replace("[[vms]]\nname = \"vm2\"", "# vm2 is the database\n[[vms]]\nname = \"vm2\"");
+        let out = relocate("vc.toml", &text, &moved).unwrap();
+        assert!(out.contains("# vm2 is the database"), "comments stay");
+        let c = Cluster::parse("vc.toml", &out).unwrap();
+        let v = &c.file.vms[1];
+        assert_eq!((v.host.get_ref().as_str(), v.api.get_ref().as_str()), ("hostB2", "/w/vm2 \"B\".sock"));
+        assert_eq!(c.file.vms[0].host.get_ref(), "hostA1", "others stay");
+        assert_eq!(out.lines().count(), text.lines().count());
+        // vm2 is now at siteB: only vm1 and vm3 move there; back to siteA moves vm2, and vm3's
+        // dest_host (at siteB) does not stop it from going back.
+        let back = relocate("vc.toml", &out, &[Relocation { vm: "vm3".into(), host: "hostB1".into(), api: "/w/vm3.sock".into() }]).unwrap();
+        let c = Cluster::parse("vc.toml", &back).unwrap();
+        assert_eq!(c.plan("siteB").unwrap().iter().map(|m| m.vm.as_str()).collect::<Vec<_>>(), ["vm1"]);
+        assert_eq!(c.plan("siteA").unwrap().iter().map(|m| (m.vm.as_str(), m.to_host.as_str())).collect::<Vec<_>>(), [("vm2", "hostA1"), ("vm3", "hostA1")]);
+        let e = relocate("vc.toml", &out, &[Relocation { vm: "nope".into(), host: "h".into(), api: "a".into() }]).unwrap_err();
+        assert!(e.to_string().contains("'nope'"), "{e}");
     }
 
     fn err_of(text: &str) -> String {

@@ -77,6 +77,24 @@ struct Args {
     /// Print the final statistics as JSON (no progress bar).
     #[arg(long)]
     json: bool,
+
+    /// Also write the final statistics (or the cluster report) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<std::path::PathBuf>,
+
+    /// With --cluster: leave the cluster file as it is (by default the moved VMs' `host` and
+    /// `api` are rewritten to where they run now, comments and layout kept).
+    #[arg(long, requires = "cluster")]
+    keep_cluster_file: bool,
+}
+
+/// Writes `v` to `--report FILE` if asked; a failure is reported, not fatal.
+fn write_report(path: &Option<std::path::PathBuf>, v: &impl serde::Serialize) {
+    if let Some(p) = path {
+        if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(v).unwrap_or_default()) {
+            eprintln!("shrink-migrate: warning: --report {}: {e}", p.display());
+        }
+    }
 }
 
 fn parse_chunk(s: &str) -> Result<u32, String> {
@@ -205,9 +223,11 @@ fn run_cluster(args: &Args) -> ExitCode {
             20000 + (r % 390) as u16 * 100
         }),
         progress: !args.json,
+        update_file: !args.keep_cluster_file,
     };
     match migrate::orchestrate::run(&opts) {
         Ok(report) => {
+            write_report(&args.report, &report);
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
             } else {
@@ -232,8 +252,10 @@ fn main() -> ExitCode {
         return run_cluster(&args);
     }
     let json = args.json;
+    let report = args.report.clone();
     match run(args) {
         Ok(info) => {
+            write_report(&report, &info);
             if json {
                 println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
             } else {

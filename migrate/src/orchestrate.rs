@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::client::ApiClient;
-use crate::cluster::{launch_command, Cluster, Move};
+use crate::cluster::{launch_command, relocate, Cluster, Move, Relocation};
 
 /// How to run the cluster migration.
 #[derive(Debug, Clone)]
@@ -35,6 +35,8 @@ pub struct ClusterOptions {
     pub port_base: u16,
     /// Show progress bars.
     pub progress: bool,
+    /// Rewrite the moved VMs' `host` and `api` in the cluster file afterwards.
+    pub update_file: bool,
 }
 
 /// Where a migration's chunks came from, and what it cost; for one VM or summed over many.
@@ -127,6 +129,11 @@ pub struct ClusterReport {
     pub total_time_ms: u64,
     /// VMs that failed (and run at the source).
     pub failed: usize,
+    /// Whether the cluster file now lists the moved VMs where they run.
+    pub cluster_file_updated: bool,
+    /// Why it could not be updated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_file_error: Option<String>,
 }
 
 fn u(v: &Value) -> u64 {
@@ -304,8 +311,21 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
 
     // 4. Where every page came from: the sources' and the destinations' figures.
     let mut vms = Vec::new();
+    let mut moved = Vec::new();
     for ((m, _, state, _, _), (api, _, _)) in live.into_iter().zip(&dests) {
-        vms.push(vm_report(&m, state.unwrap_or_default(), api));
+        let r = vm_report(&m, state.unwrap_or_default(), api);
+        if r.status == "completed" {
+            moved.push(Relocation { vm: m.vm.clone(), host: m.to_host.clone(), api: api.display().to_string() });
+        }
+        vms.push(r);
+    }
+    // 5. The cluster file says where the VMs run now (so the next move starts from there).
+    let (mut cluster_file_updated, mut cluster_file_error) = (false, None);
+    if opts.update_file && !moved.is_empty() {
+        match update_cluster_file(&opts.file, &moved) {
+            Ok(()) => cluster_file_updated = true,
+            Err(e) => cluster_file_error = Some(e),
+        }
     }
     let mut counts = Counts::default();
     for v in &vms {
@@ -321,7 +341,18 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
         failed: vms.iter().filter(|v| v.status != "completed").count(),
         total_time_ms,
         vms,
+        cluster_file_updated,
+        cluster_file_error,
     })
+}
+
+/// Rewrites `file` in place (atomically) with the VMs' new hosts and sockets.
+fn update_cluster_file(file: &Path, moved: &[Relocation]) -> Result<(), String> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: {e}"))?;
+    let out = relocate(&name, &text, moved).map_err(|e| e.to_string())?;
+    let tmp = file.with_extension("toml.tmp");
+    std::fs::write(&tmp, out).and_then(|()| std::fs::rename(&tmp, file)).map_err(|e| format!("{name}: {e}"))
 }
 
 fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
@@ -417,5 +448,11 @@ pub fn print_report(r: &ClusterReport) {
     );
     if r.failed > 0 {
         println!("{} VM(s) failed and keep running at the source", r.failed);
+    }
+    if r.cluster_file_updated {
+        println!("the cluster file now lists the moved VMs at {} (their new hosts and API sockets)", r.dest);
+    }
+    if let Some(e) = &r.cluster_file_error {
+        println!("warning: the cluster file could not be updated: {e}");
     }
 }
