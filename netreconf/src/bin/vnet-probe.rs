@@ -1,13 +1,15 @@
 //! `vnet-probe`: traffic helpers for the vnetd tests and benchmark (run inside network
 //! namespaces with `ip netns exec`): QEMU's RARP announcement, raw frames, UDP streams
-//! with gap measurement, UDP round-trip times and TCP throughput. Results are JSON on
-//! stdout.
+//! with gap measurement, UDP round-trip times, TCP throughput, and a multi-target UDP
+//! echo prober that counts the probes each VM loses while it migrates. Results are JSON
+//! on stdout (or, for `probe --out`, in a file).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use netreconf::frames::{self, Mac};
@@ -107,6 +109,53 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Probe UDP echo services every INTERVAL_MS until STOP exists; report per-target
+    /// loss, gaps and RTTs (loss counted from each target's first answered probe).
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// A UDP echo service to probe, as NAME=IP:PORT (repeatable).
+    #[arg(long = "target", required = true)]
+    targets: Vec<Target>,
+    #[arg(long, default_value_t = 10)]
+    interval_ms: u64,
+    /// Stop sending once this file exists (SIGTERM/SIGINT do the same).
+    #[arg(long)]
+    stop_file: PathBuf,
+    #[arg(long, default_value_t = 900)]
+    max_seconds: u64,
+    /// Write the JSON report here (atomically: temp file + rename) instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+struct Target {
+    name: String,
+    addr: SocketAddr,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("target '{s}' is not NAME=IP:PORT"))?;
+        if name.is_empty() {
+            return Err(format!("target '{s}' has an empty name"));
+        }
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("target '{s}': bad IP:PORT '{addr}': {e}"))?;
+        Ok(Target {
+            name: name.to_string(),
+            addr,
+        })
+    }
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
@@ -155,8 +204,238 @@ fn big_rcvbuf(s: &UdpSocket) {
     }
 }
 
+/// Set by SIGTERM/SIGINT while `probe` runs: stop sending, drain, report.
+static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_SIGNAL.store(true, Ordering::SeqCst);
+}
+
+fn catch_stop_signals() {
+    let h = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, h);
+        }
+    }
+}
+
+const PROBE_MAGIC: &[u8; 4] = b"SHPR";
+const PROBE_LEN: usize = 32;
+/// Replies to probes sent within this long before sending stopped make up the tail.
+const TAIL_NS: u64 = 2_000_000_000;
+/// How long to keep receiving after sending stopped.
+const DRAIN: Duration = Duration::from_secs(1);
+
+fn probe_payload(idx: u16, seq: u64, send_ns: u64) -> [u8; PROBE_LEN] {
+    let mut p = [0u8; PROBE_LEN];
+    p[..4].copy_from_slice(PROBE_MAGIC);
+    p[4..6].copy_from_slice(&idx.to_le_bytes());
+    // p[6..8] reserved (zero)
+    p[8..16].copy_from_slice(&seq.to_le_bytes());
+    p[16..24].copy_from_slice(&send_ns.to_le_bytes());
+    p
+}
+
+/// (target index, sequence, send ns) of a well-formed probe reply.
+fn parse_reply(b: &[u8]) -> Option<(usize, usize, u64)> {
+    if b.len() < 24 || &b[..4] != PROBE_MAGIC {
+        return None;
+    }
+    let idx = u16::from_le_bytes(b[4..6].try_into().ok()?) as usize;
+    let seq = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    let send_ns = u64::from_le_bytes(b[16..24].try_into().ok()?);
+    Some((idx, usize::try_from(seq).ok()?, send_ns))
+}
+
+/// Per-target record: one (send ns since start, RTT ns if answered) per probe, by sequence.
+struct Track {
+    probes: Vec<(u64, Option<u64>)>,
+    send_errors: u64,
+}
+
+fn target_report(t: &Target, tr: &Track, start_unix_ns: u64, stop_ns: u64) -> serde_json::Value {
+    let warmup = tr
+        .probes
+        .iter()
+        .position(|p| p.1.is_some())
+        .unwrap_or(tr.probes.len());
+    let counted = &tr.probes[warmup..];
+    let received = counted.iter().filter(|p| p.1.is_some()).count();
+    let (mut max_gap_ns, mut max_gap_start, mut over_100) = (0u64, None, 0u64);
+    let mut note_gap = |from: u64, to: u64| {
+        let g = to - from;
+        if g > 100_000_000 {
+            over_100 += 1;
+        }
+        if g > max_gap_ns {
+            max_gap_ns = g;
+            max_gap_start = Some(from);
+        }
+    };
+    let mut last_answered: Option<u64> = None;
+    for &(sent, rtt) in counted {
+        if rtt.is_some() {
+            if let Some(l) = last_answered {
+                note_gap(l, sent);
+            }
+            last_answered = Some(sent);
+        }
+    }
+    if let (Some(l), Some(&(last_sent, None))) = (last_answered, counted.last()) {
+        note_gap(l, last_sent);
+    }
+    let mut rtts: Vec<u64> = counted.iter().filter_map(|p| p.1).collect();
+    rtts.sort_unstable();
+    let pct_us = |q: f64| -> u64 {
+        if rtts.is_empty() {
+            0
+        } else {
+            rtts[((rtts.len() - 1) as f64 * q).round() as usize] / 1000
+        }
+    };
+    let tail_from = stop_ns.saturating_sub(TAIL_NS);
+    let tail: Vec<_> = counted.iter().filter(|p| p.0 >= tail_from).collect();
+    serde_json::json!({
+        "name": t.name,
+        "addr": t.addr.to_string(),
+        "warmup": warmup,
+        "sent": counted.len(),
+        "received": received,
+        "lost": counted.len() - received,
+        "max_gap_ms": max_gap_ns as f64 / 1e6,
+        "max_gap_start_unix_ms": max_gap_start.map_or(0, |s| (start_unix_ns + s) / 1_000_000),
+        "gaps_over_100ms": over_100,
+        "rtt_p50_us": pct_us(0.5),
+        "rtt_p99_us": pct_us(0.99),
+        "rtt_max_us": rtts.last().map_or(0, |r| r / 1000),
+        "tail_sent": tail.len(),
+        "tail_received": tail.iter().filter(|p| p.1.is_some()).count(),
+        "answered": warmup < tr.probes.len(),
+        "send_errors": tr.send_errors,
+    })
+}
+
+/// Write `text` to `path` via a temp file in the same directory and a rename.
+fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let fname = path
+        .file_name()
+        .ok_or_else(|| format!("--out {} is not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp{}",
+        fname.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("write {}: {e}", path.display()));
+    }
+    Ok(())
+}
+
+/// `probe`: returns the report, or `Null` once it is written to `--out`.
+fn probe(a: ProbeArgs) -> Result<serde_json::Value, String> {
+    if a.targets.len() > usize::from(u16::MAX) + 1 {
+        return Err(format!("too many targets ({})", a.targets.len()));
+    }
+    let s = UdpSocket::bind(a.bind).map_err(|e| format!("bind {}: {e}", a.bind))?;
+    big_rcvbuf(&s);
+    catch_stop_signals();
+    let iv = Duration::from_millis(a.interval_ms.max(1));
+    let max = Duration::from_secs(a.max_seconds);
+    let mut tracks: Vec<Track> = a
+        .targets
+        .iter()
+        .map(|_| Track {
+            probes: Vec::with_capacity(1024),
+            send_errors: 0,
+        })
+        .collect();
+    let mut buf = [0u8; 2048];
+    let t0 = Instant::now();
+    let start_unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let ns = |t: Instant| t.duration_since(t0).as_nanos() as u64;
+    // Receive replies until `until`, recording RTTs of first answers to our probes.
+    let mut receive_until = |tracks: &mut [Track], until: Instant| loop {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        if s.set_read_timeout(Some(until - now)).is_err() {
+            break;
+        }
+        let Ok((n, _)) = s.recv_from(&mut buf) else {
+            continue; // timeout, EINTR or a reported ICMP error: re-check the deadline
+        };
+        let at = ns(Instant::now());
+        if let Some((idx, seq, send_ns)) = parse_reply(&buf[..n]) {
+            if let Some(p) = tracks.get_mut(idx).and_then(|t| t.probes.get_mut(seq)) {
+                if p.0 == send_ns && p.1.is_none() {
+                    p.1 = Some(at.saturating_sub(send_ns));
+                }
+            }
+        }
+    };
+    eprintln!(
+        "probe: {} targets every {} ms",
+        a.targets.len(),
+        iv.as_millis()
+    );
+    let mut tick: u32 = 0;
+    let mut ticks_skipped: u64 = 0;
+    let stop_at = loop {
+        let now = Instant::now();
+        if STOP_SIGNAL.load(Ordering::SeqCst) || stop(&a.stop_file) || now - t0 >= max {
+            break now;
+        }
+        for (i, (t, tr)) in a.targets.iter().zip(tracks.iter_mut()).enumerate() {
+            let send_ns = ns(Instant::now());
+            let p = probe_payload(i as u16, tr.probes.len() as u64, send_ns);
+            if s.send_to(&p, t.addr).is_err() {
+                tr.send_errors += 1;
+            }
+            tr.probes.push((send_ns, None));
+        }
+        // Absolute schedule; if we fell behind by whole intervals, skip those ticks
+        // rather than sending a burst.
+        let behind = (Instant::now() - t0).as_nanos() / iv.as_nanos();
+        let next = (u128::from(tick) + 1).max(behind);
+        ticks_skipped += (next - u128::from(tick) - 1) as u64;
+        tick = u32::try_from(next).map_err(|_| "probe ran too long".to_string())?;
+        receive_until(&mut tracks, t0 + iv * tick);
+    };
+    receive_until(&mut tracks, stop_at + DRAIN);
+    let stop_ns = ns(stop_at);
+    let report = serde_json::json!({
+        "interval_ms": iv.as_millis() as u64,
+        "started_unix_ms": start_unix_ns / 1_000_000,
+        "duration_ms": stop_ns / 1_000_000,
+        "ticks_skipped": ticks_skipped,
+        "targets": a.targets.iter().zip(&tracks)
+            .map(|(t, tr)| target_report(t, tr, start_unix_ns, stop_ns))
+            .collect::<Vec<_>>(),
+    });
+    match a.out {
+        Some(out) => {
+            write_atomically(&out, &format!("{report}\n"))?;
+            Ok(serde_json::Value::Null)
+        }
+        None => Ok(report),
+    }
+}
+
 fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
     match cmd {
+        Cmd::Probe(a) => probe(a),
         Cmd::Rarp {
             iface,
             mac,
@@ -407,7 +686,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(v) => {
-            println!("{v}");
+            if !v.is_null() {
+                println!("{v}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
