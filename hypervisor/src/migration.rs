@@ -420,7 +420,7 @@ pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, IncomingStats,
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
     let pull = std::env::var("SHRINK_TEST_NO_PULL").is_err();
-    let opts = ReceiveOptions { wait, pull, cancelled: Some(crate::control::terminating) };
+    let opts = ReceiveOptions { wait, pull, cancelled: Some(crate::control::terminating), ..ReceiveOptions::default() };
     let stats = precopy::receive_with(&mut sink, stream, back, opts)
         .map_err(|e| format!("incoming migration from {peer}: {e}"))?;
     let vmm = sink.vmm.take().ok_or("the migration ended without a VM")?;

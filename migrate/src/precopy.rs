@@ -743,8 +743,12 @@ pub struct ReceiveStats {
 #[derive(Debug, Clone, Copy)]
 pub struct ReceiveOptions {
     /// How long the waiting list may go without progress (other hosts of the site delivering
-    /// the content) before the rest is pulled from the source.
+    /// the content) before the rest is pulled from the source, while the guest still runs.
     pub wait: Duration,
+    /// The same once the source has paused the guest: every millisecond is downtime, and a
+    /// pull of the few chunks of the last pass costs one round trip, so the default is to look
+    /// once more at the site and then pull.
+    pub paused_wait: Duration,
     /// Whether chunks nobody at the site holds may be pulled from the source (tests turn it
     /// off to see a migration fail cleanly when every fallback is down).
     pub pull: bool,
@@ -755,7 +759,7 @@ pub struct ReceiveOptions {
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        ReceiveOptions { wait: Duration::from_secs(2), pull: true, cancelled: None }
+        ReceiveOptions { wait: Duration::from_secs(2), paused_wait: Duration::ZERO, pull: true, cancelled: None }
     }
 }
 
@@ -920,9 +924,9 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
         }
     }
     let state = state.ok_or_else(|| MigrationError::Invalid("no VmState before End".into()))?;
-    // Chunks still waiting (from the last pass): other hosts of the site may be receiving them
-    // right now; look again while they keep coming, then pull what is left from the paused source.
-    wait_for_site(sink, &mut pending, &mut stats, &opts, &check)?;
+    // Chunks still waiting (from the last pass): look at the site once more (briefly: the guest
+    // is paused), then pull what is left from the paused source.
+    wait_for_site(sink, &mut pending, &mut stats, &ReceiveOptions { wait: opts.paused_wait, ..opts }, &check)?;
     if !pending.is_empty() {
         if !opts.pull {
             return Err(MigrationError::Invalid(format!(

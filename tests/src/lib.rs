@@ -4,5 +4,6 @@
 #![warn(missing_docs)]
 
 pub mod netns;
+pub mod testbed;
 pub mod world;
 pub mod util;

@@ -1,0 +1,391 @@
+//! `shrink-testbed`: two data-centre sites in network namespaces on this machine, with a shaped
+//! WAN between their gateways, vnetd on the gateways and Redis at both sites; boots a virtual
+//! cluster at site A; and `demo` moves it to site B and back while clients at both sites probe
+//! every VM. See `shrink_tests::testbed` for the topology.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use shrink_tests::testbed::{self, default_dir, Bins, BootSpec, Options, Site, Testbed};
+
+#[derive(Parser)]
+#[command(name = "shrink-testbed", about = "two sites, a WAN, vnetd and a virtual cluster, in network namespaces")]
+struct Cli {
+    /// Testbed name: every namespace is `<name>-*`.
+    #[arg(long, global = true, default_value = "shrink")]
+    name: String,
+    /// Working directory (state, configs, logs, disks); default /tmp/shrink-testbed-<name>.
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Net {
+    /// WAN rate between the sites (tc syntax: 100mbit, 1gbit).
+    #[arg(long, default_value = "100mbit")]
+    wan_rate: String,
+    /// Compute hosts per site.
+    #[arg(long, default_value_t = 2)]
+    hosts: usize,
+    /// Directory of the shrink binaries (default: the one this program is in, else target/release).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Directory of shrink-guest and base.qcow2 (default: images/out).
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct Cluster {
+    /// Number of VMs.
+    #[arg(long, default_value_t = 4)]
+    vms: usize,
+    /// Memory per VM.
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// Bytes of the base image each guest reads into memory (OS content shared by the VMs).
+    #[arg(long, default_value = "64M")]
+    preload: String,
+    /// Bytes of pseudo-random memory private to each VM.
+    #[arg(long, default_value = "28M")]
+    private: String,
+    /// Guest workload: idle, mem or io.
+    #[arg(long, default_value = "idle")]
+    workload: String,
+}
+
+impl Cluster {
+    fn spec(&self) -> BootSpec {
+        BootSpec { vms: self.vms, mem: self.mem.clone(), preload: self.preload.clone(), private: self.private.clone(), workload: self.workload.clone() }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build both sites and start vnetd and Redis (removing leftovers of an earlier run first).
+    Up(Net),
+    /// Boot the virtual cluster at site A and write <dir>/vc.toml.
+    Boot(Cluster),
+    /// Start (or stop, printing their report) UDP probes from a client at each site to every VM.
+    Probes {
+        /// start or stop.
+        #[arg(value_parser = ["start", "stop"])]
+        action: String,
+        /// Interval between probes to each VM.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+    },
+    /// What runs, where the VMs are, vnetd's host routes, WAN bytes (JSON).
+    Status,
+    /// Remove everything: processes, namespaces (with their bridges, veths, taps), files.
+    Down,
+    /// The whole story: up, boot, probe, migrate A→B with dedup, back B→A with --no-dedup, report, down.
+    Demo {
+        #[command(flatten)]
+        net: Net,
+        #[command(flatten)]
+        cluster: Cluster,
+        /// Also write the report as JSON to FILE.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Leave the testbed up at the end (`shrink-testbed down` removes it).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn bins(net: &Net) -> Result<Bins, String> {
+    let here = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_owned));
+    let bin_dir = net.bin_dir.clone().or_else(|| here.filter(|d| d.join("shrink-vmm").is_file()));
+    Bins::find(bin_dir.as_deref(), net.images.as_deref()).map_err(|e| e.to_string())
+}
+
+fn opts(cli: &Cli, net: &Net) -> Options {
+    Options { name: cli.name.clone(), dir: dir(cli), wan_rate: net.wan_rate.clone(), hosts_per_site: net.hosts }
+}
+
+fn dir(cli: &Cli) -> PathBuf {
+    cli.dir.clone().unwrap_or_else(|| default_dir(&cli.name))
+}
+
+fn step(msg: &str) {
+    println!("\n== {msg}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Up(net) => bins(net).and_then(|b| Testbed::up(opts(&cli, net), b).map_err(|e| e.to_string())).map(|tb| {
+            println!("testbed '{}' is up: {} namespaces, vnetd and Redis at both sites; WAN {}", cli.name, testbed::namespaces(&cli.name).len(), net.wan_rate);
+            println!("next: shrink-testbed --name {} boot   (then shrink-migrate --cluster {} --dest siteB)", cli.name, tb.vc_path().display());
+        }),
+        Cmd::Boot(c) => Testbed::open(&cli.name, &dir(&cli)).and_then(|mut tb| tb.boot(&c.spec()).map(|()| tb)).map_err(|e| e.to_string()).map(|tb| {
+            println!("{} VMs run at site A; cluster description: {}", c.vms, tb.vc_path().display());
+            println!("move it: shrink-migrate --cluster {} --dest siteB", tb.vc_path().display());
+        }),
+        Cmd::Probes { action, interval_ms } => Testbed::open(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).and_then(|tb| {
+            if action == "start" {
+                tb.start_probes(*interval_ms).map_err(|e| e.to_string()).map(|()| println!("probing every VM every {interval_ms} ms from both sites' clients"))
+            } else {
+                tb.stop_probes().map_err(|e| e.to_string()).map(|r| println!("{}", serde_json::to_string_pretty(&json!({"siteA": r[0], "siteB": r[1]})).unwrap_or_default()))
+            }
+        }),
+        Cmd::Status => Testbed::open(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).map(|tb| println!("{}", serde_json::to_string_pretty(&tb.status()).unwrap_or_default())),
+        Cmd::Down => testbed::down(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).map(|r| {
+            println!("testbed '{}' removed: {} namespaces, {} processes{}", cli.name, r.namespaces.len(), r.processes, if r.dir { ", working directory" } else { "" });
+        }),
+        Cmd::Demo { net, cluster, report, keep } => demo(&cli, net, cluster, report.as_deref(), *keep),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shrink-testbed: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One direction of the demo: the migration report, probes and vnetd's timings.
+struct Leg {
+    title: String,
+    dest: Site,
+    ok: bool,
+    report: Value,
+    probes: [Value; 2],
+    wan_bytes: u64,
+    vnetd: Vec<Value>,
+}
+
+fn demo(cli: &Cli, net: &Net, cluster: &Cluster, report_file: Option<&Path>, keep: bool) -> Result<(), String> {
+    let t0 = Instant::now();
+    let b = bins(net)?;
+    step(&format!("1. two sites in network namespaces '{}-*': LANs, gateways with vnetd, Redis, a {} WAN", cli.name, net.wan_rate));
+    let mut tb = Testbed::up(opts(cli, net), b).map_err(|e| e.to_string())?;
+    let r = demo_run(&mut tb, net, cluster, t0);
+    if let Ok(legs) = &r {
+        let j = report_json(&tb, net, cluster, legs);
+        if let Some(f) = report_file {
+            if let Some(d) = f.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            match std::fs::write(f, serde_json::to_string_pretty(&j).unwrap_or_default()) {
+                Ok(()) => println!("\nreport (JSON): {}", f.display()),
+                Err(e) => eprintln!("shrink-testbed: warning: {}: {e}", f.display()),
+            }
+        }
+    }
+    if keep {
+        println!("\nthe testbed stays up (vc.toml: {}); remove it with: shrink-testbed --name {} down", tb.vc_path().display(), cli.name);
+    } else {
+        step("tear down");
+        let removed = testbed::down(&cli.name, tb.dir()).map_err(|e| e.to_string())?;
+        println!("removed {} namespaces and {} processes", removed.namespaces.len(), removed.processes);
+    }
+    let legs = r?;
+    let bad: Vec<String> = legs.iter().flat_map(problems).collect();
+    println!("\ndemo finished in {:.0} s", t0.elapsed().as_secs_f64());
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the demo found problems:\n  {}", bad.join("\n  ")))
+    }
+}
+
+fn demo_run(tb: &mut Testbed, net: &Net, cluster: &Cluster, t0: Instant) -> Result<Vec<Leg>, String> {
+    let e = |e: testbed::TestbedError| e.to_string();
+    step(&format!(
+        "2. boot {} VMs at site A from base.qcow2 ({} each, preload={} of OS content, private={}), on {} hosts",
+        cluster.vms, cluster.mem, cluster.preload, cluster.private, net.hosts
+    ));
+    tb.boot(&cluster.spec()).map_err(e)?;
+    for (vm, _, host, _) in tb.locations().map_err(e)? {
+        println!("  {} {} {} on {host}", vm.name, vm.ip, vm.mac);
+    }
+    println!("  booted in {:.1} s; cluster description: {}", t0.elapsed().as_secs_f64(), tb.vc_path().display());
+    let mut legs = Vec::new();
+    for (dest, extra, title) in [(Site::B, &[][..], "A→B, shrink (dedup)"), (Site::A, &["--no-dedup"][..], "B→A, --no-dedup")] {
+        step(&format!(
+            "{}. clients at 10.1.0.100 (site A) and 10.1.1.100 (site B) probe every VM over UDP every 10 ms; shrink-migrate --cluster vc.toml --dest {}{}",
+            legs.len() + 3,
+            dest.name(),
+            extra.iter().map(|a| format!(" {a}")).collect::<String>()
+        ));
+        tb.start_probes(10).map_err(e)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (a0, b0) = tb.wan_bytes().map_err(e)?;
+        let (ok, report) = tb.migrate(dest, extra, &format!("to-{}", dest.letter()), true).map_err(e)?;
+        let (a1, b1) = tb.wan_bytes().map_err(e)?;
+        // Let the network settle and show that every VM answers from its new site.
+        std::thread::sleep(Duration::from_secs(3));
+        let probes = tb.stop_probes().map_err(e)?;
+        let wan_bytes = if dest == Site::B { a1 - a0 } else { b1 - b0 };
+        let vnetd = vnetd_timings(tb, dest);
+        let leg = Leg { title: title.into(), dest, ok, report, probes, wan_bytes, vnetd };
+        print_connectivity(tb, &leg);
+        legs.push(leg);
+        if !ok {
+            break;
+        }
+    }
+    step("report");
+    print_report(tb, net, cluster, &legs);
+    Ok(legs)
+}
+
+/// vnetd's timings for each VM's last move to `dest` (destination router's record).
+fn vnetd_timings(tb: &Testbed, dest: Site) -> Vec<Value> {
+    let st = tb.vnetd_status(dest).unwrap_or_default();
+    let recs: Vec<&Value> = st["migrations"].as_array().map(|a| a.iter().filter(|r| r["role"] == "destination").collect()).unwrap_or_default();
+    tb.state
+        .vms
+        .iter()
+        .map(|vm| {
+            let r = recs.iter().filter(|r| r["ip"] == vm.ip.as_str()).max_by_key(|r| r["seq"].as_u64().unwrap_or(0));
+            match r {
+                Some(r) => {
+                    let d = r["detected_us"].as_u64().unwrap_or(0);
+                    let ms = |k: &str| r[k].as_u64().map(|v| (v.saturating_sub(d)) as f64 / 1000.0);
+                    json!({"vm": vm.name, "trigger": r["trigger"], "seq": r["seq"], "detect_to_resolved_ms": ms("resolved_us"),
+                        "detect_to_all_routers_ms": ms("all_acked_us"), "detect_to_first_announce_ms": ms("first_announce_us")})
+                }
+                None => json!({"vm": vm.name, "detected": false}),
+            }
+        })
+        .collect()
+}
+
+fn target<'a>(probe: &'a Value, vm: &str) -> &'a Value {
+    probe["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).unwrap_or(&Value::Null)
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn vm_report<'a>(leg: &'a Leg, vm: &str) -> &'a Value {
+    leg.report["vms"].as_array().and_then(|a| a.iter().find(|v| v["vm"] == vm)).unwrap_or(&Value::Null)
+}
+
+fn print_connectivity(tb: &Testbed, leg: &Leg) {
+    println!("\n  connectivity during {} (probes every 10 ms; lost = unanswered after 1 s)", leg.title);
+    println!(
+        "  {:<6} {:>8} | {:>7} {:>9} {:>7} | {:>7} {:>9} {:>7} | {:>9} {:>11}",
+        "vm", "down ms", "lost A", "gap A ms", "now A", "lost B", "gap B ms", "now B", "detect ms", "routers ms"
+    );
+    for (i, vm) in tb.state.vms.iter().enumerate() {
+        let (a, b) = (target(&leg.probes[0], &vm.name), target(&leg.probes[1], &vm.name));
+        let now = |t: &Value| format!("{}/{}", u(&t["tail_received"]), u(&t["tail_sent"]));
+        let v = &leg.vnetd[i];
+        let f = |x: &Value| x.as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<6} {:>8} | {:>7} {:>9.0} {:>7} | {:>7} {:>9.0} {:>7} | {:>9} {:>11}",
+            vm.name,
+            u(&vm_report(leg, &vm.name)["downtime_ms"]),
+            u(&a["lost"]),
+            a["max_gap_ms"].as_f64().unwrap_or(0.0),
+            now(a),
+            u(&b["lost"]),
+            b["max_gap_ms"].as_f64().unwrap_or(0.0),
+            now(b),
+            f(&v["detect_to_resolved_ms"]),
+            f(&v["detect_to_all_routers_ms"]),
+        );
+    }
+    println!("  (gap = longest time without an answer; now = answered/sent in the last 2 s; detect = vnetd at {} from the VM's RARP to its IP known, routers = to every router holding its /32)", leg.dest.name());
+}
+
+fn print_report(tb: &Testbed, net: &Net, cluster: &Cluster, legs: &[Leg]) {
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "{} VMs × {} (preload {} shared OS content, {} private each), {} WAN, {} hosts per site; {}",
+        cluster.vms,
+        cluster.mem,
+        cluster.preload,
+        cluster.private,
+        net.wan_rate,
+        net.hosts,
+        shrink_tests::util::utc_now()
+    );
+    let row = |name: &str, f: &dyn Fn(&Leg) -> String| {
+        let mut s = format!("  {name:<34}");
+        for l in legs {
+            s += &format!(" {:>22}", f(l));
+        }
+        println!("{s}");
+    };
+    row("", &|l| l.title.clone());
+    row("chunks sent in full", &|l| u(&l.report["full"]).to_string());
+    row("deduplicated (digest only)", &|l| u(&l.report["deduplicated"]).to_string());
+    row("  found locally at the destination", &|l| u(&l.report["local"]).to_string());
+    row("  fetched from peer hypervisors", &|l| u(&l.report["fetched_from_peers"]).to_string());
+    row("  pulled back from the source", &|l| u(&l.report["pulled"]).to_string());
+    row("uniform (one byte each)", &|l| u(&l.report["uniform"]).to_string());
+    row("migration stream, MB", &|l| format!("{:.1}", mb(u(&l.report["wan_bytes"]))));
+    row("bytes into the WAN link, MB", &|l| format!("{:.1}", mb(l.wan_bytes)));
+    row("total time, s", &|l| format!("{:.1}", u(&l.report["total_time_ms"]) as f64 / 1000.0));
+    row("downtime per VM, ms (max)", &|l| {
+        let d: Vec<u64> = l.report["vms"].as_array().into_iter().flatten().map(|v| u(&v["downtime_ms"])).collect();
+        format!("{}", d.iter().max().unwrap_or(&0))
+    });
+    row("probes lost per VM, site A/B (max)", &|l| {
+        let m = |i: usize| tb.state.vms.iter().map(|v| u(&target(&l.probes[i], &v.name)["lost"])).max().unwrap_or(0);
+        format!("{}/{}", m(0), m(1))
+    });
+    row("longest gap, ms (max)", &|l| {
+        let g = tb
+            .state
+            .vms
+            .iter()
+            .flat_map(|v| [0, 1].map(|i| target(&l.probes[i], &v.name)["max_gap_ms"].as_f64().unwrap_or(0.0)))
+            .fold(0.0, f64::max);
+        format!("{g:.0}")
+    });
+    row("VMs failed", &|l| u(&l.report["failed"]).to_string());
+    if legs.len() == 2 {
+        let r = |k: &str| u(&legs[0].report[k]) as f64 / u(&legs[1].report[k]).max(1) as f64;
+        println!(
+            "\n  shrink moved the cluster with {:.2}× the WAN bytes and {:.2}× the time of plain pre-copy.",
+            r("wan_bytes"),
+            r("total_time_ms")
+        );
+    }
+    for l in legs {
+        for v in l.report["vms"].as_array().into_iter().flatten() {
+            if v["status"] != "completed" {
+                println!("  {}: {} {}: {}", l.title, v["vm"].as_str().unwrap_or(""), v["status"].as_str().unwrap_or(""), v["error"].as_str().unwrap_or(""));
+            }
+        }
+    }
+}
+
+/// What went wrong in a leg (empty if nothing).
+fn problems(l: &Leg) -> Vec<String> {
+    let mut out = Vec::new();
+    if !l.ok {
+        out.push(format!("{}: shrink-migrate failed ({} VMs failed)", l.title, u(&l.report["failed"])));
+    }
+    for (i, p) in l.probes.iter().enumerate() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if u(&t["tail_received"]) == 0 {
+                out.push(format!("{}: {} does not answer the client at site {} after the migration", l.title, t["name"].as_str().unwrap_or(""), ["A", "B"][i]));
+            }
+        }
+    }
+    out
+}
+
+fn report_json(tb: &Testbed, net: &Net, cluster: &Cluster, legs: &[Leg]) -> Value {
+    json!({
+        "date": shrink_tests::util::utc_now(),
+        "testbed": {"wan_rate": net.wan_rate, "hosts_per_site": net.hosts},
+        "cluster": {"vms": cluster.vms, "mem": cluster.mem, "preload": cluster.preload, "private": cluster.private, "workload": cluster.workload,
+            "addresses": tb.state.vms.iter().map(|v| json!({"vm": v.name, "ip": v.ip, "mac": v.mac})).collect::<Vec<_>>()},
+        "legs": legs.iter().map(|l| json!({"title": l.title, "dest": l.dest.name(), "ok": l.ok, "migration": l.report,
+            "wan_link_bytes": l.wan_bytes, "probes": {"siteA": l.probes[0], "siteB": l.probes[1]}, "vnetd": l.vnetd})).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,920 @@
+//! The two-site testbed: the whole product on one machine, in network namespaces.
+//!
+//! ```text
+//!            site A (VM network 10.1.0.0/24, hosts use 10.1.0.0/16)                site B (10.1.1.0/24)
+//!  <n>-acl 10.1.0.100 ─┐                                                       ┌─ <n>-bcl 10.1.1.100
+//!  <n>-ah1 [br0 taps]──┤ vlan ── lan0 <n>-agw (vnetd A, Redis :6379 :6380)      │
+//!  <n>-ah2 [br0 taps]──┘ (<n>-asw)         eth0 172.16.1.253                   ...  (the same at B)
+//!  <n>-ah1 eth0 172.16.1.11 ─┐ mgmt ─ eth0 <n>-art 172.16.1.254
+//!  <n>-ah2 eth0 172.16.1.12 ─┘                wan0 192.168.100.1 ════ tbf ════ 192.168.100.2 wan0 <n>-brt
+//! ```
+//!
+//! Every site has a LAN switch (`<n>-Xsw`, bridges `vlan` for the VMs and `mgmt` for the
+//! hosts), compute hosts (`<n>-Xh1`, `<n>-Xh2`: `br0` on the VM LAN for the guests' taps,
+//! `eth0` on the management LAN for migration and peer traffic), a ViNe gateway (`<n>-Xgw`:
+//! `vnetd` on the VM LAN, the site's coordination and index `redis-server`s on the management
+//! LAN), a border router (`<n>-Xrt`) and a client (`<n>-Xcl`) on the VM LAN. The border
+//! routers are joined by the WAN, shaped with `tc tbf` in both directions; vnetd's tunnel
+//! goes first on it (an `htb` with two priorities under the `tbf`), bulk migration traffic
+//! after.
+//!
+//! Everything lives in namespaces named `<n>-*` and in the working directory: nothing in the
+//! root namespace is touched. [`down`] removes it all, and [`Testbed::up`] calls it first.
+//! The state a later command needs (what was built, which VMs run) is kept in
+//! `<dir>/state.json` and `<dir>/vc.toml`, so `shrink-testbed up`, `boot`, `migrate` and `down`
+//! can be separate commands.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::netns::{self, NetnsError};
+
+/// Errors of the testbed.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// A command failed.
+    #[error(transparent)]
+    Command(#[from] NetnsError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Something needed is missing.
+    #[error("{what} is missing: {hint}")]
+    Missing {
+        /// What.
+        what: String,
+        /// How to get it.
+        hint: String,
+    },
+    /// Something did not happen in time.
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout {
+        /// What.
+        what: String,
+        /// How long.
+        secs: u64,
+    },
+    /// A process failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, TestbedError>;
+
+fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
+    r.map_err(|source| TestbedError::Io { path: path.display().to_string(), source })
+}
+
+/// The programs and images the testbed runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bins {
+    /// `shrink-vmm`.
+    pub vmm: PathBuf,
+    /// `shrink-migrate`.
+    pub migrate: PathBuf,
+    /// `vnetd`.
+    pub vnetd: PathBuf,
+    /// `vnet-probe`.
+    pub probe: PathBuf,
+    /// The test guest kernel.
+    pub guest: PathBuf,
+    /// The base image.
+    pub base: PathBuf,
+}
+
+impl Bins {
+    /// Binaries from `bin_dir` (default: the workspace's `target/release`, or `$SHRINK_BIN_DIR`),
+    /// images from `images` (default: the repository's `images/out`). Errors name what is
+    /// missing and how to build it.
+    pub fn find(bin_dir: Option<&Path>, images: Option<&Path>) -> Result<Bins> {
+        let root = crate::util::repo_root();
+        let bin_dir = bin_dir
+            .map(Path::to_owned)
+            .or_else(|| std::env::var_os("SHRINK_BIN_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| root.join("target/release"));
+        let images = images.map(Path::to_owned).unwrap_or_else(|| root.join("images/out"));
+        let b = Bins {
+            vmm: bin_dir.join("shrink-vmm"),
+            migrate: bin_dir.join("shrink-migrate"),
+            vnetd: bin_dir.join("vnetd"),
+            probe: bin_dir.join("vnet-probe"),
+            guest: images.join("shrink-guest"),
+            base: images.join("base.qcow2"),
+        };
+        for p in [&b.vmm, &b.migrate, &b.vnetd, &b.probe] {
+            if !p.is_file() {
+                return Err(TestbedError::Missing { what: p.display().to_string(), hint: "run `make build`".into() });
+            }
+        }
+        for p in [&b.guest, &b.base] {
+            if !p.is_file() {
+                return Err(TestbedError::Missing { what: p.display().to_string(), hint: "run `make images`".into() });
+            }
+        }
+        for (tool, pkg) in [("redis-server", "redis-server"), ("redis-cli", "redis-tools"), ("tc", "iproute2"), ("ethtool", "ethtool")] {
+            if netns::run(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+                return Err(TestbedError::Missing { what: tool.into(), hint: format!("apt-get install {pkg} (or `make deps`)") });
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// How to build the testbed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Options {
+    /// Prefix of every namespace (`<name>-...`).
+    pub name: String,
+    /// Working directory: state, configs, logs, sockets, disks.
+    pub dir: PathBuf,
+    /// WAN rate, as `tc` takes it (`100mbit`).
+    pub wan_rate: String,
+    /// Compute hosts per site.
+    pub hosts_per_site: usize,
+}
+
+impl Options {
+    /// Defaults for testbed `name`: directory `/tmp/shrink-testbed-<name>`, 100 Mbit/s WAN, two
+    /// hosts per site.
+    pub fn new(name: &str) -> Options {
+        Options {
+            name: name.to_owned(),
+            dir: default_dir(name),
+            wan_rate: "100mbit".into(),
+            hosts_per_site: 2,
+        }
+    }
+}
+
+/// The working directory of testbed `name` unless told otherwise.
+pub fn default_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("shrink-testbed-{name}"))
+}
+
+/// A site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Site {
+    /// Site A (10.1.0.0/24, management 172.16.1.0/24).
+    A,
+    /// Site B (10.1.1.0/24, management 172.16.2.0/24).
+    B,
+}
+
+impl Site {
+    /// Both.
+    pub const ALL: [Site; 2] = [Site::A, Site::B];
+    /// `a` or `b` (in namespace names).
+    pub fn letter(self) -> &'static str {
+        match self {
+            Site::A => "a",
+            Site::B => "b",
+        }
+    }
+    /// `siteA` or `siteB` (in vc.toml).
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::A => "siteA",
+            Site::B => "siteB",
+        }
+    }
+    /// vnetd's router name.
+    pub fn router(self) -> &'static str {
+        match self {
+            Site::A => "A",
+            Site::B => "B",
+        }
+    }
+    fn n(self) -> u8 {
+        match self {
+            Site::A => 0,
+            Site::B => 1,
+        }
+    }
+    /// The other site.
+    pub fn other(self) -> Site {
+        match self {
+            Site::A => Site::B,
+            Site::B => Site::A,
+        }
+    }
+    /// Parses `a`, `A`, `siteA`...
+    pub fn parse(s: &str) -> Option<Site> {
+        match s.trim_start_matches("site").to_ascii_lowercase().as_str() {
+            "a" => Some(Site::A),
+            "b" => Some(Site::B),
+            _ => None,
+        }
+    }
+    /// The site's VM network prefix, `10.1.0` or `10.1.1`.
+    pub fn vm_net(self) -> String {
+        format!("10.1.{}", self.n())
+    }
+    /// The management network prefix, `172.16.1` or `172.16.2`.
+    pub fn mgmt_net(self) -> String {
+        format!("172.16.{}", self.n() + 1)
+    }
+    /// The gateway's management address (vnetd's overlay, the Redis servers).
+    pub fn gateway_addr(self) -> String {
+        format!("{}.253", self.mgmt_net())
+    }
+    /// vnetd's router MAC.
+    pub fn router_mac(self) -> String {
+        format!("02:00:0a:01:{:02x}:fe", self.n())
+    }
+    /// The client's address on the VM LAN.
+    pub fn client_ip(self) -> String {
+        format!("{}.100", self.vm_net())
+    }
+    /// The coordination Redis URL (SET NX of chunks this site sent).
+    pub fn coordination(self) -> String {
+        format!("redis://{}:6379", self.gateway_addr())
+    }
+    /// The index Redis URL (chunks this site's hosts hold).
+    pub fn index(self) -> String {
+        format!("redis://{}:6380", self.gateway_addr())
+    }
+}
+
+/// A VM of the testbed's cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Its name (`vm1`...).
+    pub name: String,
+    /// Its address (site A's network).
+    pub ip: String,
+    /// Its MAC.
+    pub mac: String,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// How many VMs.
+    pub vms: usize,
+    /// Memory per VM (`256M`).
+    pub mem: String,
+    /// Bytes of the base image read into memory (OS content shared across VMs).
+    pub preload: String,
+    /// Bytes of pseudo-random memory private to each VM.
+    pub private: String,
+    /// Guest workload (`idle`, `mem`, `io`).
+    pub workload: String,
+}
+
+impl Default for BootSpec {
+    fn default() -> BootSpec {
+        BootSpec { vms: 4, mem: "256M".into(), preload: "64M".into(), private: "28M".into(), workload: "idle".into() }
+    }
+}
+
+/// The testbed's saved state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// How it was built.
+    pub opts: Options,
+    /// What it runs.
+    pub bins: Bins,
+    /// The cluster booted by [`Testbed::boot`].
+    pub vms: Vec<VmInfo>,
+}
+
+/// A testbed that is up.
+pub struct Testbed {
+    /// Its state.
+    pub state: State,
+}
+
+/// What [`down`] removed.
+#[derive(Debug, Default, Serialize)]
+pub struct Removed {
+    /// Namespaces deleted.
+    pub namespaces: Vec<String>,
+    /// Processes stopped.
+    pub processes: usize,
+    /// Whether the working directory was removed.
+    pub dir: bool,
+}
+
+/// The namespaces of testbed `name` that exist now.
+pub fn namespaces(name: &str) -> Vec<String> {
+    let prefix = format!("{name}-");
+    netns::run(&["ip", "netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn pids_in(ns: &str) -> Vec<i32> {
+    netns::run(&["ip", "netns", "pids", ns]).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has exited: only its parent's wait is missing.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn kill(pid: i32, sig: &str) {
+    let _ = netns::run(&["kill", sig, &pid.to_string()]);
+}
+
+/// Processes in the root namespace that belong to testbed `dir` (recorded in `dir/pids/`):
+/// those whose command line still mentions `dir` (a recycled pid does not).
+fn recorded_pids(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let needle = dir.display().to_string();
+    for e in std::fs::read_dir(dir.join("pids")).into_iter().flatten().flatten() {
+        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Removes testbed `name` (working directory `dir`): stops every process in its namespaces
+/// and those it started outside them (SIGTERM, then SIGKILL after 3 s), deletes the namespaces
+/// (and with them every bridge, veth and tap) and the directory. Safe to call on a testbed
+/// that is half built, already gone, or left behind by a crash.
+pub fn down(name: &str, dir: &Path) -> Result<Removed> {
+    let nss = namespaces(name);
+    let mut pids: Vec<i32> = nss.iter().flat_map(|ns| pids_in(ns)).collect();
+    pids.extend(recorded_pids(dir));
+    pids.sort_unstable();
+    pids.dedup();
+    for &p in &pids {
+        kill(p, "-TERM");
+    }
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &p in &pids {
+        if alive(p) {
+            kill(p, "-KILL");
+        }
+    }
+    // Anything that started in the meantime (a destination VMM being launched).
+    for ns in &nss {
+        for p in pids_in(ns) {
+            kill(p, "-KILL");
+        }
+    }
+    for ns in &nss {
+        netns::run(&["ip", "netns", "del", ns])?;
+    }
+    let had_dir = dir.exists();
+    if had_dir {
+        io(dir, std::fs::remove_dir_all(dir))?;
+    }
+    Ok(Removed { namespaces: nss, processes: pids.len(), dir: had_dir })
+}
+
+/// Starts `args` in namespace `ns`, detached (its own process group, outliving the caller),
+/// output to `log`; its pid is recorded in `dir/pids/<tag>.pid`.
+fn spawn_detached(dir: &Path, tag: &str, ns: &str, args: &[&str], log: &Path) -> Result<u32> {
+    let f = io(log, std::fs::File::create(log))?;
+    let f2 = io(log, f.try_clone())?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| TestbedError::Failed(format!("cannot start {}: {e}", args[0])))?;
+    let pid = child.id();
+    let pids = dir.join("pids");
+    io(&pids, std::fs::create_dir_all(&pids))?;
+    let pf = pids.join(format!("{tag}.pid"));
+    io(&pf, std::fs::write(&pf, pid.to_string()))?;
+    Ok(pid)
+}
+
+fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            return Err(TestbedError::Timeout { what: what.to_owned(), secs });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let t = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+/// The VM's guest reports these lines on its serial console.
+fn last_heartbeat(text: &str) -> Option<u64> {
+    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).last()
+}
+
+impl Testbed {
+    /// Namespace of `role` (`asw`, `agw`, `art`, `ah1`, `acl`, ...).
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.state.opts.name)
+    }
+
+    /// The working directory.
+    pub fn dir(&self) -> &Path {
+        &self.state.opts.dir
+    }
+
+    /// A file in the working directory.
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir().join(f)
+    }
+
+    /// Namespace of compute host `k` (1-based) of `site`.
+    pub fn host_ns(&self, site: Site, k: usize) -> String {
+        self.ns(&format!("{}h{k}", site.letter()))
+    }
+
+    /// Management address of compute host `k` of `site`.
+    pub fn host_addr(site: Site, k: usize) -> String {
+        format!("{}.{}", site.mgmt_net(), 10 + k)
+    }
+
+    /// Builds the testbed (removing what an earlier one with the same name left behind) and
+    /// starts vnetd and the Redis servers at both sites.
+    pub fn up(opts: Options, bins: Bins) -> Result<Testbed> {
+        netns::available().map_err(|e| TestbedError::Missing { what: "root".into(), hint: e })?;
+        if opts.name.is_empty() || opts.name.len() > 24 || !opts.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(TestbedError::Failed(format!("testbed name '{}': use 1-24 letters, digits or _", opts.name)));
+        }
+        if !(1..=8).contains(&opts.hosts_per_site) {
+            return Err(TestbedError::Failed(format!("{} hosts per site: 1 to 8", opts.hosts_per_site)));
+        }
+        down(&opts.name, &opts.dir)?;
+        io(&opts.dir, std::fs::create_dir_all(&opts.dir))?;
+        let tb = Testbed { state: State { opts, bins, vms: Vec::new() } };
+        tb.save()?;
+        if let Err(e) = tb.build().and_then(|()| tb.start_services()) {
+            let _ = down(&tb.state.opts.name, tb.dir());
+            return Err(e);
+        }
+        Ok(tb)
+    }
+
+    /// The testbed `name` that is up (working directory `dir`).
+    pub fn open(name: &str, dir: &Path) -> Result<Testbed> {
+        let p = dir.join("state.json");
+        let text = std::fs::read_to_string(&p).map_err(|_| TestbedError::Failed(format!("testbed '{name}' is not up (no {}): run `shrink-testbed up`", p.display())))?;
+        let state: State = serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", p.display())))?;
+        if namespaces(name).is_empty() {
+            return Err(TestbedError::Failed(format!("testbed '{name}' has state in {} but no namespaces: run `shrink-testbed up`", dir.display())));
+        }
+        Ok(Testbed { state })
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = self.path("state.json");
+        io(&p, std::fs::write(&p, serde_json::to_string_pretty(&self.state).unwrap_or_default()))
+    }
+
+    fn ip(&self, ns: &str, args: &[&str]) -> Result<()> {
+        let mut v = vec!["ip", "-n", ns];
+        v.extend_from_slice(args);
+        netns::run(&v)?;
+        Ok(())
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let mut v = vec!["ip", "netns", "exec", ns];
+        v.extend_from_slice(args);
+        Ok(netns::run(&v)?)
+    }
+
+    /// A veth from `ns` (`ifname`, optional MAC and MTU) to bridge `br` of switch `sw` (port
+    /// `port`).
+    fn plug(&self, ns: &str, ifname: &str, mac: Option<&str>, mtu: &str, sw: &str, port: &str, br: &str) -> Result<()> {
+        let mut args = vec!["link", "add", ifname];
+        if let Some(m) = mac {
+            args.extend(["address", m]);
+        }
+        args.extend(["mtu", mtu, "type", "veth", "peer", "name", port, "mtu", mtu, "netns", sw]);
+        self.ip(ns, &args)?;
+        self.ip(sw, &["link", "set", port, "master", br, "up"])?;
+        self.ip(ns, &["link", "set", ifname, "up"])
+    }
+
+    fn build(&self) -> Result<()> {
+        let o = &self.state.opts;
+        let mut all = Vec::new();
+        for s in Site::ALL {
+            let l = s.letter();
+            all.extend([format!("{l}sw"), format!("{l}gw"), format!("{l}rt"), format!("{l}cl")]);
+            all.extend((1..=o.hosts_per_site).map(|k| format!("{l}h{k}")));
+        }
+        for role in &all {
+            let ns = self.ns(role);
+            netns::run(&["ip", "netns", "add", &ns])?;
+            self.ip(&ns, &["link", "set", "lo", "up"])?;
+            self.exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        }
+        for s in Site::ALL {
+            let l = s.letter();
+            let (sw, gw, rt, cl) = (self.ns(&format!("{l}sw")), self.ns(&format!("{l}gw")), self.ns(&format!("{l}rt")), self.ns(&format!("{l}cl")));
+            // The LAN switch: the VM network and the management network.
+            for br in ["vlan", "mgmt"] {
+                self.ip(&sw, &["link", "add", br, "type", "bridge", "stp_state", "0"])?;
+                self.ip(&sw, &["link", "set", br, "up"])?;
+            }
+            // Gateway: vnetd on the VM LAN (no IP there; the kernel must not forward).
+            self.plug(&gw, "lan0", Some(&s.router_mac()), "1500", &sw, "gw", "vlan")?;
+            self.exec(&sw, &["ethtool", "-K", "gw", "tx", "off", "tso", "off", "gso", "off", "sg", "off"])?;
+            self.exec(&gw, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
+            self.plug(&gw, "eth0", None, "1600", &sw, "gwm", "mgmt")?;
+            self.ip(&gw, &["addr", "add", &format!("{}/24", s.gateway_addr()), "dev", "eth0"])?;
+            self.ip(&gw, &["route", "add", "172.16.0.0/16", "via", &format!("{}.254", s.mgmt_net())])?;
+            // Border router.
+            self.plug(&rt, "eth0", None, "1600", &sw, "rt", "mgmt")?;
+            self.ip(&rt, &["addr", "add", &format!("{}.254/24", s.mgmt_net()), "dev", "eth0"])?;
+            self.exec(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            // Client on the VM LAN (the whole /16 on-link, like every host of the VM network).
+            self.plug(&cl, "eth0", Some(&format!("02:00:0a:01:{:02x}:64", s.n())), "1500", &sw, "cl", "vlan")?;
+            self.ip(&cl, &["addr", "add", &format!("{}/16", s.client_ip()), "dev", "eth0"])?;
+            // Compute hosts.
+            for k in 1..=o.hosts_per_site {
+                let h = self.host_ns(s, k);
+                self.ip(&h, &["link", "add", "br0", "type", "bridge", "stp_state", "0"])?;
+                self.ip(&h, &["link", "set", "br0", "up"])?;
+                let port = format!("h{k}");
+                self.ip(&h, &["link", "add", "up0", "type", "veth", "peer", "name", &port, "netns", &sw])?;
+                self.ip(&sw, &["link", "set", &port, "master", "vlan", "up"])?;
+                self.ip(&h, &["link", "set", "up0", "master", "br0", "up"])?;
+                self.plug(&h, "eth0", None, "1600", &sw, &format!("h{k}m"), "mgmt")?;
+                self.ip(&h, &["addr", "add", &format!("{}/24", Self::host_addr(s, k)), "dev", "eth0"])?;
+                self.ip(&h, &["route", "add", "172.16.0.0/16", "via", &format!("{}.254", s.mgmt_net())])?;
+            }
+        }
+        // The WAN.
+        let (ra, rb) = (self.ns("art"), self.ns("brt"));
+        self.ip(&ra, &["link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", "wan0", "mtu", "1600", "netns", &rb])?;
+        for (s, rt) in [(Site::A, &ra), (Site::B, &rb)] {
+            let other = s.other();
+            self.ip(rt, &["addr", "add", &format!("192.168.100.{}/24", s.n() + 1), "dev", "wan0"])?;
+            self.ip(rt, &["link", "set", "wan0", "up"])?;
+            self.ip(rt, &["route", "add", &format!("{}.0/24", other.mgmt_net()), "via", &format!("192.168.100.{}", other.n() + 1)])?;
+            // The rate, with vnetd's tunnel (UDP 7800) ahead of bulk traffic.
+            self.exec(rt, &["tc", "qdisc", "add", "dev", "wan0", "root", "handle", "1:", "tbf", "rate", &o.wan_rate, "burst", "64kb", "latency", "50ms"])?;
+            self.exec(rt, &["tc", "qdisc", "add", "dev", "wan0", "parent", "1:1", "handle", "10:", "htb", "default", "20"])?;
+            for (class, prio) in [("10:10", "0"), ("10:20", "1")] {
+                let r = &o.wan_rate;
+                self.exec(rt, &["tc", "class", "add", "dev", "wan0", "parent", "10:", "classid", class, "htb", "rate", r, "ceil", r, "prio", prio, "quantum", "1514"])?;
+            }
+            for port in ["sport", "dport"] {
+                self.exec(rt, &["tc", "filter", "add", "dev", "wan0", "parent", "10:", "protocol", "ip", "prio", "1", "u32", "match", "ip", port, "7800", "0xffff", "flowid", "10:10"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// vnetd's configuration for `site`.
+    pub fn vnetd_config(&self, site: Site) -> String {
+        let other = site.other();
+        format!(
+            r#"# vnetd of {site_name} (written by shrink-testbed)
+site = "{r}"
+lan_interface = "lan0"
+router_mac = "{mac}"
+router_ip = "{net}.254"
+listen = "{addr}:7800"
+key = "shrink-testbed-key-0123456789abcdef"
+control_socket = "{sock}"
+lndt = ["{net}.0/24"]
+
+[[peers]]
+name = "{or}"
+address = "{oaddr}:7800"
+
+[[gndt]]
+network = "10.1.0.0/24"
+router = "A"
+
+[[gndt]]
+network = "10.1.1.0/24"
+router = "B"
+"#,
+            site_name = site.name(),
+            r = site.router(),
+            mac = site.router_mac(),
+            net = site.vm_net(),
+            addr = site.gateway_addr(),
+            sock = self.vnetd_socket(site).display(),
+            or = other.router(),
+            oaddr = other.gateway_addr(),
+        )
+    }
+
+    /// vnetd's control socket at `site`.
+    pub fn vnetd_socket(&self, site: Site) -> PathBuf {
+        self.path(&format!("vnetd-{}.sock", site.letter()))
+    }
+
+    fn start_services(&self) -> Result<()> {
+        let b = self.state.bins.clone();
+        for s in Site::ALL {
+            let l = s.letter();
+            let gw = self.ns(&format!("{l}gw"));
+            let cfg = self.path(&format!("vnetd-{l}.toml"));
+            io(&cfg, std::fs::write(&cfg, self.vnetd_config(s)))?;
+            let pcap = self.path(&format!("vnetd-{l}.pcap"));
+            spawn_detached(
+                self.dir(),
+                &format!("vnetd-{l}"),
+                &gw,
+                &[b.vnetd.to_str().unwrap_or("vnetd"), "--config", cfg.to_str().unwrap_or(""), "--pcap-out", pcap.to_str().unwrap_or("")],
+                &self.path(&format!("vnetd-{l}.log")),
+            )?;
+            for (role, port) in [("coordination", 6379), ("index", 6380)] {
+                let data = self.path(&format!("redis-{l}-{role}"));
+                io(&data, std::fs::create_dir_all(&data))?;
+                let port = port.to_string();
+                spawn_detached(
+                    self.dir(),
+                    &format!("redis-{l}-{role}"),
+                    &gw,
+                    &["redis-server", "--bind", &s.gateway_addr(), "--port", &port, "--save", "", "--appendonly", "no", "--protected-mode", "no", "--dir", data.to_str().unwrap_or(".")],
+                    &self.path(&format!("redis-{l}-{role}.log")),
+                )?;
+            }
+        }
+        for s in Site::ALL {
+            let l = s.letter();
+            let sock = self.vnetd_socket(s);
+            let log = self.path(&format!("vnetd-{l}.log"));
+            wait_until(&format!("vnetd at {} (log {})", s.name(), log.display()), 20, || {
+                netreconf::daemon::query_status(&sock).ok()
+            })
+            .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
+            let gw = self.ns(&format!("{l}gw"));
+            for port in ["6379", "6380"] {
+                wait_until(&format!("redis-server {}:{port} at {}", s.gateway_addr(), s.name()), 20, || {
+                    self.exec(&gw, &["redis-cli", "-h", &s.gateway_addr(), "-p", port, "ping"]).ok().filter(|o| o.contains("PONG"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Boots the cluster at site A, spread over its hosts, waits for every guest, and writes
+    /// `vc.toml`. VM `i` is `vm<i>` at 10.1.0.(10+i), MAC 52:54:00:10:00:<i>.
+    pub fn boot(&mut self, spec: &BootSpec) -> Result<()> {
+        if !self.state.vms.is_empty() {
+            return Err(TestbedError::Failed("a cluster is already booted on this testbed: `shrink-testbed down` first".into()));
+        }
+        if !(1..=50).contains(&spec.vms) {
+            return Err(TestbedError::Failed(format!("{} VMs: 1 to 50", spec.vms)));
+        }
+        let b = self.state.bins.clone();
+        let hosts = self.state.opts.hosts_per_site;
+        for i in 1..=spec.vms {
+            let vm = VmInfo { name: format!("vm{i}"), ip: format!("10.1.0.{}", 10 + i), mac: format!("52:54:00:10:00:{i:02x}") };
+            let ns = self.host_ns(Site::A, (i - 1) % hosts + 1);
+            let cmdline = format!("ip={}/16 gw=10.1.0.254 preload={} private={} workload={}", vm.ip, spec.preload, spec.private, spec.workload);
+            let p = |ext: &str| self.path(&format!("{}.{ext}", vm.name)).display().to_string();
+            let net = format!("tap={},mac={},bridge=br0", vm.name, vm.mac);
+            let args = [
+                b.vmm.to_str().unwrap_or(""), "--kernel", b.guest.to_str().unwrap_or(""), "--mem", &spec.mem, "--cmdline", &cmdline,
+                "--name", &vm.name, "--image", b.base.to_str().unwrap_or(""), "--disk", &p("qcow2"), "--net", &net,
+                "--api", &p("sock"), "--serial", &p("serial"),
+            ];
+            spawn_detached(self.dir(), &vm.name, &ns, &args, &self.path(&format!("{}.log", vm.name)))?;
+            self.state.vms.push(vm);
+        }
+        self.save()?;
+        for vm in &self.state.vms {
+            let serial = self.path(&format!("{}.serial", vm.name));
+            let log = self.path(&format!("{}.log", vm.name));
+            wait_until(&format!("{} to boot (serial {})", vm.name, serial.display()), 120, || {
+                let t = std::fs::read_to_string(&serial).unwrap_or_default();
+                t.contains("shrink-guest ready").then_some(())
+            })
+            .map_err(|e| TestbedError::Failed(format!("{e}; its VMM says: {}", tail(&log))))?;
+        }
+        self.write_vc()
+    }
+
+    /// The cluster description.
+    pub fn vc_path(&self) -> PathBuf {
+        self.path("vc.toml")
+    }
+
+    fn write_vc(&self) -> Result<()> {
+        let b = &self.state.bins;
+        let mut t = format!(
+            "# The testbed's virtual cluster (written by `shrink-testbed boot`; `shrink-migrate` keeps\n\
+             # each VM's host and api up to date as it moves). No migration_id: every run gets its own.\n\
+             vmm = \"{}\"\nworkdir = \"{}\"\n\n",
+            b.vmm.display(),
+            self.dir().display()
+        );
+        for s in Site::ALL {
+            t += &format!(
+                "[[sites]]\nname = \"{}\"\ncoordination = \"{}\"\nindex = \"{}\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\ngateway = \"{}\"\n\n",
+                s.name(),
+                s.coordination(),
+                s.index(),
+                self.ns(&format!("{}gw", s.letter()))
+            );
+            for k in 1..=self.state.opts.hosts_per_site {
+                t += &format!("[[sites.hosts]]\nname = \"{}\"\naddress = \"{}\"\n\n", self.host_ns(s, k), Self::host_addr(s, k));
+            }
+        }
+        for (i, vm) in self.state.vms.iter().enumerate() {
+            t += &format!(
+                "[[vms]]\nname = \"{}\"   # {} {}\nhost = \"{}\"\napi = \"{}\"\n\n",
+                vm.name,
+                vm.ip,
+                vm.mac,
+                self.host_ns(Site::A, i % self.state.opts.hosts_per_site + 1),
+                self.path(&format!("{}.sock", vm.name)).display()
+            );
+        }
+        let p = self.vc_path();
+        io(&p, std::fs::write(&p, t))
+    }
+
+    /// Where every VM runs now, from `vc.toml`: (VM, site, host namespace, API socket).
+    pub fn locations(&self) -> Result<Vec<(VmInfo, Site, String, PathBuf)>> {
+        let p = self.vc_path();
+        let text = io(&p, std::fs::read_to_string(&p))?;
+        let c = migrate::cluster::Cluster::parse(&p.display().to_string(), &text).map_err(|e| TestbedError::Failed(e.to_string()))?;
+        let mut out = Vec::new();
+        for vm in &self.state.vms {
+            let v = c.file.vms.iter().find(|v| v.name.get_ref() == &vm.name).ok_or_else(|| TestbedError::Failed(format!("{}: {} is not in it", p.display(), vm.name)))?;
+            let host = v.host.get_ref().clone();
+            let site = if host.starts_with(&self.ns("b")) { Site::B } else { Site::A };
+            out.push((vm.clone(), site, host, PathBuf::from(v.api.get_ref())));
+        }
+        Ok(out)
+    }
+
+    /// The serial console of the VMM that runs `vm` now.
+    pub fn serial_of(api: &Path) -> PathBuf {
+        api.with_extension("serial")
+    }
+
+    /// Starts UDP probes from the client of each site to every VM's echo port, every
+    /// `interval_ms`. Stop them with [`Testbed::stop_probes`].
+    pub fn start_probes(&self, interval_ms: u64) -> Result<()> {
+        let stop = self.path("probe.stop");
+        let _ = std::fs::remove_file(&stop);
+        for s in Site::ALL {
+            let l = s.letter();
+            let out = self.path(&format!("probe-{l}.json"));
+            let _ = std::fs::remove_file(&out);
+            let iv = interval_ms.to_string();
+            let mut args: Vec<String> = vec![
+                self.state.bins.probe.display().to_string(),
+                "probe".into(),
+                "--interval-ms".into(),
+                iv,
+                "--stop-file".into(),
+                stop.display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+            ];
+            for vm in &self.state.vms {
+                args.push("--target".into());
+                args.push(format!("{}={}:7", vm.name, vm.ip));
+            }
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            spawn_detached(self.dir(), &format!("probe-{l}"), &self.ns(&format!("{l}cl")), &a, &self.path(&format!("probe-{l}.log")))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the probes; their reports, site A's client first.
+    pub fn stop_probes(&self) -> Result<[Value; 2]> {
+        let stop = self.path("probe.stop");
+        io(&stop, std::fs::write(&stop, b""))?;
+        let mut out = Vec::new();
+        for s in Site::ALL {
+            let p = self.path(&format!("probe-{}.json", s.letter()));
+            let log = self.path(&format!("probe-{}.log", s.letter()));
+            let text = wait_until(&format!("the probe report {}", p.display()), 10, || std::fs::read_to_string(&p).ok())
+                .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
+            out.push(serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", p.display())))?);
+        }
+        let _ = std::fs::remove_file(&stop);
+        let b = out.pop().unwrap_or_default();
+        let a = out.pop().unwrap_or_default();
+        Ok([a, b])
+    }
+
+    /// Runs `shrink-migrate --cluster vc.toml --dest <site>` with `extra` arguments; its
+    /// progress bars go to this process's terminal when `show` is set. Returns the JSON report
+    /// (also saved as `report-<tag>.json`) and the exit status.
+    pub fn migrate(&self, dest: Site, extra: &[&str], tag: &str, show: bool) -> Result<(bool, Value)> {
+        let report = self.path(&format!("report-{tag}.json"));
+        let _ = std::fs::remove_file(&report);
+        let log = self.path(&format!("migrate-{tag}.log"));
+        let mut cmd = Command::new(&self.state.bins.migrate);
+        cmd.args(["--cluster", self.vc_path().to_str().unwrap_or(""), "--dest", dest.name(), "--report", report.to_str().unwrap_or("")]);
+        cmd.args(extra).stdin(Stdio::null());
+        if show {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            let f = io(&log, std::fs::File::create(&log))?;
+            cmd.stdout(io(&log, f.try_clone())?).stderr(f);
+        }
+        let mut child = cmd.spawn().map_err(|e| TestbedError::Failed(format!("cannot run {}: {e}", self.state.bins.migrate.display())))?;
+        let pids = self.path("pids");
+        let pf = pids.join(format!("migrate-{tag}.pid"));
+        io(&pf, std::fs::write(&pf, child.id().to_string()))?;
+        let status = child.wait().map_err(|e| TestbedError::Failed(format!("shrink-migrate: {e}")))?;
+        let _ = std::fs::remove_file(&pf);
+        let text = std::fs::read_to_string(&report)
+            .map_err(|_| TestbedError::Failed(format!("shrink-migrate wrote no report ({status}): {}", if show { String::new() } else { tail(&log) })))?;
+        let v = serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", report.display())))?;
+        Ok((status.success(), v))
+    }
+
+    /// vnetd's status at `site`.
+    pub fn vnetd_status(&self, site: Site) -> Result<Value> {
+        netreconf::daemon::query_status(&self.vnetd_socket(site)).map_err(|e| TestbedError::Failed(format!("vnetd at {}: {e}", site.name())))
+    }
+
+    /// The /32 routes vnetd at `site` holds: (prefix, router, seq).
+    pub fn host_routes(&self, site: Site) -> Result<Vec<(String, String, u64)>> {
+        let st = self.vnetd_status(site)?;
+        let mut out: Vec<(String, String, u64)> = st["gndt"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["prefix"].as_str().is_some_and(|p| p.ends_with("/32")))
+            .map(|r| (r["prefix"].as_str().unwrap_or("").to_owned(), r["router"].as_str().unwrap_or("").to_owned(), r["seq"].as_u64().unwrap_or(0)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Bytes sent into the WAN by each site's border router so far (A→B, B→A).
+    pub fn wan_bytes(&self) -> Result<(u64, u64)> {
+        let mut v = [0u64; 2];
+        for (i, s) in Site::ALL.iter().enumerate() {
+            let out = self.exec(&self.ns(&format!("{}rt", s.letter())), &["cat", "/sys/class/net/wan0/statistics/tx_bytes"])?;
+            v[i] = out.trim().parse().unwrap_or(0);
+        }
+        Ok((v[0], v[1]))
+    }
+
+    /// The last heartbeat number on a serial console.
+    pub fn heartbeat(serial: &Path) -> Option<u64> {
+        last_heartbeat(&std::fs::read_to_string(serial).unwrap_or_default())
+    }
+
+    /// A summary for `shrink-testbed status`.
+    pub fn status(&self) -> Value {
+        let mut procs = Vec::new();
+        for e in std::fs::read_dir(self.path("pids")).into_iter().flatten().flatten() {
+            let tag = e.file_name().to_string_lossy().trim_end_matches(".pid").to_owned();
+            let pid = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()).unwrap_or(0);
+            procs.push(serde_json::json!({"process": tag, "pid": pid, "running": alive(pid)}));
+        }
+        let vms: Vec<Value> = self
+            .locations()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(vm, site, host, api)| {
+                serde_json::json!({"vm": vm.name, "ip": vm.ip, "mac": vm.mac, "site": site.name(), "host": host,
+                    "api": api, "running": api.exists(), "heartbeat": Self::heartbeat(&Self::serial_of(&api))})
+            })
+            .collect();
+        let routes: Vec<Value> = Site::ALL
+            .iter()
+            .map(|&s| serde_json::json!({"site": s.name(), "host_routes": self.host_routes(s).map(|r| serde_json::json!(r)).unwrap_or_else(|e| serde_json::json!(e.to_string()))}))
+            .collect();
+        let (ab, ba) = self.wan_bytes().unwrap_or((0, 0));
+        serde_json::json!({
+            "name": self.state.opts.name, "dir": self.dir(), "wan_rate": self.state.opts.wan_rate,
+            "namespaces": namespaces(&self.state.opts.name), "processes": procs, "vms": vms,
+            "vnetd": routes, "wan_bytes": {"a_to_b": ab, "b_to_a": ba}, "vc_toml": self.vc_path(),
+        })
+    }
+}
