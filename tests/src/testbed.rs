@@ -712,7 +712,7 @@ router = "B"
             let log = self.path(&format!("{}.log", vm.name));
             wait_until(&format!("{} to boot (serial {})", vm.name, serial.display()), 120, || {
                 let t = std::fs::read_to_string(&serial).unwrap_or_default();
-                t.contains("shrink-guest ready").then_some(())
+                t.contains("heartbeat 1\n").then_some(())
             })
             .map_err(|e| TestbedError::Failed(format!("{e}; its VMM says: {}", tail(&log))))?;
         }

@@ -1,0 +1,198 @@
+//! The two-site testbed end to end: a virtual cluster of real KVM guests moves from site A to
+//! site B over the shaped WAN with `shrink-migrate --cluster` and back, while clients on both
+//! sites' LANs probe every VM and vnetd repairs the network; and `shrink-testbed` cleans up
+//! after itself, after a crash too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shrink_tests::netns;
+use shrink_tests::testbed::{self, Bins, BootSpec, Options, Site, Testbed};
+
+/// Removes the testbed at the end of the test, passed or failed.
+struct Down(String, PathBuf);
+impl Drop for Down {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["vnetd-a.log", "vnetd-b.log", "migrate-to-b.log", "migrate-to-a.log", "vm1.log"] {
+                eprintln!("==== {f}\n{}", std::fs::read_to_string(self.1.join(f)).unwrap_or_default());
+            }
+        }
+        if std::env::var_os("SHRINK_TESTBED_KEEP").is_none() {
+            testbed::down(&self.0, &self.1).unwrap();
+        }
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn target<'a>(probe: &'a Value, vm: &str) -> &'a Value {
+    probe["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).unwrap_or_else(|| panic!("no probe target {vm}: {probe}"))
+}
+
+/// Moves the cluster to `dest` while both clients probe; checks everything the user cares about.
+fn move_cluster(tb: &Testbed, dest: Site) {
+    let before = tb.locations().unwrap();
+    let mut last_beat = Vec::new();
+    for (vm, site, _, api) in &before {
+        assert_eq!(*site, dest.other(), "{} starts at {}", vm.name, dest.other().name());
+        last_beat.push(Testbed::heartbeat(&Testbed::serial_of(api)).expect("the guest runs"));
+    }
+    tb.start_probes(10).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ab0, ba0) = tb.wan_bytes().unwrap();
+    let (ok, r) = tb.migrate(dest, &["--verify"], &format!("to-{}", dest.letter()), false).unwrap();
+    let (ab1, ba1) = tb.wan_bytes().unwrap();
+    assert!(ok, "shrink-migrate failed: {r:#}");
+    assert_eq!(u(&r["failed"]), 0, "{r:#}");
+    // Memory identical to the source at pause: with --verify the destination compared a digest
+    // of all guest memory with the source's and would have refused the guest otherwise.
+    std::thread::sleep(Duration::from_secs(3));
+    let probes = tb.stop_probes().unwrap();
+
+    // The migration stream crossed the shaped WAN link.
+    let crossed = if dest == Site::B { ab1 - ab0 } else { ba1 - ba0 };
+    assert!(crossed >= u(&r["wan_bytes"]), "WAN link carried {crossed} bytes, the streams {}", u(&r["wan_bytes"]));
+    if dest == Site::B {
+        assert!(u(&r["deduplicated"]) > 0 && u(&r["fetched_from_peers"]) > 0, "pages shared by the VMs crossed once: {r:#}");
+    }
+
+    let after = tb.locations().unwrap();
+    let routes = [tb.host_routes(Site::A).unwrap(), tb.host_routes(Site::B).unwrap()];
+    for (i, (vm, site, host, api)) in after.iter().enumerate() {
+        // vc.toml says where it is, and the guest carries on there from where it stopped.
+        assert_eq!(*site, dest, "{}: vc.toml lists it at {host}", vm.name);
+        let serial = Testbed::serial_of(api);
+        let start = Instant::now();
+        let first = loop {
+            let t = std::fs::read_to_string(&serial).unwrap_or_default();
+            if let Some(n) = t.lines().find_map(|l| l.strip_prefix("heartbeat ")).and_then(|n| n.trim().parse::<u64>().ok()) {
+                break n;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{}: no heartbeat at {}", vm.name, serial.display());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(first > last_beat[i], "{}: the destination continues the heartbeat ({first} after {})", vm.name, last_beat[i]);
+
+        // Both LANs reach it now, and lost at most its downtime plus one second of probes.
+        let v = r["vms"].as_array().unwrap().iter().find(|v| v["vm"] == vm.name.as_str()).unwrap();
+        assert_eq!(v["status"], "completed", "{v}");
+        let downtime = u(&v["downtime_ms"]);
+        for (p, client) in probes.iter().zip(["A", "B"]) {
+            let t = target(p, &vm.name);
+            assert!(t["answered"] == true && u(&t["tail_sent"]) > 0 && u(&t["tail_received"]) == u(&t["tail_sent"]), "{}: client at {client} is not answered now: {t}", vm.name);
+            assert!(u(&t["lost"]) <= (downtime + 1000) / 10, "{}: client at {client} lost {} probes, downtime {downtime} ms: {t}", vm.name, u(&t["lost"]));
+        }
+
+        // vnetd at both sites routes its /32 to the destination's router, with the same sequence.
+        let want = format!("{}/32", vm.ip);
+        let ra = routes[0].iter().find(|r| r.0 == want).unwrap_or_else(|| panic!("vnetd A has no {want}: {:?}", routes[0]));
+        let rb = routes[1].iter().find(|r| r.0 == want).unwrap_or_else(|| panic!("vnetd B has no {want}: {:?}", routes[1]));
+        assert_eq!(ra, rb, "vnetd tables agree");
+        assert_eq!(ra.1, dest.router(), "{want} goes to router {}", dest.router());
+    }
+    // The source VMMs are gone: each guest runs exactly once.
+    for (vm, _, _, api) in &before {
+        let start = Instant::now();
+        while migrate::client::ApiClient::connect(api).is_ok() {
+            assert!(start.elapsed() < Duration::from_secs(5), "{}: the source VMM still answers", vm.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
+    netns::available().unwrap();
+    let name = format!("tb{}", netns::unique_tag());
+    let dir = std::env::temp_dir().join(format!("shrink-testbed-{name}"));
+    let _down = Down(name.clone(), dir.clone());
+    let opts = Options { dir, ..Options::new(&name) };
+    let mut tb = Testbed::up(opts, Bins::find(None, None).unwrap()).unwrap();
+    tb.boot(&BootSpec { vms: 3, mem: "128M".into(), preload: "16M".into(), private: "2M".into(), workload: "idle".into() }).unwrap();
+    move_cluster(&tb, Site::B);
+    move_cluster(&tb, Site::A);
+}
+
+fn cli(name: &str, dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shrink-testbed"))
+        .args(["--name", name, "--dir", dir.to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Nothing of testbed `name` is left: no namespace, no process, no file, nothing in the root
+/// namespace.
+fn assert_gone(name: &str, dir: &Path) {
+    assert_eq!(testbed::namespaces(name), Vec::<String>::new(), "namespaces left");
+    assert!(!dir.exists(), "{} left", dir.display());
+    let needle = dir.display().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let c = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(!c.contains(&needle) || e.file_name() == std::process::id().to_string().as_str(), "process left: {c}");
+    }
+    let links = netns::run(&["ip", "-o", "link", "show"]).unwrap();
+    for l in links.lines() {
+        let ifname = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
+        assert!(!["vlan", "mgmt", "br0", "up0", "wan0", "lan0", "vm1", "vm2"].contains(&ifname), "link left in the root namespace: {l}");
+    }
+}
+
+#[test]
+fn the_demo_runs_twice_and_down_after_an_interrupted_run_leaves_nothing() {
+    netns::available().unwrap();
+    let name = format!("td{}", netns::unique_tag());
+    let dir = std::env::temp_dir().join(format!("shrink-testbed-{name}"));
+    let _down = Down(name.clone(), dir.clone());
+    let small = ["demo", "--vms", "2", "--mem", "128M", "--preload", "16M", "--private", "2M"];
+    for run in 1..=2 {
+        let out = cli(&name, &dir, &small);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "demo run {run} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("shrink moved the cluster with") && text.contains("removed 12 namespaces"), "run {run}:\n{text}");
+        assert_gone(&name, &dir);
+    }
+
+    // Kill a demo in the middle of its migration, as Ctrl-C or a crash would.
+    let log = std::env::temp_dir().join(format!("{name}-demo.out"));
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_shrink-testbed"))
+        .args(["--name", &name, "--dir", dir.to_str().unwrap()])
+        .args(small)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("shrink-migrate --cluster") {
+        assert!(start.elapsed() < Duration::from_secs(60), "the demo did not reach its migration:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    demo.kill().unwrap();
+    demo.wait().unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(!testbed::namespaces(&name).is_empty(), "the killed demo left its testbed (what down must clean)");
+
+    // `up` over the leftovers starts clean; `down` then removes everything.
+    let out = cli(&name, &dir, &["up"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = cli(&name, &dir, &["status"]);
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["namespaces"].as_array().unwrap().len(), 12, "{st:#}");
+    assert!(st["vms"].as_array().unwrap().is_empty(), "no VMs of the killed run: {st:#}");
+    let out = cli(&name, &dir, &["down"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_gone(&name, &dir);
+    let out = cli(&name, &dir, &["down"]);
+    assert!(out.status.success(), "down twice is fine");
+    let out = cli(&name, &dir, &["status"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not up"), "{}", String::from_utf8_lossy(&out.stderr));
+}
