@@ -162,6 +162,21 @@ pub fn default_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("shrink-testbed-{name}"))
 }
 
+/// Bits per second of a `tc` rate such as `100mbit`, `1gbit`, `500kbit` (None if it is not one).
+pub fn rate_bps(rate: &str) -> Option<u64> {
+    let r = rate.trim().to_ascii_lowercase();
+    let split = r.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (num, unit) = r.split_at(split);
+    let mult = match unit {
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        _ => return None,
+    };
+    let v = num.parse::<f64>().ok()? * mult;
+    (v >= 1e5).then_some(v as u64)
+}
+
 /// A site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Site {
@@ -206,14 +221,6 @@ impl Site {
         match self {
             Site::A => Site::B,
             Site::B => Site::A,
-        }
-    }
-    /// Parses `a`, `A`, `siteA`...
-    pub fn parse(s: &str) -> Option<Site> {
-        match s.trim_start_matches("site").to_ascii_lowercase().as_str() {
-            "a" => Some(Site::A),
-            "b" => Some(Site::B),
-            _ => None,
         }
     }
     /// The site's VM network prefix, `10.1.0` or `10.1.1`.
@@ -465,6 +472,9 @@ impl Testbed {
         if opts.name.is_empty() || opts.name.len() > 24 || !opts.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(TestbedError::Failed(format!("testbed name '{}': use 1-24 letters, digits or _", opts.name)));
         }
+        if rate_bps(&opts.wan_rate).is_none() {
+            return Err(TestbedError::Failed(format!("WAN rate '{}': give a number with kbit, mbit or gbit (e.g. 100mbit)", opts.wan_rate)));
+        }
         if !(1..=8).contains(&opts.hosts_per_site) {
             return Err(TestbedError::Failed(format!("{} hosts per site: 1 to 8", opts.hosts_per_site)));
         }
@@ -585,6 +595,12 @@ impl Testbed {
             for (class, prio) in [("10:10", "0"), ("10:20", "1")] {
                 let r = &o.wan_rate;
                 self.exec(rt, &["tc", "class", "add", "dev", "wan0", "parent", "10:", "classid", class, "htb", "rate", r, "ceil", r, "prio", prio, "quantum", "1514"])?;
+            }
+            // Each class queues at most 50 ms of traffic at the link rate, like the tbf alone
+            // would (a longer queue only adds delay to every migration's last round trips).
+            let limit = (rate_bps(&o.wan_rate).unwrap_or(100_000_000) / 8 / 20).max(64 * 1024).to_string();
+            for (class, handle) in [("10:10", "11:"), ("10:20", "12:")] {
+                self.exec(rt, &["tc", "qdisc", "add", "dev", "wan0", "parent", class, "handle", handle, "bfifo", "limit", &limit])?;
             }
             for port in ["sport", "dport"] {
                 self.exec(rt, &["tc", "filter", "add", "dev", "wan0", "parent", "10:", "protocol", "ip", "prio", "1", "u32", "match", "ip", port, "7800", "0xffff", "flowid", "10:10"])?;
@@ -916,5 +932,29 @@ router = "B"
             "namespaces": namespaces(&self.state.opts.name), "processes": procs, "vms": vms,
             "vnetd": routes, "wan_bytes": {"a_to_b": ab, "b_to_a": ba}, "vc_toml": self.vc_path(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wan_rates_parse_like_tc_and_bad_ones_are_refused() {
+        assert_eq!(rate_bps("100mbit"), Some(100_000_000));
+        assert_eq!(rate_bps("1gbit"), Some(1_000_000_000));
+        assert_eq!(rate_bps("2.5Gbit"), Some(2_500_000_000));
+        assert_eq!(rate_bps("500kbit"), Some(500_000));
+        for bad in ["100", "fast", "100mbps", "mbit", "10kbit"] {
+            assert_eq!(rate_bps(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn sites_have_the_documented_addresses() {
+        assert_eq!((Site::A.vm_net(), Site::B.vm_net()), ("10.1.0".to_owned(), "10.1.1".to_owned()));
+        assert_eq!(Site::B.coordination(), "redis://172.16.2.253:6379");
+        assert_eq!(Site::A.index(), "redis://172.16.1.253:6380");
+        assert_eq!(Testbed::host_addr(Site::B, 2), "172.16.2.12");
     }
 }
