@@ -9,7 +9,8 @@ SHELL := /bin/bash
 
 CARGO   ?= cargo
 PACKAGES := redis-server libpcap-dev libssl-dev pkg-config e2fsprogs debootstrap tcpdump \
-            redis-tools qemu-utils qemu-system-x86 iproute2 lz4 util-linux python3 ethtool iputils-ping
+            redis-tools qemu-utils qemu-system-x86 iproute2 lz4 util-linux python3 ethtool iputils-ping \
+            fonts-dejavu-core
 RELEASE := target/release
 
 .PHONY: all deps build images test bench demo clean

@@ -3,6 +3,7 @@
 //! with unique names and removed on drop, even when the test panics.
 #![warn(missing_docs)]
 
+pub mod eval;
 pub mod netns;
 pub mod testbed;
 pub mod world;

@@ -277,11 +277,13 @@ pub struct BootSpec {
     pub private: String,
     /// Guest workload (`idle`, `mem`, `io`).
     pub workload: String,
+    /// More of the guest's command line (`mem=16M rate=1M`, `iorate=1M`).
+    pub extra: String,
 }
 
 impl Default for BootSpec {
     fn default() -> BootSpec {
-        BootSpec { vms: 4, mem: "256M".into(), preload: "64M".into(), private: "28M".into(), workload: "idle".into() }
+        BootSpec { vms: 4, mem: "256M".into(), preload: "64M".into(), private: "28M".into(), workload: "idle".into(), extra: String::new() }
     }
 }
 
@@ -711,7 +713,7 @@ router = "B"
         for i in 1..=spec.vms {
             let vm = VmInfo { name: format!("vm{i}"), ip: format!("10.1.0.{}", 10 + i), mac: format!("52:54:00:10:00:{i:02x}") };
             let ns = self.host_ns(Site::A, (i - 1) % hosts + 1);
-            let cmdline = format!("ip={}/16 gw=10.1.0.254 preload={} private={} workload={}", vm.ip, spec.preload, spec.private, spec.workload);
+            let cmdline = format!("ip={}/16 gw=10.1.0.254 preload={} private={} workload={} {}", vm.ip, spec.preload, spec.private, spec.workload, spec.extra);
             let p = |ext: &str| self.path(&format!("{}.{ext}", vm.name)).display().to_string();
             let net = format!("tap={},mac={},bridge=br0", vm.name, vm.mac);
             let args = [
@@ -898,6 +900,60 @@ router = "B"
             v[i] = out.trim().parse().unwrap_or(0);
         }
         Ok((v[0], v[1]))
+    }
+
+    /// Starts `args` in namespace `ns`, detached, output to `<dir>/<tag>.log`; [`down`] stops it.
+    pub fn spawn(&self, tag: &str, ns: &str, args: &[&str]) -> Result<u32> {
+        spawn_detached(self.dir(), tag, ns, args, &self.path(&format!("{tag}.log")))
+    }
+
+    /// What the network saw of each VM's move to `dest`: its downtime (from the migration
+    /// report), what the clients of both sites lost and their longest gaps (from
+    /// [`Testbed::stop_probes`]), and vnetd's timings at `dest` from the VM's first RARP frame:
+    /// its IP known (detection), every router holding its /32 (reconfiguration), the first
+    /// gratuitous or directed ARP out.
+    pub fn network_report(&self, dest: Site, report: &Value, probes: &[Value; 2]) -> Vec<Value> {
+        let st = self.vnetd_status(dest).unwrap_or_default();
+        let recs: Vec<&Value> = st["migrations"].as_array().map(|a| a.iter().filter(|r| r["role"] == "destination").collect()).unwrap_or_default();
+        let target = |p: &Value, vm: &str| p["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).cloned().unwrap_or_default();
+        self.state
+            .vms
+            .iter()
+            .map(|vm| {
+                let rec = recs.iter().filter(|r| r["ip"] == vm.ip.as_str()).max_by_key(|r| r["seq"].as_u64().unwrap_or(0));
+                let since = |k: &str| {
+                    rec.and_then(|r| Some(r[k].as_u64()?.saturating_sub(r["detected_us"].as_u64()?) as f64 / 1000.0))
+                };
+                let v = report["vms"].as_array().and_then(|a| a.iter().find(|v| v["vm"] == vm.name.as_str())).cloned().unwrap_or_default();
+                let (a, b) = (target(&probes[0], &vm.name), target(&probes[1], &vm.name));
+                serde_json::json!({
+                    "vm": vm.name, "status": v["status"], "downtime_ms": v["downtime_ms"],
+                    "detected": rec.is_some(), "trigger": rec.map(|r| r["trigger"].clone()),
+                    "detection_ms": since("resolved_us"), "reconfiguration_ms": since("all_acked_us"), "first_announce_ms": since("first_announce_us"),
+                    "lost_a": a["lost"], "lost_b": b["lost"], "gap_a_ms": a["max_gap_ms"], "gap_b_ms": b["max_gap_ms"],
+                    "answers_a_now": format!("{}/{}", a["tail_received"], a["tail_sent"]), "answers_b_now": format!("{}/{}", b["tail_received"], b["tail_sent"]),
+                    "answering": a["tail_received"].as_u64().unwrap_or(0) > 0 && b["tail_received"].as_u64().unwrap_or(0) > 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Pauses every VM, writes a snapshot of each to `<dir>/snap-<vm>/` and resumes it; the
+    /// memory images, in VM order.
+    pub fn memory_images(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for (vm, _, _, api) in self.locations()? {
+            let snap = self.path(&format!("snap-{}", vm.name));
+            let _ = std::fs::remove_dir_all(&snap);
+            let mut c = migrate::client::ApiClient::connect(&api).map_err(|e| TestbedError::Failed(format!("{}: {e}", vm.name)))?;
+            for (cmd, args) in [("pause", serde_json::json!({})), ("snapshot", serde_json::json!({"path": snap})), ("resume", serde_json::json!({}))] {
+                c.execute(cmd, args)
+                    .map_err(|e| TestbedError::Failed(format!("{}: {cmd}: {e}", vm.name)))?
+                    .map_err(|e| TestbedError::Failed(format!("{}: {cmd}: {e}", vm.name)))?;
+            }
+            out.push(snap.join("memory.img"));
+        }
+        Ok(out)
     }
 
     /// The last heartbeat number on a serial console.

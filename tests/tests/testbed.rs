@@ -113,7 +113,7 @@ fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
     let _down = Down(name.clone(), dir.clone());
     let opts = Options { dir, ..Options::new(&name) };
     let mut tb = Testbed::up(opts, Bins::find(None, None).unwrap()).unwrap();
-    tb.boot(&BootSpec { vms: 3, mem: "128M".into(), preload: "16M".into(), private: "2M".into(), workload: "idle".into() }).unwrap();
+    tb.boot(&BootSpec { vms: 3, mem: "128M".into(), preload: "16M".into(), private: "2M".into(), workload: "idle".into(), extra: String::new() }).unwrap();
     move_cluster(&tb, Site::B);
     move_cluster(&tb, Site::A);
 }

@@ -158,6 +158,9 @@ pub extern "C" fn kernel_main(boot_params: u64) -> ! {
         Some(n) => u64::from_be_bytes([0, 0, n.mac[0], n.mac[1], n.mac[2], n.mac[3], n.mac[4], n.mac[5]]),
         None => config.seed,
     };
+    if let Some(w) = mem_workload.as_mut() {
+        w.start(seed, interrupts::ticks());
+    }
 
     if config.preload > 0 {
         match disk.as_mut() {

@@ -1,9 +1,10 @@
 //! Guest workloads selected on the command line.
 //!
 //! * `workload=idle` (default): nothing besides the heartbeat.
-//! * `workload=mem mem=<size> rate=<size> [memtrace=1]`: rewrite whole 4 KiB
-//!   pages of a working set with pseudo-random data, at pseudo-random pages,
-//!   paced by the timer so the average dirty rate is `rate` bytes/s.
+//! * `workload=mem mem=<size> rate=<size> [memtrace=1]`: write the whole
+//!   working set once at boot, then rewrite whole 4 KiB pages of it with
+//!   pseudo-random data (per VM), at pseudo-random pages, paced by the timer
+//!   so the average dirty rate is `rate` bytes/s.
 //! * `private=<size>`: per-VM pseudo-random memory, written once at boot
 //!   ([`fill_private`]).
 //! * `workload=io` lives in `disk.rs`.
@@ -77,6 +78,17 @@ impl MemWorkload {
 
     pub fn rate(&self) -> u64 {
         self.rate
+    }
+
+    /// Gives the workload this VM's own data (from the MAC or `seed=`) and writes every page
+    /// of the working set once, as a program initialising its arrays would: the working set
+    /// is resident, with content of this VM's own, from the start. Then `rate` applies.
+    pub fn start(&mut self, seed: u64, now: u64) {
+        self.data = XorShift64::new(splitmix64(seed ^ 0x4d45_4d57_4f52_4b21));
+        for p in 0..self.pages {
+            self.write_page(self.base + p * PAGE_SIZE);
+        }
+        self.start_tick = now;
     }
 
     /// Total pages written so far.

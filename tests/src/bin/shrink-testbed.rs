@@ -61,7 +61,7 @@ struct Cluster {
 
 impl Cluster {
     fn spec(&self) -> BootSpec {
-        BootSpec { vms: self.vms, mem: self.mem.clone(), preload: self.preload.clone(), private: self.private.clone(), workload: self.workload.clone() }
+        BootSpec { vms: self.vms, mem: self.mem.clone(), preload: self.preload.clone(), private: self.private.clone(), workload: self.workload.clone(), extra: String::new() }
     }
 }
 
@@ -158,7 +158,7 @@ struct Leg {
     report: Value,
     probes: [Value; 2],
     wan_bytes: u64,
-    vnetd: Vec<Value>,
+    network: Vec<Value>,
 }
 
 fn demo(cli: &Cli, net: &Net, cluster: &Cluster, report_file: Option<&Path>, keep: bool) -> Result<(), String> {
@@ -224,82 +224,49 @@ fn demo_run(tb: &mut Testbed, net: &Net, cluster: &Cluster, t0: Instant) -> Resu
         std::thread::sleep(Duration::from_secs(3));
         let probes = tb.stop_probes().map_err(e)?;
         let wan_bytes = if dest == Site::B { a1 - a0 } else { b1 - b0 };
-        let vnetd = vnetd_timings(tb, dest);
-        let leg = Leg { title: title.into(), dest, ok, report, probes, wan_bytes, vnetd };
-        print_connectivity(tb, &leg);
+        let network = tb.network_report(dest, &report, &probes);
+        let leg = Leg { title: title.into(), dest, ok, report, probes, wan_bytes, network };
+        print_connectivity(&leg);
         legs.push(leg);
         if !ok {
             break;
         }
     }
     step("report");
-    print_report(tb, net, cluster, &legs);
+    print_report(net, cluster, &legs);
     Ok(legs)
-}
-
-/// vnetd's timings for each VM's last move to `dest` (destination router's record).
-fn vnetd_timings(tb: &Testbed, dest: Site) -> Vec<Value> {
-    let st = tb.vnetd_status(dest).unwrap_or_default();
-    let recs: Vec<&Value> = st["migrations"].as_array().map(|a| a.iter().filter(|r| r["role"] == "destination").collect()).unwrap_or_default();
-    tb.state
-        .vms
-        .iter()
-        .map(|vm| {
-            let r = recs.iter().filter(|r| r["ip"] == vm.ip.as_str()).max_by_key(|r| r["seq"].as_u64().unwrap_or(0));
-            match r {
-                Some(r) => {
-                    let d = r["detected_us"].as_u64().unwrap_or(0);
-                    let ms = |k: &str| r[k].as_u64().map(|v| (v.saturating_sub(d)) as f64 / 1000.0);
-                    json!({"vm": vm.name, "trigger": r["trigger"], "seq": r["seq"], "detect_to_resolved_ms": ms("resolved_us"),
-                        "detect_to_all_routers_ms": ms("all_acked_us"), "detect_to_first_announce_ms": ms("first_announce_us")})
-                }
-                None => json!({"vm": vm.name, "detected": false}),
-            }
-        })
-        .collect()
-}
-
-fn target<'a>(probe: &'a Value, vm: &str) -> &'a Value {
-    probe["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).unwrap_or(&Value::Null)
 }
 
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-fn vm_report<'a>(leg: &'a Leg, vm: &str) -> &'a Value {
-    leg.report["vms"].as_array().and_then(|a| a.iter().find(|v| v["vm"] == vm)).unwrap_or(&Value::Null)
-}
-
-fn print_connectivity(tb: &Testbed, leg: &Leg) {
+fn print_connectivity(leg: &Leg) {
     println!("\n  connectivity during {} (probes every 10 ms; lost = unanswered after 1 s)", leg.title);
     println!(
         "  {:<6} {:>8} | {:>7} {:>9} {:>7} | {:>7} {:>9} {:>7} | {:>9} {:>11}",
         "vm", "down ms", "lost A", "gap A ms", "now A", "lost B", "gap B ms", "now B", "detect ms", "routers ms"
     );
-    for (i, vm) in tb.state.vms.iter().enumerate() {
-        let (a, b) = (target(&leg.probes[0], &vm.name), target(&leg.probes[1], &vm.name));
-        let now = |t: &Value| format!("{}/{}", u(&t["tail_received"]), u(&t["tail_sent"]));
-        let v = &leg.vnetd[i];
-        let f = |x: &Value| x.as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    let f = |x: &Value| x.as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    for n in &leg.network {
         println!(
             "  {:<6} {:>8} | {:>7} {:>9.0} {:>7} | {:>7} {:>9.0} {:>7} | {:>9} {:>11}",
-            vm.name,
-            u(&vm_report(leg, &vm.name)["downtime_ms"]),
-            u(&a["lost"]),
-            a["max_gap_ms"].as_f64().unwrap_or(0.0),
-            now(a),
-            u(&b["lost"]),
-            b["max_gap_ms"].as_f64().unwrap_or(0.0),
-            now(b),
-            f(&v["detect_to_resolved_ms"]),
-            f(&v["detect_to_all_routers_ms"]),
+            n["vm"].as_str().unwrap_or(""),
+            u(&n["downtime_ms"]),
+            u(&n["lost_a"]),
+            n["gap_a_ms"].as_f64().unwrap_or(0.0),
+            n["answers_a_now"].as_str().unwrap_or(""),
+            u(&n["lost_b"]),
+            n["gap_b_ms"].as_f64().unwrap_or(0.0),
+            n["answers_b_now"].as_str().unwrap_or(""),
+            f(&n["detection_ms"]),
+            f(&n["reconfiguration_ms"]),
         );
     }
     println!("  (gap = longest time without an answer; now = answered/sent in the last 2 s; detect = vnetd at {} from the VM's RARP to its IP known, routers = to every router holding its /32)", leg.dest.name());
 }
 
-fn print_report(tb: &Testbed, net: &Net, cluster: &Cluster, legs: &[Leg]) {
+fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
     let mb = |b: u64| b as f64 / 1e6;
     println!(
         "{} VMs × {} (preload {} shared OS content, {} private each), {} WAN, {} hosts per site; {}",
@@ -333,16 +300,11 @@ fn print_report(tb: &Testbed, net: &Net, cluster: &Cluster, legs: &[Leg]) {
         format!("{}", d.iter().max().unwrap_or(&0))
     });
     row("probes lost per VM, site A/B (max)", &|l| {
-        let m = |i: usize| tb.state.vms.iter().map(|v| u(&target(&l.probes[i], &v.name)["lost"])).max().unwrap_or(0);
-        format!("{}/{}", m(0), m(1))
+        let m = |k: &str| l.network.iter().map(|n| u(&n[k])).max().unwrap_or(0);
+        format!("{}/{}", m("lost_a"), m("lost_b"))
     });
     row("longest gap, ms (max)", &|l| {
-        let g = tb
-            .state
-            .vms
-            .iter()
-            .flat_map(|v| [0, 1].map(|i| target(&l.probes[i], &v.name)["max_gap_ms"].as_f64().unwrap_or(0.0)))
-            .fold(0.0, f64::max);
+        let g = l.network.iter().flat_map(|n| [&n["gap_a_ms"], &n["gap_b_ms"]].map(|g| g.as_f64().unwrap_or(0.0))).fold(0.0, f64::max);
         format!("{g:.0}")
     });
     row("VMs failed", &|l| u(&l.report["failed"]).to_string());
@@ -369,11 +331,15 @@ fn problems(l: &Leg) -> Vec<String> {
     if !l.ok {
         out.push(format!("{}: shrink-migrate failed ({} VMs failed)", l.title, u(&l.report["failed"])));
     }
-    for (i, p) in l.probes.iter().enumerate() {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            if u(&t["tail_received"]) == 0 {
-                out.push(format!("{}: {} does not answer the client at site {} after the migration", l.title, t["name"].as_str().unwrap_or(""), ["A", "B"][i]));
-            }
+    for n in &l.network {
+        if n["answering"] != true {
+            out.push(format!(
+                "{}: {} does not answer both clients after the migration (site A {}, site B {})",
+                l.title,
+                n["vm"].as_str().unwrap_or(""),
+                n["answers_a_now"].as_str().unwrap_or(""),
+                n["answers_b_now"].as_str().unwrap_or("")
+            ));
         }
     }
     out
@@ -386,6 +352,6 @@ fn report_json(tb: &Testbed, net: &Net, cluster: &Cluster, legs: &[Leg]) -> Valu
         "cluster": {"vms": cluster.vms, "mem": cluster.mem, "preload": cluster.preload, "private": cluster.private, "workload": cluster.workload,
             "addresses": tb.state.vms.iter().map(|v| json!({"vm": v.name, "ip": v.ip, "mac": v.mac})).collect::<Vec<_>>()},
         "legs": legs.iter().map(|l| json!({"title": l.title, "dest": l.dest.name(), "ok": l.ok, "migration": l.report,
-            "wan_link_bytes": l.wan_bytes, "probes": {"siteA": l.probes[0], "siteB": l.probes[1]}, "vnetd": l.vnetd})).collect::<Vec<_>>(),
+            "wan_link_bytes": l.wan_bytes, "probes": {"siteA": l.probes[0], "siteB": l.probes[1]}, "network": l.network})).collect::<Vec<_>>(),
     })
 }

@@ -1,0 +1,383 @@
+//! `shrink-bench`: the evaluation (thesis section 6.5, figures 6.4 to 6.8, and the network
+//! timings of section 7.2.1.3) on the two-site testbed, with QEMU's own live migration of the
+//! same memory in the same run. Writes `eval.json` and PNG plots.
+//!
+//! Every point is a fresh testbed: the cluster boots at site A, its memory is snapshotted (for
+//! QEMU and the lower bound), shrink moves it to site B with deduplication while clients at
+//! both sites probe every VM, then (for the families that compare systems) plain pre-copy
+//! (`--no-dedup`) moves the same cluster back over the same link, and last QEMU migrates the
+//! snapshotted memory of every VM, paused, from site-A hosts to site-B hosts, all at once.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+use shrink_tests::eval::{self, LowerBound, Panel, Series};
+use shrink_tests::testbed::{self, Bins, BootSpec, Options, Site, Testbed};
+
+#[derive(Parser)]
+#[command(name = "shrink-bench", about = "shrink vs --no-dedup vs QEMU on the two-site testbed: JSON and PNG plots")]
+struct Cli {
+    /// One small point of each family (what `make test` runs).
+    #[arg(long)]
+    quick: bool,
+    /// Where eval.json and the plots go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Families to run: size, workload, bandwidth, granularity (network timings come with every run).
+    #[arg(long, value_delimiter = ',', default_value = "size,workload,bandwidth,granularity")]
+    families: Vec<String>,
+    /// Cluster sizes (the largest is used by the bandwidth and granularity families).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// WAN rates, Mbit/s (bandwidth family; the others run at 100).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<u64>>,
+    /// Chunk sizes (granularity family; the others use 4096).
+    #[arg(long, value_delimiter = ',')]
+    chunks: Option<Vec<u32>>,
+    /// Leave QEMU out.
+    #[arg(long)]
+    no_qemu: bool,
+    /// Testbed name (namespaces `<name>-*`).
+    #[arg(long, default_value = "bench")]
+    name: String,
+}
+
+/// One measured configuration.
+#[derive(Clone, Debug)]
+struct Point {
+    family: &'static str,
+    workload: &'static str,
+    vms: usize,
+    rate: u64,
+    chunk: u32,
+    baselines: bool,
+}
+
+/// The VM of the runs.
+struct Vm {
+    mem_mib: u64,
+    preload: &'static str,
+    private: &'static str,
+}
+
+fn spec(vm: &Vm, p: &Point) -> BootSpec {
+    let n = p.vms as u64;
+    // Like NPB CG: a fixed problem split over the cluster, so each VM's working set and
+    // dirtying rate shrink as the cluster grows (half the VM's memory, 4 MB/s, in total).
+    let extra = match p.workload {
+        "mem" => format!("mem={}M rate={}K", (vm.mem_mib / 2 / n).max(1), (4096 / n).max(256)),
+        "io" => "iorate=1M ioarea=16M".to_owned(),
+        _ => String::new(),
+    };
+    BootSpec {
+        vms: p.vms,
+        mem: format!("{}M", vm.mem_mib),
+        preload: vm.preload.into(),
+        private: vm.private.into(),
+        workload: p.workload.into(),
+        extra,
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn avg(report: &Value, k: &str) -> u64 {
+    let v: Vec<u64> = report["vms"].as_array().into_iter().flatten().map(|x| u(&x[k])).collect();
+    v.iter().sum::<u64>() / v.len().max(1) as u64
+}
+
+/// A shrink leg's figures.
+fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, String> {
+    let e = |e: testbed::TestbedError| e.to_string();
+    tb.start_probes(10).map_err(e)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let (a0, b0) = tb.wan_bytes().map_err(e)?;
+    let (ok, r) = tb.migrate(dest, extra, tag, false).map_err(e)?;
+    let (a1, b1) = tb.wan_bytes().map_err(e)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let probes = tb.stop_probes().map_err(e)?;
+    let network = tb.network_report(dest, &r, &probes);
+    Ok(json!({
+        "ok": ok, "total_time_ms": r["total_time_ms"], "wan_bytes": r["wan_bytes"],
+        "wan_link_bytes": if dest == Site::B { a1 - a0 } else { b1 - b0 },
+        "full": r["full"], "deduplicated": r["deduplicated"], "uniform": r["uniform"], "local": r["local"],
+        "fetched_from_peers": r["fetched_from_peers"], "pulled": r["pulled"], "failed": r["failed"],
+        "avg_vm_time_ms": avg(&r, "total_time_ms"), "avg_downtime_ms": avg(&r, "downtime_ms"),
+        "max_downtime_ms": r["vms"].as_array().into_iter().flatten().map(|x| u(&x["downtime_ms"])).max().unwrap_or(0),
+        "network": network, "report": r,
+    }))
+}
+
+fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String> {
+    let e = |e: testbed::TestbedError| e.to_string();
+    let dir = testbed::default_dir(&cli.name);
+    let opts = Options { name: cli.name.clone(), dir: dir.clone(), wan_rate: format!("{}mbit", p.rate), hosts_per_site: 2 };
+    let bps = p.rate * 1_000_000;
+    let mut tb = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
+    let spec = spec(vm, p);
+    tb.boot(&spec).map_err(e)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let images = tb.memory_images().map_err(e)?;
+    let bound = LowerBound::of(&images, p.chunk as usize, 32).map_err(e)?;
+    let shrink = leg(&tb, Site::B, &["--chunk", &p.chunk.to_string()], "dedup")?;
+    let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
+    let qemu = if p.baselines && !cli.no_qemu && eval::qemu_binary().is_some() {
+        // QEMU alone on a fresh testbed (the same link), with the same memory images.
+        let keep = dir.join("..").join(format!("shrink-bench-images-{}", std::process::id()));
+        std::fs::create_dir_all(&keep).map_err(|x| x.to_string())?;
+        let mut moved = Vec::new();
+        for (i, img) in images.iter().enumerate() {
+            let to = keep.join(format!("vm{i}.img"));
+            std::fs::rename(img, &to).map_err(|x| x.to_string())?;
+            moved.push(to);
+        }
+        testbed::down(&opts.name, &dir).map_err(e)?;
+        let tb2 = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
+        let r = eval::qemu_cluster(&tb2, &moved, &spec.mem);
+        let _ = std::fs::remove_dir_all(&keep);
+        Some(r.map_err(e)?)
+    } else {
+        None
+    };
+    testbed::down(&opts.name, &dir).map_err(e)?;
+    let ratio = |a: &Value, b: Option<&Value>, k: &str| b.map(|b| u(&a[k]) as f64 / u(&b[k]).max(1) as f64);
+    Ok(json!({
+        "family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk,
+        "vm": {"mem": spec.mem, "preload": spec.preload, "private": spec.private, "cmdline_extra": spec.extra},
+        "lower_bound": {"bytes": bound.bytes, "time_ms": bound.time_ms(bps), "distinct_chunks": bound.distinct, "nonuniform_chunks": bound.nonuniform, "uniform_chunks": bound.uniform},
+        "ratios": {
+            "wan_bytes_shrink_over_qemu": ratio(&shrink, qemu.as_ref(), "wan_bytes"),
+            "time_shrink_over_qemu": ratio(&shrink, qemu.as_ref(), "total_time_ms"),
+            "wan_bytes_shrink_over_no_dedup": ratio(&shrink, plain.as_ref(), "wan_bytes"),
+            "time_shrink_over_no_dedup": ratio(&shrink, plain.as_ref(), "total_time_ms"),
+            "wan_bytes_shrink_over_lower_bound": u(&shrink["wan_bytes"]) as f64 / bound.bytes.max(1) as f64,
+            "pulled_fraction": u(&shrink["pulled"]) as f64 / u(&shrink["deduplicated"]).max(1) as f64,
+        },
+        "shrink": shrink, "no_dedup": plain, "qemu": qemu,
+    }))
+}
+
+fn matrix(cli: &Cli) -> Vec<Point> {
+    let sizes = cli.sizes.clone().unwrap_or(if cli.quick { vec![2] } else { vec![1, 2, 4, 8, 16] });
+    let rates = cli.rates.clone().unwrap_or(if cli.quick { vec![250] } else { vec![250, 500, 1000] });
+    let chunks = cli.chunks.clone().unwrap_or(if cli.quick { vec![1024] } else { vec![512, 1024, 2048] });
+    let nmax = sizes.iter().copied().max().unwrap_or(2);
+    let want = |f: &str| cli.families.iter().any(|x| x == f);
+    let mut pts = Vec::new();
+    let p = |family, workload, vms, rate, chunk, baselines| Point { family, workload, vms, rate, chunk, baselines };
+    // The size family's largest point is also the bandwidth family's 100 Mbit/s point and the
+    // granularity family's 4096-byte point.
+    if want("size") || want("bandwidth") || want("granularity") {
+        for &n in &sizes {
+            if want("size") || n == nmax {
+                pts.push(p("size", "idle", n, 100, 4096, true));
+            }
+        }
+    }
+    if want("workload") {
+        for w in ["mem", "io"] {
+            for &n in &sizes {
+                pts.push(p("workload", w, n, 100, 4096, true));
+            }
+        }
+    }
+    if want("bandwidth") {
+        for &r in rates.iter().filter(|&&r| r != 100) {
+            pts.push(p("bandwidth", "idle", nmax, r, 4096, true));
+        }
+    }
+    if want("granularity") {
+        for &c in chunks.iter().filter(|&&c| c != 4096) {
+            pts.push(p("granularity", "idle", nmax, 100, c, false));
+        }
+    }
+    pts
+}
+
+fn mb(v: &Value) -> f64 {
+    v.as_u64().unwrap_or(0) as f64 / 1e6
+}
+
+fn secs(v: &Value) -> f64 {
+    v.as_u64().unwrap_or(0) as f64 / 1e3
+}
+
+/// Series of `y(point)` over `x(point)` for the points `sel` keeps, one per system.
+fn systems(points: &[&Value], x: &dyn Fn(&Value) -> f64, y: &dyn Fn(&Value) -> Option<f64>, bound: Option<&dyn Fn(&Value) -> f64>) -> Vec<Series> {
+    let mut out = Vec::new();
+    for (name, key) in [("shrink", "shrink"), ("shrink --no-dedup", "no_dedup"), ("QEMU", "qemu")] {
+        let pts: Vec<(f64, f64)> = points.iter().filter_map(|p| Some((x(p), y(&p[key])?))).collect();
+        if !pts.is_empty() {
+            out.push(Series { name: name.into(), points: pts, dashed: false });
+        }
+    }
+    if let Some(b) = bound {
+        out.push(Series { name: "dedup lower bound".into(), points: points.iter().map(|p| (x(p), b(p))).collect(), dashed: true });
+    }
+    out
+}
+
+fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
+    let mut made = Vec::new();
+    let sel = |f: &dyn Fn(&Value) -> bool| -> Vec<&Value> {
+        let mut v: Vec<&Value> = points.iter().filter(|p| f(p)).collect();
+        v.sort_by_key(|p| (u(&p["vms"]), u(&p["rate_mbit"]), u(&p["chunk"])));
+        v
+    };
+    fn some(v: &Value) -> Option<&Value> {
+        (!v.is_null()).then_some(v)
+    }
+    let time = |v: &Value| some(v).map(|v| secs(&v["total_time_ms"]));
+    let bytes = |v: &Value| some(v).map(|v| mb(&v["wan_bytes"]));
+    let btime = |p: &Value| secs(&p["lower_bound"]["time_ms"]);
+    let bbytes = |p: &Value| mb(&p["lower_bound"]["bytes"]);
+    let vms = |p: &Value| u(&p["vms"]) as f64;
+    let mut fig = |file: &str, caption: &str, panels: Vec<Panel>| -> Result<(), String> {
+        if panels.iter().any(|p| p.series.iter().any(|s| !s.points.is_empty())) {
+            eval::plot(&out.join(file), caption, &panels)?;
+            made.push(file.to_owned());
+        }
+        Ok(())
+    };
+    let panel = |title: &str, x: &str, y: &str, series: Vec<Series>| Panel { title: title.into(), x_label: x.into(), y_label: y.into(), series };
+
+    // Figure 6.4: cluster size.
+    let size = sel(&|p| p["family"] == "size");
+    let chunks = |p: &Value, k: &str| Some(u(&p["shrink"][k]) as f64);
+    fig(
+        "fig-size.png",
+        "Idle clusters, 100 Mbit/s WAN (thesis fig. 6.4)",
+        vec![
+            panel("total migration time", "VMs", "s", systems(&size, &vms, &time, Some(&btime))),
+            panel("bytes over the WAN", "VMs", "MB", systems(&size, &vms, &bytes, Some(&bbytes))),
+            panel(
+                "shrink: where chunks came from",
+                "VMs",
+                "chunks (thousands)",
+                ["full", "deduplicated", "fetched_from_peers", "pulled"]
+                    .iter()
+                    .map(|k| Series { name: k.replace('_', " "), points: size.iter().map(|p| (vms(p), chunks(p, k).unwrap_or(0.0) / 1e3)).collect(), dashed: false })
+                    .collect(),
+            ),
+        ],
+    )?;
+    // Figures 6.5 and 6.6: workloads (idle from the size family).
+    let mut wt = Vec::new();
+    let mut wb = Vec::new();
+    for w in ["idle", "mem", "io"] {
+        let pts = sel(&|p| p["workload"] == w && p["family"] != "bandwidth" && p["family"] != "granularity");
+        wt.push(panel(&format!("{w}: total time"), "VMs", "s", systems(&pts, &vms, &time, Some(&btime))));
+        wb.push(panel(&format!("{w}: bytes over the WAN"), "VMs", "MB", systems(&pts, &vms, &bytes, Some(&bbytes))));
+    }
+    fig("fig-workload-time.png", "Workloads, 100 Mbit/s WAN (thesis figs. 6.5, 6.6)", wt)?;
+    fig("fig-workload-bytes.png", "Workloads, 100 Mbit/s WAN (thesis figs. 6.5, 6.6)", wb)?;
+    // Figure 6.7: bandwidth, at the largest cluster.
+    let nmax = points.iter().map(|p| u(&p["vms"])).max().unwrap_or(0);
+    let bw = sel(&|p| u(&p["vms"]) == nmax && p["workload"] == "idle" && u(&p["chunk"]) == 4096 && (p["family"] == "bandwidth" || p["family"] == "size"));
+    let rate = |p: &Value| u(&p["rate_mbit"]) as f64;
+    fig(
+        "fig-bandwidth.png",
+        &format!("{nmax} idle VMs, WAN rate (thesis fig. 6.7)"),
+        vec![
+            panel("total migration time", "WAN Mbit/s", "s", systems(&bw, &rate, &time, Some(&btime))),
+            panel("bytes over the WAN", "WAN Mbit/s", "MB", systems(&bw, &rate, &bytes, Some(&bbytes))),
+        ],
+    )?;
+    // Figure 6.8: granularity, at the largest cluster; --no-dedup and QEMU do not depend on it.
+    let gr = sel(&|p| u(&p["vms"]) == nmax && p["workload"] == "idle" && u(&p["rate_mbit"]) == 100 && (p["family"] == "granularity" || p["family"] == "size"));
+    let chunk = |p: &Value| u(&p["chunk"]) as f64;
+    let reference = |key: &str, name: &str, f: &dyn Fn(&Value) -> Option<f64>| -> Option<Series> {
+        let base = gr.iter().find(|p| !p[key].is_null())?;
+        let y = f(&base[key])?;
+        Some(Series { name: format!("{name} (any chunk)"), points: gr.iter().map(|p| (chunk(p), y)).collect(), dashed: true })
+    };
+    let mut gb = vec![Series { name: "shrink".into(), points: gr.iter().map(|p| (chunk(p), mb(&p["shrink"]["wan_bytes"]))).collect(), dashed: false }];
+    gb.push(Series { name: "dedup lower bound".into(), points: gr.iter().map(|p| (chunk(p), bbytes(p))).collect(), dashed: true });
+    gb.extend(reference("no_dedup", "--no-dedup", &bytes));
+    let mut gt = vec![Series { name: "shrink".into(), points: gr.iter().map(|p| (chunk(p), secs(&p["shrink"]["total_time_ms"]))).collect(), dashed: false }];
+    gt.extend(reference("no_dedup", "--no-dedup", &time));
+    gt.extend(reference("qemu", "QEMU", &time));
+    fig(
+        "fig-granularity.png",
+        &format!("{nmax} idle VMs, 100 Mbit/s, chunk size (thesis fig. 6.8)"),
+        vec![panel("bytes over the WAN", "chunk bytes", "MB", gb), panel("total migration time", "chunk bytes", "s", gt)],
+    )?;
+    // Network: detection, reconfiguration, downtime and gaps, per cluster size.
+    let stat = |p: &Value, k: &str, max: bool| {
+        let v: Vec<f64> = p["shrink"]["network"].as_array().into_iter().flatten().filter_map(|n| n[k].as_f64()).collect();
+        if max {
+            v.iter().copied().fold(0.0, f64::max)
+        } else {
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        }
+    };
+    let ser = |name: &str, k: &str, max: bool| Series { name: name.into(), points: size.iter().map(|p| (vms(p), stat(p, k, max))).collect(), dashed: max };
+    fig(
+        "fig-network.png",
+        "Moving idle clusters to site B: what the VMs' peers see (probes every 10 ms)",
+        vec![
+            panel("downtime and connectivity gap", "VMs", "ms", vec![ser("downtime (mean)", "downtime_ms", false), ser("gap at site A (mean)", "gap_a_ms", false), ser("gap at site B (mean)", "gap_b_ms", false), ser("gap at site A (max)", "gap_a_ms", true)]),
+            panel("vnetd: from the VM's first RARP", "VMs", "ms", vec![ser("detection (mean)", "detection_ms", false), ser("reconfiguration (mean)", "reconfiguration_ms", false), ser("reconfiguration (max)", "reconfiguration_ms", true)]),
+        ],
+    )?;
+    Ok(made)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let t0 = Instant::now();
+    let r = (|| -> Result<(), String> {
+        let bins = Bins::find(None, None).map_err(|e| e.to_string())?;
+        let vm = if cli.quick { Vm { mem_mib: 128, preload: "16M", private: "2M" } } else { Vm { mem_mib: 256, preload: "64M", private: "28M" } };
+        std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
+        let pts = matrix(&cli);
+        let mut done = Vec::new();
+        for (i, p) in pts.iter().enumerate() {
+            eprintln!("[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks{} ({:.0} s so far)", i + 1, pts.len(), p.family, p.vms, p.workload, p.rate, p.chunk, if p.baselines { ", with --no-dedup and QEMU" } else { "" }, t0.elapsed().as_secs_f64());
+            let v = run_point(&cli, &bins, &vm, p).map_err(|e| format!("{} family, {} VMs: {e}", p.family, p.vms))?;
+            eprintln!(
+                "    shrink {:.1} s {:.1} MB | no-dedup {} | QEMU {} | bound {:.1} MB",
+                secs(&v["shrink"]["total_time_ms"]),
+                mb(&v["shrink"]["wan_bytes"]),
+                if v["no_dedup"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["no_dedup"]["total_time_ms"]), mb(&v["no_dedup"]["wan_bytes"])) },
+                if v["qemu"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["qemu"]["total_time_ms"]), mb(&v["qemu"]["wan_bytes"])) },
+                mb(&v["lower_bound"]["bytes"]),
+            );
+            done.push(v);
+        }
+        let pipeline = eval::source_pipeline().map_err(|e| e.to_string())?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let doc = json!({
+            "benchmark": "shrink-bench",
+            "date": shrink_tests::util::utc_now(),
+            "command": format!("target/release/shrink-bench {}", args.join(" ")),
+            "quick": cli.quick,
+            "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
+            "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
+                "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
+            "qemu": "qemu-system-x86_64 -M microvm -accel kvm -S, memory loaded from the VM's snapshot with -device loader, migrate with max-bandwidth unlimited, all VMs at once",
+            "points": done,
+            "source_pipeline": pipeline,
+            "seconds": t0.elapsed().as_secs(),
+        });
+        let f = cli.out.join("eval.json");
+        std::fs::write(&f, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(|e| format!("{}: {e}", f.display()))?;
+        let made = plots(&cli.out, doc["points"].as_array().map(Vec::as_slice).unwrap_or(&[]))?;
+        eprintln!("wrote {} and {} in {:.0} s", f.display(), made.join(", "), t0.elapsed().as_secs_f64());
+        Ok(())
+    })();
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shrink-bench: error: {e}");
+            let _ = testbed::down(&cli.name, &testbed::default_dir(&cli.name));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The evaluation's measuring instruments, apart from the testbed itself: the dedup lower bound
+//! of a cluster's memory, QEMU's own live migration of the same memory as the baseline, and
+//! PNG plots.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::testbed::{Result, Site, Testbed, TestbedError};
+
+/// Bytes on the migration stream per chunk entry besides its content: the address word.
+const ENTRY_HEADER: u64 = 8;
+
+/// The least a deduplicating migration of these memory images can send with chunks of
+/// `chunk` bytes: every distinct non-uniform chunk once in full, every other non-uniform chunk
+/// as a digest of `digest_len` bytes, every uniform chunk as one byte (each entry with its
+/// address word, as shrink's stream encodes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct LowerBound {
+    /// Chunk size.
+    pub chunk: u64,
+    /// Distinct non-uniform chunks across all images.
+    pub distinct: u64,
+    /// Non-uniform chunks.
+    pub nonuniform: u64,
+    /// Uniform chunks (every byte the same).
+    pub uniform: u64,
+    /// The bound, bytes.
+    pub bytes: u64,
+}
+
+impl LowerBound {
+    /// Computes the bound over `images` (raw guest memory).
+    pub fn of(images: &[PathBuf], chunk: usize, digest_len: u64) -> Result<LowerBound> {
+        let mut seen = HashSet::new();
+        let mut b = LowerBound { chunk: chunk as u64, ..Default::default() };
+        for img in images {
+            let data = std::fs::read(img).map_err(|source| TestbedError::Io { path: img.display().to_string(), source })?;
+            b.add(&data, &mut seen);
+        }
+        b.bytes = b.distinct * (ENTRY_HEADER + b.chunk) + (b.nonuniform - b.distinct) * (ENTRY_HEADER + digest_len) + b.uniform * (ENTRY_HEADER + 1);
+        Ok(b)
+    }
+
+    fn add(&mut self, data: &[u8], seen: &mut HashSet<[u8; 32]>) {
+        for c in data.chunks(self.chunk as usize) {
+            if c.iter().all(|&x| x == c[0]) {
+                self.uniform += 1;
+            } else {
+                self.nonuniform += 1;
+                let d = indexd::hash::digest(indexd::hash::Algo::Sha256, c);
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&d[..32]);
+                if seen.insert(k) {
+                    self.distinct += 1;
+                }
+            }
+        }
+    }
+
+    /// Milliseconds the bound needs at `bits_per_s`.
+    pub fn time_ms(&self, bits_per_s: u64) -> u64 {
+        (self.bytes as f64 * 8.0 / bits_per_s.max(1) as f64 * 1e3) as u64
+    }
+}
+
+/// A QMP connection to QEMU.
+struct Qmp(BufReader<UnixStream>, UnixStream);
+
+impl Qmp {
+    fn connect(sock: &Path, log: &Path) -> Result<Qmp> {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    return Err(TestbedError::Failed(format!("QEMU's QMP {}: {e}; {}", sock.display(), std::fs::read_to_string(log).unwrap_or_default())));
+                }
+            }
+        };
+        let r = s.try_clone().map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
+        let mut q = Qmp(BufReader::new(r), s);
+        let mut greeting = String::new();
+        q.0.read_line(&mut greeting).map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
+        q.cmd("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn cmd(&mut self, c: &str, a: Value) -> Result<Value> {
+        let err = |e: std::io::Error| TestbedError::Failed(format!("QMP {c}: {e}"));
+        writeln!(self.1, "{}", json!({"execute": c, "arguments": a})).map_err(err)?;
+        loop {
+            let mut l = String::new();
+            if self.0.read_line(&mut l).map_err(err)? == 0 {
+                return Err(TestbedError::Failed(format!("QMP {c}: QEMU closed the connection")));
+            }
+            let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
+            if let Some(e) = v.get("error") {
+                return Err(TestbedError::Failed(format!("QMP {c}: {e}")));
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+        }
+    }
+}
+
+/// QEMU's binary, if installed.
+pub fn qemu_binary() -> Option<PathBuf> {
+    ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"].iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// The baseline a user would otherwise pick: for every memory image, a paused QEMU
+/// (`-M microvm -accel kvm -S`, memory loaded with `-device loader`) on a site-A host, migrated
+/// with QEMU's own `migrate` to a QEMU on a site-B host, all at once over the testbed's WAN.
+/// Returns QEMU's `query-migrate` figures per VM and the cluster's total time.
+pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value> {
+    let q = qemu_binary().ok_or_else(|| TestbedError::Missing { what: "qemu-system-x86_64".into(), hint: "apt-get install qemu-system-x86 (or `make deps`)".into() })?;
+    let q = q.to_str().unwrap_or("qemu-system-x86_64");
+    let common = ["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", mem, "-nodefaults", "-no-user-config", "-display", "none"];
+    let hosts = tb.state.opts.hosts_per_site;
+    let mut qmps = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let k = i % hosts + 1;
+        let (dq, sq) = (tb.path(&format!("qemu{i}-dst.qmp")), tb.path(&format!("qemu{i}-src.qmp")));
+        let uri = format!("tcp:{}:{}", Testbed::host_addr(Site::B, k), 8100 + i);
+        let mut d: Vec<String> = vec![q.into()];
+        d.extend(common.iter().map(|s| s.to_string()));
+        d.extend(["-incoming".into(), uri.clone(), "-qmp".into(), format!("unix:{},server=on,wait=off", dq.display())]);
+        let mut s: Vec<String> = vec![q.into()];
+        s.extend(common.iter().map(|s| s.to_string()));
+        s.extend(["-S".into(), "-device".into(), format!("loader,file={},addr=0,force-raw=on", img.display())]);
+        s.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", sq.display())]);
+        let (dt, st) = (format!("qemu{i}-dst"), format!("qemu{i}-src"));
+        tb.spawn(&dt, &tb.host_ns(Site::B, k), &d.iter().map(String::as_str).collect::<Vec<_>>())?;
+        tb.spawn(&st, &tb.host_ns(Site::A, k), &s.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let _ = Qmp::connect(&dq, &tb.path(&format!("{dt}.log")))?;
+        let mut sqmp = Qmp::connect(&sq, &tb.path(&format!("{st}.log")))?;
+        // No cap of QEMU's own (its default is 32 MiB/s... per VM): the link is the limit.
+        sqmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64}))?;
+        qmps.push((sqmp, uri));
+    }
+    let (a0, _) = tb.wan_bytes()?;
+    let start = Instant::now();
+    for (q, uri) in qmps.iter_mut() {
+        q.cmd("migrate", json!({"uri": uri}))?;
+    }
+    let mut vms = Vec::new();
+    for (q, _) in qmps.iter_mut() {
+        loop {
+            let r = q.cmd("query-migrate", json!({}))?;
+            match r["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    vms.push(json!({"status": "completed", "total_time_ms": r["total-time"], "downtime_ms": r["downtime"], "wan_bytes": r["ram"]["transferred"]}));
+                    break;
+                }
+                "failed" | "cancelled" => {
+                    vms.push(json!({"status": r["status"], "error": r["error-desc"]}));
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    let total = start.elapsed().as_millis() as u64;
+    let (a1, _) = tb.wan_bytes()?;
+    let sum = |k: &str| vms.iter().map(|v| v[k].as_u64().unwrap_or(0)).sum::<u64>();
+    let n = vms.len().max(1) as u64;
+    Ok(json!({
+        "total_time_ms": total, "wan_bytes": sum("wan_bytes"), "wan_link_bytes": a1 - a0,
+        "avg_vm_time_ms": sum("total_time_ms") / n, "avg_downtime_ms": sum("downtime_ms") / n,
+        "failed": vms.iter().filter(|v| v["status"] != "completed").count(), "vms": vms,
+    }))
+}
+
+/// The source's dedup pipeline: 4 KiB chunks per second through SHA-256 and one pipelined
+/// `SET NX` per 1024 chunks on a real `redis-server` on loopback, against hashing alone.
+pub fn source_pipeline() -> Result<Value> {
+    let pages: Vec<Vec<u8>> = (0..16384u32)
+        .map(|i| (0..4096u32).map(|j| (i.wrapping_mul(2654435761).wrapping_add(j * 40503) >> 13) as u8).collect())
+        .collect();
+    let t = Instant::now();
+    for p in &pages {
+        std::hint::black_box(indexd::hash::digest(indexd::hash::Algo::Sha256, p));
+    }
+    let hash_only = pages.len() as f64 / t.elapsed().as_secs_f64();
+    let redis = indexd::testing::RedisServer::start().map_err(|e| TestbedError::Failed(format!("redis-server: {e}")))?;
+    let mut dedup = migrate::dedup::RedisDedup::new(&migrate::dedup::DedupConfig {
+        coordination: redis.url(),
+        migration_id: "bench".into(),
+        dest_site: "B".into(),
+        algo: indexd::hash::Algo::Sha256,
+        ttl_s: 60,
+    });
+    use migrate::precopy::Dedup;
+    let t = Instant::now();
+    for group in pages.chunks(1024) {
+        let chunks: Vec<(u64, &[u8])> = group.iter().enumerate().map(|(i, p)| (i as u64 * 4096, p.as_slice())).collect();
+        std::hint::black_box(dedup.decide(&chunks).map_err(TestbedError::Failed)?);
+    }
+    let with_redis = pages.len() as f64 / t.elapsed().as_secs_f64();
+    Ok(json!({
+        "hash_only_pages_per_s": hash_only,
+        "hash_and_coordination_pages_per_s": with_redis,
+        "fraction_of_hash_limit": with_redis / hash_only,
+        "note": "one source thread, SHA-256, groups of 1024 chunks per pipelined SET NX round trip, Redis on loopback",
+    }))
+}
+
+/// One line of a plot.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend.
+    pub name: String,
+    /// Points (x, y); x > 0 (the x axis is logarithmic).
+    pub points: Vec<(f64, f64)>,
+    /// Dashed (a reference such as the lower bound).
+    pub dashed: bool,
+}
+
+/// One chart of a figure.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// Title.
+    pub title: String,
+    /// X axis label.
+    pub x_label: String,
+    /// Y axis label.
+    pub y_label: String,
+    /// The lines.
+    pub series: Vec<Series>,
+}
+
+fn font() -> std::result::Result<(), String> {
+    static FONT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    FONT.get_or_init(|| {
+        let candidates = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+        let path = candidates.iter().find(|p| Path::new(p).is_file()).ok_or("no DejaVuSans.ttf: apt-get install fonts-dejavu-core (or `make deps`)")?;
+        let bytes: &'static [u8] = Box::leak(std::fs::read(path).map_err(|e| format!("{path}: {e}"))?.into_boxed_slice());
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).map_err(|_| format!("{path}: not a font"))
+    })
+    .clone()
+}
+
+/// Draws `panels` side by side into the PNG `path`.
+pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result<(), String> {
+    use plotters::prelude::*;
+    font()?;
+    let e = |x: &dyn std::fmt::Display| format!("{}: {x}", path.display());
+    let root = BitMapBackend::new(path, (560 * panels.len() as u32, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let root = root.titled(caption, ("sans-serif", 22)).map_err(|x| e(&x))?;
+    for (area, p) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+        let xs = p.series.iter().flat_map(|s| s.points.iter().map(|q| q.0));
+        let (x0, x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        let (x0, x1) = if x0 > x1 { (1.0, 2.0) } else { (x0 / 1.25, x1 * 1.25) };
+        let y1 = p.series.iter().flat_map(|s| s.points.iter().map(|q| q.1)).fold(0.0f64, f64::max).max(1e-9) * 1.12;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&p.title, ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((x0..x1).log_scale(), 0f64..y1)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc(p.x_label.as_str())
+            .y_desc(p.y_label.as_str())
+            .x_label_formatter(&|x| format!("{}", (*x as f64).round()))
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (i, s) in p.series.iter().enumerate() {
+            const COLORS: [(u8, u8, u8); 7] = [(220, 50, 47), (38, 139, 210), (95, 135, 0), (0, 0, 0), (211, 54, 130), (203, 75, 22), (108, 113, 196)];
+            let (r, g, b) = COLORS[i % COLORS.len()];
+            let color = RGBColor(r, g, b).to_rgba();
+            let style = color.stroke_width(2);
+            let pts = s.points.clone();
+            let anno = if s.dashed {
+                chart.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style)).map_err(|x| e(&x))?
+            } else {
+                chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(|x| e(&x))?
+            };
+            anno.label(s.name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            chart.draw_series(pts.iter().map(|&q| Circle::new(q, 3, color.filled()))).map_err(|x| e(&x))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lower_bound_counts_distinct_content_once_and_digests_for_the_rest() {
+        let dir = std::env::temp_dir().join(format!("shrink-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Two "VMs": shared page X, private pages, zero pages; one intra-VM duplicate.
+        let page = |b: u8| (0..4096u32).map(|i| (i as u8).wrapping_mul(b) ^ b).collect::<Vec<u8>>();
+        let a = [page(3), page(5), page(3), vec![0; 4096]].concat();
+        let b = [page(3), page(7), vec![0; 4096], vec![9; 4096]].concat();
+        let (pa, pb) = (dir.join("a.img"), dir.join("b.img"));
+        std::fs::write(&pa, a).unwrap();
+        std::fs::write(&pb, b).unwrap();
+        let lb = LowerBound::of(&[pa.clone(), pb.clone()], 4096, 32).unwrap();
+        assert_eq!((lb.distinct, lb.nonuniform, lb.uniform), (3, 5, 3));
+        assert_eq!(lb.bytes, 3 * (8 + 4096) + 2 * (8 + 32) + 3 * 9);
+        assert_eq!(lb.time_ms(8 * 1000), lb.bytes, "bytes at 1000 B/s take bytes ms");
+        // Half-page chunks find more duplicates: each of these pages is two identical halves.
+        let half = LowerBound::of(&[pa, pb], 2048, 32).unwrap();
+        assert_eq!((half.distinct, half.nonuniform, half.uniform), (3, 10, 6));
+        assert!(half.bytes < lb.bytes);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn plots_are_png_files() {
+        let p = std::env::temp_dir().join(format!("shrink-plot-{}.png", std::process::id()));
+        let s = |n: &str, k: f64, dashed| Series { name: n.into(), points: [1.0, 2.0, 4.0, 8.0, 16.0].iter().map(|&x| (x, x * k)).collect(), dashed };
+        let panel = Panel { title: "time".into(), x_label: "VMs".into(), y_label: "s".into(), series: vec![s("shrink", 2.0, false), s("bound", 1.0, true)] };
+        plot(&p, "test", &[panel.clone(), panel]).unwrap();
+        let b = std::fs::read(&p).unwrap();
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(b.len() > 5000);
+        let _ = std::fs::remove_file(&p);
+    }
+}

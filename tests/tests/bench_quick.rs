@@ -1,0 +1,55 @@
+//! `shrink-bench --quick`: one small point of every family of the evaluation, so the harness
+//! that `make bench` runs keeps working (the figures themselves belong to `make bench`).
+
+use std::process::Command;
+
+use serde_json::Value;
+use shrink_tests::netns;
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
+    netns::available().unwrap();
+    let name = format!("bq{}", netns::unique_tag());
+    let out = std::env::temp_dir().join(format!("shrink-bench-quick-{name}"));
+    let _ = std::fs::remove_dir_all(&out);
+    let r = Command::new(env!("CARGO_BIN_EXE_shrink-bench")).args(["--quick", "--name", &name, "--out", out.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let points = doc["points"].as_array().unwrap();
+    let families: Vec<&str> = points.iter().map(|p| p["family"].as_str().unwrap()).collect();
+    assert_eq!(families, ["size", "workload", "workload", "bandwidth", "granularity"], "{err}");
+    for p in points {
+        let s = &p["shrink"];
+        assert_eq!((s["ok"].as_bool(), u(&s["failed"])), (Some(true), 0), "{p:#}");
+        assert!(u(&s["wan_link_bytes"]) >= u(&s["wan_bytes"]), "the stream crossed the shaped WAN: {s:#}");
+        for n in s["network"].as_array().unwrap() {
+            assert_eq!(n["answering"], true, "{n}");
+            assert!(n["detection_ms"].as_f64().is_some() && n["reconfiguration_ms"].as_f64().is_some(), "vnetd saw the move: {n}");
+        }
+        if p["family"] == "granularity" {
+            assert!(p["no_dedup"].is_null() && p["qemu"].is_null());
+            assert_eq!(u(&p["chunk"]), 1024);
+        } else {
+            assert_eq!(p["no_dedup"]["ok"], true, "{p:#}");
+            assert_eq!(u(&p["qemu"]["failed"]), 0, "{p:#}");
+            assert!(u(&p["qemu"]["wan_bytes"]) > 0);
+        }
+    }
+    // Two idle VMs from one image: dedup sends less than plain pre-copy, and no less than the bound.
+    let size = &points[0];
+    assert!(u(&size["shrink"]["wan_bytes"]) < u(&size["no_dedup"]["wan_bytes"]), "{size:#}");
+    assert!(u(&size["shrink"]["wan_bytes"]) >= u(&size["lower_bound"]["bytes"]), "{size:#}");
+    assert!(u(&size["shrink"]["deduplicated"]) > 0);
+    assert!(doc["source_pipeline"]["hash_and_coordination_pages_per_s"].as_f64().unwrap() > 0.0);
+    for f in ["fig-size.png", "fig-workload-time.png", "fig-workload-bytes.png", "fig-bandwidth.png", "fig-granularity.png", "fig-network.png"] {
+        let b = std::fs::read(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(&b[..4], b"\x89PNG", "{f}");
+    }
+    assert!(shrink_tests::testbed::namespaces(&name).is_empty(), "the bench left its testbed up");
+    let _ = std::fs::remove_dir_all(&out);
+}
