@@ -9,8 +9,9 @@ echo ">> pre-copy live migration, side by side with QEMU"
 cargo bench -q -p hypervisor --bench precopy -- bench/results/precopy.json
 echo ">> devices: UDP through the tap, preload from qcow2"
 cargo bench -q -p hypervisor --bench devices -- bench/results/devices.json
-echo ">> Shrinker: clusters of 1..16 VMs at 100 Mbit/s, dedup vs plain vs QEMU"
-cargo bench -q -p shrink-tests --bench shrinker -- bench/results/shrinker.json
+echo ">> the evaluation on the two-site testbed: cluster size, workloads, bandwidth, granularity,"
+echo "   network timings; shrink vs --no-dedup vs QEMU; JSON and PNG plots (about 45 minutes)"
+target/release/shrink-bench --out bench/results "$@"
 echo ">> indexd: Redis pipelines and peer fetches"
 target/release/indexd-bench > bench/results/indexd.txt 2>&1 || true
 echo ">> vnetd: detection, reconfiguration, connectivity gap, tunnel cost"

@@ -759,7 +759,7 @@ pub struct ReceiveOptions {
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        ReceiveOptions { wait: Duration::from_secs(2), paused_wait: Duration::ZERO, pull: true, cancelled: None }
+        ReceiveOptions { wait: Duration::from_millis(500), paused_wait: Duration::ZERO, pull: true, cancelled: None }
     }
 }
 
