@@ -52,15 +52,47 @@ if d:
             f"| UDP guest → host (1472-byte payloads) | {d['udp_guest_to_host']['payload_mbit_per_s']:.0f} Mbit/s |",
             f"| preload from the qcow2 overlay | {d['preload_from_qcow2_overlay']['mb_per_s']:.0f} MB/s |", ""]
 
-s = load("shrinker.json")
-if s:
-    out += ["## Shrinker: virtual clusters at 100 Mbit/s (`cargo bench -p shrink-tests --bench shrinker`)", f"Date: {s['date']}. VM: {s['vm']['memory']}, `{s['vm']['cmdline']}` — {s['vm']['shared_os_content']} shared, {s['vm']['private']}.", "",
-            "| VMs | shrink time | shrink WAN MB | no-dedup time | no-dedup WAN MB | QEMU time | QEMU WAN MB | lower bound MB | deduplicated | from peers | pulled | avg downtime |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in s["runs"]:
-        a, b, q, lb = r["shrink"], r["shrink_no_dedup"], r["qemu"], r["lower_bound"]
-        out.append(f"| {r['vms']} | {a['total_time_ms'] / 1e3:.1f} s | {a['wan_bytes'] / 1e6:.0f} | {b['total_time_ms'] / 1e3:.1f} s | {b['wan_bytes'] / 1e6:.0f} | {q['total_time_ms'] / 1e3:.1f} s | {q['wan_bytes'] / 1e6:.0f} | {lb['bytes'] / 1e6:.0f} | {a['deduplicated']} | {a['fetched_from_peers']} | {a['pulled']} | {a['avg_downtime_ms']} ms |")
-    sp = s.get("source_pipeline", {})
+e = load("eval.json")
+if e:
+    pts = [p for p in e["points"] if "error" not in p]
+    failed = [p for p in e["points"] if "error" in p]
+    mb = lambda v: (v or 0) / 1e6
+    sec = lambda v: (v or 0) / 1e3
+    def cell(p, k):
+        v = p.get(k)
+        if not v:
+            return "-"
+        return f"{sec(v['total_time_ms']):.1f} s, {mb(v['wan_bytes']):.0f} MB"
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}"
+    out += ["## The evaluation: shrink vs `--no-dedup` vs QEMU on the two-site testbed", "",
+            f"Date: {e['date']}. Command: `{e['command']}` ({e['seconds'] // 60} min). {e['testbed']}.", "",
+            f"VM: {e['vm']['memory_mib']} MiB, `preload={e['vm']['preload']} private={e['vm']['private']}` — {e['vm']['mix']}.", "",
+            f"QEMU: {e['qemu']}. QEMU migrates a paused image; shrink and `--no-dedup` chase running guests.", "",
+            "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-network.png`.", "",
+            "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | lower bound | shrink/QEMU bytes | shrink/QEMU time | shrink/no-dedup bytes | shrink/no-dedup time | deduplicated | from peers | pulled | avg downtime |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pts:
+        s_, r = p["shrink"], p["ratios"]
+        lb = p["lower_bound"]
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | "
+                   f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])} | {ratio(r['time_shrink_over_qemu'])} | "
+                   f"{ratio(r['wan_bytes_shrink_over_no_dedup'])} | {ratio(r['time_shrink_over_no_dedup'])} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_['pulled']} | {s_['avg_downtime_ms']} ms |")
+    out += ["", "### Network: what the moved VMs' peers saw (shrink's move to site B; probes every 10 ms from a client on each site's LAN)", "",
+            "| family | workload | VMs | Mbit/s | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pts:
+        net = p["shrink"]["network"]
+        def st(k):
+            v = [x[k] for x in net if isinstance(x.get(k), (int, float))]
+            return (sum(v) / len(v), max(v)) if v else (0, 0)
+        d, ga, gb, det, rec = st("downtime_ms"), st("gap_a_ms"), st("gap_b_ms"), st("detection_ms"), st("reconfiguration_ms")
+        la, lbb = st("lost_a")[1], st("lost_b")[1]
+        ok = all(x.get("answering") for x in net)
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
+    for p in failed:
+        out.append(f"\nFailed: {p['family']} family, {p['vms']} VMs, {p['workload']}, {p['rate_mbit']} Mbit/s: {p['error']}")
+    sp = e.get("source_pipeline") or {}
     if sp:
         out += ["", f"Source pipeline (one thread, SHA-256 + pipelined SET NX): {sp['hash_and_coordination_pages_per_s']:.0f} pages/s, {sp['fraction_of_hash_limit'] * 100:.0f} % of the hash-only limit ({sp['hash_only_pages_per_s']:.0f} pages/s)."]
     out.append("")

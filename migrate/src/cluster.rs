@@ -298,7 +298,10 @@ pub struct Relocation {
 pub fn relocate(file: &str, text: &str, moved: &[Relocation]) -> Result<String, ClusterError> {
     let c = Cluster::parse(file, text)?;
     let mut edits: Vec<(Range<usize>, String)> = Vec::new();
-    for r in moved {
+    for (i, r) in moved.iter().enumerate() {
+        if moved[..i].iter().any(|o| o.vm == r.vm) {
+            return Err(ClusterError::Field { file: file.to_owned(), line: 1, field: "vms".into(), why: format!("VM '{}' relocated twice", r.vm) });
+        }
         let v = c.file.vms.iter().find(|v| v.name.get_ref() == &r.vm).ok_or_else(|| ClusterError::Field {
             file: file.to_owned(),
             line: 1,

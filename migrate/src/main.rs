@@ -82,6 +82,12 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     report: Option<std::path::PathBuf>,
 
+    /// With --cluster: how long a destination waits without progress for content that other
+    /// VMs' streams bring before pulling it from its source (default: 250 ms per VM moving,
+    /// 500 to 3000 ms).
+    #[arg(long, value_name = "MS", requires = "cluster")]
+    pull_wait_ms: Option<u64>,
+
     /// With --cluster: leave the cluster file as it is (by default the moved VMs' `host` and
     /// `api` are rewritten to where they run now, comments and layout kept).
     #[arg(long, requires = "cluster")]
@@ -224,6 +230,7 @@ fn run_cluster(args: &Args) -> ExitCode {
         }),
         progress: !args.json,
         update_file: !args.keep_cluster_file,
+        pull_wait_ms: args.pull_wait_ms,
     };
     match migrate::orchestrate::run(&opts) {
         Ok(report) => {

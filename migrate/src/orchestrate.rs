@@ -37,6 +37,16 @@ pub struct ClusterOptions {
     pub progress: bool,
     /// Rewrite the moved VMs' `host` and `api` in the cluster file afterwards.
     pub update_file: bool,
+    /// How long a destination waits without progress for content other VMs' streams bring,
+    /// before it pulls it from its source (None: [`pull_wait_ms`] of the cluster's size).
+    pub pull_wait_ms: Option<u64>,
+}
+
+/// The default wait for content in flight: every VM's stream gets about 1/N of the WAN, so
+/// content another stream carries takes longer to arrive the more VMs move at once — 250 ms
+/// per VM, from half a second to three.
+pub fn pull_wait_ms(vms: usize) -> u64 {
+    (250 * vms as u64).clamp(500, 3000)
 }
 
 /// Where a migration's chunks came from, and what it cost; for one VM or summed over many.
@@ -189,8 +199,9 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
         );
         if !opts.no_dedup {
             cmd.push_str(&format!(
-                " --index {} --peer-listen {addr}:{peer} --peer-advertise {addr}:{peer}",
+                " --index {} --peer-listen {addr}:{peer} --peer-advertise {addr}:{peer} --pull-wait-ms {}",
                 dest.index.get_ref(),
+                opts.pull_wait_ms.unwrap_or_else(|| pull_wait_ms(moves.len())),
                 addr = m.to_address
             ));
         }
@@ -351,8 +362,17 @@ fn update_cluster_file(file: &Path, moved: &[Relocation]) -> Result<(), String> 
     let name = file.display().to_string();
     let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: {e}"))?;
     let out = relocate(&name, &text, moved).map_err(|e| e.to_string())?;
+    // Rewrite the file itself (a symlink stays one), through a temporary file beside it with
+    // the same permissions.
+    let file = std::fs::canonicalize(file).map_err(|e| format!("{name}: {e}"))?;
     let tmp = file.with_extension("toml.tmp");
-    std::fs::write(&tmp, out).and_then(|()| std::fs::rename(&tmp, file)).map_err(|e| format!("{name}: {e}"))
+    let r = std::fs::write(&tmp, out)
+        .and_then(|()| std::fs::metadata(&file).and_then(|m| std::fs::set_permissions(&tmp, m.permissions())))
+        .and_then(|()| std::fs::rename(&tmp, &file));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map_err(|e| format!("{name}: {e}"))
 }
 
 fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
@@ -454,5 +474,13 @@ pub fn print_report(r: &ClusterReport) {
     }
     if let Some(e) = &r.cluster_file_error {
         println!("warning: the cluster file could not be updated: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_wait_for_content_in_flight_grows_with_the_streams_sharing_the_wan() {
+        assert_eq!([1, 2, 4, 8, 16, 64].map(super::pull_wait_ms), [500, 500, 1000, 2000, 3000, 3000]);
     }
 }

@@ -978,6 +978,10 @@ fn wait_for_site<S: Sink>(
     loop {
         check(opts)?;
         retry_pending(sink, pending, stats)?;
+        if opts.wait.is_zero() {
+            // One look, no waiting (the guest is paused).
+            return Ok(());
+        }
         if pending.is_empty() {
             return Ok(());
         }

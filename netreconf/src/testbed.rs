@@ -210,6 +210,65 @@ impl Drop for Proc {
     }
 }
 
+/// One router of the project's two-site world (site A 10.1.0.0/24 behind router "A", site B
+/// 10.1.1.0/24 behind router "B").
+pub struct SiteConfig<'a> {
+    /// This router's name ("A" or "B").
+    pub name: &'a str,
+    /// Its MAC on the LAN.
+    pub router_mac: &'a str,
+    /// The gateway address it answers for.
+    pub router_ip: &'a str,
+    /// Overlay address, `IP:PORT`.
+    pub listen: &'a str,
+    /// The shared key.
+    pub key: &'a str,
+    /// Control socket.
+    pub control_socket: &'a Path,
+    /// Its LAN's prefix.
+    pub lndt: &'a str,
+    /// The other router's name.
+    pub peer: &'a str,
+    /// The other router's overlay address.
+    pub peer_address: &'a str,
+}
+
+/// vnetd's configuration file for a router of the two-site world.
+pub fn two_site_config(c: &SiteConfig) -> String {
+    format!(
+        r#"site = "{name}"
+lan_interface = "lan0"
+router_mac = "{mac}"
+router_ip = "{ip}"
+listen = "{listen}"
+key = "{key}"
+control_socket = "{sock}"
+lndt = ["{lndt}"]
+
+[[peers]]
+name = "{peer}"
+address = "{peer_addr}"
+
+[[gndt]]
+network = "10.1.0.0/24"
+router = "A"
+
+[[gndt]]
+network = "10.1.1.0/24"
+router = "B"
+"#,
+        name = c.name,
+        mac = c.router_mac,
+        ip = c.router_ip,
+        listen = c.listen,
+        key = c.key,
+        sock = c.control_socket.display(),
+        lndt = c.lndt,
+        peer = c.peer,
+        peer_addr = c.peer_address,
+    )
+}
+
 /// Which site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
@@ -328,30 +387,17 @@ impl TwoSites {
             Site::A => ("A", RA_MAC, "10.1.0.254", RA_WAN, "B", RB_WAN, "10.1.0.0/24", "a.sock"),
             Site::B => ("B", RB_MAC, "10.1.1.254", RB_WAN, "A", RA_WAN, "10.1.1.0/24", "b.sock"),
         };
-        format!(
-            r#"site = "{name}"
-lan_interface = "lan0"
-router_mac = "{mac}"
-router_ip = "{ip}"
-listen = "{listen}"
-key = "{KEY}"
-control_socket = "{sock}"
-lndt = ["{lndt}"]
-
-[[peers]]
-name = "{peer}"
-address = "{peer_addr}"
-
-[[gndt]]
-network = "10.1.0.0/24"
-router = "A"
-
-[[gndt]]
-network = "10.1.1.0/24"
-router = "B"
-"#,
-            sock = self.dir.join(sock).display()
-        )
+        two_site_config(&SiteConfig {
+            name,
+            router_mac: &mac.to_string(),
+            router_ip: ip,
+            listen,
+            key: KEY,
+            control_socket: &self.dir.join(sock),
+            lndt,
+            peer,
+            peer_address: peer_addr,
+        })
     }
 
     /// Control socket of a site's vnetd.

@@ -83,6 +83,7 @@ impl Qmp {
                 }
             }
         };
+        s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
         let r = s.try_clone().map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
         let mut q = Qmp(BufReader::new(r), s);
         let mut greeting = String::new();
@@ -151,8 +152,12 @@ pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value
         q.cmd("migrate", json!({"uri": uri}))?;
     }
     let mut vms = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(1800);
     for (q, _) in qmps.iter_mut() {
         loop {
+            if Instant::now() > deadline {
+                return Err(TestbedError::Timeout { what: "QEMU's migrations".into(), secs: 1800 });
+            }
             let r = q.cmd("query-migrate", json!({}))?;
             match r["status"].as_str().unwrap_or("") {
                 "completed" => {
@@ -236,7 +241,8 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-fn font() -> std::result::Result<(), String> {
+/// Loads the plots' font (DejaVu Sans); an error names the package to install.
+pub fn font() -> std::result::Result<(), String> {
     static FONT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     FONT.get_or_init(|| {
         let candidates = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
@@ -255,7 +261,19 @@ pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result
     let root = BitMapBackend::new(path, (560 * panels.len() as u32, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let root = root.titled(caption, ("sans-serif", 22)).map_err(|x| e(&x))?;
-    for (area, p) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+    // Points a log axis cannot show, or that are not numbers, are left out.
+    let panels: Vec<Panel> = panels
+        .iter()
+        .map(|p| Panel {
+            series: p
+                .series
+                .iter()
+                .map(|s| Series { points: s.points.iter().copied().filter(|(x, y)| *x > 0.0 && x.is_finite() && y.is_finite()).collect(), ..s.clone() })
+                .collect(),
+            ..p.clone()
+        })
+        .collect();
+    for (area, p) in root.split_evenly((1, panels.len())).iter().zip(&panels) {
         let xs = p.series.iter().flat_map(|s| s.points.iter().map(|q| q.0));
         let (x0, x1) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
         let (x0, x1) = if x0 > x1 { (1.0, 2.0) } else { (x0 / 1.25, x1 * 1.25) };
@@ -271,7 +289,7 @@ pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result
             .configure_mesh()
             .x_desc(p.x_label.as_str())
             .y_desc(p.y_label.as_str())
-            .x_label_formatter(&|x| format!("{}", (*x as f64).round()))
+            .x_label_formatter(&|x| format!("{}", x.round()))
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(|x| e(&x))?;

@@ -346,7 +346,7 @@ fn kill(pid: i32, sig: &str) {
 /// those whose command line still mentions `dir` (a recycled pid does not).
 fn recorded_pids(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
-    let needle = dir.display().to_string();
+    let needle = format!("{}/", dir.display());
     for e in std::fs::read_dir(dir.join("pids")).into_iter().flatten().flatten() {
         let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else { continue };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -357,42 +357,76 @@ fn recorded_pids(dir: &Path) -> Vec<i32> {
     out
 }
 
-/// Removes testbed `name` (working directory `dir`): stops every process in its namespaces
-/// and those it started outside them (SIGTERM, then SIGKILL after 3 s), deletes the namespaces
-/// (and with them every bridge, veth and tap) and the directory. Safe to call on a testbed
-/// that is half built, already gone, or left behind by a crash.
-pub fn down(name: &str, dir: &Path) -> Result<Removed> {
-    let nss = namespaces(name);
-    let mut pids: Vec<i32> = nss.iter().flat_map(|ns| pids_in(ns)).collect();
+/// The file that marks a directory as a testbed's working directory (only such a directory
+/// is ever removed).
+const MARKER: &str = ".shrink-testbed";
+
+/// Checks a testbed name: it prefixes namespace names, so 1-24 letters, digits or `_`.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 24 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(TestbedError::Failed(format!("testbed name '{name}': use 1-24 letters, digits or _")));
+    }
+    Ok(())
+}
+
+fn pids_of(name: &str, dir: &Path) -> Vec<i32> {
+    let mut pids: Vec<i32> = namespaces(name).iter().flat_map(|ns| pids_in(ns)).collect();
     pids.extend(recorded_pids(dir));
+    pids.retain(|&p| alive(p));
     pids.sort_unstable();
     pids.dedup();
-    for &p in &pids {
+    pids
+}
+
+/// Removes testbed `name` (working directory `dir`): stops every process in its namespaces
+/// and those it started outside them (SIGTERM, then SIGKILL after 3 s), deletes the namespaces
+/// (and with them every bridge, veth and tap) and the directory — only if it is a testbed's
+/// (it holds the marker `up` writes). Safe to call on a testbed that is half built, already
+/// gone, or left behind by a crash.
+pub fn down(name: &str, dir: &Path) -> Result<Removed> {
+    check_name(name)?;
+    if dir.exists() && !dir.join(MARKER).exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(TestbedError::Failed(format!("{} is not a testbed's working directory (no {MARKER}): not touching it", dir.display())));
+    }
+    let first = pids_of(name, dir);
+    for &p in &first {
         kill(p, "-TERM");
     }
     let t0 = Instant::now();
-    while pids.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(3) {
+    while first.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(3) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for &p in &pids {
-        if alive(p) {
+    // Then anything left, including what started in the meantime (a destination VMM being
+    // launched), until nothing is left.
+    let mut stopped = first.len();
+    for _ in 0..20 {
+        let left = pids_of(name, dir);
+        if left.is_empty() {
+            break;
+        }
+        stopped += left.iter().filter(|p| !first.contains(p)).count();
+        for &p in &left {
             kill(p, "-KILL");
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    // Anything that started in the meantime (a destination VMM being launched).
+    let nss = namespaces(name);
+    let mut errors = Vec::new();
     for ns in &nss {
-        for p in pids_in(ns) {
-            kill(p, "-KILL");
+        if let Err(e) = netns::run(&["ip", "netns", "del", ns]) {
+            errors.push(e.to_string());
         }
     }
-    for ns in &nss {
-        netns::run(&["ip", "netns", "del", ns])?;
-    }
-    let had_dir = dir.exists();
+    let had_dir = dir.join(MARKER).exists();
     if had_dir {
-        io(dir, std::fs::remove_dir_all(dir))?;
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            errors.push(format!("{}: {e}", dir.display()));
+        }
     }
-    Ok(Removed { namespaces: nss, processes: pids.len(), dir: had_dir })
+    if !errors.is_empty() {
+        return Err(TestbedError::Failed(format!("testbed '{name}' not fully removed: {}", errors.join("; "))));
+    }
+    Ok(Removed { namespaces: nss, processes: stopped, dir: had_dir })
 }
 
 /// Starts `args` in namespace `ns`, detached (its own process group, outliving the caller),
@@ -438,7 +472,7 @@ fn tail(p: &Path) -> String {
 
 /// The VM's guest reports these lines on its serial console.
 fn last_heartbeat(text: &str) -> Option<u64> {
-    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).last()
+    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).next_back()
 }
 
 impl Testbed {
@@ -471,9 +505,7 @@ impl Testbed {
     /// starts vnetd and the Redis servers at both sites.
     pub fn up(opts: Options, bins: Bins) -> Result<Testbed> {
         netns::available().map_err(|e| TestbedError::Missing { what: "root".into(), hint: e })?;
-        if opts.name.is_empty() || opts.name.len() > 24 || !opts.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(TestbedError::Failed(format!("testbed name '{}': use 1-24 letters, digits or _", opts.name)));
-        }
+        check_name(&opts.name)?;
         if rate_bps(&opts.wan_rate).is_none() {
             return Err(TestbedError::Failed(format!("WAN rate '{}': give a number with kbit, mbit or gbit (e.g. 100mbit)", opts.wan_rate)));
         }
@@ -482,6 +514,8 @@ impl Testbed {
         }
         down(&opts.name, &opts.dir)?;
         io(&opts.dir, std::fs::create_dir_all(&opts.dir))?;
+        let marker = opts.dir.join(MARKER);
+        io(&marker, std::fs::write(&marker, b"a shrink-testbed working directory: `shrink-testbed down` removes it\n"))?;
         let tb = Testbed { state: State { opts, bins, vms: Vec::new() } };
         tb.save()?;
         if let Err(e) = tb.build().and_then(|()| tb.start_services()) {
@@ -522,6 +556,7 @@ impl Testbed {
 
     /// A veth from `ns` (`ifname`, optional MAC and MTU) to bridge `br` of switch `sw` (port
     /// `port`).
+    #[allow(clippy::too_many_arguments)]
     fn plug(&self, ns: &str, ifname: &str, mac: Option<&str>, mtu: &str, sw: &str, port: &str, br: &str) -> Result<()> {
         let mut args = vec!["link", "add", ifname];
         if let Some(m) = mac {
@@ -614,38 +649,17 @@ impl Testbed {
     /// vnetd's configuration for `site`.
     pub fn vnetd_config(&self, site: Site) -> String {
         let other = site.other();
-        format!(
-            r#"# vnetd of {site_name} (written by shrink-testbed)
-site = "{r}"
-lan_interface = "lan0"
-router_mac = "{mac}"
-router_ip = "{net}.254"
-listen = "{addr}:7800"
-key = "shrink-testbed-key-0123456789abcdef"
-control_socket = "{sock}"
-lndt = ["{net}.0/24"]
-
-[[peers]]
-name = "{or}"
-address = "{oaddr}:7800"
-
-[[gndt]]
-network = "10.1.0.0/24"
-router = "A"
-
-[[gndt]]
-network = "10.1.1.0/24"
-router = "B"
-"#,
-            site_name = site.name(),
-            r = site.router(),
-            mac = site.router_mac(),
-            net = site.vm_net(),
-            addr = site.gateway_addr(),
-            sock = self.vnetd_socket(site).display(),
-            or = other.router(),
-            oaddr = other.gateway_addr(),
-        )
+        netreconf::testbed::two_site_config(&netreconf::testbed::SiteConfig {
+            name: site.router(),
+            router_mac: &site.router_mac(),
+            router_ip: &format!("{}.254", site.vm_net()),
+            listen: &format!("{}:7800", site.gateway_addr()),
+            key: "shrink-testbed-key-0123456789abcdef",
+            control_socket: &self.vnetd_socket(site),
+            lndt: &format!("{}.0/24", site.vm_net()),
+            peer: other.router(),
+            peer_address: &format!("{}:7800", other.gateway_addr()),
+        })
     }
 
     /// vnetd's control socket at `site`.
@@ -920,11 +934,15 @@ router = "B"
             .vms
             .iter()
             .map(|vm| {
-                let rec = recs.iter().filter(|r| r["ip"] == vm.ip.as_str()).max_by_key(|r| r["seq"].as_u64().unwrap_or(0));
+                let v = report["vms"].as_array().and_then(|a| a.iter().find(|v| v["vm"] == vm.name.as_str())).cloned().unwrap_or_default();
+                // The latest move of this VM to `dest` (none if it did not move this time).
+                let rec = recs
+                    .iter()
+                    .filter(|r| r["ip"] == vm.ip.as_str() && v["status"] == "completed")
+                    .max_by_key(|r| r["seq"].as_u64().unwrap_or(0));
                 let since = |k: &str| {
                     rec.and_then(|r| Some(r[k].as_u64()?.saturating_sub(r["detected_us"].as_u64()?) as f64 / 1000.0))
                 };
-                let v = report["vms"].as_array().and_then(|a| a.iter().find(|v| v["vm"] == vm.name.as_str())).cloned().unwrap_or_default();
                 let (a, b) = (target(&probes[0], &vm.name), target(&probes[1], &vm.name));
                 serde_json::json!({
                     "vm": vm.name, "status": v["status"], "downtime_ms": v["downtime_ms"],
@@ -946,11 +964,17 @@ router = "B"
             let snap = self.path(&format!("snap-{}", vm.name));
             let _ = std::fs::remove_dir_all(&snap);
             let mut c = migrate::client::ApiClient::connect(&api).map_err(|e| TestbedError::Failed(format!("{}: {e}", vm.name)))?;
-            for (cmd, args) in [("pause", serde_json::json!({})), ("snapshot", serde_json::json!({"path": snap})), ("resume", serde_json::json!({}))] {
+            let mut call = |cmd: &str, args: Value| -> Result<()> {
                 c.execute(cmd, args)
                     .map_err(|e| TestbedError::Failed(format!("{}: {cmd}: {e}", vm.name)))?
-                    .map_err(|e| TestbedError::Failed(format!("{}: {cmd}: {e}", vm.name)))?;
-            }
+                    .map(|_| ())
+                    .map_err(|e| TestbedError::Failed(format!("{}: {cmd}: {e}", vm.name)))
+            };
+            call("pause", serde_json::json!({}))?;
+            let taken = call("snapshot", serde_json::json!({"path": snap}));
+            // Resumed whatever the snapshot did.
+            call("resume", serde_json::json!({}))?;
+            taken?;
             out.push(snap.join("memory.img"));
         }
         Ok(out)

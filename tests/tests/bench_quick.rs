@@ -10,10 +10,20 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
+/// Removes the bench's testbed if the test fails half-way.
+struct Down(String);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = shrink_tests::testbed::down(&self.0, &shrink_tests::testbed::default_dir(&self.0));
+    }
+}
+
 #[test]
 fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     netns::available().unwrap();
     let name = format!("bq{}", netns::unique_tag());
+    let _down = Down(name.clone());
+    assert!(shrink_tests::eval::qemu_binary().is_some(), "qemu-system-x86_64 is needed for the baseline (make deps installs it)");
     let out = std::env::temp_dir().join(format!("shrink-bench-quick-{name}"));
     let _ = std::fs::remove_dir_all(&out);
     let r = Command::new(env!("CARGO_BIN_EXE_shrink-bench")).args(["--quick", "--name", &name, "--out", out.to_str().unwrap()]).output().unwrap();
@@ -24,6 +34,7 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     let families: Vec<&str> = points.iter().map(|p| p["family"].as_str().unwrap()).collect();
     assert_eq!(families, ["size", "workload", "workload", "bandwidth", "granularity"], "{err}");
     for p in points {
+        assert!(p.get("error").is_none(), "{p:#}");
         let s = &p["shrink"];
         assert_eq!((s["ok"].as_bool(), u(&s["failed"])), (Some(true), 0), "{p:#}");
         assert!(u(&s["wan_link_bytes"]) >= u(&s["wan_bytes"]), "the stream crossed the shaped WAN: {s:#}");
@@ -36,7 +47,10 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
             assert_eq!(u(&p["chunk"]), 1024);
         } else {
             assert_eq!(p["no_dedup"]["ok"], true, "{p:#}");
-            assert_eq!(u(&p["qemu"]["failed"]), 0, "{p:#}");
+            assert!(p["qemu"].is_object() && u(&p["qemu"]["failed"]) == 0, "{p:#}");
+            for n in p["no_dedup"]["network"].as_array().unwrap() {
+                assert_eq!(n["answering"], true, "back at site A: {n}");
+            }
             assert!(u(&p["qemu"]["wan_bytes"]) > 0);
         }
     }

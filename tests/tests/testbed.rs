@@ -21,7 +21,10 @@ impl Drop for Down {
             }
         }
         if std::env::var_os("SHRINK_TESTBED_KEEP").is_none() {
-            testbed::down(&self.0, &self.1).unwrap();
+            let r = testbed::down(&self.0, &self.1);
+            if !std::thread::panicking() {
+                r.unwrap();
+            }
         }
     }
 }
@@ -105,12 +108,17 @@ fn move_cluster(tb: &Testbed, dest: Site) {
     }
 }
 
+/// A unique testbed name and directory, and the guard that removes it.
+fn fresh(prefix: &str) -> (String, PathBuf, Down) {
+    netns::available().unwrap();
+    let name = format!("{prefix}{}", netns::unique_tag());
+    let dir = std::env::temp_dir().join(format!("shrink-testbed-{name}"));
+    (name.clone(), dir.clone(), Down(name, dir))
+}
+
 #[test]
 fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
-    netns::available().unwrap();
-    let name = format!("tb{}", netns::unique_tag());
-    let dir = std::env::temp_dir().join(format!("shrink-testbed-{name}"));
-    let _down = Down(name.clone(), dir.clone());
+    let (name, dir, _down) = fresh("tb");
     let opts = Options { dir, ..Options::new(&name) };
     let mut tb = Testbed::up(opts, Bins::find(None, None).unwrap()).unwrap();
     tb.boot(&BootSpec { vms: 3, mem: "128M".into(), preload: "16M".into(), private: "2M".into(), workload: "idle".into(), extra: String::new() }).unwrap();
@@ -147,10 +155,7 @@ fn assert_gone(name: &str, dir: &Path) {
 
 #[test]
 fn the_demo_runs_twice_and_down_after_an_interrupted_run_leaves_nothing() {
-    netns::available().unwrap();
-    let name = format!("td{}", netns::unique_tag());
-    let dir = std::env::temp_dir().join(format!("shrink-testbed-{name}"));
-    let _down = Down(name.clone(), dir.clone());
+    let (name, dir, _down) = fresh("td");
     let small = ["demo", "--vms", "2", "--mem", "128M", "--preload", "16M", "--private", "2M"];
     for run in 1..=2 {
         let out = cli(&name, &dir, &small);

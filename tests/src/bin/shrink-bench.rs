@@ -129,19 +129,23 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
     let qemu = if p.baselines && !cli.no_qemu && eval::qemu_binary().is_some() {
         // QEMU alone on a fresh testbed (the same link), with the same memory images.
-        let keep = dir.join("..").join(format!("shrink-bench-images-{}", std::process::id()));
-        std::fs::create_dir_all(&keep).map_err(|x| x.to_string())?;
+        struct Scratch(PathBuf);
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let keep = Scratch(std::env::temp_dir().join(format!("shrink-bench-images-{}", std::process::id())));
+        std::fs::create_dir_all(&keep.0).map_err(|x| x.to_string())?;
         let mut moved = Vec::new();
         for (i, img) in images.iter().enumerate() {
-            let to = keep.join(format!("vm{i}.img"));
+            let to = keep.0.join(format!("vm{i}.img"));
             std::fs::rename(img, &to).map_err(|x| x.to_string())?;
             moved.push(to);
         }
         testbed::down(&opts.name, &dir).map_err(e)?;
         let tb2 = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
-        let r = eval::qemu_cluster(&tb2, &moved, &spec.mem);
-        let _ = std::fs::remove_dir_all(&keep);
-        Some(r.map_err(e)?)
+        Some(eval::qemu_cluster(&tb2, &moved, &spec.mem).map_err(e)?)
     } else {
         None
     };
@@ -211,8 +215,10 @@ fn secs(v: &Value) -> f64 {
 /// Series of `y(point)` over `x(point)` for the points `sel` keeps, one per system.
 fn systems(points: &[&Value], x: &dyn Fn(&Value) -> f64, y: &dyn Fn(&Value) -> Option<f64>, bound: Option<&dyn Fn(&Value) -> f64>) -> Vec<Series> {
     let mut out = Vec::new();
+    // A run where a VM failed is not a measurement of the system.
+    let valid = |v: &Value| v["ok"] != false && v["failed"].as_u64().unwrap_or(0) == 0;
     for (name, key) in [("shrink", "shrink"), ("shrink --no-dedup", "no_dedup"), ("QEMU", "qemu")] {
-        let pts: Vec<(f64, f64)> = points.iter().filter_map(|p| Some((x(p), y(&p[key])?))).collect();
+        let pts: Vec<(f64, f64)> = points.iter().filter(|p| valid(&p[key])).filter_map(|p| Some((x(p), y(&p[key])?))).collect();
         if !pts.is_empty() {
             out.push(Series { name: name.into(), points: pts, dashed: false });
         }
@@ -226,7 +232,7 @@ fn systems(points: &[&Value], x: &dyn Fn(&Value) -> f64, y: &dyn Fn(&Value) -> O
 fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     let mut made = Vec::new();
     let sel = |f: &dyn Fn(&Value) -> bool| -> Vec<&Value> {
-        let mut v: Vec<&Value> = points.iter().filter(|p| f(p)).collect();
+        let mut v: Vec<&Value> = points.iter().filter(|p| p.get("error").is_none() && f(p)).collect();
         v.sort_by_key(|p| (u(&p["vms"]), u(&p["rate_mbit"]), u(&p["chunk"])));
         v
     };
@@ -329,51 +335,88 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     Ok(made)
 }
 
+/// The results so far (`complete` once every point ran).
+fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: Instant, complete: bool) -> Value {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    json!({
+        "benchmark": "shrink-bench",
+        "date": shrink_tests::util::utc_now(),
+        "command": format!("target/release/shrink-bench {}", args.join(" ")),
+        "quick": cli.quick,
+        "machine": shrink_tests::util::machine(),
+        "complete": complete,
+        "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
+        "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
+            "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
+        "qemu": "qemu-system-x86_64 -M microvm -accel kvm -S, memory loaded from the VM's snapshot with -device loader, migrate with max-bandwidth unlimited, all VMs at once",
+        "points": points,
+        "source_pipeline": pipeline,
+        "seconds": t0.elapsed().as_secs(),
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let t0 = Instant::now();
-    let r = (|| -> Result<(), String> {
+    let r = (|| -> Result<usize, String> {
+        for f in &cli.families {
+            if !["size", "workload", "bandwidth", "granularity"].contains(&f.as_str()) {
+                return Err(format!("--families: '{f}' is not one of size, workload, bandwidth, granularity"));
+            }
+        }
+        if cli.sizes.as_ref().is_some_and(|s| s.contains(&0)) || cli.rates.as_ref().is_some_and(|r| r.contains(&0)) {
+            return Err("--sizes and --rates take positive numbers".into());
+        }
+        if let Some(c) = cli.chunks.as_ref().and_then(|c| c.iter().find(|c| ![512, 1024, 2048, 4096].contains(*c))) {
+            return Err(format!("--chunks: {c} is not 512, 1024, 2048 or 4096"));
+        }
+        // Before hours of measuring: everything the plots and the runs need is there.
+        eval::font()?;
         let bins = Bins::find(None, None).map_err(|e| e.to_string())?;
         let vm = if cli.quick { Vm { mem_mib: 128, preload: "16M", private: "2M" } } else { Vm { mem_mib: 256, preload: "64M", private: "28M" } };
         std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
+        let f = cli.out.join("eval.json");
+        let write = |doc: &Value| std::fs::write(&f, serde_json::to_string_pretty(doc).unwrap_or_default()).map_err(|e| format!("{}: {e}", f.display()));
         let pts = matrix(&cli);
         let mut done = Vec::new();
+        let mut failed = 0;
         for (i, p) in pts.iter().enumerate() {
             eprintln!("[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks{} ({:.0} s so far)", i + 1, pts.len(), p.family, p.vms, p.workload, p.rate, p.chunk, if p.baselines { ", with --no-dedup and QEMU" } else { "" }, t0.elapsed().as_secs_f64());
-            let v = run_point(&cli, &bins, &vm, p).map_err(|e| format!("{} family, {} VMs: {e}", p.family, p.vms))?;
-            eprintln!(
-                "    shrink {:.1} s {:.1} MB | no-dedup {} | QEMU {} | bound {:.1} MB",
-                secs(&v["shrink"]["total_time_ms"]),
-                mb(&v["shrink"]["wan_bytes"]),
-                if v["no_dedup"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["no_dedup"]["total_time_ms"]), mb(&v["no_dedup"]["wan_bytes"])) },
-                if v["qemu"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["qemu"]["total_time_ms"]), mb(&v["qemu"]["wan_bytes"])) },
-                mb(&v["lower_bound"]["bytes"]),
-            );
-            done.push(v);
+            match run_point(&cli, &bins, &vm, p) {
+                Ok(v) => {
+                    eprintln!(
+                        "    shrink {:.1} s {:.1} MB | no-dedup {} | QEMU {} | bound {:.1} MB",
+                        secs(&v["shrink"]["total_time_ms"]),
+                        mb(&v["shrink"]["wan_bytes"]),
+                        if v["no_dedup"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["no_dedup"]["total_time_ms"]), mb(&v["no_dedup"]["wan_bytes"])) },
+                        if v["qemu"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["qemu"]["total_time_ms"]), mb(&v["qemu"]["wan_bytes"])) },
+                        mb(&v["lower_bound"]["bytes"]),
+                    );
+                    done.push(v);
+                }
+                Err(e) => {
+                    // Recorded, and the matrix goes on.
+                    eprintln!("    failed: {e}");
+                    failed += 1;
+                    let _ = testbed::down(&cli.name, &testbed::default_dir(&cli.name));
+                    done.push(json!({"family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk, "error": e}));
+                }
+            }
+            write(&document(&cli, &vm, &done, None, t0, false))?;
         }
         let pipeline = eval::source_pipeline().map_err(|e| e.to_string())?;
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let doc = json!({
-            "benchmark": "shrink-bench",
-            "date": shrink_tests::util::utc_now(),
-            "command": format!("target/release/shrink-bench {}", args.join(" ")),
-            "quick": cli.quick,
-            "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
-            "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
-                "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
-            "qemu": "qemu-system-x86_64 -M microvm -accel kvm -S, memory loaded from the VM's snapshot with -device loader, migrate with max-bandwidth unlimited, all VMs at once",
-            "points": done,
-            "source_pipeline": pipeline,
-            "seconds": t0.elapsed().as_secs(),
-        });
-        let f = cli.out.join("eval.json");
-        std::fs::write(&f, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(|e| format!("{}: {e}", f.display()))?;
-        let made = plots(&cli.out, doc["points"].as_array().map(Vec::as_slice).unwrap_or(&[]))?;
+        let doc = document(&cli, &vm, &done, Some(&pipeline), t0, true);
+        write(&doc)?;
+        let made = plots(&cli.out, &done)?;
         eprintln!("wrote {} and {} in {:.0} s", f.display(), made.join(", "), t0.elapsed().as_secs_f64());
-        Ok(())
+        Ok(failed)
     })();
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            eprintln!("shrink-bench: {n} point(s) failed (their errors are in eval.json)");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("shrink-bench: error: {e}");
             let _ = testbed::down(&cli.name, &testbed::default_dir(&cli.name));

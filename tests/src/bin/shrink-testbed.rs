@@ -183,8 +183,12 @@ fn demo(cli: &Cli, net: &Net, cluster: &Cluster, report_file: Option<&Path>, kee
         println!("\nthe testbed stays up (vc.toml: {}); remove it with: shrink-testbed --name {} down", tb.vc_path().display(), cli.name);
     } else {
         step("tear down");
-        let removed = testbed::down(&cli.name, tb.dir()).map_err(|e| e.to_string())?;
-        println!("removed {} namespaces and {} processes", removed.namespaces.len(), removed.processes);
+        match testbed::down(&cli.name, tb.dir()) {
+            Ok(removed) => println!("removed {} namespaces and {} processes", removed.namespaces.len(), removed.processes),
+            // The run's own error (if any) matters more; this one is reported beside it.
+            Err(e) if r.is_err() => eprintln!("shrink-testbed: tear down: {e}"),
+            Err(e) => return Err(e.to_string()),
+        }
     }
     let legs = r?;
     let bad: Vec<String> = legs.iter().flat_map(problems).collect();
@@ -242,7 +246,7 @@ fn u(v: &Value) -> u64 {
 }
 
 fn print_connectivity(leg: &Leg) {
-    println!("\n  connectivity during {} (probes every 10 ms; lost = unanswered after 1 s)", leg.title);
+    println!("\n  connectivity during {} (probes every 10 ms; lost = never answered)", leg.title);
     println!(
         "  {:<6} {:>8} | {:>7} {:>9} {:>7} | {:>7} {:>9} {:>7} | {:>9} {:>11}",
         "vm", "down ms", "lost A", "gap A ms", "now A", "lost B", "gap B ms", "now B", "detect ms", "routers ms"
@@ -278,6 +282,7 @@ fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
         net.hosts,
         shrink_tests::util::utc_now()
     );
+    println!("shrink {} on {}", env!("CARGO_PKG_VERSION"), shrink_tests::util::machine());
     let row = |name: &str, f: &dyn Fn(&Leg) -> String| {
         let mut s = format!("  {name:<34}");
         for l in legs {
