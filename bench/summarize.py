@@ -79,8 +79,8 @@ if e:
                    f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])} | {ratio(r['time_shrink_over_qemu'])} | "
                    f"{ratio(r['wan_bytes_shrink_over_no_dedup'])} | {ratio(r['time_shrink_over_no_dedup'])} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_['pulled']} | {s_['avg_downtime_ms']} ms |")
     out += ["", "### Network: what the moved VMs' peers saw (shrink's move to site B; probes every 10 ms from a client on each site's LAN)", "",
-            "| family | workload | VMs | Mbit/s | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| family | workload | VMs | Mbit/s | chunk | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         net = p["shrink"]["network"]
         def st(k):
@@ -89,7 +89,7 @@ if e:
         d, ga, gb, det, rec = st("downtime_ms"), st("gap_a_ms"), st("gap_b_ms"), st("detection_ms"), st("reconfiguration_ms")
         la, lbb = st("lost_a")[1], st("lost_b")[1]
         ok = all(x.get("answering") for x in net)
-        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
     for p in failed:
         out.append(f"\nFailed: {p['family']} family, {p['vms']} VMs, {p['workload']}, {p['rate_mbit']} Mbit/s: {p['error']}")
     sp = e.get("source_pipeline") or {}
