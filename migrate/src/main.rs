@@ -149,7 +149,7 @@ fn print_stats(info: &Value) {
     println!("cpu throttle percentage: {}", g(info, "cpu-throttle-percentage"));
 }
 
-fn run(args: Args) -> Result<Value, String> {
+fn run(args: &Args) -> Result<Value, String> {
     let vm = args.vm.clone().expect("clap requires --vm");
     let to = args.to.clone().expect("clap requires --to");
     let connect = || ApiClient::connect(&vm).map_err(|e| format!("cannot connect to {}: {e}", vm.display()));
@@ -232,15 +232,20 @@ fn run_cluster(args: &Args) -> ExitCode {
         update_file: !args.keep_cluster_file,
         pull_wait_ms: args.pull_wait_ms,
     };
-    match migrate::orchestrate::run(&opts) {
-        Ok(report) => {
-            write_report(&args.report, &report);
+    conclude(migrate::orchestrate::run(&opts), args, migrate::orchestrate::print_report, |r| r.failed == 0)
+}
+
+/// Writes `--report`, prints the outcome (JSON or for a person) and turns it into the exit code.
+fn conclude<T: serde::Serialize>(r: Result<T, String>, args: &Args, print: fn(&T), ok: fn(&T) -> bool) -> ExitCode {
+    match r {
+        Ok(out) => {
+            write_report(&args.report, &out);
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             } else {
-                migrate::orchestrate::print_report(&report);
+                print(&out);
             }
-            if report.failed == 0 {
+            if ok(&out) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -258,25 +263,6 @@ fn main() -> ExitCode {
     if args.cluster.is_some() {
         return run_cluster(&args);
     }
-    let json = args.json;
-    let report = args.report.clone();
-    match run(args) {
-        Ok(info) => {
-            write_report(&report, &info);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
-            } else {
-                print_stats(&info);
-            }
-            if info["status"] == "completed" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("shrink-migrate: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let r = run(&args);
+    conclude(r, &args, print_stats, |info| info["status"] == "completed")
 }

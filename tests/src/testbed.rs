@@ -470,11 +470,6 @@ fn tail(p: &Path) -> String {
     lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
-/// The VM's guest reports these lines on its serial console.
-fn last_heartbeat(text: &str) -> Option<u64> {
-    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).next_back()
-}
-
 impl Testbed {
     /// Namespace of `role` (`asw`, `agw`, `art`, `ah1`, `acl`, ...).
     pub fn ns(&self, role: &str) -> String {
@@ -982,7 +977,7 @@ impl Testbed {
 
     /// The last heartbeat number on a serial console.
     pub fn heartbeat(serial: &Path) -> Option<u64> {
-        last_heartbeat(&std::fs::read_to_string(serial).unwrap_or_default())
+        crate::util::last_heartbeat(&std::fs::read_to_string(serial).unwrap_or_default())
     }
 
     /// A summary for `shrink-testbed status`.
@@ -999,7 +994,7 @@ impl Testbed {
             .into_iter()
             .map(|(vm, site, host, api)| {
                 serde_json::json!({"vm": vm.name, "ip": vm.ip, "mac": vm.mac, "site": site.name(), "host": host,
-                    "api": api, "running": api.exists(), "heartbeat": Self::heartbeat(&Self::serial_of(&api))})
+                    "api": api, "running": migrate::client::ApiClient::connect(&api).is_ok(), "heartbeat": Self::heartbeat(&Self::serial_of(&api))})
             })
             .collect();
         let routes: Vec<Value> = Site::ALL

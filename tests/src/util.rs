@@ -48,3 +48,8 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
+
+/// The number of the last `heartbeat <n>` line the test guest printed on its console.
+pub fn last_heartbeat(text: &str) -> Option<u64> {
+    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).next_back()
+}

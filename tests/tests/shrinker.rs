@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shrink_tests::netns;
+use shrink_tests::util::last_heartbeat;
 use shrink_tests::world::{release_bin, Bg, World};
 
 fn repo() -> PathBuf {
@@ -154,10 +155,6 @@ fn wait_text(p: &Path, needle: &str, timeout: Duration) {
         assert!(start.elapsed() < timeout, "no {needle:?} in {}:\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn last_heartbeat(text: &str) -> Option<u64> {
-    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).last()
 }
 
 fn vm_cmdline(i: usize) -> String {
