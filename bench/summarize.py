@@ -11,17 +11,25 @@ def load(name):
     except (OSError, ValueError):
         return None
 
-def cpu():
+def machine():
+    """The machine line recorded by the evaluation (shrink-bench reads it off the machine it ran
+    on), else this machine's, read the same way."""
+    e = load("eval.json")
+    if e and e.get("machine"):
+        return e["machine"]
+    fields = {}
     try:
         for l in open("/proc/cpuinfo"):
-            if l.startswith("model name"):
-                return l.split(":", 1)[1].strip()
+            k, _, v = l.partition(":")
+            fields.setdefault(k.strip(), v.strip())
     except OSError:
         pass
-    return platform.processor()
+    kvm = "nested KVM" if "hypervisor" in fields.get("flags", "").split() else "KVM"
+    return (f"{fields.get('model name', platform.processor())} ({fields.get('vendor_id', '?')}), "
+            f"{os.cpu_count()} cores, Linux {platform.release()}, {kvm}")
 
 out = ["# Benchmark results", "",
-       f"Machine: {cpu()}, {os.cpu_count()} cores, Linux {platform.release()} (KVM nested on PVM). "
+       f"Machine: {machine()}. "
        "Produced by `make bench` (`bench/run.sh`); each section names its command and date.", ""]
 
 v = load("vmm.json")

@@ -10,15 +10,14 @@
 //!
 //! Usage: `cargo bench -p hypervisor --bench precopy -- OUT.json`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use migrate::client::ApiClient;
 use serde_json::{json, Value};
 use shrink_tests::netns::{self, Netns};
+use shrink_tests::qemu::{self, Qemu, QemuError};
 
 use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
 
@@ -109,66 +108,42 @@ fn shrink_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, d
     }
 }
 
-/// A QMP connection (with the capabilities handshake).
-struct Qmp(BufReader<UnixStream>, UnixStream);
-
-impl Qmp {
-    fn connect(sock: &Path) -> Qmp {
-        wait_path(sock);
-        let s = UnixStream::connect(sock).unwrap();
-        let mut q = Qmp(BufReader::new(s.try_clone().unwrap()), s);
-        q.read(); // greeting
-        q.cmd("qmp_capabilities", json!({}));
-        q
-    }
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.0.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or(Value::Null)
-    }
-    fn cmd(&mut self, cmd: &str, args: Value) -> Value {
-        writeln!(self.1, "{}", json!({"execute": cmd, "arguments": args})).unwrap();
-        loop {
-            let v = self.read();
-            if v.get("return").is_some() || v.get("error").is_some() {
-                return v;
-            }
-        }
-    }
+/// A QEMU in namespace `ns` with `args` after the common ones, QMP on `<dir>/<tag>.qmp`.
+fn qemu_in(dir: &Path, ns: &Netns, tag: &str, args: &[String]) -> Qemu {
+    let (sock, log) = (dir.join(format!("{tag}.qmp")), dir.join(format!("{tag}.log")));
+    let _ = std::fs::remove_file(&sock);
+    let bin = qemu::binary().expect("qemu-system-x86_64 (make deps)");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = ns
+        .command(bin.to_str().unwrap())
+        .args(qemu::microvm_args("256M"))
+        .args(qemu::qmp_arg(&sock))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    Qemu::attach(tag, child, &log, &sock).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One QEMU migration of `image` (a flat RAM image) over the same link.
 fn qemu_run(dir: &Path, a: &Netns, b: &Netns, image: &Path, dst_ip: &str) -> Value {
-    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
-    let common = ["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none"];
-    let (src_q, dst_q) = (dir.join("qsrc.qmp"), dir.join("qdst.qmp"));
-    let _ = std::fs::remove_file(&src_q);
-    let _ = std::fs::remove_file(&dst_q);
     let uri = format!("tcp:{dst_ip}:7200");
-    let mut dargs: Vec<String> = common.iter().map(|s| s.to_string()).collect();
-    dargs.extend(["-incoming".into(), uri.clone(), "-qmp".into(), format!("unix:{},server=on,wait=off", dst_q.display())]);
-    let _dst = spawn_in(b, &qemu, &dargs.iter().map(String::as_str).collect::<Vec<_>>(), &dir.join("qdst.log"));
-    let mut sargs: Vec<String> = common.iter().map(|s| s.to_string()).collect();
-    sargs.extend([
-        "-S".into(),
-        "-device".into(),
-        format!("loader,file={},addr=0,force-raw=on", image.display()),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", src_q.display()),
-    ]);
-    let _src = spawn_in(a, &qemu, &sargs.iter().map(String::as_str).collect::<Vec<_>>(), &dir.join("qsrc.log"));
-    let mut q = Qmp::connect(&src_q);
-    let _qd = Qmp::connect(&dst_q);
+    let _dst = qemu_in(dir, b, "qdst", &["-incoming".into(), uri.clone()]);
+    let loader = format!("loader,file={},addr=0,force-raw=on", image.display());
+    let mut q = qemu_in(dir, a, "qsrc", &["-S".into(), "-device".into(), loader]);
+    let ok = |r: Result<Value, QemuError>| r.unwrap_or_else(|e| panic!("{e}"));
     // No artificial cap (QEMU's default is 128 MiB/s): the link decides, as for shrink.
-    q.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300}));
-    q.cmd("migrate", json!({"uri": uri}));
+    ok(q.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64, "downtime-limit": 300})));
+    ok(q.cmd("migrate", json!({"uri": uri})));
     let start = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        let r = q.cmd("query-migrate", json!({}));
-        let st = r["return"]["status"].as_str().unwrap_or("").to_owned();
+        let r = ok(q.cmd("query-migrate", json!({})));
+        let st = r["status"].as_str().unwrap_or("").to_owned();
         if st == "completed" || st == "failed" || start.elapsed() > Duration::from_secs(300) {
-            return r["return"].clone();
+            return r;
         }
     }
 }
@@ -190,7 +165,7 @@ fn summary(system: &str, v: &Value) -> Value {
 fn main() {
     let out = bench_output("bench/results/precopy.json");
     netns::available().unwrap();
-    let has_qemu = Path::new("/usr/bin/qemu-system-x86_64").exists();
+    let has_qemu = qemu::binary().is_some();
     let dir = std::env::temp_dir().join(format!("shrink-bench-precopy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let workloads = [
@@ -223,17 +198,11 @@ fn main() {
             results.push(row);
         }
     }
-    let host = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        .unwrap_or_default();
     let date = utc_now();
     let doc = json!({
         "benchmark": "precopy",
         "date": date,
-        "host": {"cpu": host, "cores": 2},
+        "host": shrink_tests::util::host_info(),
         "command": "cargo bench -p hypervisor --bench precopy -- bench/results/precopy.json",
         "note": "QEMU migrates the same memory image, paused (it cannot run the project's guest): for the mem workload it has no dirty pages to chase",
         "runs": results,

@@ -170,7 +170,7 @@ fn main() {
     let result = json!({
         "benchmark": "vmm",
         "date": utc_now(),
-        "host": host_info(),
+        "host": shrink_tests::util::host_info(),
         "boot_to_ready_ms": {"median": median(boots.clone()), "runs": boots},
         "idle_vm_cpu_percent_of_one_core": idle_cpu_percent,
         "vmm_rss_beyond_guest_memory_kib": overhead_kib,
@@ -195,13 +195,3 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn host_info() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": kernel.trim()})
-}

@@ -417,7 +417,15 @@ impl Vmm {
         vcpus: Vec<Vcpu>,
         paused: bool,
     ) -> Result<Vmm, VmmError> {
-        let msrs = Arc::new(msr::saved_msr_indices(&p.kvm)?);
+        let listed = msr::saved_msr_indices(&p.kvm)?;
+        let (readable, refused) = match vcpus.first() {
+            Some(v) => v.readable_msrs(&listed)?,
+            None => (listed, Vec::new()),
+        };
+        if !refused.is_empty() {
+            tracing::info!("KVM lists MSRs it does not read on this host; not saved: {refused:x?}");
+        }
+        let msrs = Arc::new(readable);
         let (tx, stopped) = channel();
         let throttle = Arc::new(AtomicU8::new(0));
         let handles = vcpus

@@ -3,13 +3,12 @@
 //! PNG plots.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::qemu::{self, Qemu, QemuError};
 use crate::testbed::{Result, Site, Testbed, TestbedError};
 
 /// Bytes on the migration stream per chunk entry besides its content: the address word.
@@ -68,80 +67,34 @@ impl LowerBound {
     }
 }
 
-/// A QMP connection to QEMU.
-struct Qmp(BufReader<UnixStream>, UnixStream);
-
-impl Qmp {
-    fn connect(sock: &Path, log: &Path) -> Result<Qmp> {
-        let start = Instant::now();
-        let s = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    return Err(TestbedError::Failed(format!("QEMU's QMP {}: {e}; {}", sock.display(), std::fs::read_to_string(log).unwrap_or_default())));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
-        let r = s.try_clone().map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
-        let mut q = Qmp(BufReader::new(r), s);
-        let mut greeting = String::new();
-        q.0.read_line(&mut greeting).map_err(|e| TestbedError::Failed(format!("QMP: {e}")))?;
-        q.cmd("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn cmd(&mut self, c: &str, a: Value) -> Result<Value> {
-        let err = |e: std::io::Error| TestbedError::Failed(format!("QMP {c}: {e}"));
-        writeln!(self.1, "{}", json!({"execute": c, "arguments": a})).map_err(err)?;
-        loop {
-            let mut l = String::new();
-            if self.0.read_line(&mut l).map_err(err)? == 0 {
-                return Err(TestbedError::Failed(format!("QMP {c}: QEMU closed the connection")));
-            }
-            let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
-            if let Some(e) = v.get("error") {
-                return Err(TestbedError::Failed(format!("QMP {c}: {e}")));
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-        }
-    }
-}
-
-/// QEMU's binary, if installed.
-pub fn qemu_binary() -> Option<PathBuf> {
-    ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"].iter().map(PathBuf::from).find(|p| p.is_file())
-}
-
 /// The baseline a user would otherwise pick: for every memory image, a paused QEMU
 /// (`-M microvm -accel kvm -S`, memory loaded with `-device loader`) on a site-A host, migrated
 /// with QEMU's own `migrate` to a QEMU on a site-B host, all at once over the testbed's WAN.
 /// Returns QEMU's `query-migrate` figures per VM and the cluster's total time.
 pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value> {
-    let q = qemu_binary().ok_or_else(|| TestbedError::Missing { what: "qemu-system-x86_64".into(), hint: "apt-get install qemu-system-x86 (or `make deps`)".into() })?;
+    let q = qemu::binary().ok_or(QemuError::NotInstalled)?;
     let q = q.to_str().unwrap_or("qemu-system-x86_64");
-    let common = ["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", mem, "-nodefaults", "-no-user-config", "-display", "none"];
     let hosts = tb.state.opts.hosts_per_site;
     let mut qmps = Vec::new();
+    // The destinations, kept alive until the migrations end.
+    let mut dests = Vec::new();
     for (i, img) in images.iter().enumerate() {
         let k = i % hosts + 1;
         let (dq, sq) = (tb.path(&format!("qemu{i}-dst.qmp")), tb.path(&format!("qemu{i}-src.qmp")));
         let uri = format!("tcp:{}:{}", Testbed::host_addr(Site::B, k), 8100 + i);
         let mut d: Vec<String> = vec![q.into()];
-        d.extend(common.iter().map(|s| s.to_string()));
-        d.extend(["-incoming".into(), uri.clone(), "-qmp".into(), format!("unix:{},server=on,wait=off", dq.display())]);
+        d.extend(qemu::microvm_args(mem));
+        d.extend(["-incoming".into(), uri.clone()]);
+        d.extend(qemu::qmp_arg(&dq));
         let mut s: Vec<String> = vec![q.into()];
-        s.extend(common.iter().map(|s| s.to_string()));
+        s.extend(qemu::microvm_args(mem));
         s.extend(["-S".into(), "-device".into(), format!("loader,file={},addr=0,force-raw=on", img.display())]);
-        s.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", sq.display())]);
+        s.extend(qemu::qmp_arg(&sq));
         let (dt, st) = (format!("qemu{i}-dst"), format!("qemu{i}-src"));
-        tb.spawn(&dt, &tb.host_ns(Site::B, k), &d.iter().map(String::as_str).collect::<Vec<_>>())?;
-        tb.spawn(&st, &tb.host_ns(Site::A, k), &s.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let _ = Qmp::connect(&dq, &tb.path(&format!("{dt}.log")))?;
-        let mut sqmp = Qmp::connect(&sq, &tb.path(&format!("{st}.log")))?;
+        let dc = tb.spawn(&dt, &tb.host_ns(Site::B, k), &d.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let sc = tb.spawn(&st, &tb.host_ns(Site::A, k), &s.iter().map(String::as_str).collect::<Vec<_>>())?;
+        dests.push(Qemu::attach(&dt, dc, &tb.path(&format!("{dt}.log")), &dq)?);
+        let mut sqmp = Qemu::attach(&st, sc, &tb.path(&format!("{st}.log")), &sq)?;
         // No cap of QEMU's own (its default is 32 MiB/s... per VM): the link is the limit.
         sqmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64}))?;
         qmps.push((sqmp, uri));

@@ -5,6 +5,7 @@
 
 pub mod eval;
 pub mod netns;
+pub mod qemu;
 pub mod testbed;
 pub mod world;
 pub mod util;

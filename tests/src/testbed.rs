@@ -26,7 +26,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,9 @@ pub enum TestbedError {
     /// A process failed.
     #[error("{0}")]
     Failed(String),
+    /// A QEMU of the baseline failed.
+    #[error(transparent)]
+    Qemu(#[from] crate::qemu::QemuError),
 }
 
 /// Result alias.
@@ -431,7 +434,7 @@ pub fn down(name: &str, dir: &Path) -> Result<Removed> {
 
 /// Starts `args` in namespace `ns`, detached (its own process group, outliving the caller),
 /// output to `log`; its pid is recorded in `dir/pids/<tag>.pid`.
-fn spawn_detached(dir: &Path, tag: &str, ns: &str, args: &[&str], log: &Path) -> Result<u32> {
+fn spawn_detached(dir: &Path, tag: &str, ns: &str, args: &[&str], log: &Path) -> Result<Child> {
     let f = io(log, std::fs::File::create(log))?;
     let f2 = io(log, f.try_clone())?;
     let child = Command::new("ip")
@@ -448,7 +451,7 @@ fn spawn_detached(dir: &Path, tag: &str, ns: &str, args: &[&str], log: &Path) ->
     io(&pids, std::fs::create_dir_all(&pids))?;
     let pf = pids.join(format!("{tag}.pid"));
     io(&pf, std::fs::write(&pf, pid.to_string()))?;
-    Ok(pid)
+    Ok(child)
 }
 
 fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T> {
@@ -465,9 +468,7 @@ fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Res
 }
 
 fn tail(p: &Path) -> String {
-    let t = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = t.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
+    crate::util::tail_lines(p, 8)
 }
 
 impl Testbed {
@@ -912,7 +913,7 @@ impl Testbed {
     }
 
     /// Starts `args` in namespace `ns`, detached, output to `<dir>/<tag>.log`; [`down`] stops it.
-    pub fn spawn(&self, tag: &str, ns: &str, args: &[&str]) -> Result<u32> {
+    pub fn spawn(&self, tag: &str, ns: &str, args: &[&str]) -> Result<Child> {
         spawn_detached(self.dir(), tag, ns, args, &self.path(&format!("{tag}.log")))
     }
 

@@ -31,22 +31,70 @@ pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// The last `n` lines of the text file `p` (empty if it cannot be read).
+pub fn tail_lines(p: &Path, n: usize) -> String {
+    let t = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The current UTC time, ISO 8601.
 pub fn utc_now() -> String {
     let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
 }
 
-/// This machine in one line: CPU model, cores, kernel, KVM nesting.
+/// This machine, as read from it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Machine {
+    /// The CPU's model name (`/proc/cpuinfo`).
+    pub cpu: String,
+    /// The CPU's vendor (`GenuineIntel`, `AuthenticAMD`, ...).
+    pub vendor: String,
+    /// Cores available to this process.
+    pub cores: usize,
+    /// The running kernel's release.
+    pub kernel: String,
+    /// Whether this machine is itself a VM (the CPU's `hypervisor` flag), so that the KVM it
+    /// offers is nested.
+    pub nested_kvm: bool,
+}
+
+impl Machine {
+    /// Reads this machine.
+    pub fn read() -> Machine {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_owned()))
+                .unwrap_or_default()
+        };
+        let cpu = field("model name");
+        Machine {
+            cpu: if cpu.is_empty() { "unknown CPU".into() } else { cpu },
+            vendor: field("vendor_id"),
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
+            nested_kvm: field("flags").split_whitespace().any(|f| f == "hypervisor"),
+        }
+    }
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kvm = if self.nested_kvm { "nested KVM" } else { "KVM" };
+        write!(f, "{} ({}), {} cores, Linux {}, {kvm}", self.cpu, self.vendor, self.cores, self.kernel)
+    }
+}
+
+/// This machine in one line: CPU model and vendor, cores, kernel, KVM nesting.
 pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+    Machine::read().to_string()
+}
+
+/// This machine as the `host` object of a benchmark's JSON.
+pub fn host_info() -> serde_json::Value {
+    serde_json::to_value(Machine::read()).unwrap_or_default()
 }
 
 /// The number of the last `heartbeat <n>` line the test guest printed on its console.

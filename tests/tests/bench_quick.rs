@@ -23,7 +23,7 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     netns::available().unwrap();
     let name = format!("bq{}", netns::unique_tag());
     let _down = Down(name.clone());
-    assert!(shrink_tests::eval::qemu_binary().is_some(), "qemu-system-x86_64 is needed for the baseline (make deps installs it)");
+    assert!(shrink_tests::qemu::binary().is_some(), "qemu-system-x86_64 is needed for the baseline (make deps installs it)");
     let out = std::env::temp_dir().join(format!("shrink-bench-quick-{name}"));
     let _ = std::fs::remove_dir_all(&out);
     let r = Command::new(env!("CARGO_BIN_EXE_shrink-bench")).args(["--quick", "--name", &name, "--out", out.to_str().unwrap()]).output().unwrap();

@@ -63,3 +63,49 @@ pub fn saved_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, MsrError> {
         .as_slice()
         .to_vec())
 }
+
+/// Splits `indices` into the MSRs `read` accepts and those it refuses. `read` is given a list
+/// and returns how many of it, from the start, it read (as `KVM_GET_MSRS` does: it stops at the
+/// first MSR it refuses); the refused MSR is set aside and the rest is tried again.
+pub fn probe<E>(
+    indices: &[u32],
+    mut read: impl FnMut(&[u32]) -> Result<usize, E>,
+) -> Result<(Vec<u32>, Vec<u32>), E> {
+    let (mut kept, mut refused) = (Vec::with_capacity(indices.len()), Vec::new());
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let n = read(rest)?.min(rest.len());
+        kept.extend_from_slice(&rest[..n]);
+        if n < rest.len() {
+            refused.push(rest[n]);
+        }
+        rest = &rest[(n + 1).min(rest.len())..];
+    }
+    Ok((kept, refused))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vCPU that refuses some MSRs, reading as KVM_GET_MSRS does.
+    fn reader(refuse: &[u32]) -> impl FnMut(&[u32]) -> Result<usize, ()> + '_ {
+        move |l: &[u32]| Ok(l.iter().position(|i| refuse.contains(i)).unwrap_or(l.len()))
+    }
+
+    #[test]
+    fn probe_keeps_every_msr_a_vcpu_reads_and_sets_aside_the_refused() {
+        let all = [0x10, 0x10a, 0x174, 0x175, 0xc000_0080, 0x48, 0x49];
+        assert_eq!(probe(&all, reader(&[])), Ok((all.to_vec(), vec![])));
+        let (kept, refused) = probe(&all, reader(&[0x10a, 0x49])).unwrap();
+        assert_eq!(kept, [0x10, 0x174, 0x175, 0xc000_0080, 0x48]);
+        assert_eq!(refused, [0x10a, 0x49]);
+        assert_eq!(probe(&[0x10a, 0x48], reader(&[0x10a, 0x48])), Ok((vec![], vec![0x10a, 0x48])));
+        assert_eq!(probe(&[], reader(&[1])), Ok((vec![], vec![])));
+    }
+
+    #[test]
+    fn probe_passes_errors_on() {
+        assert_eq!(probe(&[1, 2], |_| Err::<usize, _>("ioctl failed")), Err("ioctl failed"));
+    }
+}

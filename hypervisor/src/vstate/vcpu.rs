@@ -48,7 +48,7 @@ pub enum VcpuError {
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
     /// Not every MSR could be read or written.
-    #[error("vCPU {id}: {what}: only {done} of {wanted} MSRs")]
+    #[error("vCPU {id}: {what}: KVM stopped at MSR {stopped_at:#x} ({done} of {wanted} MSRs done)")]
     MsrCount {
         /// vCPU index.
         id: u8,
@@ -58,6 +58,8 @@ pub enum VcpuError {
         done: usize,
         /// MSRs asked for.
         wanted: usize,
+        /// The MSR KVM refused.
+        stopped_at: u32,
     },
     /// The vCPU thread could not be started.
     #[error("cannot start the vCPU thread: {0}")]
@@ -223,6 +225,7 @@ impl Vcpu {
                 what: "boot MSRs",
                 done: n,
                 wanted: msrs.as_slice().len(),
+                stopped_at: msrs.as_slice()[n].index,
             });
         }
         let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
@@ -253,6 +256,21 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))
     }
 
+    /// Of `indices`, the MSRs KVM will read on this vCPU, and those it refuses.
+    ///
+    /// `KVM_GET_MSR_INDEX_LIST` lists what KVM knows how to save, but which of those a vCPU
+    /// accepts depends on the CPU vendor and, under nested KVM, on the outer hypervisor (it
+    /// differs between the Intel and AMD hosts of the development machines). Every state read
+    /// by [`Vcpu::save_state`] must succeed whole, so the list is probed once, here.
+    pub fn readable_msrs(&self, indices: &[u32]) -> Result<(Vec<u32>, Vec<u32>), VcpuError> {
+        msr::probe(indices, |chunk| {
+            let entries: Vec<kvm_msr_entry> =
+                chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(msr::MsrError::Fam)?;
+            self.fd.get_msrs(&mut msrs).map_err(self.kvm_err("KVM_GET_MSRS"))
+        })
+    }
+
     /// Reads the full vCPU state. The vCPU must not be running.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         let cpuid = self
@@ -271,6 +289,7 @@ impl Vcpu {
                 what: "save",
                 done: n,
                 wanted: entries.len(),
+                stopped_at: entries[n].index,
             });
         }
         Ok(VcpuState {
@@ -320,6 +339,7 @@ impl Vcpu {
                 what: "restore",
                 done: n,
                 wanted: state.msrs.len(),
+                stopped_at: state.msrs[n].index,
             });
         }
         self.fd

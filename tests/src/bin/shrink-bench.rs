@@ -127,7 +127,7 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let bound = LowerBound::of(&images, p.chunk as usize, 32).map_err(e)?;
     let shrink = leg(&tb, Site::B, &["--chunk", &p.chunk.to_string()], "dedup")?;
     let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
-    let qemu = if p.baselines && !cli.no_qemu && eval::qemu_binary().is_some() {
+    let qemu = if p.baselines && !cli.no_qemu && shrink_tests::qemu::binary().is_some() {
         // QEMU alone on a fresh testbed (the same link), with the same memory images.
         struct Scratch(PathBuf);
         impl Drop for Scratch {
