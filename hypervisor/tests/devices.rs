@@ -74,7 +74,7 @@ fn two_guests_on_one_bridge_probe_each_other_without_loss() {
     std::thread::sleep(Duration::from_secs(4));
     for vm in [&a, &b] {
         let text = vm.serial_text();
-        let line = text.lines().filter(|l| l.starts_with("probe: ")).last().expect("probe reports");
+        let line = text.lines().rfind(|l| l.starts_with("probe: ")).expect("probe reports");
         let field = |k: &str| -> u64 {
             line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap()
         };

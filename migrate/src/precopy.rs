@@ -270,7 +270,7 @@ pub struct Sender<'a, S: Source, D: Dedup, W: Write, R: Read> {
 fn full_bitmap(len: u64) -> Vec<u64> {
     let pages = (len as usize) / PAGE_SIZE;
     let mut v = vec![u64::MAX; pages.div_ceil(64)];
-    if pages % 64 != 0 {
+    if !pages.is_multiple_of(64) {
         *v.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
     }
     v

@@ -162,7 +162,7 @@ impl DigestKind {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             DigestKind::None => 0,
             DigestKind::Sha256 => 32,
@@ -522,13 +522,13 @@ impl Decoder {
                     let word = u64_at(&payload, pos);
                     pos += 8;
                     let addr = word & !KIND_MASK;
-                    if addr % params.chunk_size as u64 != 0 {
+                    if !addr.is_multiple_of(params.chunk_size as u64) {
                         return Err(malformed("Pages", format!("address {addr:#x} not aligned to the {}-byte chunk", params.chunk_size)));
                     }
                     let data = match word & KIND_MASK {
                         KIND_FULL => params.chunk_size,
                         KIND_UNIFORM => 1,
-                        KIND_DIGEST if !params.digest.is_none() => params.digest.len(),
+                        KIND_DIGEST if !params.digest.is_none() => params.digest.digest_len(),
                         KIND_DIGEST => return Err(malformed("Pages", "digest entry in a stream without digests")),
                         k => return Err(malformed("Pages", format!("entry kind {k}"))),
                     };
@@ -540,7 +540,7 @@ impl Decoder {
                 if pos != payload.len() {
                     return Err(malformed("Pages", format!("{} trailing bytes", payload.len() - pos)));
                 }
-                Ok(Record::Pages(Pages { payload, count, chunk_size: params.chunk_size, digest_len: params.digest.len() }))
+                Ok(Record::Pages(Pages { payload, count, chunk_size: params.chunk_size, digest_len: params.digest.digest_len() }))
             }
             T_VM_STATE => Ok(Record::VmState(payload)),
             T_ITERATION => {
@@ -582,7 +582,7 @@ impl Decoder {
             }
             T_PULL => {
                 let params = self.params.ok_or_else(|| malformed("Pull", "before Hello"))?;
-                let dl = params.digest.len();
+                let dl = params.digest.digest_len();
                 if params.digest.is_none() {
                     return Err(malformed("Pull", "in a stream without digests"));
                 }
@@ -713,7 +713,7 @@ impl PagesBuilder {
     pub fn new(chunk_size: usize, digest: DigestKind, target: usize) -> PagesBuilder {
         let mut buf = Vec::with_capacity(target + chunk_size + 16);
         buf.extend_from_slice(&[0, 0, 0, 0]);
-        PagesBuilder { buf, count: 0, chunk_size, digest_len: digest.len(), target }
+        PagesBuilder { buf, count: 0, chunk_size, digest_len: digest.digest_len(), target }
     }
 
     /// Adds a full chunk.

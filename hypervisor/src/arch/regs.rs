@@ -52,7 +52,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// Decodes a GDT entry into the segment register KVM expects.
 fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {

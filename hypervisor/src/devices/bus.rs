@@ -119,7 +119,7 @@ mod tests {
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);
         assert!(!bus.read(0x3f7, &mut b));
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert!(!bus.write(0x401, &[0]));
         assert_eq!(dev.lock().unwrap().0, vec![(0, vec![b'x'])]);
     }

@@ -235,7 +235,7 @@ enum Outcome {
 
 impl BlockHandler {
     fn in_range(&self, sector: u64, len: usize) -> bool {
-        len as u64 % SECTOR == 0 && sector.checked_add(len as u64 / SECTOR).is_some_and(|end| end <= self.capacity)
+        (len as u64).is_multiple_of(SECTOR) && sector.checked_add(len as u64 / SECTOR).is_some_and(|end| end <= self.capacity)
     }
 
     fn request(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Outcome {

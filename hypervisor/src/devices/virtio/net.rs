@@ -276,9 +276,10 @@ impl NetHandler {
                 self.interrupt.fail(format!("tx frame of {} bytes has no virtio-net header", frame.len()));
                 return;
             }
+            // A tap takes a frame whole or not at all; anything short of the whole is a drop.
             match self.tap.write(&frame) {
-                Ok(_) => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
-                Err(_) => self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed),
+                Ok(n) if n == frame.len() => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
+                _ => self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed),
             };
             if let Err(e) = q.add_used(&self.mem, head, 0) {
                 self.interrupt.fail(format!("tx used ring: {e:?}"));
