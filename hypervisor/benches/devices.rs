@@ -26,7 +26,14 @@ impl Drop for Vm {
 fn boot(ns: &Netns, dir: &Path, name: &str, mac: &str, cmdline: &str, disk: bool) -> (Vm, PathBuf) {
     let serial = dir.join(format!("{name}.serial"));
     let mut c = ns.command(repo().join("target/release/shrink-vmm").to_str().unwrap());
-    c.args(["--kernel", repo().join("images/out/shrink-guest").to_str().unwrap(), "--mem", "512M", "--cmdline", cmdline]);
+    c.args([
+        "--kernel",
+        repo().join("images/out/shrink-guest").to_str().unwrap(),
+        "--mem",
+        "512M",
+        "--cmdline",
+        cmdline,
+    ]);
     c.args(["--net", &format!("tap={name},mac={mac},bridge=br0"), "--serial", serial.to_str().unwrap()]);
     if disk {
         c.args(["--image", repo().join("images/out/base.qcow2").to_str().unwrap()]);
@@ -49,15 +56,28 @@ fn main() {
     let (_vm, serial) = boot(&ns, &dir, "bdev1", "52:54:00:00:08:02", "ip=10.1.0.2/16 preload=256M", true);
     let text = wait_text(&serial, "shrink-guest ready");
     let preload = text.lines().find(|l| l.starts_with("preload:")).unwrap_or("").to_owned();
-    let mbps: f64 = preload.split('(').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    let mbps: f64 =
+        preload.split('(').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0.0);
     let probe = repo().join("target/release/vnet-probe");
     let rtt: Value = {
-        let o = ns.exec(&[probe.to_str().unwrap(), "udp-rtt", "--to", "10.1.0.2:7", "--count", "2000", "--interval-us", "500"]).unwrap();
+        let o = ns
+            .exec(&[
+                probe.to_str().unwrap(),
+                "udp-rtt",
+                "--to",
+                "10.1.0.2:7",
+                "--count",
+                "2000",
+                "--interval-us",
+                "500",
+            ])
+            .unwrap();
         serde_json::from_str(o.lines().last().unwrap_or("{}")).unwrap_or(Value::Null)
     };
 
     eprintln!("devices bench: UDP throughput ...");
-    let (_vm2, serial2) = boot(&ns, &dir, "bdev2", "52:54:00:00:08:03", "ip=10.1.0.3/16 udpsend=10.1.0.1:9000,1472,0", false);
+    let (_vm2, serial2) =
+        boot(&ns, &dir, "bdev2", "52:54:00:00:08:03", "ip=10.1.0.3/16 udpsend=10.1.0.1:9000,1472,0", false);
     wait_text(&serial2, "shrink-guest ready");
     let rx = ns
         .exec(&[

@@ -60,11 +60,7 @@ fn wait_text(p: &Path, needle: &str) {
 }
 
 fn api(sock: &Path, cmd: &str, args: Value) -> Value {
-    ApiClient::connect(sock)
-        .unwrap()
-        .execute(cmd, args)
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    ApiClient::connect(sock).unwrap().execute(cmd, args).unwrap().unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }
 
 /// One shrink migration; returns query-migrate at the end.
@@ -75,12 +71,28 @@ fn shrink_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, d
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
     let _ = std::fs::remove_file(&src_sock);
     let _ = std::fs::remove_file(&dst_sock);
-    let _dst = spawn_in(b, &vmm, &["--incoming", &uri, "--api", dst_sock.to_str().unwrap(), "--serial", "/dev/null"], &dir.join("dst.log"));
+    let _dst = spawn_in(
+        b,
+        &vmm,
+        &["--incoming", &uri, "--api", dst_sock.to_str().unwrap(), "--serial", "/dev/null"],
+        &dir.join("dst.log"),
+    );
     let serial = dir.join("src.serial");
     let _src = spawn_in(
         a,
         &vmm,
-        &["--kernel", guest.to_str().unwrap(), "--mem", "256M", "--cmdline", cmdline, "--api", src_sock.to_str().unwrap(), "--serial", serial.to_str().unwrap()],
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--mem",
+            "256M",
+            "--cmdline",
+            cmdline,
+            "--api",
+            src_sock.to_str().unwrap(),
+            "--serial",
+            serial.to_str().unwrap(),
+        ],
         &dir.join("src.log"),
     );
     wait_path(&src_sock);
@@ -183,16 +195,22 @@ fn main() {
             let snap = dir.join(format!("snap-{link}-{wname}"));
             eprintln!("precopy bench: shrink, {wname}, {link} ...");
             let s = shrink_run(&dir, &a, &b, cmdline, fill, "10.98.0.2", &snap);
-            let mut row = json!({"link": link, "workload": wname, "guest_memory": "256 MiB", "shrink": summary("shrink", &s)});
+            let mut row =
+                json!({"link": link, "workload": wname, "guest_memory": "256 MiB", "shrink": summary("shrink", &s)});
             if has_qemu {
                 eprintln!("precopy bench: QEMU, {wname}, {link} ...");
                 let q = qemu_run(&dir, &a, &b, &snap.join("memory.img"), "10.98.0.2");
                 row["qemu"] = summary("qemu", &q);
                 let ratio = |k: &str| {
                     let (x, y) = (row["shrink"][k].as_f64().unwrap_or(0.0), row["qemu"][k].as_f64().unwrap_or(0.0));
-                    if y > 0.0 { json!(x / y) } else { Value::Null }
+                    if y > 0.0 {
+                        json!(x / y)
+                    } else {
+                        Value::Null
+                    }
                 };
-                row["shrink_over_qemu"] = json!({"total_time": ratio("total_time_ms"), "transferred": ratio("transferred_bytes")});
+                row["shrink_over_qemu"] =
+                    json!({"total_time": ratio("total_time_ms"), "transferred": ratio("transferred_bytes")});
             }
             eprintln!("{}", row);
             results.push(row);

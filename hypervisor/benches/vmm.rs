@@ -111,7 +111,15 @@ fn main() {
     let mem = 256u64 << 20;
     let serial = dir.join("rss.serial");
     let mut child = Command::new(vmm_bin())
-        .args(["--kernel", guest().to_str().unwrap(), "--mem", "256M", "--cmdline", "workload=mem mem=64M rate=64M", "--serial"])
+        .args([
+            "--kernel",
+            guest().to_str().unwrap(),
+            "--mem",
+            "256M",
+            "--cmdline",
+            "workload=mem mem=64M rate=64M",
+            "--serial",
+        ])
         .arg(&serial)
         .stdout(Stdio::null())
         .spawn()
@@ -194,4 +202,3 @@ fn main() {
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
 }
-

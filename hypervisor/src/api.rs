@@ -68,9 +68,7 @@ pub fn ok_reply(value: Value) -> Value {
 pub fn parse_request(line: &str) -> Result<(String, Value), Value> {
     let generic = |d: String| error_reply(ErrorClass::GenericError, d);
     let v: Value = serde_json::from_str(line).map_err(|e| generic(format!("malformed JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| generic("a request must be a JSON object".into()))?;
+    let obj = v.as_object().ok_or_else(|| generic("a request must be a JSON object".into()))?;
     let command = obj
         .get("execute")
         .ok_or_else(|| generic("missing \"execute\"".into()))?
@@ -96,7 +94,10 @@ pub struct ApiServer {
 impl ApiServer {
     /// Listens on `path` and sends every request to `requests`. A stale socket file (no
     /// process behind it) is replaced; a live one is an error.
-    pub fn start<T: From<ApiRequest> + Send + 'static>(path: &Path, requests: Sender<T>) -> Result<ApiServer, ApiError> {
+    pub fn start<T: From<ApiRequest> + Send + 'static>(
+        path: &Path,
+        requests: Sender<T>,
+    ) -> Result<ApiServer, ApiError> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(ApiError::InUse(path.to_owned()));
@@ -108,19 +109,15 @@ impl ApiServer {
                 let _ = std::fs::create_dir_all(dir);
             }
         }
-        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
+        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind { path: path.to_owned(), source })?;
         let tx = requests;
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let tx = tx.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("api-conn".into())
-                        .spawn(move || serve_connection(stream, tx));
+                    let _ =
+                        std::thread::Builder::new().name("api-conn".into()).spawn(move || serve_connection(stream, tx));
                 }
             })
             .map_err(|source| ApiError::Bind { path: path.to_owned(), source })?;

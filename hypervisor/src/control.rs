@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use crate::api::{error_reply, ok_reply, ApiRequest, ErrorClass};
 use crate::migration::Outgoing;
-use migrate::precopy::Status;
 use crate::vmm::Vmm;
+use migrate::precopy::Status;
 
 /// Why the control loop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,17 +90,8 @@ pub fn terminating() -> bool {
 }
 
 /// The commands of the API, for `help` texts and errors.
-pub const COMMANDS: &[&str] = &[
-    "status",
-    "pause",
-    "resume",
-    "snapshot",
-    "memory-digest",
-    "migrate",
-    "query-migrate",
-    "migrate_cancel",
-    "quit",
-];
+pub const COMMANDS: &[&str] =
+    &["status", "pause", "resume", "snapshot", "memory-digest", "migrate", "query-migrate", "migrate_cancel", "quit"];
 
 fn path_arg(args: &Value, name: &str) -> Result<PathBuf, String> {
     match args.get(name) {

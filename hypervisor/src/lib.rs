@@ -20,7 +20,7 @@ pub mod control;
 pub mod devices;
 pub mod loader;
 pub mod migration;
+pub mod site_index;
 pub mod snapshot;
 pub mod vmm;
 pub mod vstate;
-pub mod site_index;

@@ -110,11 +110,7 @@ pub struct BootInfo {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, LoaderError> {
-    File::open(path).map_err(|source| LoaderError::Open {
-        what,
-        path: path.to_owned(),
-        source,
-    })
+    File::open(path).map_err(|source| LoaderError::Open { what, path: path.to_owned(), source })
 }
 
 /// Loads the kernel, command line, initrd and zero page into `mem`.
@@ -127,10 +123,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, cfg: &KernelConfig) -> Result<BootInfo
         source,
     })?;
     let format = detect_format(&header[..n]).ok_or_else(|| LoaderError::NotAKernel(cfg.kernel.clone()))?;
-    let load_err = |source| LoaderError::Load {
-        path: cfg.kernel.clone(),
-        source,
-    };
+    let load_err = |source| LoaderError::Load { path: cfg.kernel.clone(), source };
     let himem = Some(GuestAddress(HIMEM_START));
     let (entry, setup_header) = match format {
         KernelFormat::Elf => {
@@ -161,10 +154,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, cfg: &KernelConfig) -> Result<BootInfo
     }
     params.hdr.type_of_loader = 0xff;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline
-        .as_cstring()
-        .map(|c| c.as_bytes().len() as u32)
-        .map_err(LoaderError::Cmdline)?;
+    params.hdr.cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes().len() as u32).map_err(LoaderError::Cmdline)?;
 
     let mem_size = crate::vstate::memory::mem_size(mem);
     if let Some(initrd) = &cfg.initrd {
@@ -186,17 +176,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, cfg: &KernelConfig) -> Result<BootInfo
 }
 
 /// Places the initrd as high as possible below the MMIO hole and the kernel's limit.
-fn load_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    mem_size: u64,
-    addr_max: u32,
-) -> Result<(u64, u64), LoaderError> {
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, mem_size: u64, addr_max: u32) -> Result<(u64, u64), LoaderError> {
     let mut file = open("initrd", path)?;
-    let read_err = |source| LoaderError::ReadInitrd {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| LoaderError::ReadInitrd { path: path.to_owned(), source };
     let size = file.metadata().map_err(read_err)?.len();
     let mut limit = mem_size.min(MMIO_GAP_START);
     if addr_max != 0 {
@@ -206,15 +188,10 @@ fn load_initrd(
         .checked_sub(size)
         .map(|a| a & !(PAGE_SIZE as u64 - 1))
         .filter(|&a| a >= HIMEM_START)
-        .ok_or_else(|| LoaderError::InitrdTooBig {
-            path: path.to_owned(),
-            size,
-            limit,
-        })?;
+        .ok_or_else(|| LoaderError::InitrdTooBig { path: path.to_owned(), size, limit })?;
     let mut data = Vec::with_capacity(size as usize);
     file.read_to_end(&mut data).map_err(read_err)?;
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    mem.write_slice(&data, GuestAddress(addr)).map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
 }
 

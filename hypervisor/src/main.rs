@@ -7,12 +7,12 @@ use clap::Parser;
 use hypervisor::api::ApiServer;
 use hypervisor::config::{parse_mem_size, SerialOutput, VmConfig};
 use hypervisor::control::{self, Controller, Exit};
-use hypervisor::migration::{self, IncomingOptions};
-use hypervisor::site_index::SiteOptions;
-use hypervisor::vmm::DeviceConfig;
 use hypervisor::devices::virtio::block::DiskConfig;
 use hypervisor::devices::virtio::net::NetConfig;
 use hypervisor::loader::KernelConfig;
+use hypervisor::migration::{self, IncomingOptions};
+use hypervisor::site_index::SiteOptions;
+use hypervisor::vmm::DeviceConfig;
 use hypervisor::vmm::Vmm;
 
 /// A KVM virtual machine monitor with snapshot/restore and live-migration support.
@@ -107,16 +107,13 @@ fn run(args: Args) -> Result<Exit, String> {
         Some(p) => SerialOutput::File(p.clone()),
         None => SerialOutput::Stdout,
     };
-    let net = args
-        .net
-        .iter()
-        .map(|n| NetConfig::parse(n).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let net = args.net.iter().map(|n| NetConfig::parse(n).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
     let disk = args.image.as_ref().map(|base| DiskConfig {
         base: base.clone(),
-        overlay: args.disk.clone().unwrap_or_else(|| {
-            base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))
-        }),
+        overlay: args
+            .disk
+            .clone()
+            .unwrap_or_else(|| base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))),
     });
     // The API listens first: a socket that is in use is reported before any guest runs, and
     // requests wait in the channel until the VM exists.

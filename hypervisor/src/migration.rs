@@ -15,7 +15,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use migrate::dedup::{DedupConfig, DedupStats, RedisDedup};
-use migrate::precopy::{self, Dedup, MigrationInfo, NoDedup, Params, ReceiveOptions, ReceiveStats, Sink, Source, Status};
+use migrate::precopy::{
+    self, Dedup, MigrationInfo, NoDedup, Params, ReceiveOptions, ReceiveStats, Sink, Source, Status,
+};
 use migrate::protocol::DigestKind;
 use migrate::protocol::{Hello, Region};
 use serde_json::Value;
@@ -30,23 +32,17 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// Parses `tcp:HOST:PORT` into something to connect to or bind.
 pub fn parse_tcp_uri(uri: &str) -> Result<String, String> {
-    let rest = uri
-        .strip_prefix("tcp:")
-        .ok_or_else(|| format!("migration URI '{uri}': only tcp:HOST:PORT is supported"))?;
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("migration URI '{uri}': missing :PORT"))?;
-    port.parse::<u16>()
-        .map_err(|_| format!("migration URI '{uri}': '{port}' is not a port number"))?;
+    let rest =
+        uri.strip_prefix("tcp:").ok_or_else(|| format!("migration URI '{uri}': only tcp:HOST:PORT is supported"))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("migration URI '{uri}': missing :PORT"))?;
+    port.parse::<u16>().map_err(|_| format!("migration URI '{uri}': '{port}' is not a port number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
 }
 
 fn host_slice(mem: &GuestMemoryMmap, index: usize) -> (*mut u8, usize) {
     let region = mem.iter().nth(index).expect("region index within the layout");
-    let host = region
-        .get_host_address(MemoryRegionAddress(0))
-        .expect("a mapped region has a host address");
+    let host = region.get_host_address(MemoryRegionAddress(0)).expect("a mapped region has a host address");
     (host, region.len() as usize)
 }
 
@@ -122,7 +118,8 @@ fn dedup_from_args(args: &Value, params: &mut Params) -> Result<Option<DedupConf
     let s = |k: &str| -> Result<String, String> {
         obj.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| format!("dedup needs \"{k}\" (a string)"))
     };
-    let algo = indexd::hash::Algo::parse(obj.get("digest").and_then(Value::as_str).unwrap_or("sha256")).map_err(|e| e.to_string())?;
+    let algo = indexd::hash::Algo::parse(obj.get("digest").and_then(Value::as_str).unwrap_or("sha256"))
+        .map_err(|e| e.to_string())?;
     let chunk = match obj.get("chunk").map(|c| c.as_u64()) {
         None => 4096,
         Some(Some(c @ (512 | 1024 | 2048 | 4096))) => c as usize,
@@ -144,14 +141,14 @@ fn dedup_from_args(args: &Value, params: &mut Params) -> Result<Option<DedupConf
 
 /// Migration parameters from the `migrate` command's arguments.
 pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
-    let uri = args
-        .get("uri")
-        .and_then(Value::as_str)
-        .ok_or_else(|| "missing argument \"uri\" (tcp:HOST:PORT)".to_owned())?;
+    let uri =
+        args.get("uri").and_then(Value::as_str).ok_or_else(|| "missing argument \"uri\" (tcp:HOST:PORT)".to_owned())?;
     let addr = parse_tcp_uri(uri)?;
     if let Some(obj) = args.as_object() {
         for k in obj.keys() {
-            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge", "verify", "dedup"].contains(&k.as_str()) {
+            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge", "verify", "dedup"]
+                .contains(&k.as_str())
+            {
                 return Err(format!("unknown argument \"{k}\""));
             }
         }
@@ -273,10 +270,7 @@ fn caller_done(caller: &VmmCaller, ok: bool) -> Result<(), String> {
 }
 
 fn connect(addr: &str) -> Result<TcpStream, String> {
-    let addrs: Vec<_> = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-        .collect();
+    let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
     let mut last = format!("cannot resolve {addr}");
     for a in addrs {
         match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
@@ -317,7 +311,8 @@ impl VmmSink {
 
 impl Sink for VmmSink {
     fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String> {
-        let ranges: Vec<(GuestAddress, usize)> = regions.iter().map(|r| (GuestAddress(r.gpa), r.len as usize)).collect();
+        let ranges: Vec<(GuestAddress, usize)> =
+            regions.iter().map(|r| (GuestAddress(r.gpa), r.len as usize)).collect();
         let expected = crate::arch::layout::ram_ranges(hello.mem_size);
         if ranges != expected {
             return Err(format!("memory layout {ranges:x?} is not what this VMM builds for {} bytes", hello.mem_size));
@@ -380,8 +375,9 @@ impl Sink for VmmSink {
         let state: SnapshotState = serde_json::from_slice(state).map_err(|e| format!("invalid VM state: {e}"))?;
         let parsed = t.elapsed();
         let mem = self.mem.take().ok_or("VM state before memory")?;
-        let vmm = Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())
-            .map_err(|e| e.to_string())?;
+        let vmm =
+            Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())
+                .map_err(|e| e.to_string())?;
         tracing::info!("restore: state parsed in {parsed:?}, VM rebuilt in {:?}", t.elapsed() - parsed);
         self.vmm = Some(vmm);
         Ok(())
@@ -440,12 +436,15 @@ mod tests {
         assert!(parse_tcp_uri("tcp:host").unwrap_err().contains("missing :PORT"));
         assert!(parse_tcp_uri("tcp:host:http").unwrap_err().contains("not a port"));
         let (a, p) = params_from_args(&serde_json::json!({"uri": "tcp:10.0.0.2:7000", "downtime_limit_ms": 100,
-            "max_bandwidth": 12500000, "max_iterations": 30, "auto_converge": true})).unwrap();
+            "max_bandwidth": 12500000, "max_iterations": 30, "auto_converge": true}))
+        .unwrap();
         assert_eq!(a, "10.0.0.2:7000");
         assert_eq!(p.downtime_limit, Duration::from_millis(100));
         assert_eq!((p.max_bandwidth, p.max_iterations, p.auto_converge), (Some(12_500_000), Some(30), true));
         assert!(params_from_args(&serde_json::json!({})).unwrap_err().contains("missing argument \"uri\""));
-        assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "speed": 1})).unwrap_err().contains("unknown argument"));
+        assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "speed": 1}))
+            .unwrap_err()
+            .contains("unknown argument"));
         assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "max_bandwidth": -5})).is_err());
     }
 }

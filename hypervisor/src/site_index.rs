@@ -130,7 +130,9 @@ impl SiteIndex {
             Some(t) => match Redis::connect(t) {
                 Ok(r) => Some(r),
                 Err(e) => {
-                    let msg = format!("index Redis unreachable ({e}): missing content comes from the source until it answers");
+                    let msg = format!(
+                        "index Redis unreachable ({e}): missing content comes from the source until it answers"
+                    );
                     tracing::warn!("{msg}");
                     stats.warning = Some(msg);
                     None
@@ -315,7 +317,10 @@ impl SiteIndex {
                         let keys: Vec<Vec<u8>> = again.iter().map(|&i| key(&left[i].0)).collect();
                         if let Some(Ok(all)) = self.index().map(|r| r.smembers_many(&keys)) {
                             for (&i, members) in again.iter().zip(all) {
-                                candidates[i] = members.into_iter().filter(|m| *m != self.member && !tried[i].contains(m)).collect();
+                                candidates[i] = members
+                                    .into_iter()
+                                    .filter(|m| *m != self.member && !tried[i].contains(m))
+                                    .collect();
                             }
                         }
                     }

@@ -106,18 +106,14 @@ pub fn write_snapshot(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(MEMORY_FILE);
     let file = File::create(&mem_path).map_err(io(&mem_path))?;
-    let memory_bytes = write_sparse_image(mem, &file).map_err(|source| SnapshotError::Memory {
-        path: mem_path.display().to_string(),
-        source,
-    })?;
+    let memory_bytes = write_sparse_image(mem, &file)
+        .map_err(|source| SnapshotError::Memory { path: mem_path.display().to_string(), source })?;
     file.sync_all().map_err(io(&mem_path))?;
     // Write the state last, through a rename: a directory with a state file is complete.
     let state_path = dir.join(STATE_FILE);
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let json = serde_json::to_vec(state).map_err(|source| SnapshotError::Parse {
-        path: tmp.display().to_string(),
-        source,
-    })?;
+    let json =
+        serde_json::to_vec(state).map_err(|source| SnapshotError::Parse { path: tmp.display().to_string(), source })?;
     std::fs::write(&tmp, json).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &state_path).map_err(io(&state_path))?;
     Ok(SnapshotStats {
@@ -147,10 +143,8 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
 pub fn read_memory(dir: &Path, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let mut file = File::open(&path).map_err(io(&path))?;
-    read_sparse_image(mem, &mut file).map_err(|source| SnapshotError::Memory {
-        path: path.display().to_string(),
-        source,
-    })
+    read_sparse_image(mem, &mut file)
+        .map_err(|source| SnapshotError::Memory { path: path.display().to_string(), source })
 }
 
 #[cfg(test)]

@@ -14,20 +14,20 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::MMIO_DEVICES_START;
+use crate::arch::msr;
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::bus::Bus;
+use crate::devices::serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::block::{self, Block, DiskConfig};
 use crate::devices::virtio::mmio::{MmioState, MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::VirtioDevice;
-use crate::devices::serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT};
 use crate::loader::{self, LoaderError};
 use crate::snapshot::{self, SnapshotError, SnapshotState, SnapshotStats, SNAPSHOT_VERSION};
 use crate::vstate::memory::{self, DirtyLog, MemoryDigest, MemoryError};
 use crate::vstate::vcpu::{ExitCounts, StopReason, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
-use crate::arch::msr;
 
 /// Errors of VMM operations.
 #[derive(Debug, thiserror::Error)]
@@ -229,9 +229,10 @@ pub struct Vmm {
 fn serial_writer(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => Box::new(LineWriter::new(std::fs::File::create(path).map_err(
-            |source| VmmError::SerialFile { path: path.display().to_string(), source },
-        )?)),
+        SerialOutput::File(path) => Box::new(LineWriter::new(
+            std::fs::File::create(path)
+                .map_err(|source| VmmError::SerialFile { path: path.display().to_string(), source })?,
+        )),
         SerialOutput::Buffer(b) => Box::new(b.clone()),
         SerialOutput::Sink => Box::new(std::io::sink()),
     })
@@ -266,17 +267,13 @@ fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Ve
     let dev_err = |e: std::io::Error| VmmError::Device(e.to_string());
     let mut slots = Vec::new();
     for (i, config) in configs.iter().enumerate() {
-        let same_kind = configs[..i]
-            .iter()
-            .filter(|c| std::mem::discriminant(*c) == std::mem::discriminant(config))
-            .count();
+        let same_kind =
+            configs[..i].iter().filter(|c| std::mem::discriminant(*c) == std::mem::discriminant(config)).count();
         let (device, announce) = open_device(config, same_kind)?;
         let base = MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(dev_err)?;
-        vm.fd()
-            .register_irqfd(&irq, gsi)
-            .map_err(|e| VmmError::Device(format!("{}: irqfd: {e}", device.name())))?;
+        vm.fd().register_irqfd(&irq, gsi).map_err(|e| VmmError::Device(format!("{}: irqfd: {e}", device.name())))?;
         let transport = MmioTransport::new(device, vm.memory().clone(), irq).map_err(dev_err)?;
         for (q, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
@@ -284,8 +281,7 @@ fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Ve
                 .map_err(|e| VmmError::Device(format!("{}: ioeventfd: {e}", transport.name())))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(base, MMIO_WINDOW, transport.clone())
-            .map_err(|e| VmmError::Device(e.to_string()))?;
+        mmio.insert(base, MMIO_WINDOW, transport.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
         slots.push(DeviceSlot { config: config.clone(), announce, transport, base, gsi });
     }
     Ok(slots)
@@ -300,9 +296,7 @@ fn build_platform(
     let kvm = open_kvm()?;
     let vm = Vm::new(&kvm, mem)?;
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("serial eventfd: {e}")))?;
-    vm.fd()
-        .register_irqfd(&irq, COM1_IRQ)
-        .map_err(|e| VmmError::Device(format!("serial irqfd: {e}")))?;
+    vm.fd().register_irqfd(&irq, COM1_IRQ).map_err(|e| VmmError::Device(format!("serial irqfd: {e}")))?;
     let out = serial_writer(serial_out)?;
     let serial = match serial_state {
         Some(s) => SerialDevice::from_snapshot(s, irq, out).map_err(|e| VmmError::Device(e.to_string()))?,
@@ -310,18 +304,10 @@ fn build_platform(
     };
     let serial = Arc::new(Mutex::new(serial));
     let mut pio = Bus::new();
-    pio.insert(COM1_PORT, 8, serial.clone())
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+    pio.insert(COM1_PORT, 8, serial.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
     let mut mmio = Bus::new();
     let devices = build_devices(&vm, devices, &mut mmio)?;
-    Ok(Platform {
-        kvm,
-        vm,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        serial,
-        devices,
-    })
+    Ok(Platform { kvm, vm, pio: Arc::new(pio), mmio: Arc::new(mmio), serial, devices })
 }
 
 impl Vmm {
@@ -330,9 +316,7 @@ impl Vmm {
         let devices = device_list(cfg);
         let mut kernel = cfg.kernel.clone();
         if !devices.is_empty() {
-            kernel.cmdline = format!("{} {}", kernel.cmdline.trim(), virtio_cmdline(devices.len()))
-                .trim()
-                .to_owned();
+            kernel.cmdline = format!("{} {}", kernel.cmdline.trim(), virtio_cmdline(devices.len())).trim().to_owned();
         }
         // Check /dev/kvm before spending time on memory and the kernel.
         open_kvm()?;
@@ -377,7 +361,8 @@ impl Vmm {
         let configs = match devices {
             None => recorded,
             Some(given) => {
-                let kinds = |v: &[DeviceConfig]| v.iter().map(|d| matches!(d, DeviceConfig::Net(_))).collect::<Vec<_>>();
+                let kinds =
+                    |v: &[DeviceConfig]| v.iter().map(|d| matches!(d, DeviceConfig::Net(_))).collect::<Vec<_>>();
                 if kinds(&given) != kinds(&recorded) {
                     return Err(VmmError::Device(format!(
                         "the guest has {} NIC(s) and {} disk(s); the command line gives {} and {}",
@@ -410,13 +395,7 @@ impl Vmm {
         Self::start(name.unwrap_or(state.name), state.cmdline, p, vcpus, paused)
     }
 
-    fn start(
-        name: String,
-        cmdline: String,
-        p: Platform,
-        vcpus: Vec<Vcpu>,
-        paused: bool,
-    ) -> Result<Vmm, VmmError> {
+    fn start(name: String, cmdline: String, p: Platform, vcpus: Vec<Vcpu>, paused: bool) -> Result<Vmm, VmmError> {
         let listed = msr::saved_msr_indices(&p.kvm)?;
         let (readable, refused) = match vcpus.first() {
             Some(v) => v.readable_msrs(&listed)?,
@@ -610,9 +589,7 @@ impl Vmm {
     pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotStats, VmmError> {
         let was_running = self.state == RunState::Running;
         self.pause()?;
-        let result = self
-            .save_state()
-            .and_then(|state| Ok(snapshot::write_snapshot(dir, &state, self.vm.memory())?));
+        let result = self.save_state().and_then(|state| Ok(snapshot::write_snapshot(dir, &state, self.vm.memory())?));
         if was_running {
             self.resume()?;
         }
@@ -624,10 +601,8 @@ impl Vmm {
         match per_page {
             None => Ok(memory::memory_digest(self.vm.memory(), None)?),
             Some(path) => {
-                let file = std::fs::File::create(path).map_err(|source| MemoryError::Image {
-                    what: "create of the page-digest file",
-                    source,
-                })?;
+                let file = std::fs::File::create(path)
+                    .map_err(|source| MemoryError::Image { what: "create of the page-digest file", source })?;
                 let mut w = std::io::BufWriter::new(file);
                 let d = memory::memory_digest(self.vm.memory(), Some(&mut w))?;
                 w.flush().map_err(|source| MemoryError::Image { what: "write of page digests", source })?;

@@ -27,7 +27,8 @@ fn boot_on(ns: &Netns, dir: &Path, tag: &str, mac: &str, ip: &str, extra: &str, 
     let g = guest();
     let net = format!("tap={tag},mac={mac},bridge=br0");
     let cmdline = format!("ip={ip}/16 gw=10.1.0.254 {extra}");
-    let mut args = vec!["--kernel", g.to_str().unwrap(), "--mem", "256M", "--cmdline", &cmdline, "--net", &net, "--name", tag];
+    let mut args =
+        vec!["--kernel", g.to_str().unwrap(), "--mem", "256M", "--cmdline", &cmdline, "--net", &net, "--name", tag];
     let base = image("base.qcow2");
     if let Some(d) = disk {
         args.extend(["--image", base.to_str().unwrap(), "--disk", d.to_str().unwrap()]);
@@ -44,7 +45,16 @@ fn probe_bin() -> PathBuf {
 /// UDP round trips to `to` from inside `ns`: the JSON report of `vnet-probe udp-rtt`.
 fn udp_rtt(ns: &Netns, to: &str, count: u32) -> serde_json::Value {
     let out = ns
-        .exec(&[probe_bin().to_str().unwrap(), "udp-rtt", "--to", to, "--count", &count.to_string(), "--interval-us", "1000"])
+        .exec(&[
+            probe_bin().to_str().unwrap(),
+            "udp-rtt",
+            "--to",
+            to,
+            "--count",
+            &count.to_string(),
+            "--interval-us",
+            "1000",
+        ])
         .unwrap();
     serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap()
 }
@@ -96,7 +106,15 @@ fn disk_writes_persist_in_the_overlay_and_the_base_is_never_written() {
     let base = image("base.qcow2");
     let before = sha256_file(&base);
     let overlay = dir.path().join("vm1.qcow2");
-    let mut vm = boot_on(&ns, dir.path(), "vmd1", "52:54:00:00:03:02", "10.1.0.2", "preload=8M disktest=write:100000", Some(&overlay));
+    let mut vm = boot_on(
+        &ns,
+        dir.path(),
+        "vmd1",
+        "52:54:00:00:03:02",
+        "10.1.0.2",
+        "preload=8M disktest=write:100000",
+        Some(&overlay),
+    );
     vm.wait_for("disktest: wrote 100000", BOOT);
     vm.exec("quit", json!({}));
     assert!(vm.wait_exit(Duration::from_secs(10)).unwrap().success());
@@ -117,7 +135,8 @@ fn snapshot_and_restore_with_live_network_and_disk() {
     let dir = TempDir::new("dev-snap");
     let overlay = dir.path().join("vm.qcow2");
     let snap = dir.path().join("snap");
-    let mut vm = boot_on(&ns, dir.path(), "vms1", "52:54:00:00:04:02", "10.1.0.2", "disktest=write:200000", Some(&overlay));
+    let mut vm =
+        boot_on(&ns, dir.path(), "vms1", "52:54:00:00:04:02", "10.1.0.2", "disktest=write:200000", Some(&overlay));
     vm.wait_for("disktest: wrote 200000", BOOT);
     assert_eq!(udp_rtt(&ns, "10.1.0.2:7", 50)["received"], 50);
     vm.exec("pause", json!({}));
@@ -125,7 +144,8 @@ fn snapshot_and_restore_with_live_network_and_disk() {
     vm.exec("quit", json!({}));
     vm.wait_exit(Duration::from_secs(10)).unwrap();
     // The restored VM re-opens the same tap and overlay; its network stack carries on.
-    let restored = VmProcess::spawn_in(Some(ns.name()), dir.path(), "vms2", &["--restore", snap.to_str().unwrap()], &[]);
+    let restored =
+        VmProcess::spawn_in(Some(ns.name()), dir.path(), "vms2", &["--restore", snap.to_str().unwrap()], &[]);
     let n = restored.exec("status", json!({}));
     assert_eq!(n["devices"].as_array().unwrap().len(), 2, "{n}");
     let r = udp_rtt(&ns, "10.1.0.2:7", 50);
@@ -144,20 +164,31 @@ fn page_digests(vm: &VmProcess, file: &Path) -> Vec<[u8; 32]> {
         use openssl::sha::sha256;
         sha256(&[0u8; 4096])
     };
-    std::fs::read(file)
-        .unwrap()
-        .chunks(32)
-        .map(|c| <[u8; 32]>::try_from(c).unwrap())
-        .filter(|d| *d != zero)
-        .collect()
+    std::fs::read(file).unwrap().chunks(32).map(|c| <[u8; 32]>::try_from(c).unwrap()).filter(|d| *d != zero).collect()
 }
 
 #[test]
 fn guests_from_one_image_share_their_preloaded_pages() {
     let ns = lan("dvl");
     let dir = TempDir::new("dev-preload");
-    let a = boot_on(&ns, dir.path(), "vml1", "52:54:00:00:05:02", "10.1.0.2", "preload=64M private=4M", Some(&dir.path().join("a.qcow2")));
-    let b = boot_on(&ns, dir.path(), "vml2", "52:54:00:00:05:03", "10.1.0.3", "preload=64M private=4M", Some(&dir.path().join("b.qcow2")));
+    let a = boot_on(
+        &ns,
+        dir.path(),
+        "vml1",
+        "52:54:00:00:05:02",
+        "10.1.0.2",
+        "preload=64M private=4M",
+        Some(&dir.path().join("a.qcow2")),
+    );
+    let b = boot_on(
+        &ns,
+        dir.path(),
+        "vml2",
+        "52:54:00:00:05:03",
+        "10.1.0.3",
+        "preload=64M private=4M",
+        Some(&dir.path().join("b.qcow2")),
+    );
     a.wait_for("shrink-guest ready", BOOT);
     b.wait_for("shrink-guest ready", BOOT);
     a.exec("pause", json!({}));
@@ -179,7 +210,11 @@ fn guests_from_one_image_share_their_preloaded_pages() {
     assert!(preload_nonzero > 4096, "the image's first 64 MiB: {preload_nonzero} non-zero pages");
     assert!(da.len() >= preload_nonzero, "non-zero pages: {}", da.len());
     let preload_shared = shared as f64 / preload_nonzero as f64;
-    eprintln!("non-zero pages {}, shared with the other VM {shared} ({:.1} % of the preload)", da.len(), preload_shared * 100.0);
+    eprintln!(
+        "non-zero pages {}, shared with the other VM {shared} ({:.1} % of the preload)",
+        da.len(),
+        preload_shared * 100.0
+    );
     assert!(preload_shared >= 0.90, "only {shared} pages shared");
     // ... and the VMs are not identical: private memory differs.
     assert!(shared < da.len(), "two VMs with different MACs have identical memory");
@@ -199,7 +234,10 @@ fn bad_devices_are_refused_with_clear_errors() {
     let g = g.to_str().unwrap();
     let ov = dir.path().join("ov.qcow2");
     let ov = ov.to_str().unwrap();
-    one_line_error(&["--kernel", g, "--image", "/nonexistent/base.qcow2", "--disk", ov], "base image /nonexistent/base.qcow2");
+    one_line_error(
+        &["--kernel", g, "--image", "/nonexistent/base.qcow2", "--disk", ov],
+        "base image /nonexistent/base.qcow2",
+    );
     let raw = dir.path().join("base.raw");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     one_line_error(&["--kernel", g, "--image", raw.to_str().unwrap(), "--disk", ov], "is not a qcow2 image");
@@ -208,10 +246,16 @@ fn bad_devices_are_refused_with_clear_errors() {
     bytes.extend(std::iter::repeat_n(0xa5u8, 4096));
     std::fs::write(&corrupt, bytes).unwrap();
     one_line_error(&["--kernel", g, "--image", corrupt.to_str().unwrap(), "--disk", ov], "corrupt.qcow2");
-    one_line_error(&["--kernel", g, "--net", "tap=a-name-much-too-long-for-linux,mac=52:54:00:00:00:01"], "tap name 'a-name-much-too-long-for-linux' is invalid");
+    one_line_error(
+        &["--kernel", g, "--net", "tap=a-name-much-too-long-for-linux,mac=52:54:00:00:00:01"],
+        "tap name 'a-name-much-too-long-for-linux' is invalid",
+    );
     one_line_error(&["--kernel", g, "--net", "tap=t0,mac=52:54:zz:00:00:01"], "malformed MAC '52:54:zz:00:00:01'");
     one_line_error(&["--kernel", g, "--net", "tap=t0"], "missing mac=MAC");
-    one_line_error(&["--kernel", g, "--net", "tap=t0,mac=52:54:00:00:00:01,bridge=no-such-br"], "adding it to the bridge");
+    one_line_error(
+        &["--kernel", g, "--net", "tap=t0,mac=52:54:00:00:00:01,bridge=no-such-br"],
+        "adding it to the bridge",
+    );
 }
 
 #[test]

@@ -56,7 +56,13 @@ fn every_page_the_guest_writes_is_in_the_dirty_log() {
         .collect();
     assert!(reported.len() > 100, "too few writes reported: {}", reported.len());
     let missing: Vec<_> = reported.iter().filter(|&&p| !log.is_dirty(p)).collect();
-    assert!(missing.is_empty(), "{} of {} written pages not in the dirty log: {:x?}", missing.len(), reported.len(), &missing[..missing.len().min(8)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} written pages not in the dirty log: {:x?}",
+        missing.len(),
+        reported.len(),
+        &missing[..missing.len().min(8)]
+    );
     // The log is not simply everything.
     assert!(log.count() < 2 * reported.len() + 64, "dirty {} for {} written", log.count(), reported.len());
     vmm.shutdown();

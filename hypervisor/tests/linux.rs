@@ -31,7 +31,8 @@ fn debian_vmlinux_prints_its_banner_on_serial() {
 fn a_bzimage_loads_with_its_setup_header_and_zero_page() {
     let kernel = image("vmlinuz");
     let mem = create_guest_memory(256 << 20).unwrap();
-    let cfg = KernelConfig { kernel: kernel.clone(), initrd: Some(image("initrd.img")), cmdline: "console=ttyS0".into() };
+    let cfg =
+        KernelConfig { kernel: kernel.clone(), initrd: Some(image("initrd.img")), cmdline: "console=ttyS0".into() };
     let info = load_kernel(&mem, &cfg).unwrap();
     assert_eq!(info.format, KernelFormat::BzImage);
     assert_eq!(info.entry, HIMEM_START + 0x200, "64-bit entry point");

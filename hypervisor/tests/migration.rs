@@ -127,7 +127,13 @@ fn killing_the_destination_during_the_dirty_passes_leaves_the_guest_at_the_sourc
 fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source() {
     let dir = TempDir::new("mig-kill2");
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = VmProcess::spawn_in(None, dir.path(), "dst", &["--incoming", &uri], &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "20000")]);
+    let mut dst = VmProcess::spawn_in(
+        None,
+        dir.path(),
+        "dst",
+        &["--incoming", &uri],
+        &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "20000")],
+    );
     let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=8M rate=1M");
     src.wait_for("heartbeat 2\n", BOOT);
     src.exec("migrate", json!({"uri": uri}));
@@ -181,7 +187,11 @@ fn garbage_and_truncated_streams_are_refused_by_the_destination() {
     let mut s = connect_retry(port);
     use migrate::protocol::*;
     let mut buf = Vec::new();
-    write_hello(&mut buf, &Hello { version: VERSION, chunk_size: 4096, digest: DigestKind::None, mem_size: 64 << 20, name: "x".into() }).unwrap();
+    write_hello(
+        &mut buf,
+        &Hello { version: VERSION, chunk_size: 4096, digest: DigestKind::None, mem_size: 64 << 20, name: "x".into() },
+    )
+    .unwrap();
     write_layout(&mut buf, &[Region { gpa: 0, len: 64 << 20 }]).unwrap();
     buf.extend_from_slice(&buf.clone()[..10]);
     s.write_all(&buf).unwrap();
@@ -213,7 +223,10 @@ fn auto_converge_makes_a_fast_dirtying_guest_converge() {
         let src = VmProcess::boot(dir.path(), &format!("{tag}-src"), "64M", "workload=mem mem=4M rate=32M");
         src.wait_for("heartbeat 1\n", BOOT);
         let iterations = if auto { 40 } else { 10 };
-        src.exec("migrate", json!({"uri": uri, "max_bandwidth": 8_000_000, "max_iterations": iterations, "auto_converge": auto}));
+        src.exec(
+            "migrate",
+            json!({"uri": uri, "max_bandwidth": 8_000_000, "max_iterations": iterations, "auto_converge": auto}),
+        );
         let info = wait_migration(&src, Duration::from_secs(120));
         if info["status"] != "completed" {
             source_keeps_running(&src);
@@ -242,16 +255,42 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
         Some(ns.name()),
         dir.path(),
         "src",
-        &["--kernel", g.to_str().unwrap(), "--mem", "128M", "--cmdline", "ip=10.1.0.2/16", "--net", &format!("tap=tsrc,mac={mac},bridge=br0")],
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--mem",
+            "128M",
+            "--cmdline",
+            "ip=10.1.0.2/16",
+            "--net",
+            &format!("tap=tsrc,mac={mac},bridge=br0"),
+        ],
         &[],
     );
     src.wait_for("shrink-guest ready", BOOT);
     let uri = "tcp:127.0.0.1:7400";
-    let dst = VmProcess::spawn_in(Some(ns.name()), dir.path(), "dst", &["--incoming", uri, "--net", &format!("tap=tdst,mac={mac},bridge=br0")], &[]);
+    let dst = VmProcess::spawn_in(
+        Some(ns.name()),
+        dir.path(),
+        "dst",
+        &["--incoming", uri, "--net", &format!("tap=tdst,mac={mac},bridge=br0")],
+        &[],
+    );
     let probe = repo_root().join("target/release/vnet-probe");
     assert!(probe.exists(), "{} is missing: cargo build --release --workspace", probe.display());
     let rtt = |count: &str| -> Value {
-        let out = ns.exec(&[probe.to_str().unwrap(), "udp-rtt", "--to", "10.1.0.2:7", "--count", count, "--interval-us", "1000"]).unwrap();
+        let out = ns
+            .exec(&[
+                probe.to_str().unwrap(),
+                "udp-rtt",
+                "--to",
+                "10.1.0.2:7",
+                "--count",
+                count,
+                "--interval-us",
+                "1000",
+            ])
+            .unwrap();
         serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap()
     };
     assert_eq!(rtt("50")["received"], 50, "echo before");

@@ -62,11 +62,7 @@ fn snapshot_then_restore_in_a_new_process_continues_the_guest() {
     use std::os::unix::fs::MetadataExt;
     assert!(img.blocks() * 512 < img.len() / 2, "memory image is not sparse");
 
-    let restored = VmProcess::spawn(
-        dir.path(),
-        "dst",
-        &["--restore", snap.to_str().unwrap(), "--paused"],
-    );
+    let restored = VmProcess::spawn(dir.path(), "dst", &["--restore", snap.to_str().unwrap(), "--paused"]);
     let after = restored.exec("memory-digest", json!({}));
     assert_eq!(before, after, "guest memory differs after restore");
     assert_eq!(restored.exec("status", json!({}))["name"], "src");
@@ -146,10 +142,8 @@ fn a_busy_api_socket_is_refused_and_left_alone() {
     let dir = TempDir::new("busy");
     let vm = VmProcess::boot(dir.path(), "vm", "64M", "workload=idle");
     let g = guest();
-    let (code, err) = run_vmm(
-        &["--kernel", g.to_str().unwrap(), "--api", vm.api.to_str().unwrap()],
-        Duration::from_secs(10),
-    );
+    let (code, err) =
+        run_vmm(&["--kernel", g.to_str().unwrap(), "--api", vm.api.to_str().unwrap()], Duration::from_secs(10));
     assert_one_line_error(code, &err, "in use by another process");
     assert_eq!(vm.exec("status", json!({}))["state"], "running");
 }

@@ -68,10 +68,7 @@ pub struct ContentIndex {
 
 impl std::fmt::Debug for ContentIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ContentIndex")
-            .field("chunks", &self.len())
-            .field("distinct", &self.distinct())
-            .finish()
+        f.debug_struct("ContentIndex").field("chunks", &self.len()).field("distinct", &self.distinct()).finish()
     }
 }
 
@@ -132,15 +129,12 @@ impl ContentIndex {
 
     /// How many chunks hold `digest`.
     pub fn holders(&self, digest: &[u8]) -> usize {
-        self.find(digest)
-            .map_or(0, |s| self.slots[s as usize].count as usize)
+        self.find(digest).map_or(0, |s| self.slots[s as usize].count as usize)
     }
 
     /// The digest chunk `gpa` holds, if it is indexed.
     pub fn digest_at(&self, gpa: u64) -> Option<&[u8]> {
-        self.chunks
-            .get(&gpa)
-            .map(|n| self.slots[n.slot as usize].digest())
+        self.chunks.get(&gpa).map(|n| self.slots[n.slot as usize].digest())
     }
 
     /// Number of chunks indexed.
@@ -160,11 +154,7 @@ impl ContentIndex {
 
     /// Every distinct digest (for `SREM` when the VM goes away).
     pub fn digests(&self) -> Vec<Vec<u8>> {
-        self.slots
-            .iter()
-            .filter(|s| s.count > 0)
-            .map(|s| s.digest().to_vec())
-            .collect()
+        self.slots.iter().filter(|s| s.count > 0).map(|s| s.digest().to_vec()).collect()
     }
 
     /// Forgets everything.
@@ -177,11 +167,7 @@ impl ContentIndex {
 
     fn find(&self, digest: &[u8]) -> Option<u32> {
         let slots = &self.slots;
-        self.table
-            .find(digest_hash(digest), |&s| {
-                slots[s as usize].digest() == digest
-            })
-            .copied()
+        self.table.find(digest_hash(digest), |&s| slots[s as usize].digest() == digest).copied()
     }
 
     /// The slot of `digest`, created when new.
@@ -189,12 +175,7 @@ impl ContentIndex {
         if let Some(s) = self.find(digest) {
             return s;
         }
-        let mut slot = Slot {
-            digest: [0; MAX_DIGEST_LEN],
-            len: digest.len() as u8,
-            count: 0,
-            head: NIL,
-        };
+        let mut slot = Slot { digest: [0; MAX_DIGEST_LEN], len: digest.len() as u8, count: 0, head: NIL };
         slot.digest[..digest.len()].copy_from_slice(digest);
         let s = match self.free.pop() {
             Some(s) => {
@@ -208,9 +189,7 @@ impl ContentIndex {
             }
         };
         let slots = &self.slots;
-        self.table.insert_unique(digest_hash(digest), s, |&t| {
-            digest_hash(slots[t as usize].digest())
-        });
+        self.table.insert_unique(digest_hash(digest), s, |&t| digest_hash(slots[t as usize].digest()));
         s
     }
 
@@ -225,14 +204,7 @@ impl ContentIndex {
                 n.prev = gpa;
             }
         }
-        self.chunks.insert(
-            gpa,
-            Node {
-                slot,
-                prev: NIL,
-                next,
-            },
-        );
+        self.chunks.insert(gpa, Node { slot, prev: NIL, next });
     }
 
     /// Takes chunk `gpa` out of its holder list; frees the slot when it was the last holder.
@@ -395,8 +367,7 @@ mod tests {
         for _ in 0..50_000 {
             let gpa = (rnd() % 2000) << 12;
             let content = (rnd() % 300) as u8;
-            let holders =
-                |m: &BTreeMap<u64, Vec<u8>>, dg: &[u8]| m.values().filter(|v| *v == dg).count();
+            let holders = |m: &BTreeMap<u64, Vec<u8>>, dg: &[u8]| m.values().filter(|v| *v == dg).count();
             if rnd() % 4 == 0 {
                 let got = ix.remove(gpa);
                 let want = model.remove(&gpa).map(|old| {

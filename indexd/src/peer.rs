@@ -182,20 +182,14 @@ pub struct Refusal {
 pub fn encode_request(digests: &[Vec<u8>]) -> Result<Vec<u8>, PeerError> {
     let bad = |m: String| Err(PeerError::BadRequest(m));
     if digests.is_empty() || digests.len() > MAX_DIGESTS {
-        return bad(format!(
-            "{} digests in one request (1..={MAX_DIGESTS})",
-            digests.len()
-        ));
+        return bad(format!("{} digests in one request (1..={MAX_DIGESTS})", digests.len()));
     }
     let l = digests[0].len();
     if l == 0 || l > MAX_DIGEST_LEN {
         return bad(format!("digest of {l} bytes (1..={MAX_DIGEST_LEN})"));
     }
     if let Some(d) = digests.iter().find(|d| d.len() != l) {
-        return bad(format!(
-            "digests of different lengths ({l} and {}) in one batch",
-            d.len()
-        ));
+        return bad(format!("digests of different lengths ({l} and {}) in one batch", d.len()));
     }
     let mut out = Vec::with_capacity(HEADER_LEN + l * digests.len());
     out.extend_from_slice(&REQUEST_MAGIC);
@@ -211,45 +205,27 @@ pub fn encode_request(digests: &[Vec<u8>]) -> Result<Vec<u8>, PeerError> {
 pub fn decode_request_header(buf: &[u8]) -> Result<RequestHeader, Refusal> {
     let refuse = |status, message: String| Err(Refusal { status, message });
     if buf.len() < HEADER_LEN {
-        return refuse(
-            STATUS_BAD_REQUEST,
-            format!("short header ({} bytes)", buf.len()),
-        );
+        return refuse(STATUS_BAD_REQUEST, format!("short header ({} bytes)", buf.len()));
     }
     if buf[0..4] != REQUEST_MAGIC {
-        return refuse(
-            STATUS_BAD_REQUEST,
-            "bad magic (not a shrink peer request)".into(),
-        );
+        return refuse(STATUS_BAD_REQUEST, "bad magic (not a shrink peer request)".into());
     }
     if buf[4] != VERSION {
-        return refuse(
-            STATUS_BAD_VERSION,
-            format!(
-                "unsupported version {} (this server speaks {VERSION})",
-                buf[4]
-            ),
-        );
+        return refuse(STATUS_BAD_VERSION, format!("unsupported version {} (this server speaks {VERSION})", buf[4]));
     }
     if buf[5] != OP_FETCH {
         return refuse(STATUS_BAD_REQUEST, format!("unknown operation {}", buf[5]));
     }
     let digest_len = buf[6] as usize;
     if digest_len == 0 || digest_len > MAX_DIGEST_LEN {
-        return refuse(
-            STATUS_BAD_REQUEST,
-            format!("digest length {digest_len} (1..={MAX_DIGEST_LEN})"),
-        );
+        return refuse(STATUS_BAD_REQUEST, format!("digest length {digest_len} (1..={MAX_DIGEST_LEN})"));
     }
     if buf[7] != 0 {
         return refuse(STATUS_BAD_REQUEST, "reserved byte not zero".into());
     }
     let count = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
     if count == 0 || count > MAX_DIGESTS {
-        return refuse(
-            STATUS_BAD_REQUEST,
-            format!("{count} digests (1..={MAX_DIGESTS})"),
-        );
+        return refuse(STATUS_BAD_REQUEST, format!("{count} digests (1..={MAX_DIGESTS})"));
     }
     Ok(RequestHeader { digest_len, count })
 }
@@ -301,41 +277,26 @@ impl From<io::Error> for ResponseError {
 }
 
 /// Reads the response to a request of `expected` digests.
-pub fn read_response<R: Read>(
-    r: &mut R,
-    expected: usize,
-) -> Result<Vec<Option<Vec<u8>>>, ResponseError> {
+pub fn read_response<R: Read>(r: &mut R, expected: usize) -> Result<Vec<Option<Vec<u8>>>, ResponseError> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h)?;
     if h[0..4] != RESPONSE_MAGIC {
         return Err(ResponseError::Protocol("bad magic".into()));
     }
     if h[4] != VERSION {
-        return Err(ResponseError::Protocol(format!(
-            "version {} (expected {VERSION})",
-            h[4]
-        )));
+        return Err(ResponseError::Protocol(format!("version {} (expected {VERSION})", h[4])));
     }
     let n = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
     if h[5] != STATUS_OK {
         if n > MAX_MESSAGE {
-            return Err(ResponseError::Protocol(format!(
-                "status {} with a message of {n} bytes",
-                h[5]
-            )));
+            return Err(ResponseError::Protocol(format!("status {} with a message of {n} bytes", h[5])));
         }
         let mut m = vec![0u8; n];
         r.read_exact(&mut m)?;
-        return Err(ResponseError::Refused(format!(
-            "status {}: {}",
-            h[5],
-            String::from_utf8_lossy(&m)
-        )));
+        return Err(ResponseError::Refused(format!("status {}: {}", h[5], String::from_utf8_lossy(&m))));
     }
     if n != expected {
-        return Err(ResponseError::Protocol(format!(
-            "{n} entries for {expected} digests"
-        )));
+        return Err(ResponseError::Protocol(format!("{n} entries for {expected} digests")));
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -348,9 +309,7 @@ pub fn read_response<R: Read>(
         }
         let l = l as usize;
         if l > MAX_CHUNK {
-            return Err(ResponseError::Protocol(format!(
-                "chunk of {l} bytes (at most {MAX_CHUNK})"
-            )));
+            return Err(ResponseError::Protocol(format!("chunk of {l} bytes (at most {MAX_CHUNK})")));
         }
         let mut c = vec![0u8; l];
         r.read_exact(&mut c)?;
@@ -380,9 +339,7 @@ pub struct PeerServer {
 
 impl std::fmt::Debug for PeerServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerServer")
-            .field("addr", &self.addr)
-            .finish()
+        f.debug_struct("PeerServer").field("addr", &self.addr).finish()
     }
 }
 
@@ -393,10 +350,7 @@ const FIRST_CONN: usize = 2;
 impl PeerServer {
     /// Listens on `addr` (`"0.0.0.0:0"` allowed) and serves `source`.
     pub fn start(addr: &str, source: Arc<dyn ChunkSource>) -> Result<PeerServer, PeerError> {
-        let bind_err = |source| PeerError::Bind {
-            addr: addr.to_string(),
-            source,
-        };
+        let bind_err = |source| PeerError::Bind { addr: addr.to_string(), source };
         let sa = addr
             .to_socket_addrs()
             .map_err(bind_err)?
@@ -405,9 +359,7 @@ impl PeerServer {
         let mut listener = TcpListener::bind(sa).map_err(bind_err)?;
         let local = listener.local_addr().map_err(bind_err)?;
         let poll = Poll::new().map_err(bind_err)?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
-            .map_err(bind_err)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE).map_err(bind_err)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(bind_err)?);
         let shared = Arc::new(Shared {
             served: AtomicU64::new(0),
@@ -428,12 +380,7 @@ impl PeerServer {
             .name(format!("peer-server-{}", local.port()))
             .spawn(move || ev.run())
             .map_err(bind_err)?;
-        Ok(PeerServer {
-            addr: local,
-            shared,
-            waker,
-            thread: Some(thread),
-        })
+        Ok(PeerServer { addr: local, shared, waker, thread: Some(thread) })
     }
 
     /// The address the server listens on (with the real port when `:0` was asked for).
@@ -524,10 +471,7 @@ impl EventLoop {
                     token => {
                         let close = match self.conns.get_mut(&token) {
                             Some(c) => {
-                                matches!(
-                                    drive(c, &*self.source, &self.shared, &mut self.scratch),
-                                    Drive::Close
-                                )
+                                matches!(drive(c, &*self.source, &self.shared, &mut self.scratch), Drive::Close)
                             }
                             None => false,
                         };
@@ -553,26 +497,16 @@ impl EventLoop {
                     let _ = sock.set_nodelay(true);
                     let token = Token(self.next_token);
                     self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONN);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut sock,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) =
+                        self.poll.registry().register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+                    {
                         tracing::warn!(error = %e, "peer server: cannot register a connection");
                         continue;
                     }
-                    let mut c = Conn {
-                        sock,
-                        inbuf: Vec::new(),
-                        out: Vec::new(),
-                        out_pos: 0,
-                        pending: None,
-                        closing: false,
-                    };
+                    let mut c =
+                        Conn { sock, inbuf: Vec::new(), out: Vec::new(), out_pos: 0, pending: None, closing: false };
                     // Data may already be there (edge-triggered).
-                    if let Drive::Close =
-                        drive(&mut c, &*self.source, &self.shared, &mut self.scratch)
-                    {
+                    if let Drive::Close = drive(&mut c, &*self.source, &self.shared, &mut self.scratch) {
                         let _ = self.poll.registry().deregister(&mut c.sock);
                     } else {
                         self.conns.insert(token, c);
@@ -715,11 +649,7 @@ fn parse(c: &mut Conn) -> Option<Result<Pending, Refusal>> {
     let mut out_header = Vec::with_capacity(HEADER_LEN);
     encode_response_header(&mut out_header, STATUS_OK, h.count as u32);
     c.out.extend_from_slice(&out_header);
-    Some(Ok(Pending {
-        digests,
-        digest_len: h.digest_len,
-        next: 0,
-    }))
+    Some(Ok(Pending { digests, digest_len: h.digest_len, next: 0 }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -739,35 +669,21 @@ pub struct PeerClient {
 
 impl std::fmt::Debug for PeerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerClient")
-            .field("timeout", &self.timeout)
-            .field("peers", &self.conns.len())
-            .finish()
+        f.debug_struct("PeerClient").field("timeout", &self.timeout).field("peers", &self.conns.len()).finish()
     }
 }
 
 impl PeerClient {
     /// A client whose connects, reads and writes each give up after `timeout`.
     pub fn new(timeout: Duration) -> PeerClient {
-        let timeout = if timeout.is_zero() {
-            Duration::from_millis(1)
-        } else {
-            timeout
-        };
-        PeerClient {
-            timeout,
-            conns: HashMap::new(),
-        }
+        let timeout = if timeout.is_zero() { Duration::from_millis(1) } else { timeout };
+        PeerClient { timeout, conns: HashMap::new() }
     }
 
     /// Fetches many chunks from one peer in one request/response exchange (one per 4096
     /// digests). `Ok(v)`: `v[i]` is `Some(bytes)` when the peer had `digests[i]`, `None`
     /// otherwise. Does NOT verify the bytes.
-    pub fn fetch(
-        &mut self,
-        peer: &str,
-        digests: &[Vec<u8>],
-    ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
+    pub fn fetch(&mut self, peer: &str, digests: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
         let mut out = Vec::with_capacity(digests.len());
         for batch in digests.chunks(MAX_DIGESTS) {
             let req = encode_request(batch)?;
@@ -782,10 +698,7 @@ impl PeerClient {
     }
 
     fn connect(&self, peer: &str) -> Result<PeerConn, PeerError> {
-        let err = |source| PeerError::Connect {
-            peer: peer.to_string(),
-            source,
-        };
+        let err = |source| PeerError::Connect { peer: peer.to_string(), source };
         let mut last = io::Error::new(ErrorKind::InvalidInput, "address resolves to nothing");
         for sa in peer.to_socket_addrs().map_err(err)? {
             match StdTcpStream::connect_timeout(&sa, self.timeout) {
@@ -794,10 +707,7 @@ impl PeerClient {
                     s.set_read_timeout(Some(self.timeout)).map_err(err)?;
                     s.set_write_timeout(Some(self.timeout)).map_err(err)?;
                     let r = s.try_clone().map_err(err)?;
-                    return Ok(PeerConn {
-                        writer: s,
-                        reader: BufReader::with_capacity(256 * 1024, r),
-                    });
+                    return Ok(PeerConn { writer: s, reader: BufReader::with_capacity(256 * 1024, r) });
                 }
                 Err(e) => last = e,
             }
@@ -805,54 +715,32 @@ impl PeerClient {
         Err(err(last))
     }
 
-    fn exchange(
-        &mut self,
-        peer: &str,
-        req: &[u8],
-        n: usize,
-    ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
+    fn exchange(&mut self, peer: &str, req: &[u8], n: usize) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
         for attempt in 0..2 {
             let reused = self.conns.contains_key(peer);
             if !reused {
                 let c = self.connect(peer)?;
                 self.conns.insert(peer.to_string(), c);
             }
-            let Some(c) = self.conns.get_mut(peer) else {
-                unreachable!("inserted above")
-            };
-            let result = c
-                .writer
-                .write_all(req)
-                .map_err(ResponseError::Io)
-                .and_then(|()| read_response(&mut c.reader, n));
+            let Some(c) = self.conns.get_mut(peer) else { unreachable!("inserted above") };
+            let result =
+                c.writer.write_all(req).map_err(ResponseError::Io).and_then(|()| read_response(&mut c.reader, n));
             match result {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     self.conns.remove(peer);
                     let e = match e {
                         ResponseError::Io(source) => {
-                            let timeout = matches!(
-                                source.kind(),
-                                ErrorKind::WouldBlock | ErrorKind::TimedOut
-                            );
+                            let timeout = matches!(source.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
                             // A kept connection the peer closed since (restart): once more, afresh.
                             if attempt == 0 && reused && !timeout {
                                 tracing::debug!(peer, error = %source, "peer connection lost; retrying on a new one");
                                 continue;
                             }
-                            PeerError::Io {
-                                peer: peer.to_string(),
-                                source,
-                            }
+                            PeerError::Io { peer: peer.to_string(), source }
                         }
-                        ResponseError::Protocol(reason) => PeerError::Protocol {
-                            peer: peer.to_string(),
-                            reason,
-                        },
-                        ResponseError::Refused(message) => PeerError::Refused {
-                            peer: peer.to_string(),
-                            message,
-                        },
+                        ResponseError::Protocol(reason) => PeerError::Protocol { peer: peer.to_string(), reason },
+                        ResponseError::Refused(message) => PeerError::Refused { peer: peer.to_string(), message },
                     };
                     return Err(e);
                 }
@@ -868,9 +756,7 @@ mod tests {
     use std::io::Cursor;
 
     fn digests(n: usize, l: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|i| (0..l).map(|j| (i * 7 + j) as u8).collect())
-            .collect()
+        (0..n).map(|i| (0..l).map(|j| (i * 7 + j) as u8).collect()).collect()
     }
 
     #[test]
@@ -880,13 +766,7 @@ mod tests {
         assert_eq!(req.len(), HEADER_LEN + 3 * 32);
         assert_eq!(&req[..4], b"SHKQ");
         let h = decode_request_header(&req).unwrap();
-        assert_eq!(
-            h,
-            RequestHeader {
-                digest_len: 32,
-                count: 3
-            }
-        );
+        assert_eq!(h, RequestHeader { digest_len: 32, count: 3 });
         assert_eq!(h.total_len(), req.len());
         assert_eq!(&req[HEADER_LEN + 32..HEADER_LEN + 64], &ds[1][..]);
     }
@@ -938,15 +818,9 @@ mod tests {
         assert_eq!(v[1], None);
         assert_eq!(v[2].as_ref().map(Vec::len), Some(MAX_CHUNK));
         // Wrong count for the request.
-        assert!(matches!(
-            read_response(&mut Cursor::new(&b), 2),
-            Err(ResponseError::Protocol(_))
-        ));
+        assert!(matches!(read_response(&mut Cursor::new(&b), 2), Err(ResponseError::Protocol(_))));
         // Truncated.
-        assert!(matches!(
-            read_response(&mut Cursor::new(&b[..b.len() - 1]), 3),
-            Err(ResponseError::Io(_))
-        ));
+        assert!(matches!(read_response(&mut Cursor::new(&b[..b.len() - 1]), 3), Err(ResponseError::Io(_))));
     }
 
     /// Arbitrary bytes never panic the decoders, and never make them allocate past the bounds.
@@ -964,11 +838,7 @@ mod tests {
             let mut b: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
             // Half the time, a valid magic and version so the decoders go further.
             if i % 2 == 0 && b.len() >= 6 {
-                b[..4].copy_from_slice(if i % 4 == 0 {
-                    &REQUEST_MAGIC
-                } else {
-                    &RESPONSE_MAGIC
-                });
+                b[..4].copy_from_slice(if i % 4 == 0 { &REQUEST_MAGIC } else { &RESPONSE_MAGIC });
                 b[4] = VERSION;
                 b[5] = (rnd() % 3) as u8;
             }
@@ -984,31 +854,16 @@ mod tests {
         let mut b = Vec::new();
         encode_response_header(&mut b, STATUS_OK, 1);
         b.extend_from_slice(&(MAX_CHUNK as u32 + 1).to_le_bytes());
-        assert!(matches!(
-            read_response(&mut Cursor::new(&b), 1),
-            Err(ResponseError::Protocol(_))
-        ));
+        assert!(matches!(read_response(&mut Cursor::new(&b), 1), Err(ResponseError::Protocol(_))));
         let mut b = Vec::new();
         encode_response_header(&mut b, STATUS_OK, 1);
         b[0] = b'Z';
-        assert!(matches!(
-            read_response(&mut Cursor::new(&b), 1),
-            Err(ResponseError::Protocol(_))
-        ));
+        assert!(matches!(read_response(&mut Cursor::new(&b), 1), Err(ResponseError::Protocol(_))));
         let mut b = Vec::new();
         encode_response_header(&mut b, STATUS_BAD_REQUEST, 5000);
-        assert!(matches!(
-            read_response(&mut Cursor::new(&b), 1),
-            Err(ResponseError::Protocol(_))
-        ));
+        assert!(matches!(read_response(&mut Cursor::new(&b), 1), Err(ResponseError::Protocol(_))));
         let mut b = Vec::new();
-        encode_refusal(
-            &mut b,
-            &Refusal {
-                status: STATUS_BAD_REQUEST,
-                message: "x".repeat(5000),
-            },
-        );
+        encode_refusal(&mut b, &Refusal { status: STATUS_BAD_REQUEST, message: "x".repeat(5000) });
         assert_eq!(b.len(), HEADER_LEN + MAX_MESSAGE);
         match read_response(&mut Cursor::new(&b), 1) {
             Err(ResponseError::Refused(m)) => assert!(m.starts_with("status 1: xxx")),

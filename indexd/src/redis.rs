@@ -124,10 +124,7 @@ impl std::fmt::Display for Target {
 }
 
 fn check_url(u: &str) -> Result<(), RedisError> {
-    let bad = |reason: &str| RedisError::BadUrl {
-        url: u.to_string(),
-        reason: reason.to_string(),
-    };
+    let bad = |reason: &str| RedisError::BadUrl { url: u.to_string(), reason: reason.to_string() };
     if u.is_empty() {
         return Err(bad("empty URL"));
     }
@@ -140,19 +137,15 @@ fn check_url(u: &str) -> Result<(), RedisError> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad("no host"));
     }
-    if u.rsplit_once(':')
-        .is_some_and(|(_, p)| p.trim_end_matches('/').is_empty())
-    {
+    if u.rsplit_once(':').is_some_and(|(_, p)| p.trim_end_matches('/').is_empty()) {
         return Err(bad("empty port"));
     }
     Ok(())
 }
 
 fn connection_info(url: &str) -> Result<ConnectionInfo, RedisError> {
-    let info = url.into_connection_info().map_err(|e| RedisError::BadUrl {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })?;
+    let info =
+        url.into_connection_info().map_err(|e| RedisError::BadUrl { url: url.to_string(), reason: e.to_string() })?;
     Ok(info.set_tcp_settings(TcpSettings::default().set_nodelay(true)))
 }
 
@@ -172,10 +165,7 @@ pub struct Redis {
 
 impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Redis")
-            .field("target", &self.name)
-            .field("connected", &self.conn.is_some())
-            .finish()
+        f.debug_struct("Redis").field("target", &self.name).field("connected", &self.conn.is_some()).finish()
     }
 }
 
@@ -191,13 +181,7 @@ struct Batch {
 
 impl Batch {
     fn new(op: &'static str, idempotent: bool) -> Batch {
-        Batch {
-            op,
-            idempotent,
-            single: ::redis::pipe(),
-            cluster: cluster_pipe(),
-            len: 0,
-        }
+        Batch { op, idempotent, single: ::redis::pipe(), cluster: cluster_pipe(), len: 0 }
     }
 
     fn push(&mut self, args: &[&[u8]]) {
@@ -223,12 +207,7 @@ struct Failure {
 impl Redis {
     /// Connects to `target`; fails within about [`CONNECT_TIMEOUT`] when it is unreachable.
     pub fn connect(target: &Target) -> Result<Redis, RedisError> {
-        let mut r = Redis {
-            target: target.clone(),
-            name: target.to_string(),
-            conn: None,
-            fresh: true,
-        };
+        let mut r = Redis { target: target.clone(), name: target.to_string(), conn: None, fresh: true };
         r.reconnect()?;
         Ok(r)
     }
@@ -240,27 +219,18 @@ impl Redis {
 
     fn reconnect(&mut self) -> Result<(), RedisError> {
         self.conn = None;
-        let err = |source| RedisError::Connect {
-            target: self.name.clone(),
-            source,
-        };
+        let err = |source| RedisError::Connect { target: self.name.clone(), source };
         let conn = match &self.target {
             Target::Single(url) => {
                 let client = ::redis::Client::open(connection_info(url)?).map_err(err)?;
-                let c = client
-                    .get_connection_with_timeout(CONNECT_TIMEOUT)
-                    .map_err(err)?;
+                let c = client.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(err)?;
                 c.set_read_timeout(Some(IO_TIMEOUT)).map_err(err)?;
                 c.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
                 Conn::Single(c)
             }
             Target::Cluster(urls) => {
-                let infos = urls
-                    .iter()
-                    .map(|u| connection_info(u))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let per_node =
-                    (CONNECT_TIMEOUT / infos.len().max(1) as u32).max(Duration::from_millis(500));
+                let infos = urls.iter().map(|u| connection_info(u)).collect::<Result<Vec<_>, _>>()?;
+                let per_node = (CONNECT_TIMEOUT / infos.len().max(1) as u32).max(Duration::from_millis(500));
                 let client = ClusterClientBuilder::new(infos)
                     .connection_timeout(per_node)
                     .response_timeout(IO_TIMEOUT)
@@ -291,13 +261,7 @@ impl Redis {
             let result = match self.conn.as_mut() {
                 Some(Conn::Single(c)) => run_single(c, batch),
                 Some(Conn::Cluster(c)) => {
-                    batch
-                        .cluster
-                        .query::<Vec<Value>>(c)
-                        .map_err(|error| Failure {
-                            error,
-                            answered: usize::MAX,
-                        })
+                    batch.cluster.query::<Vec<Value>>(c).map_err(|error| Failure { error, answered: usize::MAX })
                 }
                 None => unreachable!("connected above"),
             };
@@ -305,10 +269,9 @@ impl Redis {
                 Ok(values) if values.len() == batch.len => return Ok(values),
                 Ok(values) => {
                     self.conn = None;
-                    return Err(self.reply_error(
-                        batch.op,
-                        format!("{} replies to {} commands", values.len(), batch.len),
-                    ));
+                    return Err(
+                        self.reply_error(batch.op, format!("{} replies to {} commands", values.len(), batch.len))
+                    );
                 }
                 Err(f) => f,
             };
@@ -320,28 +283,19 @@ impl Redis {
             // SET NX is retried only when no command of the batch can have run: the server
             // answered none (single server), or, for a cluster (which does not say), the
             // connection was found closed — a node restarted since the last call.
-            let safe = batch.idempotent
-                || f.answered == 0
-                || (f.answered == usize::MAX && f.error.is_connection_dropped());
+            let safe =
+                batch.idempotent || f.answered == 0 || (f.answered == usize::MAX && f.error.is_connection_dropped());
             if attempt == 0 && stale && safe {
                 tracing::debug!(target = %self.name, op = batch.op, error = %f.error, "Redis connection lost; retrying on a new one");
                 continue;
             }
-            return Err(RedisError::Command {
-                op: batch.op,
-                target: self.name.clone(),
-                source: f.error,
-            });
+            return Err(RedisError::Command { op: batch.op, target: self.name.clone(), source: f.error });
         }
         unreachable!("the second attempt returns")
     }
 
     fn reply_error(&self, op: &'static str, reply: String) -> RedisError {
-        RedisError::Reply {
-            op,
-            target: self.name.clone(),
-            reply,
-        }
+        RedisError::Reply { op, target: self.name.clone(), reply }
     }
 
     /// Pipelined `SET key "1" NX EX ttl_s` for every key. `Ok(v)`: `v[i]` is true when key `i`
@@ -377,11 +331,7 @@ impl Redis {
         self.set_op("SREM", entries)
     }
 
-    fn set_op(
-        &mut self,
-        op: &'static str,
-        entries: &[(Vec<u8>, String)],
-    ) -> Result<(), RedisError> {
+    fn set_op(&mut self, op: &'static str, entries: &[(Vec<u8>, String)]) -> Result<(), RedisError> {
         let mut b = Batch::new(op, true);
         for (k, m) in entries {
             b.push(&[k, m.as_bytes()]);
@@ -396,10 +346,7 @@ impl Redis {
 
     /// Pipelined `SRANDMEMBER key` for every key: a random holder, or `None` when the set is
     /// empty or absent.
-    pub fn srandmember_many(
-        &mut self,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<Option<String>>, RedisError> {
+    pub fn srandmember_many(&mut self, keys: &[Vec<u8>]) -> Result<Vec<Option<String>>, RedisError> {
         let mut b = Batch::new("SRANDMEMBER", true);
         for k in keys {
             b.push(&[k]);
@@ -422,10 +369,9 @@ impl Redis {
         self.run(&b)?
             .into_iter()
             .map(|v| match v {
-                Value::Array(items) | Value::Set(items) => items
-                    .into_iter()
-                    .map(|m| self.member(m, "SMEMBERS"))
-                    .collect(),
+                Value::Array(items) | Value::Set(items) => {
+                    items.into_iter().map(|m| self.member(m, "SMEMBERS")).collect()
+                }
                 Value::Nil => Ok(Vec::new()),
                 other => Err(self.reply_error("SMEMBERS", format!("{other:?}"))),
             })
@@ -434,8 +380,9 @@ impl Redis {
 
     fn member(&self, v: Value, op: &'static str) -> Result<String, RedisError> {
         match v {
-            Value::BulkString(b) => String::from_utf8(b)
-                .map_err(|e| self.reply_error(op, format!("member is not UTF-8: {e}"))),
+            Value::BulkString(b) => {
+                String::from_utf8(b).map_err(|e| self.reply_error(op, format!("member is not UTF-8: {e}")))
+            }
             Value::SimpleString(s) => Ok(s),
             other => Err(self.reply_error(op, format!("{other:?}"))),
         }
@@ -445,8 +392,7 @@ impl Redis {
 /// Writes the whole pipeline, then reads one reply per command.
 fn run_single(c: &mut Connection, batch: &Batch) -> Result<Vec<Value>, Failure> {
     let packed = batch.single.get_packed_pipeline();
-    c.send_packed_command(&packed)
-        .map_err(|error| Failure { error, answered: 0 })?;
+    c.send_packed_command(&packed).map_err(|error| Failure { error, answered: 0 })?;
     let mut out = Vec::with_capacity(batch.len);
     let mut first_error = None;
     for i in 0..batch.len {
@@ -465,10 +411,7 @@ fn run_single(c: &mut Connection, batch: &Batch) -> Result<Vec<Value>, Failure> 
         }
     }
     match first_error {
-        Some(error) => Err(Failure {
-            error,
-            answered: batch.len,
-        }),
+        Some(error) => Err(Failure { error, answered: batch.len }),
         None => Ok(out),
     }
 }
@@ -489,26 +432,13 @@ mod tests {
 
     #[test]
     fn parse_single_and_cluster() {
-        assert_eq!(
-            Target::parse("redis://127.0.0.1:6379").unwrap(),
-            Target::Single("redis://127.0.0.1:6379".into())
-        );
+        assert_eq!(Target::parse("redis://127.0.0.1:6379").unwrap(), Target::Single("redis://127.0.0.1:6379".into()));
         assert_eq!(
             Target::parse("redis://a:1,redis://b:2, redis://c:3").unwrap(),
-            Target::Cluster(vec![
-                "redis://a:1".into(),
-                "redis://b:2".into(),
-                "redis://c:3".into()
-            ])
+            Target::Cluster(vec!["redis://a:1".into(), "redis://b:2".into(), "redis://c:3".into()])
         );
-        assert_eq!(
-            Target::parse("redis://h").unwrap(),
-            Target::Single("redis://h".into())
-        );
-        assert_eq!(
-            Target::parse("redis://h:1").unwrap().urls(),
-            vec!["redis://h:1".to_string()]
-        );
+        assert_eq!(Target::parse("redis://h").unwrap(), Target::Single("redis://h".into()));
+        assert_eq!(Target::parse("redis://h:1").unwrap().urls(), vec!["redis://h:1".to_string()]);
     }
 
     #[test]
@@ -526,10 +456,7 @@ mod tests {
             let e = Target::parse(bad).expect_err(bad);
             assert!(matches!(e, RedisError::BadUrl { .. }), "{bad}: {e}");
             let culprit = bad.rsplit(',').next().unwrap_or(bad);
-            assert!(
-                e.to_string().contains(&format!("{culprit:?}")),
-                "{bad}: {e}"
-            );
+            assert!(e.to_string().contains(&format!("{culprit:?}")), "{bad}: {e}");
         }
     }
 }

@@ -44,9 +44,7 @@ impl TempDir {
     /// A new empty directory under the system's temporary directory.
     pub fn new(tag: &str) -> std::io::Result<TempDir> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let p = std::env::temp_dir().join(format!(
             "indexd-{tag}-{}-{}-{nanos}",
             std::process::id(),
@@ -98,8 +96,7 @@ impl RedisServer {
         for _ in 0..5 {
             let mut s = RedisServer {
                 port: free_port(),
-                dir: TempDir::new("redis")
-                    .map_err(|e| TestingError::Other(format!("temp dir: {e}")))?,
+                dir: TempDir::new("redis").map_err(|e| TestingError::Other(format!("temp dir: {e}")))?,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
             };
@@ -109,9 +106,7 @@ impl RedisServer {
                 Err(e) => return Err(e),
             }
         }
-        Err(TestingError::Other(format!(
-            "redis-server did not start: {last}"
-        )))
+        Err(TestingError::Other(format!("redis-server did not start: {last}")))
     }
 
     fn spawn(&mut self) -> Result<(), TestingError> {
@@ -119,16 +114,7 @@ impl RedisServer {
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -161,10 +147,7 @@ impl RedisServer {
             }
             if Instant::now() > deadline {
                 self.kill();
-                return Err(TestingError::Other(format!(
-                    "redis-server on port {} did not answer PING",
-                    self.port
-                )));
+                return Err(TestingError::Other(format!("redis-server on port {} did not answer PING", self.port)));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -213,11 +196,7 @@ fn redis_cli(conn: &[&str], args: &[&str]) -> Result<String, TestingError> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| TestingError::Missing {
-            program: "redis-cli",
-            package: "redis-tools",
-            source,
-        })?;
+        .map_err(|source| TestingError::Missing { program: "redis-cli", package: "redis-tools", source })?;
     if !out.status.success() {
         return Err(TestingError::Other(format!(
             "redis-cli {args:?} failed ({}): {}{}",
@@ -264,10 +243,7 @@ impl RedisCluster {
                 "5000",
             ])?);
         }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
-            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
@@ -293,10 +269,7 @@ impl RedisCluster {
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(TestingError::Other(format!(
-                        "cluster node {} not ok: {info}",
-                        n.port()
-                    )));
+                    return Err(TestingError::Other(format!("cluster node {} not ok: {info}", n.port())));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -38,10 +38,7 @@ fn page(i: u64, len: usize) -> Vec<u8> {
 fn serve(n: u64) -> (PeerServer, Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let pages: Vec<_> = (0..n).map(|i| page(i, 4096)).collect();
     let digests: Vec<_> = pages.iter().map(|p| digest(Algo::Sha256, p)).collect();
-    let src = MapSource {
-        algo: Algo::Sha256,
-        chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect(),
-    };
+    let src = MapSource { algo: Algo::Sha256, chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect() };
     let server = PeerServer::start("127.0.0.1:0", Arc::new(src)).unwrap();
     (server, digests, pages)
 }
@@ -54,9 +51,7 @@ fn addr(s: &PeerServer) -> String {
 fn batch_hits_and_misses() {
     let (server, digests, pages) = serve(100);
     let mut client = PeerClient::new(Duration::from_secs(5));
-    let missing: Vec<_> = (1000..1010u64)
-        .map(|i| digest(Algo::Sha256, &page(i, 4096)))
-        .collect();
+    let missing: Vec<_> = (1000..1010u64).map(|i| digest(Algo::Sha256, &page(i, 4096))).collect();
     // Interleave hits and misses.
     let mut ask = Vec::new();
     for i in 0..100 {
@@ -83,10 +78,7 @@ fn batch_hits_and_misses() {
     // The connection is kept and reused.
     let got = client.fetch(&addr(&server), &digests[..1]).unwrap();
     assert_eq!(got[0].as_ref(), Some(&pages[0]));
-    assert_eq!(
-        client.fetch(&addr(&server), &[]).unwrap(),
-        Vec::<Option<Vec<u8>>>::new()
-    );
+    assert_eq!(client.fetch(&addr(&server), &[]).unwrap(), Vec::<Option<Vec<u8>>>::new());
 }
 
 #[test]
@@ -107,18 +99,10 @@ fn batches_larger_than_one_request() {
 fn sha1_digests() {
     let pages: Vec<_> = (0..10).map(|i| page(i, 4096)).collect();
     let digests: Vec<_> = pages.iter().map(|p| digest(Algo::Sha1, p)).collect();
-    let src = MapSource {
-        algo: Algo::Sha1,
-        chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect(),
-    };
+    let src = MapSource { algo: Algo::Sha1, chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect() };
     let server = PeerServer::start("0.0.0.0:0", Arc::new(src)).unwrap();
-    let got = PeerClient::new(Duration::from_secs(5))
-        .fetch(&addr(&server), &digests)
-        .unwrap();
-    assert_eq!(
-        got.into_iter().map(Option::unwrap).collect::<Vec<_>>(),
-        pages
-    );
+    let got = PeerClient::new(Duration::from_secs(5)).fetch(&addr(&server), &digests).unwrap();
+    assert_eq!(got.into_iter().map(Option::unwrap).collect::<Vec<_>>(), pages);
 }
 
 #[test]
@@ -129,10 +113,7 @@ fn corrupt_mode_is_detected_by_verification() {
     let got = client.fetch(&addr(&server), &digests).unwrap();
     for (d, g) in digests.iter().zip(&got) {
         let g = g.as_ref().expect("served");
-        assert!(
-            !verify(Algo::Sha256, g, d),
-            "a corrupted chunk must not verify"
-        );
+        assert!(!verify(Algo::Sha256, g, d), "a corrupted chunk must not verify");
     }
     server.set_corrupt(false);
     let got = client.fetch(&addr(&server), &digests).unwrap();
@@ -145,9 +126,7 @@ fn corrupt_mode_is_detected_by_verification() {
 fn client_refuses_bad_batches() {
     let (server, _, _) = serve(1);
     let mut client = PeerClient::new(Duration::from_secs(5));
-    let e = client
-        .fetch(&addr(&server), &[vec![1; 20], vec![1; 32]])
-        .unwrap_err();
+    let e = client.fetch(&addr(&server), &[vec![1; 20], vec![1; 32]]).unwrap_err();
     assert!(matches!(e, PeerError::BadRequest(_)), "{e}");
     let e = client.fetch(&addr(&server), &[vec![]]).unwrap_err();
     assert!(matches!(e, PeerError::BadRequest(_)), "{e}");
@@ -190,11 +169,7 @@ fn garbage_does_not_hurt_the_server() {
         let mut s = TcpStream::connect(&a).unwrap();
         s.write_all(&h).unwrap();
         let r = read_all(&mut s);
-        assert_eq!(
-            r[5],
-            peer::STATUS_BAD_REQUEST,
-            "count {count}, digest length {dlen}"
-        );
+        assert_eq!(r[5], peer::STATUS_BAD_REQUEST, "count {count}, digest length {dlen}");
     }
 
     // Random bytes, half a header, half a request, then gone.
@@ -212,10 +187,7 @@ fn garbage_does_not_hurt_the_server() {
         let _ = s.write_all(&junk);
     }
     let req = peer::encode_request(&digests).unwrap();
-    TcpStream::connect(&a)
-        .unwrap()
-        .write_all(&req[..req.len() / 2])
-        .unwrap();
+    TcpStream::connect(&a).unwrap().write_all(&req[..req.len() / 2]).unwrap();
 
     // Connections that ask and never read (the response is produced as the socket drains).
     let big: Vec<_> = (0..4096).map(|i| digests[i % 10].clone()).collect();
@@ -233,13 +205,8 @@ fn garbage_does_not_hurt_the_server() {
     let quiet: Vec<_> = (0..50).map(|_| TcpStream::connect(&a).unwrap()).collect();
 
     // The server still answers.
-    let got = PeerClient::new(Duration::from_secs(5))
-        .fetch(&a, &digests)
-        .unwrap();
-    assert_eq!(
-        got.into_iter().map(Option::unwrap).collect::<Vec<_>>(),
-        pages
-    );
+    let got = PeerClient::new(Duration::from_secs(5)).fetch(&a, &digests).unwrap();
+    assert_eq!(got.into_iter().map(Option::unwrap).collect::<Vec<_>>(), pages);
     drop(idle);
     drop(quiet);
 }
@@ -253,10 +220,7 @@ fn dead_or_silent_server_is_an_error() {
     drop(server);
     // The kept connection is dead and nothing listens any more.
     let e = client.fetch(&a, &digests).unwrap_err();
-    assert!(
-        matches!(e, PeerError::Connect { .. } | PeerError::Io { .. }),
-        "{e}"
-    );
+    assert!(matches!(e, PeerError::Connect { .. } | PeerError::Io { .. }), "{e}");
     assert!(e.to_string().contains(&a), "{e}");
 
     // Accepts and never answers: a timeout error, not a hang.
@@ -292,10 +256,7 @@ fn client_reconnects_to_a_restarted_peer() {
     let mut client = PeerClient::new(Duration::from_secs(5));
     assert!(client.fetch(&a, &digests).is_ok());
     drop(server);
-    let src = MapSource {
-        algo: Algo::Sha256,
-        chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect(),
-    };
+    let src = MapSource { algo: Algo::Sha256, chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect() };
     let server = PeerServer::start(&format!("127.0.0.1:{port}"), Arc::new(src)).unwrap();
     // The first fetch after the restart works on a new connection.
     let got = client.fetch(&a, &digests).unwrap();
@@ -315,9 +276,7 @@ fn many_clients_at_once() {
             std::thread::spawn(move || {
                 let mut c = PeerClient::new(Duration::from_secs(10));
                 for round in 0..20 {
-                    let ask: Vec<_> = (0..64)
-                        .map(|i| digests[(i + t + round) % 64].clone())
-                        .collect();
+                    let ask: Vec<_> = (0..64).map(|i| digests[(i + t + round) % 64].clone()).collect();
                     let got = c.fetch(&a, &ask).unwrap();
                     for (i, g) in got.iter().enumerate() {
                         assert_eq!(g.as_ref(), Some(&pages[(i + t + round) % 64]));

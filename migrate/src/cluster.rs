@@ -154,13 +154,9 @@ fn line_of(text: &str, span: Range<usize>) -> usize {
 fn check_redis(url: &str) -> Result<(), String> {
     for u in url.split(',') {
         let u = u.trim();
-        let rest = u
-            .strip_prefix("redis://")
-            .ok_or_else(|| format!("'{u}' is not a redis:// URL"))?;
+        let rest = u.strip_prefix("redis://").ok_or_else(|| format!("'{u}' is not a redis:// URL"))?;
         let hostport = rest.split('/').next().unwrap_or("");
-        let (host, port) = hostport
-            .rsplit_once(':')
-            .ok_or_else(|| format!("'{u}' has no :PORT"))?;
+        let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("'{u}' has no :PORT"))?;
         if host.is_empty() || port.parse::<u16>().is_err() {
             return Err(format!("'{u}' is not redis://HOST:PORT"));
         }
@@ -193,7 +189,11 @@ impl Cluster {
         let mut site_names = Vec::new();
         for (si, s) in parsed.sites.iter().enumerate() {
             if site_names.contains(&s.name.get_ref().as_str()) {
-                return Err(err(s.name.span(), format!("sites[{si}].name"), format!("site '{}' is described twice", s.name.get_ref())));
+                return Err(err(
+                    s.name.span(),
+                    format!("sites[{si}].name"),
+                    format!("site '{}' is described twice", s.name.get_ref()),
+                ));
             }
             site_names.push(s.name.get_ref().as_str());
             for (f, v) in [("coordination", &s.coordination), ("index", &s.index)] {
@@ -201,37 +201,70 @@ impl Cluster {
             }
             let l = s.launch.get_ref();
             if !l.contains("{cmd}") {
-                return Err(err(s.launch.span(), format!("sites[{si}].launch"), "the launch template has no {cmd}".into()));
+                return Err(err(
+                    s.launch.span(),
+                    format!("sites[{si}].launch"),
+                    "the launch template has no {cmd}".into(),
+                ));
             }
             if s.hosts.is_empty() {
-                return Err(err(s.name.span(), format!("sites[{si}].hosts"), format!("site '{}' has no hosts", s.name.get_ref())));
+                return Err(err(
+                    s.name.span(),
+                    format!("sites[{si}].hosts"),
+                    format!("site '{}' has no hosts", s.name.get_ref()),
+                ));
             }
             for (hi, h) in s.hosts.iter().enumerate() {
                 if hosts.insert(h.name.get_ref(), s.name.get_ref()).is_some() {
-                    return Err(err(h.name.span(), format!("sites[{si}].hosts[{hi}].name"), format!("host '{}' is described twice", h.name.get_ref())));
+                    return Err(err(
+                        h.name.span(),
+                        format!("sites[{si}].hosts[{hi}].name"),
+                        format!("host '{}' is described twice", h.name.get_ref()),
+                    ));
                 }
                 if h.address.get_ref().parse::<std::net::IpAddr>().is_err() && h.address.get_ref().contains(' ') {
-                    return Err(err(h.address.span(), format!("sites[{si}].hosts[{hi}].address"), "not an address".into()));
+                    return Err(err(
+                        h.address.span(),
+                        format!("sites[{si}].hosts[{hi}].address"),
+                        "not an address".into(),
+                    ));
                 }
             }
         }
         let mut names = Vec::new();
         for (vi, v) in parsed.vms.iter().enumerate() {
             if names.contains(&v.name.get_ref().as_str()) {
-                return Err(err(v.name.span(), format!("vms[{vi}].name"), format!("VM '{}' is described twice", v.name.get_ref())));
+                return Err(err(
+                    v.name.span(),
+                    format!("vms[{vi}].name"),
+                    format!("VM '{}' is described twice", v.name.get_ref()),
+                ));
             }
             names.push(v.name.get_ref().as_str());
             if !hosts.contains_key(v.host.get_ref().as_str()) {
-                return Err(err(v.host.span(), format!("vms[{vi}].host"), format!("unknown host '{}'", v.host.get_ref())));
+                return Err(err(
+                    v.host.span(),
+                    format!("vms[{vi}].host"),
+                    format!("unknown host '{}'", v.host.get_ref()),
+                ));
             }
             if let Some(d) = &v.dest_host {
                 if !hosts.contains_key(d.get_ref().as_str()) {
-                    return Err(err(d.span(), format!("vms[{vi}].dest_host"), format!("unknown host '{}'", d.get_ref())));
+                    return Err(err(
+                        d.span(),
+                        format!("vms[{vi}].dest_host"),
+                        format!("unknown host '{}'", d.get_ref()),
+                    ));
                 }
             }
         }
         if parsed.vms.is_empty() {
-            return Err(ClusterError::Field { file: file.to_owned(), line: 1, field: "vms".into(), why: "no VMs described".into() });
+            return Err(ClusterError::Field {
+                file: file.to_owned(),
+                line: 1,
+                field: "vms".into(),
+                why: "no VMs described".into(),
+            });
         }
         Ok(Cluster { file: parsed })
     }
@@ -249,9 +282,12 @@ impl Cluster {
     /// Where every VM not already at `dest` goes: its `dest_host`, else the destination site's
     /// hosts in turn.
     pub fn plan(&self, dest: &str) -> Result<Vec<Move>, String> {
-        let site = self
-            .site(dest)
-            .ok_or_else(|| format!("--dest {dest}: no such site (sites: {})", self.file.sites.iter().map(|s| s.name.get_ref().clone()).collect::<Vec<_>>().join(", ")))?;
+        let site = self.site(dest).ok_or_else(|| {
+            format!(
+                "--dest {dest}: no such site (sites: {})",
+                self.file.sites.iter().map(|s| s.name.get_ref().clone()).collect::<Vec<_>>().join(", ")
+            )
+        })?;
         let mut moves = Vec::new();
         let mut next = 0usize;
         for v in &self.file.vms {
@@ -300,7 +336,12 @@ pub fn relocate(file: &str, text: &str, moved: &[Relocation]) -> Result<String, 
     let mut edits: Vec<(Range<usize>, String)> = Vec::new();
     for (i, r) in moved.iter().enumerate() {
         if moved[..i].iter().any(|o| o.vm == r.vm) {
-            return Err(ClusterError::Field { file: file.to_owned(), line: 1, field: "vms".into(), why: format!("VM '{}' relocated twice", r.vm) });
+            return Err(ClusterError::Field {
+                file: file.to_owned(),
+                line: 1,
+                field: "vms".into(),
+                why: format!("VM '{}' relocated twice", r.vm),
+            });
         }
         let v = c.file.vms.iter().find(|v| v.name.get_ref() == &r.vm).ok_or_else(|| ClusterError::Field {
             file: file.to_owned(),
@@ -412,11 +453,20 @@ dest_host = "hostB1"
         assert_eq!(out.lines().count(), text.lines().count());
         // vm2 is now at siteB: only vm1 and vm3 move there; back to siteA moves vm2, and vm3's
         // dest_host (at siteB) does not stop it from going back.
-        let back = relocate("vc.toml", &out, &[Relocation { vm: "vm3".into(), host: "hostB1".into(), api: "/w/vm3.sock".into() }]).unwrap();
+        let back = relocate(
+            "vc.toml",
+            &out,
+            &[Relocation { vm: "vm3".into(), host: "hostB1".into(), api: "/w/vm3.sock".into() }],
+        )
+        .unwrap();
         let c = Cluster::parse("vc.toml", &back).unwrap();
         assert_eq!(c.plan("siteB").unwrap().iter().map(|m| m.vm.as_str()).collect::<Vec<_>>(), ["vm1"]);
-        assert_eq!(c.plan("siteA").unwrap().iter().map(|m| (m.vm.as_str(), m.to_host.as_str())).collect::<Vec<_>>(), [("vm2", "hostA1"), ("vm3", "hostA1")]);
-        let e = relocate("vc.toml", &out, &[Relocation { vm: "nope".into(), host: "h".into(), api: "a".into() }]).unwrap_err();
+        assert_eq!(
+            c.plan("siteA").unwrap().iter().map(|m| (m.vm.as_str(), m.to_host.as_str())).collect::<Vec<_>>(),
+            [("vm2", "hostA1"), ("vm3", "hostA1")]
+        );
+        let e = relocate("vc.toml", &out, &[Relocation { vm: "nope".into(), host: "h".into(), api: "a".into() }])
+            .unwrap_err();
         assert!(e.to_string().contains("'nope'"), "{e}");
     }
 
@@ -426,10 +476,16 @@ dest_host = "hostB1"
 
     #[test]
     fn bad_files_name_the_line_and_the_field() {
-        let e = err_of(&GOOD.replace("host = \"hostA1\"\napi = \"/run/shrink/vm2.sock\"", "host = \"hostZ\"\napi = \"/run/shrink/vm2.sock\""));
+        let e = err_of(&GOOD.replace(
+            "host = \"hostA1\"\napi = \"/run/shrink/vm2.sock\"",
+            "host = \"hostZ\"\napi = \"/run/shrink/vm2.sock\"",
+        ));
         assert!(e.starts_with("vc.toml:35: vms[1].host: unknown host 'hostZ'"), "{e}");
         let e = err_of(&GOOD.replace("redis://10.20.0.100:6379", "http://10.20.0.100:6379"));
-        assert!(e.contains("sites[1].coordination") && e.contains("not a redis:// URL") && e.contains("vc.toml:16"), "{e}");
+        assert!(
+            e.contains("sites[1].coordination") && e.contains("not a redis:// URL") && e.contains("vc.toml:16"),
+            "{e}"
+        );
         let e = err_of(&GOOD.replace("redis://10.10.0.100:6380", "redis://10.10.0.100"));
         assert!(e.contains("sites[0].index") && e.contains("no :PORT"), "{e}");
         let text: String = GOOD.split("[[sites]]").take(2).collect::<Vec<_>>().join("[[sites]]");
@@ -439,7 +495,10 @@ dest_host = "hostB1"
         assert!(e.contains("missing field `api`") && e.contains("line"), "{e}");
         let e = err_of(&GOOD.replace("dest_host = \"hostB1\"", "dest_host = \"nowhere\""));
         assert!(e.contains("vms[2].dest_host: unknown host 'nowhere'"), "{e}");
-        let e = err_of(&GOOD.replace("launch = \"ip netns exec {host} {cmd}\"\n\n[[sites.hosts]]\nname = \"hostA1\"", "launch = \"ip netns exec {host}\"\n\n[[sites.hosts]]\nname = \"hostA1\""));
+        let e = err_of(&GOOD.replace(
+            "launch = \"ip netns exec {host} {cmd}\"\n\n[[sites.hosts]]\nname = \"hostA1\"",
+            "launch = \"ip netns exec {host}\"\n\n[[sites.hosts]]\nname = \"hostA1\"",
+        ));
         assert!(e.contains("sites[0].launch") && e.contains("{cmd}"), "{e}");
         let e = err_of("this is = not toml [");
         assert!(e.starts_with("vc.toml: "), "{e}");

@@ -3,8 +3,8 @@
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod protocol;
-pub mod precopy;
-pub mod dedup;
 pub mod cluster;
+pub mod dedup;
 pub mod orchestrate;
+pub mod precopy;
+pub mod protocol;

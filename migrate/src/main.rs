@@ -136,7 +136,11 @@ fn print_stats(info: &Value) {
     } else {
         println!("expected downtime: {} ms", g(info, "expected-downtime"));
     }
-    println!("transferred ram: {} ({} bytes)", human_bytes(ram["transferred"].as_u64().unwrap_or(0)), g(ram, "transferred"));
+    println!(
+        "transferred ram: {} ({} bytes)",
+        human_bytes(ram["transferred"].as_u64().unwrap_or(0)),
+        g(ram, "transferred")
+    );
     println!("total ram: {}", human_bytes(ram["total"].as_u64().unwrap_or(0)));
     println!("remaining ram: {} bytes", g(ram, "remaining"));
     println!("duplicate: {} pages", g(ram, "duplicate"));
@@ -225,7 +229,10 @@ fn run_cluster(args: &Args) -> ExitCode {
         verify: args.verify,
         downtime_limit_ms: args.downtime_limit_ms,
         port_base: args.port_base.unwrap_or_else(|| {
-            let r = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+            let r = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
             20000 + (r % 390) as u16 * 100
         }),
         progress: !args.json,

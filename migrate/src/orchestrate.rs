@@ -172,12 +172,19 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
     }
     let dest = cluster.site(&opts.dest).expect("planned");
     let id = cluster.file.migration_id.clone().unwrap_or_else(|| {
-        format!("{}-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0), std::process::id())
+        format!(
+            "{}-{}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            std::process::id()
+        )
     });
     let workdir = PathBuf::from(cluster.file.workdir.clone().unwrap_or_else(|| format!("/tmp/shrink-migrate-{id}")));
     std::fs::create_dir_all(&workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
     let vmm = cluster.file.vmm.clone().map(PathBuf::from).unwrap_or_else(|| {
-        std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("shrink-vmm"))).unwrap_or_else(|| PathBuf::from("shrink-vmm"))
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("shrink-vmm")))
+            .unwrap_or_else(|| PathBuf::from("shrink-vmm"))
     });
 
     // 1. Destination VMMs, waiting for their guests.
@@ -225,7 +232,11 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
 
     // 2. All migrations at once.
     let start = Instant::now();
-    let multi = if opts.progress { MultiProgress::new() } else { MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()) };
+    let multi = if opts.progress {
+        MultiProgress::new()
+    } else {
+        MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    };
     let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar());
     let mut live = Vec::new();
@@ -285,7 +296,11 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
                         u(&ram["deduplicated"])
                     ));
                     if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
-                        bar.finish_with_message(format!("{} in {} ms", v["status"].as_str().unwrap_or(""), u(&v["total-time"])));
+                        bar.finish_with_message(format!(
+                            "{} in {} ms",
+                            v["status"].as_str().unwrap_or(""),
+                            u(&v["total-time"])
+                        ));
                         *state = Some(v);
                     } else {
                         *last = v;
@@ -449,7 +464,11 @@ pub fn print_report(r: &ClusterReport) {
             mb(v.counts.wan_bytes),
             v.total_time_ms,
             v.downtime_ms,
-            if v.status == "completed" { String::new() } else { format!("  {}: {}", v.status, v.error.clone().unwrap_or_default()) }
+            if v.status == "completed" {
+                String::new()
+            } else {
+                format!("  {}: {}", v.status, v.error.clone().unwrap_or_default())
+            }
         );
         let c = &v.counts;
         if c.corrupt_from_peers + c.peer_errors + c.index_errors > 0 {
@@ -464,7 +483,17 @@ pub fn print_report(r: &ClusterReport) {
     }
     println!(
         "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9.1} {:>8}",
-        "total", "", "", r.counts.full, r.counts.deduplicated, r.counts.uniform, r.counts.local, r.counts.fetched_from_peers, r.counts.pulled, mb(r.counts.wan_bytes), r.total_time_ms
+        "total",
+        "",
+        "",
+        r.counts.full,
+        r.counts.deduplicated,
+        r.counts.uniform,
+        r.counts.local,
+        r.counts.fetched_from_peers,
+        r.counts.pulled,
+        mb(r.counts.wan_bytes),
+        r.total_time_ms
     );
     if r.failed > 0 {
         println!("{} VM(s) failed and keep running at the source", r.failed);

@@ -43,7 +43,9 @@ pub enum MigrationError {
     #[error("cancelled")]
     Cancelled,
     /// The guest dirties memory faster than the link can carry it.
-    #[error("did not converge after {iterations} iterations: {dirty_mbps:.1} MB/s dirtied against {link_mbps:.1} MB/s sent")]
+    #[error(
+        "did not converge after {iterations} iterations: {dirty_mbps:.1} MB/s dirtied against {link_mbps:.1} MB/s sent"
+    )]
     NoConvergence {
         /// Passes made.
         iterations: u32,
@@ -491,13 +493,16 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         self.update(|_| {});
         // The destination has everything or pulls what its site lacks; then it says whether the
         // guest runs there.
-        let mut decoder = Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
+        let mut decoder =
+            Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
         loop {
             match decoder.read(&mut self.back) {
                 Ok(Some(Record::Verdict { ok: true, .. })) => return Ok(stop.elapsed()),
                 Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
                 Ok(Some(Record::Pull(list))) => self.serve_pull(&regions, &list)?,
-                Ok(Some(other)) => return Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name()))),
+                Ok(Some(other)) => {
+                    return Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name())))
+                }
                 Ok(None) => return Err(MigrationError::Destination("closed the connection without a verdict".into())),
                 Err(e) => return Err(MigrationError::Destination(e.to_string())),
             }
@@ -510,7 +515,8 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         protocol::write_sync(&mut self.out, seq)?;
         self.out.flush().map_err(ProtocolError::from)?;
         let t = Instant::now();
-        let mut decoder = Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
+        let mut decoder =
+            Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
         loop {
             self.check_cancel()?;
             match decoder.read(&mut self.back) {
@@ -521,7 +527,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 Ok(Some(Record::SyncAck { .. })) => {}
                 Ok(Some(Record::Pull(list))) => self.serve_pull(regions, &list)?,
                 Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
-                Ok(Some(other)) => return Err(MigrationError::Invalid(format!("expected a SyncAck, got {}", other.name()))),
+                Ok(Some(other)) => {
+                    return Err(MigrationError::Invalid(format!("expected a SyncAck, got {}", other.name())))
+                }
                 Ok(None) => return Err(MigrationError::Destination("closed the connection".into())),
                 Err(e) => return Err(MigrationError::Destination(e.to_string())),
             }
@@ -533,7 +541,11 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     /// it is skipped (the dirty log sends its new content later). Once paused, nothing changes,
     /// and a mismatch is an error.
     fn serve_pull(&mut self, regions: &[Region], list: &[(u64, Vec<u8>)]) -> Result<(), MigrationError> {
-        let algo = self.params.digest.algo().ok_or_else(|| MigrationError::Invalid("Pull in a stream without digests".into()))?;
+        let algo = self
+            .params
+            .digest
+            .algo()
+            .ok_or_else(|| MigrationError::Invalid("Pull in a stream without digests".into()))?;
         let chunk = self.params.chunk_size;
         let mut sent = 0u32;
         // Pulled chunks are not part of the stream's own totals (checked at `End`).
@@ -546,7 +558,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             let bytes = &self.src.region_bytes(ri)[off..off + chunk];
             if indexd::hash::digest(algo, bytes) != *digest {
                 if self.paused {
-                    return Err(MigrationError::Invalid(format!("pull of {gpa:#x}: the paused guest holds other content")));
+                    return Err(MigrationError::Invalid(format!(
+                        "pull of {gpa:#x}: the paused guest holds other content"
+                    )));
                 }
                 continue;
             }
@@ -566,7 +580,12 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     }
 
     /// Sends every chunk of the pages set in `dirty`; returns (bytes written, time taken).
-    fn send_pass(&mut self, regions: &[Region], dirty: &[Vec<u64>], pass: u32) -> Result<(u64, Duration), MigrationError> {
+    fn send_pass(
+        &mut self,
+        regions: &[Region],
+        dirty: &[Vec<u64>],
+        pass: u32,
+    ) -> Result<(u64, Duration), MigrationError> {
         let t0 = Instant::now();
         let b0 = self.out.bytes;
         let chunk = self.params.chunk_size;
@@ -625,13 +644,20 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 None => others.push((gpa, bytes)),
             }
         }
-        let decisions = if others.is_empty() { Vec::new() } else { self.dedup.decide(&others).map_err(MigrationError::Vmm)? };
+        let decisions =
+            if others.is_empty() { Vec::new() } else { self.dedup.decide(&others).map_err(MigrationError::Vmm)? };
         let (mut full, mut dedup) = (0u64, 0u64);
         for (gpa, b) in uniforms {
             self.builder.uniform(gpa, b);
             self.entries += 1;
             if self.builder.is_full() {
-                flush_batch(&mut self.builder, &mut self.out, self.params.max_bandwidth, &mut self.next_send, &mut self.page_bytes)?;
+                flush_batch(
+                    &mut self.builder,
+                    &mut self.out,
+                    self.params.max_bandwidth,
+                    &mut self.next_send,
+                    &mut self.page_bytes,
+                )?;
             }
         }
         for ((gpa, bytes), d) in others.iter().zip(decisions) {
@@ -647,7 +673,13 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
             self.entries += 1;
             if self.builder.is_full() {
-                flush_batch(&mut self.builder, &mut self.out, self.params.max_bandwidth, &mut self.next_send, &mut self.page_bytes)?;
+                flush_batch(
+                    &mut self.builder,
+                    &mut self.out,
+                    self.params.max_bandwidth,
+                    &mut self.next_send,
+                    &mut self.page_bytes,
+                )?;
             }
         }
         let per_page = (PAGE_SIZE / chunk) as u64;
@@ -662,7 +694,13 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     }
 
     fn flush_batch(&mut self) -> Result<(), MigrationError> {
-        flush_batch(&mut self.builder, &mut self.out, self.params.max_bandwidth, &mut self.next_send, &mut self.page_bytes)
+        flush_batch(
+            &mut self.builder,
+            &mut self.out,
+            self.params.max_bandwidth,
+            &mut self.next_send,
+            &mut self.page_bytes,
+        )
     }
 }
 
@@ -794,7 +832,11 @@ pub fn receive_with<S: Sink, R: Read, W: Write>(
 }
 
 /// Tries the waiting digests again; counts what got resolved.
-fn retry_pending<S: Sink>(sink: &mut S, pending: &mut HashMap<u64, Vec<u8>>, stats: &mut ReceiveStats) -> Result<(), MigrationError> {
+fn retry_pending<S: Sink>(
+    sink: &mut S,
+    pending: &mut HashMap<u64, Vec<u8>>,
+    stats: &mut ReceiveStats,
+) -> Result<(), MigrationError> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -816,8 +858,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     let mut input = std::io::BufReader::with_capacity(4 << 20, input);
     let mut dec = Decoder::new();
     let next = |dec: &mut Decoder, input: &mut std::io::BufReader<R>, what: &str| -> Result<Record, MigrationError> {
-        dec.read(input)?
-            .ok_or_else(|| MigrationError::Invalid(format!("stream ended before {what}")))
+        dec.read(input)?.ok_or_else(|| MigrationError::Invalid(format!("stream ended before {what}")))
     };
     let hello = match next(&mut dec, &mut input, "Hello")? {
         Record::Hello(h) => h,
@@ -836,7 +877,8 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     let mut stats = ReceiveStats { name: hello.name.clone(), ..Default::default() };
     // Chunks written so far, per region. Fresh guest memory is zero: a zero chunk that was
     // never written needs no write at all (and its page is never faulted in).
-    let mut written: Vec<Vec<u64>> = regions.iter().map(|r| vec![0u64; ((r.len as usize) / chunk).div_ceil(64)]).collect();
+    let mut written: Vec<Vec<u64>> =
+        regions.iter().map(|r| vec![0u64; ((r.len as usize) / chunk).div_ceil(64)]).collect();
     let mut page_bytes = 0u64;
     let mut state = None;
     let mut verify = None;
@@ -904,7 +946,18 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 // and pull what stalls, also before the source pauses.
                 wait_for_site(sink, &mut pending, &mut stats, &opts, &check)?;
                 if !pending.is_empty() && opts.pull {
-                    pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, std::mem::take(&mut pending), &mut stats, true)?;
+                    pull(
+                        sink,
+                        &mut dec,
+                        &mut input,
+                        answer,
+                        &regions,
+                        chunk,
+                        hello.digest,
+                        std::mem::take(&mut pending),
+                        &mut stats,
+                        true,
+                    )?;
                 }
                 protocol::write_sync_ack(answer, seq, pending.len() as u64)?;
                 answer.flush().map_err(ProtocolError::from)?;
@@ -1029,9 +1082,13 @@ fn pull<S: Sink, R: Read, W: Write>(
                     let Chunk::Full(data) = c else {
                         return Err(MigrationError::Invalid("a pulled chunk that is not full".into()));
                     };
-                    let expected = want.remove(&gpa).ok_or_else(|| MigrationError::Invalid(format!("pulled chunk {gpa:#x} was not asked for")))?;
+                    let expected = want
+                        .remove(&gpa)
+                        .ok_or_else(|| MigrationError::Invalid(format!("pulled chunk {gpa:#x} was not asked for")))?;
                     if indexd::hash::digest(algo, data) != expected {
-                        return Err(MigrationError::Invalid(format!("pulled chunk {gpa:#x} does not match its digest")));
+                        return Err(MigrationError::Invalid(format!(
+                            "pulled chunk {gpa:#x} does not match its digest"
+                        )));
                     }
                     let (ri, off) = locate(regions, gpa, chunk)?;
                     sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
@@ -1076,7 +1133,16 @@ mod tests {
                 mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill((p % 251) as u8 + 1);
                 mem[p * PAGE_SIZE + 7] = p as u8; // not uniform
             }
-            FakeVm { mem, dirty: vec![0; pages.div_ceil(64)], logging: false, paused: false, resumed: 0, churn: vec![], throttle: 0, max_throttle: 0 }
+            FakeVm {
+                mem,
+                dirty: vec![0; pages.div_ceil(64)],
+                logging: false,
+                paused: false,
+                resumed: 0,
+                churn: vec![],
+                throttle: 0,
+                max_throttle: 0,
+            }
         }
         fn write(&mut self, page: usize, byte: u8) {
             self.mem[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(byte);
@@ -1233,11 +1299,18 @@ mod tests {
         }
     }
 
-    fn run(vm: &mut FakeVm, params: Params) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
+    fn run(
+        vm: &mut FakeVm,
+        params: Params,
+    ) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
         run_to(vm, params, FakeDest::default())
     }
 
-    fn run_to(vm: &mut FakeVm, params: Params, dest: FakeDest) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
+    fn run_to(
+        vm: &mut FakeVm,
+        params: Params,
+        dest: FakeDest,
+    ) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
         run_full(vm, params, dest, NoDedup).map_second()
     }
 
@@ -1267,7 +1340,9 @@ mod tests {
             }
         });
         let info = Arc::new(Mutex::new(MigrationInfo::default()));
-        let r = Sender::new(vm, dedup, Pipe(tx), PipeIn(brx, vec![], 0), params, info, Arc::new(AtomicBool::new(false))).run();
+        let r =
+            Sender::new(vm, dedup, Pipe(tx), PipeIn(brx, vec![], 0), params, info, Arc::new(AtomicBool::new(false)))
+                .run();
         let (d, s) = dest.join().unwrap();
         (r, d, s)
     }
@@ -1358,7 +1433,11 @@ mod tests {
         assert!(d.unwrap().started);
         // A destination whose memory came out different refuses, and the source resumes.
         let mut vm = FakeVm::new(256);
-        let (r, d) = run_to(&mut vm, Params { verify: true, ..Params::default() }, FakeDest { corrupt: true, ..FakeDest::default() });
+        let (r, d) = run_to(
+            &mut vm,
+            Params { verify: true, ..Params::default() },
+            FakeDest { corrupt: true, ..FakeDest::default() },
+        );
         let e = r.unwrap_err().to_string();
         assert!(e.contains("memory digest mismatch"), "{e}");
         assert!(d.is_err());
@@ -1391,7 +1470,16 @@ mod tests {
         let (btx, brx) = mpsc::channel();
         let dest = std::thread::spawn(move || receive(&mut Refuse, PipeIn(rx, vec![], 0), Pipe(btx)));
         let info = Arc::new(Mutex::new(MigrationInfo::default()));
-        let r = Sender::new(&mut vm, NoDedup, Pipe(tx), PipeIn(brx, vec![], 0), Params::default(), info.clone(), Arc::new(AtomicBool::new(false))).run();
+        let r = Sender::new(
+            &mut vm,
+            NoDedup,
+            Pipe(tx),
+            PipeIn(brx, vec![], 0),
+            Params::default(),
+            info.clone(),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .run();
         assert!(dest.join().unwrap().is_err());
         let e = r.unwrap_err().to_string();
         assert!(e.contains("no room for this guest"), "{e}");
@@ -1416,7 +1504,12 @@ mod tests {
     fn auto_converge_throttles_a_busy_guest() {
         let mut vm = FakeVm::new(256);
         vm.churn = (0..256).collect();
-        let params = Params { max_iterations: Some(6), auto_converge: true, downtime_limit: Duration::from_nanos(1), ..Params::default() };
+        let params = Params {
+            max_iterations: Some(6),
+            auto_converge: true,
+            downtime_limit: Duration::from_nanos(1),
+            ..Params::default()
+        };
         let _ = run(&mut vm, params);
         // Two strikes per step: 20 % after pass 2, 30 % after pass 4, 40 % after pass 6.
         assert_eq!(vm.max_throttle, 40, "throttle steps of QEMU's policy");
@@ -1445,9 +1538,17 @@ mod tests {
             let (btx, brx) = mpsc::channel();
             let dest = std::thread::spawn(move || receive(&mut FakeDest::default(), PipeIn(rx, vec![], 0), Pipe(btx)));
             let info = Arc::new(Mutex::new(MigrationInfo::default()));
-            Sender::new(&mut vm, NoDedup, Tee(Pipe(tx), full.clone()), PipeIn(brx, vec![], 0), Params::default(), info, Arc::new(AtomicBool::new(false)))
-                .run()
-                .unwrap();
+            Sender::new(
+                &mut vm,
+                NoDedup,
+                Tee(Pipe(tx), full.clone()),
+                PipeIn(brx, vec![], 0),
+                Params::default(),
+                info,
+                Arc::new(AtomicBool::new(false)),
+            )
+            .run()
+            .unwrap();
             dest.join().unwrap().unwrap();
         }
         let full = full.lock().unwrap().clone();

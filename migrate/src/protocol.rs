@@ -382,10 +382,10 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<b
 
 /// Writes one record.
 pub fn write_record<W: Write>(w: &mut W, kind: u8, payload: &[u8]) -> Result<(), ProtocolError> {
-    let len = u32::try_from(payload.len()).ok().filter(|&l| l <= MAX_PAYLOAD).ok_or(ProtocolError::TooLong {
-        kind,
-        len: payload.len().min(u32::MAX as usize) as u32,
-    })?;
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or(ProtocolError::TooLong { kind, len: payload.len().min(u32::MAX as usize) as u32 })?;
     let mut hdr = [0u8; HEADER_LEN];
     hdr[..4].copy_from_slice(MAGIC);
     hdr[4] = kind;
@@ -448,7 +448,21 @@ impl Decoder {
         if len > MAX_PAYLOAD {
             return Err(ProtocolError::TooLong { kind, len });
         }
-        if !matches!(kind, T_HELLO | T_LAYOUT | T_PAGES | T_VM_STATE | T_ITERATION | T_END | T_VERIFY | T_PULL_DONE | T_SYNC | T_PULL | T_SYNC_ACK | T_VERDICT) {
+        if !matches!(
+            kind,
+            T_HELLO
+                | T_LAYOUT
+                | T_PAGES
+                | T_VM_STATE
+                | T_ITERATION
+                | T_END
+                | T_VERIFY
+                | T_PULL_DONE
+                | T_SYNC
+                | T_PULL
+                | T_SYNC_ACK
+                | T_VERDICT
+        ) {
             return Err(ProtocolError::UnknownType(kind));
         }
         let mut payload = vec![0u8; len as usize];
@@ -481,12 +495,14 @@ impl Decoder {
                 if !matches!(chunk_size, 512 | 1024 | 2048 | 4096) {
                     return Err(malformed("Hello", format!("chunk size {chunk_size} (512, 1024, 2048 or 4096)")));
                 }
-                let digest = DigestKind::from_code(payload[8]).ok_or_else(|| malformed("Hello", format!("digest kind {}", payload[8])))?;
+                let digest = DigestKind::from_code(payload[8])
+                    .ok_or_else(|| malformed("Hello", format!("digest kind {}", payload[8])))?;
                 if payload[9..12] != [0, 0, 0] {
                     return Err(malformed("Hello", "padding not zero"));
                 }
                 let mem_size = u64_at(&payload, 12);
-                let name = String::from_utf8(payload[20..].to_vec()).map_err(|_| malformed("Hello", "VM name is not UTF-8"))?;
+                let name = String::from_utf8(payload[20..].to_vec())
+                    .map_err(|_| malformed("Hello", "VM name is not UTF-8"))?;
                 self.params = Some(StreamParams { chunk_size: chunk_size as usize, digest });
                 Ok(Record::Hello(Hello { version, chunk_size, digest, mem_size, name }))
             }
@@ -503,7 +519,10 @@ impl Decoder {
                     .collect();
                 for r in &regions {
                     if r.gpa % 4096 != 0 || r.len % 4096 != 0 || r.gpa.checked_add(r.len).is_none() {
-                        return Err(malformed("MemoryLayout", format!("region {:#x}+{:#x} not page aligned", r.gpa, r.len)));
+                        return Err(malformed(
+                            "MemoryLayout",
+                            format!("region {:#x}+{:#x} not page aligned", r.gpa, r.len),
+                        ));
                     }
                 }
                 Ok(Record::MemoryLayout(regions))
@@ -523,7 +542,10 @@ impl Decoder {
                     pos += 8;
                     let addr = word & !KIND_MASK;
                     if !addr.is_multiple_of(params.chunk_size as u64) {
-                        return Err(malformed("Pages", format!("address {addr:#x} not aligned to the {}-byte chunk", params.chunk_size)));
+                        return Err(malformed(
+                            "Pages",
+                            format!("address {addr:#x} not aligned to the {}-byte chunk", params.chunk_size),
+                        ));
                     }
                     let data = match word & KIND_MASK {
                         KIND_FULL => params.chunk_size,
@@ -540,7 +562,12 @@ impl Decoder {
                 if pos != payload.len() {
                     return Err(malformed("Pages", format!("{} trailing bytes", payload.len() - pos)));
                 }
-                Ok(Record::Pages(Pages { payload, count, chunk_size: params.chunk_size, digest_len: params.digest.digest_len() }))
+                Ok(Record::Pages(Pages {
+                    payload,
+                    count,
+                    chunk_size: params.chunk_size,
+                    digest_len: params.digest.digest_len(),
+                }))
             }
             T_VM_STATE => Ok(Record::VmState(payload)),
             T_ITERATION => {
@@ -606,7 +633,8 @@ impl Decoder {
                 if payload.is_empty() || payload[0] > 1 {
                     return Err(malformed("Verdict", "status must be 0 or 1"));
                 }
-                let message = String::from_utf8(payload[1..].to_vec()).map_err(|_| malformed("Verdict", "message is not UTF-8"))?;
+                let message = String::from_utf8(payload[1..].to_vec())
+                    .map_err(|_| malformed("Verdict", "message is not UTF-8"))?;
                 Ok(Record::Verdict { ok: payload[0] == 0, message })
             }
             other => Err(ProtocolError::UnknownType(other)),
@@ -815,7 +843,10 @@ mod tests {
         assert_eq!(recs[1], Record::MemoryLayout(vec![Region { gpa: 0, len: 1 << 30 }]));
         let Record::Pages(p) = &recs[2] else { panic!() };
         let entries: Vec<_> = p.iter().collect();
-        assert_eq!(entries, vec![(0x1000, Chunk::Full(&[7u8; 4096])), (0x2000, Chunk::Uniform(0)), (0x3000, Chunk::Digest(&[9u8; 32]))]);
+        assert_eq!(
+            entries,
+            vec![(0x1000, Chunk::Full(&[7u8; 4096])), (0x2000, Chunk::Uniform(0)), (0x3000, Chunk::Digest(&[9u8; 32]))]
+        );
         assert_eq!(recs[3], Record::Iteration { pass: 1, remaining: 4096 });
         assert_eq!(recs[5], Record::End { entries: 3, page_bytes: 4157 });
         assert_eq!(p.payload_len(), 4157);

@@ -16,17 +16,9 @@ pub enum ConfigError {
     #[error("cannot read config {path}: {err}")]
     Read { path: PathBuf, err: std::io::Error },
     #[error("config {path}, line {line}: {msg}")]
-    Syntax {
-        path: PathBuf,
-        line: usize,
-        msg: String,
-    },
+    Syntax { path: PathBuf, line: usize, msg: String },
     #[error("config {path}: field `{field}`: {msg}")]
-    Field {
-        path: PathBuf,
-        field: String,
-        msg: String,
-    },
+    Field { path: PathBuf, field: String, msg: String },
 }
 
 #[derive(Deserialize, Debug)]
@@ -147,31 +139,18 @@ pub struct Config {
 impl Config {
     /// Load and validate a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            path: path.to_path_buf(),
-            err,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.to_path_buf(), err })?;
         Config::parse(&text, path)
     }
 
     /// Parse and validate text (`path` is only used in messages).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                .unwrap_or(0);
-            ConfigError::Syntax {
-                path: path.to_path_buf(),
-                line,
-                msg: e.message().replace('\n', " "),
-            }
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
+            ConfigError::Syntax { path: path.to_path_buf(), line, msg: e.message().replace('\n', " ") }
         })?;
-        let field = |field: &str, msg: String| ConfigError::Field {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            msg,
-        };
+        let field =
+            |field: &str, msg: String| ConfigError::Field { path: path.to_path_buf(), field: field.to_string(), msg };
         let check_name = |f: &str, n: &str| -> Result<(), ConfigError> {
             if n.is_empty() || n.len() > crate::proto::MAX_NAME {
                 return Err(field(f, format!("'{n}' must be 1 to 32 bytes long")));
@@ -182,10 +161,8 @@ impl Config {
         if raw.lan_interface.is_empty() {
             return Err(field("lan_interface", "must not be empty".into()));
         }
-        let router_mac: Mac = raw
-            .router_mac
-            .parse()
-            .map_err(|e: crate::frames::FrameError| field("router_mac", e.to_string()))?;
+        let router_mac: Mac =
+            raw.router_mac.parse().map_err(|e: crate::frames::FrameError| field("router_mac", e.to_string()))?;
         if !router_mac.is_unicast() {
             return Err(field("router_mac", format!("{router_mac} is not a unicast MAC")));
         }
@@ -193,38 +170,25 @@ impl Config {
             .router_ip
             .parse()
             .map_err(|_| field("router_ip", format!("'{}' is not an IPv4 address", raw.router_ip)))?;
-        let listen: SocketAddr = raw.listen.parse().map_err(|_| {
-            field(
-                "listen",
-                format!("'{}' is not an address:port", raw.listen),
-            )
-        })?;
+        let listen: SocketAddr =
+            raw.listen.parse().map_err(|_| field("listen", format!("'{}' is not an address:port", raw.listen)))?;
         let key = match (&raw.key, &raw.key_file) {
             (Some(k), None) => k.as_bytes().to_vec(),
             (None, Some(f)) => {
                 let kp = resolve(path, f);
-                let k = std::fs::read(&kp)
-                    .map_err(|e| field("key_file", format!("{}: {e}", kp.display())))?;
+                let k = std::fs::read(&kp).map_err(|e| field("key_file", format!("{}: {e}", kp.display())))?;
                 let s = String::from_utf8_lossy(&k).trim().as_bytes().to_vec();
                 s
             }
-            (Some(_), Some(_)) => {
-                return Err(field("key", "give either `key` or `key_file`, not both".into()))
-            }
+            (Some(_), Some(_)) => return Err(field("key", "give either `key` or `key_file`, not both".into())),
             (None, None) => return Err(field("key", "missing (or give `key_file`)".into())),
         };
         if key.len() < 16 {
-            return Err(field(
-                "key",
-                format!("{} bytes is too short; use at least 16", key.len()),
-            ));
+            return Err(field("key", format!("{} bytes is too short; use at least 16", key.len())));
         }
         let mut lndt = Vec::new();
         for (i, s) in raw.lndt.iter().enumerate() {
-            lndt.push(
-                s.parse::<Prefix>()
-                    .map_err(|e| field(&format!("lndt[{i}]"), e.to_string()))?,
-            );
+            lndt.push(s.parse::<Prefix>().map_err(|e| field(&format!("lndt[{i}]"), e.to_string()))?);
         }
         let mut names = BTreeSet::new();
         names.insert(raw.site.clone());
@@ -238,15 +202,9 @@ impl Config {
                 ));
             }
             let address: SocketAddr = p.address.parse().map_err(|_| {
-                field(
-                    &format!("peers[{i}].address"),
-                    format!("'{}' is not an address:port", p.address),
-                )
+                field(&format!("peers[{i}].address"), format!("'{}' is not an address:port", p.address))
             })?;
-            peers.push(Peer {
-                name: p.name.clone(),
-                address,
-            });
+            peers.push(Peer { name: p.name.clone(), address });
         }
         let mut gndt = Vec::new();
         for (i, r) in raw.gndt.iter().enumerate() {
@@ -321,10 +279,7 @@ fn resolve(config: &Path, p: &str) -> PathBuf {
     if p.is_absolute() {
         p
     } else {
-        config
-            .parent()
-            .map(|d| d.join(&p))
-            .unwrap_or(p)
+        config.parent().map(|d| d.join(&p)).unwrap_or(p)
     }
 }
 

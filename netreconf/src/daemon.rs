@@ -20,31 +20,17 @@ use crate::router::{Action, Now, Router, RouterError};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot open LAN interface '{iface}' for capture: {err}{hint}")]
-    PcapOpen {
-        iface: String,
-        err: pcap::Error,
-        hint: &'static str,
-    },
+    PcapOpen { iface: String, err: pcap::Error, hint: &'static str },
     #[error("pcap setup on '{iface}' failed ({what}): {err}")]
-    PcapSetup {
-        iface: String,
-        what: &'static str,
-        err: pcap::Error,
-    },
+    PcapSetup { iface: String, what: &'static str, err: pcap::Error },
     #[error("capture on '{iface}' failed: {err} (interface removed or down?)")]
     PcapRead { iface: String, err: pcap::Error },
     #[error("cannot write pcap file {path}: {err}")]
     PcapOut { path: PathBuf, err: pcap::Error },
     #[error("cannot bind overlay socket {addr}: {err}")]
-    Bind {
-        addr: SocketAddr,
-        err: std::io::Error,
-    },
+    Bind { addr: SocketAddr, err: std::io::Error },
     #[error("cannot create control socket {path}: {err}")]
-    Control {
-        path: PathBuf,
-        err: std::io::Error,
-    },
+    Control { path: PathBuf, err: std::io::Error },
     #[error(
         "the kernel forwards IPv4 on this gateway ({path} = 1): it would route the same \
          packets as vnetd. Run `sysctl -w net.ipv4.ip_forward=0` (or pass --allow-kernel-forwarding)"
@@ -92,10 +78,7 @@ struct DaemonCounters {
 
 /// Refuse to run when the kernel would forward the packets vnetd routes.
 pub fn check_forwarding(iface: &str) -> Result<(), DaemonError> {
-    for path in [
-        "/proc/sys/net/ipv4/ip_forward".to_string(),
-        format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
-    ] {
+    for path in ["/proc/sys/net/ipv4/ip_forward".to_string(), format!("/proc/sys/net/ipv4/conf/{iface}/forwarding")] {
         if let Ok(v) = std::fs::read_to_string(&path) {
             if v.trim() == "1" {
                 return Err(DaemonError::KernelForwarding { path });
@@ -106,13 +89,8 @@ pub fn check_forwarding(iface: &str) -> Result<(), DaemonError> {
 }
 
 fn timeval_now() -> libc::timeval {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    }
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t }
 }
 
 /// MTU of `iface` (SIOCGIFMTU), if the interface exists.
@@ -169,8 +147,7 @@ const RING_MAX_BYTES: u32 = 64 << 20;
 /// the buffer in frames of the LAN's MTU keeps thousands of packets queued instead.
 fn ring_bytes(snaplen: u32) -> u32 {
     let slot = snaplen + 128;
-    slot.saturating_mul(RING_FRAMES)
-        .clamp(RING_MIN_BYTES, RING_MAX_BYTES)
+    slot.saturating_mul(RING_FRAMES).clamp(RING_MIN_BYTES, RING_MAX_BYTES)
 }
 
 fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), DaemonError> {
@@ -178,13 +155,7 @@ fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), Daem
     let snaplen = capture_snaplen(&iface);
     let ring = ring_bytes(snaplen);
     let cap = pcap::Capture::from_device(iface.as_str())
-        .and_then(|c| {
-            c.promisc(true)
-                .immediate_mode(true)
-                .snaplen(snaplen as i32)
-                .buffer_size(ring as i32)
-                .open()
-        })
+        .and_then(|c| c.promisc(true).immediate_mode(true).snaplen(snaplen as i32).buffer_size(ring as i32).open())
         .map_err(|err| {
             let s = err.to_string();
             let hint = if s.contains("ermission") || s.contains("not permitted") {
@@ -194,11 +165,7 @@ fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), Daem
             } else {
                 ""
             };
-            DaemonError::PcapOpen {
-                iface: iface.clone(),
-                err,
-                hint,
-            }
+            DaemonError::PcapOpen { iface: iface.clone(), err, hint }
         })?;
     info!(iface = %iface, snaplen, ring_bytes = ring, ring_frames_approx = ring / (snaplen + 128),
           "capture ring");
@@ -208,22 +175,14 @@ fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), Daem
         err,
     })?;
     // Only what vnetd needs: ARP, RARP and IPv4 sent to the router's MAC.
-    let filter = format!(
-        "arp or rarp or (ether dst {} and ip)",
-        cfg.router_mac
-    );
+    let filter = format!("arp or rarp or (ether dst {} and ip)", cfg.router_mac);
     cap.filter(&filter, true).map_err(|err| DaemonError::PcapSetup {
         iface: iface.clone(),
         what: "BPF filter",
         err,
     })?;
     // Frames we inject (and the kernel's own) are not captured back.
-    cap.direction(pcap::Direction::In)
-        .map_err(|err| DaemonError::PcapSetup {
-            iface,
-            what: "direction",
-            err,
-        })?;
+    cap.direction(pcap::Direction::In).map_err(|err| DaemonError::PcapSetup { iface, what: "direction", err })?;
     Ok((cap, snaplen))
 }
 
@@ -246,9 +205,7 @@ fn getsockopt_int(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int) -> Opt
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid fd; `val`/`len` are live and describe a c_int-sized buffer.
-    let rc = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), level, opt, (&mut val as *mut libc::c_int).cast(), &mut len)
-    };
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), level, opt, (&mut val as *mut libc::c_int).cast(), &mut len) };
     (rc == 0).then_some(val)
 }
 
@@ -259,13 +216,7 @@ fn socket_drops(sock: &UdpSocket) -> Option<u64> {
     let mut len = std::mem::size_of_val(&mem) as libc::socklen_t;
     // SAFETY: valid fd; `mem`/`len` describe a live buffer of `len` bytes.
     let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            mem.as_mut_ptr().cast(),
-            &mut len,
-        )
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MEMINFO, mem.as_mut_ptr().cast(), &mut len)
     };
     let i = libc::SK_MEMINFO_DROPS as usize;
     (rc == 0 && (len as usize) > i * 4).then(|| u64::from(mem[i]))
@@ -282,10 +233,9 @@ fn tune_overlay_socket(sock: &UdpSocket) {
     if !setsockopt_int(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT) {
         warn!(error = %std::io::Error::last_os_error(), "IP_MTU_DISCOVER on overlay socket failed");
     }
-    for (force, plain, name) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "SO_RCVBUF"),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "SO_SNDBUF"),
-    ] {
+    for (force, plain, name) in
+        [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "SO_RCVBUF"), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "SO_SNDBUF")]
+    {
         if !setsockopt_int(sock, libc::SOL_SOCKET, force, OVERLAY_BUF)
             && !setsockopt_int(sock, libc::SOL_SOCKET, plain, OVERLAY_BUF)
         {
@@ -309,45 +259,28 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let (mut cap, snaplen) = open_capture(&cfg)?;
     let mut savefile = match &opts.pcap_out {
         Some(p) => {
-            let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|err| {
-                DaemonError::PcapOut {
-                    path: p.clone(),
-                    err,
-                }
-            })?;
-            Some(dead.savefile(p).map_err(|err| DaemonError::PcapOut {
-                path: p.clone(),
-                err,
-            })?)
+            let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET)
+                .map_err(|err| DaemonError::PcapOut { path: p.clone(), err })?;
+            Some(dead.savefile(p).map_err(|err| DaemonError::PcapOut { path: p.clone(), err })?)
         }
         None => None,
     };
-    let mut udp = UdpSocket::bind(cfg.listen).map_err(|err| DaemonError::Bind {
-        addr: cfg.listen,
-        err,
-    })?;
+    let mut udp = UdpSocket::bind(cfg.listen).map_err(|err| DaemonError::Bind { addr: cfg.listen, err })?;
     tune_overlay_socket(&udp);
     let mut control = match &cfg.control_socket {
         Some(path) => {
             if path.exists() {
                 let _ = std::fs::remove_file(path);
             }
-            Some(
-                UnixListener::bind(path).map_err(|err| DaemonError::Control {
-                    path: path.clone(),
-                    err,
-                })?,
-            )
+            Some(UnixListener::bind(path).map_err(|err| DaemonError::Control { path: path.clone(), err })?)
         }
         None => None,
     };
 
     let mut poll = Poll::new()?;
     let cap_fd = cap.as_raw_fd();
-    poll.registry()
-        .register(&mut SourceFd(&cap_fd), CAPTURE, Interest::READABLE)?;
-    poll.registry()
-        .register(&mut udp, OVERLAY, Interest::READABLE)?;
+    poll.registry().register(&mut SourceFd(&cap_fd), CAPTURE, Interest::READABLE)?;
+    poll.registry().register(&mut udp, OVERLAY, Interest::READABLE)?;
     if let Some(l) = control.as_mut() {
         poll.registry().register(l, CONTROL, Interest::READABLE)?;
     }
@@ -403,9 +336,8 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     }
 
     loop {
-        let timeout = router
-            .next_deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_micros(200));
+        let timeout =
+            router.next_deadline().map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_micros(200));
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -428,9 +360,13 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                                 // a corrupt packet.
                                 dc.frames_truncated += 1;
                                 if dc.frames_truncated < 10 || dc.frames_truncated % 1000 == 0 {
-                                    warn!(len = p.header.len, snaplen, count = dc.frames_truncated,
-                                          "frame longer than the LAN MTU dropped (disable GRO/TSO \
-                                           on the LAN interface)");
+                                    warn!(
+                                        len = p.header.len,
+                                        snaplen,
+                                        count = dc.frames_truncated,
+                                        "frame longer than the LAN MTU dropped (disable GRO/TSO \
+                                           on the LAN interface)"
+                                    );
                                 }
                             } else {
                                 router.handle_frame(&now, p.data);
@@ -445,10 +381,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                         Ok(false) => break,
                         Err(err) => {
                             error!(error = %err, "capture failed");
-                            return Err(DaemonError::PcapRead {
-                                iface: cfg.lan_interface.clone(),
-                                err,
-                            });
+                            return Err(DaemonError::PcapRead { iface: cfg.lan_interface.clone(), err });
                         }
                     }
                 },
@@ -476,21 +409,12 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                                     next_conn += 1;
                                     if poll
                                         .registry()
-                                        .register(
-                                            &mut stream,
-                                            t,
-                                            Interest::READABLE | Interest::WRITABLE,
-                                        )
+                                        .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
                                         .is_ok()
                                     {
                                         conns.insert(
                                             t,
-                                            Conn {
-                                                stream,
-                                                inbuf: Vec::new(),
-                                                outbuf: Vec::new(),
-                                                written: 0,
-                                            },
+                                            Conn { stream, inbuf: Vec::new(), outbuf: Vec::new(), written: 0 },
                                         );
                                     }
                                 }
@@ -580,23 +504,14 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     }
 }
 
-fn control_response(
-    router: &Router,
-    dc: &DaemonCounters,
-    pcap_out: &Option<PathBuf>,
-    req: &[u8],
-) -> String {
+fn control_response(router: &Router, dc: &DaemonCounters, pcap_out: &Option<PathBuf>, req: &[u8]) -> String {
     let line = String::from_utf8_lossy(req);
     let line = line.lines().next().unwrap_or("").trim();
     let cmd = if line.is_empty() || line == "status" {
         "status".to_string()
     } else {
         match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(v) => v
-                .get("cmd")
-                .and_then(|c| c.as_str())
-                .unwrap_or("")
-                .to_string(),
+            Ok(v) => v.get("cmd").and_then(|c| c.as_str()).unwrap_or("").to_string(),
             Err(_) => line.to_string(),
         }
     };
@@ -607,8 +522,9 @@ fn control_response(
             v["pcap_out"] = serde_json::json!(pcap_out);
             v.to_string()
         }
-        other => serde_json::json!({"error": format!("unknown command '{other}' (try {{\"cmd\":\"status\"}})")})
-            .to_string(),
+        other => {
+            serde_json::json!({"error": format!("unknown command '{other}' (try {{\"cmd\":\"status\"}})")}).to_string()
+        }
     }
 }
 
@@ -619,12 +535,8 @@ pub fn query_status(path: &Path) -> Result<serde_json::Value, std::io::Error> {
     s.write_all(b"{\"cmd\":\"status\"}\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    serde_json::from_str(out.trim()).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad status reply: {e}"),
-        )
-    })
+    serde_json::from_str(out.trim())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad status reply: {e}")))
 }
 
 #[cfg(test)]

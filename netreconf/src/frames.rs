@@ -8,8 +8,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, ArpPacketSlice, EtherType, Ethernet2Slice,
-    Ipv4HeaderSlice, PacketBuilder,
+    ArpHardwareId, ArpOperation, ArpPacket, ArpPacketSlice, EtherType, Ethernet2Slice, Ipv4HeaderSlice, PacketBuilder,
 };
 
 /// An Ethernet MAC address.
@@ -31,11 +30,7 @@ impl Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
 
@@ -132,13 +127,7 @@ pub enum Frame<'a> {
     /// RARP (0x8035), opcode 3.
     Rarp(Arp),
     /// An IPv4 packet; `packet` is trimmed to the IP total length (Ethernet padding removed).
-    Ipv4 {
-        eth_src: Mac,
-        eth_dst: Mac,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        packet: &'a [u8],
-    },
+    Ipv4 { eth_src: Mac, eth_dst: Mac, src: Ipv4Addr, dst: Ipv4Addr, packet: &'a [u8] },
     /// Any other ethertype.
     Other { ethertype: u16 },
 }
@@ -153,16 +142,8 @@ fn ip_from(s: &[u8]) -> Ipv4Addr {
     Ipv4Addr::new(s[0], s[1], s[2], s[3])
 }
 
-fn parse_arp_body(
-    what: &'static str,
-    eth_src: Mac,
-    eth_dst: Mac,
-    body: &[u8],
-) -> Result<Arp, FrameError> {
-    let a = ArpPacketSlice::from_slice(body).map_err(|_| FrameError::Truncated {
-        what,
-        len: body.len(),
-    })?;
+fn parse_arp_body(what: &'static str, eth_src: Mac, eth_dst: Mac, body: &[u8]) -> Result<Arp, FrameError> {
+    let a = ArpPacketSlice::from_slice(body).map_err(|_| FrameError::Truncated { what, len: body.len() })?;
     if a.hw_addr_type() != ArpHardwareId::ETHERNET
         || a.proto_addr_type() != EtherType::IPV4
         || a.hw_addr_size() != 6
@@ -192,10 +173,8 @@ fn parse_arp_body(
 
 /// Parse one Ethernet II frame (without FCS).
 pub fn parse(data: &[u8]) -> Result<Frame<'_>, FrameError> {
-    let eth = Ethernet2Slice::from_slice_without_fcs(data).map_err(|_| FrameError::Truncated {
-        what: "ethernet",
-        len: data.len(),
-    })?;
+    let eth = Ethernet2Slice::from_slice_without_fcs(data)
+        .map_err(|_| FrameError::Truncated { what: "ethernet", len: data.len() })?;
     let eth_src = Mac(eth.source());
     let eth_dst = Mac(eth.destination());
     let body = eth.payload_slice();
@@ -203,10 +182,7 @@ pub fn parse(data: &[u8]) -> Result<Frame<'_>, FrameError> {
         ETHERTYPE_ARP => {
             let a = parse_arp_body("arp", eth_src, eth_dst, body)?;
             if a.op != OP_REQUEST && a.op != OP_REPLY {
-                return Err(FrameError::Malformed {
-                    what: "arp",
-                    reason: format!("opcode {}", a.op),
-                });
+                return Err(FrameError::Malformed { what: "arp", reason: format!("opcode {}", a.op) });
             }
             Ok(Frame::Arp(a))
         }
@@ -221,16 +197,11 @@ pub fn parse(data: &[u8]) -> Result<Frame<'_>, FrameError> {
             Ok(Frame::Rarp(a))
         }
         ETHERTYPE_IPV4 => {
-            let h = Ipv4HeaderSlice::from_slice(body).map_err(|e| FrameError::Malformed {
-                what: "ipv4",
-                reason: e.to_string(),
-            })?;
+            let h = Ipv4HeaderSlice::from_slice(body)
+                .map_err(|e| FrameError::Malformed { what: "ipv4", reason: e.to_string() })?;
             let total = usize::from(h.total_len());
             if total < h.slice().len() || total > body.len() {
-                return Err(FrameError::Truncated {
-                    what: "ipv4",
-                    len: body.len(),
-                });
+                return Err(FrameError::Truncated { what: "ipv4", len: body.len() });
             }
             Ok(Frame::Ipv4 {
                 eth_src,
@@ -288,11 +259,7 @@ pub fn build_arp(
 
 /// Build an ARP frame from an [`Arp`] description.
 pub fn build(a: &Arp) -> Vec<u8> {
-    let ethertype = if a.op == OP_RARP_REQUEST {
-        ETHERTYPE_RARP
-    } else {
-        ETHERTYPE_ARP
-    };
+    let ethertype = if a.op == OP_RARP_REQUEST { ETHERTYPE_RARP } else { ETHERTYPE_ARP };
     build_arp(ethertype, a.eth_src, a.eth_dst, a.op, a.sha, a.spa, a.tha, a.tpa)
 }
 
@@ -313,16 +280,7 @@ pub fn qemu_rarp(mac: Mac) -> Vec<u8> {
 
 /// Gratuitous ARP request broadcast: "who-has IP tell IP" from `mac`.
 pub fn garp_request(mac: Mac, ip: Ipv4Addr) -> Vec<u8> {
-    build_arp(
-        ETHERTYPE_ARP,
-        mac,
-        Mac::BROADCAST,
-        OP_REQUEST,
-        mac,
-        ip,
-        Mac::ZERO,
-        ip,
-    )
+    build_arp(ETHERTYPE_ARP, mac, Mac::BROADCAST, OP_REQUEST, mac, ip, Mac::ZERO, ip)
 }
 
 /// Gratuitous ARP reply broadcast: "IP is-at mac", THA = SHA so Linux treats it as GARP.
@@ -341,16 +299,7 @@ pub fn directed_update(
     claimed_ip: Ipv4Addr,
     claimed_mac: Mac,
 ) -> Vec<u8> {
-    build_arp(
-        ETHERTYPE_ARP,
-        eth_src,
-        host_mac,
-        OP_REQUEST,
-        claimed_mac,
-        claimed_ip,
-        Mac::ZERO,
-        host_ip,
-    )
+    build_arp(ETHERTYPE_ARP, eth_src, host_mac, OP_REQUEST, claimed_mac, claimed_ip, Mac::ZERO, host_ip)
 }
 
 /// ARP reply `ip is-at mac` to the requester.
@@ -360,16 +309,7 @@ pub fn arp_reply(mac: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> Vec<u8
 
 /// Broadcast ARP request "who-has target tell ip" from `mac`.
 pub fn arp_request(mac: Mac, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    build_arp(
-        ETHERTYPE_ARP,
-        mac,
-        Mac::BROADCAST,
-        OP_REQUEST,
-        mac,
-        ip,
-        Mac::ZERO,
-        target,
-    )
+    build_arp(ETHERTYPE_ARP, mac, Mac::BROADCAST, OP_REQUEST, mac, ip, Mac::ZERO, target)
 }
 
 /// Wrap an IPv4 packet in an Ethernet II frame.
@@ -387,18 +327,12 @@ pub fn ipv4_frame(src: Mac, dst: Mac, packet: &[u8]) -> Vec<u8> {
 
 /// Parsed view of an IPv4 packet (for packets received from the overlay).
 pub fn ipv4_addrs(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr), FrameError> {
-    let h = Ipv4HeaderSlice::from_slice(packet).map_err(|e| FrameError::Malformed {
-        what: "ipv4",
-        reason: e.to_string(),
-    })?;
+    let h = Ipv4HeaderSlice::from_slice(packet)
+        .map_err(|e| FrameError::Malformed { what: "ipv4", reason: e.to_string() })?;
     if usize::from(h.total_len()) != packet.len() {
         return Err(FrameError::Malformed {
             what: "ipv4",
-            reason: format!(
-                "total length {} != packet length {}",
-                h.total_len(),
-                packet.len()
-            ),
+            reason: format!("total length {} != packet length {}", h.total_len(), packet.len()),
         });
     }
     Ok((Ipv4Addr::from(h.source()), Ipv4Addr::from(h.destination())))
@@ -456,22 +390,13 @@ mod tests {
     fn arp_round_trip() {
         let ip = Ipv4Addr::new(10, 1, 0, 10);
         let r = garp_reply(VM, ip);
-        let Frame::Arp(a) = parse(&r).unwrap() else {
-            panic!()
-        };
+        let Frame::Arp(a) = parse(&r).unwrap() else { panic!() };
         assert!(a.is_gratuitous());
         assert_eq!(a.op, OP_REPLY);
         assert_eq!(a.tha, VM);
-        let d = directed_update(
-            Mac([2, 0, 0, 0, 0, 0xfe]),
-            Mac([2, 0, 0, 0, 0, 1]),
-            Ipv4Addr::new(10, 1, 0, 1),
-            ip,
-            VM,
-        );
-        let Frame::Arp(a) = parse(&d).unwrap() else {
-            panic!()
-        };
+        let d =
+            directed_update(Mac([2, 0, 0, 0, 0, 0xfe]), Mac([2, 0, 0, 0, 0, 1]), Ipv4Addr::new(10, 1, 0, 1), ip, VM);
+        let Frame::Arp(a) = parse(&d).unwrap() else { panic!() };
         assert_eq!(a.eth_dst, Mac([2, 0, 0, 0, 0, 1]));
         assert_eq!(a.eth_src, Mac([2, 0, 0, 0, 0, 0xfe]));
         assert_eq!(a.sha, VM);
@@ -507,16 +432,11 @@ mod tests {
         let mut ip = vec![0x45, 0, 0, 28, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 1, 10, 1, 1, 1];
         ip.extend_from_slice(&[0; 8]);
         // compute checksum
-        let csum = etherparse::Ipv4HeaderSlice::from_slice(&ip)
-            .unwrap()
-            .to_header()
-            .calc_header_checksum();
+        let csum = etherparse::Ipv4HeaderSlice::from_slice(&ip).unwrap().to_header().calc_header_checksum();
         ip[10..12].copy_from_slice(&csum.to_be_bytes());
         let fr = ipv4_frame(VM, VM, &ip);
         assert_eq!(fr.len(), 60);
-        let Frame::Ipv4 { packet, dst, .. } = parse(&fr).unwrap() else {
-            panic!()
-        };
+        let Frame::Ipv4 { packet, dst, .. } = parse(&fr).unwrap() else { panic!() };
         assert_eq!(packet.len(), 28);
         assert_eq!(dst, Ipv4Addr::new(10, 1, 1, 1));
         let mut p = packet.to_vec();

@@ -64,19 +64,9 @@ pub enum Body<'a> {
     /// Answer from a HWDT.
     IHave { query: u32, mac: Mac, ip: Ipv4Addr },
     /// GNDT /32 update: `ip` is now served by `owner`.
-    HostRoute {
-        ip: Ipv4Addr,
-        seq: u64,
-        mac: Mac,
-        owner: String,
-    },
+    HostRoute { ip: Ipv4Addr, seq: u64, mac: Mac, owner: String },
     /// Acknowledgement of a host route; the previous owner lists its LAN hosts.
-    HostRouteAck {
-        ip: Ipv4Addr,
-        seq: u64,
-        was_owner: bool,
-        hosts: Vec<Ipv4Addr>,
-    },
+    HostRouteAck { ip: Ipv4Addr, seq: u64, was_owner: bool, hosts: Vec<Ipv4Addr> },
 }
 
 impl Body<'_> {
@@ -173,12 +163,7 @@ pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
             body.extend_from_slice(&mac.0);
             body.extend_from_slice(&ip.octets());
         }
-        Body::HostRoute {
-            ip,
-            seq,
-            mac,
-            owner,
-        } => {
+        Body::HostRoute { ip, seq, mac, owner } => {
             if owner.is_empty() || owner.len() > MAX_NAME {
                 return Err(ProtoError::Malformed("owner name length"));
             }
@@ -188,12 +173,7 @@ pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
             body.push(owner.len() as u8);
             body.extend_from_slice(owner.as_bytes());
         }
-        Body::HostRouteAck {
-            ip,
-            seq,
-            was_owner,
-            hosts,
-        } => {
+        Body::HostRouteAck { ip, seq, was_owner, hosts } => {
             if hosts.len() > MAX_HOSTS {
                 return Err(ProtoError::TooLarge(hosts.len() * 4));
             }
@@ -299,10 +279,7 @@ pub fn decode<'a>(auth: &Auth, buf: &'a [u8]) -> Result<Message<'a>, ProtoError>
 
 /// Decode the signed part (without the HMAC trailer). Exposed for fuzzing.
 pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> {
-    let mut r = Reader {
-        buf: signed,
-        pos: 0,
-    };
+    let mut r = Reader { buf: signed, pos: 0 };
     if r.take(4, "magic")? != MAGIC {
         return Err(ProtoError::BadMagic);
     }
@@ -313,10 +290,7 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
     let blen = usize::from(r.u16("body length")?);
     let body_bytes = r.take(blen, "body")?;
     r.done("trailing bytes")?;
-    let mut b = Reader {
-        buf: body_bytes,
-        pos: 0,
-    };
+    let mut b = Reader { buf: body_bytes, pos: 0 };
     let body = match ty {
         1 => {
             if body_bytes.is_empty() {
@@ -343,12 +317,7 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
             let mac = b.mac("mac")?;
             let owner = b.name("owner")?;
             b.done("host-route length")?;
-            Body::HostRoute {
-                ip,
-                seq,
-                mac,
-                owner,
-            }
+            Body::HostRoute { ip, seq, mac, owner }
         }
         5 => {
             let ip = b.ip("ip")?;
@@ -363,21 +332,11 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
                 hosts.push(b.ip("host")?);
             }
             b.done("ack length")?;
-            Body::HostRouteAck {
-                ip,
-                seq,
-                was_owner: flags & 1 == 1,
-                hosts,
-            }
+            Body::HostRouteAck { ip, seq, was_owner: flags & 1 == 1, hosts }
         }
         t => return Err(ProtoError::BadType(t)),
     };
-    Ok(Message {
-        sender,
-        seq,
-        timestamp_us,
-        body,
-    })
+    Ok(Message { sender, seq, timestamp_us, body })
 }
 
 /// Sliding anti-replay window (as IPsec's): accepts each sequence number once, and
@@ -450,15 +409,8 @@ mod tests {
     fn all_bodies() -> Vec<Body<'static>> {
         vec![
             Body::Data(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 10, 1, 0, 1, 10, 1, 1, 1]),
-            Body::WhoHas {
-                query: 7,
-                mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-            },
-            Body::IHave {
-                query: 7,
-                mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-                ip: Ipv4Addr::new(10, 1, 0, 10),
-            },
+            Body::WhoHas { query: 7, mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]) },
+            Body::IHave { query: 7, mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]), ip: Ipv4Addr::new(10, 1, 0, 10) },
             Body::HostRoute {
                 ip: Ipv4Addr::new(10, 1, 0, 10),
                 seq: 3,
@@ -478,12 +430,7 @@ mod tests {
     fn round_trip_every_type() {
         let a = auth();
         for (i, body) in all_bodies().into_iter().enumerate() {
-            let m = Message {
-                sender: "siteA".into(),
-                seq: 1000 + i as u64,
-                timestamp_us: 1_700_000_000_000_000,
-                body,
-            };
+            let m = Message { sender: "siteA".into(), seq: 1000 + i as u64, timestamp_us: 1_700_000_000_000_000, body };
             let bytes = encode(&a, &m).unwrap();
             assert_eq!(decode(&a, &bytes).unwrap(), m);
         }
@@ -492,12 +439,7 @@ mod tests {
     #[test]
     fn tampering_and_wrong_key_are_rejected() {
         let a = auth();
-        let m = Message {
-            sender: "siteA".into(),
-            seq: 1,
-            timestamp_us: 5,
-            body: all_bodies().remove(3),
-        };
+        let m = Message { sender: "siteA".into(), seq: 1, timestamp_us: 5, body: all_bodies().remove(3) };
         let bytes = encode(&a, &m).unwrap();
         for i in 0..bytes.len() {
             let mut t = bytes.clone();

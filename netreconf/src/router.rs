@@ -34,27 +34,18 @@ pub struct Now {
 impl Now {
     /// The current time.
     pub fn current() -> Now {
-        Now {
-            mono: Instant::now(),
-            wall_us: wall_us(),
-        }
+        Now { mono: Instant::now(), wall_us: wall_us() }
     }
 
     /// `self` advanced by `d` (for tests and scheduling).
     pub fn after(&self, d: Duration) -> Now {
-        Now {
-            mono: self.mono + d,
-            wall_us: self.wall_us + d.as_micros() as u64,
-        }
+        Now { mono: self.mono + d, wall_us: self.wall_us + d.as_micros() as u64 }
     }
 }
 
 /// Microseconds since the Unix epoch.
 pub fn wall_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// What the router wants done.
@@ -351,20 +342,12 @@ impl Router {
     }
 
     fn record_mut(&mut self, id: usize) -> Option<&mut MigrationRecord> {
-        self.history
-            .iter_mut()
-            .find(|(i, _)| *i == id)
-            .map(|(_, r)| r)
+        self.history.iter_mut().find(|(i, _)| *i == id).map(|(_, r)| r)
     }
 
     fn send(&mut self, now: &Now, peer: usize, body: Body<'_>) {
         self.tx_seq += 1;
-        let msg = Message {
-            sender: self.cfg.site.clone(),
-            seq: self.tx_seq,
-            timestamp_us: now.wall_us,
-            body,
-        };
+        let msg = Message { sender: self.cfg.site.clone(), seq: self.tx_seq, timestamp_us: now.wall_us, body };
         match proto::encode(&self.auth, &msg) {
             Ok(bytes) => {
                 self.counters.overlay_tx += 1;
@@ -383,10 +366,7 @@ impl Router {
         self.hwdt
             .iter()
             .filter(|(ip, _)| {
-                **ip != but
-                    && **ip != self.cfg.router_ip
-                    && self.lndt.contains(**ip)
-                    && self.is_local(**ip)
+                **ip != but && **ip != self.cfg.router_ip && self.lndt.contains(**ip) && self.is_local(**ip)
             })
             .map(|(ip, e)| (*ip, e.mac))
             .collect()
@@ -404,13 +384,7 @@ impl Router {
             }
             Ok(Frame::Arp(a)) => self.on_arp(now, a),
             Ok(Frame::Rarp(a)) => self.on_rarp(now, a),
-            Ok(Frame::Ipv4 {
-                eth_src,
-                eth_dst,
-                src,
-                dst,
-                packet,
-            }) => {
+            Ok(Frame::Ipv4 { eth_src, eth_dst, src, dst, packet }) => {
                 if eth_dst != self.mac() || eth_src == self.mac() {
                     self.counters.frames_ignored += 1;
                     return;
@@ -505,14 +479,7 @@ impl Router {
                 }
                 let id = self.next_query;
                 self.next_query = self.next_query.wrapping_add(1);
-                self.queries.insert(
-                    mac,
-                    Query {
-                        id,
-                        trigger,
-                        detected_us: now.wall_us,
-                    },
-                );
+                self.queries.insert(mac, Query { id, trigger, detected_us: now.wall_us });
                 info!(%mac, trigger, "migration suspected: asking peers which IP this MAC uses");
                 for i in 0..self.peers.len() {
                     self.send(now, i, Body::WhoHas { query: id, mac });
@@ -523,14 +490,7 @@ impl Router {
         }
     }
 
-    fn start_migration(
-        &mut self,
-        now: &Now,
-        ip: Ipv4Addr,
-        mac: Mac,
-        trigger: &'static str,
-        detected_us: u64,
-    ) {
+    fn start_migration(&mut self, now: &Now, ip: Ipv4Addr, mac: Mac, trigger: &'static str, detected_us: u64) {
         let previous = self.route_of(ip).unwrap_or("?").to_string();
         let seq = self.gndt.host_seq(ip) + 1;
         let me = self.cfg.site.clone();
@@ -560,29 +520,11 @@ impl Router {
         });
         let unacked: BTreeSet<String> = self.peers.iter().map(|p| p.name.clone()).collect();
         for i in 0..self.peers.len() {
-            self.send(
-                now,
-                i,
-                Body::HostRoute {
-                    ip,
-                    seq,
-                    mac,
-                    owner: me.clone(),
-                },
-            );
+            self.send(now, i, Body::HostRoute { ip, seq, mac, owner: me.clone() });
         }
         self.schedule(now.mono + self.cfg.timers.retransmit, Timer::Retransmit(ip, seq));
         let empty = unacked.is_empty();
-        self.migrations.insert(
-            ip,
-            Migration {
-                mac,
-                seq,
-                unacked,
-                attempts: 0,
-                record: rec,
-            },
-        );
+        self.migrations.insert(ip, Migration { mac, seq, unacked, attempts: 0, record: rec });
         // Routing optimisation (§5.5.4): the VM and the hosts of its new LAN talk directly.
         let locals = self.local_hosts(ip);
         let own = self.mac();
@@ -739,34 +681,22 @@ impl Router {
                     self.send(now, pi, Body::IHave { query, mac, ip });
                 }
             }
-            Body::IHave { query, mac, ip } => {
-                match self.queries.get(&mac) {
-                    Some(q) if q.id == query => {
-                        let q = self.queries.remove(&mac).expect("present");
-                        if self.is_local(ip) {
-                            self.counters.detections_already_local += 1;
-                        } else if self.route_of(ip).is_none() {
-                            self.counters.no_route += 1;
-                        } else {
-                            info!(%mac, %ip, from = %sender, "peer HWDT resolved the MAC");
-                            self.start_migration(now, ip, mac, q.trigger, q.detected_us);
-                        }
+            Body::IHave { query, mac, ip } => match self.queries.get(&mac) {
+                Some(q) if q.id == query => {
+                    let q = self.queries.remove(&mac).expect("present");
+                    if self.is_local(ip) {
+                        self.counters.detections_already_local += 1;
+                    } else if self.route_of(ip).is_none() {
+                        self.counters.no_route += 1;
+                    } else {
+                        info!(%mac, %ip, from = %sender, "peer HWDT resolved the MAC");
+                        self.start_migration(now, ip, mac, q.trigger, q.detected_us);
                     }
-                    _ => self.counters.overlay_unsolicited += 1,
                 }
-            }
-            Body::HostRoute {
-                ip,
-                seq,
-                mac,
-                owner,
-            } => self.on_host_route(now, pi, ip, seq, mac, owner),
-            Body::HostRouteAck {
-                ip,
-                seq,
-                was_owner,
-                hosts,
-            } => self.on_ack(now, &sender, ip, seq, was_owner, hosts),
+                _ => self.counters.overlay_unsolicited += 1,
+            },
+            Body::HostRoute { ip, seq, mac, owner } => self.on_host_route(now, pi, ip, seq, mac, owner),
+            Body::HostRouteAck { ip, seq, was_owner, hosts } => self.on_ack(now, &sender, ip, seq, was_owner, hosts),
         }
     }
 
@@ -787,15 +717,7 @@ impl Router {
         }
     }
 
-    fn on_host_route(
-        &mut self,
-        now: &Now,
-        pi: usize,
-        ip: Ipv4Addr,
-        seq: u64,
-        mac: Mac,
-        owner: String,
-    ) {
+    fn on_host_route(&mut self, now: &Now, pi: usize, ip: Ipv4Addr, seq: u64, mac: Mac, owner: String) {
         let sender = self.peers[pi].name.clone();
         if owner != sender {
             self.counters.route_updates_rejected += 1;
@@ -819,16 +741,7 @@ impl Router {
                     self.announced_to.remove(&ip);
                     self.hwdt.remove(ip);
                 }
-                self.send(
-                    now,
-                    pi,
-                    Body::HostRouteAck {
-                        ip,
-                        seq,
-                        was_owner,
-                        hosts,
-                    },
-                );
+                self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner, hosts });
             }
             HostUpdate::Duplicate => {
                 self.counters.route_updates_duplicate += 1;
@@ -836,16 +749,7 @@ impl Router {
                     Some((s, h)) if *s == seq => (true, h.clone()),
                     _ => (false, Vec::new()),
                 };
-                self.send(
-                    now,
-                    pi,
-                    Body::HostRouteAck {
-                        ip,
-                        seq,
-                        was_owner: was,
-                        hosts,
-                    },
-                );
+                self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner: was, hosts });
             }
             HostUpdate::Stale { installed_seq } => {
                 self.counters.route_updates_stale += 1;
@@ -895,15 +799,7 @@ impl Router {
         hosts
     }
 
-    fn on_ack(
-        &mut self,
-        now: &Now,
-        sender: &str,
-        ip: Ipv4Addr,
-        seq: u64,
-        was_owner: bool,
-        hosts: Vec<Ipv4Addr>,
-    ) {
+    fn on_ack(&mut self, now: &Now, sender: &str, ip: Ipv4Addr, seq: u64, was_owner: bool, hosts: Vec<Ipv4Addr>) {
         let Some(m) = self.migrations.get_mut(&ip) else {
             self.counters.overlay_unsolicited += 1;
             return;
@@ -1012,16 +908,7 @@ impl Router {
         let me = self.cfg.site.clone();
         for n in names {
             if let Some(i) = self.peer_index(&n) {
-                self.send(
-                    now,
-                    i,
-                    Body::HostRoute {
-                        ip,
-                        seq,
-                        mac,
-                        owner: me.clone(),
-                    },
-                );
+                self.send(now, i, Body::HostRoute { ip, seq, mac, owner: me.clone() });
             }
         }
         self.schedule(now.mono + delay, Timer::Retransmit(ip, seq));
@@ -1198,16 +1085,11 @@ mod tests {
         let la = arps(&fa);
         assert!(la.iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RA && x.op == 1));
         assert!(la.iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RA && x.op == 2));
-        assert!(la
-            .iter()
-            .any(|x| x.eth_dst == A1_MAC && x.spa == vm && x.sha == RA && x.tpa == ip("10.1.0.1")));
+        assert!(la.iter().any(|x| x.eth_dst == A1_MAC && x.spa == vm && x.sha == RA && x.tpa == ip("10.1.0.1")));
         // B: tells the VM that A1 is at B's MAC (aimed at the VM's own IP), and
         // optimises B1 <-> VM to direct layer 2 in both directions.
         let lb = arps(&fb);
-        assert!(lb.iter().any(|x| x.eth_dst == VM_MAC
-            && x.tpa == vm
-            && x.spa == ip("10.1.0.1")
-            && x.sha == RB));
+        assert!(lb.iter().any(|x| x.eth_dst == VM_MAC && x.tpa == vm && x.spa == ip("10.1.0.1") && x.sha == RB));
         assert!(lb.iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.1.1") && x.sha == B1_MAC));
         assert!(lb.iter().any(|x| x.eth_dst == B1_MAC && x.spa == vm && x.sha == VM_MAC));
         // Repeats are scheduled past the locktime.

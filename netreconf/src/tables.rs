@@ -112,14 +112,7 @@ impl Hwdt {
                 false
             }
             _ => {
-                self.by_ip.insert(
-                    ip,
-                    HwEntry {
-                        mac,
-                        first_seen: now,
-                        last_seen: now,
-                    },
-                );
+                self.by_ip.insert(ip, HwEntry { mac, first_seen: now, last_seen: now });
                 true
             }
         }
@@ -132,11 +125,7 @@ impl Hwdt {
 
     /// The most recently seen IP that `mac` used.
     pub fn ip_of(&self, mac: Mac) -> Option<Ipv4Addr> {
-        self.by_ip
-            .iter()
-            .filter(|(_, e)| e.mac == mac)
-            .max_by_key(|(_, e)| e.last_seen)
-            .map(|(ip, _)| *ip)
+        self.by_ip.iter().filter(|(_, e)| e.mac == mac).max_by_key(|(_, e)| e.last_seen).map(|(ip, _)| *ip)
     }
 
     /// Forget `ip`.
@@ -147,8 +136,7 @@ impl Hwdt {
     /// Drop entries not seen for `max_age`. Returns how many were dropped.
     pub fn expire(&mut self, now: Instant, max_age: Duration) -> usize {
         let before = self.by_ip.len();
-        self.by_ip
-            .retain(|_, e| now.saturating_duration_since(e.last_seen) <= max_age);
+        self.by_ip.retain(|_, e| now.saturating_duration_since(e.last_seen) <= max_age);
         before - self.by_ip.len()
     }
 
@@ -196,8 +184,7 @@ impl Lndt {
 
     /// Is `ip` allowed (local)?
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        self.hosts.contains(&ip)
-            || (!self.excluded.contains(&ip) && self.prefixes.iter().any(|p| p.contains(ip)))
+        self.hosts.contains(&ip) || (!self.excluded.contains(&ip) && self.prefixes.iter().any(|p| p.contains(ip)))
     }
 
     /// A migrated host arrived here.
@@ -265,14 +252,7 @@ pub struct Gndt {
 impl Gndt {
     /// Insert a configured network route.
     pub fn insert(&mut self, prefix: Prefix, router: &str, seq: u64) {
-        self.routes.insert(
-            (prefix.len, prefix.addr),
-            Route {
-                prefix,
-                router: router.to_string(),
-                seq,
-            },
-        );
+        self.routes.insert((prefix.len, prefix.addr), Route { prefix, router: router.to_string(), seq });
     }
 
     /// Longest-prefix match.
@@ -298,9 +278,7 @@ impl Gndt {
                 return HostUpdate::Duplicate;
             }
             if seq < cur.seq || (seq == cur.seq && router < cur.router.as_str()) {
-                return HostUpdate::Stale {
-                    installed_seq: cur.seq,
-                };
+                return HostUpdate::Stale { installed_seq: cur.seq };
             }
         }
         let previous = self.lookup(ip).map(|r| r.router.clone());
@@ -333,10 +311,7 @@ mod tests {
         assert!(p.contains(ip("10.1.0.200")));
         assert!(!p.contains(ip("10.1.1.1")));
         assert_eq!("10.1.0.5".parse::<Prefix>().unwrap().len, 32);
-        assert!(matches!(
-            "10.1.0.5/24".parse::<Prefix>(),
-            Err(TableError::HostBits(..))
-        ));
+        assert!(matches!("10.1.0.5/24".parse::<Prefix>(), Err(TableError::HostBits(..))));
         assert!("10.1.0.0/33".parse::<Prefix>().is_err());
         assert!("nonsense".parse::<Prefix>().is_err());
         assert!("0.0.0.0/0".parse::<Prefix>().unwrap().contains(ip("1.2.3.4")));
@@ -351,33 +326,14 @@ mod tests {
         assert_eq!(g.lookup(ip("10.1.0.10")).unwrap().router, "A");
         assert_eq!(g.lookup(ip("10.2.0.10")).unwrap().router, "C");
         assert!(g.lookup(ip("192.168.0.1")).is_none());
-        assert_eq!(
-            g.offer_host(ip("10.1.0.10"), "B", 1),
-            HostUpdate::Installed {
-                previous: Some("A".into())
-            }
-        );
+        assert_eq!(g.offer_host(ip("10.1.0.10"), "B", 1), HostUpdate::Installed { previous: Some("A".into()) });
         assert_eq!(g.lookup(ip("10.1.0.10")).unwrap().router, "B");
         assert_eq!(g.lookup(ip("10.1.0.11")).unwrap().router, "A");
         assert_eq!(g.offer_host(ip("10.1.0.10"), "B", 1), HostUpdate::Duplicate);
-        assert_eq!(
-            g.offer_host(ip("10.1.0.10"), "A", 1),
-            HostUpdate::Stale { installed_seq: 1 }
-        );
-        assert_eq!(
-            g.offer_host(ip("10.1.0.10"), "C", 1),
-            HostUpdate::Installed {
-                previous: Some("B".into())
-            }
-        );
-        assert_eq!(
-            g.offer_host(ip("10.1.0.10"), "A", 0),
-            HostUpdate::Stale { installed_seq: 1 }
-        );
-        assert!(matches!(
-            g.offer_host(ip("10.1.0.10"), "A", 2),
-            HostUpdate::Installed { .. }
-        ));
+        assert_eq!(g.offer_host(ip("10.1.0.10"), "A", 1), HostUpdate::Stale { installed_seq: 1 });
+        assert_eq!(g.offer_host(ip("10.1.0.10"), "C", 1), HostUpdate::Installed { previous: Some("B".into()) });
+        assert_eq!(g.offer_host(ip("10.1.0.10"), "A", 0), HostUpdate::Stale { installed_seq: 1 });
+        assert!(matches!(g.offer_host(ip("10.1.0.10"), "A", 2), HostUpdate::Installed { .. }));
         assert_eq!(g.host_seq(ip("10.1.0.10")), 2);
         let first = g.routes().next().unwrap();
         assert_eq!(first.prefix.len, 32);

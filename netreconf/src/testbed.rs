@@ -83,10 +83,7 @@ pub fn preflight() -> Result<()> {
 
 /// Run a command; error with its stderr if it fails.
 pub fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()?;
+    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output()?;
     if !out.status.success() {
         return Err(TestbedError::Command {
             cmd: args.join(" "),
@@ -111,10 +108,7 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> R
             return Ok(v);
         }
         if t0.elapsed() > Duration::from_secs(secs) {
-            return Err(TestbedError::Timeout {
-                what: what.to_string(),
-                secs,
-            });
+            return Err(TestbedError::Timeout { what: what.to_string(), secs });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -139,11 +133,7 @@ impl Proc {
             .stdout(Stdio::from(f))
             .stderr(Stdio::from(f2))
             .spawn()?;
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        })
+        Ok(Proc { name: name.to_string(), child: Some(child), log })
     }
 
     /// Spawn with stdout captured to `out` and stderr to `log`.
@@ -155,11 +145,7 @@ impl Proc {
             .stdout(Stdio::from(std::fs::File::create(&out)?))
             .stderr(Stdio::from(std::fs::File::create(&log)?))
             .spawn()?;
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        })
+        Ok(Proc { name: name.to_string(), child: Some(child), log })
     }
 
     /// Process id (`ip netns exec` execs the command, so this is the command's pid).
@@ -178,10 +164,10 @@ impl Proc {
     /// Wait for exit (up to `secs`), then kill.
     pub fn wait(&mut self, secs: u64) -> Result<std::process::ExitStatus> {
         let name = self.name.clone();
-        let c = self.child.as_mut().ok_or_else(|| TestbedError::Timeout {
-            what: format!("{name} (already reaped)"),
-            secs: 0,
-        })?;
+        let c = self
+            .child
+            .as_mut()
+            .ok_or_else(|| TestbedError::Timeout { what: format!("{name} (already reaped)"), secs: 0 })?;
         let st = wait_for(&format!("{name} to exit"), secs, || c.try_wait().ok().flatten());
         if st.is_err() {
             let _ = c.kill();
@@ -337,30 +323,21 @@ impl TwoSites {
             run(&["ip", "-n", &ns, "addr", "add", addr, "dev", "eth0"])?;
         }
         // A migrated VM keeps its ARP cache: moving the link must not flush it.
-        let _ = nsrun(
-            &self.ns("vm"),
-            &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_evict_nocarrier=0"],
-        );
+        let _ = nsrun(&self.ns("vm"), &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_evict_nocarrier=0"]);
         // Routers.
-        for (role, port, sw, br, mac) in [
-            ("ra", "pra", "swa", "brA", RA_MAC),
-            ("rb", "prb", "swb", "brB", RB_MAC),
-        ] {
+        for (role, port, sw, br, mac) in [("ra", "pra", "swa", "brA", RA_MAC), ("rb", "prb", "swb", "brB", RB_MAC)] {
             self.attach(role, "lan0", &mac.to_string(), port, sw, br)?;
             let ns = self.ns(role);
             // The kernel of the gateway must not route what vnetd routes.
             nsrun(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
             // The bridge port feeding vnetd segments and checksums what it hands over
             // (veth otherwise passes GSO super-packets with unfinished checksums).
-            nsrun(
-                &self.ns(sw),
-                &["ethtool", "-K", port, "tx", "off", "tso", "off", "gso", "off", "sg", "off"],
-            )?;
+            nsrun(&self.ns(sw), &["ethtool", "-K", port, "tx", "off", "tso", "off", "gso", "off", "sg", "off"])?;
         }
         let (ra, rb) = (self.ns("ra"), self.ns("rb"));
         run(&[
-            "ip", "-n", &ra, "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name",
-            "wan0", "netns", &rb, "mtu", "1600",
+            "ip", "-n", &ra, "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", "wan0", "netns",
+            &rb, "mtu", "1600",
         ])?;
         run(&["ip", "-n", &ra, "addr", "add", "192.168.100.1/24", "dev", "wan0"])?;
         run(&["ip", "-n", &rb, "addr", "add", "192.168.100.2/24", "dev", "wan0"])?;
@@ -373,8 +350,8 @@ impl TwoSites {
     fn attach(&self, role: &str, ifname: &str, mac: &str, port: &str, sw: &str, br: &str) -> Result<()> {
         let (ns, swns) = (self.ns(role), self.ns(sw));
         run(&[
-            "ip", "-n", &ns, "link", "add", ifname, "address", mac, "type", "veth", "peer", "name",
-            port, "netns", &swns,
+            "ip", "-n", &ns, "link", "add", ifname, "address", mac, "type", "veth", "peer", "name", port, "netns",
+            &swns,
         ])?;
         run(&["ip", "-n", &swns, "link", "set", port, "master", br, "up"])?;
         run(&["ip", "-n", &ns, "link", "set", ifname, "up"])?;

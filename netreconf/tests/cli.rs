@@ -5,21 +5,16 @@ use std::process::Command;
 fn check(text: &str, name: &str) -> (bool, String) {
     let p = std::env::temp_dir().join(format!("vn{}cli-{name}", std::process::id()));
     std::fs::write(&p, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vnetd"))
-        .arg("--check")
-        .arg(&p)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vnetd")).arg("--check").arg(&p).output().unwrap();
     let _ = std::fs::remove_file(&p);
     (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
 #[test]
 fn example_configs_are_valid() {
-    for (f, t) in [
-        ("a.toml", include_str!("../examples/site-a.toml")),
-        ("b.toml", include_str!("../examples/site-b.toml")),
-    ] {
+    for (f, t) in
+        [("a.toml", include_str!("../examples/site-a.toml")), ("b.toml", include_str!("../examples/site-b.toml"))]
+    {
         let (ok, err) = check(t, f);
         assert!(ok, "{f}: {err}");
     }
@@ -49,22 +44,12 @@ fn probe_counts_loss_from_first_answer() {
     use std::net::UdpSocket;
     use std::time::{Duration, Instant};
 
-    let free_port = || {
-        UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free_port = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (echo_port, dead_port) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("vn{}cli-probe", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (echo_stop, probe_stop, out) = (
-        dir.join("echo-stop"),
-        dir.join("probe-stop"),
-        dir.join("report.json"),
-    );
+    let (echo_stop, probe_stop, out) = (dir.join("echo-stop"), dir.join("probe-stop"), dir.join("report.json"));
     let bin = env!("CARGO_BIN_EXE_vnet-probe");
     let mut echo = Command::new(bin)
         .args(["udp-echo", "--bind", &format!("127.0.0.1:{echo_port}")])

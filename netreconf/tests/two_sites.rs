@@ -26,12 +26,8 @@ fn build(tag: &str) -> TwoSites {
 /// The /32 for `ip` in a status dump: (router, seq).
 fn host_route(st: &Value, ip: Ipv4Addr) -> Option<(String, u64)> {
     st["gndt"].as_array()?.iter().find_map(|r| {
-        (r["prefix"] == format!("{ip}/32")).then(|| {
-            (
-                r["router"].as_str().unwrap_or("").to_string(),
-                r["seq"].as_u64().unwrap_or(0),
-            )
-        })
+        (r["prefix"] == format!("{ip}/32"))
+            .then(|| (r["router"].as_str().unwrap_or("").to_string(), r["seq"].as_u64().unwrap_or(0)))
     })
 }
 
@@ -41,14 +37,10 @@ fn counter(st: &Value, name: &str) -> u64 {
 
 fn wait_route(tb: &TwoSites, router: &str, seq: u64) {
     for site in [Site::A, Site::B] {
-        let r = wait_for(
-            &format!("{site:?} GNDT: {VM_IP}/32 -> {router} seq {seq}"),
-            15,
-            || {
-                let st = tb.status(site).ok()?;
-                (host_route(&st, VM_IP) == Some((router.to_string(), seq))).then_some(())
-            },
-        );
+        let r = wait_for(&format!("{site:?} GNDT: {VM_IP}/32 -> {router} seq {seq}"), 15, || {
+            let st = tb.status(site).ok()?;
+            (host_route(&st, VM_IP) == Some((router.to_string(), seq))).then_some(())
+        });
         if let Err(e) = r {
             panic!("{e}; status {site:?}: {:?}", tb.status(site).ok().map(|s| s["gndt"].clone()));
         }
@@ -56,11 +48,8 @@ fn wait_route(tb: &TwoSites, router: &str, seq: u64) {
 }
 
 fn rarp(tb: &TwoSites) {
-    nsrun(
-        &tb.ns("vm"),
-        &[PROBE, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()],
-    )
-    .expect("send QEMU's RARP rounds from the VM");
+    nsrun(&tb.ns("vm"), &[PROBE, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()])
+        .expect("send QEMU's RARP rounds from the VM");
 }
 
 fn ping_all(tb: &TwoSites) {
@@ -96,10 +85,7 @@ fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, n
     let send = Proc::spawn_out(
         &format!("{name}-send"),
         &tb.ns(from),
-        &[
-            PROBE, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file",
-            stop_send.to_str().unwrap(),
-        ],
+        &[PROBE, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file", stop_send.to_str().unwrap()],
         send_out.clone(),
         tb.dir.join(format!("{name}-send.log")),
     )
@@ -116,12 +102,9 @@ fn stop_stream(mut s: Stream) -> Value {
     std::fs::write(&s.stop, b"stop").unwrap();
     s.recv.wait(10).expect("udp-recv exits");
     let text = std::fs::read_to_string(&s.out).unwrap_or_default();
-    let mut v: Value = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("udp-recv output {text:?}: {e}"));
-    let sent: Value = serde_json::from_str(
-        std::fs::read_to_string(&s.send_out).unwrap_or_default().trim(),
-    )
-    .unwrap_or(Value::Null);
+    let mut v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("udp-recv output {text:?}: {e}"));
+    let sent: Value =
+        serde_json::from_str(std::fs::read_to_string(&s.send_out).unwrap_or_default().trim()).unwrap_or(Value::Null);
     v["sent"] = sent["sent"].clone();
     v
 }
@@ -202,7 +185,10 @@ fn vm_migrates_to_site_b_and_back() {
     let b = run(&["tcpdump", "-nr", tb.pcap(Site::B).to_str().unwrap()]).expect("tcpdump -r b.pcap");
     assert!(b.contains("Reverse Request"), "RARP in b.pcap:\n{b}");
     let a = run(&["tcpdump", "-nr", tb.pcap(Site::A).to_str().unwrap()]).expect("tcpdump -r a.pcap");
-    assert!(a.contains("is-at 02:00:0a:01:00:fe") || a.contains("Reply 10.1.0.10 is-at 02:00:0a:01:00:fe"), "GARP in a.pcap:\n{a}");
+    assert!(
+        a.contains("is-at 02:00:0a:01:00:fe") || a.contains("Reply 10.1.0.10 is-at 02:00:0a:01:00:fe"),
+        "GARP in a.pcap:\n{a}"
+    );
     for p in tb.vnetd.iter_mut() {
         assert!(p.alive(), "{} died: {}", p.name, p.log_text());
     }
@@ -226,10 +212,7 @@ fn bad_input_is_counted_and_changes_nothing() {
     let mut dump = Proc::spawn(
         "tcpdump",
         &tb.ns("ra"),
-        &[
-            "tcpdump", "-i", "wan0", "-U", "-c", "3", "-w", cap_file.to_str().unwrap(),
-            "udp and src host 192.168.100.2",
-        ],
+        &["tcpdump", "-i", "wan0", "-U", "-c", "3", "-w", cap_file.to_str().unwrap(), "udp and src host 192.168.100.2"],
         tb.dir.join("tcpdump.log"),
     )
     .unwrap();
@@ -268,11 +251,8 @@ fn bad_input_is_counted_and_changes_nothing() {
     nsrun(&tb.ns("a1"), &args).expect("send malformed frames");
 
     // A RARP for a MAC no router knows.
-    nsrun(
-        &tb.ns("a1"),
-        &[PROBE, "rarp", "--iface", "eth0", "--mac", "02:de:ad:be:ef:01", "--schedule-ms", "0"],
-    )
-    .unwrap();
+    nsrun(&tb.ns("a1"), &[PROBE, "rarp", "--iface", "eth0", "--mac", "02:de:ad:be:ef:01", "--schedule-ms", "0"])
+        .unwrap();
     wait_for("rarp_unknown_mac at A", 10, || {
         (counter(&tb.status(Site::A).ok()?, "rarp_unknown_mac") >= 1).then_some(())
     })
@@ -335,9 +315,7 @@ fn bad_input_is_counted_and_changes_nothing() {
 
     let st = wait_for("A to count the bad datagrams", 10, || {
         let st = tb.status(Site::A).ok()?;
-        (counter(&st, "overlay_replayed") >= replay.len() as u64
-            && counter(&st, "rarp_unknown_mac") >= 2)
-            .then_some(st)
+        (counter(&st, "overlay_replayed") >= replay.len() as u64 && counter(&st, "rarp_unknown_mac") >= 2).then_some(st)
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}", tb.status(Site::A).ok().map(|s| s["counters"].clone())));
     eprintln!("counters at A after bad input: {}", st["counters"]);

@@ -38,10 +38,13 @@ impl LowerBound {
         let mut seen = HashSet::new();
         let mut b = LowerBound { chunk: chunk as u64, ..Default::default() };
         for img in images {
-            let data = std::fs::read(img).map_err(|source| TestbedError::Io { path: img.display().to_string(), source })?;
+            let data =
+                std::fs::read(img).map_err(|source| TestbedError::Io { path: img.display().to_string(), source })?;
             b.add(&data, &mut seen);
         }
-        b.bytes = b.distinct * (ENTRY_HEADER + b.chunk) + (b.nonuniform - b.distinct) * (ENTRY_HEADER + digest_len) + b.uniform * (ENTRY_HEADER + 1);
+        b.bytes = b.distinct * (ENTRY_HEADER + b.chunk)
+            + (b.nonuniform - b.distinct) * (ENTRY_HEADER + digest_len)
+            + b.uniform * (ENTRY_HEADER + 1);
         Ok(b)
     }
 
@@ -147,7 +150,8 @@ pub fn source_pipeline() -> Result<Value> {
         std::hint::black_box(indexd::hash::digest(indexd::hash::Algo::Sha256, p));
     }
     let hash_only = pages.len() as f64 / t.elapsed().as_secs_f64();
-    let redis = indexd::testing::RedisServer::start().map_err(|e| TestbedError::Failed(format!("redis-server: {e}")))?;
+    let redis =
+        indexd::testing::RedisServer::start().map_err(|e| TestbedError::Failed(format!("redis-server: {e}")))?;
     let mut dedup = migrate::dedup::RedisDedup::new(&migrate::dedup::DedupConfig {
         coordination: redis.url(),
         migration_id: "bench".into(),
@@ -158,7 +162,8 @@ pub fn source_pipeline() -> Result<Value> {
     use migrate::precopy::Dedup;
     let t = Instant::now();
     for group in pages.chunks(1024) {
-        let chunks: Vec<(u64, &[u8])> = group.iter().enumerate().map(|(i, p)| (i as u64 * 4096, p.as_slice())).collect();
+        let chunks: Vec<(u64, &[u8])> =
+            group.iter().enumerate().map(|(i, p)| (i as u64 * 4096, p.as_slice())).collect();
         std::hint::black_box(dedup.decide(&chunks).map_err(TestbedError::Failed)?);
     }
     let with_redis = pages.len() as f64 / t.elapsed().as_secs_f64();
@@ -199,9 +204,14 @@ pub fn font() -> std::result::Result<(), String> {
     static FONT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     FONT.get_or_init(|| {
         let candidates = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
-        let path = candidates.iter().find(|p| Path::new(p).is_file()).ok_or("no DejaVuSans.ttf: apt-get install fonts-dejavu-core (or `make deps`)")?;
-        let bytes: &'static [u8] = Box::leak(std::fs::read(path).map_err(|e| format!("{path}: {e}"))?.into_boxed_slice());
-        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).map_err(|_| format!("{path}: not a font"))
+        let path = candidates
+            .iter()
+            .find(|p| Path::new(p).is_file())
+            .ok_or("no DejaVuSans.ttf: apt-get install fonts-dejavu-core (or `make deps`)")?;
+        let bytes: &'static [u8] =
+            Box::leak(std::fs::read(path).map_err(|e| format!("{path}: {e}"))?.into_boxed_slice());
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+            .map_err(|_| format!("{path}: not a font"))
     })
     .clone()
 }
@@ -221,7 +231,15 @@ pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result
             series: p
                 .series
                 .iter()
-                .map(|s| Series { points: s.points.iter().copied().filter(|(x, y)| *x > 0.0 && x.is_finite() && y.is_finite()).collect(), ..s.clone() })
+                .map(|s| Series {
+                    points: s
+                        .points
+                        .iter()
+                        .copied()
+                        .filter(|(x, y)| *x > 0.0 && x.is_finite() && y.is_finite())
+                        .collect(),
+                    ..s.clone()
+                })
                 .collect(),
             ..p.clone()
         })
@@ -247,7 +265,15 @@ pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result
             .draw()
             .map_err(|x| e(&x))?;
         for (i, s) in p.series.iter().enumerate() {
-            const COLORS: [(u8, u8, u8); 7] = [(220, 50, 47), (38, 139, 210), (95, 135, 0), (0, 0, 0), (211, 54, 130), (203, 75, 22), (108, 113, 196)];
+            const COLORS: [(u8, u8, u8); 7] = [
+                (220, 50, 47),
+                (38, 139, 210),
+                (95, 135, 0),
+                (0, 0, 0),
+                (211, 54, 130),
+                (203, 75, 22),
+                (108, 113, 196),
+            ];
             let (r, g, b) = COLORS[i % COLORS.len()];
             let color = RGBColor(r, g, b).to_rgba();
             let style = color.stroke_width(2);
@@ -257,7 +283,8 @@ pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result
             } else {
                 chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(|x| e(&x))?
             };
-            anno.label(s.name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            anno.label(s.name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
             chart.draw_series(pts.iter().map(|&q| Circle::new(q, 3, color.filled()))).map_err(|x| e(&x))?;
         }
         chart
@@ -302,8 +329,17 @@ mod tests {
     #[test]
     fn plots_are_png_files() {
         let p = std::env::temp_dir().join(format!("shrink-plot-{}.png", std::process::id()));
-        let s = |n: &str, k: f64, dashed| Series { name: n.into(), points: [1.0, 2.0, 4.0, 8.0, 16.0].iter().map(|&x| (x, x * k)).collect(), dashed };
-        let panel = Panel { title: "time".into(), x_label: "VMs".into(), y_label: "s".into(), series: vec![s("shrink", 2.0, false), s("bound", 1.0, true)] };
+        let s = |n: &str, k: f64, dashed| Series {
+            name: n.into(),
+            points: [1.0, 2.0, 4.0, 8.0, 16.0].iter().map(|&x| (x, x * k)).collect(),
+            dashed,
+        };
+        let panel = Panel {
+            title: "time".into(),
+            x_label: "VMs".into(),
+            y_label: "s".into(),
+            series: vec![s("shrink", 2.0, false), s("bound", 1.0, true)],
+        };
         plot(&p, "test", &[panel.clone(), panel]).unwrap();
         let b = std::fs::read(&p).unwrap();
         assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n");

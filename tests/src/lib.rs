@@ -7,5 +7,5 @@ pub mod eval;
 pub mod netns;
 pub mod qemu;
 pub mod testbed;
-pub mod world;
 pub mod util;
+pub mod world;

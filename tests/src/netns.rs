@@ -104,7 +104,9 @@ pub fn link(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str, rate: Option<&str>) ->
         ns.exec(&["ip", "link", "set", dev, "up"])?;
         if let Some(rate) = rate {
             // A token bucket the size of a few packets keeps the link honest.
-            ns.exec(&["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
+            ns.exec(&[
+                "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms",
+            ])?;
         }
     }
     Ok(())

@@ -99,10 +99,23 @@ pub fn binary() -> Option<PathBuf> {
 /// The arguments of a `-M microvm` KVM guest with `mem` of memory, no default devices, no
 /// display, and the project's [`CPU_MODEL`].
 pub fn microvm_args(mem: &str) -> Vec<String> {
-    ["-M", "microvm", "-accel", "kvm", "-cpu", CPU_MODEL, "-m", mem, "-nodefaults", "-no-user-config", "-display", "none"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "-M",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-cpu",
+        CPU_MODEL,
+        "-m",
+        mem,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// The QMP argument that serves QMP on the Unix socket `sock`.
@@ -182,7 +195,11 @@ impl Qemu {
             // Events (`{"event": ...}`) may come before the reply.
             let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
             if let Some(error) = v.get("error") {
-                return Err(QemuError::Refused { tag: self.tag.clone(), command: command.into(), error: error.clone() });
+                return Err(QemuError::Refused {
+                    tag: self.tag.clone(),
+                    command: command.into(),
+                    error: error.clone(),
+                });
             }
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
@@ -265,7 +282,11 @@ mod tests {
     fn a_qemu_that_exits_early_is_named_with_its_status_and_output() {
         let dir = tempdir("early");
         // Memory QEMU cannot map: it creates its QMP socket, then exits with an error.
-        let e = match start(&dir, "doomed", &["-S", "-object", "memory-backend-file,id=m,size=64M,mem-path=/nonexistent/x"]) {
+        let e = match start(
+            &dir,
+            "doomed",
+            &["-S", "-object", "memory-backend-file,id=m,size=64M,mem-path=/nonexistent/x"],
+        ) {
             Err(e) => e,
             Ok(_) => panic!("QEMU started with an impossible memory backend"),
         };

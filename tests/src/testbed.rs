@@ -125,9 +125,14 @@ impl Bins {
                 return Err(TestbedError::Missing { what: p.display().to_string(), hint: "run `make images`".into() });
             }
         }
-        for (tool, pkg) in [("redis-server", "redis-server"), ("redis-cli", "redis-tools"), ("tc", "iproute2"), ("ethtool", "ethtool")] {
+        for (tool, pkg) in
+            [("redis-server", "redis-server"), ("redis-cli", "redis-tools"), ("tc", "iproute2"), ("ethtool", "ethtool")]
+        {
             if netns::run(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
-                return Err(TestbedError::Missing { what: tool.into(), hint: format!("apt-get install {pkg} (or `make deps`)") });
+                return Err(TestbedError::Missing {
+                    what: tool.into(),
+                    hint: format!("apt-get install {pkg} (or `make deps`)"),
+                });
             }
         }
         Ok(b)
@@ -151,12 +156,7 @@ impl Options {
     /// Defaults for testbed `name`: directory `/tmp/shrink-testbed-<name>`, 100 Mbit/s WAN, two
     /// hosts per site.
     pub fn new(name: &str) -> Options {
-        Options {
-            name: name.to_owned(),
-            dir: default_dir(name),
-            wan_rate: "100mbit".into(),
-            hosts_per_site: 2,
-        }
+        Options { name: name.to_owned(), dir: default_dir(name), wan_rate: "100mbit".into(), hosts_per_site: 2 }
     }
 }
 
@@ -286,7 +286,14 @@ pub struct BootSpec {
 
 impl Default for BootSpec {
     fn default() -> BootSpec {
-        BootSpec { vms: 4, mem: "256M".into(), preload: "64M".into(), private: "28M".into(), workload: "idle".into(), extra: String::new() }
+        BootSpec {
+            vms: 4,
+            mem: "256M".into(),
+            preload: "64M".into(),
+            private: "28M".into(),
+            workload: "idle".into(),
+            extra: String::new(),
+        }
     }
 }
 
@@ -331,7 +338,11 @@ pub fn namespaces(name: &str) -> Vec<String> {
 }
 
 fn pids_in(ns: &str) -> Vec<i32> {
-    netns::run(&["ip", "netns", "pids", ns]).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    netns::run(&["ip", "netns", "pids", ns])
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 fn alive(pid: i32) -> bool {
@@ -351,7 +362,9 @@ fn recorded_pids(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
     let needle = format!("{}/", dir.display());
     for e in std::fs::read_dir(dir.join("pids")).into_iter().flatten().flatten() {
-        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else { continue };
+        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+            continue;
+        };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&needle) {
             out.push(pid);
@@ -388,8 +401,14 @@ fn pids_of(name: &str, dir: &Path) -> Vec<i32> {
 /// gone, or left behind by a crash.
 pub fn down(name: &str, dir: &Path) -> Result<Removed> {
     check_name(name)?;
-    if dir.exists() && !dir.join(MARKER).exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(TestbedError::Failed(format!("{} is not a testbed's working directory (no {MARKER}): not touching it", dir.display())));
+    if dir.exists()
+        && !dir.join(MARKER).exists()
+        && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true)
+    {
+        return Err(TestbedError::Failed(format!(
+            "{} is not a testbed's working directory (no {MARKER}): not touching it",
+            dir.display()
+        )));
     }
     let first = pids_of(name, dir);
     for &p in &first {
@@ -503,7 +522,10 @@ impl Testbed {
         netns::available().map_err(|e| TestbedError::Missing { what: "root".into(), hint: e })?;
         check_name(&opts.name)?;
         if rate_bps(&opts.wan_rate).is_none() {
-            return Err(TestbedError::Failed(format!("WAN rate '{}': give a number with kbit, mbit or gbit (e.g. 100mbit)", opts.wan_rate)));
+            return Err(TestbedError::Failed(format!(
+                "WAN rate '{}': give a number with kbit, mbit or gbit (e.g. 100mbit)",
+                opts.wan_rate
+            )));
         }
         if !(1..=8).contains(&opts.hosts_per_site) {
             return Err(TestbedError::Failed(format!("{} hosts per site: 1 to 8", opts.hosts_per_site)));
@@ -511,7 +533,10 @@ impl Testbed {
         down(&opts.name, &opts.dir)?;
         io(&opts.dir, std::fs::create_dir_all(&opts.dir))?;
         let marker = opts.dir.join(MARKER);
-        io(&marker, std::fs::write(&marker, b"a shrink-testbed working directory: `shrink-testbed down` removes it\n"))?;
+        io(
+            &marker,
+            std::fs::write(&marker, b"a shrink-testbed working directory: `shrink-testbed down` removes it\n"),
+        )?;
         let tb = Testbed { state: State { opts, bins, vms: Vec::new() } };
         tb.save()?;
         if let Err(e) = tb.build().and_then(|()| tb.start_services()) {
@@ -524,10 +549,16 @@ impl Testbed {
     /// The testbed `name` that is up (working directory `dir`).
     pub fn open(name: &str, dir: &Path) -> Result<Testbed> {
         let p = dir.join("state.json");
-        let text = std::fs::read_to_string(&p).map_err(|_| TestbedError::Failed(format!("testbed '{name}' is not up (no {}): run `shrink-testbed up`", p.display())))?;
-        let state: State = serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", p.display())))?;
+        let text = std::fs::read_to_string(&p).map_err(|_| {
+            TestbedError::Failed(format!("testbed '{name}' is not up (no {}): run `shrink-testbed up`", p.display()))
+        })?;
+        let state: State =
+            serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", p.display())))?;
         if namespaces(name).is_empty() {
-            return Err(TestbedError::Failed(format!("testbed '{name}' has state in {} but no namespaces: run `shrink-testbed up`", dir.display())));
+            return Err(TestbedError::Failed(format!(
+                "testbed '{name}' has state in {} but no namespaces: run `shrink-testbed up`",
+                dir.display()
+            )));
         }
         Ok(Testbed { state })
     }
@@ -576,11 +607,19 @@ impl Testbed {
             let ns = self.ns(role);
             netns::run(&["ip", "netns", "add", &ns])?;
             self.ip(&ns, &["link", "set", "lo", "up"])?;
-            self.exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+            self.exec(
+                &ns,
+                &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
+            )?;
         }
         for s in Site::ALL {
             let l = s.letter();
-            let (sw, gw, rt, cl) = (self.ns(&format!("{l}sw")), self.ns(&format!("{l}gw")), self.ns(&format!("{l}rt")), self.ns(&format!("{l}cl")));
+            let (sw, gw, rt, cl) = (
+                self.ns(&format!("{l}sw")),
+                self.ns(&format!("{l}gw")),
+                self.ns(&format!("{l}rt")),
+                self.ns(&format!("{l}cl")),
+            );
             // The LAN switch: the VM network and the management network.
             for br in ["vlan", "mgmt"] {
                 self.ip(&sw, &["link", "add", br, "type", "bridge", "stp_state", "0"])?;
@@ -616,27 +655,79 @@ impl Testbed {
         }
         // The WAN.
         let (ra, rb) = (self.ns("art"), self.ns("brt"));
-        self.ip(&ra, &["link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", "wan0", "mtu", "1600", "netns", &rb])?;
+        self.ip(
+            &ra,
+            &[
+                "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", "wan0", "mtu", "1600", "netns",
+                &rb,
+            ],
+        )?;
         for (s, rt) in [(Site::A, &ra), (Site::B, &rb)] {
             let other = s.other();
             self.ip(rt, &["addr", "add", &format!("192.168.100.{}/24", s.n() + 1), "dev", "wan0"])?;
             self.ip(rt, &["link", "set", "wan0", "up"])?;
-            self.ip(rt, &["route", "add", &format!("{}.0/24", other.mgmt_net()), "via", &format!("192.168.100.{}", other.n() + 1)])?;
+            self.ip(
+                rt,
+                &[
+                    "route",
+                    "add",
+                    &format!("{}.0/24", other.mgmt_net()),
+                    "via",
+                    &format!("192.168.100.{}", other.n() + 1),
+                ],
+            )?;
             // The rate, with vnetd's tunnel (UDP 7800) ahead of bulk traffic.
-            self.exec(rt, &["tc", "qdisc", "add", "dev", "wan0", "root", "handle", "1:", "tbf", "rate", &o.wan_rate, "burst", "64kb", "latency", "50ms"])?;
-            self.exec(rt, &["tc", "qdisc", "add", "dev", "wan0", "parent", "1:1", "handle", "10:", "htb", "default", "20"])?;
+            self.exec(
+                rt,
+                &[
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "wan0",
+                    "root",
+                    "handle",
+                    "1:",
+                    "tbf",
+                    "rate",
+                    &o.wan_rate,
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "50ms",
+                ],
+            )?;
+            self.exec(
+                rt,
+                &["tc", "qdisc", "add", "dev", "wan0", "parent", "1:1", "handle", "10:", "htb", "default", "20"],
+            )?;
             for (class, prio) in [("10:10", "0"), ("10:20", "1")] {
                 let r = &o.wan_rate;
-                self.exec(rt, &["tc", "class", "add", "dev", "wan0", "parent", "10:", "classid", class, "htb", "rate", r, "ceil", r, "prio", prio, "quantum", "1514"])?;
+                self.exec(
+                    rt,
+                    &[
+                        "tc", "class", "add", "dev", "wan0", "parent", "10:", "classid", class, "htb", "rate", r,
+                        "ceil", r, "prio", prio, "quantum", "1514",
+                    ],
+                )?;
             }
             // Each class queues at most 50 ms of traffic at the link rate, like the tbf alone
             // would (a longer queue only adds delay to every migration's last round trips).
             let limit = (rate_bps(&o.wan_rate).unwrap_or(100_000_000) / 8 / 20).max(64 * 1024).to_string();
             for (class, handle) in [("10:10", "11:"), ("10:20", "12:")] {
-                self.exec(rt, &["tc", "qdisc", "add", "dev", "wan0", "parent", class, "handle", handle, "bfifo", "limit", &limit])?;
+                self.exec(
+                    rt,
+                    &["tc", "qdisc", "add", "dev", "wan0", "parent", class, "handle", handle, "bfifo", "limit", &limit],
+                )?;
             }
             for port in ["sport", "dport"] {
-                self.exec(rt, &["tc", "filter", "add", "dev", "wan0", "parent", "10:", "protocol", "ip", "prio", "1", "u32", "match", "ip", port, "7800", "0xffff", "flowid", "10:10"])?;
+                self.exec(
+                    rt,
+                    &[
+                        "tc", "filter", "add", "dev", "wan0", "parent", "10:", "protocol", "ip", "prio", "1", "u32",
+                        "match", "ip", port, "7800", "0xffff", "flowid", "10:10",
+                    ],
+                )?;
             }
         }
         Ok(())
@@ -675,7 +766,13 @@ impl Testbed {
                 self.dir(),
                 &format!("vnetd-{l}"),
                 &gw,
-                &[b.vnetd.to_str().unwrap_or("vnetd"), "--config", cfg.to_str().unwrap_or(""), "--pcap-out", pcap.to_str().unwrap_or("")],
+                &[
+                    b.vnetd.to_str().unwrap_or("vnetd"),
+                    "--config",
+                    cfg.to_str().unwrap_or(""),
+                    "--pcap-out",
+                    pcap.to_str().unwrap_or(""),
+                ],
                 &self.path(&format!("vnetd-{l}.log")),
             )?;
             for (role, port) in [("coordination", 6379), ("index", 6380)] {
@@ -686,7 +783,21 @@ impl Testbed {
                     self.dir(),
                     &format!("redis-{l}-{role}"),
                     &gw,
-                    &["redis-server", "--bind", &s.gateway_addr(), "--port", &port, "--save", "", "--appendonly", "no", "--protected-mode", "no", "--dir", data.to_str().unwrap_or(".")],
+                    &[
+                        "redis-server",
+                        "--bind",
+                        &s.gateway_addr(),
+                        "--port",
+                        &port,
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--protected-mode",
+                        "no",
+                        "--dir",
+                        data.to_str().unwrap_or("."),
+                    ],
                     &self.path(&format!("redis-{l}-{role}.log")),
                 )?;
             }
@@ -702,7 +813,9 @@ impl Testbed {
             let gw = self.ns(&format!("{l}gw"));
             for port in ["6379", "6380"] {
                 wait_until(&format!("redis-server {}:{port} at {}", s.gateway_addr(), s.name()), 20, || {
-                    self.exec(&gw, &["redis-cli", "-h", &s.gateway_addr(), "-p", port, "ping"]).ok().filter(|o| o.contains("PONG"))
+                    self.exec(&gw, &["redis-cli", "-h", &s.gateway_addr(), "-p", port, "ping"])
+                        .ok()
+                        .filter(|o| o.contains("PONG"))
                 })?;
             }
         }
@@ -713,7 +826,9 @@ impl Testbed {
     /// `vc.toml`. VM `i` is `vm<i>` at 10.1.0.(10+i), MAC 52:54:00:10:00:<i>.
     pub fn boot(&mut self, spec: &BootSpec) -> Result<()> {
         if !self.state.vms.is_empty() {
-            return Err(TestbedError::Failed("a cluster is already booted on this testbed: `shrink-testbed down` first".into()));
+            return Err(TestbedError::Failed(
+                "a cluster is already booted on this testbed: `shrink-testbed down` first".into(),
+            ));
         }
         if !(1..=50).contains(&spec.vms) {
             return Err(TestbedError::Failed(format!("{} VMs: 1 to 50", spec.vms)));
@@ -721,15 +836,38 @@ impl Testbed {
         let b = self.state.bins.clone();
         let hosts = self.state.opts.hosts_per_site;
         for i in 1..=spec.vms {
-            let vm = VmInfo { name: format!("vm{i}"), ip: format!("10.1.0.{}", 10 + i), mac: format!("52:54:00:10:00:{i:02x}") };
+            let vm = VmInfo {
+                name: format!("vm{i}"),
+                ip: format!("10.1.0.{}", 10 + i),
+                mac: format!("52:54:00:10:00:{i:02x}"),
+            };
             let ns = self.host_ns(Site::A, (i - 1) % hosts + 1);
-            let cmdline = format!("ip={}/16 gw=10.1.0.254 preload={} private={} workload={} {}", vm.ip, spec.preload, spec.private, spec.workload, spec.extra);
+            let cmdline = format!(
+                "ip={}/16 gw=10.1.0.254 preload={} private={} workload={} {}",
+                vm.ip, spec.preload, spec.private, spec.workload, spec.extra
+            );
             let p = |ext: &str| self.path(&format!("{}.{ext}", vm.name)).display().to_string();
             let net = format!("tap={},mac={},bridge=br0", vm.name, vm.mac);
             let args = [
-                b.vmm.to_str().unwrap_or(""), "--kernel", b.guest.to_str().unwrap_or(""), "--mem", &spec.mem, "--cmdline", &cmdline,
-                "--name", &vm.name, "--image", b.base.to_str().unwrap_or(""), "--disk", &p("qcow2"), "--net", &net,
-                "--api", &p("sock"), "--serial", &p("serial"),
+                b.vmm.to_str().unwrap_or(""),
+                "--kernel",
+                b.guest.to_str().unwrap_or(""),
+                "--mem",
+                &spec.mem,
+                "--cmdline",
+                &cmdline,
+                "--name",
+                &vm.name,
+                "--image",
+                b.base.to_str().unwrap_or(""),
+                "--disk",
+                &p("qcow2"),
+                "--net",
+                &net,
+                "--api",
+                &p("sock"),
+                "--serial",
+                &p("serial"),
             ];
             spawn_detached(self.dir(), &vm.name, &ns, &args, &self.path(&format!("{}.log", vm.name)))?;
             self.state.vms.push(vm);
@@ -770,7 +908,11 @@ impl Testbed {
                 self.ns(&format!("{}gw", s.letter()))
             );
             for k in 1..=self.state.opts.hosts_per_site {
-                t += &format!("[[sites.hosts]]\nname = \"{}\"\naddress = \"{}\"\n\n", self.host_ns(s, k), Self::host_addr(s, k));
+                t += &format!(
+                    "[[sites.hosts]]\nname = \"{}\"\naddress = \"{}\"\n\n",
+                    self.host_ns(s, k),
+                    Self::host_addr(s, k)
+                );
             }
         }
         for (i, vm) in self.state.vms.iter().enumerate() {
@@ -791,10 +933,16 @@ impl Testbed {
     pub fn locations(&self) -> Result<Vec<(VmInfo, Site, String, PathBuf)>> {
         let p = self.vc_path();
         let text = io(&p, std::fs::read_to_string(&p))?;
-        let c = migrate::cluster::Cluster::parse(&p.display().to_string(), &text).map_err(|e| TestbedError::Failed(e.to_string()))?;
+        let c = migrate::cluster::Cluster::parse(&p.display().to_string(), &text)
+            .map_err(|e| TestbedError::Failed(e.to_string()))?;
         let mut out = Vec::new();
         for vm in &self.state.vms {
-            let v = c.file.vms.iter().find(|v| v.name.get_ref() == &vm.name).ok_or_else(|| TestbedError::Failed(format!("{}: {} is not in it", p.display(), vm.name)))?;
+            let v = c
+                .file
+                .vms
+                .iter()
+                .find(|v| v.name.get_ref() == &vm.name)
+                .ok_or_else(|| TestbedError::Failed(format!("{}: {} is not in it", p.display(), vm.name)))?;
             let host = v.host.get_ref().clone();
             let site = if host.starts_with(&self.ns("b")) { Site::B } else { Site::A };
             out.push((vm.clone(), site, host, PathBuf::from(v.api.get_ref())));
@@ -832,7 +980,13 @@ impl Testbed {
                 args.push(format!("{}={}:7", vm.name, vm.ip));
             }
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            spawn_detached(self.dir(), &format!("probe-{l}"), &self.ns(&format!("{l}cl")), &a, &self.path(&format!("probe-{l}.log")))?;
+            spawn_detached(
+                self.dir(),
+                &format!("probe-{l}"),
+                &self.ns(&format!("{l}cl")),
+                &a,
+                &self.path(&format!("probe-{l}.log")),
+            )?;
         }
         Ok(())
     }
@@ -845,8 +999,9 @@ impl Testbed {
         for s in Site::ALL {
             let p = self.path(&format!("probe-{}.json", s.letter()));
             let log = self.path(&format!("probe-{}.log", s.letter()));
-            let text = wait_until(&format!("the probe report {}", p.display()), 10, || std::fs::read_to_string(&p).ok())
-                .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
+            let text =
+                wait_until(&format!("the probe report {}", p.display()), 10, || std::fs::read_to_string(&p).ok())
+                    .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
             out.push(serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", p.display())))?);
         }
         let _ = std::fs::remove_file(&stop);
@@ -863,7 +1018,14 @@ impl Testbed {
         let _ = std::fs::remove_file(&report);
         let log = self.path(&format!("migrate-{tag}.log"));
         let mut cmd = Command::new(&self.state.bins.migrate);
-        cmd.args(["--cluster", self.vc_path().to_str().unwrap_or(""), "--dest", dest.name(), "--report", report.to_str().unwrap_or("")]);
+        cmd.args([
+            "--cluster",
+            self.vc_path().to_str().unwrap_or(""),
+            "--dest",
+            dest.name(),
+            "--report",
+            report.to_str().unwrap_or(""),
+        ]);
         cmd.args(extra).stdin(Stdio::null());
         if show {
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
@@ -871,21 +1033,28 @@ impl Testbed {
             let f = io(&log, std::fs::File::create(&log))?;
             cmd.stdout(io(&log, f.try_clone())?).stderr(f);
         }
-        let mut child = cmd.spawn().map_err(|e| TestbedError::Failed(format!("cannot run {}: {e}", self.state.bins.migrate.display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| TestbedError::Failed(format!("cannot run {}: {e}", self.state.bins.migrate.display())))?;
         let pids = self.path("pids");
         let pf = pids.join(format!("migrate-{tag}.pid"));
         io(&pf, std::fs::write(&pf, child.id().to_string()))?;
         let status = child.wait().map_err(|e| TestbedError::Failed(format!("shrink-migrate: {e}")))?;
         let _ = std::fs::remove_file(&pf);
-        let text = std::fs::read_to_string(&report)
-            .map_err(|_| TestbedError::Failed(format!("shrink-migrate wrote no report ({status}): {}", if show { String::new() } else { tail(&log) })))?;
+        let text = std::fs::read_to_string(&report).map_err(|_| {
+            TestbedError::Failed(format!(
+                "shrink-migrate wrote no report ({status}): {}",
+                if show { String::new() } else { tail(&log) }
+            ))
+        })?;
         let v = serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", report.display())))?;
         Ok((status.success(), v))
     }
 
     /// vnetd's status at `site`.
     pub fn vnetd_status(&self, site: Site) -> Result<Value> {
-        netreconf::daemon::query_status(&self.vnetd_socket(site)).map_err(|e| TestbedError::Failed(format!("vnetd at {}: {e}", site.name())))
+        netreconf::daemon::query_status(&self.vnetd_socket(site))
+            .map_err(|e| TestbedError::Failed(format!("vnetd at {}: {e}", site.name())))
     }
 
     /// The /32 routes vnetd at `site` holds: (prefix, router, seq).
@@ -896,7 +1065,13 @@ impl Testbed {
             .into_iter()
             .flatten()
             .filter(|r| r["prefix"].as_str().is_some_and(|p| p.ends_with("/32")))
-            .map(|r| (r["prefix"].as_str().unwrap_or("").to_owned(), r["router"].as_str().unwrap_or("").to_owned(), r["seq"].as_u64().unwrap_or(0)))
+            .map(|r| {
+                (
+                    r["prefix"].as_str().unwrap_or("").to_owned(),
+                    r["router"].as_str().unwrap_or("").to_owned(),
+                    r["seq"].as_u64().unwrap_or(0),
+                )
+            })
             .collect();
         out.sort();
         Ok(out)
@@ -906,7 +1081,8 @@ impl Testbed {
     pub fn wan_bytes(&self) -> Result<(u64, u64)> {
         let mut v = [0u64; 2];
         for (i, s) in Site::ALL.iter().enumerate() {
-            let out = self.exec(&self.ns(&format!("{}rt", s.letter())), &["cat", "/sys/class/net/wan0/statistics/tx_bytes"])?;
+            let out =
+                self.exec(&self.ns(&format!("{}rt", s.letter())), &["cat", "/sys/class/net/wan0/statistics/tx_bytes"])?;
             v[i] = out.trim().parse().unwrap_or(0);
         }
         Ok((v[0], v[1]))
@@ -924,8 +1100,13 @@ impl Testbed {
     /// gratuitous or directed ARP out.
     pub fn network_report(&self, dest: Site, report: &Value, probes: &[Value; 2]) -> Vec<Value> {
         let st = self.vnetd_status(dest).unwrap_or_default();
-        let recs: Vec<&Value> = st["migrations"].as_array().map(|a| a.iter().filter(|r| r["role"] == "destination").collect()).unwrap_or_default();
-        let target = |p: &Value, vm: &str| p["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).cloned().unwrap_or_default();
+        let recs: Vec<&Value> = st["migrations"]
+            .as_array()
+            .map(|a| a.iter().filter(|r| r["role"] == "destination").collect())
+            .unwrap_or_default();
+        let target = |p: &Value, vm: &str| {
+            p["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).cloned().unwrap_or_default()
+        };
         self.state
             .vms
             .iter()
@@ -959,7 +1140,8 @@ impl Testbed {
         for (vm, _, _, api) in self.locations()? {
             let snap = self.path(&format!("snap-{}", vm.name));
             let _ = std::fs::remove_dir_all(&snap);
-            let mut c = migrate::client::ApiClient::connect(&api).map_err(|e| TestbedError::Failed(format!("{}: {e}", vm.name)))?;
+            let mut c = migrate::client::ApiClient::connect(&api)
+                .map_err(|e| TestbedError::Failed(format!("{}: {e}", vm.name)))?;
             let mut call = |cmd: &str, args: Value| -> Result<()> {
                 c.execute(cmd, args)
                     .map_err(|e| TestbedError::Failed(format!("{}: {cmd}: {e}", vm.name)))?

@@ -46,8 +46,12 @@ impl World {
             switch.exec(&["ip", "link", "set", &s, "master", "sw0"])?;
             switch.exec(&["ip", "link", "set", &s, "up"])?;
             if shaped.contains(name) {
-                ns.exec(&["tc", "qdisc", "add", "dev", &h, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
-                switch.exec(&["tc", "qdisc", "add", "dev", &s, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms"])?;
+                ns.exec(&[
+                    "tc", "qdisc", "add", "dev", &h, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms",
+                ])?;
+                switch.exec(&[
+                    "tc", "qdisc", "add", "dev", &s, "root", "tbf", "rate", rate, "burst", "64kb", "latency", "50ms",
+                ])?;
             }
             out.push(Host { name: name.to_string(), ns, addr: addr.to_string() });
         }
@@ -79,22 +83,29 @@ impl World {
             "no".to_owned(),
         ];
         if cluster {
-            args.extend(["--cluster-enabled".into(), "yes".into(), "--cluster-config-file".into(), format!("nodes-{port}.conf")]);
+            args.extend([
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                format!("nodes-{port}.conf"),
+            ]);
         }
-        let child = h
-            .ns
-            .command("redis-server")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (make deps)");
+        let child =
+            h.ns.command("redis-server")
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is installed (make deps)");
         let addr = h.addr.clone();
         let ns = h.ns.name().to_owned();
         self.redis.push(child);
         let start = Instant::now();
-        while run(&["ip", "netns", "exec", &ns, "redis-cli", "-h", &addr, "-p", &port.to_string(), "ping"]).map(|o| !o.contains("PONG")).unwrap_or(true) {
+        while run(&["ip", "netns", "exec", &ns, "redis-cli", "-h", &addr, "-p", &port.to_string(), "ping"])
+            .map(|o| !o.contains("PONG"))
+            .unwrap_or(true)
+        {
             assert!(start.elapsed() < Duration::from_secs(10), "redis on {addr}:{port} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -114,7 +125,9 @@ impl World {
         h.ns.exec(&args).expect("redis-cli --cluster create");
         let start = Instant::now();
         loop {
-            let info = h.ns.exec(&["redis-cli", "-h", &h.addr, "-p", &ports[0].to_string(), "cluster", "info"]).unwrap_or_default();
+            let info =
+                h.ns.exec(&["redis-cli", "-h", &h.addr, "-p", &ports[0].to_string(), "cluster", "info"])
+                    .unwrap_or_default();
             if info.contains("cluster_state:ok") {
                 break;
             }

@@ -23,10 +23,16 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     netns::available().unwrap();
     let name = format!("bq{}", netns::unique_tag());
     let _down = Down(name.clone());
-    assert!(shrink_tests::qemu::binary().is_some(), "qemu-system-x86_64 is needed for the baseline (make deps installs it)");
+    assert!(
+        shrink_tests::qemu::binary().is_some(),
+        "qemu-system-x86_64 is needed for the baseline (make deps installs it)"
+    );
     let out = std::env::temp_dir().join(format!("shrink-bench-quick-{name}"));
     let _ = std::fs::remove_dir_all(&out);
-    let r = Command::new(env!("CARGO_BIN_EXE_shrink-bench")).args(["--quick", "--name", &name, "--out", out.to_str().unwrap()]).output().unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_shrink-bench"))
+        .args(["--quick", "--name", &name, "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.success(), "{err}");
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
@@ -40,7 +46,10 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
         assert!(u(&s["wan_link_bytes"]) >= u(&s["wan_bytes"]), "the stream crossed the shaped WAN: {s:#}");
         for n in s["network"].as_array().unwrap() {
             assert_eq!(n["answering"], true, "{n}");
-            assert!(n["detection_ms"].as_f64().is_some() && n["reconfiguration_ms"].as_f64().is_some(), "vnetd saw the move: {n}");
+            assert!(
+                n["detection_ms"].as_f64().is_some() && n["reconfiguration_ms"].as_f64().is_some(),
+                "vnetd saw the move: {n}"
+            );
         }
         if p["family"] == "granularity" {
             assert!(p["no_dedup"].is_null() && p["qemu"].is_null());
@@ -60,7 +69,14 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     assert!(u(&size["shrink"]["wan_bytes"]) >= u(&size["lower_bound"]["bytes"]), "{size:#}");
     assert!(u(&size["shrink"]["deduplicated"]) > 0);
     assert!(doc["source_pipeline"]["hash_and_coordination_pages_per_s"].as_f64().unwrap() > 0.0);
-    for f in ["fig-size.png", "fig-workload-time.png", "fig-workload-bytes.png", "fig-bandwidth.png", "fig-granularity.png", "fig-network.png"] {
+    for f in [
+        "fig-size.png",
+        "fig-workload-time.png",
+        "fig-workload-bytes.png",
+        "fig-bandwidth.png",
+        "fig-granularity.png",
+        "fig-network.png",
+    ] {
         let b = std::fs::read(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(&b[..4], b"\x89PNG", "{f}");
     }

@@ -63,7 +63,16 @@ impl Sites {
     fn boot(&mut self, name: &str, cmdline: &str) {
         let a1 = self.world.host("a1");
         let mut cmd = a1.ns.command(release_bin("shrink-vmm").to_str().unwrap());
-        cmd.args(["--kernel", image("shrink-guest").to_str().unwrap(), "--mem", "128M", "--cmdline", cmdline, "--name", name]);
+        cmd.args([
+            "--kernel",
+            image("shrink-guest").to_str().unwrap(),
+            "--mem",
+            "128M",
+            "--cmdline",
+            cmdline,
+            "--name",
+            name,
+        ]);
         cmd.args(["--image", image("base.qcow2").to_str().unwrap()]);
         cmd.arg("--disk").arg(self.path(&format!("{name}.qcow2")));
         cmd.arg("--api").arg(self.path(&format!("{name}.sock")));
@@ -97,7 +106,11 @@ impl Sites {
             host("b2")
         );
         for n in names {
-            t += &format!("[[vms]]\nname = \"{n}\"\nhost = \"{}\"\napi = \"{}\"\n\n", host("a1"), self.path(&format!("{n}.sock")).display());
+            t += &format!(
+                "[[vms]]\nname = \"{n}\"\nhost = \"{}\"\napi = \"{}\"\n\n",
+                host("a1"),
+                self.path(&format!("{n}.sock")).display()
+            );
         }
         let p = self.path(file);
         std::fs::write(&p, t).unwrap();
@@ -122,7 +135,11 @@ impl Sites {
         let last = last_heartbeat(&src_serial).expect("source heartbeats");
         let dst = self.path(&format!("{name}-siteB.serial"));
         wait_text(&dst, &format!("heartbeat {}\n", last + 1), Duration::from_secs(10));
-        let first = std::fs::read_to_string(&dst).unwrap().lines().find_map(|l| l.strip_prefix("heartbeat ").map(|n| n.trim().parse::<u64>().unwrap())).unwrap();
+        let first = std::fs::read_to_string(&dst)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("heartbeat ").map(|n| n.trim().parse::<u64>().unwrap()))
+            .unwrap();
         assert_eq!(first, last + 1, "{name}: the destination continues the heartbeat");
         // The source VMM is gone.
         let (_, bg) = self.vms.iter_mut().find(|(n, _)| n == name).unwrap();
@@ -152,7 +169,12 @@ impl Drop for Sites {
 fn wait_text(p: &Path, needle: &str, timeout: Duration) {
     let start = Instant::now();
     while !std::fs::read_to_string(p).unwrap_or_default().contains(needle) {
-        assert!(start.elapsed() < timeout, "no {needle:?} in {}:\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default());
+        assert!(
+            start.elapsed() < timeout,
+            "no {needle:?} in {}:\n{}",
+            p.display(),
+            std::fs::read_to_string(p).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -176,7 +198,13 @@ fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
         s.boot(n, &vm_cmdline(i));
     }
     s.wait_ready();
-    let vc = s.vc("vc.toml", &names, &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc = s.vc(
+        "vc.toml",
+        &names,
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
     let (code, r, err) = s.migrate(&vc, &[]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert_eq!(u(&r["failed"]), 0, "{r}");
@@ -198,7 +226,13 @@ fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
     for n in names2 {
         wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
     }
-    let vc2 = s.vc("vc-plain.toml", &names2, &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc2 = s.vc(
+        "vc-plain.toml",
+        &names2,
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
     let (code, plain, err) = s.migrate(&vc2, &["--no-dedup", "--port-base", "7600"]);
     assert_eq!(code, 0, "{err}\n{plain}");
     let (with, without) = (u(&r["wan_bytes"]) as f64, u(&plain["wan_bytes"]) as f64);
@@ -219,7 +253,13 @@ fn intra_vm_duplicates_are_deduplicated_for_a_single_vm() {
     // The base image's first 64 MiB hold a few dozen duplicate pages.
     s.boot("solo", "preload=64M seed=7");
     s.wait_ready();
-    let vc = s.vc("vc.toml", &["solo"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc = s.vc(
+        "vc.toml",
+        &["solo"],
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
     let (code, r, err) = s.migrate(&vc, &[]);
     assert_eq!(code, 0, "{err}\n{r}");
     let vm = &r["vms"][0];
@@ -262,7 +302,13 @@ fn faults_degrade_but_never_corrupt() {
     s.boot("f2", &vm_cmdline(1));
     s.wait_ready();
     s.world.kill_redis(coord);
-    let vc = s.vc("vc1.toml", &["f1", "f2"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc = s.vc(
+        "vc1.toml",
+        &["f1", "f2"],
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
     let (code, r, err) = s.migrate(&vc, &[]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert_eq!(u(&r["deduplicated"]), 0, "{r}");
@@ -281,7 +327,13 @@ fn faults_degrade_but_never_corrupt() {
     }
     // An index of its own: the VMs moved in part 1 still serve the same OS content, uncorrupted.
     s.world.redis("b1", 6381, &d, false);
-    let vc = s.vc("vc2.toml", &["g1", "g2", "g3"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6381"), "ip netns exec {host} env SHRINK_TEST_CORRUPT_PEER=* {cmd}");
+    let vc = s.vc(
+        "vc2.toml",
+        &["g1", "g2", "g3"],
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6381"),
+        "ip netns exec {host} env SHRINK_TEST_CORRUPT_PEER=* {cmd}",
+    );
     let (code, r, err) = s.migrate(&vc, &["--port-base", "7700"]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert!(u(&r["corrupt_from_peers"]) > 0, "corrupt peers were asked and caught: {r}");
@@ -297,10 +349,21 @@ fn faults_degrade_but_never_corrupt() {
     for n in ["h1", "h2"] {
         wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
     }
-    let vc = s.vc("vc3.toml", &["h1", "h2"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6999"), "ip netns exec {host} env SHRINK_TEST_NO_PULL=1 {cmd}");
+    let vc = s.vc(
+        "vc3.toml",
+        &["h1", "h2"],
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6999"),
+        "ip netns exec {host} env SHRINK_TEST_NO_PULL=1 {cmd}",
+    );
     let (code, r, err) = s.migrate(&vc, &["--port-base", "7900"]);
     assert_ne!(code, 0, "{r}");
-    let failed: Vec<&Value> = r["vms"].as_array().unwrap_or_else(|| panic!("no report: {err}")).iter().filter(|v| v["status"] != "completed").collect();
+    let failed: Vec<&Value> = r["vms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no report: {err}"))
+        .iter()
+        .filter(|v| v["status"] != "completed")
+        .collect();
     assert!(!failed.is_empty(), "{r}");
     for v in failed {
         assert!(v["error"].as_str().unwrap().contains("pulling from the source is off"), "{v}");
@@ -319,7 +382,13 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
         s.boot(n, &format!("preload=32M private=1M seed={} workload=mem mem=8M rate=1M", 2000 + i));
     }
     s.wait_ready();
-    let vc = s.vc("vc.toml", &names, &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc = s.vc(
+        "vc.toml",
+        &names,
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
     let vc2 = vc.clone();
     let dir = s.dir.0.clone();
     let migration = std::thread::spawn(move || {
@@ -327,7 +396,11 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
             .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
             .output()
             .unwrap();
-        (out.status.code(), serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     });
     // As soon as r1's destination VMM exists, kill it (only it: process ids are not per
     // namespace); then restart the index Redis (empty) while the others migrate.
@@ -366,11 +439,17 @@ fn a_malformed_cluster_description_names_the_line_and_field() {
         "[[sites]]\nname = \"siteA\"\ncoordination = \"redis://x:1\"\nindex = \"redis://x:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\n\n[[sites]]\nname = \"siteB\"\ncoordination = \"redis://y:1\"\nindex = \"mysql://y:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\n\n[[vms]]\nname = \"v\"\nhost = \"a\"\napi = \"/x\"\n",
     )
     .unwrap();
-    let out = Command::new(release_bin("shrink-migrate")).args(["--cluster", p.to_str().unwrap(), "--dest", "siteB"]).output().unwrap();
+    let out = Command::new(release_bin("shrink-migrate"))
+        .args(["--cluster", p.to_str().unwrap(), "--dest", "siteB"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("vc.toml:13: sites[1].index: 'mysql://y:2' is not a redis:// URL"), "{err}");
-    let out = Command::new(release_bin("shrink-migrate")).args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"]).output().unwrap();
+    let out = Command::new(release_bin("shrink-migrate"))
+        .args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("index"), "bad file first");
 }
 
@@ -383,7 +462,13 @@ fn sub_page_chunks_deduplicate_at_their_granularity() {
     s.boot("sub1", "preload=16M private=1M seed=11");
     s.boot("sub2", "preload=16M private=1M seed=12");
     s.wait_ready();
-    let vc = s.vc("vc.toml", &["sub1", "sub2"], &format!("redis://{A1}:6379"), &format!("redis://{B1}:6380"), "ip netns exec {host} {cmd}");
+    let vc = s.vc(
+        "vc.toml",
+        &["sub1", "sub2"],
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
     let (code, r, err) = s.migrate(&vc, &["--chunk", "1024", "--digest", "sha1"]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert_eq!(r["chunk"], 1024, "{r}");

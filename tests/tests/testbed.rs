@@ -34,7 +34,10 @@ fn u(v: &Value) -> u64 {
 }
 
 fn target<'a>(probe: &'a Value, vm: &str) -> &'a Value {
-    probe["targets"].as_array().and_then(|a| a.iter().find(|t| t["name"] == vm)).unwrap_or_else(|| panic!("no probe target {vm}: {probe}"))
+    probe["targets"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == vm))
+        .unwrap_or_else(|| panic!("no probe target {vm}: {probe}"))
 }
 
 /// Moves the cluster to `dest` while both clients probe; checks everything the user cares about.
@@ -61,7 +64,10 @@ fn move_cluster(tb: &Testbed, dest: Site) {
     let crossed = if dest == Site::B { ab1 - ab0 } else { ba1 - ba0 };
     assert!(crossed >= u(&r["wan_bytes"]), "WAN link carried {crossed} bytes, the streams {}", u(&r["wan_bytes"]));
     if dest == Site::B {
-        assert!(u(&r["deduplicated"]) > 0 && u(&r["fetched_from_peers"]) > 0, "pages shared by the VMs crossed once: {r:#}");
+        assert!(
+            u(&r["deduplicated"]) > 0 && u(&r["fetched_from_peers"]) > 0,
+            "pages shared by the VMs crossed once: {r:#}"
+        );
     }
 
     let after = tb.locations().unwrap();
@@ -73,13 +79,20 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         let start = Instant::now();
         let first = loop {
             let t = std::fs::read_to_string(&serial).unwrap_or_default();
-            if let Some(n) = t.lines().find_map(|l| l.strip_prefix("heartbeat ")).and_then(|n| n.trim().parse::<u64>().ok()) {
+            if let Some(n) =
+                t.lines().find_map(|l| l.strip_prefix("heartbeat ")).and_then(|n| n.trim().parse::<u64>().ok())
+            {
                 break n;
             }
             assert!(start.elapsed() < Duration::from_secs(10), "{}: no heartbeat at {}", vm.name, serial.display());
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert!(first > last_beat[i], "{}: the destination continues the heartbeat ({first} after {})", vm.name, last_beat[i]);
+        assert!(
+            first > last_beat[i],
+            "{}: the destination continues the heartbeat ({first} after {})",
+            vm.name,
+            last_beat[i]
+        );
 
         // Both LANs reach it now, and lost at most its downtime plus one second of probes.
         let v = r["vms"].as_array().unwrap().iter().find(|v| v["vm"] == vm.name.as_str()).unwrap();
@@ -87,14 +100,25 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         let downtime = u(&v["downtime_ms"]);
         for (p, client) in probes.iter().zip(["A", "B"]) {
             let t = target(p, &vm.name);
-            assert!(t["answered"] == true && u(&t["tail_sent"]) > 0 && u(&t["tail_received"]) == u(&t["tail_sent"]), "{}: client at {client} is not answered now: {t}", vm.name);
-            assert!(u(&t["lost"]) <= (downtime + 1000) / 10, "{}: client at {client} lost {} probes, downtime {downtime} ms: {t}", vm.name, u(&t["lost"]));
+            assert!(
+                t["answered"] == true && u(&t["tail_sent"]) > 0 && u(&t["tail_received"]) == u(&t["tail_sent"]),
+                "{}: client at {client} is not answered now: {t}",
+                vm.name
+            );
+            assert!(
+                u(&t["lost"]) <= (downtime + 1000) / 10,
+                "{}: client at {client} lost {} probes, downtime {downtime} ms: {t}",
+                vm.name,
+                u(&t["lost"])
+            );
         }
 
         // vnetd at both sites routes its /32 to the destination's router, with the same sequence.
         let want = format!("{}/32", vm.ip);
-        let ra = routes[0].iter().find(|r| r.0 == want).unwrap_or_else(|| panic!("vnetd A has no {want}: {:?}", routes[0]));
-        let rb = routes[1].iter().find(|r| r.0 == want).unwrap_or_else(|| panic!("vnetd B has no {want}: {:?}", routes[1]));
+        let ra =
+            routes[0].iter().find(|r| r.0 == want).unwrap_or_else(|| panic!("vnetd A has no {want}: {:?}", routes[0]));
+        let rb =
+            routes[1].iter().find(|r| r.0 == want).unwrap_or_else(|| panic!("vnetd B has no {want}: {:?}", routes[1]));
         assert_eq!(ra, rb, "vnetd tables agree");
         assert_eq!(ra.1, dest.router(), "{want} goes to router {}", dest.router());
     }
@@ -121,7 +145,15 @@ fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
     let (name, dir, _down) = fresh("tb");
     let opts = Options { dir, ..Options::new(&name) };
     let mut tb = Testbed::up(opts, Bins::find(None, None).unwrap()).unwrap();
-    tb.boot(&BootSpec { vms: 3, mem: "128M".into(), preload: "16M".into(), private: "2M".into(), workload: "idle".into(), extra: String::new() }).unwrap();
+    tb.boot(&BootSpec {
+        vms: 3,
+        mem: "128M".into(),
+        preload: "16M".into(),
+        private: "2M".into(),
+        workload: "idle".into(),
+        extra: String::new(),
+    })
+    .unwrap();
     move_cluster(&tb, Site::B);
     move_cluster(&tb, Site::A);
 }
@@ -149,7 +181,10 @@ fn assert_gone(name: &str, dir: &Path) {
     let links = netns::run(&["ip", "-o", "link", "show"]).unwrap();
     for l in links.lines() {
         let ifname = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
-        assert!(!["vlan", "mgmt", "br0", "up0", "wan0", "lan0", "vm1", "vm2"].contains(&ifname), "link left in the root namespace: {l}");
+        assert!(
+            !["vlan", "mgmt", "br0", "up0", "wan0", "lan0", "vm1", "vm2"].contains(&ifname),
+            "link left in the root namespace: {l}"
+        );
     }
 }
 
@@ -161,7 +196,10 @@ fn the_demo_runs_twice_and_down_after_an_interrupted_run_leaves_nothing() {
         let out = cli(&name, &dir, &small);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "demo run {run} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(text.contains("shrink moved the cluster with") && text.contains("removed 12 namespaces"), "run {run}:\n{text}");
+        assert!(
+            text.contains("shrink moved the cluster with") && text.contains("removed 12 namespaces"),
+            "run {run}:\n{text}"
+        );
         assert_gone(&name, &dir);
     }
 
@@ -177,7 +215,11 @@ fn the_demo_runs_twice_and_down_after_an_interrupted_run_leaves_nothing() {
         .unwrap();
     let start = Instant::now();
     while !std::fs::read_to_string(&log).unwrap_or_default().contains("shrink-migrate --cluster") {
-        assert!(start.elapsed() < Duration::from_secs(60), "the demo did not reach its migration:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the demo did not reach its migration:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -199,5 +241,9 @@ fn the_demo_runs_twice_and_down_after_an_interrupted_run_leaves_nothing() {
     let out = cli(&name, &dir, &["down"]);
     assert!(out.status.success(), "down twice is fine");
     let out = cli(&name, &dir, &["status"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not up"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not up"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -14,9 +14,7 @@ pub enum CpuidError {
 
 /// CPUID entries for vCPU `id` of `count`.
 pub fn vcpu_cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, CpuidError> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::Supported)?;
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError::Supported)?;
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {

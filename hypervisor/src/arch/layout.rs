@@ -68,10 +68,7 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, usize)> {
 pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     const E820_RAM: u32 = 1;
     const E820_RESERVED: u32 = 2;
-    let mut map = vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
-    ];
+    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
     for (base, size) in ram_ranges(mem_size) {
         let start = base.0.max(HIMEM_START);
         let end = base.0 + size as u64;

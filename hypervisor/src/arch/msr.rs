@@ -30,11 +30,7 @@ const MTRR_ENABLE: u64 = 1 << 11;
 const MTRR_MEM_TYPE_WB: u64 = 6;
 
 fn entry(index: u32, data: u64) -> kvm_msr_entry {
-    kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    }
+    kvm_msr_entry { index, data, ..Default::default() }
 }
 
 /// The MSRs set on the boot vCPU before it first runs.
@@ -57,20 +53,13 @@ pub fn boot_msrs() -> Result<Msrs, MsrError> {
 
 /// Every MSR KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`), kvmclock's included.
 pub fn saved_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, MsrError> {
-    Ok(kvm
-        .get_msr_index_list()
-        .map_err(MsrError::IndexList)?
-        .as_slice()
-        .to_vec())
+    Ok(kvm.get_msr_index_list().map_err(MsrError::IndexList)?.as_slice().to_vec())
 }
 
 /// Splits `indices` into the MSRs `read` accepts and those it refuses. `read` is given a list
 /// and returns how many of it, from the start, it read (as `KVM_GET_MSRS` does: it stops at the
 /// first MSR it refuses); the refused MSR is set aside and the rest is tried again.
-pub fn probe<E>(
-    indices: &[u32],
-    mut read: impl FnMut(&[u32]) -> Result<usize, E>,
-) -> Result<(Vec<u32>, Vec<u32>), E> {
+pub fn probe<E>(indices: &[u32], mut read: impl FnMut(&[u32]) -> Result<usize, E>) -> Result<(Vec<u32>, Vec<u32>), E> {
     let (mut kept, mut refused) = (Vec::with_capacity(indices.len()), Vec::new());
     let mut rest = indices;
     while !rest.is_empty() {

@@ -74,23 +74,16 @@ fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
 }
 
 /// The boot GDT: null, null, 64-bit code (0x10), data (0x18), TSS (0x20).
-const BOOT_GDT: [u64; 5] = [
-    0,
-    0,
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+const BOOT_GDT: [u64; 5] =
+    [0, 0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// Writes the GDT, IDT and page tables into guest memory and returns the special registers
 /// that enter long mode with them.
 pub fn setup_long_mode<M: GuestMemory>(mem: &M, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + (i * 8) as u64))
-            .map_err(|_| RegsError::WriteGdt)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + (i * 8) as u64)).map_err(|_| RegsError::WriteGdt)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|_| RegsError::WriteIdt)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(|_| RegsError::WriteIdt)?;
     setup_page_tables(mem)?;
 
     let code = segment_from_gdt(BOOT_GDT[2], BOOT_CS);
@@ -128,15 +121,12 @@ fn setup_page_tables<M: GuestMemory>(mem: &M) -> Result<(), RegsError> {
     const PRESENT_RW: u64 = 0x7;
     const HUGE: u64 = 0x80;
     let err = |_| RegsError::WritePageTables;
-    mem.write_obj(PDPTE_START | PRESENT_RW, GuestAddress(PML4_START))
-        .map_err(err)?;
+    mem.write_obj(PDPTE_START | PRESENT_RW, GuestAddress(PML4_START)).map_err(err)?;
     for i in 0..4u64 {
-        mem.write_obj((PDE_START + i * 0x1000) | PRESENT_RW, GuestAddress(PDPTE_START + i * 8))
-            .map_err(err)?;
+        mem.write_obj((PDE_START + i * 0x1000) | PRESENT_RW, GuestAddress(PDPTE_START + i * 8)).map_err(err)?;
     }
     for i in 0..2048u64 {
-        mem.write_obj((i << 21) | PRESENT_RW | HUGE, GuestAddress(PDE_START + i * 8))
-            .map_err(err)?;
+        mem.write_obj((i << 21) | PRESENT_RW | HUGE, GuestAddress(PDE_START + i * 8)).map_err(err)?;
     }
     Ok(())
 }
@@ -155,11 +145,7 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 
 /// FPU state at entry: the reset values of FCW and MXCSR.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 #[cfg(test)]

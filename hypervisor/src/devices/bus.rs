@@ -47,16 +47,8 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let overlaps_prev = self
-            .devices
-            .range(..=base)
-            .next_back()
-            .is_some_and(|(b, (l, _))| b + l > base);
-        let overlaps_next = self
-            .devices
-            .range(base..)
-            .next()
-            .is_some_and(|(b, _)| *b < base + len);
+        let overlaps_prev = self.devices.range(..=base).next_back().is_some_and(|(b, (l, _))| b + l > base);
+        let overlaps_next = self.devices.range(base..).next().is_some_and(|(b, _)| *b < base + len);
         if overlaps_prev || overlaps_next {
             return Err(BusError::Overlap { base, len });
         }

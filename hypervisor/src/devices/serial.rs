@@ -60,9 +60,7 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART writing guest output to `out`, raising its interrupt through `irq`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialDevice {
-        SerialDevice {
-            serial: Serial::new(IrqTrigger(irq), out),
-        }
+        SerialDevice { serial: Serial::new(IrqTrigger(irq), out) }
     }
 
     /// A UART restored from a snapshot.

@@ -7,9 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use openssl::sha::Sha256;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
 
 use crate::arch::layout::{ram_ranges, PAGE_SIZE};
 
@@ -78,10 +76,7 @@ pub struct DirtyLog {
 impl DirtyLog {
     /// Number of dirty pages.
     pub fn count(&self) -> usize {
-        self.regions
-            .iter()
-            .map(|r| r.bitmap.iter().map(|w| w.count_ones() as usize).sum::<usize>())
-            .sum()
+        self.regions.iter().map(|r| r.bitmap.iter().map(|w| w.count_ones() as usize).sum::<usize>()).sum()
     }
 
     /// Guest physical addresses of the dirty pages, in increasing order.
@@ -140,9 +135,8 @@ pub fn for_each_page<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
     for region in mem.iter() {
         let base = region.start_addr().0;
         let len = region.len() as usize;
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .expect("a mapped region has a host address");
+        let host =
+            region.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("a mapped region has a host address");
         // SAFETY: `host..host+len` is the live mmap of this region, owned by `mem`, which
         // outlives this borrow. Concurrent vCPU writes can change bytes under us, which only
         // affects the values read (callers pause the VM when they need a stable view).
@@ -207,11 +201,7 @@ pub fn memory_digest(
     if let Some(source) = err {
         return Err(MemoryError::Image { what: "write of page digests", source });
     }
-    Ok(MemoryDigest {
-        sha256: hex(&total.finish()),
-        pages,
-        nonzero_pages: nonzero,
-    })
+    Ok(MemoryDigest { sha256: hex(&total.finish()), pages, nonzero_pages: nonzero })
 }
 
 /// Lower-case hex of `bytes`.
@@ -269,10 +259,7 @@ pub fn write_sparse_image(mem: &GuestMemoryMmap, file: &File) -> Result<u64, Mem
 /// data extents (`SEEK_DATA`/`SEEK_HOLE`). Returns the bytes read.
 pub fn read_sparse_image(mem: &GuestMemoryMmap, file: &mut File) -> Result<u64, MemoryError> {
     let total = mem_size(mem);
-    let found = file
-        .metadata()
-        .map_err(|source| MemoryError::Image { what: "stat", source })?
-        .len();
+    let found = file.metadata().map_err(|source| MemoryError::Image { what: "stat", source })?.len();
     if found != total {
         return Err(MemoryError::ImageSize { expected: total, found });
     }
@@ -287,15 +274,11 @@ pub fn read_sparse_image(mem: &GuestMemoryMmap, file: &mut File) -> Result<u64, 
                 break;
             }
             let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(total).min(region_off + len);
-            file.seek(SeekFrom::Start(data))
-                .map_err(|source| MemoryError::Image { what: "seek", source })?;
+            file.seek(SeekFrom::Start(data)).map_err(|source| MemoryError::Image { what: "seek", source })?;
             let gpa = GuestAddress(region.start_addr().0 + (data - region_off));
             let mut slice = mem.get_slice(gpa, (hole - data) as usize)?;
             file.read_exact_volatile(&mut slice)
-                .map_err(|e| MemoryError::Image {
-                    what: "read",
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+                .map_err(|e| MemoryError::Image { what: "read", source: std::io::Error::other(e.to_string()) })?;
             read += hole - data;
             pos = hole;
         }

@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -183,18 +183,9 @@ const I8042_RESET: u8 = 0xfe;
 impl Vcpu {
     /// Creates vCPU `id` in `vm`.
     pub fn new(vm: &Vm, id: u8, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Vcpu, VcpuError> {
-        let fd = vm.fd().create_vcpu(id as u64).map_err(|source| VcpuError::Kvm {
-            id,
-            what: "KVM_CREATE_VCPU",
-            source,
-        })?;
-        Ok(Vcpu {
-            id,
-            fd,
-            pio,
-            mmio,
-            counters: Arc::new(ExitCounters::default()),
-        })
+        let fd =
+            vm.fd().create_vcpu(id as u64).map_err(|source| VcpuError::Kvm { id, what: "KVM_CREATE_VCPU", source })?;
+        Ok(Vcpu { id, fd, pio, mmio, counters: Arc::new(ExitCounters::default()) })
     }
 
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -208,13 +199,7 @@ impl Vcpu {
     }
 
     /// Prepares the vCPU to enter a kernel at `entry` in long mode (the boot vCPU).
-    pub fn configure_boot(
-        &self,
-        kvm: &Kvm,
-        mem: &GuestMemoryMmap,
-        entry: u64,
-        count: u8,
-    ) -> Result<(), VcpuError> {
+    pub fn configure_boot(&self, kvm: &Kvm, mem: &GuestMemoryMmap, entry: u64, count: u8) -> Result<(), VcpuError> {
         let cpuid = cpuid::vcpu_cpuid(kvm, self.id, count)?;
         self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
         let msrs = msr::boot_msrs()?;
@@ -273,14 +258,9 @@ impl Vcpu {
 
     /// Reads the full vCPU state. The vCPU must not be running.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
-        let cpuid = self
-            .fd
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(self.kvm_err("KVM_GET_CPUID2"))?;
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry { index, ..Default::default() })
-            .collect();
+        let cpuid = self.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(self.kvm_err("KVM_GET_CPUID2"))?;
+        let entries: Vec<kvm_msr_entry> =
+            msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(msr::MsrError::Fam)?;
         let n = self.fd.get_msrs(&mut msrs).map_err(self.kvm_err("KVM_GET_MSRS"))?;
         if n != entries.len() {
@@ -302,10 +282,7 @@ impl Vcpu {
             debug_regs: self.fd.get_debug_regs().map_err(self.kvm_err("KVM_GET_DEBUGREGS"))?,
             lapic: self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?,
             mp_state: self.fd.get_mp_state().map_err(self.kvm_err("KVM_GET_MP_STATE"))?,
-            vcpu_events: self
-                .fd
-                .get_vcpu_events()
-                .map_err(self.kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            vcpu_events: self.fd.get_vcpu_events().map_err(self.kvm_err("KVM_GET_VCPU_EVENTS"))?,
             tsc_khz: self.fd.get_tsc_khz().ok(),
         })
     }
@@ -327,9 +304,7 @@ impl Vcpu {
         // area), so KVM reads no more than the struct holds.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.kvm_err("KVM_SET_XSAVE"))?;
         self.fd.set_xcrs(&state.xcrs).map_err(self.kvm_err("KVM_SET_XCRS"))?;
-        self.fd
-            .set_debug_regs(&state.debug_regs)
-            .map_err(self.kvm_err("KVM_SET_DEBUGREGS"))?;
+        self.fd.set_debug_regs(&state.debug_regs).map_err(self.kvm_err("KVM_SET_DEBUGREGS"))?;
         self.fd.set_lapic(&state.lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
         let msrs = Msrs::from_entries(&state.msrs).map_err(msr::MsrError::Fam)?;
         let n = self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
@@ -342,9 +317,7 @@ impl Vcpu {
                 stopped_at: state.msrs[n].index,
             });
         }
-        self.fd
-            .set_vcpu_events(&state.vcpu_events)
-            .map_err(self.kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        self.fd.set_vcpu_events(&state.vcpu_events).map_err(self.kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 
@@ -387,9 +360,9 @@ impl Vcpu {
                 Err(StopReason::Halted)
             }
             Ok(VcpuExit::Shutdown) => Err(StopReason::Shutdown),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(StopReason::Error(format!(
-                "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
-            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Err(StopReason::Error(format!("KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}")))
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
                 // active member of the kvm_run union.
@@ -404,9 +377,7 @@ impl Vcpu {
                     s.cr0, s.cr4, s.efer
                 )))
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                Err(StopReason::Error(format!("system event {kind}")))
-            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => Err(StopReason::Error(format!("system event {kind}"))),
             Ok(other) => {
                 inc(&counters.other);
                 tracing::debug!("unhandled vCPU exit {other:?}");
@@ -442,13 +413,7 @@ impl Vcpu {
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu_loop(self, paused, msr_indices, req_rx, resp_tx, stopped, throttle))
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle {
-            id,
-            requests: req_tx,
-            responses: resp_rx,
-            thread: Some(thread),
-            counters,
-        })
+        Ok(VcpuHandle { id, requests: req_tx, responses: resp_rx, thread: Some(thread), counters })
     }
 }
 
@@ -559,9 +524,7 @@ pub struct VcpuHandle {
 
 impl VcpuHandle {
     fn request(&self, req: VcpuRequest) -> Result<VcpuResponse, VcpuError> {
-        self.requests
-            .send(req)
-            .map_err(|_| VcpuError::ThreadGone(self.id))?;
+        self.requests.send(req).map_err(|_| VcpuError::ThreadGone(self.id))?;
         loop {
             if let Some(t) = &self.thread {
                 // Best effort: a thread that already left KVM_RUN ignores the signal.
@@ -596,10 +559,9 @@ impl VcpuHandle {
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
         match self.request(VcpuRequest::SaveState)? {
             VcpuResponse::State(s) => *s,
-            VcpuResponse::Done => Err(VcpuError::Request {
-                id: self.id,
-                msg: "unexpected answer to save-state".into(),
-            }),
+            VcpuResponse::Done => {
+                Err(VcpuError::Request { id: self.id, msg: "unexpected answer to save-state".into() })
+            }
         }
     }
 

@@ -2,9 +2,8 @@
 //! (PIC, IOAPIC, PIT, kvmclock) saved in snapshots.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -90,30 +89,20 @@ impl Vm {
     /// Creates the VM: TSS and identity map, in-kernel irqchip, PIT, and the memory slots.
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        let vm = Vm {
-            fd,
-            memory,
-            dirty_logging: false,
-        };
+        let vm = Vm { fd, memory, dirty_logging: false };
         vm.register_slots(false)?;
         Ok(vm)
     }
 
     fn register_slots(&self, log_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in self.memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("a mapped region has a host address");
+            let host =
+                region.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("a mapped region has a host address");
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -123,8 +112,7 @@ impl Vm {
             };
             // SAFETY: the region is a live mmap owned by `self.memory`, which lives as long as
             // the VM fd (both are fields of `self` and the slot is never pointed elsewhere).
-            unsafe { self.fd.set_user_memory_region(mem_region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { self.fd.set_user_memory_region(mem_region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
@@ -168,9 +156,7 @@ impl Vm {
         for (slot, region) in self.memory.iter().enumerate() {
             let pages = region.len() as usize / PAGE_SIZE;
             let mut bitmap = if self.dirty_logging {
-                self.fd
-                    .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?
+                self.fd.get_dirty_log(slot as u32, region.len() as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?
             } else {
                 vec![0; pages.div_ceil(64)]
             };
@@ -178,11 +164,7 @@ impl Vm {
             for (k, v) in bitmap.iter_mut().zip(vmm) {
                 *k |= v;
             }
-            log.regions.push(RegionDirty {
-                base: region.start_addr().0,
-                pages,
-                bitmap,
-            });
+            log.regions.push(RegionDirty { base: region.start_addr().0, pages, bitmap });
         }
         Ok(log)
     }
@@ -190,10 +172,7 @@ impl Vm {
     /// Reads the VM-wide device state. The vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
         let chip = |id| -> Result<kvm_irqchip, VmError> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
             self.fd.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
             Ok(c)
         };

@@ -127,10 +127,7 @@ impl VmProcess {
 
     /// Executes an API command that must succeed.
     pub fn exec(&self, cmd: &str, args: Value) -> Value {
-        self.client()
-            .execute(cmd, args)
-            .expect("API I/O")
-            .unwrap_or_else(|e| panic!("{cmd} failed: {e}"))
+        self.client().execute(cmd, args).expect("API I/O").unwrap_or_else(|e| panic!("{cmd} failed: {e}"))
     }
 
     pub fn serial_text(&self) -> String {
@@ -186,10 +183,7 @@ impl Drop for VmProcess {
 
 /// The heartbeat numbers in a console transcript.
 pub fn heartbeats(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("heartbeat "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
+    text.lines().filter_map(|l| l.trim().strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
 }
 
 /// The last heartbeat number in a console transcript.

@@ -115,7 +115,15 @@ pub struct IoWorkload {
 impl IoWorkload {
     /// The workload over `[area_start, area_start + area_size)` (bytes) of
     /// `disk`. `None` if the area holds no whole block.
-    pub fn new(disk: &Disk, area_start: u64, area_size: u64, rate: u64, seed: u64, hz: u64, now: u64) -> Option<IoWorkload> {
+    pub fn new(
+        disk: &Disk,
+        area_start: u64,
+        area_size: u64,
+        rate: u64,
+        seed: u64,
+        hz: u64,
+        now: u64,
+    ) -> Option<IoWorkload> {
         let start = area_start.next_multiple_of(IO_BLOCK as u64);
         let size = area_size.min(disk.capacity.saturating_sub(start));
         let blocks = (size / IO_BLOCK as u64) as usize;

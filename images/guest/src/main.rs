@@ -131,10 +131,9 @@ pub extern "C" fn kernel_main(boot_params: u64) -> ! {
                 Ok(n) => {
                     match n.ip {
                         Some(([a, b, c, d], len)) => match config.gw {
-                            Some([w, x, y, z]) => println!(
-                                "net: mac={} ip={a}.{b}.{c}.{d}/{len} gw={w}.{x}.{y}.{z}",
-                                MacFmt(n.mac)
-                            ),
+                            Some([w, x, y, z]) => {
+                                println!("net: mac={} ip={a}.{b}.{c}.{d}/{len} gw={w}.{x}.{y}.{z}", MacFmt(n.mac))
+                            }
                             None => println!("net: mac={} ip={a}.{b}.{c}.{d}/{len}", MacFmt(n.mac)),
                         },
                         None => println!("net: mac={} ip=none", MacFmt(n.mac)),
@@ -285,9 +284,8 @@ pub extern "C" fn kernel_main(boot_params: u64) -> ! {
                 if let Some(u) = net.as_ref().and_then(|n| n.sender.as_ref()) {
                     u.report();
                 }
-                for (i, base) in [disk.as_ref().map(|d| d.mmio_base), net.as_ref().map(|n| n.mmio_base)]
-                    .into_iter()
-                    .enumerate()
+                for (i, base) in
+                    [disk.as_ref().map(|d| d.mmio_base), net.as_ref().map(|n| n.mmio_base)].into_iter().enumerate()
                 {
                     if let Some(base) = base {
                         if !reported_reset[i] && virtio::needs_reset(base) {

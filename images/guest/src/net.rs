@@ -420,7 +420,8 @@ impl Net {
         let mut nic = Nic { core, scratch: vec![0u8; BUF], stash: VecDeque::new(), learner, now_ms };
 
         let mut cfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-        cfg.random_seed = crate::workload::splitmix64(u64::from_be_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]));
+        cfg.random_seed =
+            crate::workload::splitmix64(u64::from_be_bytes([0, 0, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]));
         let now = Instant::from_millis(now_ms as i64);
         let mut iface = Interface::new(cfg, &mut nic, now);
         let mut sockets = SocketSet::new(Vec::new());

@@ -29,17 +29,12 @@ fn keys(tag: &str, n: usize) -> Vec<Vec<u8>> {
 /// Operations per second of `op` over `total` keys in batches of `batch`.
 fn redis_rate(r: &mut Redis, tag: &str, total: usize, batch: usize, op: &str) -> f64 {
     let ks = keys(tag, total);
-    let entries: Vec<_> = ks
-        .iter()
-        .map(|k| (k.clone(), "10.0.0.1:7000".to_string()))
-        .collect();
+    let entries: Vec<_> = ks.iter().map(|k| (k.clone(), "10.0.0.1:7000".to_string())).collect();
     let t0 = Instant::now();
     for (i, c) in ks.chunks(batch).enumerate() {
         match op {
             "set_nx" => drop(r.set_nx_many(c, 600).expect("set_nx_many")),
-            "sadd" => r
-                .sadd_many(&entries[i * batch..i * batch + c.len()])
-                .expect("sadd_many"),
+            "sadd" => r.sadd_many(&entries[i * batch..i * batch + c.len()]).expect("sadd_many"),
             "srandmember" => drop(r.srandmember_many(c).expect("srandmember_many")),
             _ => unreachable!(),
         }
@@ -78,8 +73,7 @@ impl ChunkSource for MapSource {
 /// Fetches batches of 1024 4-KiB chunks; returns a JSON object and prints a line.
 fn peer_figures(pages: &[Vec<u8>], digests: &[Vec<u8>], verify: bool) -> String {
     let chunks = digests.iter().cloned().zip(pages.iter().cloned()).collect();
-    let server = PeerServer::start("127.0.0.1:0", Arc::new(MapSource { chunks, verify }))
-        .expect("peer server");
+    let server = PeerServer::start("127.0.0.1:0", Arc::new(MapSource { chunks, verify })).expect("peer server");
     let peer = format!("127.0.0.1:{}", server.local_addr().port());
     let mut client = PeerClient::new(Duration::from_secs(10));
     client.fetch(&peer, &digests[..1]).expect("warm-up");
@@ -124,33 +118,22 @@ fn main() {
             eprintln!("indexd-bench: {e}");
             std::process::exit(1)
         });
-        let mut r =
-            Redis::connect(&Target::parse(&c.target_string()).expect("target")).expect("connect");
+        let mut r = Redis::connect(&Target::parse(&c.target_string()).expect("target")).expect("connect");
         redis.extend(redis_figures(&mut r, "cluster3"));
     }
     sections.push(format!("\"redis\": [{}]", redis.join(", ")));
 
     // Peer fetch: batches of 1024 distinct 4 KiB chunks (server verifies each, as a VMM does).
     let n = 8192;
-    let pages: Vec<Vec<u8>> = (0..n as u64)
-        .map(|i| {
-            (0..4096u64)
-                .map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8)
-                .collect()
-        })
-        .collect();
+    let pages: Vec<Vec<u8>> =
+        (0..n as u64).map(|i| (0..4096u64).map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8).collect()).collect();
     let digests: Vec<Vec<u8>> = pages.iter().map(|p| digest(Algo::Sha256, p)).collect();
-    let peer = [
-        peer_figures(&pages, &digests, true),
-        peer_figures(&pages, &digests, false),
-    ];
+    let peer = [peer_figures(&pages, &digests, true), peer_figures(&pages, &digests, false)];
     sections.push(format!("\"peer_fetch\": [{}]", peer.join(", ")));
 
     // Content index: 1 M chunks, 500 k distinct SHA-256 digests.
     let chunks = 1_000_000u64;
-    let ds: Vec<Vec<u8>> = (0..chunks / 2)
-        .map(|i| digest(Algo::Sha256, &i.to_le_bytes()))
-        .collect();
+    let ds: Vec<Vec<u8>> = (0..chunks / 2).map(|i| digest(Algo::Sha256, &i.to_le_bytes())).collect();
     let rss0 = rss_kib();
     let t = Instant::now();
     let mut ix = ContentIndex::new();

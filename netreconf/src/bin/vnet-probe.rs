@@ -142,19 +142,12 @@ struct Target {
 impl std::str::FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, addr) = s
-            .split_once('=')
-            .ok_or_else(|| format!("target '{s}' is not NAME=IP:PORT"))?;
+        let (name, addr) = s.split_once('=').ok_or_else(|| format!("target '{s}' is not NAME=IP:PORT"))?;
         if name.is_empty() {
             return Err(format!("target '{s}' has an empty name"));
         }
-        let addr = addr
-            .parse()
-            .map_err(|e| format!("target '{s}': bad IP:PORT '{addr}': {e}"))?;
-        Ok(Target {
-            name: name.to_string(),
-            addr,
-        })
+        let addr = addr.parse().map_err(|e| format!("target '{s}': bad IP:PORT '{addr}': {e}"))?;
+        Ok(Target { name: name.to_string(), addr })
     }
 }
 
@@ -163,10 +156,7 @@ fn unhex(s: &str) -> Result<Vec<u8>, String> {
     if s.len() & 1 == 1 {
         return Err(format!("odd-length hex '{s}'"));
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("bad hex: {e}")))
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("bad hex: {e}"))).collect()
 }
 
 fn open(iface: &str) -> Result<pcap::Capture<pcap::Active>, String> {
@@ -256,11 +246,7 @@ struct Track {
 }
 
 fn target_report(t: &Target, tr: &Track, start_unix_ns: u64, stop_ns: u64) -> serde_json::Value {
-    let warmup = tr
-        .probes
-        .iter()
-        .position(|p| p.1.is_some())
-        .unwrap_or(tr.probes.len());
+    let warmup = tr.probes.iter().position(|p| p.1.is_some()).unwrap_or(tr.probes.len());
     let counted = &tr.probes[warmup..];
     let received = counted.iter().filter(|p| p.1.is_some()).count();
     let (mut max_gap_ns, mut max_gap_start, mut over_100) = (0u64, None, 0u64);
@@ -319,14 +305,8 @@ fn target_report(t: &Target, tr: &Track, start_unix_ns: u64, stop_ns: u64) -> se
 
 /// Write `text` to `path` via a temp file in the same directory and a rename.
 fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
-    let fname = path
-        .file_name()
-        .ok_or_else(|| format!("--out {} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        fname.to_string_lossy(),
-        std::process::id()
-    ));
+    let fname = path.file_name().ok_or_else(|| format!("--out {} is not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp{}", fname.to_string_lossy(), std::process::id()));
     let res = std::fs::File::create(&tmp)
         .and_then(|mut f| {
             f.write_all(text.as_bytes())?;
@@ -350,19 +330,11 @@ fn probe(a: ProbeArgs) -> Result<serde_json::Value, String> {
     catch_stop_signals();
     let iv = Duration::from_millis(a.interval_ms.max(1));
     let max = Duration::from_secs(a.max_seconds);
-    let mut tracks: Vec<Track> = a
-        .targets
-        .iter()
-        .map(|_| Track {
-            probes: Vec::with_capacity(1024),
-            send_errors: 0,
-        })
-        .collect();
+    let mut tracks: Vec<Track> =
+        a.targets.iter().map(|_| Track { probes: Vec::with_capacity(1024), send_errors: 0 }).collect();
     let mut buf = [0u8; 2048];
     let t0 = Instant::now();
-    let start_unix_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let start_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let ns = |t: Instant| t.duration_since(t0).as_nanos() as u64;
     // Receive replies until `until`, recording RTTs of first answers to our probes.
     let mut receive_until = |tracks: &mut [Track], until: Instant| loop {
@@ -385,11 +357,7 @@ fn probe(a: ProbeArgs) -> Result<serde_json::Value, String> {
             }
         }
     };
-    eprintln!(
-        "probe: {} targets every {} ms",
-        a.targets.len(),
-        iv.as_millis()
-    );
+    eprintln!("probe: {} targets every {} ms", a.targets.len(), iv.as_millis());
     let mut tick: u32 = 0;
     let mut ticks_skipped: u64 = 0;
     let stop_at = loop {
@@ -436,12 +404,7 @@ fn probe(a: ProbeArgs) -> Result<serde_json::Value, String> {
 fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
     match cmd {
         Cmd::Probe(a) => probe(a),
-        Cmd::Rarp {
-            iface,
-            mac,
-            schedule_ms,
-            wait_file,
-        } => {
+        Cmd::Rarp { iface, mac, schedule_ms, wait_file } => {
             let mut cap = open(&iface)?;
             let f = frames::qemu_rarp(mac);
             if let Some(w) = wait_file {
@@ -493,12 +456,7 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             }
             Ok(serde_json::json!({"sent": hex.len()}))
         }
-        Cmd::UdpSend {
-            to,
-            interval_us,
-            stop_file,
-            max_seconds,
-        } => {
+        Cmd::UdpSend { to, interval_us, stop_file, max_seconds } => {
             let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
             let t0 = Instant::now();
             let iv = Duration::from_micros(interval_us.max(1));
@@ -520,14 +478,9 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             }
             Ok(serde_json::json!({"sent": seq, "send_errors": errors, "interval_us": interval_us}))
         }
-        Cmd::UdpRecv {
-            bind,
-            stop_file,
-            max_seconds,
-        } => {
+        Cmd::UdpRecv { bind, stop_file, max_seconds } => {
             let s = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_millis(20)))
-                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
             // The receiver measures the network, not its own scheduling: a roomy buffer
             // keeps what arrives while it waits for the CPU.
             big_rcvbuf(&s);
@@ -540,9 +493,7 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             let mut max_seq = 0u64;
             let mut draining = false;
             loop {
-                if !draining
-                    && (stop(&stop_file) || t0.elapsed() >= Duration::from_secs(max_seconds))
-                {
+                if !draining && (stop(&stop_file) || t0.elapsed() >= Duration::from_secs(max_seconds)) {
                     // Count what already arrived but was not read yet, then stop.
                     draining = true;
                     s.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -583,8 +534,7 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
         }
         Cmd::UdpEcho { bind, stop_file } => {
             let s = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_millis(50)))
-                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
             let mut buf = [0u8; 2048];
             let mut n_echo = 0u64;
             while !stop(&stop_file) {
@@ -595,14 +545,9 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             }
             Ok(serde_json::json!({"echoed": n_echo}))
         }
-        Cmd::UdpRtt {
-            to,
-            count,
-            interval_us,
-        } => {
+        Cmd::UdpRtt { to, count, interval_us } => {
             let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
             let mut rtts = Vec::new();
             let mut buf = [0u8; 64];
             for i in 0..count {
@@ -629,11 +574,7 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
                     Some(rtts[((rtts.len() - 1) as f64 * q).round() as usize])
                 }
             };
-            let avg = if rtts.is_empty() {
-                None
-            } else {
-                Some(rtts.iter().sum::<f64>() / rtts.len() as f64)
-            };
+            let avg = if rtts.is_empty() { None } else { Some(rtts.iter().sum::<f64>() / rtts.len() as f64) };
             Ok(serde_json::json!({
                 "sent": count, "received": rtts.len(),
                 "avg_us": avg, "min_us": pct(0.0), "p50_us": pct(0.5), "p99_us": pct(0.99),
@@ -662,8 +603,8 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             Ok(serde_json::json!({"received_bytes": total}))
         }
         Cmd::TcpSend { to, seconds } => {
-            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                .map_err(|e| format!("connect {to}: {e}"))?;
+            let mut c =
+                TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect {to}: {e}"))?;
             let buf = vec![0x5au8; 1 << 16];
             let t0 = Instant::now();
             let mut total = 0u64;

@@ -23,14 +23,8 @@ struct Bins {
 }
 
 fn bins() -> Bins {
-    let dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
-    Bins {
-        vnetd: dir.join("vnetd"),
-        probe: dir.join("vnet-probe").to_string_lossy().to_string(),
-    }
+    let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
+    Bins { vnetd: dir.join("vnetd"), probe: dir.join("vnet-probe").to_string_lossy().to_string() }
 }
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -155,7 +149,8 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     let sp = read_pcap(&tb.pcap(src))?;
     let t_rarp = first_after(&dp, t_move, |a, rarp| rarp && a.sha == VM_MAC);
     let t_garp = first_after(&sp, t_move, |a, _| a.is_gratuitous() && a.spa == VM_IP && a.sha == src_mac);
-    let t_vm_update = first_after(&dp, t_move, |a, _| a.eth_dst == VM_MAC && a.tpa == VM_IP && a.op == frames::OP_REQUEST);
+    let t_vm_update =
+        first_after(&dp, t_move, |a, _| a.eth_dst == VM_MAC && a.tpa == VM_IP && a.op == frames::OP_REQUEST);
     let _ = dest_mac;
     let ms = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => json!((a as f64 - b as f64) / 1000.0),
@@ -196,7 +191,11 @@ fn throughput_latency(tb: &TwoSites, b: &Bins, label: &str) -> R<Value> {
     std::thread::sleep(Duration::from_millis(300));
     tb.ping("a1", B1_IP, 10)?;
     let rtt: Value = serde_json::from_str(
-        nsrun(&tb.ns("a1"), &[&b.probe, "udp-rtt", "--to", "10.1.1.1:5202", "--count", "1000", "--interval-us", "1000"])?.trim(),
+        nsrun(
+            &tb.ns("a1"),
+            &[&b.probe, "udp-rtt", "--to", "10.1.1.1:5202", "--count", "1000", "--interval-us", "1000"],
+        )?
+        .trim(),
     )?;
     let tcp: Value = serde_json::from_str(
         nsrun(&tb.ns("a1"), &[&b.probe, "tcp-send", "--to", "10.1.1.1:5201", "--seconds", "5"])?.trim(),
@@ -233,7 +232,10 @@ fn wan_tbf(tb: &TwoSites, on: bool) -> R<()> {
     for r in ["ra", "rb"] {
         let ns = tb.ns(r);
         if on {
-            run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "wan0", "root", "tbf", "rate", "100mbit", "burst", "256kb", "latency", "50ms"])?;
+            run(&[
+                "ip", "netns", "exec", &ns, "tc", "qdisc", "replace", "dev", "wan0", "root", "tbf", "rate", "100mbit",
+                "burst", "256kb", "latency", "50ms",
+            ])?;
         } else {
             let _ = run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "del", "dev", "wan0", "root"]);
         }
@@ -328,27 +330,30 @@ fn bench(out: &Path, moves: u32) -> R<()> {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
-    println!("{}", serde_json::to_string_pretty(&json!({
-        "migration": {
-            "rarp_seen_to_all_routers_ms": result["migration"]["rarp_seen_to_all_routers_ms"],
-            "rarp_seen_to_first_garp_out_ms": result["migration"]["rarp_seen_to_first_garp_out_ms"],
-            "udp_gap_a1_to_vm_ms": result["migration"]["udp_gap_a1_to_vm_ms"],
-            "udp_restored_after_rarp_ms": result["migration"]["udp_restored_after_rarp_ms"],
-            "link_move_ms": result["migration"]["link_move_ms"],
-        },
-        "unlimited_wan": {
-            "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["vnetd_tcp_mbit_s"],
-            "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["plain_tcp_mbit_s"],
-            "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_p50_us"],
-            "added_rtt_min_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_min_us"],
-        },
-        "wan_tbf_100mbit": {
-            "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["vnetd_tcp_mbit_s"],
-            "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["plain_tcp_mbit_s"],
-            "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_p50_us"],
-            "added_rtt_min_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_min_us"],
-        },
-    }))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "migration": {
+                "rarp_seen_to_all_routers_ms": result["migration"]["rarp_seen_to_all_routers_ms"],
+                "rarp_seen_to_first_garp_out_ms": result["migration"]["rarp_seen_to_first_garp_out_ms"],
+                "udp_gap_a1_to_vm_ms": result["migration"]["udp_gap_a1_to_vm_ms"],
+                "udp_restored_after_rarp_ms": result["migration"]["udp_restored_after_rarp_ms"],
+                "link_move_ms": result["migration"]["link_move_ms"],
+            },
+            "unlimited_wan": {
+                "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["vnetd_tcp_mbit_s"],
+                "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["unlimited_wan"]["plain_tcp_mbit_s"],
+                "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_p50_us"],
+                "added_rtt_min_us": result["tunnel_vs_plain_routing"]["unlimited_wan"]["added_rtt_min_us"],
+            },
+            "wan_tbf_100mbit": {
+                "vnetd_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["vnetd_tcp_mbit_s"],
+                "plain_tcp_mbit_s": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["plain_tcp_mbit_s"],
+                "added_rtt_p50_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_p50_us"],
+                "added_rtt_min_us": result["tunnel_vs_plain_routing"]["wan_tbf_100mbit"]["added_rtt_min_us"],
+            },
+        }))?
+    );
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -34,11 +34,7 @@ fn main() -> ExitCode {
             Ok(v) => {
                 use std::io::Write;
                 // A closed pipe (`| head`) is not an error worth a panic.
-                let _ = writeln!(
-                    std::io::stdout(),
-                    "{}",
-                    serde_json::to_string_pretty(&v).unwrap_or_default()
-                );
+                let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -50,7 +46,13 @@ fn main() -> ExitCode {
     if let Some(path) = cli.check {
         return match Config::load(&path) {
             Ok(c) => {
-                println!("{}: OK (site {}, {} peers, {} GNDT routes)", path.display(), c.site, c.peers.len(), c.gndt.len());
+                println!(
+                    "{}: OK (site {}, {} peers, {} GNDT routes)",
+                    path.display(),
+                    c.site,
+                    c.peers.len(),
+                    c.gndt.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -77,11 +79,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match daemon::run(Options {
-        config,
-        pcap_out: cli.pcap_out,
-        allow_kernel_forwarding: cli.allow_kernel_forwarding,
-    }) {
+    match daemon::run(Options { config, pcap_out: cli.pcap_out, allow_kernel_forwarding: cli.allow_kernel_forwarding })
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vnetd: {e}");

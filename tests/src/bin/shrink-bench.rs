@@ -117,7 +117,8 @@ fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, Str
 fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String> {
     let e = |e: testbed::TestbedError| e.to_string();
     let dir = testbed::default_dir(&cli.name);
-    let opts = Options { name: cli.name.clone(), dir: dir.clone(), wan_rate: format!("{}mbit", p.rate), hosts_per_site: 2 };
+    let opts =
+        Options { name: cli.name.clone(), dir: dir.clone(), wan_rate: format!("{}mbit", p.rate), hosts_per_site: 2 };
     let bps = p.rate * 1_000_000;
     let mut tb = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
     let spec = spec(vm, p);
@@ -213,18 +214,28 @@ fn secs(v: &Value) -> f64 {
 }
 
 /// Series of `y(point)` over `x(point)` for the points `sel` keeps, one per system.
-fn systems(points: &[&Value], x: &dyn Fn(&Value) -> f64, y: &dyn Fn(&Value) -> Option<f64>, bound: Option<&dyn Fn(&Value) -> f64>) -> Vec<Series> {
+fn systems(
+    points: &[&Value],
+    x: &dyn Fn(&Value) -> f64,
+    y: &dyn Fn(&Value) -> Option<f64>,
+    bound: Option<&dyn Fn(&Value) -> f64>,
+) -> Vec<Series> {
     let mut out = Vec::new();
     // A run where a VM failed is not a measurement of the system.
     let valid = |v: &Value| v["ok"] != false && v["failed"].as_u64().unwrap_or(0) == 0;
     for (name, key) in [("shrink", "shrink"), ("shrink --no-dedup", "no_dedup"), ("QEMU", "qemu")] {
-        let pts: Vec<(f64, f64)> = points.iter().filter(|p| valid(&p[key])).filter_map(|p| Some((x(p), y(&p[key])?))).collect();
+        let pts: Vec<(f64, f64)> =
+            points.iter().filter(|p| valid(&p[key])).filter_map(|p| Some((x(p), y(&p[key])?))).collect();
         if !pts.is_empty() {
             out.push(Series { name: name.into(), points: pts, dashed: false });
         }
     }
     if let Some(b) = bound {
-        out.push(Series { name: "dedup lower bound".into(), points: points.iter().map(|p| (x(p), b(p))).collect(), dashed: true });
+        out.push(Series {
+            name: "dedup lower bound".into(),
+            points: points.iter().map(|p| (x(p), b(p))).collect(),
+            dashed: true,
+        });
     }
     out
 }
@@ -251,7 +262,12 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         }
         Ok(())
     };
-    let panel = |title: &str, x: &str, y: &str, series: Vec<Series>| Panel { title: title.into(), x_label: x.into(), y_label: y.into(), series };
+    let panel = |title: &str, x: &str, y: &str, series: Vec<Series>| Panel {
+        title: title.into(),
+        x_label: x.into(),
+        y_label: y.into(),
+        series,
+    };
 
     // Figure 6.4: cluster size.
     let size = sel(&|p| p["family"] == "size");
@@ -268,7 +284,11 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
                 "chunks (thousands)",
                 ["full", "deduplicated", "fetched_from_peers", "pulled"]
                     .iter()
-                    .map(|k| Series { name: k.replace('_', " "), points: size.iter().map(|p| (vms(p), chunks(p, k).unwrap_or(0.0) / 1e3)).collect(), dashed: false })
+                    .map(|k| Series {
+                        name: k.replace('_', " "),
+                        points: size.iter().map(|p| (vms(p), chunks(p, k).unwrap_or(0.0) / 1e3)).collect(),
+                        dashed: false,
+                    })
                     .collect(),
             ),
         ],
@@ -285,7 +305,12 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     fig("fig-workload-bytes.png", "Workloads, 100 Mbit/s WAN (thesis figs. 6.5, 6.6)", wb)?;
     // Figure 6.7: bandwidth, at the largest cluster.
     let nmax = points.iter().map(|p| u(&p["vms"])).max().unwrap_or(0);
-    let bw = sel(&|p| u(&p["vms"]) == nmax && p["workload"] == "idle" && u(&p["chunk"]) == 4096 && (p["family"] == "bandwidth" || p["family"] == "size"));
+    let bw = sel(&|p| {
+        u(&p["vms"]) == nmax
+            && p["workload"] == "idle"
+            && u(&p["chunk"]) == 4096
+            && (p["family"] == "bandwidth" || p["family"] == "size")
+    });
     let rate = |p: &Value| u(&p["rate_mbit"]) as f64;
     fig(
         "fig-bandwidth.png",
@@ -296,40 +321,88 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         ],
     )?;
     // Figure 6.8: granularity, at the largest cluster; --no-dedup and QEMU do not depend on it.
-    let gr = sel(&|p| u(&p["vms"]) == nmax && p["workload"] == "idle" && u(&p["rate_mbit"]) == 100 && (p["family"] == "granularity" || p["family"] == "size"));
+    let gr = sel(&|p| {
+        u(&p["vms"]) == nmax
+            && p["workload"] == "idle"
+            && u(&p["rate_mbit"]) == 100
+            && (p["family"] == "granularity" || p["family"] == "size")
+    });
     let chunk = |p: &Value| u(&p["chunk"]) as f64;
     let reference = |key: &str, name: &str, f: &dyn Fn(&Value) -> Option<f64>| -> Option<Series> {
         let base = gr.iter().find(|p| !p[key].is_null())?;
         let y = f(&base[key])?;
-        Some(Series { name: format!("{name} (any chunk)"), points: gr.iter().map(|p| (chunk(p), y)).collect(), dashed: true })
+        Some(Series {
+            name: format!("{name} (any chunk)"),
+            points: gr.iter().map(|p| (chunk(p), y)).collect(),
+            dashed: true,
+        })
     };
-    let mut gb = vec![Series { name: "shrink".into(), points: gr.iter().map(|p| (chunk(p), mb(&p["shrink"]["wan_bytes"]))).collect(), dashed: false }];
-    gb.push(Series { name: "dedup lower bound".into(), points: gr.iter().map(|p| (chunk(p), bbytes(p))).collect(), dashed: true });
+    let mut gb = vec![Series {
+        name: "shrink".into(),
+        points: gr.iter().map(|p| (chunk(p), mb(&p["shrink"]["wan_bytes"]))).collect(),
+        dashed: false,
+    }];
+    gb.push(Series {
+        name: "dedup lower bound".into(),
+        points: gr.iter().map(|p| (chunk(p), bbytes(p))).collect(),
+        dashed: true,
+    });
     gb.extend(reference("no_dedup", "--no-dedup", &bytes));
-    let mut gt = vec![Series { name: "shrink".into(), points: gr.iter().map(|p| (chunk(p), secs(&p["shrink"]["total_time_ms"]))).collect(), dashed: false }];
+    let mut gt = vec![Series {
+        name: "shrink".into(),
+        points: gr.iter().map(|p| (chunk(p), secs(&p["shrink"]["total_time_ms"]))).collect(),
+        dashed: false,
+    }];
     gt.extend(reference("no_dedup", "--no-dedup", &time));
     gt.extend(reference("qemu", "QEMU", &time));
     fig(
         "fig-granularity.png",
         &format!("{nmax} idle VMs, 100 Mbit/s, chunk size (thesis fig. 6.8)"),
-        vec![panel("bytes over the WAN", "chunk bytes", "MB", gb), panel("total migration time", "chunk bytes", "s", gt)],
+        vec![
+            panel("bytes over the WAN", "chunk bytes", "MB", gb),
+            panel("total migration time", "chunk bytes", "s", gt),
+        ],
     )?;
     // Network: detection, reconfiguration, downtime and gaps, per cluster size.
     let stat = |p: &Value, k: &str, max: bool| {
-        let v: Vec<f64> = p["shrink"]["network"].as_array().into_iter().flatten().filter_map(|n| n[k].as_f64()).collect();
+        let v: Vec<f64> =
+            p["shrink"]["network"].as_array().into_iter().flatten().filter_map(|n| n[k].as_f64()).collect();
         if max {
             v.iter().copied().fold(0.0, f64::max)
         } else {
             v.iter().sum::<f64>() / v.len().max(1) as f64
         }
     };
-    let ser = |name: &str, k: &str, max: bool| Series { name: name.into(), points: size.iter().map(|p| (vms(p), stat(p, k, max))).collect(), dashed: max };
+    let ser = |name: &str, k: &str, max: bool| Series {
+        name: name.into(),
+        points: size.iter().map(|p| (vms(p), stat(p, k, max))).collect(),
+        dashed: max,
+    };
     fig(
         "fig-network.png",
         "Moving idle clusters to site B: what the VMs' peers see (probes every 10 ms)",
         vec![
-            panel("downtime and connectivity gap", "VMs", "ms", vec![ser("downtime (mean)", "downtime_ms", false), ser("gap at site A (mean)", "gap_a_ms", false), ser("gap at site B (mean)", "gap_b_ms", false), ser("gap at site A (max)", "gap_a_ms", true)]),
-            panel("vnetd: from the VM's first RARP", "VMs", "ms", vec![ser("detection (mean)", "detection_ms", false), ser("reconfiguration (mean)", "reconfiguration_ms", false), ser("reconfiguration (max)", "reconfiguration_ms", true)]),
+            panel(
+                "downtime and connectivity gap",
+                "VMs",
+                "ms",
+                vec![
+                    ser("downtime (mean)", "downtime_ms", false),
+                    ser("gap at site A (mean)", "gap_a_ms", false),
+                    ser("gap at site B (mean)", "gap_b_ms", false),
+                    ser("gap at site A (max)", "gap_a_ms", true),
+                ],
+            ),
+            panel(
+                "vnetd: from the VM's first RARP",
+                "VMs",
+                "ms",
+                vec![
+                    ser("detection (mean)", "detection_ms", false),
+                    ser("reconfiguration (mean)", "reconfiguration_ms", false),
+                    ser("reconfiguration (max)", "reconfiguration_ms", true),
+                ],
+            ),
         ],
     )?;
     Ok(made)
@@ -373,23 +446,53 @@ fn main() -> ExitCode {
         // Before hours of measuring: everything the plots and the runs need is there.
         eval::font()?;
         let bins = Bins::find(None, None).map_err(|e| e.to_string())?;
-        let vm = if cli.quick { Vm { mem_mib: 128, preload: "16M", private: "2M" } } else { Vm { mem_mib: 256, preload: "64M", private: "28M" } };
+        let vm = if cli.quick {
+            Vm { mem_mib: 128, preload: "16M", private: "2M" }
+        } else {
+            Vm { mem_mib: 256, preload: "64M", private: "28M" }
+        };
         std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
         let f = cli.out.join("eval.json");
-        let write = |doc: &Value| std::fs::write(&f, serde_json::to_string_pretty(doc).unwrap_or_default()).map_err(|e| format!("{}: {e}", f.display()));
+        let write = |doc: &Value| {
+            std::fs::write(&f, serde_json::to_string_pretty(doc).unwrap_or_default())
+                .map_err(|e| format!("{}: {e}", f.display()))
+        };
         let pts = matrix(&cli);
         let mut done = Vec::new();
         let mut failed = 0;
         for (i, p) in pts.iter().enumerate() {
-            eprintln!("[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks{} ({:.0} s so far)", i + 1, pts.len(), p.family, p.vms, p.workload, p.rate, p.chunk, if p.baselines { ", with --no-dedup and QEMU" } else { "" }, t0.elapsed().as_secs_f64());
+            eprintln!(
+                "[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks{} ({:.0} s so far)",
+                i + 1,
+                pts.len(),
+                p.family,
+                p.vms,
+                p.workload,
+                p.rate,
+                p.chunk,
+                if p.baselines { ", with --no-dedup and QEMU" } else { "" },
+                t0.elapsed().as_secs_f64()
+            );
             match run_point(&cli, &bins, &vm, p) {
                 Ok(v) => {
                     eprintln!(
                         "    shrink {:.1} s {:.1} MB | no-dedup {} | QEMU {} | bound {:.1} MB",
                         secs(&v["shrink"]["total_time_ms"]),
                         mb(&v["shrink"]["wan_bytes"]),
-                        if v["no_dedup"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["no_dedup"]["total_time_ms"]), mb(&v["no_dedup"]["wan_bytes"])) },
-                        if v["qemu"].is_null() { "-".into() } else { format!("{:.1} s {:.1} MB", secs(&v["qemu"]["total_time_ms"]), mb(&v["qemu"]["wan_bytes"])) },
+                        if v["no_dedup"].is_null() {
+                            "-".into()
+                        } else {
+                            format!(
+                                "{:.1} s {:.1} MB",
+                                secs(&v["no_dedup"]["total_time_ms"]),
+                                mb(&v["no_dedup"]["wan_bytes"])
+                            )
+                        },
+                        if v["qemu"].is_null() {
+                            "-".into()
+                        } else {
+                            format!("{:.1} s {:.1} MB", secs(&v["qemu"]["total_time_ms"]), mb(&v["qemu"]["wan_bytes"]))
+                        },
                         mb(&v["lower_bound"]["bytes"]),
                     );
                     done.push(v);

@@ -61,7 +61,14 @@ struct Cluster {
 
 impl Cluster {
     fn spec(&self) -> BootSpec {
-        BootSpec { vms: self.vms, mem: self.mem.clone(), preload: self.preload.clone(), private: self.private.clone(), workload: self.workload.clone(), extra: String::new() }
+        BootSpec {
+            vms: self.vms,
+            mem: self.mem.clone(),
+            preload: self.preload.clone(),
+            private: self.private.clone(),
+            workload: self.workload.clone(),
+            extra: String::new(),
+        }
     }
 }
 
@@ -121,23 +128,52 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Up(net) => bins(net).and_then(|b| Testbed::up(opts(&cli, net), b).map_err(|e| e.to_string())).map(|tb| {
-            println!("testbed '{}' is up: {} namespaces, vnetd and Redis at both sites; WAN {}", cli.name, testbed::namespaces(&cli.name).len(), net.wan_rate);
-            println!("next: shrink-testbed --name {} boot   (then shrink-migrate --cluster {} --dest siteB)", cli.name, tb.vc_path().display());
+            println!(
+                "testbed '{}' is up: {} namespaces, vnetd and Redis at both sites; WAN {}",
+                cli.name,
+                testbed::namespaces(&cli.name).len(),
+                net.wan_rate
+            );
+            println!(
+                "next: shrink-testbed --name {} boot   (then shrink-migrate --cluster {} --dest siteB)",
+                cli.name,
+                tb.vc_path().display()
+            );
         }),
-        Cmd::Boot(c) => Testbed::open(&cli.name, &dir(&cli)).and_then(|mut tb| tb.boot(&c.spec()).map(|()| tb)).map_err(|e| e.to_string()).map(|tb| {
-            println!("{} VMs run at site A; cluster description: {}", c.vms, tb.vc_path().display());
-            println!("move it: shrink-migrate --cluster {} --dest siteB", tb.vc_path().display());
-        }),
-        Cmd::Probes { action, interval_ms } => Testbed::open(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).and_then(|tb| {
-            if action == "start" {
-                tb.start_probes(*interval_ms).map_err(|e| e.to_string()).map(|()| println!("probing every VM every {interval_ms} ms from both sites' clients"))
-            } else {
-                tb.stop_probes().map_err(|e| e.to_string()).map(|r| println!("{}", serde_json::to_string_pretty(&json!({"siteA": r[0], "siteB": r[1]})).unwrap_or_default()))
-            }
-        }),
-        Cmd::Status => Testbed::open(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).map(|tb| println!("{}", serde_json::to_string_pretty(&tb.status()).unwrap_or_default())),
+        Cmd::Boot(c) => Testbed::open(&cli.name, &dir(&cli))
+            .and_then(|mut tb| tb.boot(&c.spec()).map(|()| tb))
+            .map_err(|e| e.to_string())
+            .map(|tb| {
+                println!("{} VMs run at site A; cluster description: {}", c.vms, tb.vc_path().display());
+                println!("move it: shrink-migrate --cluster {} --dest siteB", tb.vc_path().display());
+            }),
+        Cmd::Probes { action, interval_ms } => {
+            Testbed::open(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).and_then(|tb| {
+                if action == "start" {
+                    tb.start_probes(*interval_ms)
+                        .map_err(|e| e.to_string())
+                        .map(|()| println!("probing every VM every {interval_ms} ms from both sites' clients"))
+                } else {
+                    tb.stop_probes().map_err(|e| e.to_string()).map(|r| {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&json!({"siteA": r[0], "siteB": r[1]})).unwrap_or_default()
+                        )
+                    })
+                }
+            })
+        }
+        Cmd::Status => Testbed::open(&cli.name, &dir(&cli))
+            .map_err(|e| e.to_string())
+            .map(|tb| println!("{}", serde_json::to_string_pretty(&tb.status()).unwrap_or_default())),
         Cmd::Down => testbed::down(&cli.name, &dir(&cli)).map_err(|e| e.to_string()).map(|r| {
-            println!("testbed '{}' removed: {} namespaces, {} processes{}", cli.name, r.namespaces.len(), r.processes, if r.dir { ", working directory" } else { "" });
+            println!(
+                "testbed '{}' removed: {} namespaces, {} processes{}",
+                cli.name,
+                r.namespaces.len(),
+                r.processes,
+                if r.dir { ", working directory" } else { "" }
+            );
         }),
         Cmd::Demo { net, cluster, report, keep } => demo(&cli, net, cluster, report.as_deref(), *keep),
     };
@@ -164,7 +200,10 @@ struct Leg {
 fn demo(cli: &Cli, net: &Net, cluster: &Cluster, report_file: Option<&Path>, keep: bool) -> Result<(), String> {
     let t0 = Instant::now();
     let b = bins(net)?;
-    step(&format!("1. two sites in network namespaces '{}-*': LANs, gateways with vnetd, Redis, a {} WAN", cli.name, net.wan_rate));
+    step(&format!(
+        "1. two sites in network namespaces '{}-*': LANs, gateways with vnetd, Redis, a {} WAN",
+        cli.name, net.wan_rate
+    ));
     let mut tb = Testbed::up(opts(cli, net), b).map_err(|e| e.to_string())?;
     let r = demo_run(&mut tb, net, cluster, t0);
     if let Ok(legs) = &r {
@@ -180,11 +219,17 @@ fn demo(cli: &Cli, net: &Net, cluster: &Cluster, report_file: Option<&Path>, kee
         }
     }
     if keep {
-        println!("\nthe testbed stays up (vc.toml: {}); remove it with: shrink-testbed --name {} down", tb.vc_path().display(), cli.name);
+        println!(
+            "\nthe testbed stays up (vc.toml: {}); remove it with: shrink-testbed --name {} down",
+            tb.vc_path().display(),
+            cli.name
+        );
     } else {
         step("tear down");
         match testbed::down(&cli.name, tb.dir()) {
-            Ok(removed) => println!("removed {} namespaces and {} processes", removed.namespaces.len(), removed.processes),
+            Ok(removed) => {
+                println!("removed {} namespaces and {} processes", removed.namespaces.len(), removed.processes)
+            }
             // The run's own error (if any) matters more; this one is reported beside it.
             Err(e) if r.is_err() => eprintln!("shrink-testbed: tear down: {e}"),
             Err(e) => return Err(e.to_string()),
@@ -212,7 +257,9 @@ fn demo_run(tb: &mut Testbed, net: &Net, cluster: &Cluster, t0: Instant) -> Resu
     }
     println!("  booted in {:.1} s; cluster description: {}", t0.elapsed().as_secs_f64(), tb.vc_path().display());
     let mut legs = Vec::new();
-    for (dest, extra, title) in [(Site::B, &[][..], "A→B, shrink (dedup)"), (Site::A, &["--no-dedup"][..], "B→A, --no-dedup")] {
+    for (dest, extra, title) in
+        [(Site::B, &[][..], "A→B, shrink (dedup)"), (Site::A, &["--no-dedup"][..], "B→A, --no-dedup")]
+    {
         step(&format!(
             "{}. clients at 10.1.0.100 (site A) and 10.1.1.100 (site B) probe every VM over UDP every 10 ms; shrink-migrate --cluster vc.toml --dest {}{}",
             legs.len() + 3,
@@ -309,7 +356,11 @@ fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
         format!("{}/{}", m("lost_a"), m("lost_b"))
     });
     row("longest gap, ms (max)", &|l| {
-        let g = l.network.iter().flat_map(|n| [&n["gap_a_ms"], &n["gap_b_ms"]].map(|g| g.as_f64().unwrap_or(0.0))).fold(0.0, f64::max);
+        let g = l
+            .network
+            .iter()
+            .flat_map(|n| [&n["gap_a_ms"], &n["gap_b_ms"]].map(|g| g.as_f64().unwrap_or(0.0)))
+            .fold(0.0, f64::max);
         format!("{g:.0}")
     });
     row("VMs failed", &|l| u(&l.report["failed"]).to_string());
@@ -324,7 +375,13 @@ fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
     for l in legs {
         for v in l.report["vms"].as_array().into_iter().flatten() {
             if v["status"] != "completed" {
-                println!("  {}: {} {}: {}", l.title, v["vm"].as_str().unwrap_or(""), v["status"].as_str().unwrap_or(""), v["error"].as_str().unwrap_or(""));
+                println!(
+                    "  {}: {} {}: {}",
+                    l.title,
+                    v["vm"].as_str().unwrap_or(""),
+                    v["status"].as_str().unwrap_or(""),
+                    v["error"].as_str().unwrap_or("")
+                );
             }
         }
     }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate, Storage, StorageCreateOptions};
+use imago::{
+    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate, Storage, StorageCreateOptions,
+};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::ByteValued;
@@ -111,10 +113,8 @@ pub fn open_overlay(cfg: &DiskConfig) -> Result<Disk, DiskError> {
     } else {
         check_qcow2(ov).map_err(|_| ov_err(std::io::Error::other("not a qcow2 image")))?;
     }
-    let overlay = Qcow2::<ImagoFile>::builder_path(ov)
-        .write(true)
-        .open(PermissiveImplicitOpenGate::default())
-        .map_err(ov_err)?;
+    let overlay =
+        Qcow2::<ImagoFile>::builder_path(ov).write(true).open(PermissiveImplicitOpenGate::default()).map_err(ov_err)?;
     let found = overlay.implicit_backing_file().cloned().unwrap_or_default();
     let found_abs = ov.parent().unwrap_or(Path::new(".")).join(&found);
     if std::fs::canonicalize(&found_abs).ok().as_deref() != Some(base.as_path()) {
@@ -235,7 +235,8 @@ enum Outcome {
 
 impl BlockHandler {
     fn in_range(&self, sector: u64, len: usize) -> bool {
-        (len as u64).is_multiple_of(SECTOR) && sector.checked_add(len as u64 / SECTOR).is_some_and(|end| end <= self.capacity)
+        (len as u64).is_multiple_of(SECTOR)
+            && sector.checked_add(len as u64 / SECTOR).is_some_and(|end| end <= self.capacity)
     }
 
     fn request(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Outcome {
@@ -405,7 +406,10 @@ mod tests {
         let file = ImagoFile::create_open(StorageCreateOptions::new().filename(&base)).unwrap();
         Qcow2::<ImagoFile>::create_builder(file).size(1 << 20).create().unwrap();
         {
-            let b = Qcow2::<ImagoFile>::builder_path(&base).write(true).open(PermissiveImplicitOpenGate::default()).unwrap();
+            let b = Qcow2::<ImagoFile>::builder_path(&base)
+                .write(true)
+                .open(PermissiveImplicitOpenGate::default())
+                .unwrap();
             FormatAccess::new(b).write(&[0xab; 512][..], 4096).unwrap();
         }
         let before = std::fs::read(&base).unwrap();

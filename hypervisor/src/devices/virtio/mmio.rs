@@ -20,10 +20,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    new_queues, ActivateContext, Interrupt, QueueSnapshot, SharedQueues, VirtioDevice,
-    VIRTIO_F_VERSION_1,
-};
+use super::{new_queues, ActivateContext, Interrupt, QueueSnapshot, SharedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -83,11 +80,8 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Wraps `device`; `irqfd` is its interrupt (registered as a KVM irqfd by the caller).
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irqfd: EventFd) -> std::io::Result<MmioTransport> {
-        let queue_evts = device
-            .queue_max_sizes()
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let queue_evts =
+            device.queue_max_sizes().iter().map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
         let queues = Arc::new(Mutex::new(new_queues(device.queue_max_sizes())));
         Ok(MmioTransport {
             device,
@@ -192,7 +186,11 @@ impl MmioTransport {
         }
         // The driver only ever adds bits (virtio 1.x 3.1.1); anything else is a broken driver.
         if value & self.status != self.status || value & S_NEEDS_RESET != 0 {
-            self.interrupt.fail(format!("{}: invalid status transition {:#x} -> {value:#x}", self.device.name(), self.status));
+            self.interrupt.fail(format!(
+                "{}: invalid status transition {:#x} -> {value:#x}",
+                self.device.name(),
+                self.status
+            ));
             return;
         }
         let added = value & !self.status;
@@ -208,7 +206,9 @@ impl MmioTransport {
                 return;
             }
         }
-        if added & S_DRIVER_OK != 0 && (value & S_FEATURES_OK == 0 || value & (S_ACKNOWLEDGE | S_DRIVER) != (S_ACKNOWLEDGE | S_DRIVER)) {
+        if added & S_DRIVER_OK != 0
+            && (value & S_FEATURES_OK == 0 || value & (S_ACKNOWLEDGE | S_DRIVER) != (S_ACKNOWLEDGE | S_DRIVER))
+        {
             self.interrupt.fail(format!("{}: DRIVER_OK before FEATURES_OK", self.device.name()));
             return;
         }
@@ -252,7 +252,12 @@ impl MmioTransport {
     /// stays paused when the transport is paused.
     pub fn restore(&mut self, state: &MmioState) -> Result<(), String> {
         if state.queues.len() != self.device.queue_max_sizes().len() {
-            return Err(format!("{}: snapshot has {} queues, the device {}", self.device.name(), state.queues.len(), self.device.queue_max_sizes().len()));
+            return Err(format!(
+                "{}: snapshot has {} queues, the device {}",
+                self.device.name(),
+                state.queues.len(),
+                self.device.queue_max_sizes().len()
+            ));
         }
         let queues = state
             .queues
@@ -320,7 +325,13 @@ impl BusDevice for MmioTransport {
             return;
         };
         let v = u32::from_le_bytes(bytes);
-        let lo_hi = |old: u64, hi: bool| if hi { (old & 0xffff_ffff) | ((v as u64) << 32) } else { (old & !0xffff_ffff) | v as u64 };
+        let lo_hi = |old: u64, hi: bool| {
+            if hi {
+                (old & 0xffff_ffff) | ((v as u64) << 32)
+            } else {
+                (old & !0xffff_ffff) | v as u64
+            }
+        };
         match offset {
             0x014 => self.device_features_sel = v,
             0x020 => {
@@ -366,10 +377,15 @@ impl BusDevice for MmioTransport {
                 }
             }
             0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
-                self.interrupt.fail(format!("{}: queue register {offset:#x} written in status {:#x}", self.device.name(), self.status));
+                self.interrupt.fail(format!(
+                    "{}: queue register {offset:#x} written in status {:#x}",
+                    self.device.name(),
+                    self.status
+                ));
             }
             _ => {
-                self.interrupt.fail(format!("{}: write to read-only or unknown register {offset:#x}", self.device.name()));
+                self.interrupt
+                    .fail(format!("{}: write to read-only or unknown register {offset:#x}", self.device.name()));
             }
         }
     }

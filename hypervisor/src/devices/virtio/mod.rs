@@ -220,10 +220,7 @@ impl QueueSnapshot {
 
 /// New, unconfigured queues of the given maximum sizes.
 pub fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
-    max_sizes
-        .iter()
-        .map(|&m| Queue::new(m).expect("queue maximum sizes are powers of two"))
-        .collect()
+    max_sizes.iter().map(|&m| Queue::new(m).expect("queue maximum sizes are powers of two")).collect()
 }
 
 /// Signals used buffers on queue `index` unless the driver suppressed interrupts

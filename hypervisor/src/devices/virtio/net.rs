@@ -325,14 +325,19 @@ mod tests {
     #[test]
     fn macs_and_specs() {
         assert_eq!(parse_mac("52:54:00:12:34:5f"), Ok([0x52, 0x54, 0, 0x12, 0x34, 0x5f]));
-        for bad in ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "zz:54:00:12:34:56", "5254.0012.3456", "52:54:0:12:34:56"] {
+        for bad in
+            ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "zz:54:00:12:34:56", "5254.0012.3456", "52:54:0:12:34:56"]
+        {
             assert_eq!(parse_mac(bad), Err(NetConfigError::BadMac(bad.into())), "{bad}");
         }
         assert!(matches!(parse_mac("01:00:5e:00:00:01"), Err(NetConfigError::MulticastMac(_))));
         let c = NetConfig::parse("tap=tap0,mac=52:54:00:00:00:01,bridge=br0").unwrap();
         assert_eq!((c.tap.as_str(), c.bridge.as_deref()), ("tap0", Some("br0")));
         assert!(NetConfig::parse("mac=52:54:00:00:00:01").unwrap_err().to_string().contains("missing tap"));
-        assert!(NetConfig::parse("tap=t,mac=52:54:00:00:00:01,colour=red").unwrap_err().to_string().contains("unknown key 'colour'"));
+        assert!(NetConfig::parse("tap=t,mac=52:54:00:00:00:01,colour=red")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key 'colour'"));
         assert!(matches!(NetConfig::parse("tap=t,mac=nope"), Err(NetConfigError::BadMac(_))));
         assert_eq!(format_mac(&c.mac), "52:54:00:00:00:01");
     }

@@ -63,11 +63,7 @@ impl Worker {
             Ok(())
         };
         watch(&epoll, true)?;
-        epoll.ctl(
-            ControlOperation::Add,
-            control.event.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, CONTROL),
-        )?;
+        epoll.ctl(ControlOperation::Add, control.event.as_raw_fd(), EpollEvent::new(EventSet::IN, CONTROL))?;
         let ctl = control.clone();
         let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
             let mut events = vec![EpollEvent::default(); 16];
