@@ -10,7 +10,7 @@ SHELL := /bin/bash
 CARGO   ?= cargo
 PACKAGES := redis-server libpcap-dev libssl-dev pkg-config e2fsprogs debootstrap tcpdump \
             redis-tools qemu-utils qemu-system-x86 iproute2 lz4 util-linux python3 ethtool iputils-ping \
-            fonts-dejavu-core
+            fonts-dejavu-core socat
 RELEASE := target/release
 
 .PHONY: all deps build images test bench demo clean
@@ -33,8 +33,18 @@ build: deps
 images: deps
 	$(MAKE) -C images all
 
+# Every suite runs even when one fails (--no-fail-fast), then the format and lint gates; the
+# exit status is non-zero if any of them failed, and the summary names which.
 test: build images
-	$(CARGO) test --release --workspace 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
+	@failed=""; \
+	$(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log; \
+	[ $${PIPESTATUS[0]} -eq 0 ] || failed="$$failed cargo-test"; \
+	$(CARGO) fmt --all -- --check || failed="$$failed fmt(workspace)"; \
+	(cd images/guest && $(CARGO) fmt -- --check) || failed="$$failed fmt(guest)"; \
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings || failed="$$failed clippy(workspace)"; \
+	(cd images/guest && $(CARGO) clippy --release -- -D warnings) || failed="$$failed clippy(guest)"; \
+	if [ -n "$$failed" ]; then echo ">> make test FAILED:$$failed (cargo test's log: target/test.log)"; exit 1; fi; \
+	echo ">> make test: every suite, fmt and clippy passed"
 
 bench: build images
 	./bench/run.sh

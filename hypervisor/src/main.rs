@@ -115,6 +115,9 @@ fn run(args: Args) -> Result<Exit, String> {
             .clone()
             .unwrap_or_else(|| base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))),
     });
+    // An incoming migration's port is bound before the API socket appears: whoever waits for
+    // the socket (shrink-migrate) may start the source at once.
+    let listener = args.incoming.as_deref().map(migration::listen).transpose()?;
     // The API listens first: a socket that is in use is reported before any guest runs, and
     // requests wait in the channel until the VM exists.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -127,7 +130,7 @@ fn run(args: Args) -> Result<Exit, String> {
     let mut incoming_stats = None;
     let vmm = if let Some(dir) = &args.restore {
         Vmm::restore(dir, name, &serial, args.paused).map_err(|e| e.to_string())?
-    } else if let Some(uri) = &args.incoming {
+    } else if let Some(listener) = listener {
         let mut devices: Vec<DeviceConfig> = disk.iter().map(|d| DeviceConfig::Block(d.clone())).collect();
         devices.extend(net.iter().map(|n| DeviceConfig::Net(n.clone())));
         let site = Some(SiteOptions {
@@ -137,7 +140,7 @@ fn run(args: Args) -> Result<Exit, String> {
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
         });
         let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
-        let (vmm, stats, site) = migration::incoming(uri, opts)?;
+        let (vmm, stats, site) = migration::incoming(listener, opts)?;
         tracing::info!("incoming migration done: {stats:?}");
         incoming_stats = Some((stats, site));
         vmm

@@ -402,11 +402,21 @@ pub struct IncomingStats {
     pub site: Option<SiteStats>,
 }
 
-/// Waits for one incoming migration on `uri` and returns the running VM, and the site index
-/// membership that keeps serving its content to peers (drop it when the VM goes away).
-pub fn incoming(uri: &str, opts: IncomingOptions) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), String> {
+/// Listens for an incoming migration on `uri` (`tcp:HOST:PORT`). Bind before announcing the
+/// VMM as ready (its API socket): a source told to migrate may connect at once.
+pub fn listen(uri: &str) -> Result<TcpListener, String> {
     let addr = parse_tcp_uri(uri)?;
-    let listener = TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// Waits for one incoming migration on `listener` (from [`listen`]) and returns the running VM,
+/// and the site index membership that keeps serving its content to peers (drop it when the VM
+/// goes away).
+pub fn incoming(
+    listener: TcpListener,
+    opts: IncomingOptions,
+) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), String> {
+    let addr = listener.local_addr().map_err(|e| format!("incoming listener: {e}"))?;
     let (stream, peer) = listener.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
     drop(listener);
     tracing::info!("incoming migration from {peer}");

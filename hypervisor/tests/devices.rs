@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use shrink_tests::netns::{self, Netns};
+use shrink_tests::util::wait_until;
 
 const BOOT: Duration = Duration::from_secs(30);
 
@@ -81,16 +82,18 @@ fn two_guests_on_one_bridge_probe_each_other_without_loss() {
     let b = boot_on(&ns, dir.path(), "vmb", "52:54:00:00:02:03", "10.1.0.3", "probe=10.1.0.2:7,10", None);
     a.wait_for("shrink-guest ready", BOOT);
     b.wait_for("shrink-guest ready", BOOT);
-    std::thread::sleep(Duration::from_secs(4));
     for vm in [&a, &b] {
-        let text = vm.serial_text();
-        let line = text.lines().rfind(|l| l.starts_with("probe: ")).expect("probe reports");
-        let field = |k: &str| -> u64 {
+        let field = |line: &str, k: &str| -> u64 {
             line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap()
         };
-        assert!(field("sent") >= 100, "{line}");
-        assert_eq!(field("lost"), 0, "{line}");
-        assert!(field("received") + 100 >= field("sent"), "{line}");
+        // A report covering at least 100 probes, however long the host takes to send them.
+        let line = wait_until("a probe report covering 100 probes", Duration::from_secs(120), || {
+            let text = vm.serial_text();
+            let line = text.lines().rfind(|l| l.starts_with("probe: "))?.to_owned();
+            (field(&line, "sent") >= 100).then_some(line)
+        });
+        assert_eq!(field(&line, "lost"), 0, "{line}");
+        assert!(field(&line, "received") + 100 >= field(&line, "sent"), "{line}");
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 use shrink_tests::netns::{self, Netns};
+use shrink_tests::util::wait_until;
 
 const BOOT: Duration = Duration::from_secs(20);
 
@@ -31,9 +32,7 @@ fn wait_migration(src: &VmProcess, timeout: Duration) -> Value {
     panic!("migration still running after {timeout:?}: {last}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use indexd::testing::free_port;
 
 fn incoming(dir: &std::path::Path, tag: &str, uri: &str) -> VmProcess {
     VmProcess::spawn(dir, tag, &["--incoming", uri])
@@ -74,7 +73,7 @@ fn migration_over_a_100_mbit_link_between_namespaces() {
     netns::link(&a, "10.99.0.1/24", &b, "10.99.0.2/24", Some("100mbit")).unwrap();
     let dir = TempDir::new("mig-tbf");
     let uri = "tcp:10.99.0.2:7000";
-    let _dst = VmProcess::spawn_in(Some(b.name()), dir.path(), "dst", &["--incoming", uri], &[]);
+    let dst = VmProcess::spawn_in(Some(b.name()), dir.path(), "dst", &["--incoming", uri], &[]);
     let g = guest();
     let src = VmProcess::spawn_in(
         Some(a.name()),
@@ -88,15 +87,21 @@ fn migration_over_a_100_mbit_link_between_namespaces() {
     src.exec("migrate", json!({"uri": uri}));
     let info = wait_migration(&src, Duration::from_secs(120));
     assert_eq!(info["status"], "completed", "{info}");
-    let bytes = info["ram"]["transferred"].as_u64().unwrap() as f64;
-    let secs = info["total-time"].as_u64().unwrap() as f64 / 1e3;
-    let rate = bytes * 8.0 / secs / 1e6;
-    eprintln!("100 Mbit/s link: {bytes} bytes in {secs:.2} s = {rate:.1} Mbit/s, downtime {} ms", info["downtime"]);
-    assert!(bytes > 20e6, "{info}");
-    // total-time is consistent with transferred and the link rate: it cannot beat the link,
-    // and the sender keeps the link busy.
-    assert!(rate <= 105.0, "faster than the link: {rate:.1} Mbit/s");
-    assert!(rate >= 50.0, "link badly used: {rate:.1} Mbit/s");
+    let bytes = info["ram"]["transferred"].as_u64().unwrap();
+    assert!(bytes > 20_000_000, "the working set crossed: {info}");
+    // The stream went through the token bucket on A's end of the link: it passed at least the
+    // bytes the migration counted (the rate itself is measured by `make bench`'s precopy bench).
+    let qdiscs = a.exec(&["tc", "-s", "qdisc", "show"]).unwrap();
+    let (mut shaped, mut in_tbf) = (0u64, false);
+    for l in qdiscs.lines() {
+        if l.starts_with("qdisc ") {
+            in_tbf = l.starts_with("qdisc tbf");
+        } else if let (true, Some(sent)) = (in_tbf, l.trim().strip_prefix("Sent ")) {
+            shaped += sent.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    assert!(shaped >= bytes, "the tbf passed {shaped} bytes for {bytes} transferred:\n{qdiscs}");
+    assert_eq!(dst.exec("status", json!({}))["state"], "running");
 }
 
 fn source_keeps_running(src: &VmProcess) {
@@ -114,8 +119,12 @@ fn killing_the_destination_during_the_dirty_passes_leaves_the_guest_at_the_sourc
     src.wait_for("heartbeat 2\n", BOOT);
     // 2 MB/s: the passes take several seconds.
     src.exec("migrate", json!({"uri": uri, "max_bandwidth": 2_000_000}));
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(src.exec("query-migrate", json!({}))["status"], "active");
+    // The first full pass is over and a dirty pass has begun.
+    let during = wait_until("a dirty pass", Duration::from_secs(60), || {
+        let q = src.exec("query-migrate", json!({}));
+        (q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2).then_some(q)
+    });
+    assert_eq!(during["status"], "active", "{during}");
     dst.child.kill().unwrap();
     let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "failed", "{info}");
@@ -138,11 +147,9 @@ fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source(
     src.wait_for("heartbeat 2\n", BOOT);
     src.exec("migrate", json!({"uri": uri}));
     // The source pauses the guest for the final pass and waits for the verdict.
-    let start = Instant::now();
-    while src.exec("status", json!({}))["state"] != "paused" {
-        assert!(start.elapsed() < Duration::from_secs(20), "source never paused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the source pausing for the final pass", Duration::from_secs(20), || {
+        (src.exec("status", json!({}))["state"] == "paused").then_some(())
+    });
     dst.child.kill().unwrap();
     let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "failed", "{info}");
@@ -157,7 +164,9 @@ fn cancel_mid_way_keeps_the_guest_at_the_source() {
     let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
     src.wait_for("heartbeat 2\n", BOOT);
     src.exec("migrate", json!({"uri": uri, "max_bandwidth": 1_000_000}));
-    std::thread::sleep(Duration::from_millis(800));
+    wait_until("the first bytes on the stream", Duration::from_secs(30), || {
+        (src.exec("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
     src.exec("migrate_cancel", json!({}));
     let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "cancelled", "{info}");
@@ -296,28 +305,47 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
     assert_eq!(rtt("50")["received"], 50, "echo before");
     // Capture RARP on the bridge during the migration.
     let pcap = dir.path().join("rarp.pcap");
+    let dump_log = dir.path().join("tcpdump.log");
     let mut dump = ns
         .command("tcpdump")
         .args(["-i", "br0", "-w", pcap.to_str().unwrap(), "-U", "ether proto 0x8035"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&dump_log).unwrap())
         .spawn()
         .expect("tcpdump (make deps)");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("tcpdump listening on br0", Duration::from_secs(20), || {
+        std::fs::read_to_string(&dump_log).unwrap_or_default().contains("listening on").then_some(())
+    });
     src.exec("migrate", json!({"uri": uri}));
     let info = wait_migration(&src, Duration::from_secs(60));
     assert_eq!(info["status"], "completed", "{info}");
-    // The guest answers at its new place (once the first announcement has told the bridge).
-    std::thread::sleep(Duration::from_millis(200));
+    let rarps = || -> Vec<(f64, String)> {
+        let out = Command::new("tcpdump").args(["-r", pcap.to_str().unwrap(), "-e", "-n", "-tt"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(mac) && l.contains("Reverse Request"))
+            .filter_map(|l| Some((l.split_whitespace().next()?.parse().ok()?, l.to_owned())))
+            .collect()
+    };
+    // The guest answers at its new place once the first announcement has told the bridge.
+    wait_until("the first RARP announcement", Duration::from_secs(10), || (!rarps().is_empty()).then_some(()));
     let after = rtt("100");
     assert_eq!(after["received"], 100, "echo after: {after}");
-    std::thread::sleep(Duration::from_millis(1200));
+    let frames = wait_until("QEMU's five RARP rounds", Duration::from_secs(10), || {
+        let f = rarps();
+        (f.len() >= 5).then_some(f)
+    });
     let _ = Command::new("kill").arg("-INT").arg(dump.id().to_string()).status();
     let _ = dump.wait();
-    let text = Command::new("tcpdump").args(["-r", pcap.to_str().unwrap(), "-e", "-n"]).output().unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
-    let frames: Vec<&str> = text.lines().filter(|l| l.contains(mac) && l.contains("Reverse Request")).collect();
-    assert_eq!(frames.len(), 5, "QEMU's five RARP rounds:\n{text}");
-    assert!(text.contains("ff:ff:ff:ff:ff:ff") && text.contains("length 60"), "{text}");
+    let frames = rarps();
+    assert_eq!(frames.len(), 5, "exactly five rounds: {frames:#?}");
+    assert!(frames.iter().all(|(_, l)| l.contains("ff:ff:ff:ff:ff:ff") && l.contains("length 60")), "{frames:#?}");
+    // QEMU's schedule, from the capture timestamps: rounds at 0, 50, 200, 450 and 800 ms.
+    // A late round (a busy host) is tolerated, an early one is not.
+    let t0 = frames[0].0;
+    for ((t, line), due_ms) in frames.iter().zip([0.0, 50.0, 200.0, 450.0, 800.0]) {
+        let at_ms = (t - t0) * 1e3;
+        assert!(at_ms >= due_ms - 5.0, "a round due at {due_ms} ms went at {at_ms:.1} ms: {line}");
+    }
     drop(dst);
 }

@@ -32,6 +32,8 @@ fn pause_stops_the_heartbeat_and_resume_continues_it() {
     vm.exec("pause", json!({}));
     assert_eq!(vm.exec("status", json!({}))["state"], "paused");
     let at_pause = vm.last_heartbeat().unwrap();
+    // Not a synchronisation: an observation window, more than two heartbeats long, in which
+    // nothing may happen.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(vm.last_heartbeat().unwrap(), at_pause, "heartbeat advanced while paused");
     vm.exec("resume", json!({}));

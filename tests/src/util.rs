@@ -31,6 +31,19 @@ pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// Polls `f` every 20 ms until it returns `Some`, and returns that; panics after `timeout`
+/// saying that `what` did not happen. For tests: a wait on a condition, never a fixed sleep.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "{what}: did not happen within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The last `n` lines of the text file `p` (empty if it cannot be read).
 pub fn tail_lines(p: &Path, n: usize) -> String {
     let t = std::fs::read_to_string(p).unwrap_or_default();
