@@ -12,8 +12,8 @@ cargo bench -q -p hypervisor --bench devices -- bench/results/devices.json
 echo ">> the evaluation on the two-site testbed: cluster size, workloads, bandwidth, granularity,"
 echo "   network timings; shrink vs --no-dedup vs QEMU; JSON and PNG plots (about 45 minutes)"
 target/release/shrink-bench --out bench/results "$@"
-echo ">> indexd: Redis pipelines and peer fetches"
-target/release/indexd-bench > bench/results/indexd.txt 2>&1 || true
+echo ">> indexd: Redis pipelines (single server and a three-node cluster), peer fetches, content index"
+target/release/indexd-bench --cluster > bench/results/indexd.json
 echo ">> vnetd: detection, reconfiguration, connectivity gap, tunnel cost"
 target/release/vnetd-bench bench/results/vnetd.json --moves 6
 python3 bench/summarize.py

@@ -109,6 +109,27 @@ n = load("vnetd.json")
 if n:
     out += ["## vnetd (`vnetd-bench bench/results/vnetd.json --moves 6`)", "", "See `vnetd.json`: detection-to-reconfigured times from pcap timestamps, the connectivity gap, and tunnel throughput and latency against plain routing.", ""]
 
+x = load("indexd.json")
+if x:
+    out += ["## indexd (`target/release/indexd-bench --cluster > bench/results/indexd.json`)", f"Date: {x.get('date', '?')}", "",
+            "| measurement | figure |", "|---|---|"]
+    for target in ("single", "cluster3"):
+        rows = [r for r in x.get("redis", []) if r["target"] == target]
+        if rows:
+            name = "single server" if target == "single" else "3-node cluster"
+            batches = " / ".join(str(r["batch"]) for r in rows)
+            k = lambda key: " / ".join(f"{r[key] / 1000:.0f} k" for r in rows)
+            out += [f"| `SET NX`, {name}, batch {batches} | {k('set_nx_ops_per_s')} ops/s |",
+                    f"| `SADD`, {name}, batch {batches} | {k('sadd_ops_per_s')} ops/s |",
+                    f"| `SRANDMEMBER`, {name}, batch {batches} | {k('srandmember_ops_per_s')} ops/s |"]
+    for f_ in x.get("peer_fetch", []):
+        what = "server re-hashes (SHA-256)" if f_["server_verifies"] else "protocol only"
+        out.append(f"| peer fetch, {f_['batch']} × {f_['chunk_bytes'] // 1024} KiB, {what} | {f_['median_ms']:.2f} ms per batch (median), {f_['mib_per_s']} MiB/s |")
+    c = x.get("content_index")
+    if c:
+        out.append(f"| `ContentIndex`, {c['chunks'] // 1000} k chunks / {c['distinct'] // 1000} k digests | insert {c['insert_ns']} ns, lookup {c['lookup_ns']} ns, {c['resident_kib'] * 1024 / c['chunks']:.0f} B per chunk |")
+    out.append("")
+
 with open(os.path.join(R, "README.md"), "w") as f:
     f.write("\n".join(out) + "\n")
 print("wrote", os.path.join(R, "README.md"))

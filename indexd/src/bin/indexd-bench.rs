@@ -3,7 +3,7 @@
 //! on loopback ports.
 //!
 //! ```sh
-//! target/release/indexd-bench [--cluster] > bench/results/indexd.json
+//! target/release/indexd-bench --cluster > bench/results/indexd.json   # what `make bench` runs
 //! ```
 
 use std::collections::HashMap;
@@ -102,7 +102,9 @@ fn peer_figures(pages: &[Vec<u8>], digests: &[Vec<u8>], verify: bool) -> String 
 
 fn main() {
     let with_cluster = std::env::args().any(|a| a == "--cluster");
-    let mut sections = Vec::new();
+    let date = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
+    let date = date.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let mut sections = vec![format!("\"date\": \"{date}\"")];
 
     // Redis.
     let server = RedisServer::start().unwrap_or_else(|e| {
