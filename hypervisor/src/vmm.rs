@@ -13,6 +13,7 @@ use kvm_ioctls::Kvm;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::cpuid;
 use crate::arch::layout::MMIO_DEVICES_START;
 use crate::arch::msr;
 use crate::config::{SerialOutput, VmConfig};
@@ -53,6 +54,14 @@ pub enum VmmError {
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
+    /// A saved state from a CPU of another vendor.
+    #[error("the VM's state was saved on a {saved} CPU and this host's is {host}: a running guest cannot move between CPU vendors")]
+    CpuVendor {
+        /// The vendor the state was saved on.
+        saved: String,
+        /// This host's vendor.
+        host: String,
+    },
     /// The serial output file cannot be created.
     #[error("cannot create serial output {path}: {source}")]
     SerialFile {
@@ -386,6 +395,15 @@ impl Vmm {
                 t.resume();
             }
         }
+        // KVM cannot carry a running guest across CPU vendors (the development machines change
+        // vendor from day to day): say so instead of failing on the first vendor-specific MSR.
+        let saved = state.vcpus.first().and_then(|v| cpuid::vendor(&v.cpuid));
+        let host = cpuid::host_vendor(&p.kvm).map_err(VcpuError::from)?;
+        if let (Some(saved), Some(host)) = (saved, host) {
+            if saved != host {
+                return Err(VmmError::CpuVendor { saved, host });
+            }
+        }
         let mut vcpus = Vec::new();
         for (id, vs) in state.vcpus.iter().enumerate() {
             let vcpu = Vcpu::new(&p.vm, id as u8, p.pio.clone(), p.mmio.clone())?;
@@ -447,11 +465,11 @@ impl Vmm {
             let frame = rarp_announce(&n.mac);
             std::thread::spawn(move || {
                 let mut tap = tap;
-                let start = std::time::Instant::now();
-                for at in [0u64, 50, 200, 450, 800] {
-                    let due = std::time::Duration::from_millis(at);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait);
+                // As QEMU's announce timer: each round is due a step after the previous one was
+                // sent (50, 150, 250, 350 ms), so a late round does not shorten the next gap.
+                for (round, gap) in [0u64, 50, 150, 250, 350].into_iter().enumerate() {
+                    if round > 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(gap));
                     }
                     if let Err(e) = tap.write(&frame) {
                         tracing::warn!("announce on {}: {e}", tap.name());

@@ -161,3 +161,36 @@ fn without_dev_kvm_the_error_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_one_line_error(out.status.code(), &err, "cannot open /dev/kvm");
 }
+
+#[test]
+fn a_snapshot_taken_on_a_cpu_of_another_vendor_is_refused_by_name() {
+    let dir = TempDir::new("vendor");
+    let vm = VmProcess::boot(dir.path(), "vm", "64M", "workload=idle");
+    vm.wait_for("heartbeat 1\n", BOOT);
+    let snap = dir.path().join("s");
+    vm.exec("snapshot", json!({"path": snap.to_str().unwrap()}));
+    // Rewrite CPUID leaf 0 of the saved vCPU as the other vendor's. Entries are saved as the
+    // bytes of `kvm_cpuid_entry2`: function at 0, then index, flags, eax, ebx at 16, ecx at 20,
+    // edx at 24.
+    let path = snap.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let leaf0 = state["vcpus"][0]["cpuid"]
+        .as_array_mut()
+        .and_then(|l| {
+            l.iter_mut().find(|e| e.as_array().is_some_and(|b| b.len() == 40 && b[..4].iter().all(|x| x == 0)))
+        })
+        .expect("CPUID leaf 0 in the saved vCPU");
+    let at =
+        |b: &serde_json::Value, o: usize| -> Vec<u8> { (o..o + 4).map(|i| b[i].as_u64().unwrap() as u8).collect() };
+    let host = String::from_utf8([at(leaf0, 16), at(leaf0, 24), at(leaf0, 20)].concat()).unwrap();
+    let other = if host == "AuthenticAMD" { "GenuineIntel" } else { "AuthenticAMD" };
+    for (offset, part) in [16, 24, 20].into_iter().zip(other.as_bytes().chunks(4)) {
+        for (i, byte) in part.iter().enumerate() {
+            leaf0[offset + i] = json!(byte);
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let (code, err) = run_vmm(&["--restore", snap.to_str().unwrap(), "--paused"], Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("saved on a {other} CPU")) && err.contains(&host), "{err}");
+}
