@@ -88,6 +88,15 @@ pub fn check_forwarding(iface: &str) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// A pcap header timestamp (microsecond precision, see [`open_capture`]) in µs since the
+/// epoch; 0 if it is before the epoch.
+fn timeval_us(ts: &libc::timeval) -> u64 {
+    match (u64::try_from(ts.tv_sec), u64::try_from(ts.tv_usec)) {
+        (Ok(s), Ok(us)) => s * 1_000_000 + us,
+        _ => 0,
+    }
+}
+
 fn timeval_now() -> libc::timeval {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t }
@@ -154,8 +163,19 @@ fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), Daem
     let iface = cfg.lan_interface.clone();
     let snaplen = capture_snaplen(&iface);
     let ring = ring_bytes(snaplen);
+    // Host timestamps in microseconds: on Linux the kernel's software timestamp of the
+    // frame (CLOCK_REALTIME), the clock of `SystemTime::now()`, so the router can time a
+    // migration from the capture of its first frame (`Router::handle_captured`).
     let cap = pcap::Capture::from_device(iface.as_str())
-        .and_then(|c| c.promisc(true).immediate_mode(true).snaplen(snaplen as i32).buffer_size(ring as i32).open())
+        .and_then(|c| {
+            c.promisc(true)
+                .immediate_mode(true)
+                .snaplen(snaplen as i32)
+                .buffer_size(ring as i32)
+                .tstamp_type(pcap::TimestampType::Host)
+                .precision(pcap::Precision::Micro)
+                .open()
+        })
         .map_err(|err| {
             let s = err.to_string();
             let hint = if s.contains("ermission") || s.contains("not permitted") {
@@ -369,7 +389,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
                                     );
                                 }
                             } else {
-                                router.handle_frame(&now, p.data);
+                                router.handle_captured(&now, timeval_us(&p.header.ts), p.data);
                             }
                             Ok(true)
                         }

@@ -24,7 +24,8 @@ pub enum RouterError {
     Key(#[from] ProtoError),
 }
 
-/// A point in time, monotonic and wall-clock (µs since the epoch).
+/// A point in time, monotonic and wall-clock (µs since the epoch, CLOCK_REALTIME: the
+/// clock of libpcap's capture timestamps, see [`Router::handle_captured`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Now {
     pub mono: Instant,
@@ -104,6 +105,12 @@ pub struct Counters {
 }
 
 /// One migration as seen by this router.
+///
+/// Every `*_us` field is a wall-clock timestamp in µs since the Unix epoch, all on the same
+/// clock (CLOCK_REALTIME): the kernel's capture timestamp of a frame (the pcap packet
+/// header's `ts`, a host/software timestamp) and vnetd's own `SystemTime::now()`.
+/// Differences between them are durations on one clock, so `resolved_us - detected_us`
+/// includes the time the first detection frame waited in the capture path.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationRecord {
     /// "destination" (the VM arrived here) or "source" (it left).
@@ -115,8 +122,13 @@ pub struct MigrationRecord {
     pub other_router: String,
     /// "rarp", "garp" (destination) or "host-route" (source).
     pub trigger: &'static str,
-    /// First detection frame seen (destination) or host route received (source), µs.
+    /// Destination: the capture timestamp of the first detection frame of the move (the
+    /// RARP or gratuitous ARP that started it), from its pcap header. Source: when the
+    /// host route was received.
     pub detected_us: u64,
+    /// Destination: when vnetd read that frame from the capture (`detection_read_us -
+    /// detected_us` is the time it waited in the kernel and libpcap's ring).
+    pub detection_read_us: Option<u64>,
     /// IP of the MAC known (destination), µs.
     pub resolved_us: Option<u64>,
     /// Every peer acknowledged the /32 (destination), µs.
@@ -141,7 +153,15 @@ struct PeerState {
 struct Query {
     id: u32,
     trigger: &'static str,
-    detected_us: u64,
+    /// When the detection frame was captured / read by vnetd (see [`MigrationRecord`]).
+    seen: Seen,
+}
+
+/// When a detection frame was captured (its pcap timestamp) and read by vnetd, µs.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    captured_us: u64,
+    read_us: u64,
 }
 
 #[derive(Debug)]
@@ -374,16 +394,28 @@ impl Router {
 
     // ------------------------------------------------------------ LAN side
 
-    /// A frame captured on the LAN.
+    /// A frame captured on the LAN, timed by when vnetd reads it (`now`).
     pub fn handle_frame(&mut self, now: &Now, data: &[u8]) {
+        self.handle_captured(now, now.wall_us, data);
+    }
+
+    /// A frame captured on the LAN at `captured_us` (its pcap header timestamp, µs since
+    /// the epoch on CLOCK_REALTIME, the clock of [`Now::wall_us`]) and read by vnetd at
+    /// `now`. A migration it reveals is timed from `captured_us`, so the time the frame
+    /// waited in the capture path counts in the detection time. A timestamp that is
+    /// missing (0) or later than `now` (the wall clock was stepped back) is replaced by
+    /// `now`, which keeps a record's timestamps ordered.
+    pub fn handle_captured(&mut self, now: &Now, captured_us: u64, data: &[u8]) {
+        let captured_us = if captured_us == 0 || captured_us > now.wall_us { now.wall_us } else { captured_us };
+        let seen = Seen { captured_us, read_us: now.wall_us };
         self.counters.frames_captured += 1;
         match frames::parse(data) {
             Err(e) => {
                 self.counters.frames_malformed += 1;
                 debug!(error = %e, len = data.len(), "malformed frame dropped");
             }
-            Ok(Frame::Arp(a)) => self.on_arp(now, a),
-            Ok(Frame::Rarp(a)) => self.on_rarp(now, a),
+            Ok(Frame::Arp(a)) => self.on_arp(now, seen, a),
+            Ok(Frame::Rarp(a)) => self.on_rarp(now, seen, a),
             Ok(Frame::Ipv4 { eth_src, eth_dst, src, dst, packet }) => {
                 if eth_dst != self.mac() || eth_src == self.mac() {
                     self.counters.frames_ignored += 1;
@@ -396,7 +428,7 @@ impl Router {
         }
     }
 
-    fn on_arp(&mut self, now: &Now, a: Arp) {
+    fn on_arp(&mut self, now: &Now, seen: Seen, a: Arp) {
         self.counters.arp_seen += 1;
         if a.eth_src == self.mac() || a.sha == self.mac() {
             self.counters.frames_ignored += 1;
@@ -414,7 +446,7 @@ impl Router {
         }
         if a.is_gratuitous() && !self.is_local(a.spa) && self.route_of(a.spa).is_some() {
             // A host announcing an address another site serves: it migrated here.
-            self.detect(now, a.sha, Some(a.spa), "garp");
+            self.detect(now, seen, a.sha, Some(a.spa), "garp");
             return;
         }
         if a.op != OP_REQUEST || a.is_gratuitous() || a.spa.is_unspecified() {
@@ -440,17 +472,18 @@ impl Router {
         }
     }
 
-    fn on_rarp(&mut self, now: &Now, a: Arp) {
+    fn on_rarp(&mut self, now: &Now, seen: Seen, a: Arp) {
         self.counters.rarp_seen += 1;
         if !a.sha.is_unicast() || a.sha == self.mac() {
             self.counters.frames_malformed += 1;
             return;
         }
-        self.detect(now, a.sha, None, "rarp");
+        self.detect(now, seen, a.sha, None, "rarp");
     }
 
-    /// A frame revealed that `mac` (maybe with `ip`) is on this LAN.
-    fn detect(&mut self, now: &Now, mac: Mac, ip: Option<Ipv4Addr>, trigger: &'static str) {
+    /// A frame (captured and read at `seen`) revealed that `mac` (maybe with `ip`) is on
+    /// this LAN.
+    fn detect(&mut self, now: &Now, seen: Seen, mac: Mac, ip: Option<Ipv4Addr>, trigger: &'static str) {
         if !self.bucket.take(now.mono) {
             self.counters.detections_rate_limited += 1;
             return;
@@ -466,7 +499,7 @@ impl Router {
                     self.counters.no_route += 1;
                     return;
                 }
-                self.start_migration(now, ip, mac, trigger, now.wall_us);
+                self.start_migration(now, ip, mac, trigger, seen);
             }
             None => {
                 if self.queries.contains_key(&mac) {
@@ -479,7 +512,7 @@ impl Router {
                 }
                 let id = self.next_query;
                 self.next_query = self.next_query.wrapping_add(1);
-                self.queries.insert(mac, Query { id, trigger, detected_us: now.wall_us });
+                self.queries.insert(mac, Query { id, trigger, seen });
                 info!(%mac, trigger, "migration suspected: asking peers which IP this MAC uses");
                 for i in 0..self.peers.len() {
                     self.send(now, i, Body::WhoHas { query: id, mac });
@@ -490,7 +523,7 @@ impl Router {
         }
     }
 
-    fn start_migration(&mut self, now: &Now, ip: Ipv4Addr, mac: Mac, trigger: &'static str, detected_us: u64) {
+    fn start_migration(&mut self, now: &Now, ip: Ipv4Addr, mac: Mac, trigger: &'static str, seen: Seen) {
         let previous = self.route_of(ip).unwrap_or("?").to_string();
         let seq = self.gndt.host_seq(ip) + 1;
         let me = self.cfg.site.clone();
@@ -501,7 +534,8 @@ impl Router {
         self.counters.migrations_detected += 1;
         info!(
             %ip, %mac, seq, from = %previous, trigger,
-            detect_to_resolve_ms = ms(now.wall_us, detected_us),
+            detect_to_resolve_ms = ms(now.wall_us, seen.captured_us),
+            capture_to_read_ms = ms(seen.read_us, seen.captured_us),
             "migration detected: installed /32 and propagating to every router"
         );
         let rec = self.record(MigrationRecord {
@@ -511,7 +545,8 @@ impl Router {
             seq,
             other_router: previous,
             trigger,
-            detected_us,
+            detected_us: seen.captured_us,
+            detection_read_us: Some(seen.read_us),
             resolved_us: Some(now.wall_us),
             all_acked_us: None,
             first_announce_us: None,
@@ -690,7 +725,7 @@ impl Router {
                         self.counters.no_route += 1;
                     } else {
                         info!(%mac, %ip, from = %sender, "peer HWDT resolved the MAC");
-                        self.start_migration(now, ip, mac, q.trigger, q.detected_us);
+                        self.start_migration(now, ip, mac, q.trigger, q.seen);
                     }
                 }
                 _ => self.counters.overlay_unsolicited += 1,
@@ -790,6 +825,7 @@ impl Router {
             other_router: owner.to_string(),
             trigger: "host-route",
             detected_us: now.wall_us,
+            detection_read_us: None,
             resolved_us: None,
             all_acked_us: None,
             first_announce_us: Some(now.wall_us),
@@ -1239,6 +1275,36 @@ mod tests {
         b.handle_datagram(&now, a.cfg.listen, &hijack);
         assert_eq!(b.counters.route_updates_rejected, 1);
         assert_eq!(format!("{:?}", b.gndt), before);
+    }
+
+    #[test]
+    fn a_move_is_timed_from_the_capture_of_its_first_frame() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        a.take_actions();
+        // B reads the RARP 3 ms after the kernel captured it; A answers B's who-has later.
+        let read = now.after(Duration::from_millis(10));
+        b.handle_captured(&read, read.wall_us - 3000, &frames::qemu_rarp(VM_MAC));
+        let answered = read.after(Duration::from_millis(1));
+        pump(&answered, &mut a, &mut b);
+        let st = b.status(&answered);
+        let r = &st["migrations"][0];
+        assert_eq!(r["detected_us"], read.wall_us - 3000, "{r}");
+        assert_eq!(r["detection_read_us"], read.wall_us, "{r}");
+        assert_eq!(r["resolved_us"], answered.wall_us, "{r}");
+        assert_eq!(r["all_acked_us"], answered.wall_us, "{r}");
+        // A capture timestamp later than the read (the wall clock was stepped back) or
+        // missing is replaced by the read time.
+        let t = answered.after(Duration::from_secs(1));
+        let other = Mac([2, 0, 0, 0, 0, 0x11]);
+        b.handle_captured(&t, t.wall_us + 5_000_000, &frames::garp_request(other, ip("10.1.0.11")));
+        let t2 = t.after(Duration::from_secs(1));
+        b.handle_captured(&t2, 0, &frames::garp_request(Mac([2, 0, 0, 0, 0, 0x12]), ip("10.1.0.12")));
+        let st = b.status(&t2);
+        let recs = st["migrations"].as_array().unwrap();
+        assert_eq!(recs[1]["detected_us"], t.wall_us, "{st}");
+        assert_eq!(recs[2]["detected_us"], t2.wall_us, "{st}");
     }
 
     #[test]

@@ -37,12 +37,84 @@ fn bad_config_names_the_field_in_one_line() {
     }
 }
 
-/// `vnet-probe probe` against a loopback `udp-echo` and a dead port: the echo loses
-/// nothing and answers in the tail; the dead target is all warm-up (no root needed).
+/// A UDP relay between `vnet-probe probe` and `vnet-probe udp-echo` on loopback: it
+/// forwards the probes to the echo and the answers back, and counts the answers it
+/// delivered, so the test can wait for answers instead of for time.
+struct Relay {
+    addr: std::net::SocketAddr,
+    answers: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(echo: std::net::SocketAddr) -> Relay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let client2 = client.clone();
+        let answers = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (answers2, stop1, stop2) = (answers.clone(), stop.clone(), stop.clone());
+        let mut buf = [0u8; 2048];
+        let to_echo = std::thread::spawn(move || {
+            while !stop1.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *client.lock().unwrap() = Some(from);
+                    let _ = back.send_to(&buf[..n], echo);
+                }
+            }
+        });
+        let mut buf2 = [0u8; 2048];
+        let to_probe = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = back2.recv_from(&mut buf2) {
+                    let to = *client2.lock().unwrap();
+                    if let (true, Some(to)) = (from == echo, to) {
+                        if front2.send_to(&buf2[..n], to).is_ok() {
+                            answers2.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        });
+        Relay { addr, answers, stop, threads: vec![to_echo, to_probe] }
+    }
+
+    fn answers(&self) -> u64 {
+        self.answers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers the probe must have received before it is stopped.
+const ANSWERS: u64 = 50;
+
+/// `vnet-probe probe` against a loopback `udp-echo` (through a counting relay) and a dead
+/// port: the echo loses nothing and answers in the tail; the dead target is all warm-up
+/// (no root needed). The probe is stopped once the echo has answered `ANSWERS` probes.
 #[test]
 fn probe_counts_loss_from_first_answer() {
+    use netreconf::testbed::wait_for;
     use std::net::UdpSocket;
-    use std::time::{Duration, Instant};
 
     let free_port = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (echo_port, dead_port) = (free_port(), free_port());
@@ -51,16 +123,18 @@ fn probe_counts_loss_from_first_answer() {
     std::fs::create_dir_all(&dir).unwrap();
     let (echo_stop, probe_stop, out) = (dir.join("echo-stop"), dir.join("probe-stop"), dir.join("report.json"));
     let bin = env!("CARGO_BIN_EXE_vnet-probe");
+    let echo_addr: std::net::SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
     let mut echo = Command::new(bin)
-        .args(["udp-echo", "--bind", &format!("127.0.0.1:{echo_port}")])
+        .args(["udp-echo", "--bind", &echo_addr.to_string()])
         .arg("--stop-file")
         .arg(&echo_stop)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let relay = Relay::start(echo_addr);
     let mut probe = Command::new(bin)
         .args(["probe", "--interval-ms", "10", "--bind", "127.0.0.1:0"])
-        .args(["--target", &format!("echo=127.0.0.1:{echo_port}")])
+        .args(["--target", &format!("echo={}", relay.addr)])
         .args(["--target", &format!("dead=127.0.0.1:{dead_port}")])
         .arg("--stop-file")
         .arg(&probe_stop)
@@ -68,21 +142,28 @@ fn probe_counts_loss_from_first_answer() {
         .arg(&out)
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    let answered = wait_for(&format!("the echo to answer {ANSWERS} probes"), 30, || {
+        let n = relay.answers();
+        (n >= ANSWERS).then_some(n)
+    })
+    .unwrap_or_else(|e| {
+        let _ = probe.kill();
+        let _ = echo.kill();
+        panic!("{e}: {} answers delivered to the probe", relay.answers())
+    });
     std::fs::write(&probe_stop, b"").unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = probe.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
+    let status = wait_for("the probe to stop after its stop file appeared", 20, || probe.try_wait().unwrap())
+        .unwrap_or_else(|e| {
             let _ = probe.kill();
-            panic!("probe did not stop");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+            let _ = echo.kill();
+            panic!("{e}")
+        });
     std::fs::write(&echo_stop, b"").unwrap();
-    let _ = echo.wait();
+    wait_for("udp-echo to stop after its stop file appeared", 20, || echo.try_wait().unwrap()).unwrap_or_else(|e| {
+        let _ = echo.kill();
+        panic!("{e}")
+    });
+    drop(relay);
     assert!(status.success());
     let text = std::fs::read_to_string(&out).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -92,7 +173,8 @@ fn probe_counts_loss_from_first_answer() {
     assert_eq!(e["name"], "echo", "{r}");
     assert_eq!(e["answered"], true, "{r}");
     assert_eq!(e["lost"], 0, "{r}");
-    assert!(e["received"].as_u64().unwrap() >= 50, "{r}");
+    // Every answer delivered before the stop was counted.
+    assert!(e["received"].as_u64().unwrap() >= answered, "{answered} answers delivered before the stop: {r}");
     assert_eq!(e["sent"], e["received"], "{r}");
     assert!(e["tail_sent"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(e["tail_received"], e["tail_sent"], "{r}");

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netreconf::frames::{self, Mac};
 use netreconf::proto::{self, Auth, Body, Message};
@@ -52,6 +52,144 @@ fn rarp(tb: &TwoSites) {
         .expect("send QEMU's RARP rounds from the VM");
 }
 
+/// QEMU's announce-self schedule (net/announce.c defaults: 5 rounds, 50 ms then 100 ms
+/// longer each time): offsets of the RARP rounds from the first, ms.
+const QEMU_ANNOUNCE_MS: [u64; 5] = [0, 50, 200, 450, 800];
+/// A capture timestamp may be late by the jitter of the capture path, which can shorten
+/// the gap to the next round by that much.
+const ANNOUNCE_SLACK_US: u64 = 5_000;
+/// Only catches a round that is wildly late (wrong unit, a stuck sender): not a speed target.
+const ANNOUNCE_LATE_US: u64 = 1_000_000;
+
+/// Capture timestamps (pcap header `ts`, µs) of the VM's RARP frames in a vnetd's
+/// `--pcap-out` file, in capture order. vnetd writes captured frames with the header the
+/// capture gave them, the same timestamp it times a detection from.
+fn rarp_capture_times(pcap_file: &Path) -> Vec<u64> {
+    let Ok(mut cap) = pcap::Capture::from_file(pcap_file) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // A record still being written ends the read.
+    while let Ok(p) = cap.next_packet() {
+        if let Ok(frames::Frame::Rarp(a)) = frames::parse(p.data) {
+            if a.sha == VM_MAC {
+                out.push(p.header.ts.tv_sec as u64 * 1_000_000 + p.header.ts.tv_usec as u64);
+            }
+        }
+    }
+    out
+}
+
+/// The five RARP rounds of a move reached `site`'s vnetd in order and spaced as QEMU's
+/// announce timer spaces them (each gap at least the nominal one, minus the capture
+/// jitter). Returns their capture timestamps.
+fn assert_announce_schedule(tb: &TwoSites, site: Site) -> Vec<u64> {
+    let file = tb.pcap(site);
+    let ts = wait_for(&format!("{} RARP rounds in {}", QEMU_ANNOUNCE_MS.len(), file.display()), 10, || {
+        let ts = rarp_capture_times(&file);
+        (ts.len() >= QEMU_ANNOUNCE_MS.len()).then_some(ts)
+    })
+    .unwrap_or_else(|e| panic!("{e}: captured {:?}", rarp_capture_times(&file)));
+    assert_eq!(ts.len(), QEMU_ANNOUNCE_MS.len(), "RARP rounds captured at {site:?}: {ts:?}");
+    let gaps: Vec<i64> = ts.windows(2).map(|w| w[1] as i64 - w[0] as i64).collect();
+    eprintln!("RARP rounds at {site:?}: gaps {gaps:?} µs (QEMU: {QEMU_ANNOUNCE_MS:?} ms)");
+    for (i, w) in QEMU_ANNOUNCE_MS.windows(2).enumerate() {
+        let nominal = (w[1] - w[0]) * 1000;
+        let gap = ts[i + 1]
+            .checked_sub(ts[i])
+            .unwrap_or_else(|| panic!("RARP round {} captured before round {i} at {site:?}: {ts:?}", i + 1));
+        assert!(
+            gap + ANNOUNCE_SLACK_US >= nominal,
+            "RARP rounds {i} and {} at {site:?} are {gap} µs apart; QEMU's schedule {QEMU_ANNOUNCE_MS:?} ms \
+             spaces them {nominal} µs (capture timestamps {ts:?})",
+            i + 1
+        );
+        assert!(
+            gap <= nominal + ANNOUNCE_LATE_US,
+            "RARP round {} at {site:?} came {gap} µs after round {i}, nominal {nominal} µs (capture timestamps {ts:?})",
+            i + 1
+        );
+    }
+    ts
+}
+
+/// The record with `role` of the VM's move `seq` in a status dump.
+fn record(st: &Value, role: &str, seq: u64) -> Value {
+    st["migrations"]
+        .as_array()
+        .and_then(|m| m.iter().find(|r| r["role"] == role && r["seq"] == seq && r["ip"] == VM_IP.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {role} record of move {seq} at {}: {}", st["site"], st["migrations"]))
+}
+
+fn us(r: &Value, k: &str) -> u64 {
+    r[k].as_u64().unwrap_or_else(|| panic!("migration record without {k}: {r}"))
+}
+
+/// vnetd's timings of move `seq` at the destination (`dest`, status after the move) and
+/// the source (`src`), checked for consistency, not magnitude: the destination timed
+/// the move from the capture timestamp of the first RARP of the move (`first_rarp_us`),
+/// then read it, resolved the IP, announced and counted every peer's ack, in that
+/// order; the source received the host route in between. Both vnetds run on this host
+/// and stamp on one clock (CLOCK_REALTIME), so the order holds across them too.
+/// `src_host` is a LAN host of the source, which it reports in its ack.
+fn check_move_records(dest: &Value, src: &Value, seq: u64, first_rarp_us: u64, src_host: Ipv4Addr) {
+    let (dn, sn) = (dest["site"].as_str().unwrap_or("?"), src["site"].as_str().unwrap_or("?"));
+    let d = record(dest, "destination", seq);
+    eprintln!("migration record at {dn}: {d}");
+    assert_eq!(d["mac"], VM_MAC.to_string(), "{d}");
+    assert_eq!(d["trigger"], "rarp", "{d}");
+    assert_eq!(d["other_router"], sn, "{d}");
+    let detected = us(&d, "detected_us");
+    assert_eq!(
+        detected, first_rarp_us,
+        "{dn} timed the move from the capture timestamp of the first RARP of the move ({first_rarp_us} µs in its \
+         --pcap-out): {d}"
+    );
+    let (read, resolved, announced, acked) =
+        (us(&d, "detection_read_us"), us(&d, "resolved_us"), us(&d, "first_announce_us"), us(&d, "all_acked_us"));
+    assert!(
+        detected <= read && read <= resolved && resolved <= announced && announced <= acked,
+        "{dn}: captured <= read <= resolved <= first announce <= all acked: {d}"
+    );
+    let mut peers: Vec<&str> = dest["peers"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    let mut acked_by: Vec<&str> = d["acked_by"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    peers.sort_unstable();
+    acked_by.sort_unstable();
+    assert_eq!(acked_by, peers, "every router acknowledged the /32 once: {d}");
+    assert!(d["hosts"].as_array().unwrap().iter().any(|h| h == &src_host.to_string()), "{sn} reported {src_host}: {d}");
+    let s = record(src, "source", seq);
+    eprintln!("migration record at {sn}: {s}");
+    assert_eq!(s["other_router"], dn, "{s}");
+    assert_eq!(s["trigger"], "host-route", "{s}");
+    let got = us(&s, "detected_us");
+    assert!(
+        resolved <= got && got <= acked,
+        "{sn} received the host route after {dn} resolved the IP and before {dn} had every ack: {s} / {d}"
+    );
+    assert!(us(&s, "first_announce_us") >= got, "{sn} announced after it received the route: {s}");
+    assert!(s["hosts"].as_array().unwrap().iter().any(|h| h == &src_host.to_string()), "{sn} reported {src_host}: {s}");
+}
+
+/// UDP datagrams delivered to sockets in `role`'s namespace (`Udp: InDatagrams` in the
+/// namespace's /proc/net/snmp).
+fn udp_delivered(tb: &TwoSites, role: &str) -> Option<u64> {
+    let text = nsrun(&tb.ns(role), &["cat", "/proc/net/snmp"]).ok()?;
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|w| w == "InDatagrams")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// Wait until `n` more UDP datagrams have been delivered in `role`'s namespace.
+fn wait_delivered(tb: &TwoSites, role: &str, n: u64, what: &str) {
+    let base = udp_delivered(tb, role).unwrap_or_else(|| panic!("cannot read /proc/net/snmp in {role}"));
+    wait_for(&format!("{n} datagrams delivered in {role}: {what}"), 15, || {
+        (udp_delivered(tb, role)? >= base + n).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e} (only {:?} of them)", udp_delivered(tb, role).map(|v| v - base)));
+}
+
 fn ping_all(tb: &TwoSites) {
     for (from, to) in [("a1", VM_IP), ("vm", A1_IP), ("b1", VM_IP), ("vm", B1_IP)] {
         tb.ping(from, to, 15).unwrap_or_else(|e| panic!("{e}"));
@@ -81,7 +219,12 @@ fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, n
         tb.dir.join(format!("{name}-recv.log")),
     )
     .expect("start udp-recv");
-    std::thread::sleep(Duration::from_millis(200));
+    // The receiver's socket is bound before the sender starts.
+    wait_for(&format!("udp-recv bound to {addr} in {to}"), 15, || {
+        let out = nsrun(&tb.ns(to), &["ss", "-Hlun", "src", &addr]).ok()?;
+        (!out.trim().is_empty()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", recv.log_text()));
     let send = Proc::spawn_out(
         &format!("{name}-send"),
         &tb.ns(from),
@@ -93,14 +236,19 @@ fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, n
     Stream { recv, send, stop, stop_send, out, send_out }
 }
 
-/// Stop the sender, let the last datagrams arrive, stop the receiver. Returns the
+/// Stop the sender and wait for the receiver to get the end of the stream. Returns the
 /// receiver's report with the sender's count added as "sent".
 fn stop_stream(mut s: Stream) -> Value {
     std::fs::write(&s.stop_send, b"stop").unwrap();
     s.send.wait(10).expect("udp-send exits");
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::write(&s.stop, b"stop").unwrap();
-    s.recv.wait(10).expect("udp-recv exits");
+    // udp-send ends with an end-of-stream marker on the stream's path, after its last
+    // datagram; udp-recv exits when the marker arrives. If it never does, stop the
+    // receiver anyway: `assert_stream_flows` says what is missing.
+    let recv = &mut s.recv;
+    if wait_for("udp-recv to receive the end of the stream", 15, || (!recv.alive()).then_some(())).is_err() {
+        std::fs::write(&s.stop, b"stop").unwrap();
+        s.recv.wait(10).expect("udp-recv exits");
+    }
     let text = std::fs::read_to_string(&s.out).unwrap_or_default();
     let mut v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("udp-recv output {text:?}: {e}"));
     let sent: Value =
@@ -114,6 +262,7 @@ fn assert_stream_flows(r: &Value) {
     let sent = r["sent"].as_u64().unwrap_or(0);
     let last = r["last_seq"].as_u64().unwrap_or(0);
     assert!(sent > 0 && last + 5 >= sent, "the last datagrams of the stream arrived: {r}");
+    assert_eq!(r["end_of_stream"], true, "the stream's end-of-stream marker arrived: {r}");
 }
 
 #[test]
@@ -127,7 +276,7 @@ fn vm_migrates_to_site_b_and_back() {
     assert_eq!(tb.neigh("b1", VM_IP), Some(RB_MAC), "B1 reaches the VM through router B (proxy ARP)");
     assert_eq!(tb.neigh("vm", B1_IP), Some(RA_MAC), "the VM reaches B1 through router A");
     let s = start_stream(&tb, "b1", "vm", VM_IP, 9001, "b1-vm");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_delivered(&tb, "vm", 200, "UDP B1 -> VM through the tunnel");
     let r = stop_stream(s);
     assert!(r["received"].as_u64().unwrap_or(0) > 0, "UDP B1 -> VM through the tunnel: {r}");
     assert_stream_flows(&r);
@@ -136,7 +285,8 @@ fn vm_migrates_to_site_b_and_back() {
 
     // ---- Move the VM to site B while A1 streams UDP to it.
     let stream = start_stream(&tb, "a1", "vm", VM_IP, 9000, "a1-vm");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_delivered(&tb, "vm", 200, "UDP A1 -> VM before the move");
+    let delivered_b = counter(&tb.status(Site::B).unwrap(), "delivered_local");
     tb.move_vm(Site::B).unwrap();
     rarp(&tb);
     wait_route(&tb, "B", 1);
@@ -146,7 +296,7 @@ fn vm_migrates_to_site_b_and_back() {
     // Routing optimisation: the VM and B1 now talk directly at layer 2.
     tb.wait_neigh("b1", VM_IP, VM_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
     tb.wait_neigh("vm", B1_IP, B1_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_delivered(&tb, "vm", 200, "UDP A1 -> VM after the move to B");
     let r = stop_stream(stream);
     eprintln!("UDP stream A1 -> VM across the move to site B: {r}");
     let gap = r["max_gap_ms"].as_f64().unwrap_or(-1.0);
@@ -155,6 +305,13 @@ fn vm_migrates_to_site_b_and_back() {
     let st_b = tb.status(Site::B).unwrap();
     eprintln!("capture/overlay counters: A {} B {}", st_a["daemon"], st_b["daemon"]);
     assert_stream_flows(&r);
+    // The stream after the repair went A1 -> router A -> tunnel -> router B -> VM.
+    assert!(
+        counter(&st_b, "delivered_local") >= delivered_b + 200,
+        "router B delivered the stream to the VM after the move: {} before, {}",
+        delivered_b,
+        st_b["counters"]
+    );
     assert_eq!(counter(&st_b, "migrations_completed"), 1, "{st_b}");
     let lndt_a = st_a["lndt"]["excluded"].as_array().unwrap();
     assert!(lndt_a.iter().any(|v| v == "10.1.0.10"), "LNDT A lost the VM: {}", st_a["lndt"]);
@@ -163,11 +320,8 @@ fn vm_migrates_to_site_b_and_back() {
         "LNDT B gained the VM: {}",
         st_b["lndt"]
     );
-    let m = &st_b["migrations"][0];
-    eprintln!(
-        "migration record at B: detected {} resolved {} all routers {} (µs)",
-        m["detected_us"], m["resolved_us"], m["all_acked_us"]
-    );
+    let rounds = assert_announce_schedule(&tb, Site::B);
+    check_move_records(&st_b, &st_a, 1, rounds[0], A1_IP);
 
     // ---- Move back: everything returns to direct layer-2 paths.
     tb.move_vm(Site::A).unwrap();
@@ -180,6 +334,8 @@ fn vm_migrates_to_site_b_and_back() {
     ping_all(&tb);
     let st_a = tb.status(Site::A).unwrap();
     assert_eq!(counter(&st_a, "migrations_completed"), 1, "{st_a}");
+    let rounds = assert_announce_schedule(&tb, Site::A);
+    check_move_records(&st_a, &tb.status(Site::B).unwrap(), 2, rounds[0], B1_IP);
 
     // ---- The pcap files are readable by tcpdump and hold the RARP and the GARP.
     let b = run(&["tcpdump", "-nr", tb.pcap(Site::B).to_str().unwrap()]).expect("tcpdump -r b.pcap");
@@ -216,7 +372,9 @@ fn bad_input_is_counted_and_changes_nothing() {
         tb.dir.join("tcpdump.log"),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // tcpdump says "listening on" once its capture is open and filtered.
+    wait_for("tcpdump to start capturing on wan0", 15, || dump.log_text().contains("listening on").then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {}", dump.log_text()));
     tb.ping("b1", A1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     let _ = nsrun(&tb.ns("b1"), &["ping", "-c", "3", "-i", "0.2", "-n", "-q", "10.1.0.1"]);
     dump.wait(10).expect("tcpdump captured 3 datagrams");
@@ -259,7 +417,13 @@ fn bad_input_is_counted_and_changes_nothing() {
     .unwrap();
 
     // A RARP flood.
+    let seen = counter(&tb.status(Site::A).unwrap(), "rarp_seen");
     nsrun(&tb.ns("a1"), &[PROBE, "rarp-flood", "--iface", "eth0", "--count", "3000"]).unwrap();
+    wait_for("A to read the 3000 RARPs of the flood", 15, || {
+        (counter(&tb.status(Site::A).ok()?, "rarp_seen") >= seen + 3000).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", tb.status(Site::A).ok().map(|s| s["counters"].clone())));
+    let flood_read = Instant::now();
 
     // Forged, stale and replayed control messages, sent from router B's namespace.
     let now = netreconf::router::wall_us();
@@ -339,12 +503,33 @@ fn bad_input_is_counted_and_changes_nothing() {
     tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     tb.ping("b1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
 
-    // The flood did not stop real detection for long: a real move still works.
-    std::thread::sleep(Duration::from_millis(2500));
+    // A real move still works.
     tb.move_vm(Site::B).unwrap();
     rarp(&tb);
     wait_route(&tb, "B", 1);
     tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+
+    // The flood did not stop detection at A for long: its token bucket (rarp_burst 40,
+    // rarp_rate_per_s 20) is full again 2 s after the flood. This wait is part of the
+    // scenario (the limiter is defined in time), not a synchronisation: after it, the
+    // move back to A must lose none of its RARP rounds to the limiter.
+    let refilled = flood_read + Duration::from_millis(2500);
+    if let Some(left) = refilled.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
+    let limited = counter(&tb.status(Site::A).unwrap(), "detections_rate_limited");
+    tb.move_vm(Site::A).unwrap();
+    rarp(&tb);
+    wait_route(&tb, "A", 2);
+    let st = tb.status(Site::A).unwrap();
+    assert_eq!(
+        counter(&st, "detections_rate_limited"),
+        limited,
+        "A's rate limiter refilled after the flood: no RARP of the move back rate-limited ({limited} before): {}",
+        st["counters"]
+    );
+    assert_eq!(counter(&st, "migrations_completed"), 1, "{}", st["counters"]);
+    tb.ping("b1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A dedicated namespace, deleted on drop.
@@ -383,15 +568,28 @@ fn refuses_to_run_when_the_kernel_forwards() {
     assert!(err.contains("ip_forward"), "{err}");
 }
 
+/// The state letter of process `pid` (`R`, `S`, `T` for stopped, ...), from /proc.
+fn proc_state(pid: libc::pid_t) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": the name may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// Suspend a process for `ms` milliseconds (SIGSTOP ... SIGCONT): a forwarder that gets
-/// no CPU for a while, as on a loaded gateway.
+/// no CPU for a while, as on a loaded gateway. The stall's length is the scenario (how
+/// much traffic queues meanwhile), not a synchronisation: the test then checks that
+/// nothing queued was lost.
 fn stall(p: &Proc, ms: u64) {
     let pid = p.pid().expect("running") as libc::pid_t;
     // SAFETY: kill(2) on a pid we spawned and still own (not yet reaped).
     unsafe { assert_eq!(libc::kill(pid, libc::SIGSTOP), 0) };
+    wait_for(&format!("{} (pid {pid}) to be stopped", p.name), 10, || (proc_state(pid)? == 'T').then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
     std::thread::sleep(Duration::from_millis(ms));
     // SAFETY: as above.
     unsafe { assert_eq!(libc::kill(pid, libc::SIGCONT), 0) };
+    wait_for(&format!("{} (pid {pid}) to run again", p.name), 10, || (proc_state(pid)? != 'T').then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A gateway whose vnetd gets no CPU for a while (a loaded machine) must queue the
@@ -406,11 +604,11 @@ fn a_stalled_forwarder_loses_nothing() {
     tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     tb.ping("b1", A1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     let s = start_stream(&tb, "a1", "b1", B1_IP, 9002, "a1-b1");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_delivered(&tb, "b1", 200, "the stream A1 -> B1 before the stalls");
     stall(&tb.vnetd[0], 600);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_delivered(&tb, "b1", 200, "the stream A1 -> B1 after vnetd A resumed");
     stall(&tb.vnetd[1], 600);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_delivered(&tb, "b1", 200, "the stream A1 -> B1 after vnetd B resumed");
     let r = stop_stream(s);
     let st_a = tb.status(Site::A).unwrap();
     let st_b = tb.status(Site::B).unwrap();
@@ -418,7 +616,7 @@ fn a_stalled_forwarder_loses_nothing() {
     eprintln!("daemon A {} daemon B {}", st_a["daemon"], st_b["daemon"]);
     eprintln!("counters A {} counters B {}", st_a["counters"], st_b["counters"]);
     assert_stream_flows(&r);
-    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["lost"], 0, "datagrams lost across the stalls: {r}");
     for (st, site) in [(&st_a, "A"), (&st_b, "B")] {
         let d = &st["daemon"];
         assert_eq!(d["pcap_dropped"], 0, "capture ring overflowed at {site}: {d}");

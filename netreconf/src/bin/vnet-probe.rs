@@ -23,7 +23,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Send QEMU's RARP self-announcement for MAC on IFACE at the given offsets (ms).
+    /// Send QEMU's RARP self-announcement for MAC on IFACE in rounds at the given offsets
+    /// (ms). As QEMU's announce timer (net/announce.c: 50 ms, then 100 ms longer each round),
+    /// each round is armed when the previous one has been sent, so consecutive rounds are
+    /// at least the difference of their offsets apart even when one is late.
     Rarp {
         #[arg(long)]
         iface: String,
@@ -59,7 +62,8 @@ enum Cmd {
         #[arg(long = "hex", required = true)]
         hex: Vec<String>,
     },
-    /// Send a numbered UDP stream until STOP exists.
+    /// Send a numbered UDP stream until STOP exists, then an end-of-stream marker (three
+    /// copies) that tells `udp-recv` the stream is over.
     UdpSend {
         #[arg(long)]
         to: SocketAddr,
@@ -70,7 +74,8 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         max_seconds: u64,
     },
-    /// Receive a numbered UDP stream until STOP exists; report gaps.
+    /// Receive a numbered UDP stream until its end-of-stream marker arrives or STOP exists;
+    /// report gaps.
     UdpRecv {
         #[arg(long)]
         bind: SocketAddr,
@@ -172,6 +177,11 @@ fn send(cap: &mut pcap::Capture<pcap::Active>, f: &[u8]) -> Result<(), String> {
 fn stop(p: &Path) -> bool {
     p.exists()
 }
+
+/// Sequence number of `udp-send`'s end-of-stream marker; its next 8 bytes hold the number
+/// of datagrams sent. Sent on the same socket after the last datagram, it arrives after
+/// every datagram of the stream that arrives at all.
+const END_OF_STREAM: u64 = u64::MAX;
 
 /// Ask for an 8 MiB receive buffer (SO_RCVBUFFORCE as root, else up to `rmem_max`).
 fn big_rcvbuf(s: &UdpSocket) {
@@ -416,16 +426,22 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
-            let t0 = Instant::now();
+            if schedule_ms.windows(2).any(|w| w[1] < w[0]) {
+                return Err(format!("--schedule-ms {schedule_ms:?} is not in increasing order"));
+            }
             let mut sent = Vec::new();
+            let mut prev: Option<(Instant, u64)> = None;
             for ms in schedule_ms {
-                let at = t0 + Duration::from_millis(ms);
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
+                if let Some((fired, prev_ms)) = prev {
+                    let at = fired + Duration::from_millis(ms - prev_ms);
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
                 }
                 send(&mut cap, &f)?;
                 sent.push(netreconf::router::wall_us());
+                prev = Some((Instant::now(), ms));
             }
             Ok(serde_json::json!({"sent_us": sent}))
         }
@@ -476,6 +492,14 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
                     std::thread::sleep(next - now);
                 }
             }
+            let mut end = [0u8; 64];
+            end[..8].copy_from_slice(&END_OF_STREAM.to_be_bytes());
+            end[8..16].copy_from_slice(&seq.to_be_bytes());
+            for _ in 0..3 {
+                if s.send_to(&end, to).is_err() {
+                    errors += 1;
+                }
+            }
             Ok(serde_json::json!({"sent": seq, "send_errors": errors, "interval_us": interval_us}))
         }
         Cmd::UdpRecv { bind, stop_file, max_seconds } => {
@@ -492,6 +516,7 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             let mut first_seq = None;
             let mut max_seq = 0u64;
             let mut draining = false;
+            let mut end_of_stream: Option<u64> = None;
             loop {
                 if !draining && (stop(&stop_file) || t0.elapsed() >= Duration::from_secs(max_seconds)) {
                     // Count what already arrived but was not read yet, then stop.
@@ -502,6 +527,15 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
                     Err(_) if draining => break, // WouldBlock: nothing left
                     Ok((n, _)) if n >= 16 => {
                         let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+                        if seq == END_OF_STREAM {
+                            // Everything the sender sent before it has arrived or is lost.
+                            end_of_stream = Some(u64::from_be_bytes(buf[8..16].try_into().unwrap_or([0; 8])));
+                            if !draining {
+                                draining = true;
+                                s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                            }
+                            continue;
+                        }
                         let now = netreconf::router::wall_us();
                         received += 1;
                         first_seq.get_or_insert(seq);
@@ -530,6 +564,8 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
                 "max_gap_ms": max_gap_us as f64 / 1000.0,
                 "max_gap_end_us": gap_end_us,
                 "max_gap_missing_datagrams": gap_seqs,
+                "end_of_stream": end_of_stream.is_some(),
+                "sender_sent": end_of_stream,
             }))
         }
         Cmd::UdpEcho { bind, stop_file } => {
