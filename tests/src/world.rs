@@ -142,6 +142,34 @@ impl World {
         let _ = self.redis[i].kill();
         let _ = self.redis[i].wait();
     }
+
+    /// `redis-cli -h ADDR -p PORT ARGS...` inside `host`'s namespace, for the Redis on that host;
+    /// its output (in redis-cli's raw form: one line per array element).
+    pub fn redis_cli(&self, host: &str, port: u16, args: &[&str]) -> Result<String, NetnsError> {
+        let h = self.host(host);
+        let port = port.to_string();
+        let mut full = vec!["redis-cli", "-h", &h.addr, "-p", &port];
+        full.extend_from_slice(args);
+        h.ns.exec(&full)
+    }
+
+    /// The processes running in `host`'s namespace, each with its command line (what the
+    /// world's own processes and those launched into its namespaces are: nothing else).
+    pub fn processes(&self, host: &str) -> Vec<(u32, Vec<String>)> {
+        let pids = run(&["ip", "netns", "pids", self.host(host).ns.name()]).unwrap_or_default();
+        pids.split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .filter_map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let args = cmdline
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                Some((pid, args))
+            })
+            .collect()
+    }
 }
 
 impl Drop for World {

@@ -2,13 +2,15 @@
 //! from site A to site B with `shrink-migrate --cluster`, with real `redis-server`s for the
 //! coordination (site A) and index (site B) services, and real faults.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use migrate::client::ApiClient;
+use serde_json::{json, Value};
 use shrink_tests::netns;
-use shrink_tests::util::last_heartbeat;
+use shrink_tests::util::{last_heartbeat, wait_until};
 use shrink_tests::world::{release_bin, Bg, World};
 
 fn repo() -> PathBuf {
@@ -89,10 +91,15 @@ impl Sites {
 
     /// Writes vc.toml for `names`; `launch_b` is site B's launch template.
     fn vc(&self, file: &str, names: &[&str], coordination: &str, index: &str, launch_b: &str) -> PathBuf {
+        self.vc_id(file, &format!("{file}-{}", netns::unique_tag()), names, coordination, index, launch_b)
+    }
+
+    /// The same with migration id `id` (VMs moved in waves under one id deduplicate against
+    /// the earlier waves).
+    fn vc_id(&self, file: &str, id: &str, names: &[&str], coordination: &str, index: &str, launch_b: &str) -> PathBuf {
         let host = |n: &str| self.world.host(n).ns.name().to_owned();
         let mut t = format!(
-            "migration_id = \"{file}-{}\"\nvmm = \"{}\"\nworkdir = \"{}\"\n\n",
-            netns::unique_tag(),
+            "migration_id = \"{id}\"\nvmm = \"{}\"\nworkdir = \"{}\"\n\n",
             release_bin("shrink-vmm").display(),
             self.dir.0.display()
         );
@@ -143,11 +150,7 @@ impl Sites {
         assert_eq!(first, last + 1, "{name}: the destination continues the heartbeat");
         // The source VMM is gone.
         let (_, bg) = self.vms.iter_mut().find(|(n, _)| n == name).unwrap();
-        let start = Instant::now();
-        while bg.0.try_wait().unwrap().is_none() {
-            assert!(start.elapsed() < Duration::from_secs(5), "{name}: source VMM still running");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(&format!("{name}: the source VMM exiting"), Duration::from_secs(5), || bg.0.try_wait().unwrap());
     }
 
     /// The VM still runs at the source.
@@ -156,6 +159,65 @@ impl Sites {
         let n = last_heartbeat(&std::fs::read_to_string(&serial).unwrap()).unwrap();
         wait_text(&serial, &format!("heartbeat {}\n", n + 2), Duration::from_secs(6));
     }
+
+    /// The destination VMM of `vm` (shrink-migrate starts it in a host namespace of site B,
+    /// which this test made): its process id and arguments.
+    fn dest_vmm(&self, vm: &str) -> Option<(u32, Vec<String>)> {
+        ["b1", "b2"].iter().flat_map(|h| self.world.processes(h)).find(|(_, args)| {
+            args.iter().any(|a| a == "--incoming") && args.windows(2).any(|w| w[0] == "--name" && w[1] == vm)
+        })
+    }
+
+    /// The address `vm`'s destination VMM is registered under in the site index.
+    fn member(&self, vm: &str) -> String {
+        let (_, args) = self.dest_vmm(vm).unwrap_or_else(|| panic!("{vm}: no destination VMM"));
+        args.windows(2).find(|w| w[0] == "--peer-advertise").map(|w| w[1].clone()).expect("--peer-advertise")
+    }
+
+    /// `cmd` on `vm`'s destination VMM.
+    fn dest(&self, vm: &str, cmd: &str, args: Value) -> Value {
+        api(&self.path(&format!("{vm}-siteB.sock")), cmd, args)
+    }
+
+    /// The site-index counters of `vm`'s destination VMM.
+    fn dest_site(&self, vm: &str) -> Value {
+        self.dest(vm, "query-migrate", json!({}))["incoming"]["site"].clone()
+    }
+
+    /// The digests (hex) of every page of `vm`'s guest at its destination now.
+    fn dest_pages(&self, vm: &str) -> HashSet<String> {
+        let f = self.path(&format!("{vm}-siteB.pages"));
+        self.dest(vm, "memory-digest", json!({"pages": f.to_str().unwrap()}));
+        let bytes = std::fs::read(&f).unwrap();
+        bytes.chunks(32).map(|d| d.iter().map(|b| format!("{b:02x}")).collect()).collect()
+    }
+}
+
+/// Runs API command `cmd` on the VMM at `sock`.
+fn api(sock: &Path, cmd: &str, args: Value) -> Value {
+    ApiClient::connect(sock)
+        .and_then(|mut c| c.execute(cmd, args))
+        .unwrap_or_else(|e| panic!("{}: {cmd}: {e}", sock.display()))
+        .unwrap_or_else(|e| panic!("{}: {cmd}: {e}", sock.display()))
+}
+
+/// What the site index at `host:port` holds: per member (a hypervisor's peer address), the
+/// digests (hex) it is listed for. Read with one Lua script (the keys are binary).
+fn index_members(world: &World, host: &str, port: u16) -> HashMap<String, HashSet<String>> {
+    const LIST: &str = "local out = {} \
+        for _, k in ipairs(redis.call('KEYS', 'shrinkidx:*')) do \
+          local hex = string.gsub(string.sub(k, 11), '.', function(c) return string.format('%02x', string.byte(c)) end) \
+          for _, m in ipairs(redis.call('SMEMBERS', k)) do out[#out + 1] = m .. ' ' .. hex end \
+        end \
+        return out";
+    let text = world.redis_cli(host, port, &["EVAL", LIST, "0"]).unwrap();
+    let mut by_member: HashMap<String, HashSet<String>> = HashMap::new();
+    for l in text.lines() {
+        if let Some((m, d)) = l.trim().split_once(' ') {
+            by_member.entry(m.to_owned()).or_default().insert(d.to_owned());
+        }
+    }
+    by_member
 }
 
 impl Drop for Sites {
@@ -317,30 +379,51 @@ fn faults_degrade_but_never_corrupt() {
     s.assert_moved("f2");
     s.world.redis("a1", 6379, &d, false);
 
-    // 2. Peers that serve corrupted chunks (all of them): caught by the digest check, the
-    //    content comes from the source instead.
+    // 2. One holder of the content serves corrupted chunks, another holder serves it right:
+    //    the corrupt answers are caught by the digest check, and the chunks come from the
+    //    honest holder instead of the source. An index of its own: the VMs moved in part 1
+    //    still serve the same OS content.
+    s.world.redis("b1", 6381, &d, false);
+    let index2 = format!("redis://{B1}:6381");
+    let id = format!("faults-{}", netns::unique_tag());
+    // Wave 1: g1 and g2 move and both hold the shared content at site B.
     s.boot("g1", &vm_cmdline(2));
     s.boot("g2", &vm_cmdline(3));
-    s.boot("g3", &vm_cmdline(4));
-    for n in ["g1", "g2", "g3"] {
+    for n in ["g1", "g2"] {
         wait_text(&s.path(&format!("{n}.serial")), "heartbeat 1\n", Duration::from_secs(60));
     }
-    // An index of its own: the VMs moved in part 1 still serve the same OS content, uncorrupted.
-    s.world.redis("b1", 6381, &d, false);
-    let vc = s.vc(
-        "vc2.toml",
-        &["g1", "g2", "g3"],
-        &format!("redis://{A1}:6379"),
-        &format!("redis://{B1}:6381"),
-        "ip netns exec {host} env SHRINK_TEST_CORRUPT_PEER=* {cmd}",
-    );
+    let vc =
+        s.vc_id("vc2.toml", &id, &["g1", "g2"], &format!("redis://{A1}:6379"), &index2, "ip netns exec {host} {cmd}");
     let (code, r, err) = s.migrate(&vc, &["--port-base", "7700"]);
     assert_eq!(code, 0, "{err}\n{r}");
-    assert!(u(&r["corrupt_from_peers"]) > 0, "corrupt peers were asked and caught: {r}");
-    assert!(u(&r["pulled"]) > 0, "the content came from the sources: {r}");
-    for n in ["g1", "g2", "g3"] {
-        s.assert_moved(n);
-    }
+    s.assert_moved("g1");
+    s.assert_moved("g2");
+    // g1 turns bad.
+    s.dest("g1", "set-peer-corrupt", json!({"on": true}));
+    let served = |s: &Sites, vm: &str| u(&s.dest_site(vm)["served"]);
+    let (bad0, good0) = (served(&s, "g1"), served(&s, "g2"));
+    // Wave 2: g3, under the same migration id, so that its shared content crosses as digests
+    // that g1 and g2 both hold.
+    s.boot("g3", &vm_cmdline(4));
+    wait_text(&s.path("g3.serial"), "heartbeat 1\n", Duration::from_secs(60));
+    let vc = s.vc_id("vc2b.toml", &id, &["g3"], &format!("redis://{A1}:6379"), &index2, "ip netns exec {host} {cmd}");
+    let (code, r, err) = s.migrate(&vc, &["--port-base", "7750"]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    s.assert_moved("g3");
+    let g3 = &r["vms"][0];
+    let (bad, good) = (served(&s, "g1") - bad0, served(&s, "g2") - good0);
+    let site = s.dest_site("g3");
+    let (corrupt, next) = (u(&site["corrupt_from_peer"]), u(&site["next_holder"]));
+    eprintln!("g3: {g3}\n{site}\ncorrupt holder served {bad}, honest holder served {good}");
+    assert!(u(&g3["deduplicated"]) > 1000, "the shared content crossed as digests: {g3}");
+    assert!(corrupt > 0, "the corrupt holder was asked and caught: {site}");
+    assert_eq!(corrupt, bad, "every chunk the corrupt holder served was caught: {site}");
+    assert!(next > 0, "chunks the corrupt holder failed on were fetched from the next holder: {site}");
+    assert!(good >= next, "the honest holder served them ({good} chunks): {site}");
+    assert!(
+        u(&g3["pulled"]) < corrupt,
+        "what the corrupt holder failed on came from the honest holder, not from the source: {g3}"
+    );
 
     // 3. Every fallback down (no index, no pull): the VMs that need content from elsewhere fail
     //    cleanly and keep running at the source.
@@ -390,7 +473,6 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
         "ip netns exec {host} {cmd}",
     );
     let vc2 = vc.clone();
-    let dir = s.dir.0.clone();
     let migration = std::thread::spawn(move || {
         let out = Command::new(release_bin("shrink-migrate"))
             .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
@@ -402,22 +484,43 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     });
-    // As soon as r1's destination VMM exists, kill it (only it: process ids are not per
-    // namespace); then restart the index Redis (empty) while the others migrate.
-    let start = Instant::now();
-    while !dir.join("r1-siteB.sock").exists() && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let killed = Command::new("pkill").args(["-f", "[-]-incoming .*[-]-name r1 "]).status().unwrap();
-    assert!(killed.success(), "r1's destination VMM was found");
-    let start = Instant::now();
-    while !dir.join("r4-siteB.sock").exists() && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    // As soon as r1's destination VMM is up (its API socket exists: shrink-migrate waits for
+    // it), kill it, by its process id, found in this test's namespaces.
+    let (pid, _) = wait_until("r1's destination VMM starting", Duration::from_secs(30), || {
+        s.path("r1-siteB.sock").exists().then(|| s.dest_vmm("r1")).flatten()
+    });
+    let killed = Command::new("kill").arg(pid.to_string()).status().unwrap();
+    assert!(killed.success(), "r1's destination VMM (pid {pid}) was killed");
+
+    // Kill the index Redis in the middle of the others' first pass: a source has sent a few MB
+    // and not finished its first pass, so its destination has much more to register.
+    let others = ["r2", "r3", "r4"];
+    let (vm, phase) = wait_until("a source in the middle of its first pass", Duration::from_secs(60), || {
+        others.iter().find_map(|n| {
+            let q = ApiClient::connect(&s.path(&format!("{n}.sock")))
+                .and_then(|mut c| c.execute("query-migrate", json!({})))
+                .ok()?
+                .ok()?;
+            (q["status"] == "active"
+                && u(&q["ram"]["dirty-sync-count"]) == 0
+                && u(&q["ram"]["transferred"]) > 4_000_000)
+                .then(|| (n.to_string(), q))
+        })
+    });
+    eprintln!("index Redis killed while {vm} migrates: {}", phase["ram"]);
+    let before = index_members(&s.world, "b1", 6380);
     s.world.kill_redis(index);
-    std::thread::sleep(Duration::from_millis(300));
+    // A destination noticed (its next index update failed); then the index comes back, empty.
+    let noticed = wait_until("a destination VMM failing on the dead index", Duration::from_secs(60), || {
+        others.iter().find(|n| {
+            std::fs::read_to_string(s.path(&format!("{n}-siteB.log")))
+                .unwrap_or_default()
+                .contains("index Redis failed")
+        })
+    });
+    eprintln!("{noticed}'s destination saw the index fail");
     s.world.redis("b1", 6380, &d, false);
+
     let (code, r, err) = migration.join().unwrap();
     let vms = r["vms"].as_array().unwrap_or_else(|| panic!("{err}"));
     let r1 = vms.iter().find(|v| v["vm"] == "r1").unwrap();
@@ -428,6 +531,38 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
         s.assert_moved(v["vm"].as_str().unwrap());
     }
     assert_eq!(code, Some(1), "one VM failed");
+
+    // The failures were counted, and the VMMs that used the index again after it came back
+    // registered again everything they held: what each had registered before the restart and
+    // still holds is in the new index under its address.
+    let errors: u64 = vms.iter().map(|v| u(&v["index_errors"])).sum();
+    assert!(errors > 0, "index errors reported: {r}");
+    let after = index_members(&s.world, "b1", 6380);
+    let (mut resynced, mut checked) = (Vec::new(), 0);
+    for vm in others {
+        let site = s.dest_site(vm);
+        eprintln!("{vm}: {site}");
+        if u(&site["resyncs"]) == 0 {
+            continue;
+        }
+        resynced.push(vm);
+        let member = s.member(vm);
+        let held = s.dest_pages(vm);
+        let expected: Vec<&String> =
+            before.get(&member).map(|b| b.iter().filter(|d| held.contains(*d)).collect()).unwrap_or_default();
+        let now = after.get(&member).cloned().unwrap_or_default();
+        let missing = expected.iter().filter(|d| !now.contains(**d)).count();
+        eprintln!("{vm} ({member}): {} chunks registered before the restart and held now", expected.len());
+        checked += expected.len();
+        assert_eq!(
+            missing,
+            0,
+            "{vm} ({member}): {missing} of the {} chunks it registered before the index restart and still holds are not in the new index: {site}",
+            expected.len()
+        );
+    }
+    assert!(!resynced.is_empty(), "no destination VMM re-registered its chunks after the index restart: {r}");
+    assert!(checked > 0, "{resynced:?} had registered nothing before the restart");
 }
 
 #[test]
