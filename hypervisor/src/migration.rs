@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use migrate::dedup::{DedupConfig, DedupStats, RedisDedup};
 use migrate::precopy::{
-    self, Dedup, MigrationInfo, NoDedup, Params, ReceiveOptions, ReceiveStats, Sink, Source, Status,
+    self, Dedup, EndpointError, MigrationInfo, NoDedup, Params, ReceiveOptions, ReceiveStats, Sink, Source, Status,
 };
 use migrate::protocol::DigestKind;
 use migrate::protocol::{Hello, Region};
 use serde_json::Value;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::SerialOutput;
 use crate::control::{ControlMsg, VmmCaller};
@@ -40,10 +40,23 @@ pub fn parse_tcp_uri(uri: &str) -> Result<String, String> {
     Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
 }
 
-fn host_slice(mem: &GuestMemoryMmap, index: usize) -> (*mut u8, usize) {
-    let region = mem.iter().nth(index).expect("region index within the layout");
-    let host = region.get_host_address(MemoryRegionAddress(0)).expect("a mapped region has a host address");
-    (host, region.len() as usize)
+/// Copies guest memory at `gpa` into `buf` with vm-memory's volatile accessors (the guest or a
+/// peer-server thread may touch it meanwhile).
+fn read_guest(mem: &GuestMemoryMmap, gpa: u64, buf: &mut [u8]) -> Result<(), EndpointError> {
+    mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| EndpointError::Memory {
+        gpa,
+        len: buf.len(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes `data` to guest memory at `gpa` with vm-memory's volatile accessors.
+fn write_guest(mem: &GuestMemoryMmap, gpa: u64, data: &[u8]) -> Result<(), EndpointError> {
+    mem.write_slice(data, GuestAddress(gpa)).map_err(|e| EndpointError::Memory {
+        gpa,
+        len: data.len(),
+        reason: e.to_string(),
+    })
 }
 
 fn regions_of(mem: &GuestMemoryMmap) -> Vec<Region> {
@@ -61,32 +74,33 @@ impl Source for VmmSource {
     fn regions(&self) -> Vec<Region> {
         regions_of(&self.mem)
     }
-    fn region_bytes(&self, index: usize) -> &[u8] {
-        let (ptr, len) = host_slice(&self.mem, index);
-        // SAFETY: the mapping lives as long as `self.mem` (a clone of the VM's memory keeps it
-        // mapped). The guest may write concurrently; such pages are in the next dirty log, so a
-        // torn read is always sent again.
-        unsafe { std::slice::from_raw_parts(ptr, len) }
+    fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EndpointError> {
+        read_guest(&self.mem, gpa, buf)
     }
-    fn start_dirty_log(&mut self) -> Result<(), String> {
-        self.caller.call(|v| v.start_dirty_log().map_err(|e| e.to_string()))?
+    fn start_dirty_log(&mut self) -> Result<(), EndpointError> {
+        let op = "start dirty log";
+        self.caller.call(|v| v.start_dirty_log()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))
     }
-    fn stop_dirty_log(&mut self) -> Result<(), String> {
-        self.caller.call(|v| v.stop_dirty_log().map_err(|e| e.to_string()))?
+    fn stop_dirty_log(&mut self) -> Result<(), EndpointError> {
+        let op = "stop dirty log";
+        self.caller.call(|v| v.stop_dirty_log()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))
     }
-    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String> {
-        let log = self.caller.call(|v| v.dirty_log().map_err(|e| e.to_string()))??;
+    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, EndpointError> {
+        let op = "dirty log";
+        let log = self.caller.call(|v| v.dirty_log()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))?;
         Ok(log.regions.into_iter().map(|r| r.bitmap).collect())
     }
-    fn pause(&mut self) -> Result<(), String> {
-        self.caller.call(|v| v.pause().map_err(|e| e.to_string()))?
+    fn pause(&mut self) -> Result<(), EndpointError> {
+        self.caller.call(|v| v.pause()).map_err(EndpointError::of("pause"))?.map_err(EndpointError::of("pause"))
     }
-    fn resume(&mut self) -> Result<(), String> {
-        self.caller.call(|v| v.resume().map_err(|e| e.to_string()))?
+    fn resume(&mut self) -> Result<(), EndpointError> {
+        self.caller.call(|v| v.resume()).map_err(EndpointError::of("resume"))?.map_err(EndpointError::of("resume"))
     }
-    fn vm_state(&mut self) -> Result<Vec<u8>, String> {
-        let state = self.caller.call(|v| v.save_state().map_err(|e| e.to_string()))??;
-        serde_json::to_vec(&state).map_err(|e| e.to_string())
+    fn vm_state(&mut self) -> Result<Vec<u8>, EndpointError> {
+        let op = "save VM state";
+        let state =
+            self.caller.call(|v| v.save_state()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))?;
+        serde_json::to_vec(&state).map_err(EndpointError::of(op))
     }
     fn set_throttle(&mut self, percent: u8) {
         let _ = self.caller.call(move |v| v.set_throttle(percent));
@@ -94,7 +108,7 @@ impl Source for VmmSource {
     fn name(&self) -> String {
         self.name.clone()
     }
-    fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+    fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
         Ok(crate::vstate::memory::sha256_all(&self.mem))
     }
 }
@@ -146,8 +160,17 @@ pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
     let addr = parse_tcp_uri(uri)?;
     if let Some(obj) = args.as_object() {
         for k in obj.keys() {
-            if !["uri", "downtime_limit_ms", "max_bandwidth", "max_iterations", "auto_converge", "verify", "dedup"]
-                .contains(&k.as_str())
+            if ![
+                "uri",
+                "downtime_limit_ms",
+                "max_bandwidth",
+                "max_iterations",
+                "auto_converge",
+                "verify",
+                "dedup",
+                "verdict_timeout_ms",
+            ]
+            .contains(&k.as_str())
             {
                 return Err(format!("unknown argument \"{k}\""));
             }
@@ -156,6 +179,12 @@ pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
     let mut p = Params::default();
     if let Some(ms) = u64_arg(args, "downtime_limit_ms")? {
         p.downtime_limit = Duration::from_millis(ms);
+    }
+    if let Some(ms) = u64_arg(args, "verdict_timeout_ms")? {
+        if ms == 0 {
+            return Err("argument \"verdict_timeout_ms\" must be at least 1".into());
+        }
+        p.verdict_timeout = Duration::from_millis(ms);
     }
     p.max_bandwidth = u64_arg(args, "max_bandwidth")?;
     p.max_iterations = u64_arg(args, "max_iterations")?.map(|n| n.min(u32::MAX as u64) as u32);
@@ -210,6 +239,13 @@ impl Outgoing {
             .name("migration".into())
             .spawn(move || {
                 let result = connect(&addr).and_then(|stream| {
+                    // A destination that neither answers nor takes the stream for this long
+                    // is given up on, and the guest runs here again.
+                    let t = params.verdict_timeout;
+                    stream
+                        .set_read_timeout(Some(t))
+                        .and_then(|_| stream.set_write_timeout(Some(t)))
+                        .map_err(|e| e.to_string())?;
                     let back = stream.try_clone().map_err(|e| e.to_string())?;
                     *s.lock().expect("socket lock poisoned") = stream.try_clone().ok();
                     if c.load(Ordering::SeqCst) {
@@ -269,13 +305,36 @@ fn caller_done(caller: &VmmCaller, ok: bool) -> Result<(), String> {
     caller.send(ControlMsg::MigrationDone(ok))
 }
 
+/// TCP keepalive on a migration connection: a peer whose host is gone is noticed after
+/// `KEEPALIVE_IDLE_S + KEEPALIVE_COUNT × KEEPALIVE_INTERVAL_S` of silence (25 s), also while
+/// the connection is idle (the destination waiting for its peers, the source for a verdict).
+const KEEPALIVE_IDLE_S: u32 = 10;
+const KEEPALIVE_INTERVAL_S: u32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+
+/// How long a destination waits for the source's stream to go on: the source never pauses
+/// sending for long (it waits only on the destination itself), so this only ends the wait on a
+/// source that is stuck or gone without closing the connection.
+const INCOMING_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sets the options every migration connection has: no Nagle delay, TCP keepalive.
+fn tune(s: &TcpStream) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    s.set_nodelay(true)?;
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
+    setsockopt(s, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
+    setsockopt(s, sockopt::TcpKeepCount, &KEEPALIVE_COUNT)?;
+    Ok(())
+}
+
 fn connect(addr: &str) -> Result<TcpStream, String> {
     let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
     let mut last = format!("cannot resolve {addr}");
     for a in addrs {
         match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
             Ok(s) => {
-                let _ = s.set_nodelay(true);
+                tune(&s).map_err(|e| format!("migration socket to {a}: {e}"))?;
                 return Ok(s);
             }
             Err(e) => last = format!("cannot connect to {a}: {e}"),
@@ -310,16 +369,20 @@ impl VmmSink {
 }
 
 impl Sink for VmmSink {
-    fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String> {
+    fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), EndpointError> {
         let ranges: Vec<(GuestAddress, usize)> =
             regions.iter().map(|r| (GuestAddress(r.gpa), r.len as usize)).collect();
         let expected = crate::arch::layout::ram_ranges(hello.mem_size);
         if ranges != expected {
-            return Err(format!("memory layout {ranges:x?} is not what this VMM builds for {} bytes", hello.mem_size));
+            return Err(EndpointError::failed(
+                "guest memory layout",
+                format!("{ranges:x?} is not what this VMM builds for {} bytes", hello.mem_size),
+            ));
         }
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| format!("cannot allocate guest memory: {e}"))?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(EndpointError::of("allocate guest memory"))?;
         if let (Some(site), Some(algo)) = (&self.opts.site, hello.digest.algo()) {
-            let index = SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)?;
+            let index = SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)
+                .map_err(EndpointError::of("site index"))?;
             // Test hook: this VM's peer server corrupts what it serves.
             let name = self.opts.name.clone().unwrap_or_else(|| hello.name.clone());
             if std::env::var("SHRINK_TEST_CORRUPT_PEER").is_ok_and(|v| v == "*" || v.split(',').any(|n| n == name)) {
@@ -337,7 +400,7 @@ impl Sink for VmmSink {
         }
     }
 
-    fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+    fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), EndpointError> {
         let Some(site) = self.site.as_mut() else { return Ok(()) };
         let mem = self.mem.as_ref().expect("prepare() ran").clone();
         site.resolve(batch, &mut |gpa, bytes| {
@@ -354,38 +417,42 @@ impl Sink for VmmSink {
         }
     }
 
-    fn region_bytes_mut(&mut self, index: usize) -> &mut [u8] {
-        let (ptr, len) = host_slice(self.mem.as_ref().expect("prepare() ran"), index);
-        // SAFETY: the region is mapped for as long as `self.mem` lives and no vCPU runs yet;
-        // this is the only writer.
-        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    fn write_chunk(&mut self, gpa: u64, data: &[u8]) -> Result<(), EndpointError> {
+        write_guest(self.mem(), gpa, data)
     }
 
-    fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+    fn fill_chunk(&mut self, gpa: u64, byte: u8, len: usize) -> Result<(), EndpointError> {
+        const MAX_CHUNK: usize = 4096;
+        let fill = [byte; MAX_CHUNK];
+        let data = fill.get(..len).ok_or(EndpointError::Memory { gpa, len, reason: "larger than a chunk".into() })?;
+        write_guest(self.mem(), gpa, data)
+    }
+
+    fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
         Ok(crate::vstate::memory::sha256_all(self.mem()))
     }
 
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, state: &[u8]) -> Result<(), EndpointError> {
         // Test hook: hold the destination between "everything arrived" and its verdict, so
         // that tests can kill it while the source is paused and waiting.
         if let Some(ms) = std::env::var("SHRINK_TEST_STALL_BEFORE_VERDICT_MS").ok().and_then(|v| v.parse().ok()) {
             std::thread::sleep(Duration::from_millis(ms));
         }
         let t = std::time::Instant::now();
-        let state: SnapshotState = serde_json::from_slice(state).map_err(|e| format!("invalid VM state: {e}"))?;
+        let state: SnapshotState = serde_json::from_slice(state).map_err(EndpointError::of("parse VM state"))?;
         let parsed = t.elapsed();
-        let mem = self.mem.take().ok_or("VM state before memory")?;
+        let mem = self.mem.take().ok_or(EndpointError::failed("restore", "VM state before memory"))?;
         let vmm =
             Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())
-                .map_err(|e| e.to_string())?;
+                .map_err(EndpointError::of("restore"))?;
         tracing::info!("restore: state parsed in {parsed:?}, VM rebuilt in {:?}", t.elapsed() - parsed);
         self.vmm = Some(vmm);
         Ok(())
     }
 
-    fn start(&mut self) -> Result<(), String> {
-        let vmm = self.vmm.as_mut().ok_or("no VM to start")?;
-        vmm.resume().map_err(|e| e.to_string())?;
+    fn start(&mut self) -> Result<(), EndpointError> {
+        let vmm = self.vmm.as_mut().ok_or(EndpointError::failed("start", "no VM to start"))?;
+        vmm.resume().map_err(EndpointError::of("start"))?;
         vmm.announce_self();
         Ok(())
     }
@@ -420,8 +487,10 @@ pub fn incoming(
     let (stream, peer) = listener.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
     drop(listener);
     tracing::info!("incoming migration from {peer}");
+    tune(&stream)
+        .and_then(|_| stream.set_read_timeout(Some(INCOMING_IDLE_TIMEOUT)))
+        .map_err(|e| format!("incoming migration socket from {peer}: {e}"))?;
     let back = stream.try_clone().map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
     let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(Duration::from_secs(2));
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.

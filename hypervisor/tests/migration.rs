@@ -331,10 +331,7 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
     wait_until("the first RARP announcement", Duration::from_secs(10), || (!rarps().is_empty()).then_some(()));
     let after = rtt("100");
     assert_eq!(after["received"], 100, "echo after: {after}");
-    let frames = wait_until("QEMU's five RARP rounds", Duration::from_secs(10), || {
-        let f = rarps();
-        (f.len() >= 5).then_some(f)
-    });
+    wait_until("QEMU's five RARP rounds", Duration::from_secs(10), || (rarps().len() >= 5).then_some(()));
     let _ = Command::new("kill").arg("-INT").arg(dump.id().to_string()).status();
     let _ = dump.wait();
     let frames = rarps();
@@ -352,4 +349,50 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
         );
     }
     drop(dst);
+}
+
+/// The source gives up on a destination that keeps the connection open but answers nothing
+/// (here: it holds its verdict for a minute), and the guest runs at the source again.
+#[test]
+fn a_destination_that_withholds_its_verdict_is_given_up_after_the_verdict_timeout() {
+    let dir = TempDir::new("mig-verdict");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let _dst = VmProcess::spawn_in(
+        None,
+        dir.path(),
+        "dst",
+        &["--incoming", &uri],
+        &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "60000")],
+    );
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=8M rate=1M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri, "verdict_timeout_ms": 2000}));
+    // Far less than the minute the destination stays silent: only the timeout can end it.
+    let info = wait_migration(&src, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(info["error-desc"].as_str().unwrap().contains("stopped answering"), "{info}");
+    source_keeps_running(&src);
+}
+
+/// The same for a destination that stops reading the stream during the dirty passes (its
+/// process is stopped): the source's writes time out.
+#[test]
+fn a_destination_that_stops_reading_is_given_up_after_the_verdict_timeout() {
+    let dir = TempDir::new("mig-stop");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = incoming(dir.path(), "dst", &uri);
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 4_000_000, "verdict_timeout_ms": 2000}));
+    wait_until("a dirty pass", Duration::from_secs(60), || {
+        (src.exec("query-migrate", json!({}))["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
+    let pid = dst.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let info = wait_migration(&src, Duration::from_secs(60));
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(info["error-desc"].as_str().unwrap().contains("stopped answering"), "{info}");
+    source_keeps_running(&src);
+    let _ = dst.child.kill();
 }

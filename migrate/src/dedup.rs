@@ -13,7 +13,7 @@
 use indexd::hash::{self, Algo};
 use indexd::redis::{Redis, Target};
 
-use crate::precopy::Dedup;
+use crate::precopy::{Dedup, EndpointError};
 
 /// Where and how to coordinate.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl RedisDedup {
 }
 
 impl Dedup for RedisDedup {
-    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
         let Some(redis) = self.redis.as_mut() else {
             self.stats.lock().expect("dedup stats poisoned").degraded += chunks.len() as u64;
             return Ok(vec![None; chunks.len()]);

@@ -10,6 +10,13 @@
 //!
 //! Destination: installs chunks as they arrive, checks the stream's own totals at `End`,
 //! restores the VM, says so, and only then starts the guest.
+//!
+//! Guest memory is never borrowed: the source copies each group of chunks out once
+//! ([`Source::read_chunk`], vm-memory's volatile accessors in the VMM) and classifies, hashes and
+//! sends that copy, so a registered digest always matches the bytes sent; the destination writes
+//! through [`Sink::write_chunk`]. A destination that stops answering is given up after
+//! [`Params::verdict_timeout`] ([`MigrationError::Stalled`]), and the guest resumes at the
+//! source.
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
@@ -36,9 +43,9 @@ pub enum MigrationError {
     /// The stream is broken or the peer speaks nonsense.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    /// The VMM side failed.
-    #[error("{0}")]
-    Vmm(String),
+    /// An end of the migration (the VMM, its memory, the dedup service) failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     /// The user cancelled.
     #[error("cancelled")]
     Cancelled,
@@ -57,9 +64,50 @@ pub enum MigrationError {
     /// The destination refused or failed.
     #[error("destination failed: {0}")]
     Destination(String),
+    /// The destination answered nothing, and took nothing, for the verdict timeout.
+    #[error("the destination stopped answering: nothing for {ms} ms (the verdict timeout)")]
+    Stalled {
+        /// The timeout, milliseconds.
+        ms: u128,
+    },
     /// The stream violated the sequence (e.g. pages outside guest memory).
     #[error("invalid stream: {0}")]
     Invalid(String),
+}
+
+/// What an end of a migration (a [`Source`], [`Sink`] or [`Dedup`]) reports when it fails.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// A chunk outside guest memory, or a memory access that failed.
+    #[error("guest memory at {gpa:#x} ({len} bytes): {reason}")]
+    Memory {
+        /// Guest physical address.
+        gpa: u64,
+        /// Bytes asked for.
+        len: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An operation of the VMM or of a service it uses failed.
+    #[error("{op}: {source}")]
+    Failed {
+        /// The operation (`pause`, `dirty log`, `dedup`, ...).
+        op: &'static str,
+        /// Cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl EndpointError {
+    /// `op` failed with `source` (an error, or a message).
+    pub fn failed(op: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> EndpointError {
+        EndpointError::Failed { op, source: source.into() }
+    }
+
+    /// A closure for `map_err`: `op` failed.
+    pub fn of<E: Into<Box<dyn std::error::Error + Send + Sync>>>(op: &'static str) -> impl FnOnce(E) -> EndpointError {
+        move |e| EndpointError::failed(op, e)
+    }
 }
 
 /// How a migration runs (QEMU's parameters).
@@ -77,7 +125,10 @@ pub struct Params {
     pub chunk_size: usize,
     /// Digest of digest-only chunks (None: plain pre-copy).
     pub digest: DigestKind,
-    /// How long to wait for the destination's verdict after `End`.
+    /// How long the source waits on a destination that does nothing: no answer (sync ack,
+    /// pull, verdict) and no room for the stream. Then it gives up and the guest runs at the
+    /// source again. The VMM sets it as the migration socket's read and write timeouts, which
+    /// surface here as [`MigrationError::Stalled`].
     pub verdict_timeout: Duration,
     /// Send a digest of all memory at pause; the destination refuses on a mismatch.
     pub verify: bool,
@@ -175,46 +226,48 @@ pub struct MigrationInfo {
 }
 
 /// What the engine needs from the source VMM.
+///
+/// Guest memory is only ever copied out, a chunk at a time ([`Source::read_chunk`]): the guest
+/// and other threads may write it at any moment, so no reference into it is ever held. The
+/// engine classifies, hashes and sends a chunk from that one copy, so the digest it registers
+/// is always the digest of the bytes it sent.
 pub trait Source {
     /// Guest memory regions, in order.
     fn regions(&self) -> Vec<Region>;
-    /// The bytes of region `index` (may change under the reader while the guest runs: the
-    /// dirty log catches such pages).
-    fn region_bytes(&self, index: usize) -> &[u8];
+    /// Copies the guest's `buf.len()` bytes at `gpa` (inside one region) into `buf`. While the
+    /// guest runs the copy may be torn; the dirty log then has the page, and it is sent again.
+    fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EndpointError>;
     /// Starts dirty logging.
-    fn start_dirty_log(&mut self) -> Result<(), String>;
+    fn start_dirty_log(&mut self) -> Result<(), EndpointError>;
     /// Stops dirty logging.
-    fn stop_dirty_log(&mut self) -> Result<(), String>;
+    fn stop_dirty_log(&mut self) -> Result<(), EndpointError>;
     /// Pages written since the last call, one bitmap per region (bit per 4 KiB page).
-    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String>;
+    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, EndpointError>;
     /// Pauses the guest (vCPUs and devices).
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), EndpointError>;
     /// Resumes the guest.
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), EndpointError>;
     /// vCPU, VM and device state of the paused guest.
-    fn vm_state(&mut self) -> Result<Vec<u8>, String>;
+    fn vm_state(&mut self) -> Result<Vec<u8>, EndpointError>;
     /// Sets the vCPU throttle (percent of time kept off the CPU).
     fn set_throttle(&mut self, percent: u8);
     /// VM name.
     fn name(&self) -> String;
     /// SHA-256 of all guest memory in address order (the guest is paused).
-    fn memory_digest(&mut self) -> Result<[u8; 32], String>;
+    fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError>;
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use indexd::hash::hex;
 
 /// How non-uniform chunks travel: in full, or as a digest the destination resolves.
 pub trait Dedup {
     /// For each chunk of `chunks` (address, bytes), `Some(digest)` to send only the digest,
     /// `None` to send it in full.
-    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String>;
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError>;
 }
 
 impl<D: Dedup + ?Sized> Dedup for Box<D> {
-    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
         (**self).decide(chunks)
     }
 }
@@ -223,7 +276,7 @@ impl<D: Dedup + ?Sized> Dedup for Box<D> {
 pub struct NoDedup;
 
 impl Dedup for NoDedup {
-    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
         Ok(vec![None; chunks.len()])
     }
 }
@@ -266,6 +319,14 @@ pub struct Sender<'a, S: Source, D: Dedup, W: Write, R: Read> {
     /// Bytes and time spent sending passes (for the bandwidth estimate).
     pass_bytes: u64,
     pass_time: Duration,
+    /// The copies of the chunk group being sent (reused from group to group).
+    copies: Vec<u8>,
+}
+
+/// Whether a socket error is a read or write timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` give
+/// `EAGAIN`).
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
 /// Sets every page bit of a region of `len` bytes.
@@ -276,6 +337,15 @@ fn full_bitmap(len: u64) -> Vec<u64> {
         *v.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
     }
     v
+}
+
+/// ORs the per-region dirty bitmaps `more` into `dirty`.
+fn or_into(dirty: &mut [Vec<u64>], more: &[Vec<u64>]) {
+    for (d, m) in dirty.iter_mut().zip(more) {
+        for (x, y) in d.iter_mut().zip(m) {
+            *x |= y;
+        }
+    }
 }
 
 fn count_bits(maps: &[Vec<u64>]) -> u64 {
@@ -312,6 +382,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             next_send: Instant::now(),
             pass_bytes: 0,
             pass_time: Duration::ZERO,
+            copies: Vec::new(),
         }
     }
 
@@ -325,7 +396,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     /// Runs the migration to its end. On success the guest runs at the destination; on error
     /// it runs here again.
     pub fn run(mut self) -> Result<MigrationInfo, MigrationError> {
-        let result = self.migrate();
+        let result = self.migrate().map_err(|e| self.stalled(e));
         match result {
             Ok(downtime) => {
                 let _ = self.src.stop_dirty_log();
@@ -358,6 +429,17 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         result.map(|_| info)
     }
 
+    /// A socket read or write that timed out (see [`Params::verdict_timeout`]) as
+    /// [`MigrationError::Stalled`]; other errors as they are.
+    fn stalled(&self, e: MigrationError) -> MigrationError {
+        match &e {
+            MigrationError::Protocol(ProtocolError::Io(io)) if is_timeout(io) => {
+                MigrationError::Stalled { ms: self.params.verdict_timeout.as_millis() }
+            }
+            _ => e,
+        }
+    }
+
     fn check_cancel(&self) -> Result<(), MigrationError> {
         if self.cancel.load(Ordering::SeqCst) {
             Err(MigrationError::Cancelled)
@@ -385,7 +467,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             },
         )?;
         protocol::write_layout(&mut self.out, &regions)?;
-        self.src.start_dirty_log().map_err(MigrationError::Vmm)?;
+        self.src.start_dirty_log()?;
         let setup = self.start.elapsed().as_millis() as u64;
         self.update(|i| {
             i.status = Status::Active;
@@ -400,7 +482,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         loop {
             pass += 1;
             let (sent, took) = self.send_pass(&regions, &dirty, pass)?;
-            dirty = self.src.dirty_log().map_err(MigrationError::Vmm)?;
+            dirty = self.src.dirty_log()?;
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
             last_sync = Instant::now();
             let dirty_bytes = count_bits(&dirty) * PAGE_SIZE as u64;
@@ -431,12 +513,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 }
                 self.sync(pass, &regions)?;
                 synced = true;
-                let more = self.src.dirty_log().map_err(MigrationError::Vmm)?;
-                for (d, l) in dirty.iter_mut().zip(&more) {
-                    for (x, y) in d.iter_mut().zip(l) {
-                        *x |= y;
-                    }
-                }
+                or_into(&mut dirty, &self.src.dirty_log()?);
                 let dirty_bytes = count_bits(&dirty) * PAGE_SIZE as u64;
                 if (dirty_bytes as f64) <= threshold {
                     break;
@@ -468,22 +545,17 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         // Switch over.
         self.check_cancel()?;
         let stop = Instant::now();
-        self.src.pause().map_err(MigrationError::Vmm)?;
+        self.src.pause()?;
         tracing::info!("switch-over: paused in {:?}", stop.elapsed());
         self.paused = true;
-        let last = self.src.dirty_log().map_err(MigrationError::Vmm)?;
-        for (d, l) in dirty.iter_mut().zip(&last) {
-            for (x, y) in d.iter_mut().zip(l) {
-                *x |= y;
-            }
-        }
+        or_into(&mut dirty, &self.src.dirty_log()?);
         self.send_pass(&regions, &dirty, pass + 1)?;
         tracing::info!("switch-over: last pass sent at {:?}", stop.elapsed());
-        let state = self.src.vm_state().map_err(MigrationError::Vmm)?;
+        let state = self.src.vm_state()?;
         tracing::info!("switch-over: state ({} bytes) read at {:?}", state.len(), stop.elapsed());
         protocol::write_vm_state(&mut self.out, &state)?;
         if self.params.verify {
-            let d = self.src.memory_digest().map_err(MigrationError::Vmm)?;
+            let d = self.src.memory_digest()?;
             protocol::write_verify(&mut self.out, &d)?;
             self.update(|i| i.memory_sha256 = Some(hex(&d)));
         }
@@ -504,6 +576,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                     return Err(MigrationError::Invalid(format!("expected a Verdict, got {}", other.name())))
                 }
                 Ok(None) => return Err(MigrationError::Destination("closed the connection without a verdict".into())),
+                Err(ProtocolError::Io(io)) if is_timeout(&io) => return Err(ProtocolError::Io(io).into()),
                 Err(e) => return Err(MigrationError::Destination(e.to_string())),
             }
         }
@@ -531,6 +604,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                     return Err(MigrationError::Invalid(format!("expected a SyncAck, got {}", other.name())))
                 }
                 Ok(None) => return Err(MigrationError::Destination("closed the connection".into())),
+                Err(ProtocolError::Io(io)) if is_timeout(&io) => return Err(ProtocolError::Io(io).into()),
                 Err(e) => return Err(MigrationError::Destination(e.to_string())),
             }
         }
@@ -550,12 +624,14 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         let mut sent = 0u32;
         // Pulled chunks are not part of the stream's own totals (checked at `End`).
         let stream_bytes = self.page_bytes;
+        let mut copy = vec![0u8; chunk];
         for (gpa, digest) in list {
             if gpa % chunk as u64 != 0 {
                 return Err(MigrationError::Invalid(format!("pull of {gpa:#x}: not a chunk address")));
             }
-            let (ri, off) = locate(regions, *gpa, chunk)?;
-            let bytes = &self.src.region_bytes(ri)[off..off + chunk];
+            locate(regions, *gpa, chunk)?;
+            self.src.read_chunk(*gpa, &mut copy)?;
+            let bytes = &copy[..];
             if indexd::hash::digest(algo, bytes) != *digest {
                 if self.paused {
                     return Err(MigrationError::Invalid(format!(
@@ -589,9 +665,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         let t0 = Instant::now();
         let b0 = self.out.bytes;
         let chunk = self.params.chunk_size;
-        let mut group: Vec<(u64, usize, usize)> = Vec::with_capacity(GROUP); // (gpa, region, offset)
+        let mut group: Vec<u64> = Vec::with_capacity(GROUP);
         let mut window = (Instant::now(), self.out.bytes, 0u64);
-        for (ri, (region, bits)) in regions.iter().zip(dirty).enumerate() {
+        for (region, bits) in regions.iter().zip(dirty) {
             for (w, &word) in bits.iter().enumerate() {
                 let mut word = word;
                 while word != 0 {
@@ -602,7 +678,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                         continue;
                     }
                     for off in (page_off..page_off + PAGE_SIZE).step_by(chunk) {
-                        group.push((region.gpa + off as u64, ri, off));
+                        group.push(region.gpa + off as u64);
                     }
                     if group.len() >= GROUP {
                         self.send_group(&group)?;
@@ -627,15 +703,28 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         Ok((self.out.bytes - b0, t0.elapsed()))
     }
 
-    /// Classifies a group of chunks (uniform / full / digest) and queues them.
-    fn send_group(&mut self, group: &[(u64, usize, usize)]) -> Result<(), MigrationError> {
+    /// Copies a group of chunks out of guest memory once, classifies the copies (uniform /
+    /// full / digest) and queues them: what is hashed is what is sent.
+    fn send_group(&mut self, group: &[u64]) -> Result<(), MigrationError> {
         self.check_cancel()?;
+        let chunk = self.params.chunk_size;
+        let mut copies = std::mem::take(&mut self.copies);
+        copies.resize(group.len() * chunk, 0);
+        for (&gpa, buf) in group.iter().zip(copies.chunks_exact_mut(chunk)) {
+            self.src.read_chunk(gpa, buf)?;
+        }
+        let r = self.queue_group(group, &copies);
+        self.copies = copies;
+        r
+    }
+
+    /// Queues the chunks at `group` whose copies are `copies` (one chunk after the other).
+    fn queue_group(&mut self, group: &[u64], copies: &[u8]) -> Result<(), MigrationError> {
         let chunk = self.params.chunk_size;
         let mut others: Vec<(u64, &[u8])> = Vec::with_capacity(group.len());
         let mut uniform = 0u64;
         let mut uniforms = Vec::new();
-        for &(gpa, ri, off) in group {
-            let bytes = &self.src.region_bytes(ri)[off..off + chunk];
+        for (&gpa, bytes) in group.iter().zip(copies.chunks_exact(chunk)) {
             match uniform_byte(bytes) {
                 Some(b) => {
                     uniforms.push((gpa, b));
@@ -644,20 +733,13 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                 None => others.push((gpa, bytes)),
             }
         }
-        let decisions =
-            if others.is_empty() { Vec::new() } else { self.dedup.decide(&others).map_err(MigrationError::Vmm)? };
+        let decisions = if others.is_empty() { Vec::new() } else { self.dedup.decide(&others)? };
         let (mut full, mut dedup) = (0u64, 0u64);
         for (gpa, b) in uniforms {
             self.builder.uniform(gpa, b);
             self.entries += 1;
             if self.builder.is_full() {
-                flush_batch(
-                    &mut self.builder,
-                    &mut self.out,
-                    self.params.max_bandwidth,
-                    &mut self.next_send,
-                    &mut self.page_bytes,
-                )?;
+                self.flush_batch()?;
             }
         }
         for ((gpa, bytes), d) in others.iter().zip(decisions) {
@@ -673,13 +755,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
             self.entries += 1;
             if self.builder.is_full() {
-                flush_batch(
-                    &mut self.builder,
-                    &mut self.out,
-                    self.params.max_bandwidth,
-                    &mut self.next_send,
-                    &mut self.page_bytes,
-                )?;
+                self.flush_batch()?;
             }
         }
         let per_page = (PAGE_SIZE / chunk) as u64;
@@ -731,25 +807,30 @@ fn flush_batch<W: Write>(
 pub trait Sink {
     /// Creates guest memory for `regions` (from `Hello` and `MemoryLayout`). It must be
     /// zero-filled: zero chunks are written only over chunks written before.
-    fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), String>;
-    /// Guest memory of region `index`, writable (the guest is not running).
-    fn region_bytes_mut(&mut self, index: usize) -> &mut [u8];
+    fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), EndpointError>;
+    /// Writes `data` to guest memory at `gpa` (inside one region). The guest does not run yet,
+    /// but other threads (a peer server) may read the memory meanwhile.
+    fn write_chunk(&mut self, gpa: u64, data: &[u8]) -> Result<(), EndpointError>;
+    /// Fills `len` bytes of guest memory at `gpa` with `byte`.
+    fn fill_chunk(&mut self, gpa: u64, byte: u8, len: usize) -> Result<(), EndpointError> {
+        self.write_chunk(gpa, &vec![byte; len])
+    }
     /// A chunk was installed at `gpa`: `Some(bytes)` for content that arrived in full (or was
     /// pulled), `None` for a uniform chunk. (Content indexes keep track here.)
     fn on_write(&mut self, _gpa: u64, _data: Option<&[u8]>) {}
     /// Digest-only chunks `(address, digest)`: install those whose content can be found (this
     /// VM's memory, peers) and remove them from `batch`; the rest wait. The default finds none.
-    fn resolve(&mut self, _batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+    fn resolve(&mut self, _batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), EndpointError> {
         Ok(())
     }
     /// End of a record: a good moment to push batched index updates.
     fn flush(&mut self) {}
     /// Everything has arrived: restore vCPU, VM and device state; do not run yet.
-    fn restore(&mut self, state: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, state: &[u8]) -> Result<(), EndpointError>;
     /// Starts the guest (after the source was told).
-    fn start(&mut self) -> Result<(), String>;
+    fn start(&mut self) -> Result<(), EndpointError>;
     /// SHA-256 of all guest memory in address order, before the guest runs.
-    fn memory_digest(&mut self) -> Result<[u8; 32], String>;
+    fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError>;
 }
 
 /// What the destination saw.
@@ -819,7 +900,7 @@ pub fn receive_with<S: Sink, R: Read, W: Write>(
             protocol::write_verdict(&mut answer, true, "running")?;
             answer.flush().map_err(ProtocolError::from)?;
             let t = Instant::now();
-            sink.start().map_err(MigrationError::Vmm)?;
+            sink.start()?;
             stats.total_ms += t.elapsed().as_millis() as u64;
             Ok(stats)
         }
@@ -842,7 +923,7 @@ fn retry_pending<S: Sink>(
     }
     let mut batch: Vec<(u64, Vec<u8>)> = pending.drain().collect();
     let before = batch.len();
-    sink.resolve(&mut batch).map_err(MigrationError::Vmm)?;
+    sink.resolve(&mut batch)?;
     stats.resolved += (before - batch.len()) as u64;
     pending.extend(batch);
     Ok(())
@@ -872,7 +953,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     if total != hello.mem_size || regions.is_empty() {
         return Err(MigrationError::Invalid(format!("layout of {total} bytes for a {}-byte guest", hello.mem_size)));
     }
-    sink.prepare(&hello, &regions).map_err(MigrationError::Vmm)?;
+    sink.prepare(&hello, &regions)?;
     let chunk = hello.chunk_size as usize;
     let mut stats = ReceiveStats { name: hello.name.clone(), ..Default::default() };
     // Chunks written so far, per region. Fresh guest memory is zero: a zero chunk that was
@@ -906,14 +987,14 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                     }
                     match c {
                         Chunk::Full(data) => {
-                            sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
+                            sink.write_chunk(gpa, data)?;
                             written[ri][word] |= bit;
                             sink.on_write(gpa, Some(data));
                             stats.full += 1;
                         }
                         Chunk::Uniform(0) if written[ri][word] & bit == 0 => stats.uniform += 1,
                         Chunk::Uniform(b) => {
-                            sink.region_bytes_mut(ri)[off..off + chunk].fill(b);
+                            sink.fill_chunk(gpa, b, chunk)?;
                             written[ri][word] |= bit;
                             sink.on_write(gpa, None);
                             stats.uniform += 1;
@@ -929,7 +1010,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 }
                 if !batch.is_empty() {
                     let before = batch.len();
-                    sink.resolve(&mut batch).map_err(MigrationError::Vmm)?;
+                    sink.resolve(&mut batch)?;
                     stats.resolved += (before - batch.len()) as u64;
                     pending.extend(batch);
                 }
@@ -990,7 +1071,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
         pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, pending, &mut stats, false)?;
     }
     if let Some(expected) = verify {
-        let got = sink.memory_digest().map_err(MigrationError::Vmm)?;
+        let got = sink.memory_digest()?;
         stats.memory_sha256 = Some(hex(&got));
         if got != expected {
             return Err(MigrationError::Invalid(format!(
@@ -1000,7 +1081,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
             )));
         }
     }
-    sink.restore(&state).map_err(MigrationError::Vmm)?;
+    sink.restore(&state)?;
     // Last chance to say no: after the verdict the guest runs here.
     check(&opts)?;
     stats.total_ms = start.elapsed().as_millis() as u64;
@@ -1090,8 +1171,8 @@ fn pull<S: Sink, R: Read, W: Write>(
                             "pulled chunk {gpa:#x} does not match its digest"
                         )));
                     }
-                    let (ri, off) = locate(regions, gpa, chunk)?;
-                    sink.region_bytes_mut(ri)[off..off + chunk].copy_from_slice(data);
+                    locate(regions, gpa, chunk)?;
+                    sink.write_chunk(gpa, data)?;
                     sink.on_write(gpa, Some(data));
                     got += 1;
                 }
@@ -1157,18 +1238,19 @@ mod tests {
         fn regions(&self) -> Vec<Region> {
             vec![Region { gpa: 0, len: self.mem.len() as u64 }]
         }
-        fn region_bytes(&self, _: usize) -> &[u8] {
-            &self.mem
+        fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EndpointError> {
+            buf.copy_from_slice(&self.mem[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
         }
-        fn start_dirty_log(&mut self) -> Result<(), String> {
+        fn start_dirty_log(&mut self) -> Result<(), EndpointError> {
             self.logging = true;
             Ok(())
         }
-        fn stop_dirty_log(&mut self) -> Result<(), String> {
+        fn stop_dirty_log(&mut self) -> Result<(), EndpointError> {
             self.logging = false;
             Ok(())
         }
-        fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String> {
+        fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, EndpointError> {
             if !self.paused {
                 let churn = self.churn.clone();
                 for p in churn {
@@ -1178,16 +1260,16 @@ mod tests {
             let n = self.dirty.len();
             Ok(vec![std::mem::replace(&mut self.dirty, vec![0; n])])
         }
-        fn pause(&mut self) -> Result<(), String> {
+        fn pause(&mut self) -> Result<(), EndpointError> {
             self.paused = true;
             Ok(())
         }
-        fn resume(&mut self) -> Result<(), String> {
+        fn resume(&mut self) -> Result<(), EndpointError> {
             self.paused = false;
             self.resumed += 1;
             Ok(())
         }
-        fn vm_state(&mut self) -> Result<Vec<u8>, String> {
+        fn vm_state(&mut self) -> Result<Vec<u8>, EndpointError> {
             Ok(b"state".to_vec())
         }
         fn set_throttle(&mut self, p: u8) {
@@ -1197,7 +1279,7 @@ mod tests {
         fn name(&self) -> String {
             "fake".into()
         }
-        fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+        fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
             Ok(toy_digest(&self.mem))
         }
     }
@@ -1226,19 +1308,20 @@ mod tests {
     }
 
     impl Sink for FakeDest {
-        fn prepare(&mut self, _: &Hello, regions: &[Region]) -> Result<(), String> {
+        fn prepare(&mut self, _: &Hello, regions: &[Region]) -> Result<(), EndpointError> {
             self.mem = vec![0; regions[0].len as usize];
             Ok(())
         }
-        fn region_bytes_mut(&mut self, _: usize) -> &mut [u8] {
-            &mut self.mem
+        fn write_chunk(&mut self, gpa: u64, data: &[u8]) -> Result<(), EndpointError> {
+            self.mem[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+            Ok(())
         }
         fn on_write(&mut self, gpa: u64, data: Option<&[u8]>) {
             if let Some(d) = data {
                 self.index.insert(indexd::hash::digest(indexd::hash::Algo::Sha256, d), gpa);
             }
         }
-        fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+        fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), EndpointError> {
             if !self.resolvable {
                 return Ok(());
             }
@@ -1253,15 +1336,15 @@ mod tests {
             });
             Ok(())
         }
-        fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        fn restore(&mut self, state: &[u8]) -> Result<(), EndpointError> {
             self.state = state.to_vec();
             Ok(())
         }
-        fn start(&mut self) -> Result<(), String> {
+        fn start(&mut self) -> Result<(), EndpointError> {
             self.started = true;
             Ok(())
         }
-        fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+        fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
             if self.corrupt {
                 self.mem[4096 * 3 + 9] ^= 1;
             }
@@ -1350,7 +1433,7 @@ mod tests {
     /// In-memory coordination: the first chunk with a digest goes in full, the others as digests.
     struct SetDedup(std::collections::HashSet<Vec<u8>>);
     impl Dedup for SetDedup {
-        fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, String> {
+        fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
             Ok(chunks
                 .iter()
                 .map(|(_, c)| {
@@ -1449,19 +1532,19 @@ mod tests {
     fn a_refusing_destination_resumes_the_source() {
         struct Refuse;
         impl Sink for Refuse {
-            fn prepare(&mut self, _: &Hello, _: &[Region]) -> Result<(), String> {
-                Err("no room for this guest".into())
+            fn prepare(&mut self, _: &Hello, _: &[Region]) -> Result<(), EndpointError> {
+                Err(EndpointError::failed("prepare", "no room for this guest"))
             }
-            fn region_bytes_mut(&mut self, _: usize) -> &mut [u8] {
+            fn write_chunk(&mut self, _: u64, _: &[u8]) -> Result<(), EndpointError> {
                 unreachable!()
             }
-            fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+            fn restore(&mut self, _: &[u8]) -> Result<(), EndpointError> {
                 Ok(())
             }
-            fn start(&mut self) -> Result<(), String> {
+            fn start(&mut self) -> Result<(), EndpointError> {
                 Ok(())
             }
-            fn memory_digest(&mut self) -> Result<[u8; 32], String> {
+            fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
                 Ok([0; 32])
             }
         }

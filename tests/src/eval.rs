@@ -164,7 +164,7 @@ pub fn source_pipeline() -> Result<Value> {
     for group in pages.chunks(1024) {
         let chunks: Vec<(u64, &[u8])> =
             group.iter().enumerate().map(|(i, p)| (i as u64 * 4096, p.as_slice())).collect();
-        std::hint::black_box(dedup.decide(&chunks).map_err(TestbedError::Failed)?);
+        std::hint::black_box(dedup.decide(&chunks).map_err(|e| TestbedError::Failed(e.to_string()))?);
     }
     let with_redis = pages.len() as f64 / t.elapsed().as_secs_f64();
     Ok(json!({

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use openssl::sha::Sha256;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
 
 use crate::arch::layout::{ram_ranges, PAGE_SIZE};
 
@@ -130,19 +130,24 @@ pub fn take_vmm_dirty(region: &GuestRegionMmap) -> Vec<u64> {
     vmm_bitmap(region).get_and_reset()
 }
 
-/// Calls `f(gpa, page)` for every page of guest memory, in address order.
+/// Calls `f(gpa, page)` for every page of guest memory, in address order. `page` is a copy,
+/// made a block at a time with vm-memory's volatile accessors: vCPUs and device threads may
+/// write guest memory meanwhile (callers pause the VM when they need a stable view).
 pub fn for_each_page<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
+    const BLOCK: usize = 1 << 20;
+    let mut buf = vec![0u8; BLOCK];
     for region in mem.iter() {
-        let base = region.start_addr().0;
-        let len = region.len() as usize;
-        let host =
-            region.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("a mapped region has a host address");
-        // SAFETY: `host..host+len` is the live mmap of this region, owned by `mem`, which
-        // outlives this borrow. Concurrent vCPU writes can change bytes under us, which only
-        // affects the values read (callers pause the VM when they need a stable view).
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
-        for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
-            f(base + (i * PAGE_SIZE) as u64, page);
+        let (base, len) = (region.start_addr().0, region.len() as usize);
+        let mut off = 0;
+        while off < len {
+            let n = BLOCK.min(len - off);
+            region
+                .read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(off as u64))
+                .expect("a block inside the region is readable");
+            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                f(base + (off + i * PAGE_SIZE) as u64, page);
+            }
+            off += n;
         }
     }
 }
@@ -204,10 +209,7 @@ pub fn memory_digest(
     Ok(MemoryDigest { sha256: hex(&total.finish()), pages, nonzero_pages: nonzero })
 }
 
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use indexd::hash::hex;
 
 /// Total guest RAM in bytes.
 pub fn mem_size(mem: &GuestMemoryMmap) -> u64 {
@@ -221,36 +223,33 @@ pub fn write_sparse_image(mem: &GuestMemoryMmap, file: &File) -> Result<u64, Mem
     file.set_len(0)
         .and_then(|_| file.set_len(total))
         .map_err(|source| MemoryError::Image { what: "resize", source })?;
-    let mut offset = 0u64;
-    let mut written = 0u64;
+    const MAX_RUN: usize = 8 << 20;
+    let (mut offset, mut written) = (0u64, 0u64);
     let mut result = Ok(());
     // Coalesce runs of non-zero pages into single writes.
-    let mut run: Option<(u64, *const u8, usize)> = None;
-    let mut flush = |run: &mut Option<(u64, *const u8, usize)>, result: &mut Result<(), std::io::Error>| {
-        if let Some((off, ptr, len)) = run.take() {
-            // SAFETY: `ptr..ptr+len` lies inside a live guest memory mapping (see for_each_page).
-            let data = unsafe { std::slice::from_raw_parts(ptr, len) };
-            if result.is_ok() {
-                *result = file.write_all_at(data, off);
-                written += len as u64;
-            }
+    let (mut run, mut run_at) = (Vec::with_capacity(MAX_RUN), 0u64);
+    let mut flush = |run: &mut Vec<u8>, at: u64, result: &mut Result<(), std::io::Error>| {
+        if !run.is_empty() && result.is_ok() {
+            *result = file.write_all_at(run, at);
+            written += run.len() as u64;
         }
+        run.clear();
     };
     for_each_page(mem, |_, page| {
         if is_zero_page(page) {
-            flush(&mut run, &mut result);
+            flush(&mut run, run_at, &mut result);
         } else {
-            match &mut run {
-                Some((_, _, len)) if *len < (8 << 20) => *len += page.len(),
-                _ => {
-                    flush(&mut run, &mut result);
-                    run = Some((offset, page.as_ptr(), page.len()));
-                }
+            if run.is_empty() {
+                run_at = offset;
+            }
+            run.extend_from_slice(page);
+            if run.len() >= MAX_RUN {
+                flush(&mut run, run_at, &mut result);
             }
         }
         offset += page.len() as u64;
     });
-    flush(&mut run, &mut result);
+    flush(&mut run, run_at, &mut result);
     result.map_err(|source| MemoryError::Image { what: "write", source })?;
     Ok(written)
 }
