@@ -89,9 +89,67 @@ pub fn terminating() -> bool {
     TERMINATE.load(Ordering::SeqCst)
 }
 
-/// The commands of the API, for `help` texts and errors.
-pub const COMMANDS: &[&str] =
-    &["status", "pause", "resume", "snapshot", "memory-digest", "migrate", "query-migrate", "migrate_cancel", "quit"];
+/// The commands of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `status`: the VM's state and counters.
+    Status,
+    /// `pause`: stops the vCPUs.
+    Pause,
+    /// `resume`: starts them again.
+    Resume,
+    /// `snapshot` `{path}`: writes the VM to a directory.
+    Snapshot,
+    /// `memory-digest` `{pages?}`: SHA-256 of guest memory.
+    MemoryDigest,
+    /// `migrate` (see [`migrate::args::MigrateArgs`]).
+    Migrate,
+    /// `query-migrate`: the migration's progress or result.
+    QueryMigrate,
+    /// `migrate_cancel`.
+    MigrateCancel,
+    /// `set-peer-corrupt` `{on}`: a test hook, this VMM's peer server corrupts what it serves.
+    SetPeerCorrupt,
+    /// `quit`.
+    Quit,
+}
+
+impl Command {
+    /// Every command.
+    pub const ALL: [Command; 10] = [
+        Command::Status,
+        Command::Pause,
+        Command::Resume,
+        Command::Snapshot,
+        Command::MemoryDigest,
+        Command::Migrate,
+        Command::QueryMigrate,
+        Command::MigrateCancel,
+        Command::SetPeerCorrupt,
+        Command::Quit,
+    ];
+
+    /// The command's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Status => "status",
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Snapshot => "snapshot",
+            Command::MemoryDigest => "memory-digest",
+            Command::Migrate => "migrate",
+            Command::QueryMigrate => "query-migrate",
+            Command::MigrateCancel => "migrate_cancel",
+            Command::SetPeerCorrupt => "set-peer-corrupt",
+            Command::Quit => "quit",
+        }
+    }
+
+    /// The command named `name`.
+    pub fn parse(name: &str) -> Option<Command> {
+        Command::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
 
 fn path_arg(args: &Value, name: &str) -> Result<PathBuf, String> {
     match args.get(name) {
@@ -142,23 +200,30 @@ impl Controller {
 
     /// Executes one API command. Returns the reply and whether the VMM must quit.
     pub fn dispatch(&mut self, command: &str, args: &Value) -> (Value, bool) {
+        let Some(command) = Command::parse(command) else {
+            let names: Vec<&str> = Command::ALL.iter().map(|c| c.name()).collect();
+            let e = format!("unknown command \"{command}\" (commands: {})", names.join(", "));
+            return (error_reply(ErrorClass::CommandNotFound, e), false);
+        };
         let generic = |e: String| error_reply(ErrorClass::GenericError, e);
         let migrated = self.migration.as_ref().is_some_and(|m| m.info().status == Status::Completed);
         let reply = match command {
-            "migrate" | "resume" | "snapshot" if migrated => {
+            Command::Migrate | Command::Resume | Command::Snapshot if migrated => {
                 generic("the guest was migrated and runs at the destination".into())
             }
-            "status" => ok_reply(serde_json::to_value(self.vmm.status()).unwrap_or(Value::Null)),
-            "pause" => self.vmm.pause().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
-            "resume" => self.vmm.resume().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
-            "snapshot" => match path_arg(args, "path") {
+            Command::Status => ok_reply(serde_json::to_value(self.vmm.status()).unwrap_or(Value::Null)),
+            Command::Pause => self.vmm.pause().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
+            Command::Resume => {
+                self.vmm.resume().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string()))
+            }
+            Command::Snapshot => match path_arg(args, "path") {
                 Err(e) => generic(e),
                 Ok(dir) => match self.vmm.snapshot(&dir) {
                     Ok(stats) => ok_reply(serde_json::to_value(stats).unwrap_or(Value::Null)),
                     Err(e) => generic(e.to_string()),
                 },
             },
-            "memory-digest" => {
+            Command::MemoryDigest => {
                 let per_page = match args.get("pages") {
                     None => Ok(None),
                     Some(_) => path_arg(args, "pages").map(Some),
@@ -171,7 +236,7 @@ impl Controller {
                     },
                 }
             }
-            "set-peer-corrupt" => {
+            Command::SetPeerCorrupt => {
                 // Test hook: this VMM's peer server corrupts every chunk it serves.
                 let on = args.get("on").and_then(Value::as_bool).unwrap_or(true);
                 match &self.site {
@@ -182,7 +247,7 @@ impl Controller {
                     None => generic("this VMM serves no peers".into()),
                 }
             }
-            "migrate" => {
+            Command::Migrate => {
                 if self.migration.as_ref().is_some_and(|m| m.running()) {
                     generic("a migration is already in progress".into())
                 } else {
@@ -195,7 +260,7 @@ impl Controller {
                     }
                 }
             }
-            "query-migrate" => match (&self.migration, &self.incoming) {
+            Command::QueryMigrate => match (&self.migration, &self.incoming) {
                 (Some(m), _) => ok_reply(m.info_json()),
                 (None, Some(i)) => {
                     let mut i = serde_json::to_value(i).unwrap_or(Value::Null);
@@ -206,17 +271,13 @@ impl Controller {
                 }
                 (None, None) => ok_reply(json!({})),
             },
-            "migrate_cancel" => {
+            Command::MigrateCancel => {
                 if let Some(m) = &self.migration {
                     m.cancel();
                 }
                 ok_reply(json!({}))
             }
-            "quit" => return (ok_reply(json!({})), true),
-            other => error_reply(
-                ErrorClass::CommandNotFound,
-                format!("unknown command \"{other}\" (commands: {})", COMMANDS.join(", ")),
-            ),
+            Command::Quit => return (ok_reply(json!({})), true),
         };
         (reply, false)
     }
@@ -244,7 +305,7 @@ impl Controller {
                     if quit {
                         return Exit::Quit;
                     }
-                    if migrated_at.is_some() && req.command == "query-migrate" {
+                    if migrated_at.is_some() && Command::parse(&req.command) == Some(Command::QueryMigrate) {
                         return Exit::Migrated;
                     }
                 }
@@ -283,5 +344,20 @@ impl Controller {
             }
         }
         self.vmm.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_has_one_name_that_parses_back() {
+        let names: std::collections::HashSet<&str> = Command::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Command::ALL.len());
+        for c in Command::ALL {
+            assert_eq!(Command::parse(c.name()), Some(c));
+        }
+        assert_eq!(Command::parse("reboot-the-moon"), None);
     }
 }

@@ -14,18 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use migrate::args::MigrateArgs;
 use migrate::dedup::{DedupConfig, DedupStats, RedisDedup};
 use migrate::precopy::{
-    self, Dedup, EndpointError, MigrationInfo, NoDedup, Params, ReceiveOptions, ReceiveStats, Sink, Source, Status,
+    self, Dedup, EndpointError, MigrationInfo, NoDedup, Params, ReceiveOptions, Sink, Source, Status,
 };
-use migrate::protocol::DigestKind;
 use migrate::protocol::{Hello, Region};
 use serde_json::Value;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::SerialOutput;
 use crate::control::{ControlMsg, VmmCaller};
-use crate::site_index::{SiteIndex, SiteOptions, SiteStats};
+use crate::site_index::{SiteIndex, SiteOptions};
 use crate::snapshot::SnapshotState;
 use crate::vmm::{DeviceConfig, Vmm};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -113,99 +113,13 @@ impl Source for VmmSource {
     }
 }
 
-fn u64_arg(args: &Value, name: &str) -> Result<Option<u64>, String> {
-    match args.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("argument \"{name}\" must be a non-negative integer")),
-    }
-}
-
-/// The `dedup` argument of `migrate`.
-fn dedup_from_args(args: &Value, params: &mut Params) -> Result<Option<DedupConfig>, String> {
-    let Some(d) = args.get("dedup").filter(|v| !v.is_null()) else { return Ok(None) };
-    let obj = d.as_object().ok_or("argument \"dedup\" must be an object")?;
-    for k in obj.keys() {
-        if !["coordination", "migration_id", "dest_site", "digest", "chunk", "ttl_s"].contains(&k.as_str()) {
-            return Err(format!("unknown dedup argument \"{k}\""));
-        }
-    }
-    let s = |k: &str| -> Result<String, String> {
-        obj.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| format!("dedup needs \"{k}\" (a string)"))
-    };
-    let algo = indexd::hash::Algo::parse(obj.get("digest").and_then(Value::as_str).unwrap_or("sha256"))
-        .map_err(|e| e.to_string())?;
-    let chunk = match obj.get("chunk").map(|c| c.as_u64()) {
-        None => 4096,
-        Some(Some(c @ (512 | 1024 | 2048 | 4096))) => c as usize,
-        Some(_) => return Err("dedup \"chunk\" must be 512, 1024, 2048 or 4096".into()),
-    };
-    params.chunk_size = chunk;
-    params.digest = match algo {
-        indexd::hash::Algo::Sha256 => DigestKind::Sha256,
-        indexd::hash::Algo::Sha1 => DigestKind::Sha1,
-    };
-    Ok(Some(DedupConfig {
-        coordination: s("coordination")?,
-        migration_id: s("migration_id")?,
-        dest_site: s("dest_site")?,
-        algo,
-        ttl_s: obj.get("ttl_s").and_then(Value::as_u64).unwrap_or(3600),
-    }))
-}
-
-/// Migration parameters from the `migrate` command's arguments.
-pub fn params_from_args(args: &Value) -> Result<(String, Params), String> {
-    let uri =
-        args.get("uri").and_then(Value::as_str).ok_or_else(|| "missing argument \"uri\" (tcp:HOST:PORT)".to_owned())?;
-    let addr = parse_tcp_uri(uri)?;
-    if let Some(obj) = args.as_object() {
-        for k in obj.keys() {
-            if ![
-                "uri",
-                "downtime_limit_ms",
-                "max_bandwidth",
-                "max_iterations",
-                "auto_converge",
-                "verify",
-                "dedup",
-                "verdict_timeout_ms",
-            ]
-            .contains(&k.as_str())
-            {
-                return Err(format!("unknown argument \"{k}\""));
-            }
-        }
-    }
-    let mut p = Params::default();
-    if let Some(ms) = u64_arg(args, "downtime_limit_ms")? {
-        p.downtime_limit = Duration::from_millis(ms);
-    }
-    if let Some(ms) = u64_arg(args, "verdict_timeout_ms")? {
-        if ms == 0 {
-            return Err("argument \"verdict_timeout_ms\" must be at least 1".into());
-        }
-        p.verdict_timeout = Duration::from_millis(ms);
-    }
-    p.max_bandwidth = u64_arg(args, "max_bandwidth")?;
-    p.max_iterations = u64_arg(args, "max_iterations")?.map(|n| n.min(u32::MAX as u64) as u32);
-    p.auto_converge = match args.get("auto_converge") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("argument \"auto_converge\" must be true or false".into()),
-    };
-    p.verify = match args.get("verify") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("argument \"verify\" must be true or false".into()),
-    };
-    Ok((addr, p))
-}
-
-/// All of `migrate`'s arguments.
+/// All of `migrate`'s arguments: the destination's address, the engine's parameters and the
+/// dedup configuration.
 pub fn parse_migrate_args(args: &Value) -> Result<(String, Params, Option<DedupConfig>), String> {
-    let (addr, mut p) = params_from_args(args)?;
-    let dedup = dedup_from_args(args, &mut p)?;
-    Ok((addr, p, dedup))
+    let a = MigrateArgs::from_json(args).map_err(|e| e.to_string())?;
+    let addr = parse_tcp_uri(&a.uri)?;
+    let (params, dedup) = a.params().map_err(|e| e.to_string())?;
+    Ok((addr, params, dedup))
 }
 
 /// An outgoing migration in progress (or finished).
@@ -458,16 +372,7 @@ impl Sink for VmmSink {
     }
 }
 
-/// How a VM arrived.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct IncomingStats {
-    /// What the stream carried.
-    #[serde(flatten)]
-    pub stream: ReceiveStats,
-    /// Where digest-only content came from (with deduplication).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub site: Option<SiteStats>,
-}
+pub use migrate::stats::IncomingStats;
 
 /// Listens for an incoming migration on `uri` (`tcp:HOST:PORT`). Bind before announcing the
 /// VMM as ready (its API socket): a source told to migrate may connect at once.
@@ -514,16 +419,10 @@ mod tests {
         assert!(parse_tcp_uri("unix:/x").unwrap_err().contains("only tcp"));
         assert!(parse_tcp_uri("tcp:host").unwrap_err().contains("missing :PORT"));
         assert!(parse_tcp_uri("tcp:host:http").unwrap_err().contains("not a port"));
-        let (a, p) = params_from_args(&serde_json::json!({"uri": "tcp:10.0.0.2:7000", "downtime_limit_ms": 100,
-            "max_bandwidth": 12500000, "max_iterations": 30, "auto_converge": true}))
-        .unwrap();
-        assert_eq!(a, "10.0.0.2:7000");
-        assert_eq!(p.downtime_limit, Duration::from_millis(100));
-        assert_eq!((p.max_bandwidth, p.max_iterations, p.auto_converge), (Some(12_500_000), Some(30), true));
-        assert!(params_from_args(&serde_json::json!({})).unwrap_err().contains("missing argument \"uri\""));
-        assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "speed": 1}))
-            .unwrap_err()
-            .contains("unknown argument"));
-        assert!(params_from_args(&serde_json::json!({"uri": "tcp:a:1", "max_bandwidth": -5})).is_err());
+        let (a, p, d) =
+            parse_migrate_args(&serde_json::json!({"uri": "tcp:10.0.0.2:7000", "max_iterations": 30})).unwrap();
+        assert_eq!((a.as_str(), p.max_iterations, d.is_none()), ("10.0.0.2:7000", Some(30), true));
+        assert!(parse_migrate_args(&serde_json::json!({"uri": "unix:/x"})).unwrap_err().contains("only tcp"));
+        assert!(parse_migrate_args(&serde_json::json!({"uri": "tcp:a:1", "speed": 1})).unwrap_err().contains("speed"));
     }
 }

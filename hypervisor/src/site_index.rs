@@ -14,7 +14,6 @@ use indexd::hash::{self, Algo};
 use indexd::index::ContentIndex;
 use indexd::peer::{ChunkSource, PeerClient, PeerServer};
 use indexd::redis::{Redis, Target};
-use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::GuestMemoryMmap;
@@ -113,32 +112,7 @@ pub struct SiteOptions {
     pub wait: Duration,
 }
 
-/// Where resolved chunks came from, and what went wrong on the way.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SiteStats {
-    /// Found in this guest's own memory (intra-VM duplicates).
-    pub local: u64,
-    /// Fetched from another hypervisor of the site.
-    pub peer: u64,
-    /// Peer answers that did not match their digest (dropped, another holder tried).
-    pub corrupt_from_peer: u64,
-    /// Contents (one per digest) fetched from a holder after another holder of them failed
-    /// (a corrupt answer, unreachable, or no longer holding it) in the same resolution.
-    pub next_holder: u64,
-    /// Peers that could not be reached.
-    pub peer_errors: u64,
-    /// Index operations that failed (the index is then left alone: content comes from the source).
-    pub index_errors: u64,
-    /// Chunks this VMM registered in the site index.
-    pub registered: u64,
-    /// Chunks this VMM served to peers.
-    pub served: u64,
-    /// Times this VMM re-registered everything it holds after the index came back.
-    pub resyncs: u64,
-    /// Why the index is not used, if it is not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
-}
+pub use migrate::stats::SiteStats;
 
 /// Serves this guest's chunks to peers, from the live guest memory, checked against the digest.
 struct GuestChunks {

@@ -83,17 +83,20 @@ fn two_guests_on_one_bridge_probe_each_other_without_loss() {
     a.wait_for("shrink-guest ready", BOOT);
     b.wait_for("shrink-guest ready", BOOT);
     for vm in [&a, &b] {
-        let field = |line: &str, k: &str| -> u64 {
-            line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap()
+        let field = |line: &str, k: &str| -> Option<u64> {
+            line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}=")))?.parse().ok()
         };
-        // A report covering at least 100 probes, however long the host takes to send them.
+        // A report covering at least 100 probes, however long the host takes to send them
+        // (complete lines only: the console may be read in the middle of one).
         let line = wait_until("a probe report covering 100 probes", Duration::from_secs(120), || {
             let text = vm.serial_text();
-            let line = text.lines().rfind(|l| l.starts_with("probe: "))?.to_owned();
-            (field(&line, "sent") >= 100).then_some(line)
+            let done = &text[..text.rfind('\n')?];
+            let line = done.lines().rfind(|l| l.starts_with("probe: "))?.to_owned();
+            (field(&line, "sent")? >= 100).then_some(line)
         });
-        assert_eq!(field(&line, "lost"), 0, "{line}");
-        assert!(field(&line, "received") + 100 >= field(&line, "sent"), "{line}");
+        let field = |k: &str| field(&line, k).unwrap_or_else(|| panic!("no {k}= in {line}"));
+        assert_eq!(field("lost"), 0, "{line}");
+        assert!(field("received") + 100 >= field("sent"), "{line}");
     }
 }
 

@@ -31,7 +31,8 @@ pub struct DedupConfig {
 }
 
 /// Counters of the dedup decisions.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DedupStats {
     /// Chunks hashed.
     pub hashed: u64,

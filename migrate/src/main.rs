@@ -63,7 +63,7 @@ struct Args {
 
     /// Give up after this many passes without converging.
     #[arg(long, value_name = "N")]
-    max_iterations: Option<u64>,
+    max_iterations: Option<u32>,
 
     /// Throttle a guest that dirties memory faster than the link carries it.
     #[arg(long)]
@@ -105,8 +105,8 @@ fn write_report(path: &Option<std::path::PathBuf>, v: &impl serde::Serialize) {
 
 fn parse_chunk(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
-        Ok(c @ (512 | 1024 | 2048 | 4096)) => Ok(c),
-        _ => Err(format!("'{s}': the chunk size is 512, 1024, 2048 or 4096")),
+        Ok(c) if migrate::protocol::CHUNK_SIZES.contains(&(c as usize)) => Ok(c),
+        _ => Err(format!("'{s}': the chunk size is one of {:?}", migrate::protocol::CHUNK_SIZES)),
     }
 }
 
@@ -158,14 +158,16 @@ fn run(args: &Args) -> Result<Value, String> {
     let to = args.to.clone().expect("clap requires --to");
     let connect = || ApiClient::connect(&vm).map_err(|e| format!("cannot connect to {}: {e}", vm.display()));
     let mut api = connect()?;
-    let mut margs = json!({"uri": to, "downtime_limit_ms": args.downtime_limit_ms,
-        "auto_converge": args.auto_converge, "verify": args.verify});
-    if let Some(b) = args.max_bandwidth {
-        margs["max_bandwidth"] = json!(b);
+    let margs = migrate::args::MigrateArgs {
+        uri: to,
+        downtime_limit_ms: Some(args.downtime_limit_ms),
+        max_bandwidth: args.max_bandwidth,
+        max_iterations: args.max_iterations,
+        auto_converge: args.auto_converge,
+        verify: args.verify,
+        ..Default::default()
     }
-    if let Some(n) = args.max_iterations {
-        margs["max_iterations"] = json!(n);
-    }
+    .to_json();
     api.execute("migrate", margs)
         .map_err(|e| format!("{}: {e}", vm.display()))?
         .map_err(|e| format!("migrate: {e}"))?;

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::args::{DedupArgs, MigrateArgs};
 use crate::client::ApiClient;
 use crate::cluster::{launch_command, relocate, Cluster, Move, Relocation};
+use crate::stats::{DestinationQuery, SourceQuery, Status};
 
 /// How to run the cluster migration.
 #[derive(Debug, Clone)]
@@ -146,10 +148,6 @@ pub struct ClusterReport {
     pub cluster_file_error: Option<String>,
 }
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
 fn wait_socket(p: &Path, log: &Path, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();
     while !p.exists() {
@@ -245,20 +243,21 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
         bar.set_style(style.clone());
         bar.set_prefix(m.vm.clone());
         let from = cluster.site(&m.from_site).expect("planned");
-        let mut args = json!({
-            "uri": format!("tcp:{}:{port}", m.to_address),
-            "downtime_limit_ms": opts.downtime_limit_ms,
-            "verify": opts.verify,
-        });
-        if !opts.no_dedup {
-            args["dedup"] = json!({
-                "coordination": from.coordination.get_ref(),
-                "migration_id": id,
-                "dest_site": opts.dest,
-                "digest": opts.digest,
-                "chunk": opts.chunk,
-            });
+        let args = MigrateArgs {
+            uri: format!("tcp:{}:{port}", m.to_address),
+            downtime_limit_ms: Some(opts.downtime_limit_ms),
+            verify: opts.verify,
+            dedup: (!opts.no_dedup).then(|| DedupArgs {
+                coordination: from.coordination.get_ref().to_owned(),
+                migration_id: id.clone(),
+                dest_site: opts.dest.clone(),
+                digest: opts.digest.clone(),
+                chunk: opts.chunk,
+                ttl_s: 3600,
+            }),
+            ..MigrateArgs::default()
         }
+        .to_json();
         let result = ApiClient::connect(Path::new(&m.api))
             .map_err(|e| format!("{}: cannot reach its VMM at {}: {e}", m.vm, m.api))
             .and_then(|mut c| c.execute("migrate", args).map_err(|e| e.to_string()))
@@ -267,11 +266,14 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
             Ok(_) => None,
             Err(e) => {
                 bar.finish_with_message(format!("failed: {e}"));
-                Some(json!({"status": "failed", "error-desc": e}))
+                let mut q = SourceQuery::default();
+                q.info.status = Status::Failed;
+                q.info.error = Some(e);
+                Some(q)
             }
         };
         let _ = log;
-        live.push((m.clone(), bar, state, json!({}), Instant::now()));
+        live.push((m.clone(), bar, state, SourceQuery::default(), Instant::now()));
     }
 
     // 3. Follow them.
@@ -282,49 +284,41 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
                 continue;
             }
             running += 1;
-            let info = ApiClient::connect(Path::new(&m.api)).and_then(|mut c| c.execute("query-migrate", json!({})));
-            match info {
-                Ok(Ok(v)) => {
-                    let ram = &v["ram"];
-                    bar.set_length(u(&ram["total"]));
-                    bar.set_position(u(&ram["total"]).saturating_sub(u(&ram["remaining"])));
+            match query::<SourceQuery>(Path::new(&m.api)) {
+                Ok(q) => {
+                    let (i, ram) = (&q.info, &q.info.ram);
+                    bar.set_length(ram.total);
+                    bar.set_position(ram.total.saturating_sub(ram.remaining));
+                    let status = serde_json::to_value(i.status).unwrap_or_default();
+                    let status = status.as_str().unwrap_or("");
                     bar.set_message(format!(
-                        "{} pass {} sent {:.1} MB dedup {}",
-                        v["status"].as_str().unwrap_or(""),
-                        u(&ram["dirty-sync-count"]),
-                        u(&ram["transferred"]) as f64 / 1e6,
-                        u(&ram["deduplicated"])
+                        "{status} pass {} sent {:.1} MB dedup {}",
+                        ram.dirty_sync_count,
+                        ram.transferred as f64 / 1e6,
+                        ram.deduplicated
                     ));
-                    if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
-                        bar.finish_with_message(format!(
-                            "{} in {} ms",
-                            v["status"].as_str().unwrap_or(""),
-                            u(&v["total-time"])
-                        ));
-                        *state = Some(v);
+                    if matches!(i.status, Status::Completed | Status::Failed | Status::Cancelled) {
+                        bar.finish_with_message(format!("{status} in {} ms", i.total_time));
+                        *state = Some(q);
                     } else {
-                        *last = v;
+                        *last = q;
                     }
                 }
-                _ => {
+                Err(e) => {
                     // The source VMM exits once the destination confirmed. But it may also have
                     // died: only a destination running the guest makes this a completion.
-                    let mut v = last.clone();
-                    let arrived = ApiClient::connect(dest_api)
-                        .and_then(|mut c| c.execute("query-migrate", json!({})))
-                        .ok()
-                        .and_then(|r| r.ok())
-                        .is_some_and(|d| d.get("incoming").is_some());
-                    if arrived {
-                        v["status"] = json!("completed");
-                        v["total-time"] = json!(t.elapsed().as_millis() as u64);
+                    let mut q = last.clone();
+                    if query::<DestinationQuery>(dest_api).is_ok() {
+                        q.info.status = Status::Completed;
+                        q.info.total_time = t.elapsed().as_millis() as u64;
                         bar.finish_with_message("completed");
                     } else {
-                        v["status"] = json!("failed");
-                        v["error-desc"] = json!("the source VMM exited and the destination does not run the guest");
+                        q.info.status = Status::Failed;
+                        q.info.error =
+                            Some(format!("the source VMM is gone ({e}) and the destination does not run the guest"));
                         bar.finish_with_message("failed: source VMM gone");
                     }
-                    *state = Some(v);
+                    *state = Some(q);
                 }
             }
         }
@@ -390,46 +384,60 @@ fn update_cluster_file(file: &Path, moved: &[Relocation]) -> Result<(), String> 
     r.map_err(|e| format!("{name}: {e}"))
 }
 
-fn vm_report(m: &Move, src: Value, dest_api: &Path) -> VmReport {
+/// `query-migrate` of the VMM at `api`, as `T`.
+fn query<T: serde::de::DeserializeOwned>(api: &Path) -> Result<T, String> {
+    let v = ApiClient::connect(api)
+        .and_then(|mut c| c.execute("query-migrate", json!({})))
+        .map_err(|e| format!("{}: {e}", api.display()))?
+        .map_err(|e| format!("{}: query-migrate: {e}", api.display()))?;
+    serde_json::from_value(v).map_err(|e| format!("{}: unexpected query-migrate answer: {e}", api.display()))
+}
+
+fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
+    let (i, ram) = (&src.info, &src.info.ram);
+    let status = serde_json::to_value(i.status).ok().and_then(|v| v.as_str().map(str::to_owned));
     let mut r = VmReport {
         vm: m.vm.clone(),
         from: m.from_host.clone(),
         to: m.to_host.clone(),
-        status: src["status"].as_str().unwrap_or("unknown").to_owned(),
-        error: src["error-desc"].as_str().map(str::to_owned),
-        total_time_ms: u(&src["total-time"]),
-        downtime_ms: u(&src["downtime"]),
-        passes: u(&src["ram"]["dirty-sync-count"]),
+        status: status.unwrap_or_else(|| "unknown".into()),
+        error: i.error.clone(),
+        total_time_ms: i.total_time,
+        downtime_ms: i.downtime.unwrap_or(0),
+        passes: ram.dirty_sync_count,
         counts: Counts {
-            wan_bytes: u(&src["ram"]["transferred"]),
-            deduplicated: u(&src["ram"]["deduplicated"]),
-            pulled: u(&src["ram"]["pulled"]),
+            wan_bytes: ram.transferred,
+            deduplicated: ram.deduplicated,
+            pulled: ram.pulled,
             ..Counts::default()
         },
         ..Default::default()
     };
-    if let Some(w) = src["dedup"]["warning"].as_str() {
-        r.warnings.push(w.to_owned());
+    if let Some(w) = src.dedup.as_ref().and_then(|d| d.warning.clone()) {
+        r.warnings.push(w);
     }
-    if r.status != "completed" {
+    if i.status != Status::Completed {
         return r;
     }
-    let dest = ApiClient::connect(dest_api).and_then(|mut c| c.execute("query-migrate", json!({})));
-    if let Ok(Ok(v)) = dest {
-        let i = &v["incoming"];
-        let c = &mut r.counts;
-        c.full = u(&i["full"]);
-        c.uniform = u(&i["uniform"]);
-        c.deduplicated = u(&i["digest"]);
-        c.pulled = u(&i["pulled"]);
-        c.local = u(&i["site"]["local"]);
-        c.fetched_from_peers = u(&i["site"]["peer"]);
-        c.corrupt_from_peers = u(&i["site"]["corrupt_from_peer"]);
-        c.peer_errors = u(&i["site"]["peer_errors"]);
-        c.index_errors = u(&i["site"]["index_errors"]);
-        if let Some(w) = i["site"]["warning"].as_str() {
-            r.warnings.push(w.to_owned());
+    match query::<DestinationQuery>(dest_api) {
+        Ok(d) => {
+            let (s, c) = (&d.incoming.stream, &mut r.counts);
+            c.full = s.full;
+            c.uniform = s.uniform;
+            c.deduplicated = s.digest;
+            c.pulled = s.pulled;
+            if let Some(site) = &d.incoming.site {
+                c.local = site.local;
+                c.fetched_from_peers = site.peer;
+                c.corrupt_from_peers = site.corrupt_from_peer;
+                c.peer_errors = site.peer_errors;
+                c.index_errors = site.index_errors;
+                if let Some(w) = &site.warning {
+                    r.warnings.push(w.clone());
+                }
+            }
         }
+        Err(e) => r.warnings.push(format!("the destination's figures are missing: {e}")),
     }
     r
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
     self, uniform_byte, Chunk, Decoder, DigestKind, Hello, PagesBuilder, ProtocolError, Record, Region, StreamParams,
@@ -150,7 +150,7 @@ impl Default for Params {
 }
 
 /// Migration status, with QEMU's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Nothing started.
@@ -169,8 +169,8 @@ pub enum Status {
 }
 
 /// `ram` of `query-migrate`, QEMU's names and meanings.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct RamStats {
     /// Bytes sent on the wire (all records, headers included).
     pub transferred: u64,
@@ -199,8 +199,8 @@ pub struct RamStats {
 }
 
 /// `query-migrate`, QEMU's names and meanings.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
 pub struct MigrationInfo {
     /// State of the migration.
     pub status: Status,
@@ -834,7 +834,8 @@ pub trait Sink {
 }
 
 /// What the destination saw.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReceiveStats {
     /// VM name.
     pub name: String,

@@ -151,7 +151,18 @@ pub enum DigestKind {
     Sha1,
 }
 
+/// The chunk sizes a stream may use (bytes).
+pub const CHUNK_SIZES: [usize; 4] = [512, 1024, 2048, 4096];
+
 impl DigestKind {
+    /// The kind of digests `algo` makes.
+    pub fn of(algo: indexd::hash::Algo) -> DigestKind {
+        match algo {
+            indexd::hash::Algo::Sha256 => DigestKind::Sha256,
+            indexd::hash::Algo::Sha1 => DigestKind::Sha1,
+        }
+    }
+
     /// The hash function, when there is one.
     pub fn algo(self) -> Option<indexd::hash::Algo> {
         match self {
@@ -492,8 +503,8 @@ impl Decoder {
                     return Err(ProtocolError::Version(version));
                 }
                 let chunk_size = u32_at(&payload, 4);
-                if !matches!(chunk_size, 512 | 1024 | 2048 | 4096) {
-                    return Err(malformed("Hello", format!("chunk size {chunk_size} (512, 1024, 2048 or 4096)")));
+                if !CHUNK_SIZES.contains(&(chunk_size as usize)) {
+                    return Err(malformed("Hello", format!("chunk size {chunk_size} (one of {CHUNK_SIZES:?})")));
                 }
                 let digest = DigestKind::from_code(payload[8])
                     .ok_or_else(|| malformed("Hello", format!("digest kind {}", payload[8])))?;

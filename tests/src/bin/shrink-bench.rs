@@ -440,8 +440,9 @@ fn main() -> ExitCode {
         if cli.sizes.as_ref().is_some_and(|s| s.contains(&0)) || cli.rates.as_ref().is_some_and(|r| r.contains(&0)) {
             return Err("--sizes and --rates take positive numbers".into());
         }
-        if let Some(c) = cli.chunks.as_ref().and_then(|c| c.iter().find(|c| ![512, 1024, 2048, 4096].contains(*c))) {
-            return Err(format!("--chunks: {c} is not 512, 1024, 2048 or 4096"));
+        let sizes = migrate::protocol::CHUNK_SIZES;
+        if let Some(c) = cli.chunks.as_ref().and_then(|c| c.iter().find(|&&c| !sizes.contains(&(c as usize)))) {
+            return Err(format!("--chunks: {c} is not one of {sizes:?}"));
         }
         // Before hours of measuring: everything the plots and the runs need is there.
         eval::font()?;
