@@ -256,7 +256,7 @@ impl Controller {
                             self.migration = Some(m);
                             ok_reply(json!({}))
                         }
-                        Err(e) => generic(e),
+                        Err(e) => generic(e.to_string()),
                     }
                 }
             }

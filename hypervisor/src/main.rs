@@ -117,7 +117,7 @@ fn run(args: Args) -> Result<Exit, String> {
     });
     // An incoming migration's port is bound before the API socket appears: whoever waits for
     // the socket (shrink-migrate) may start the source at once.
-    let listener = args.incoming.as_deref().map(migration::listen).transpose()?;
+    let listener = args.incoming.as_deref().map(migration::listen).transpose().map_err(|e| e.to_string())?;
     // The API listens first: a socket that is in use is reported before any guest runs, and
     // requests wait in the channel until the VM exists.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -140,7 +140,7 @@ fn run(args: Args) -> Result<Exit, String> {
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
         });
         let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
-        let (vmm, stats, site) = migration::incoming(listener, opts)?;
+        let (vmm, stats, site) = migration::incoming(listener, opts).map_err(|e| e.to_string())?;
         tracing::info!("incoming migration done: {stats:?}");
         incoming_stats = Some((stats, site));
         vmm

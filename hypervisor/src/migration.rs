@@ -30,12 +30,53 @@ use crate::snapshot::SnapshotState;
 use crate::vmm::{DeviceConfig, Vmm};
 use crate::vstate::memory::GuestMemoryMmap;
 
+/// What keeps a migration from starting, or an incoming one from ending with a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationSetupError {
+    /// A migration URI this VMM does not take.
+    #[error("migration URI '{uri}': {why}")]
+    Uri {
+        /// The URI.
+        uri: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The `migrate` command's arguments.
+    #[error(transparent)]
+    Args(#[from] migrate::args::ArgsError),
+    /// A socket operation failed.
+    #[error("{what} {addr}: {source}")]
+    Socket {
+        /// The operation.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The migration thread could not be started.
+    #[error("cannot start the migration thread: {0}")]
+    Thread(std::io::Error),
+    /// The incoming migration failed.
+    #[error("incoming migration from {peer}: {source}")]
+    Incoming {
+        /// The source.
+        peer: String,
+        /// Cause.
+        source: precopy::MigrationError,
+    },
+}
+
+fn socket_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> MigrationSetupError {
+    move |source| MigrationSetupError::Socket { what, addr: addr.to_string(), source }
+}
+
 /// Parses `tcp:HOST:PORT` into something to connect to or bind.
-pub fn parse_tcp_uri(uri: &str) -> Result<String, String> {
-    let rest =
-        uri.strip_prefix("tcp:").ok_or_else(|| format!("migration URI '{uri}': only tcp:HOST:PORT is supported"))?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("migration URI '{uri}': missing :PORT"))?;
-    port.parse::<u16>().map_err(|_| format!("migration URI '{uri}': '{port}' is not a port number"))?;
+pub fn parse_tcp_uri(uri: &str) -> Result<String, MigrationSetupError> {
+    let bad = |why: String| MigrationSetupError::Uri { uri: uri.to_owned(), why };
+    let rest = uri.strip_prefix("tcp:").ok_or_else(|| bad("only tcp:HOST:PORT is supported".into()))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("missing :PORT".into()))?;
+    port.parse::<u16>().map_err(|_| bad(format!("'{port}' is not a port number")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
 }
@@ -115,10 +156,10 @@ impl Source for VmmSource {
 
 /// All of `migrate`'s arguments: the destination's address, the engine's parameters and the
 /// dedup configuration.
-pub fn parse_migrate_args(args: &Value) -> Result<(String, Params, Option<DedupConfig>), String> {
-    let a = MigrateArgs::from_json(args).map_err(|e| e.to_string())?;
+pub fn parse_migrate_args(args: &Value) -> Result<(String, Params, Option<DedupConfig>), MigrationSetupError> {
+    let a = MigrateArgs::from_json(args)?;
     let addr = parse_tcp_uri(&a.uri)?;
-    let (params, dedup) = a.params().map_err(|e| e.to_string())?;
+    let (params, dedup) = a.params()?;
     Ok((addr, params, dedup))
 }
 
@@ -133,7 +174,7 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// Starts migrating `vmm` as `args` (the `migrate` command's arguments) ask.
-    pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, String> {
+    pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, MigrationSetupError> {
         let (addr, params, dedup_cfg) = parse_migrate_args(args)?;
         let info = Arc::new(Mutex::new(MigrationInfo { status: Status::Setup, ..Default::default() }));
         // Coordination is set up here, so that an unreachable service is reported at once.
@@ -152,15 +193,16 @@ impl Outgoing {
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let result = connect(&addr).and_then(|stream| {
+                let result = connect(&addr).map_err(|e| e.to_string()).and_then(|stream| {
                     // A destination that neither answers nor takes the stream for this long
                     // is given up on, and the guest runs here again.
                     let t = params.verdict_timeout;
                     stream
                         .set_read_timeout(Some(t))
                         .and_then(|_| stream.set_write_timeout(Some(t)))
-                        .map_err(|e| e.to_string())?;
-                    let back = stream.try_clone().map_err(|e| e.to_string())?;
+                        .and_then(|_| stream.try_clone())
+                        .map_err(|e| format!("migration socket to {addr}: {e}"))?;
+                    let back = stream.try_clone().map_err(|e| format!("migration socket to {addr}: {e}"))?;
                     *s.lock().expect("socket lock poisoned") = stream.try_clone().ok();
                     if c.load(Ordering::SeqCst) {
                         return Err("cancelled".into());
@@ -180,9 +222,9 @@ impl Outgoing {
                         false
                     }
                 };
-                let _ = caller_done(&caller, ok);
+                caller_done(&caller, ok);
             })
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+            .map_err(MigrationSetupError::Thread)?;
         Ok(Outgoing { info, dedup: dedup_stats, cancel, socket, thread: Some(thread) })
     }
 
@@ -215,8 +257,9 @@ impl Outgoing {
     }
 }
 
-fn caller_done(caller: &VmmCaller, ok: bool) -> Result<(), String> {
-    caller.send(ControlMsg::MigrationDone(ok))
+fn caller_done(caller: &VmmCaller, ok: bool) {
+    // Nobody to tell if the control loop is gone (the VMM is exiting).
+    let _ = caller.send(ControlMsg::MigrationDone(ok));
 }
 
 /// TCP keepalive on a migration connection: a peer whose host is gone is noticed after
@@ -242,16 +285,16 @@ fn tune(s: &TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-fn connect(addr: &str) -> Result<TcpStream, String> {
-    let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))?.collect();
-    let mut last = format!("cannot resolve {addr}");
+fn connect(addr: &str) -> Result<TcpStream, MigrationSetupError> {
+    let addrs: Vec<_> = addr.to_socket_addrs().map_err(socket_err("cannot resolve", addr))?.collect();
+    let mut last = socket_err("cannot resolve", addr)(std::io::ErrorKind::NotFound.into());
     for a in addrs {
         match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
             Ok(s) => {
-                tune(&s).map_err(|e| format!("migration socket to {a}: {e}"))?;
+                tune(&s).map_err(socket_err("migration socket to", a))?;
                 return Ok(s);
             }
-            Err(e) => last = format!("cannot connect to {a}: {e}"),
+            Err(e) => last = socket_err("cannot connect to", a)(e),
         }
     }
     Err(last)
@@ -376,9 +419,9 @@ pub use migrate::stats::IncomingStats;
 
 /// Listens for an incoming migration on `uri` (`tcp:HOST:PORT`). Bind before announcing the
 /// VMM as ready (its API socket): a source told to migrate may connect at once.
-pub fn listen(uri: &str) -> Result<TcpListener, String> {
+pub fn listen(uri: &str) -> Result<TcpListener, MigrationSetupError> {
     let addr = parse_tcp_uri(uri)?;
-    TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+    TcpListener::bind(&addr).map_err(socket_err("cannot listen on", &addr))
 }
 
 /// Waits for one incoming migration on `listener` (from [`listen`]) and returns the running VM,
@@ -387,23 +430,24 @@ pub fn listen(uri: &str) -> Result<TcpListener, String> {
 pub fn incoming(
     listener: TcpListener,
     opts: IncomingOptions,
-) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), String> {
-    let addr = listener.local_addr().map_err(|e| format!("incoming listener: {e}"))?;
-    let (stream, peer) = listener.accept().map_err(|e| format!("accept on {addr}: {e}"))?;
+) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), MigrationSetupError> {
+    let addr = listener.local_addr().map_err(socket_err("incoming listener", "?"))?;
+    let (stream, peer) = listener.accept().map_err(socket_err("accept on", addr))?;
     drop(listener);
     tracing::info!("incoming migration from {peer}");
-    tune(&stream)
+    let back = tune(&stream)
         .and_then(|_| stream.set_read_timeout(Some(INCOMING_IDLE_TIMEOUT)))
-        .map_err(|e| format!("incoming migration socket from {peer}: {e}"))?;
-    let back = stream.try_clone().map_err(|e| e.to_string())?;
+        .and_then(|_| stream.try_clone())
+        .map_err(socket_err("incoming migration socket from", peer))?;
     let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(Duration::from_secs(2));
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
     let pull = std::env::var("SHRINK_TEST_NO_PULL").is_err();
     let opts = ReceiveOptions { wait, pull, cancelled: Some(crate::control::terminating), ..ReceiveOptions::default() };
-    let stats = precopy::receive_with(&mut sink, stream, back, opts)
-        .map_err(|e| format!("incoming migration from {peer}: {e}"))?;
-    let vmm = sink.vmm.take().ok_or("the migration ended without a VM")?;
+    let failed = |source| MigrationSetupError::Incoming { peer: peer.to_string(), source };
+    let stats = precopy::receive_with(&mut sink, stream, back, opts).map_err(failed)?;
+    let vmm =
+        sink.vmm.take().ok_or_else(|| failed(precopy::MigrationError::Invalid("it ended without a VM".into())))?;
     let site = sink.site.take();
     Ok((vmm, IncomingStats { stream: stats, site: site.as_ref().map(|s| s.snapshot_stats()) }, site))
 }
@@ -416,13 +460,14 @@ mod tests {
     fn uris_and_arguments() {
         assert_eq!(parse_tcp_uri("tcp:127.0.0.1:4444").unwrap(), "127.0.0.1:4444");
         assert_eq!(parse_tcp_uri("tcp:[::1]:4444").unwrap(), "[::1]:4444");
-        assert!(parse_tcp_uri("unix:/x").unwrap_err().contains("only tcp"));
-        assert!(parse_tcp_uri("tcp:host").unwrap_err().contains("missing :PORT"));
-        assert!(parse_tcp_uri("tcp:host:http").unwrap_err().contains("not a port"));
+        assert!(parse_tcp_uri("unix:/x").unwrap_err().to_string().contains("only tcp"));
+        assert!(parse_tcp_uri("tcp:host").unwrap_err().to_string().contains("missing :PORT"));
+        assert!(parse_tcp_uri("tcp:host:http").unwrap_err().to_string().contains("not a port"));
         let (a, p, d) =
             parse_migrate_args(&serde_json::json!({"uri": "tcp:10.0.0.2:7000", "max_iterations": 30})).unwrap();
         assert_eq!((a.as_str(), p.max_iterations, d.is_none()), ("10.0.0.2:7000", Some(30), true));
-        assert!(parse_migrate_args(&serde_json::json!({"uri": "unix:/x"})).unwrap_err().contains("only tcp"));
-        assert!(parse_migrate_args(&serde_json::json!({"uri": "tcp:a:1", "speed": 1})).unwrap_err().contains("speed"));
+        let e = |v| parse_migrate_args(&v).unwrap_err().to_string();
+        assert!(e(serde_json::json!({"uri": "unix:/x"})).contains("only tcp"));
+        assert!(e(serde_json::json!({"uri": "tcp:a:1", "speed": 1})).contains("speed"));
     }
 }
