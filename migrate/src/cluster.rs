@@ -200,11 +200,11 @@ impl Cluster {
                 check_redis(v.get_ref()).map_err(|why| err(v.span(), format!("sites[{si}].{f}"), why))?;
             }
             let l = s.launch.get_ref();
-            if !l.contains("{cmd}") {
+            if !l.split_whitespace().any(|w| w == "{cmd}") {
                 return Err(err(
                     s.launch.span(),
                     format!("sites[{si}].launch"),
-                    "the launch template has no {cmd}".into(),
+                    "the launch template has no {cmd} (a word of its own)".into(),
                 ));
             }
             if s.hosts.is_empty() {
@@ -376,9 +376,27 @@ fn toml_string(s: &str) -> String {
     o
 }
 
-/// Fills a launch template.
-pub fn launch_command(template: &str, host: &str, cmd: &str) -> String {
-    template.replace("{host}", host).replace("{cmd}", cmd)
+/// Fills a launch template into the argv to run, without any local shell: the template is split
+/// on white space, `{host}` is replaced inside its words, and the word `{cmd}` becomes the
+/// words of `cmd`. When the launcher is `ssh`, whose remote end hands its words to a shell,
+/// each word of `cmd` is single-quoted for that shell, so that no value is reinterpreted there.
+pub fn launch_argv(template: &str, host: &str, cmd: &[String]) -> Vec<String> {
+    let words: Vec<&str> = template.split_whitespace().collect();
+    let remote_shell = words.first().is_some_and(|w| w.rsplit('/').next() == Some("ssh"));
+    let mut argv = Vec::new();
+    for w in words {
+        if w == "{cmd}" {
+            argv.extend(cmd.iter().map(|c| if remote_shell { shell_quote(c) } else { c.clone() }));
+        } else {
+            argv.push(w.replace("{host}", host));
+        }
+    }
+    argv
+}
+
+/// `s` as one word for a POSIX shell: single-quoted, with embedded quotes closed and escaped.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 #[cfg(test)]
@@ -437,7 +455,15 @@ dest_host = "hostB1"
         assert_eq!(m[1].to_address, "10.20.0.12");
         assert!(c.plan("siteA").unwrap().is_empty(), "nothing to move to where it is");
         assert!(c.plan("siteC").unwrap_err().contains("no such site"));
-        assert_eq!(launch_command("ssh {host} {cmd}", "h1", "shrink-vmm --x"), "ssh h1 shrink-vmm --x");
+        let cmd: Vec<String> = ["shrink-vmm", "--name", "it's; rm -rf /"].map(String::from).to_vec();
+        assert_eq!(
+            launch_argv("ip netns exec {host} {cmd}", "h1", &cmd),
+            ["ip", "netns", "exec", "h1", "shrink-vmm", "--name", "it's; rm -rf /"]
+        );
+        assert_eq!(
+            launch_argv("/usr/bin/ssh -o BatchMode=yes {host} {cmd}", "h1", &cmd),
+            ["/usr/bin/ssh", "-o", "BatchMode=yes", "h1", "'shrink-vmm'", "'--name'", "'it'\\''s; rm -rf /'"]
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::args::{DedupArgs, MigrateArgs};
 use crate::client::ApiClient;
-use crate::cluster::{launch_command, relocate, Cluster, Move, Relocation};
+use crate::cluster::{launch_argv, relocate, Cluster, Move, Relocation};
 use crate::stats::{DestinationQuery, SourceQuery, Status};
 
 /// How to run the cluster migration.
@@ -160,15 +160,30 @@ fn wait_socket(p: &Path, log: &Path, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs a cluster migration.
-pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
+/// What a cluster migration will do, decided before anything starts.
+struct Plan {
+    cluster: Cluster,
+    moves: Vec<Move>,
+    id: String,
+    workdir: PathBuf,
+    vmm: PathBuf,
+}
+
+/// A destination VMM started for one move.
+struct Destination {
+    api: PathBuf,
+    port: u16,
+}
+
+/// Reads the cluster file and decides the moves, the migration ID, the working directory and
+/// the VMM binary.
+fn plan(opts: &ClusterOptions) -> Result<Plan, String> {
     let text = std::fs::read_to_string(&opts.file).map_err(|e| format!("{}: {e}", opts.file.display()))?;
     let cluster = Cluster::parse(&opts.file.display().to_string(), &text).map_err(|e| e.to_string())?;
     let moves = cluster.plan(&opts.dest)?;
     if moves.is_empty() {
         return Err(format!("every VM is already at {}", opts.dest));
     }
-    let dest = cluster.site(&opts.dest).expect("planned");
     let id = cluster.file.migration_id.clone().unwrap_or_else(|| {
         format!(
             "{}-{}",
@@ -184,72 +199,88 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
             .and_then(|p| p.parent().map(|d| d.join("shrink-vmm")))
             .unwrap_or_else(|| PathBuf::from("shrink-vmm"))
     });
+    Ok(Plan { cluster, moves, id, workdir, vmm })
+}
 
-    // 1. Destination VMMs, waiting for their guests.
+/// Starts a destination VMM for every move, through the destination site's launch template
+/// (as an argv: no value passes through a local shell), and waits for their API sockets (each
+/// binds its migration port before its socket appears).
+fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, String> {
+    let dest = plan.cluster.site(&opts.dest).expect("planned");
     let mut dests = Vec::new();
-    for (i, m) in moves.iter().enumerate() {
+    for (i, m) in plan.moves.iter().enumerate() {
         let port = opts.port_base + i as u16;
         let peer = opts.port_base + 100 + i as u16;
-        let api = workdir.join(format!("{}-{}.sock", m.vm, opts.dest));
-        let serial = workdir.join(format!("{}-{}.serial", m.vm, opts.dest));
-        let log = workdir.join(format!("{}-{}.log", m.vm, opts.dest));
+        let file = |ext: &str| plan.workdir.join(format!("{}-{}.{ext}", m.vm, opts.dest));
+        let (api, serial, log) = (file("sock"), file("serial"), file("log"));
         let _ = std::fs::remove_file(&api);
-        let mut cmd = format!(
-            "{} --incoming tcp:{}:{port} --api {} --serial {} --name {}",
-            vmm.display(),
-            m.to_address,
-            api.display(),
-            serial.display(),
-            m.vm
-        );
+        let mut cmd: Vec<String> = vec![plan.vmm.display().to_string()];
+        cmd.extend(["--incoming".into(), format!("tcp:{}:{port}", m.to_address)]);
+        cmd.extend(["--api".into(), api.display().to_string(), "--serial".into(), serial.display().to_string()]);
+        cmd.extend(["--name".into(), m.vm.clone()]);
         if !opts.no_dedup {
-            cmd.push_str(&format!(
-                " --index {} --peer-listen {addr}:{peer} --peer-advertise {addr}:{peer} --pull-wait-ms {}",
-                dest.index.get_ref(),
-                opts.pull_wait_ms.unwrap_or_else(|| pull_wait_ms(moves.len())),
-                addr = m.to_address
-            ));
+            let listen = format!("{}:{peer}", m.to_address);
+            let wait = opts.pull_wait_ms.unwrap_or_else(|| pull_wait_ms(plan.moves.len()));
+            cmd.extend(["--index".into(), dest.index.get_ref().clone()]);
+            cmd.extend(["--peer-listen".into(), listen.clone(), "--peer-advertise".into(), listen]);
+            cmd.extend(["--pull-wait-ms".into(), wait.to_string()]);
         }
-        let full = launch_command(dest.launch.get_ref(), &m.to_host, &cmd);
+        let argv = launch_argv(dest.launch.get_ref(), &m.to_host, &cmd);
         let logf = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         use std::os::unix::process::CommandExt;
-        Command::new("sh")
-            .args(["-c", &full])
+        Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(logf.try_clone().map_err(|e| e.to_string())?)
             .stderr(logf)
             // Its own process group: the guest must outlive this command (and its Ctrl-C).
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot run `{full}`: {e}"))?;
-        dests.push((api, log, port));
+            .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
+        dests.push((Destination { api: api.clone(), port }, log));
     }
-    for (api, log, _) in &dests {
-        wait_socket(api, log, Duration::from_secs(30))?;
+    for (d, log) in &dests {
+        wait_socket(&d.api, log, Duration::from_secs(30))?;
     }
+    Ok(dests.into_iter().map(|(d, _)| d).collect())
+}
 
-    // 2. All migrations at once.
-    let start = Instant::now();
-    let multi = if opts.progress {
-        MultiProgress::new()
-    } else {
-        MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
-    };
+/// One VM's migration being followed.
+struct Live {
+    m: Move,
+    bar: ProgressBar,
+    /// Its final answer, once it has one.
+    done: Option<SourceQuery>,
+    /// Its latest answer.
+    last: SourceQuery,
+    started: Instant,
+}
+
+/// A failed migration's answer, for one that never got to give its own.
+fn failed(error: String) -> SourceQuery {
+    let mut q = SourceQuery::default();
+    q.info.status = Status::Failed;
+    q.info.error = Some(error);
+    q
+}
+
+/// Tells every source VMM to migrate to its destination, all at once.
+fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &MultiProgress) -> Vec<Live> {
     let style = ProgressStyle::with_template("{prefix:>8} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar());
     let mut live = Vec::new();
-    for (m, (_, log, port)) in moves.iter().zip(&dests) {
+    for (m, Destination { port, .. }) in plan.moves.iter().zip(dests) {
         let bar = multi.add(ProgressBar::new(0));
         bar.set_style(style.clone());
         bar.set_prefix(m.vm.clone());
-        let from = cluster.site(&m.from_site).expect("planned");
+        let from = plan.cluster.site(&m.from_site).expect("planned");
         let args = MigrateArgs {
             uri: format!("tcp:{}:{port}", m.to_address),
             downtime_limit_ms: Some(opts.downtime_limit_ms),
             verify: opts.verify,
             dedup: (!opts.no_dedup).then(|| DedupArgs {
                 coordination: from.coordination.get_ref().to_owned(),
-                migration_id: id.clone(),
+                migration_id: plan.id.clone(),
                 dest_site: opts.dest.clone(),
                 digest: opts.digest.clone(),
                 chunk: opts.chunk,
@@ -262,84 +293,88 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
             .map_err(|e| format!("{}: cannot reach its VMM at {}: {e}", m.vm, m.api))
             .and_then(|mut c| c.execute("migrate", args).map_err(|e| e.to_string()))
             .and_then(|r| r.map_err(|e| format!("{}: migrate: {e}", m.vm)));
-        let state = match result {
-            Ok(_) => None,
-            Err(e) => {
-                bar.finish_with_message(format!("failed: {e}"));
-                let mut q = SourceQuery::default();
-                q.info.status = Status::Failed;
-                q.info.error = Some(e);
-                Some(q)
-            }
-        };
-        let _ = log;
-        live.push((m.clone(), bar, state, SourceQuery::default(), Instant::now()));
+        let done = result.err().map(|e| {
+            bar.finish_with_message(format!("failed: {e}"));
+            failed(e)
+        });
+        live.push(Live { m: m.clone(), bar, done, last: SourceQuery::default(), started: Instant::now() });
     }
+    live
+}
 
-    // 3. Follow them.
+/// Polls every source until each migration has ended, with progress bars.
+fn follow(live: &mut [Live], dests: &[Destination]) {
     loop {
         let mut running = 0;
-        for ((m, bar, state, last, t), (dest_api, _, _)) in live.iter_mut().zip(&dests) {
-            if state.is_some() {
+        for (l, d) in live.iter_mut().zip(dests) {
+            if l.done.is_some() {
                 continue;
             }
             running += 1;
-            match query::<SourceQuery>(Path::new(&m.api)) {
+            match query::<SourceQuery>(Path::new(&l.m.api)) {
                 Ok(q) => {
                     let (i, ram) = (&q.info, &q.info.ram);
-                    bar.set_length(ram.total);
-                    bar.set_position(ram.total.saturating_sub(ram.remaining));
+                    l.bar.set_length(ram.total);
+                    l.bar.set_position(ram.total.saturating_sub(ram.remaining));
                     let status = serde_json::to_value(i.status).unwrap_or_default();
                     let status = status.as_str().unwrap_or("");
-                    bar.set_message(format!(
+                    l.bar.set_message(format!(
                         "{status} pass {} sent {:.1} MB dedup {}",
                         ram.dirty_sync_count,
                         ram.transferred as f64 / 1e6,
                         ram.deduplicated
                     ));
                     if matches!(i.status, Status::Completed | Status::Failed | Status::Cancelled) {
-                        bar.finish_with_message(format!("{status} in {} ms", i.total_time));
-                        *state = Some(q);
+                        l.bar.finish_with_message(format!("{status} in {} ms", i.total_time));
+                        l.done = Some(q);
                     } else {
-                        *last = q;
+                        l.last = q;
                     }
                 }
                 Err(e) => {
                     // The source VMM exits once the destination confirmed. But it may also have
                     // died: only a destination running the guest makes this a completion.
-                    let mut q = last.clone();
-                    if query::<DestinationQuery>(dest_api).is_ok() {
+                    let mut q = l.last.clone();
+                    if query::<DestinationQuery>(&d.api).is_ok() {
                         q.info.status = Status::Completed;
-                        q.info.total_time = t.elapsed().as_millis() as u64;
-                        bar.finish_with_message("completed");
+                        q.info.total_time = l.started.elapsed().as_millis() as u64;
+                        l.bar.finish_with_message("completed");
                     } else {
                         q.info.status = Status::Failed;
                         q.info.error =
                             Some(format!("the source VMM is gone ({e}) and the destination does not run the guest"));
-                        bar.finish_with_message("failed: source VMM gone");
+                        l.bar.finish_with_message("failed: source VMM gone");
                     }
-                    *state = Some(q);
+                    l.done = Some(q);
                 }
             }
         }
         if running == 0 {
-            break;
+            return;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let total_time_ms = start.elapsed().as_millis() as u64;
+}
 
-    // 4. Where every page came from: the sources' and the destinations' figures.
+/// The cluster's report from every VM's, and the cluster file updated to where they now run.
+fn report(
+    plan: Plan,
+    opts: &ClusterOptions,
+    live: Vec<Live>,
+    dests: &[Destination],
+    total_time_ms: u64,
+) -> ClusterReport {
+    // Where every page came from: the sources' and the destinations' figures.
     let mut vms = Vec::new();
     let mut moved = Vec::new();
-    for ((m, _, state, _, _), (api, _, _)) in live.into_iter().zip(&dests) {
-        let r = vm_report(&m, state.unwrap_or_default(), api);
+    for (l, d) in live.into_iter().zip(dests) {
+        let r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api);
         if r.status == "completed" {
-            moved.push(Relocation { vm: m.vm.clone(), host: m.to_host.clone(), api: api.display().to_string() });
+            moved.push(Relocation { vm: l.m.vm.clone(), host: l.m.to_host.clone(), api: d.api.display().to_string() });
         }
         vms.push(r);
     }
-    // 5. The cluster file says where the VMs run now (so the next move starts from there).
+    // The cluster file says where the VMs run now (so the next move starts from there).
     let (mut cluster_file_updated, mut cluster_file_error) = (false, None);
     if opts.update_file && !moved.is_empty() {
         match update_cluster_file(&opts.file, &moved) {
@@ -351,8 +386,8 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
     for v in &vms {
         counts += v.counts;
     }
-    Ok(ClusterReport {
-        migration_id: id,
+    ClusterReport {
+        migration_id: plan.id,
         dest: opts.dest.clone(),
         dedup: !opts.no_dedup,
         chunk: opts.chunk,
@@ -363,7 +398,24 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
         vms,
         cluster_file_updated,
         cluster_file_error,
-    })
+    }
+}
+
+/// Runs a cluster migration: plan, launch the destinations, start every migration, follow
+/// them, report, and record where the VMs now run.
+pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
+    let plan = plan(opts)?;
+    let dests = launch(&plan, opts)?;
+    let started = Instant::now();
+    let multi = if opts.progress {
+        MultiProgress::new()
+    } else {
+        MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+    };
+    let mut live = start(&plan, opts, &dests, &multi);
+    follow(&mut live, &dests);
+    let total_time_ms = started.elapsed().as_millis() as u64;
+    Ok(report(plan, opts, live, &dests, total_time_ms))
 }
 
 /// Rewrites `file` in place (atomically) with the VMs' new hosts and sockets.
