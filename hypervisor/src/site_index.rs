@@ -96,7 +96,7 @@ fn next_round(candidates: &mut [Vec<String>], done: &[bool], tried: &mut [Vec<St
 
 /// Whether a peer's answer is the chunk asked for: one chunk long, hashing to its digest.
 fn is_chunk(algo: Algo, chunk: usize, bytes: &[u8], digest: &[u8]) -> bool {
-    bytes.len() == chunk && hash::digest(algo, bytes) == digest
+    bytes.len() == chunk && hash::verify(algo, bytes, digest)
 }
 
 /// How a destination VMM takes part in its site's index.
@@ -134,7 +134,7 @@ impl ChunkSource for GuestChunks {
     fn chunk(&self, digest: &[u8]) -> Option<Vec<u8>> {
         let gpa = self.index.lock().expect("index poisoned").lookup(digest)?;
         // The guest may have changed it since (it runs once the migration is over).
-        self.read(gpa).filter(|b| hash::digest(self.algo, b) == digest)
+        self.read(gpa).filter(|b| hash::verify(self.algo, b, digest))
     }
 }
 
@@ -321,7 +321,7 @@ impl SiteIndex {
         let mut left: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
         for (d, gpas) in wanted {
             let src = self.index.lock().expect("index poisoned").lookup(&d);
-            match src.and_then(|g| self.chunks.read(g)).filter(|b| hash::digest(self.algo, b) == d) {
+            match src.and_then(|g| self.chunks.read(g)).filter(|b| hash::verify(self.algo, b, &d)) {
                 Some(bytes) => {
                     self.stats.local += gpas.len() as u64;
                     self.install(mem_write, &gpas, &bytes, &d);

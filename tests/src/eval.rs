@@ -50,7 +50,7 @@ impl LowerBound {
 
     fn add(&mut self, data: &[u8], seen: &mut HashSet<[u8; 32]>) {
         for c in data.chunks(self.chunk as usize) {
-            if c.iter().all(|&x| x == c[0]) {
+            if migrate::protocol::uniform_byte(c).is_some() {
                 self.uniform += 1;
             } else {
                 self.nonuniform += 1;

@@ -154,12 +154,7 @@ pub fn for_each_page<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
 
 /// Whether a page is all zeroes.
 pub fn is_zero_page(page: &[u8]) -> bool {
-    // Compare 8 bytes at a time; the optimiser vectorises this.
-    let (prefix, words, suffix) = {
-        // SAFETY: any byte pattern is a valid u64, and align_to only yields aligned middles.
-        unsafe { page.align_to::<u64>() }
-    };
-    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+    migrate::protocol::uniform_byte(page) == Some(0)
 }
 
 /// A digest of all guest memory: SHA-256 over every page in address order.
