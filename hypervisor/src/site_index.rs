@@ -18,18 +18,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// Key prefix of the site index.
-const KEY_PREFIX: &[u8] = b"shrinkidx:";
-
 /// How many rounds of holders a digest-only chunk gets per [`SiteIndex::resolve`]: a random
 /// holder, then (after a failure, or when the random one was this VMM) the others, one a round.
 const HOLDER_ROUNDS: usize = 3;
 
-/// The site-index key of a digest: `shrinkidx:` and the digest's raw bytes.
+/// The site-index key of a digest (see [`migrate::keys`]).
 fn key(digest: &[u8]) -> Vec<u8> {
-    let mut k = KEY_PREFIX.to_vec();
-    k.extend_from_slice(digest);
-    k
+    migrate::keys::index_key(digest)
 }
 
 /// What the site index must learn when a chunk changes: `old` is the digest it held before and
@@ -450,8 +445,8 @@ mod tests {
 
     #[test]
     fn keys_are_the_prefix_and_the_raw_digest() {
-        assert_eq!(key(&[0x01, 0xff, 0x00]), b"shrinkidx:\x01\xff\x00".to_vec());
-        assert_eq!(key(&[]), b"shrinkidx:".to_vec());
+        assert_eq!(key(&[0x01, 0xff, 0x00]), b"shrink:index:\x01\xff\x00".to_vec());
+        assert_eq!(key(&[]), b"shrink:index:".to_vec());
     }
 
     #[test]
@@ -571,7 +566,7 @@ mod tests {
         site.on_write((i * CHUNK) as u64, Some(data));
     }
 
-    /// Who the index says holds `data` (`SMEMBERS shrinkidx:<digest>`).
+    /// Who the index says holds `data` (`SMEMBERS shrink:index:<digest>`).
     fn holders(redis: &RedisServer, data: &[u8]) -> Vec<String> {
         let mut r = Redis::connect(&Target::parse(&redis.url()).unwrap()).unwrap();
         let mut m = r.smembers_many(&[key(&hash::digest(ALGO, data))]).unwrap().remove(0);

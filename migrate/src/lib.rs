@@ -6,6 +6,7 @@ pub mod args;
 pub mod client;
 pub mod cluster;
 pub mod dedup;
+pub mod keys;
 pub mod orchestrate;
 pub mod precopy;
 pub mod protocol;

@@ -205,8 +205,8 @@ fn api(sock: &Path, cmd: &str, args: Value) -> Value {
 /// digests (hex) it is listed for. Read with one Lua script (the keys are binary).
 fn index_members(world: &World, host: &str, port: u16) -> HashMap<String, HashSet<String>> {
     const LIST: &str = "local out = {} \
-        for _, k in ipairs(redis.call('KEYS', 'shrinkidx:*')) do \
-          local hex = string.gsub(string.sub(k, 11), '.', function(c) return string.format('%02x', string.byte(c)) end) \
+        for _, k in ipairs(redis.call('KEYS', 'shrink:index:*')) do \
+          local hex = string.gsub(string.sub(k, 14), '.', function(c) return string.format('%02x', string.byte(c)) end) \
           for _, m in ipairs(redis.call('SMEMBERS', k)) do out[#out + 1] = m .. ' ' .. hex end \
         end \
         return out";
