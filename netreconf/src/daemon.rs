@@ -272,254 +272,358 @@ fn tune_overlay_socket(sock: &UdpSocket) {
 
 /// Run until a fatal error.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
-    let cfg = opts.config;
-    if !opts.allow_kernel_forwarding {
-        check_forwarding(&cfg.lan_interface)?;
-    }
-    let (mut cap, snaplen) = open_capture(&cfg)?;
-    let mut savefile = match &opts.pcap_out {
-        Some(p) => {
-            let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET)
-                .map_err(|err| DaemonError::PcapOut { path: p.clone(), err })?;
-            Some(dead.savefile(p).map_err(|err| DaemonError::PcapOut { path: p.clone(), err })?)
-        }
-        None => None,
-    };
-    let mut udp = UdpSocket::bind(cfg.listen).map_err(|err| DaemonError::Bind { addr: cfg.listen, err })?;
-    tune_overlay_socket(&udp);
-    let mut control = match &cfg.control_socket {
-        Some(path) => {
-            if path.exists() {
-                let _ = std::fs::remove_file(path);
-            }
-            Some(UnixListener::bind(path).map_err(|err| DaemonError::Control { path: path.clone(), err })?)
-        }
-        None => None,
-    };
+    Daemon::start(opts)?.event_loop()
+}
 
-    let mut poll = Poll::new()?;
+/// Opens the pcap file that logs every captured and injected frame.
+fn open_savefile(path: &Path) -> Result<pcap::Savefile, DaemonError> {
+    let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET)
+        .map_err(|err| DaemonError::PcapOut { path: path.to_path_buf(), err })?;
+    dead.savefile(path).map_err(|err| DaemonError::PcapOut { path: path.to_path_buf(), err })
+}
+
+/// Binds and tunes the overlay (router-to-router) UDP socket.
+fn bind_overlay(addr: SocketAddr) -> Result<UdpSocket, DaemonError> {
+    let udp = UdpSocket::bind(addr).map_err(|err| DaemonError::Bind { addr, err })?;
+    tune_overlay_socket(&udp);
+    Ok(udp)
+}
+
+/// Binds the control socket, replacing a stale socket file left by an earlier run.
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    if path.exists() {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|err| DaemonError::Control { path: path.to_path_buf(), err })
+}
+
+/// A poll over the capture, the overlay socket and the control socket (if any).
+fn register_sources(
+    cap: &pcap::Capture<pcap::Active>,
+    udp: &mut UdpSocket,
+    control: Option<&mut UnixListener>,
+) -> Result<Poll, DaemonError> {
+    let poll = Poll::new()?;
     let cap_fd = cap.as_raw_fd();
     poll.registry().register(&mut SourceFd(&cap_fd), CAPTURE, Interest::READABLE)?;
-    poll.registry().register(&mut udp, OVERLAY, Interest::READABLE)?;
-    if let Some(l) = control.as_mut() {
+    poll.registry().register(udp, OVERLAY, Interest::READABLE)?;
+    if let Some(l) = control {
         poll.registry().register(l, CONTROL, Interest::READABLE)?;
     }
+    Ok(poll)
+}
 
-    let mut router = Router::new(cfg.clone(), Now::current())?;
-    let mut dc = DaemonCounters::default();
-    let mut conns: HashMap<Token, Conn> = HashMap::new();
-    let mut next_conn = FIRST_CONN;
-    let mut events = Events::with_capacity(256);
-    let mut buf = vec![0u8; 65536];
-    info!(
-        site = %cfg.site, iface = %cfg.lan_interface, mac = %cfg.router_mac, ip = %cfg.router_ip,
-        listen = %cfg.listen, peers = cfg.peers.len(),
-        control = ?cfg.control_socket, pcap_out = ?opts.pcap_out,
-        "vnetd started"
-    );
+/// Whether a burst of `count` failures of one kind is logged: the first ones, then one in 1000.
+fn log_failure(count: u64) -> bool {
+    count < 10 || count.is_multiple_of(1000)
+}
 
-    // Executes the router's actions: inject frames (and log them to the pcap file),
-    // send datagrams.
-    macro_rules! flush_actions {
-        () => {
-            for act in router.take_actions() {
-                match act {
-                    Action::Inject(frame) => {
-                        if let Err(e) = cap.sendpacket(&frame[..]) {
-                            dc.inject_errors += 1;
-                            if dc.inject_errors < 10 || dc.inject_errors % 1000 == 0 {
-                                warn!(error = %e, count = dc.inject_errors, "frame injection failed");
-                            }
-                        }
-                        if let Some(sf) = savefile.as_mut() {
-                            let hdr = pcap::PacketHeader {
-                                ts: timeval_now(),
-                                caplen: frame.len() as u32,
-                                len: frame.len() as u32,
-                            };
-                            sf.write(&pcap::Packet::new(&hdr, &frame));
-                            dc.pcap_out_frames += 1;
-                        }
-                    }
-                    Action::Send(to, bytes) => {
-                        if let Err(e) = udp.send_to(&bytes, to) {
-                            dc.overlay_send_errors += 1;
-                            if dc.overlay_send_errors < 10 || dc.overlay_send_errors % 1000 == 0 {
-                                warn!(%to, error = %e, count = dc.overlay_send_errors,
-                                      "overlay send failed");
-                            }
-                        }
-                    }
-                }
-            }
-        };
+impl DaemonCounters {
+    /// Takes the capture's and the overlay socket's kernel counters (for a status reply).
+    fn refresh(&mut self, cap: &mut pcap::Capture<pcap::Active>, udp: &UdpSocket) {
+        if let Ok(st) = cap.stats() {
+            self.pcap_received = u64::from(st.received);
+            self.pcap_dropped = u64::from(st.dropped);
+            self.pcap_if_dropped = u64::from(st.if_dropped);
+        }
+        if let Some(d) = socket_drops(udp) {
+            self.overlay_rx_dropped = d;
+        }
+    }
+}
+
+/// How reading a control connection's request stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadEnd {
+    /// Nothing more to read for now.
+    WouldBlock,
+    /// The client finished sending (or sent more than a request may hold).
+    Eof,
+    /// The connection failed.
+    Failed,
+}
+
+/// Largest control request; beyond it the request is taken as complete.
+const MAX_CONTROL_REQUEST: usize = 65536;
+
+impl Conn {
+    fn new(stream: UnixStream) -> Conn {
+        Conn { stream, inbuf: Vec::new(), outbuf: Vec::new(), written: 0 }
     }
 
-    loop {
-        let timeout =
-            router.next_deadline().map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_micros(200));
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
-        }
-        for ev in events.iter() {
-            match ev.token() {
-                CAPTURE => loop {
-                    // Edge-triggered: drain until the capture is empty.
-                    let res = match cap.next_packet() {
-                        Ok(p) => {
-                            let now = Now::current();
-                            if let Some(sf) = savefile.as_mut() {
-                                sf.write(&p);
-                                dc.pcap_out_frames += 1;
-                            }
-                            if p.header.caplen < p.header.len {
-                                // Cut at the snapshot length: forwarding it would send
-                                // a corrupt packet.
-                                dc.frames_truncated += 1;
-                                if dc.frames_truncated < 10 || dc.frames_truncated % 1000 == 0 {
-                                    warn!(
-                                        len = p.header.len,
-                                        snaplen,
-                                        count = dc.frames_truncated,
-                                        "frame longer than the LAN MTU dropped (disable GRO/TSO \
-                                           on the LAN interface)"
-                                    );
-                                }
-                            } else {
-                                router.handle_captured(&now, timeval_us(&p.header.ts), p.data);
-                            }
-                            Ok(true)
-                        }
-                        Err(pcap::Error::TimeoutExpired) => Ok(false),
-                        Err(err) => Err(err),
-                    };
-                    match res {
-                        Ok(true) => flush_actions!(),
-                        Ok(false) => break,
-                        Err(err) => {
-                            error!(error = %err, "capture failed");
-                            return Err(DaemonError::PcapRead { iface: cfg.lan_interface.clone(), err });
-                        }
-                    }
-                },
-                OVERLAY => loop {
-                    match udp.recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            router.handle_datagram(&Now::current(), from, &buf[..n]);
-                            flush_actions!();
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            // ICMP errors (peer not listening yet) surface here: not fatal.
-                            warn!(error = %e, "overlay receive error");
-                            break;
-                        }
-                    }
-                },
-                CONTROL => {
-                    if let Some(l) = control.as_mut() {
-                        loop {
-                            match l.accept() {
-                                Ok((mut stream, _)) => {
-                                    let t = Token(next_conn);
-                                    next_conn += 1;
-                                    if poll
-                                        .registry()
-                                        .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
-                                        .is_ok()
-                                    {
-                                        conns.insert(
-                                            t,
-                                            Conn { stream, inbuf: Vec::new(), outbuf: Vec::new(), written: 0 },
-                                        );
-                                    }
-                                }
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                                Err(e) => {
-                                    warn!(error = %e, "control accept failed");
-                                    break;
-                                }
-                            }
-                        }
+    /// Reads what the client sent into `inbuf`, until the socket would block, EOF or an error.
+    fn read_request(&mut self) -> ReadEnd {
+        let mut tmp = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return ReadEnd::Eof,
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&tmp[..n]);
+                    if self.inbuf.len() > MAX_CONTROL_REQUEST {
+                        return ReadEnd::Eof;
                     }
                 }
-                t => {
-                    let mut close = false;
-                    if let Some(c) = conns.get_mut(&t) {
-                        if c.outbuf.is_empty() {
-                            let mut eof = false;
-                            let mut tmp = [0u8; 4096];
-                            loop {
-                                match c.stream.read(&mut tmp) {
-                                    Ok(0) => {
-                                        eof = true;
-                                        break;
-                                    }
-                                    Ok(n) => {
-                                        c.inbuf.extend_from_slice(&tmp[..n]);
-                                        if c.inbuf.len() > 65536 {
-                                            eof = true;
-                                            break;
-                                        }
-                                    }
-                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                                    Err(_) => {
-                                        close = true;
-                                        break;
-                                    }
-                                }
-                            }
-                            if !close && (eof || c.inbuf.contains(&b'\n')) {
-                                if let Ok(st) = cap.stats() {
-                                    dc.pcap_received = u64::from(st.received);
-                                    dc.pcap_dropped = u64::from(st.dropped);
-                                    dc.pcap_if_dropped = u64::from(st.if_dropped);
-                                }
-                                if let Some(d) = socket_drops(&udp) {
-                                    dc.overlay_rx_dropped = d;
-                                }
-                                let resp = control_response(&router, &dc, &opts.pcap_out, &c.inbuf);
-                                c.outbuf = resp.into_bytes();
-                                c.outbuf.push(b'\n');
-                            }
-                        }
-                        if !c.outbuf.is_empty() {
-                            loop {
-                                match c.stream.write(&c.outbuf[c.written..]) {
-                                    Ok(n) => {
-                                        c.written += n;
-                                        if c.written >= c.outbuf.len() {
-                                            close = true;
-                                            break;
-                                        }
-                                    }
-                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                                    Err(_) => {
-                                        close = true;
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    if close {
-                        if let Some(mut c) = conns.remove(&t) {
-                            let _ = poll.registry().deregister(&mut c.stream);
-                        }
-                    }
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return ReadEnd::WouldBlock,
+                Err(_) => return ReadEnd::Failed,
             }
         }
-        router.handle_timers(&Now::current());
-        flush_actions!();
+    }
+
+    /// Writes what is left of the response; `true` when the connection is done (all written, or
+    /// failed).
+    fn write_response(&mut self) -> bool {
+        loop {
+            match self.stream.write(&self.outbuf[self.written..]) {
+                Ok(n) => {
+                    self.written += n;
+                    if self.written >= self.outbuf.len() {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+/// The running daemon: what the event loop works on.
+///
+/// The fields drop in the order the former single function's locals did: control connections,
+/// the router, the poll, the control socket, the overlay socket, the pcap file, the capture.
+struct Daemon {
+    /// Overlay datagram receive buffer.
+    buf: Vec<u8>,
+    conns: HashMap<Token, Conn>,
+    next_conn: usize,
+    dc: DaemonCounters,
+    router: Router,
+    poll: Poll,
+    control: Option<UnixListener>,
+    udp: UdpSocket,
+    savefile: Option<pcap::Savefile>,
+    cap: pcap::Capture<pcap::Active>,
+    snaplen: u32,
+    cfg: Config,
+    pcap_out: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// Checks the host, opens the capture, the pcap file and the sockets, and creates the router.
+    fn start(opts: Options) -> Result<Daemon, DaemonError> {
+        let Options { config: cfg, pcap_out, allow_kernel_forwarding } = opts;
+        if !allow_kernel_forwarding {
+            check_forwarding(&cfg.lan_interface)?;
+        }
+        let (cap, snaplen) = open_capture(&cfg)?;
+        let savefile = pcap_out.as_deref().map(open_savefile).transpose()?;
+        let mut udp = bind_overlay(cfg.listen)?;
+        let mut control = cfg.control_socket.as_deref().map(bind_control).transpose()?;
+        let poll = register_sources(&cap, &mut udp, control.as_mut())?;
+        let router = Router::new(cfg.clone(), Now::current())?;
+        info!(
+            site = %cfg.site, iface = %cfg.lan_interface, mac = %cfg.router_mac, ip = %cfg.router_ip,
+            listen = %cfg.listen, peers = cfg.peers.len(),
+            control = ?cfg.control_socket, pcap_out = ?pcap_out,
+            "vnetd started"
+        );
+        Ok(Daemon {
+            buf: vec![0u8; 65536],
+            conns: HashMap::new(),
+            next_conn: FIRST_CONN,
+            dc: DaemonCounters::default(),
+            router,
+            poll,
+            control,
+            udp,
+            savefile,
+            cap,
+            snaplen,
+            cfg,
+            pcap_out,
+        })
+    }
+
+    /// Polls and dispatches until a fatal error.
+    fn event_loop(mut self) -> Result<(), DaemonError> {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .router
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()) + Duration::from_micros(200));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    CAPTURE => self.drain_capture()?,
+                    OVERLAY => self.drain_overlay(),
+                    CONTROL => self.accept_control(),
+                    t => self.serve_control(t),
+                }
+            }
+            self.periodic();
+        }
+    }
+
+    /// Work after every poll: the router's timers, and a flush of the pcap file.
+    fn periodic(&mut self) {
+        self.router.handle_timers(&Now::current());
+        self.flush_actions();
         // One flush per loop iteration keeps the pcap file current without a write
         // per frame.
-        if let Some(sf) = savefile.as_mut() {
+        if let Some(sf) = self.savefile.as_mut() {
             let _ = sf.flush();
+        }
+    }
+
+    /// Executes the router's actions: inject frames (and log them to the pcap file),
+    /// send datagrams.
+    fn flush_actions(&mut self) {
+        for act in self.router.take_actions() {
+            match act {
+                Action::Inject(frame) => self.inject(&frame),
+                Action::Send(to, bytes) => self.send(to, &bytes),
+            }
+        }
+    }
+
+    fn inject(&mut self, frame: &[u8]) {
+        if let Err(e) = self.cap.sendpacket(frame) {
+            self.dc.inject_errors += 1;
+            if log_failure(self.dc.inject_errors) {
+                warn!(error = %e, count = self.dc.inject_errors, "frame injection failed");
+            }
+        }
+        if let Some(sf) = self.savefile.as_mut() {
+            let hdr = pcap::PacketHeader { ts: timeval_now(), caplen: frame.len() as u32, len: frame.len() as u32 };
+            sf.write(&pcap::Packet::new(&hdr, frame));
+            self.dc.pcap_out_frames += 1;
+        }
+    }
+
+    fn send(&mut self, to: SocketAddr, bytes: &[u8]) {
+        if let Err(e) = self.udp.send_to(bytes, to) {
+            self.dc.overlay_send_errors += 1;
+            if log_failure(self.dc.overlay_send_errors) {
+                warn!(%to, error = %e, count = self.dc.overlay_send_errors,
+                      "overlay send failed");
+            }
+        }
+    }
+
+    /// Hands every captured frame to the router. Edge-triggered: drains until the capture is
+    /// empty. A capture error is fatal.
+    fn drain_capture(&mut self) -> Result<(), DaemonError> {
+        loop {
+            let res = match self.cap.next_packet() {
+                Ok(p) => {
+                    let now = Now::current();
+                    if let Some(sf) = self.savefile.as_mut() {
+                        sf.write(&p);
+                        self.dc.pcap_out_frames += 1;
+                    }
+                    if p.header.caplen < p.header.len {
+                        // Cut at the snapshot length: forwarding it would send
+                        // a corrupt packet.
+                        self.dc.frames_truncated += 1;
+                        if log_failure(self.dc.frames_truncated) {
+                            warn!(
+                                len = p.header.len,
+                                snaplen = self.snaplen,
+                                count = self.dc.frames_truncated,
+                                "frame longer than the LAN MTU dropped (disable GRO/TSO \
+                                   on the LAN interface)"
+                            );
+                        }
+                    } else {
+                        self.router.handle_captured(&now, timeval_us(&p.header.ts), p.data);
+                    }
+                    Ok(true)
+                }
+                Err(pcap::Error::TimeoutExpired) => Ok(false),
+                Err(err) => Err(err),
+            };
+            match res {
+                Ok(true) => self.flush_actions(),
+                Ok(false) => return Ok(()),
+                Err(err) => {
+                    error!(error = %err, "capture failed");
+                    return Err(DaemonError::PcapRead { iface: self.cfg.lan_interface.clone(), err });
+                }
+            }
+        }
+    }
+
+    /// Hands every datagram from the peer routers to the router, until the socket is empty.
+    fn drain_overlay(&mut self) {
+        loop {
+            match self.udp.recv_from(&mut self.buf) {
+                Ok((n, from)) => {
+                    self.router.handle_datagram(&Now::current(), from, &self.buf[..n]);
+                    self.flush_actions();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors (peer not listening yet) surface here: not fatal.
+                    warn!(error = %e, "overlay receive error");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Accepts the waiting control connections.
+    fn accept_control(&mut self) {
+        let Some(l) = self.control.as_mut() else {
+            return;
+        };
+        loop {
+            match l.accept() {
+                Ok((mut stream, _)) => {
+                    let t = Token(self.next_conn);
+                    self.next_conn += 1;
+                    if self.poll.registry().register(&mut stream, t, Interest::READABLE | Interest::WRITABLE).is_ok() {
+                        self.conns.insert(t, Conn::new(stream));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!(error = %e, "control accept failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Moves control connection `t` on: reads its request, answers it once complete, writes the
+    /// answer and closes the connection once the answer is out (or the connection failed).
+    fn serve_control(&mut self, t: Token) {
+        let mut close = false;
+        if let Some(c) = self.conns.get_mut(&t) {
+            if c.outbuf.is_empty() {
+                let end = c.read_request();
+                close = end == ReadEnd::Failed;
+                if !close && (end == ReadEnd::Eof || c.inbuf.contains(&b'\n')) {
+                    self.dc.refresh(&mut self.cap, &self.udp);
+                    let resp = control_response(&self.router, &self.dc, &self.pcap_out, &c.inbuf);
+                    c.outbuf = resp.into_bytes();
+                    c.outbuf.push(b'\n');
+                }
+            }
+            if !c.outbuf.is_empty() && c.write_response() {
+                close = true;
+            }
+        }
+        if close {
+            if let Some(mut c) = self.conns.remove(&t) {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+            }
         }
     }
 }
@@ -575,5 +679,23 @@ mod tests {
         // No such interface: the full snapshot length.
         assert_eq!(capture_snaplen("no-such-if0"), 65535);
         assert_eq!(capture_snaplen("lo"), 65535);
+    }
+
+    #[test]
+    fn a_control_connection_reads_its_request_then_writes_the_reply() {
+        let (ours, mut client) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(ours);
+        assert_eq!(c.read_request(), ReadEnd::WouldBlock);
+        client.write_all(b"status\n").unwrap();
+        assert_eq!(c.read_request(), ReadEnd::WouldBlock);
+        assert_eq!(c.inbuf, b"status\n");
+        c.outbuf = b"{}\n".to_vec();
+        assert!(c.write_response());
+        assert_eq!(c.written, 3);
+        let mut reply = [0u8; 3];
+        client.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"{}\n");
+        drop(client);
+        assert_eq!(c.read_request(), ReadEnd::Eof);
     }
 }
