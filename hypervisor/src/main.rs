@@ -90,7 +90,7 @@ struct Args {
     /// With --incoming: how long content the site does not hold yet may stop arriving (other
     /// VMs' streams bring it) before it is pulled from the source, while the guest still runs
     /// there. Once the source has paused the guest, what is missing is pulled at once.
-    #[arg(long, value_name = "MS", default_value_t = 500, requires = "incoming")]
+    #[arg(long, value_name = "MS", default_value_t = migrate::precopy::DEFAULT_PULL_WAIT_MS, requires = "incoming")]
     pull_wait_ms: u64,
 
     /// Start with the vCPUs paused (resume through the API).

@@ -439,7 +439,7 @@ pub fn incoming(
         .and_then(|_| stream.set_read_timeout(Some(INCOMING_IDLE_TIMEOUT)))
         .and_then(|_| stream.try_clone())
         .map_err(socket_err("incoming migration socket from", peer))?;
-    let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(Duration::from_secs(2));
+    let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(ReceiveOptions::default().wait);
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
     let pull = std::env::var("SHRINK_TEST_NO_PULL").is_err();
