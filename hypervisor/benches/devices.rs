@@ -58,22 +58,7 @@ fn main() {
     let preload = text.lines().find(|l| l.starts_with("preload:")).unwrap_or("").to_owned();
     let mbps: f64 =
         preload.split('(').nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    let probe = repo().join("target/release/vnet-probe");
-    let rtt: Value = {
-        let o = ns
-            .exec(&[
-                probe.to_str().unwrap(),
-                "udp-rtt",
-                "--to",
-                "10.1.0.2:7",
-                "--count",
-                "2000",
-                "--interval-us",
-                "500",
-            ])
-            .unwrap();
-        serde_json::from_str(o.lines().last().unwrap_or("{}")).unwrap_or(Value::Null)
-    };
+    let rtt: Value = ns.udp_rtt("10.1.0.2:7", 2000, 500).unwrap_or(Value::Null);
 
     eprintln!("devices bench: UDP throughput ...");
     let (_vm2, serial2) =

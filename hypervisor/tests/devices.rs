@@ -45,19 +45,8 @@ fn probe_bin() -> PathBuf {
 
 /// UDP round trips to `to` from inside `ns`: the JSON report of `vnet-probe udp-rtt`.
 fn udp_rtt(ns: &Netns, to: &str, count: u32) -> serde_json::Value {
-    let out = ns
-        .exec(&[
-            probe_bin().to_str().unwrap(),
-            "udp-rtt",
-            "--to",
-            to,
-            "--count",
-            &count.to_string(),
-            "--interval-us",
-            "1000",
-        ])
-        .unwrap();
-    serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap()
+    assert!(probe_bin().exists(), "{} is missing: cargo build --release --workspace", probe_bin().display());
+    ns.udp_rtt(to, count, 1000).unwrap()
 }
 
 #[test]

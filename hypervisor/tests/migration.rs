@@ -287,22 +287,8 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
     );
     let probe = repo_root().join("target/release/vnet-probe");
     assert!(probe.exists(), "{} is missing: cargo build --release --workspace", probe.display());
-    let rtt = |count: &str| -> Value {
-        let out = ns
-            .exec(&[
-                probe.to_str().unwrap(),
-                "udp-rtt",
-                "--to",
-                "10.1.0.2:7",
-                "--count",
-                count,
-                "--interval-us",
-                "1000",
-            ])
-            .unwrap();
-        serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap()
-    };
-    assert_eq!(rtt("50")["received"], 50, "echo before");
+    let rtt = |count: u32| -> Value { ns.udp_rtt("10.1.0.2:7", count, 1000).unwrap() };
+    assert_eq!(rtt(50)["received"], 50, "echo before");
     // Capture RARP on the bridge during the migration.
     let pcap = dir.path().join("rarp.pcap");
     let dump_log = dir.path().join("tcpdump.log");
@@ -329,7 +315,7 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
     };
     // The guest answers at its new place once the first announcement has told the bridge.
     wait_until("the first RARP announcement", Duration::from_secs(10), || (!rarps().is_empty()).then_some(()));
-    let after = rtt("100");
+    let after = rtt(100);
     assert_eq!(after["received"], 100, "echo after: {after}");
     wait_until("QEMU's five RARP rounds", Duration::from_secs(10), || (rarps().len() >= 5).then_some(()));
     let _ = Command::new("kill").arg("-INT").arg(dump.id().to_string()).status();

@@ -71,6 +71,16 @@ impl Netns {
         run(&full)
     }
 
+    /// `vnet-probe udp-rtt` (the release build) from inside the namespace: `count` UDP echoes to
+    /// `to`, one every `interval_us`; its JSON summary (`sent`, `received`, RTT percentiles).
+    pub fn udp_rtt(&self, to: &str, count: u32, interval_us: u32) -> Result<serde_json::Value, NetnsError> {
+        let probe = crate::util::repo_root().join("target/release/vnet-probe");
+        let probe = probe.to_str().unwrap_or("vnet-probe");
+        let (count, interval) = (count.to_string(), interval_us.to_string());
+        let out = self.exec(&[probe, "udp-rtt", "--to", to, "--count", &count, "--interval-us", &interval])?;
+        Ok(serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or(serde_json::Value::Null))
+    }
+
     /// A `Command` that runs `program` inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
