@@ -136,6 +136,13 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         // targets are `make bench`'s).
         let v = r["vms"].as_array().unwrap().iter().find(|v| v["vm"] == vm.name.as_str()).unwrap();
         assert_eq!(v["status"], "completed", "{v}");
+        // The guest was paused for the switch-over (a downtime was measured), and only during
+        // its own migration.
+        assert!(
+            v["downtime_ms"].as_u64().is_some_and(|d| d > 0 && d < u(&v["total_time_ms"])),
+            "{}: a downtime within the migration: {v}",
+            vm.name
+        );
         for (p, client) in probes.iter().zip(["A", "B"]) {
             let t = target(p, &vm.name);
             assert!(
