@@ -137,8 +137,10 @@ fn check_url(u: &str) -> Result<(), RedisError> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad("no host"));
     }
-    if u.rsplit_once(':').is_some_and(|(_, p)| p.trim_end_matches('/').is_empty()) {
-        return Err(bad("empty port"));
+    // The port is always written out: a site runs several Redis servers (coordination and
+    // index) on one host, and a forgotten port would silently pick the default one.
+    if url.port().is_none() {
+        return Err(bad("no :PORT (expected redis://host:port)"));
     }
     Ok(())
 }
@@ -437,7 +439,7 @@ mod tests {
             Target::parse("redis://a:1,redis://b:2, redis://c:3").unwrap(),
             Target::Cluster(vec!["redis://a:1".into(), "redis://b:2".into(), "redis://c:3".into()])
         );
-        assert_eq!(Target::parse("redis://h").unwrap(), Target::Single("redis://h".into()));
+        assert!(Target::parse("redis://h").unwrap_err().to_string().contains("no :PORT"));
         assert_eq!(Target::parse("redis://h:1").unwrap().urls(), vec!["redis://h:1".to_string()]);
     }
 

@@ -151,17 +151,9 @@ fn line_of(text: &str, span: Range<usize>) -> usize {
     text[..span.start.min(text.len())].matches('\n').count() + 1
 }
 
+/// The one rule for Redis URLs is indexd's ([`indexd::redis::Target::parse`]).
 fn check_redis(url: &str) -> Result<(), String> {
-    for u in url.split(',') {
-        let u = u.trim();
-        let rest = u.strip_prefix("redis://").ok_or_else(|| format!("'{u}' is not a redis:// URL"))?;
-        let hostport = rest.split('/').next().unwrap_or("");
-        let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("'{u}' has no :PORT"))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(format!("'{u}' is not redis://HOST:PORT"));
-        }
-    }
-    Ok(())
+    indexd::redis::Target::parse(url).map(|_| ()).map_err(|e| e.to_string())
 }
 
 impl Cluster {
@@ -508,10 +500,7 @@ dest_host = "hostB1"
         ));
         assert!(e.starts_with("vc.toml:35: vms[1].host: unknown host 'hostZ'"), "{e}");
         let e = err_of(&GOOD.replace("redis://10.20.0.100:6379", "http://10.20.0.100:6379"));
-        assert!(
-            e.contains("sites[1].coordination") && e.contains("not a redis:// URL") && e.contains("vc.toml:16"),
-            "{e}"
-        );
+        assert!(e.contains("sites[1].coordination") && e.contains("redis://") && e.contains("vc.toml:16"), "{e}");
         let e = err_of(&GOOD.replace("redis://10.10.0.100:6380", "redis://10.10.0.100"));
         assert!(e.contains("sites[0].index") && e.contains("no :PORT"), "{e}");
         let text: String = GOOD.split("[[sites]]").take(2).collect::<Vec<_>>().join("[[sites]]");
