@@ -49,6 +49,11 @@ pub struct VmmCaller {
     tx: Sender<ControlMsg>,
 }
 
+/// The VMM's control loop has stopped (the VMM is exiting).
+#[derive(Debug, thiserror::Error)]
+#[error("the VMM control loop is gone")]
+pub struct ControlLoopGone;
+
 impl VmmCaller {
     /// A caller sending to `tx`.
     pub fn new(tx: Sender<ControlMsg>) -> VmmCaller {
@@ -56,19 +61,20 @@ impl VmmCaller {
     }
 
     /// Sends a message to the control loop.
-    pub fn send(&self, msg: ControlMsg) -> Result<(), String> {
-        self.tx.send(msg).map_err(|_| "the VMM control loop is gone".to_owned())
+    pub fn send(&self, msg: ControlMsg) -> Result<(), ControlLoopGone> {
+        self.tx.send(msg).map_err(|_| ControlLoopGone)
     }
 
     /// Runs `f` on the VMM and returns its result.
-    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut Vmm) -> R + Send + 'static) -> Result<R, String> {
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Vmm) -> R + Send + 'static,
+    ) -> Result<R, ControlLoopGone> {
         let (rtx, rrx) = channel();
-        self.tx
-            .send(ControlMsg::Call(Box::new(move |vmm| {
-                let _ = rtx.send(f(vmm));
-            })))
-            .map_err(|_| "the VMM control loop is gone".to_owned())?;
-        rrx.recv().map_err(|_| "the VMM control loop is gone".to_owned())
+        self.send(ControlMsg::Call(Box::new(move |vmm| {
+            let _ = rtx.send(f(vmm));
+        })))?;
+        rrx.recv().map_err(|_| ControlLoopGone)
     }
 }
 

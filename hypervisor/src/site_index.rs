@@ -109,6 +109,27 @@ pub struct SiteOptions {
 
 pub use migrate::stats::SiteStats;
 
+/// Why a VMM cannot join its site.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteIndexError {
+    /// The peer server cannot listen.
+    #[error("peer server on {addr}: {source}")]
+    PeerServer {
+        /// The address.
+        addr: String,
+        /// Cause.
+        source: indexd::peer::PeerError,
+    },
+    /// The index's URL is not one.
+    #[error("--index {url}: {source}")]
+    Index {
+        /// The URL.
+        url: String,
+        /// Cause.
+        source: indexd::redis::RedisError,
+    },
+}
+
 /// Serves this guest's chunks to peers, from the live guest memory, checked against the digest.
 struct GuestChunks {
     mem: GuestMemoryMmap,
@@ -158,16 +179,21 @@ pub struct SiteIndex {
 
 impl SiteIndex {
     /// Joins the site: starts the peer server and connects to the index.
-    pub fn start(opts: &SiteOptions, mem: GuestMemoryMmap, algo: Algo, chunk: usize) -> Result<SiteIndex, String> {
+    pub fn start(
+        opts: &SiteOptions,
+        mem: GuestMemoryMmap,
+        algo: Algo,
+        chunk: usize,
+    ) -> Result<SiteIndex, SiteIndexError> {
         let index = Arc::new(Mutex::new(ContentIndex::new()));
         let chunks = Arc::new(GuestChunks { mem, index: index.clone(), algo, chunk });
         let server = PeerServer::start(&opts.peer_listen, chunks.clone())
-            .map_err(|e| format!("peer server on {}: {e}", opts.peer_listen))?;
+            .map_err(|source| SiteIndexError::PeerServer { addr: opts.peer_listen.clone(), source })?;
         let member = opts.peer_advertise.clone().unwrap_or_else(|| server.local_addr().to_string());
         let mut stats = SiteStats::default();
         let target = match &opts.index {
             None => None,
-            Some(url) => Some(Target::parse(url).map_err(|e| format!("--index {url}: {e}"))?),
+            Some(url) => Some(Target::parse(url).map_err(|source| SiteIndexError::Index { url: url.clone(), source })?),
         };
         let redis = match &target {
             None => None,
