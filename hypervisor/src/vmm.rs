@@ -390,7 +390,7 @@ impl Vmm {
             let mut t = slot.transport.lock().expect("device lock poisoned");
             // Restored paused: nothing may touch memory before the vCPUs run.
             t.pause();
-            t.restore(&saved.mmio).map_err(VmmError::Device)?;
+            t.restore(&saved.mmio).map_err(|e| VmmError::Device(e.to_string()))?;
             if !paused {
                 t.resume();
             }

@@ -43,6 +43,14 @@ pub enum ClusterError {
         /// toml's message (line and column included).
         msg: String,
     },
+    /// A destination that is not a site of the file.
+    #[error("--dest {site}: no such site (sites: {sites})")]
+    NoSuchSite {
+        /// The name asked for.
+        site: String,
+        /// The sites there are.
+        sites: String,
+    },
     /// A field whose value makes no sense.
     #[error("{file}:{line}: {field}: {why}")]
     Field {
@@ -273,12 +281,10 @@ impl Cluster {
 
     /// Where every VM not already at `dest` goes: its `dest_host`, else the destination site's
     /// hosts in turn.
-    pub fn plan(&self, dest: &str) -> Result<Vec<Move>, String> {
-        let site = self.site(dest).ok_or_else(|| {
-            format!(
-                "--dest {dest}: no such site (sites: {})",
-                self.file.sites.iter().map(|s| s.name.get_ref().clone()).collect::<Vec<_>>().join(", ")
-            )
+    pub fn plan(&self, dest: &str) -> Result<Vec<Move>, ClusterError> {
+        let site = self.site(dest).ok_or_else(|| ClusterError::NoSuchSite {
+            site: dest.to_owned(),
+            sites: self.file.sites.iter().map(|s| s.name.get_ref().clone()).collect::<Vec<_>>().join(", "),
         })?;
         let mut moves = Vec::new();
         let mut next = 0usize;
@@ -446,7 +452,7 @@ dest_host = "hostB1"
         assert_eq!(m.iter().map(|m| m.to_host.as_str()).collect::<Vec<_>>(), ["hostB1", "hostB2", "hostB1"]);
         assert_eq!(m[1].to_address, "10.20.0.12");
         assert!(c.plan("siteA").unwrap().is_empty(), "nothing to move to where it is");
-        assert!(c.plan("siteC").unwrap_err().contains("no such site"));
+        assert!(c.plan("siteC").unwrap_err().to_string().contains("no such site"));
         let cmd: Vec<String> = ["shrink-vmm", "--name", "it's; rm -rf /"].map(String::from).to_vec();
         assert_eq!(
             launch_argv("ip netns exec {host} {cmd}", "h1", &cmd),

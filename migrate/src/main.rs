@@ -241,7 +241,12 @@ fn run_cluster(args: &Args) -> ExitCode {
         update_file: !args.keep_cluster_file,
         pull_wait_ms: args.pull_wait_ms,
     };
-    conclude(migrate::orchestrate::run(&opts), args, migrate::orchestrate::print_report, |r| r.failed == 0)
+    conclude(
+        migrate::orchestrate::run(&opts).map_err(|e| e.to_string()),
+        args,
+        migrate::orchestrate::print_report,
+        |r| r.failed == 0,
+    )
 }
 
 /// Writes `--report`, prints the outcome (JSON or for a person) and turns it into the exit code.

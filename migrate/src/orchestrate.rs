@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::args::{DedupArgs, MigrateArgs};
 use crate::client::ApiClient;
-use crate::cluster::{launch_argv, relocate, Cluster, Move, Relocation};
+use crate::cluster::{launch_argv, relocate, Cluster, ClusterError, Move, Relocation};
 use crate::stats::{DestinationQuery, SourceQuery, Status};
 
 /// How to run the cluster migration.
@@ -148,16 +148,55 @@ pub struct ClusterReport {
     pub cluster_file_error: Option<String>,
 }
 
-fn wait_socket(p: &Path, log: &Path, timeout: Duration) -> Result<(), String> {
+fn wait_socket(p: &Path, log: &Path, timeout: Duration) -> Result<(), OrchestrateError> {
     let start = Instant::now();
     while !p.exists() {
         if start.elapsed() > timeout {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            return Err(format!("destination VMM did not start (no {}): {}", p.display(), tail.trim()));
+            return Err(OrchestrateError::NotStarted { api: p.display().to_string(), log: tail.trim().to_owned() });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Why a cluster migration could not run (each VM's own failure is in its report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestrateError {
+    /// The cluster file.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// Every VM already runs at the destination.
+    #[error("every VM is already at {0}")]
+    NothingToMove(String),
+    /// A file or directory of the migration.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A destination VMM could not be started.
+    #[error("cannot run {argv:?}: {source}")]
+    Launch {
+        /// What was run.
+        argv: Vec<String>,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A destination VMM did not come up.
+    #[error("destination VMM did not start (no {api}): {log}")]
+    NotStarted {
+        /// The API socket it should have made.
+        api: String,
+        /// The end of its log.
+        log: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OrchestrateError + '_ {
+    move |source| OrchestrateError::Io { path: path.display().to_string(), source }
 }
 
 /// What a cluster migration will do, decided before anything starts.
@@ -177,12 +216,12 @@ struct Destination {
 
 /// Reads the cluster file and decides the moves, the migration ID, the working directory and
 /// the VMM binary.
-fn plan(opts: &ClusterOptions) -> Result<Plan, String> {
-    let text = std::fs::read_to_string(&opts.file).map_err(|e| format!("{}: {e}", opts.file.display()))?;
-    let cluster = Cluster::parse(&opts.file.display().to_string(), &text).map_err(|e| e.to_string())?;
+fn plan(opts: &ClusterOptions) -> Result<Plan, OrchestrateError> {
+    let text = std::fs::read_to_string(&opts.file).map_err(io_err(&opts.file))?;
+    let cluster = Cluster::parse(&opts.file.display().to_string(), &text)?;
     let moves = cluster.plan(&opts.dest)?;
     if moves.is_empty() {
-        return Err(format!("every VM is already at {}", opts.dest));
+        return Err(OrchestrateError::NothingToMove(opts.dest.clone()));
     }
     let id = cluster.file.migration_id.clone().unwrap_or_else(|| {
         format!(
@@ -192,7 +231,7 @@ fn plan(opts: &ClusterOptions) -> Result<Plan, String> {
         )
     });
     let workdir = PathBuf::from(cluster.file.workdir.clone().unwrap_or_else(|| format!("/tmp/shrink-migrate-{id}")));
-    std::fs::create_dir_all(&workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
+    std::fs::create_dir_all(&workdir).map_err(io_err(&workdir))?;
     let vmm = cluster.file.vmm.clone().map(PathBuf::from).unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
@@ -205,7 +244,7 @@ fn plan(opts: &ClusterOptions) -> Result<Plan, String> {
 /// Starts a destination VMM for every move, through the destination site's launch template
 /// (as an argv: no value passes through a local shell), and waits for their API sockets (each
 /// binds its migration port before its socket appears).
-fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, String> {
+fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, OrchestrateError> {
     let dest = plan.cluster.site(&opts.dest).expect("planned");
     let mut dests = Vec::new();
     for (i, m) in plan.moves.iter().enumerate() {
@@ -226,17 +265,17 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, String
             cmd.extend(["--pull-wait-ms".into(), wait.to_string()]);
         }
         let argv = launch_argv(dest.launch.get_ref(), &m.to_host, &cmd);
-        let logf = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let logf = std::fs::File::create(&log).map_err(io_err(&log))?;
         use std::os::unix::process::CommandExt;
         Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(Stdio::null())
-            .stdout(logf.try_clone().map_err(|e| e.to_string())?)
+            .stdout(logf.try_clone().map_err(io_err(&log))?)
             .stderr(logf)
             // Its own process group: the guest must outlive this command (and its Ctrl-C).
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot run {argv:?}: {e}"))?;
+            .map_err(|source| OrchestrateError::Launch { argv: argv.clone(), source })?;
         dests.push((Destination { api: api.clone(), port }, log));
     }
     for (d, log) in &dests {
@@ -403,7 +442,7 @@ fn report(
 
 /// Runs a cluster migration: plan, launch the destinations, start every migration, follow
 /// them, report, and record where the VMs now run.
-pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, String> {
+pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, OrchestrateError> {
     let plan = plan(opts)?;
     let dests = launch(&plan, opts)?;
     let started = Instant::now();

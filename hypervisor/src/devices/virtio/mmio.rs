@@ -24,6 +24,28 @@ use super::{new_queues, ActivateContext, Interrupt, QueueSnapshot, SharedQueues,
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
+/// A saved transport state that does not fit this device.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Another number of queues.
+    #[error("{device}: snapshot has {saved} queues, the device {device_has}")]
+    QueueCount {
+        /// The device.
+        device: String,
+        /// Queues saved.
+        saved: usize,
+        /// Queues the device has.
+        device_has: usize,
+    },
+    /// A queue the virtio-queue crate refuses.
+    #[error("{device}: bad queue in snapshot: {why}")]
+    Queue {
+        /// The device.
+        device: String,
+        /// virtio-queue's complaint.
+        why: String,
+    },
+}
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW: u64 = 0x1000;
 /// Offset of the notify register (the ioeventfd address).
@@ -250,19 +272,19 @@ impl MmioTransport {
 
     /// Restores a saved state, activating the device when the driver had it running. The device
     /// stays paused when the transport is paused.
-    pub fn restore(&mut self, state: &MmioState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), RestoreError> {
+        let device = self.device.name().to_owned();
         if state.queues.len() != self.device.queue_max_sizes().len() {
-            return Err(format!(
-                "{}: snapshot has {} queues, the device {}",
-                self.device.name(),
-                state.queues.len(),
-                self.device.queue_max_sizes().len()
-            ));
+            return Err(RestoreError::QueueCount {
+                device,
+                saved: state.queues.len(),
+                device_has: self.device.queue_max_sizes().len(),
+            });
         }
         let queues = state
             .queues
             .iter()
-            .map(|q| q.to_queue().map_err(|e| format!("{}: bad queue in snapshot: {e:?}", self.device.name())))
+            .map(|q| q.to_queue().map_err(|e| RestoreError::Queue { device: device.clone(), why: format!("{e:?}") }))
             .collect::<Result<Vec<_>, _>>()?;
         *self.queues.lock().expect("queues poisoned") = queues;
         self.status = state.status;
