@@ -211,6 +211,11 @@ impl Outgoing {
                         .run()
                         .map_err(|e| e.to_string())
                 });
+                // Close the connection whatever happened: a destination that was late must see the
+                // end of the stream, not a `Commit`, and so never start the guest.
+                if let Some(sock) = s.lock().expect("socket lock poisoned").take() {
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                }
                 let ok = match result {
                     Ok(_) => true,
                     Err(e) => {
@@ -269,10 +274,11 @@ const KEEPALIVE_IDLE_S: u32 = 10;
 const KEEPALIVE_INTERVAL_S: u32 = 5;
 const KEEPALIVE_COUNT: u32 = 3;
 
-/// How long a destination waits for the source's stream to go on: the source never pauses
-/// sending for long (it waits only on the destination itself), so this only ends the wait on a
-/// source that is stuck or gone without closing the connection.
-const INCOMING_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a destination waits for the source's stream to go on. The source is quiet only
+/// briefly in the usual case, but for long in some (hashing a large guest for `verify`, a low
+/// `max_bandwidth`); a host that is gone is noticed by keepalive much sooner, so this only ends
+/// the wait on a source process that is stuck without closing the connection.
+const INCOMING_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Sets the options every migration connection has: no Nagle delay, TCP keepalive.
 fn tune(s: &TcpStream) -> std::io::Result<()> {

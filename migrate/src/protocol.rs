@@ -31,6 +31,7 @@
 //! | 7    | `Verify`       | SHA-256 (32 bytes) of all guest memory at pause, in address order (optional; sent before `End`) |
 //! | 8    | `PullDone`     | chunks sent u32: closes the answer (`Pages` records of full chunks) to a `Pull` |
 //! | 9    | `Sync`         | sequence u32: "answer when you have caught up" (sent before the switch-over) |
+//! | 10   | `Commit`       | empty: the source has stopped its copy of the guest after a positive `Verdict`; only now may the destination start it |
 //!
 //! A page entry is a u64 whose low 3 bits are the kind and whose other bits are the chunk's
 //! guest physical address (chunks are aligned, so the low bits are free, as in QEMU's format):
@@ -45,7 +46,7 @@
 //!
 //! | type | record    | payload                                                                |
 //! |------|-----------|------------------------------------------------------------------------|
-//! | 16   | `Verdict` | status u8 (0 = every page is in place and the guest resumed, 1 = failed), message (UTF-8, rest) |
+//! | 16   | `Verdict` | status u8 (0 = every page is in place and the VM is restored, ready to start; 1 = failed), message (UTF-8, rest) |
 //! | 17   | `Pull`    | count u32, then per chunk: guest physical address u64, digest (stream digest length): content no peer could supply |
 //! | 18   | `SyncAck` | sequence u32, chunks still waiting for content u64: everything before the `Sync` is installed |
 //!
@@ -55,13 +56,16 @@
 //! source pauses the guest: the last `Pages`, `VmState`, (`Verify`), `End`. With deduplication,
 //! the destination may then ask for the chunks it could not find at its site with `Pull`
 //! records, each answered by `Pages` and `PullDone` (the source is paused: the content is stable
-//! and must match the digest). The destination ends with one `Verdict`. Only a `Verdict` with
-//! status 0 lets the source stop its copy of the guest.
+//! and must match the digest). The destination then sends one `Verdict`. Only a `Verdict` with
+//! status 0 lets the source stop its copy of the guest; it answers with `Commit`, and only a
+//! `Commit` lets the destination start its copy. A source that gives up before the verdict (a
+//! destination that stopped answering) closes the connection and resumes its guest: the
+//! destination, finding no `Commit`, never starts it. So the guest never runs twice.
 
 use std::io::{Read, Write};
 
 /// Protocol version written by this code.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Record magic.
 pub const MAGIC: &[u8; 4] = b"SHRK";
 /// Largest payload accepted (a page batch is far smaller).
@@ -78,6 +82,7 @@ const T_END: u8 = 6;
 const T_VERIFY: u8 = 7;
 const T_PULL_DONE: u8 = 8;
 const T_SYNC: u8 = 9;
+const T_COMMIT: u8 = 10;
 const T_SYNC_ACK: u8 = 18;
 const T_PULL: u8 = 17;
 const T_VERDICT: u8 = 16;
@@ -341,6 +346,8 @@ pub enum Record {
     PullDone(u32),
     /// The source asks the destination to catch up before it pauses the guest.
     Sync(u32),
+    /// The source stopped its copy: the destination may start the guest.
+    Commit,
     /// The destination has installed everything before the `Sync`.
     SyncAck {
         /// The `Sync`'s sequence number.
@@ -371,6 +378,7 @@ impl Record {
             Record::Pull(_) => "Pull",
             Record::PullDone(_) => "PullDone",
             Record::Sync(_) => "Sync",
+            Record::Commit => "Commit",
             Record::SyncAck { .. } => "SyncAck",
             Record::Verdict { .. } => "Verdict",
         }
@@ -470,6 +478,7 @@ impl Decoder {
                 | T_VERIFY
                 | T_PULL_DONE
                 | T_SYNC
+                | T_COMMIT
                 | T_PULL
                 | T_SYNC_ACK
                 | T_VERDICT
@@ -612,6 +621,12 @@ impl Decoder {
                 }
                 Ok(Record::Sync(u32_at(&payload, 0)))
             }
+            T_COMMIT => {
+                if !payload.is_empty() {
+                    return Err(malformed("Commit", format!("{} bytes, expected none", payload.len())));
+                }
+                Ok(Record::Commit)
+            }
             T_SYNC_ACK => {
                 if payload.len() != 12 {
                     return Err(malformed("SyncAck", format!("{} bytes, expected 12", payload.len())));
@@ -721,6 +736,11 @@ pub fn write_pull_done<W: Write>(w: &mut W, chunks: u32) -> Result<(), ProtocolE
 /// Writes `Sync`.
 pub fn write_sync<W: Write>(w: &mut W, seq: u32) -> Result<(), ProtocolError> {
     write_record(w, T_SYNC, &seq.to_le_bytes())
+}
+
+/// Writes `Commit`.
+pub fn write_commit<W: Write>(w: &mut W) -> Result<(), ProtocolError> {
+    write_record(w, T_COMMIT, &[])
 }
 
 /// Writes `SyncAck`.

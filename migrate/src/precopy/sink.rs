@@ -26,10 +26,29 @@ pub fn receive_with<S: Sink, R: Read, W: Write>(
     mut answer: W,
     opts: ReceiveOptions,
 ) -> Result<ReceiveStats, MigrationError> {
-    match receive_inner(sink, input, &mut answer, opts) {
+    // One buffer for the whole stream: the `Commit` after the verdict is read from it too.
+    let mut input = std::io::BufReader::with_capacity(4 << 20, input);
+    match receive_inner(sink, &mut input, &mut answer, opts) {
         Ok(mut stats) => {
-            protocol::write_verdict(&mut answer, true, "running")?;
+            protocol::write_verdict(&mut answer, true, "ready")?;
             answer.flush().map_err(ProtocolError::from)?;
+            // Only the source's `Commit` hands the guest over: a source that gave up meanwhile
+            // has resumed its own copy and closed the connection.
+            match Decoder::new().read(&mut input) {
+                Ok(Some(Record::Commit)) => {}
+                Ok(Some(other)) => {
+                    return Err(MigrationError::Invalid(format!("expected a Commit, got {}", other.name())))
+                }
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        _ => "the connection closed".into(),
+                    };
+                    return Err(MigrationError::Invalid(format!(
+                        "the source did not commit the switch-over ({why}): the guest was not started here"
+                    )));
+                }
+            }
             let t = Instant::now();
             sink.start()?;
             stats.total_ms += t.elapsed().as_millis() as u64;
@@ -62,21 +81,20 @@ fn retry_pending<S: Sink>(
 
 fn receive_inner<S: Sink, R: Read, W: Write>(
     sink: &mut S,
-    input: R,
+    input: &mut std::io::BufReader<R>,
     answer: &mut W,
     opts: ReceiveOptions,
 ) -> Result<ReceiveStats, MigrationError> {
     let start = Instant::now();
-    let mut input = std::io::BufReader::with_capacity(4 << 20, input);
     let mut dec = Decoder::new();
     let next = |dec: &mut Decoder, input: &mut std::io::BufReader<R>, what: &str| -> Result<Record, MigrationError> {
         dec.read(input)?.ok_or_else(|| MigrationError::Invalid(format!("stream ended before {what}")))
     };
-    let hello = match next(&mut dec, &mut input, "Hello")? {
+    let hello = match next(&mut dec, input, "Hello")? {
         Record::Hello(h) => h,
         r => return Err(MigrationError::Invalid(format!("expected Hello, got {}", r.name()))),
     };
-    let regions = match next(&mut dec, &mut input, "MemoryLayout")? {
+    let regions = match next(&mut dec, input, "MemoryLayout")? {
         Record::MemoryLayout(r) => r,
         r => return Err(MigrationError::Invalid(format!("expected MemoryLayout, got {}", r.name()))),
     };
@@ -106,7 +124,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
     };
     loop {
         check(&opts)?;
-        match next(&mut dec, &mut input, "End")? {
+        match next(&mut dec, input, "End")? {
             Record::Pages(p) => {
                 page_bytes += p.payload_len() as u64;
                 let mut batch = Vec::new();
@@ -161,7 +179,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                     pull(
                         sink,
                         &mut dec,
-                        &mut input,
+                        input,
                         answer,
                         &regions,
                         chunk,
@@ -199,7 +217,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 pending.len()
             )));
         }
-        pull(sink, &mut dec, &mut input, answer, &regions, chunk, hello.digest, pending, &mut stats, false)?;
+        pull(sink, &mut dec, input, answer, &regions, chunk, hello.digest, pending, &mut stats, false)?;
     }
     if let Some(expected) = verify {
         let got = sink.memory_digest()?;
@@ -385,7 +403,12 @@ mod tests {
             while let Ok(Some(rec)) = dec.read(&mut r) {
                 last = Some(rec);
             }
-            assert!(matches!(last, Some(Record::Verdict { ok: false, .. })), "cut at {cut}: {last:?}");
+            // A cut inside the final `Commit` (a bare header) comes after a positive verdict:
+            // the destination said it was ready, and still does not start the guest.
+            let in_commit = cut > full.len() - crate::protocol::HEADER_LEN;
+            let refused = matches!(last, Some(Record::Verdict { ok: false, .. }));
+            let ready = matches!(last, Some(Record::Verdict { ok: true, .. }));
+            assert!(if in_commit { ready } else { refused }, "cut at {cut}: {last:?}");
         }
         let mut d = FakeDest::default();
         receive(&mut d, &full[..], Vec::new()).unwrap();

@@ -65,7 +65,8 @@ pub struct Sender<'a, S: Source, D: Dedup, W: Write, R: Read> {
 /// Whether a socket error is a read or write timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` give
 /// `EAGAIN`).
 fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    // (`TimedOut` is TCP's own verdict — keepalive or retransmissions — and keeps its message.)
+    e.kind() == std::io::ErrorKind::WouldBlock
 }
 
 impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
@@ -275,7 +276,14 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             Decoder::with_params(StreamParams { chunk_size: self.params.chunk_size, digest: self.params.digest });
         loop {
             match decoder.read(&mut self.back) {
-                Ok(Some(Record::Verdict { ok: true, .. })) => return Ok(stop.elapsed()),
+                Ok(Some(Record::Verdict { ok: true, .. })) => {
+                    // The guest stops here for good: the destination may start it. Had this
+                    // write failed, no `Commit` would reach the destination, which then never
+                    // starts the guest, and the guest resumes here.
+                    protocol::write_commit(&mut self.out)?;
+                    self.out.flush().map_err(ProtocolError::from)?;
+                    return Ok(stop.elapsed());
+                }
                 Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
                 Ok(Some(Record::Pull(list))) => self.serve_pull(&regions, &list)?,
                 Ok(Some(other)) => {
