@@ -580,7 +580,7 @@ fn a_malformed_cluster_description_names_the_line_and_field() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err.contains("vc.toml:13: sites[1].index: 'mysql://y:2' is not a redis:// URL"), "{err}");
+    assert!(err.contains("vc.toml:13: sites[1].index: bad Redis URL \"mysql://y:2\""), "{err}");
     let out = Command::new(release_bin("shrink-migrate"))
         .args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"])
         .output()
