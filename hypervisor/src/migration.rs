@@ -200,7 +200,6 @@ impl Outgoing {
                     stream
                         .set_read_timeout(Some(t))
                         .and_then(|_| stream.set_write_timeout(Some(t)))
-                        .and_then(|_| stream.try_clone())
                         .map_err(|e| format!("migration socket to {addr}: {e}"))?;
                     let back = stream.try_clone().map_err(|e| format!("migration socket to {addr}: {e}"))?;
                     *s.lock().expect("socket lock poisoned") = stream.try_clone().ok();
@@ -385,7 +384,7 @@ impl Sink for VmmSink {
     }
 
     fn fill_chunk(&mut self, gpa: u64, byte: u8, len: usize) -> Result<(), EndpointError> {
-        const MAX_CHUNK: usize = 4096;
+        const MAX_CHUNK: usize = migrate::protocol::CHUNK_SIZES[migrate::protocol::CHUNK_SIZES.len() - 1];
         let fill = [byte; MAX_CHUNK];
         let data = fill.get(..len).ok_or(EndpointError::Memory { gpa, len, reason: "larger than a chunk".into() })?;
         write_guest(self.mem(), gpa, data)

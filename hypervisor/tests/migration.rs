@@ -132,19 +132,27 @@ fn killing_the_destination_during_the_dirty_passes_leaves_the_guest_at_the_sourc
     source_keeps_running(&src);
 }
 
-#[test]
-fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source() {
-    let dir = TempDir::new("mig-kill2");
+/// A destination that holds its verdict back for `stall_ms` once everything has arrived (a test
+/// hook), and a running source dirtying 1 MB/s; returns the URI, the destination, the source.
+fn stalling_destination_and_busy_source(dir: &TempDir, stall_ms: u64) -> (String, VmProcess, VmProcess) {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = VmProcess::spawn_in(
+    let stall = stall_ms.to_string();
+    let dst = VmProcess::spawn_in(
         None,
         dir.path(),
         "dst",
         &["--incoming", &uri],
-        &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "20000")],
+        &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", &stall)],
     );
     let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=8M rate=1M");
     src.wait_for("heartbeat 2\n", BOOT);
+    (uri, dst, src)
+}
+
+#[test]
+fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source() {
+    let dir = TempDir::new("mig-kill2");
+    let (uri, mut dst, src) = stalling_destination_and_busy_source(&dir, 20_000);
     src.exec("migrate", json!({"uri": uri}));
     // The source pauses the guest for the final pass and waits for the verdict.
     wait_until("the source pausing for the final pass", Duration::from_secs(20), || {
@@ -343,16 +351,7 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
 #[test]
 fn a_destination_that_withholds_its_verdict_is_given_up_and_never_starts_the_guest() {
     let dir = TempDir::new("mig-verdict");
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = VmProcess::spawn_in(
-        None,
-        dir.path(),
-        "dst",
-        &["--incoming", &uri],
-        &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "8000")],
-    );
-    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=8M rate=1M");
-    src.wait_for("heartbeat 2\n", BOOT);
+    let (uri, mut dst, src) = stalling_destination_and_busy_source(&dir, 8_000);
     src.exec("migrate", json!({"uri": uri, "verdict_timeout_ms": 2000}));
     let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "failed", "{info}");

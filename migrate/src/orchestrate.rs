@@ -355,8 +355,7 @@ fn follow(live: &mut [Live], dests: &[Destination]) {
                     let (i, ram) = (&q.info, &q.info.ram);
                     l.bar.set_length(ram.total);
                     l.bar.set_position(ram.total.saturating_sub(ram.remaining));
-                    let status = serde_json::to_value(i.status).unwrap_or_default();
-                    let status = status.as_str().unwrap_or("");
+                    let status = i.status.as_str();
                     l.bar.set_message(format!(
                         "{status} pass {} sent {:.1} MB dedup {}",
                         ram.dirty_sync_count,
@@ -486,12 +485,11 @@ fn query<T: serde::de::DeserializeOwned>(api: &Path) -> Result<T, String> {
 
 fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
     let (i, ram) = (&src.info, &src.info.ram);
-    let status = serde_json::to_value(i.status).ok().and_then(|v| v.as_str().map(str::to_owned));
     let mut r = VmReport {
         vm: m.vm.clone(),
         from: m.from_host.clone(),
         to: m.to_host.clone(),
-        status: status.unwrap_or_else(|| "unknown".into()),
+        status: i.status.as_str().to_owned(),
         error: i.error.clone(),
         total_time_ms: i.total_time,
         downtime_ms: i.downtime.unwrap_or(0),

@@ -198,7 +198,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         let mut synced = false;
         loop {
             pass += 1;
-            let (sent, took) = self.send_pass(&regions, &dirty, pass)?;
+            let (sent, took) = self.send_pass(&regions, &dirty)?;
             dirty = self.src.dirty_log()?;
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
             last_sync = Instant::now();
@@ -256,7 +256,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         tracing::info!("switch-over: paused in {:?}", stop.elapsed());
         self.paused = true;
         or_into(&mut dirty, &self.src.dirty_log()?);
-        self.send_pass(&regions, &dirty, pass + 1)?;
+        self.send_pass(&regions, &dirty)?;
         tracing::info!("switch-over: last pass sent at {:?}", stop.elapsed());
         let state = self.src.vm_state()?;
         tracing::info!("switch-over: state ({} bytes) read at {:?}", state.len(), stop.elapsed());
@@ -370,12 +370,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     }
 
     /// Sends every chunk of the pages set in `dirty`; returns (bytes written, time taken).
-    fn send_pass(
-        &mut self,
-        regions: &[Region],
-        dirty: &[Vec<u64>],
-        pass: u32,
-    ) -> Result<(u64, Duration), MigrationError> {
+    fn send_pass(&mut self, regions: &[Region], dirty: &[Vec<u64>]) -> Result<(u64, Duration), MigrationError> {
         let t0 = Instant::now();
         let b0 = self.out.bytes;
         let chunk = self.params.chunk_size;
@@ -413,7 +408,6 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         self.send_group(&group)?;
         self.flush_batch()?;
         self.out.flush().map_err(ProtocolError::from)?;
-        let _ = pass;
         Ok((self.out.bytes - b0, t0.elapsed()))
     }
 

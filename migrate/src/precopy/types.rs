@@ -140,6 +140,20 @@ pub enum Status {
     Cancelled,
 }
 
+impl Status {
+    /// QEMU's name of the status (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::None => "none",
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// `ram` of `query-migrate`, QEMU's names and meanings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default)]
