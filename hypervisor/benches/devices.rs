@@ -8,11 +8,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shrink_tests::netns::{self, Netns};
-use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
+use shrink_testutil::netns::{self, Netns};
+use shrink_testutil::util::{bench_output, repo_root as repo, utc_now};
 
 fn wait_text(p: &Path, needle: &str) -> String {
-    shrink_tests::util::wait_text(p, needle, Duration::from_secs(120))
+    shrink_testutil::util::wait_text(p, needle, Duration::from_secs(120))
 }
 
 struct Vm(std::process::Child);

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use migrate::client::ApiClient;
 use serde_json::{json, Value};
-use shrink_tests::netns::{self, Netns};
-use shrink_tests::qemu::{self, Qemu, QemuError};
+use shrink_testutil::netns::{self, Netns};
+use shrink_testutil::qemu::{self, Qemu, QemuError};
 
-use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
+use shrink_testutil::util::{bench_output, repo_root as repo, utc_now};
 
 fn bin(name: &str) -> PathBuf {
     let b = repo().join("target/release").join(name);
@@ -56,7 +56,7 @@ fn wait_path(p: &Path) {
 }
 
 fn wait_text(p: &Path, needle: &str) {
-    shrink_tests::util::wait_text(p, needle, Duration::from_secs(60));
+    shrink_testutil::util::wait_text(p, needle, Duration::from_secs(60));
 }
 
 fn api(sock: &Path, cmd: &str, args: Value) -> Value {
@@ -220,7 +220,7 @@ fn main() {
     let doc = json!({
         "benchmark": "precopy",
         "date": date,
-        "host": shrink_tests::util::host_info(),
+        "host": shrink_testutil::util::host_info(),
         "command": "cargo bench -p hypervisor --bench precopy -- bench/results/precopy.json",
         "note": "QEMU migrates the same memory image, paused (it cannot run the project's guest): for the mem workload it has no dirty pages to chase",
         "runs": results,

@@ -13,7 +13,7 @@ use hypervisor::loader::KernelConfig;
 use hypervisor::vmm::Vmm;
 use serde_json::json;
 
-use shrink_tests::util::{bench_output, repo_root as repo, utc_now};
+use shrink_testutil::util::{bench_output, repo_root as repo, utc_now};
 
 fn guest() -> PathBuf {
     let g = repo().join("images/out/shrink-guest");
@@ -178,7 +178,7 @@ fn main() {
     let result = json!({
         "benchmark": "vmm",
         "date": utc_now(),
-        "host": shrink_tests::util::host_info(),
+        "host": shrink_testutil::util::host_info(),
         "boot_to_ready_ms": {"median": median(boots.clone()), "runs": boots},
         "idle_vm_cpu_percent_of_one_core": idle_cpu_percent,
         "vmm_rss_beyond_guest_memory_kib": overhead_kib,

@@ -157,11 +157,22 @@ impl Command {
     }
 }
 
-fn path_arg(args: &Value, name: &str) -> Result<PathBuf, String> {
+/// A command's argument that is missing or not what the command takes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgError {
+    /// Not given.
+    #[error("missing argument \"{0}\"")]
+    Missing(&'static str),
+    /// Given, but not a path.
+    #[error("argument \"{0}\" must be a non-empty string")]
+    NotAPath(&'static str),
+}
+
+fn path_arg(args: &Value, name: &'static str) -> Result<PathBuf, ArgError> {
     match args.get(name) {
         Some(Value::String(s)) if !s.is_empty() => Ok(PathBuf::from(s)),
-        Some(_) => Err(format!("argument \"{name}\" must be a non-empty string")),
-        None => Err(format!("missing argument \"{name}\"")),
+        Some(_) => Err(ArgError::NotAPath(name)),
+        None => Err(ArgError::Missing(name)),
     }
 }
 
@@ -172,7 +183,7 @@ pub struct Controller {
     rx: Receiver<ControlMsg>,
     migration: Option<Outgoing>,
     incoming: Option<crate::migration::IncomingStats>,
-    site: Option<crate::site_index::SiteIndex>,
+    site: Option<migrate::shrinker::SiteIndex>,
 }
 
 impl Controller {
@@ -194,7 +205,7 @@ impl Controller {
 
     /// Records how this VM arrived (shown by `query-migrate` on the destination), and keeps
     /// its site-index membership (peers may still fetch its content) for as long as it runs.
-    pub fn set_incoming(&mut self, stats: crate::migration::IncomingStats, site: Option<crate::site_index::SiteIndex>) {
+    pub fn set_incoming(&mut self, stats: crate::migration::IncomingStats, site: Option<migrate::shrinker::SiteIndex>) {
         self.incoming = Some(stats);
         self.site = site;
     }
@@ -223,7 +234,7 @@ impl Controller {
                 self.vmm.resume().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string()))
             }
             Command::Snapshot => match path_arg(args, "path") {
-                Err(e) => generic(e),
+                Err(e) => generic(e.to_string()),
                 Ok(dir) => match self.vmm.snapshot(&dir) {
                     Ok(stats) => ok_reply(serde_json::to_value(stats).unwrap_or(Value::Null)),
                     Err(e) => generic(e.to_string()),
@@ -235,7 +246,7 @@ impl Controller {
                     Some(_) => path_arg(args, "pages").map(Some),
                 };
                 match per_page {
-                    Err(e) => generic(e),
+                    Err(e) => generic(e.to_string()),
                     Ok(p) => match self.vmm.memory_digest(p.as_deref()) {
                         Ok(d) => ok_reply(serde_json::to_value(d).unwrap_or(Value::Null)),
                         Err(e) => generic(e.to_string()),
@@ -246,6 +257,10 @@ impl Controller {
                 // Test hook: this VMM's peer server corrupts every chunk it serves.
                 let on = args.get("on").and_then(Value::as_bool).unwrap_or(true);
                 match &self.site {
+                    Some(_) if !crate::test_hooks::ENABLED => generic(
+                        "set-peer-corrupt is a test hook: this shrink-vmm was built without the test-hooks feature"
+                            .into(),
+                    ),
                     Some(s) => {
                         s.set_corrupt(on);
                         ok_reply(json!({}))

@@ -10,7 +10,9 @@
 //! - [`loader`]: ELF and bzImage kernels with the Linux 64-bit boot protocol.
 //! - [`vmm`]: building and controlling a VM; [`snapshot`]: its on-disk form.
 //! - [`api`] and [`control`]: the JSON control socket and the loop that serves it.
-//! - [`migration`]: the two ends of a live migration.
+//! - [`migration`]: the two ends of a live migration (Shrinker's deduplication, both halves,
+//!   is in `migrate::shrinker`; the VMM gives it guest memory to read).
+//! - [`test_hooks`]: fault injection for the integration tests (the `test-hooks` feature).
 #![warn(missing_docs)]
 
 pub mod api;
@@ -20,7 +22,7 @@ pub mod control;
 pub mod devices;
 pub mod loader;
 pub mod migration;
-pub mod site_index;
 pub mod snapshot;
+pub mod test_hooks;
 pub mod vmm;
 pub mod vstate;

@@ -11,9 +11,9 @@ use hypervisor::devices::virtio::block::DiskConfig;
 use hypervisor::devices::virtio::net::NetConfig;
 use hypervisor::loader::KernelConfig;
 use hypervisor::migration::{self, IncomingOptions};
-use hypervisor::site_index::SiteOptions;
 use hypervisor::vmm::DeviceConfig;
 use hypervisor::vmm::Vmm;
+use migrate::shrinker::SiteOptions;
 
 /// A KVM virtual machine monitor with snapshot/restore and live-migration support.
 ///

@@ -15,17 +15,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use migrate::args::MigrateArgs;
-use migrate::dedup::{DedupConfig, DedupStats, RedisDedup};
 use migrate::precopy::{
     self, Dedup, EndpointError, MigrationInfo, NoDedup, Params, ReceiveOptions, Sink, Source, Status,
 };
 use migrate::protocol::{Hello, Region};
+use migrate::shrinker::{ChunkMemory, ChunkMemoryError, DedupConfig, DedupStats, RedisDedup, SiteIndex, SiteOptions};
 use serde_json::Value;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::SerialOutput;
 use crate::control::{ControlMsg, VmmCaller};
-use crate::site_index::{SiteIndex, SiteOptions};
 use crate::snapshot::SnapshotState;
 use crate::vmm::{DeviceConfig, Vmm};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -98,6 +97,20 @@ fn write_guest(mem: &GuestMemoryMmap, gpa: u64, data: &[u8]) -> Result<(), Endpo
         len: data.len(),
         reason: e.to_string(),
     })
+}
+
+/// Guest memory as Shrinker's destination half reads it (to serve peers and to resolve chunks
+/// from this guest's own content): copies with vm-memory's volatile accessors, never slices.
+struct GuestChunkMemory(GuestMemoryMmap);
+
+impl ChunkMemory for GuestChunkMemory {
+    fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ChunkMemoryError> {
+        self.0.read_slice(buf, GuestAddress(gpa)).map_err(|e| ChunkMemoryError::Unreadable {
+            gpa,
+            len: buf.len(),
+            source: Box::new(e),
+        })
+    }
 }
 
 fn regions_of(mem: &GuestMemoryMmap) -> Vec<Region> {
@@ -343,11 +356,12 @@ impl Sink for VmmSink {
         }
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(EndpointError::of("allocate guest memory"))?;
         if let (Some(site), Some(algo)) = (&self.opts.site, hello.digest.algo()) {
-            let index = SiteIndex::start(site, mem.clone(), algo, hello.chunk_size as usize)
+            let chunks = Arc::new(GuestChunkMemory(mem.clone()));
+            let index = SiteIndex::start(site, chunks, algo, hello.chunk_size as usize)
                 .map_err(EndpointError::of("site index"))?;
             // Test hook: this VM's peer server corrupts what it serves.
             let name = self.opts.name.clone().unwrap_or_else(|| hello.name.clone());
-            if std::env::var("SHRINK_TEST_CORRUPT_PEER").is_ok_and(|v| v == "*" || v.split(',').any(|n| n == name)) {
+            if crate::test_hooks::corrupt_peer(&name) {
                 index.set_corrupt(true);
             }
             self.site = Some(index);
@@ -397,8 +411,8 @@ impl Sink for VmmSink {
     fn restore(&mut self, state: &[u8]) -> Result<(), EndpointError> {
         // Test hook: hold the destination between "everything arrived" and its verdict, so
         // that tests can kill it while the source is paused and waiting.
-        if let Some(ms) = std::env::var("SHRINK_TEST_STALL_BEFORE_VERDICT_MS").ok().and_then(|v| v.parse().ok()) {
-            std::thread::sleep(Duration::from_millis(ms));
+        if let Some(stall) = crate::test_hooks::stall_before_verdict() {
+            std::thread::sleep(stall);
         }
         let t = std::time::Instant::now();
         let state: SnapshotState = serde_json::from_slice(state).map_err(EndpointError::of("parse VM state"))?;
@@ -447,7 +461,7 @@ pub fn incoming(
     let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(ReceiveOptions::default().wait);
     let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
-    let pull = std::env::var("SHRINK_TEST_NO_PULL").is_err();
+    let pull = !crate::test_hooks::no_pull();
     let opts = ReceiveOptions { wait, pull, cancelled: Some(crate::control::terminating), ..ReceiveOptions::default() };
     let failed = |source| MigrationSetupError::Incoming { peer: peer.to_string(), source };
     let stats = precopy::receive_with(&mut sink, stream, back, opts).map_err(failed)?;

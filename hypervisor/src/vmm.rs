@@ -81,19 +81,11 @@ pub enum VmmError {
     Disk(#[from] block::DiskError),
 }
 
-/// QEMU's self-announce frame for `mac`, preceded by the tap's zeroed virtio-net header:
-/// 60 bytes, broadcast, ethertype 0x8035 (RARP), htype 1, ptype 0x0800, hlen 6, plen 4,
-/// opcode 3 (reverse request), sender and target hardware address = `mac`, IPs 0.0.0.0.
+/// QEMU's self-announce frame for `mac` ([`netreconf::frames::qemu_rarp`], the frame vnetd
+/// detects a moved VM by), preceded by the tap's zeroed virtio-net header.
 pub fn rarp_announce(mac: &[u8; 6]) -> Vec<u8> {
     let mut f = vec![0u8; crate::devices::virtio::tap::VNET_HDR_LEN];
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(mac);
-    f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0, 6, 4, 0, 3]);
-    f.extend_from_slice(mac);
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(mac);
-    f.extend_from_slice(&[0; 4]);
-    f.resize(crate::devices::virtio::tap::VNET_HDR_LEN + 60, 0);
+    f.extend_from_slice(&netreconf::frames::qemu_rarp(netreconf::frames::Mac(*mac)));
     f
 }
 
@@ -688,5 +680,28 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcement_is_a_zeroed_vnet_header_then_qemus_rarp() {
+        let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+        let f = rarp_announce(&mac);
+        let hdr = crate::devices::virtio::tap::VNET_HDR_LEN;
+        assert_eq!(f.len(), hdr + 60, "the header, then a minimum-size Ethernet frame");
+        assert!(f[..hdr].iter().all(|&b| b == 0), "no offloads announced");
+        let frame = &f[hdr..];
+        assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
+        assert_eq!(&frame[6..12], &mac, "from the VM");
+        assert_eq!(&frame[12..14], &[0x80, 0x35], "RARP");
+        assert_eq!(&frame[20..22], &[0, 3], "reverse request");
+        match netreconf::frames::parse(frame).expect("vnetd parses it") {
+            netreconf::frames::Frame::Rarp(a) => assert_eq!(a.sha, netreconf::frames::Mac(mac)),
+            other => panic!("vnetd reads it as {other:?}"),
+        }
     }
 }

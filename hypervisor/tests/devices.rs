@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use shrink_tests::netns::{self, Netns};
-use shrink_tests::util::wait_until;
+use shrink_testutil::netns::{self, Netns};
+use shrink_testutil::util::wait_until;
 
 const BOOT: Duration = Duration::from_secs(30);
 
@@ -52,7 +52,7 @@ fn udp_rtt(ns: &Netns, to: &str, count: u32) -> serde_json::Value {
 #[test]
 fn a_guest_on_a_bridge_answers_ping_and_udp_echo() {
     let ns = lan("dvp");
-    let dir = TempDir::new("dev-ping");
+    let dir = TempDir::new("dev-ping").unwrap();
     let vm = boot_on(&ns, dir.path(), "vmp", "52:54:00:00:01:02", "10.1.0.2", "", None);
     vm.wait_for("shrink-guest ready", BOOT);
     ns.exec(&["ping", "-c", "3", "-W", "2", "10.1.0.2"]).expect("ping the guest");
@@ -66,7 +66,7 @@ fn a_guest_on_a_bridge_answers_ping_and_udp_echo() {
 #[test]
 fn two_guests_on_one_bridge_probe_each_other_without_loss() {
     let ns = lan("dv2");
-    let dir = TempDir::new("dev-probe");
+    let dir = TempDir::new("dev-probe").unwrap();
     let a = boot_on(&ns, dir.path(), "vma", "52:54:00:00:02:02", "10.1.0.2", "probe=10.1.0.3:7,10", None);
     let b = boot_on(&ns, dir.path(), "vmb", "52:54:00:00:02:03", "10.1.0.3", "probe=10.1.0.2:7,10", None);
     a.wait_for("shrink-guest ready", BOOT);
@@ -97,7 +97,7 @@ fn sha256_file(p: &Path) -> String {
 #[test]
 fn disk_writes_persist_in_the_overlay_and_the_base_is_never_written() {
     let ns = lan("dvd");
-    let dir = TempDir::new("dev-disk");
+    let dir = TempDir::new("dev-disk").unwrap();
     let base = image("base.qcow2");
     let before = sha256_file(&base);
     let overlay = dir.path().join("vm1.qcow2");
@@ -127,7 +127,7 @@ fn disk_writes_persist_in_the_overlay_and_the_base_is_never_written() {
 #[test]
 fn snapshot_and_restore_with_live_network_and_disk() {
     let ns = lan("dvs");
-    let dir = TempDir::new("dev-snap");
+    let dir = TempDir::new("dev-snap").unwrap();
     let overlay = dir.path().join("vm.qcow2");
     let snap = dir.path().join("snap");
     let mut vm =
@@ -165,7 +165,7 @@ fn page_digests(vm: &VmProcess, file: &Path) -> Vec<[u8; 32]> {
 #[test]
 fn guests_from_one_image_share_their_preloaded_pages() {
     let ns = lan("dvl");
-    let dir = TempDir::new("dev-preload");
+    let dir = TempDir::new("dev-preload").unwrap();
     let a = boot_on(
         &ns,
         dir.path(),
@@ -224,7 +224,7 @@ fn one_line_error(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_devices_are_refused_with_clear_errors() {
-    let dir = TempDir::new("dev-bad");
+    let dir = TempDir::new("dev-bad").unwrap();
     let g = guest();
     let g = g.to_str().unwrap();
     let ov = dir.path().join("ov.qcow2");
@@ -255,7 +255,7 @@ fn bad_devices_are_refused_with_clear_errors() {
 
 #[test]
 fn a_guest_that_breaks_the_virtio_protocol_gets_needs_reset_and_the_vmm_survives() {
-    let dir = TempDir::new("dev-garbage");
+    let dir = TempDir::new("dev-garbage").unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/virtio_garbage.S");
     let elf = dir.path().join("virtio_garbage");
     let cc = Command::new("cc")

@@ -7,7 +7,7 @@ use hypervisor::config::{SerialOutput, VmConfig};
 use hypervisor::devices::serial::SharedBuffer;
 use hypervisor::loader::KernelConfig;
 use hypervisor::vmm::Vmm;
-use shrink_tests::util::wait_until;
+use shrink_testutil::util::wait_until;
 use vm_memory::{Bytes, GuestAddress};
 
 #[path = "common/mod.rs"]
@@ -34,9 +34,12 @@ fn wait_for(buf: &SharedBuffer, needle: &str) {
     });
 }
 
-/// The guest's `memtrace` reports (`wrote 0x<gpa>`) in `text`.
+/// The guest's `memtrace` reports (`wrote 0x<gpa>`) in `text`, complete lines only: a guest
+/// paused in the middle of a report has printed part of an address.
 fn reported_writes(text: &str) -> Vec<u64> {
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter_map(|l| l.strip_prefix("wrote 0x"))
         .filter_map(|h| u64::from_str_radix(h.trim(), 16).ok())
         .collect()

@@ -14,7 +14,7 @@ use common::*;
 
 #[test]
 fn debian_vmlinux_prints_its_banner_on_serial() {
-    let dir = TempDir::new("linux");
+    let dir = TempDir::new("linux").unwrap();
     let kernel = image("vmlinux");
     let vm = VmProcess::spawn(
         dir.path(),

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use shrink_tests::netns::{self, Netns};
-use shrink_tests::util::wait_until;
+use shrink_testutil::netns::{self, Netns};
+use shrink_testutil::util::wait_until;
 
 const BOOT: Duration = Duration::from_secs(20);
 
@@ -32,7 +32,7 @@ fn wait_migration(src: &VmProcess, timeout: Duration) -> Value {
     panic!("migration still running after {timeout:?}: {last}");
 }
 
-use indexd::testing::free_port;
+use shrink_testutil::ports::free_port;
 
 fn incoming(dir: &std::path::Path, tag: &str, uri: &str) -> VmProcess {
     VmProcess::spawn(dir, tag, &["--incoming", uri])
@@ -40,7 +40,7 @@ fn incoming(dir: &std::path::Path, tag: &str, uri: &str) -> VmProcess {
 
 #[test]
 fn a_busy_guest_migrates_over_loopback_exactly() {
-    let dir = TempDir::new("mig-loop");
+    let dir = TempDir::new("mig-loop").unwrap();
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = incoming(dir.path(), "dst", &uri);
     let mut src = VmProcess::boot(dir.path(), "src", "256M", "workload=mem mem=32M rate=4M");
@@ -71,7 +71,7 @@ fn migration_over_a_100_mbit_link_between_namespaces() {
     let t = netns::unique_tag();
     let (a, b) = (Netns::new(&format!("mga{t}")).unwrap(), Netns::new(&format!("mgb{t}")).unwrap());
     netns::link(&a, "10.99.0.1/24", &b, "10.99.0.2/24", Some("100mbit")).unwrap();
-    let dir = TempDir::new("mig-tbf");
+    let dir = TempDir::new("mig-tbf").unwrap();
     let uri = "tcp:10.99.0.2:7000";
     let dst = VmProcess::spawn_in(Some(b.name()), dir.path(), "dst", &["--incoming", uri], &[]);
     let g = guest();
@@ -112,7 +112,7 @@ fn source_keeps_running(src: &VmProcess) {
 
 #[test]
 fn killing_the_destination_during_the_dirty_passes_leaves_the_guest_at_the_source() {
-    let dir = TempDir::new("mig-kill1");
+    let dir = TempDir::new("mig-kill1").unwrap();
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = incoming(dir.path(), "dst", &uri);
     let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
@@ -151,7 +151,7 @@ fn stalling_destination_and_busy_source(dir: &TempDir, stall_ms: u64) -> (String
 
 #[test]
 fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source() {
-    let dir = TempDir::new("mig-kill2");
+    let dir = TempDir::new("mig-kill2").unwrap();
     let (uri, mut dst, src) = stalling_destination_and_busy_source(&dir, 20_000);
     src.exec("migrate", json!({"uri": uri}));
     // The source pauses the guest for the final pass and waits for the verdict.
@@ -166,7 +166,7 @@ fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source(
 
 #[test]
 fn cancel_mid_way_keeps_the_guest_at_the_source() {
-    let dir = TempDir::new("mig-cancel");
+    let dir = TempDir::new("mig-cancel").unwrap();
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = incoming(dir.path(), "dst", &uri);
     let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
@@ -187,7 +187,7 @@ fn cancel_mid_way_keeps_the_guest_at_the_source() {
 
 #[test]
 fn garbage_and_truncated_streams_are_refused_by_the_destination() {
-    let dir = TempDir::new("mig-garbage");
+    let dir = TempDir::new("mig-garbage").unwrap();
     // Garbage.
     let port = free_port();
     let mut dst = incoming(dir.path(), "dst1", &format!("tcp:127.0.0.1:{port}"));
@@ -231,7 +231,7 @@ fn connect_retry(port: u16) -> std::net::TcpStream {
 
 #[test]
 fn auto_converge_makes_a_fast_dirtying_guest_converge() {
-    let dir = TempDir::new("mig-converge");
+    let dir = TempDir::new("mig-converge").unwrap();
     // A 64 Mbit/s link (rate cap) against a guest dirtying 32 MB/s of a 4 MB working set:
     // 300 ms of downtime allows 2.4 MB, the working set is 4 MB.
     let run = |auto: bool, tag: &str| -> Value {
@@ -264,7 +264,7 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
     let ns = Netns::new(&format!("mgr{}", netns::unique_tag())).unwrap();
     netns::bridge(&ns, "br0").unwrap();
     ns.exec(&["ip", "addr", "add", "10.1.0.1/16", "dev", "br0"]).unwrap();
-    let dir = TempDir::new("mig-rarp");
+    let dir = TempDir::new("mig-rarp").unwrap();
     let mac = "52:54:00:00:07:02";
     let g = guest();
     // Both VMMs on the same bridge, each with its own tap.
@@ -350,7 +350,7 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
 /// destination comes back, it finds no `Commit` and never starts its copy: the guest runs once.
 #[test]
 fn a_destination_that_withholds_its_verdict_is_given_up_and_never_starts_the_guest() {
-    let dir = TempDir::new("mig-verdict");
+    let dir = TempDir::new("mig-verdict").unwrap();
     let (uri, mut dst, src) = stalling_destination_and_busy_source(&dir, 8_000);
     src.exec("migrate", json!({"uri": uri, "verdict_timeout_ms": 2000}));
     let info = wait_migration(&src, Duration::from_secs(30));
@@ -371,7 +371,7 @@ fn a_destination_that_withholds_its_verdict_is_given_up_and_never_starts_the_gue
 /// process is stopped): the source's writes time out.
 #[test]
 fn a_destination_that_stops_reading_is_given_up_after_the_verdict_timeout() {
-    let dir = TempDir::new("mig-stop");
+    let dir = TempDir::new("mig-stop").unwrap();
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = incoming(dir.path(), "dst", &uri);
     let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");

@@ -11,7 +11,7 @@ const BOOT: Duration = Duration::from_secs(20);
 
 #[test]
 fn boots_to_ready_and_heartbeats() {
-    let dir = TempDir::new("boot");
+    let dir = TempDir::new("boot").unwrap();
     let vm = VmProcess::boot(dir.path(), "vm1", "256M", "workload=idle");
     vm.wait_for("shrink-guest ready", BOOT);
     vm.wait_for("heartbeat 2\n", BOOT);
@@ -26,7 +26,7 @@ fn boots_to_ready_and_heartbeats() {
 
 #[test]
 fn pause_stops_the_heartbeat_and_resume_continues_it() {
-    let dir = TempDir::new("pause");
+    let dir = TempDir::new("pause").unwrap();
     let vm = VmProcess::boot(dir.path(), "vm", "128M", "workload=idle");
     vm.wait_for("heartbeat 1\n", BOOT);
     vm.exec("pause", json!({}));
@@ -43,7 +43,7 @@ fn pause_stops_the_heartbeat_and_resume_continues_it() {
 
 #[test]
 fn snapshot_then_restore_in_a_new_process_continues_the_guest() {
-    let dir = TempDir::new("snap");
+    let dir = TempDir::new("snap").unwrap();
     let snap = dir.path().join("snap");
     let mut vm = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=1M");
     vm.wait_for("heartbeat 2\n", BOOT);
@@ -76,7 +76,7 @@ fn snapshot_then_restore_in_a_new_process_continues_the_guest() {
 
 #[test]
 fn snapshot_of_a_running_vm_keeps_it_running() {
-    let dir = TempDir::new("snaprun");
+    let dir = TempDir::new("snaprun").unwrap();
     let vm = VmProcess::boot(dir.path(), "vm", "64M", "workload=idle");
     vm.wait_for("heartbeat 1\n", BOOT);
     vm.exec("snapshot", json!({"path": dir.path().join("s").to_str().unwrap()}));
@@ -87,7 +87,7 @@ fn snapshot_of_a_running_vm_keeps_it_running() {
 
 #[test]
 fn bad_api_requests_get_errors_and_the_vm_keeps_running() {
-    let dir = TempDir::new("badapi");
+    let dir = TempDir::new("badapi").unwrap();
     let vm = VmProcess::boot(dir.path(), "vm", "64M", "workload=idle");
     vm.wait_for("heartbeat 1\n", BOOT);
     let mut c = vm.client();
@@ -120,7 +120,7 @@ fn assert_one_line_error(code: Option<i32>, stderr: &str, needle: &str) {
 
 #[test]
 fn bad_command_lines_fail_with_one_clear_line() {
-    let dir = TempDir::new("badcli");
+    let dir = TempDir::new("badcli").unwrap();
     let t = Duration::from_secs(10);
     let (code, err) = run_vmm(&["--kernel", "/nonexistent/vmlinux"], t);
     assert_one_line_error(code, &err, "cannot open kernel /nonexistent/vmlinux");
@@ -141,7 +141,7 @@ fn bad_command_lines_fail_with_one_clear_line() {
 
 #[test]
 fn a_busy_api_socket_is_refused_and_left_alone() {
-    let dir = TempDir::new("busy");
+    let dir = TempDir::new("busy").unwrap();
     let vm = VmProcess::boot(dir.path(), "vm", "64M", "workload=idle");
     let g = guest();
     let (code, err) =
@@ -164,7 +164,7 @@ fn without_dev_kvm_the_error_says_so() {
 
 #[test]
 fn a_snapshot_taken_on_a_cpu_of_another_vendor_is_refused_by_name() {
-    let dir = TempDir::new("vendor");
+    let dir = TempDir::new("vendor").unwrap();
     let vm = VmProcess::boot(dir.path(), "vm", "64M", "workload=idle");
     vm.wait_for("heartbeat 1\n", BOOT);
     let snap = dir.path().join("s");

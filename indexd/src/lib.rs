@@ -12,7 +12,6 @@ pub mod hash;
 pub mod index;
 pub mod peer;
 pub mod redis;
-pub mod testing;
 
 pub use hash::{digest, Algo, HashError};
 pub use index::ContentIndex;

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use indexd::hash::{digest, Algo};
 use indexd::redis::{Redis, RedisError, Target};
-use indexd::testing::{free_port, RedisCluster, RedisServer};
+use shrink_testutil::ports::free_port;
+use shrink_testutil::redis::{RedisCluster, RedisServer};
 
 fn server() -> RedisServer {
     RedisServer::start().unwrap_or_else(|e| panic!("cannot start redis-server for the test: {e}"))

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dedup::DedupConfig;
 use crate::precopy::Params;
 use crate::protocol::DigestKind;
+use crate::shrinker::DedupConfig;
 
 /// A `migrate` request that cannot be carried out.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,17 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+/// The VMM refused a command: its QMP-style error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{desc}")]
+pub struct CommandError {
+    /// The error class (`GenericError`, `CommandNotFound`, …; `MalformedReply` when the reply
+    /// was neither a return nor an error).
+    pub class: String,
+    /// What went wrong, as the VMM said it.
+    pub desc: String,
+}
+
 /// A blocking client for the API (used by tests, `shrink-migrate` and scripts).
 pub struct ApiClient {
     reader: BufReader<UnixStream>,
@@ -30,13 +41,17 @@ impl ApiClient {
         serde_json::from_str(&reply).map_err(std::io::Error::other)
     }
 
-    /// Executes a command; `Ok(return value)` or `Err(error description)`.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> std::io::Result<Result<Value, String>> {
+    /// Executes a command: an I/O error when the API cannot be reached, else `Ok(return
+    /// value)` or the VMM's [`CommandError`].
+    pub fn execute(&mut self, command: &str, arguments: Value) -> std::io::Result<Result<Value, CommandError>> {
         let reply = self.raw(&json!({"execute": command, "arguments": arguments}).to_string())?;
+        let text = |e: &Value, k: &str, default: &str| e.get(k).and_then(Value::as_str).unwrap_or(default).to_owned();
         Ok(match (reply.get("return"), reply.get("error")) {
             (Some(v), _) => Ok(v.clone()),
-            (_, Some(e)) => Err(e.get("desc").and_then(Value::as_str).unwrap_or("error").to_owned()),
-            _ => Err(format!("malformed reply {reply}")),
+            (_, Some(e)) => {
+                Err(CommandError { class: text(e, "class", "GenericError"), desc: text(e, "desc", "error") })
+            }
+            _ => Err(CommandError { class: "MalformedReply".into(), desc: format!("malformed reply {reply}") }),
         })
     }
 }

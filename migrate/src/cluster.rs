@@ -160,8 +160,8 @@ fn line_of(text: &str, span: Range<usize>) -> usize {
 }
 
 /// The one rule for Redis URLs is indexd's ([`indexd::redis::Target::parse`]).
-fn check_redis(url: &str) -> Result<(), String> {
-    indexd::redis::Target::parse(url).map(|_| ()).map_err(|e| e.to_string())
+fn check_redis(url: &str) -> Result<(), indexd::redis::RedisError> {
+    indexd::redis::Target::parse(url).map(|_| ())
 }
 
 impl Cluster {
@@ -197,7 +197,7 @@ impl Cluster {
             }
             site_names.push(s.name.get_ref().as_str());
             for (f, v) in [("coordination", &s.coordination), ("index", &s.index)] {
-                check_redis(v.get_ref()).map_err(|why| err(v.span(), format!("sites[{si}].{f}"), why))?;
+                check_redis(v.get_ref()).map_err(|why| err(v.span(), format!("sites[{si}].{f}"), why.to_string()))?;
             }
             let l = s.launch.get_ref();
             if !l.split_whitespace().any(|w| w == "{cmd}") {

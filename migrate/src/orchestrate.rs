@@ -193,6 +193,34 @@ pub enum OrchestrateError {
         /// The end of its log.
         log: String,
     },
+    /// A VMM's API could not be reached.
+    #[error("{api}: {source}")]
+    Api {
+        /// Its socket.
+        api: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A VMM refused a command.
+    #[error("{api}: {command}: {source}")]
+    Refused {
+        /// Its socket.
+        api: String,
+        /// The command.
+        command: &'static str,
+        /// What it said.
+        source: crate::client::CommandError,
+    },
+    /// A VMM's answer is not what this version expects.
+    #[error("{api}: unexpected {command} answer: {source}")]
+    Answer {
+        /// Its socket.
+        api: String,
+        /// The command.
+        command: &'static str,
+        /// Cause.
+        source: serde_json::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OrchestrateError + '_ {
@@ -417,7 +445,7 @@ fn report(
     if opts.update_file && !moved.is_empty() {
         match update_cluster_file(&opts.file, &moved) {
             Ok(()) => cluster_file_updated = true,
-            Err(e) => cluster_file_error = Some(e),
+            Err(e) => cluster_file_error = Some(e.to_string()),
         }
     }
     let mut counts = Counts::default();
@@ -457,30 +485,32 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, OrchestrateError> {
 }
 
 /// Rewrites `file` in place (atomically) with the VMs' new hosts and sockets.
-fn update_cluster_file(file: &Path, moved: &[Relocation]) -> Result<(), String> {
+fn update_cluster_file(file: &Path, moved: &[Relocation]) -> Result<(), OrchestrateError> {
     let name = file.display().to_string();
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: {e}"))?;
-    let out = relocate(&name, &text, moved).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(file).map_err(io_err(file))?;
+    let out = relocate(&name, &text, moved)?;
     // Rewrite the file itself (a symlink stays one), through a temporary file beside it with
     // the same permissions.
-    let file = std::fs::canonicalize(file).map_err(|e| format!("{name}: {e}"))?;
+    let file = &std::fs::canonicalize(file).map_err(io_err(file))?;
     let tmp = file.with_extension("toml.tmp");
     let r = std::fs::write(&tmp, out)
-        .and_then(|()| std::fs::metadata(&file).and_then(|m| std::fs::set_permissions(&tmp, m.permissions())))
-        .and_then(|()| std::fs::rename(&tmp, &file));
+        .and_then(|()| std::fs::metadata(file).and_then(|m| std::fs::set_permissions(&tmp, m.permissions())))
+        .and_then(|()| std::fs::rename(&tmp, file));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r.map_err(|e| format!("{name}: {e}"))
+    r.map_err(io_err(file))
 }
 
 /// `query-migrate` of the VMM at `api`, as `T`.
-fn query<T: serde::de::DeserializeOwned>(api: &Path) -> Result<T, String> {
+fn query<T: serde::de::DeserializeOwned>(api: &Path) -> Result<T, OrchestrateError> {
+    const COMMAND: &str = "query-migrate";
+    let name = || api.display().to_string();
     let v = ApiClient::connect(api)
-        .and_then(|mut c| c.execute("query-migrate", json!({})))
-        .map_err(|e| format!("{}: {e}", api.display()))?
-        .map_err(|e| format!("{}: query-migrate: {e}", api.display()))?;
-    serde_json::from_value(v).map_err(|e| format!("{}: unexpected query-migrate answer: {e}", api.display()))
+        .and_then(|mut c| c.execute(COMMAND, json!({})))
+        .map_err(|source| OrchestrateError::Api { api: name(), source })?
+        .map_err(|source| OrchestrateError::Refused { api: name(), command: COMMAND, source })?;
+    serde_json::from_value(v).map_err(|source| OrchestrateError::Answer { api: name(), command: COMMAND, source })
 }
 
 fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::dedup::DedupStats;
 pub use crate::precopy::{MigrationInfo, RamStats, ReceiveStats, Status};
+pub use crate::shrinker::DedupStats;
 
 /// A source's `query-migrate`: QEMU's fields, and the dedup counters with deduplication.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

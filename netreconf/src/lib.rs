@@ -10,13 +10,13 @@
 //!
 //! Modules: [`frames`] (ARP/RARP/IPv4 parse and build), [`tables`] (HWDT, LNDT, GNDT),
 //! [`proto`] (authenticated router-to-router messages), [`router`] (the pure state
-//! machine), [`daemon`] (pcap + mio event loop, control socket), [`config`], and
-//! [`testbed`] (network namespaces for the integration tests and the benchmark).
+//! machine), [`daemon`] (pcap + mio event loop, control socket) and [`config`]. The
+//! two-site testbed of its integration tests and benchmark is `shrink_tools::vnet`.
 
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod frames;
 pub mod proto;
 pub mod router;
 pub mod tables;
-pub mod testbed;

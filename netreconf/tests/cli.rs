@@ -113,7 +113,7 @@ const ANSWERS: u64 = 50;
 /// (no root needed). The probe is stopped once the echo has answered `ANSWERS` probes.
 #[test]
 fn probe_counts_loss_from_first_answer() {
-    use netreconf::testbed::wait_for;
+    use shrink_testutil::util::wait_for;
     use std::net::UdpSocket;
 
     let free_port = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -1,11 +1,5 @@
-//! Helpers for tests that cross crates and hosts: network namespaces as hosts, veth pairs as
-//! links (optionally shaped with `tc tbf` like a WAN), bridges as LANs. Everything is created
-//! with unique names and removed on drop, even when the test panics.
-#![warn(missing_docs)]
-
-pub mod eval;
-pub mod netns;
-pub mod qemu;
-pub mod testbed;
-pub mod util;
-pub mod world;
+//! shrink's cross-crate integration tests live in `tests/tests/`: Shrinker across hosts
+//! (`shrinker.rs`) and vnetd's two sites (`vnet_two_sites.rs`). The tests of the
+//! testbed and of the quick evaluation are the tools crate's own (`tools/tests/`). They use the
+//! test utilities of `shrink-testutil` and the testbeds of `shrink-tools`, and run the
+//! workspace's release binaries (`make test` builds them first).

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use migrate::client::ApiClient;
 use serde_json::{json, Value};
-use shrink_tests::netns;
-use shrink_tests::util::{last_heartbeat, wait_until};
-use shrink_tests::world::{release_bin, Bg, World};
+use shrink_testutil::netns;
+use shrink_testutil::process::{release_bin, Bg};
+use shrink_testutil::util::{last_heartbeat, wait_until};
+use shrink_testutil::world::World;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()

@@ -31,29 +31,10 @@ pub fn vmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_shrink-vmm")
 }
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "shrink-test-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[allow(unused_imports)]
+pub use shrink_testutil::fs::TempDir;
+#[allow(unused_imports)]
+pub use shrink_testutil::util::{heartbeats, last_heartbeat};
 
 /// A running shrink-vmm process; killed on drop.
 pub struct VmProcess {
@@ -179,16 +160,6 @@ impl Drop for VmProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The heartbeat numbers in a console transcript.
-pub fn heartbeats(text: &str) -> Vec<u64> {
-    text.lines().filter_map(|l| l.trim().strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
-}
-
-/// The last heartbeat number in a console transcript.
-pub fn last_heartbeat(text: &str) -> Option<u64> {
-    heartbeats(text).last().copied()
 }
 
 /// Runs shrink-vmm to completion with `args`; returns (exit code, stderr).

@@ -34,8 +34,8 @@
 //!  send_group                  Source::read_chunk: one copy each       source.rs
 //!        ▼
 //!  queue_group ─ uniform? ─ yes ──────────────────▶ Uniform(byte)      source.rs
-//!        │        └─ no ─ Dedup::decide ─ digest ─▶ Digest(d)          endpoints.rs, dedup.rs
-//!        │                               └─ none ─▶ Full(bytes)
+//!        │        └─ no ─ Dedup::decide ─ digest ─▶ Digest(d)          endpoints.rs,
+//!        │                               └─ none ─▶ Full(bytes)        shrinker/coordination.rs
 //!        ▼
 //!  PagesBuilder                ~1 MiB `Pages` records                  protocol.rs
 //!        ▼
@@ -48,9 +48,10 @@
 //!  receive_with                Decoder; locate: inside one region?     sink.rs, layout.rs
 //!        ├─ Full(bytes)  ─▶ Sink::write_chunk, Sink::on_write
 //!        ├─ Uniform(b)   ─▶ Sink::fill_chunk (not 0 over never-written)
-//!        └─ Digest(d)    ─▶ Sink::resolve (this VM, the site's hosts)
+//!        └─ Digest(d)    ─▶ Sink::resolve (this VM, the site's hosts)  shrinker/site.rs
 //!                              └─ not found ─▶ waiting list (pending)  sink.rs
-//!  Sync, End ─ wait_for_site, then Pull ─▶ Sender::serve_pull          sink.rs, source.rs
+//!  Sync, End ─ wait_for_site, then Pull ─▶ Sender::serve_pull          sink.rs, source.rs,
+//!                              (when to stop waiting: site_wait)       shrinker/policy.rs
 //!                              ◀─ Full(bytes) in `Pages`, PullDone
 //!  End ─ totals, Verify, Sink::restore ─ Verdict ─▶ source stops       sink.rs
 //!        ▼
@@ -61,7 +62,9 @@
 //! [`Sink`], [`Dedup`]), `layout.rs` (pages, dirty bitmaps, chunk addresses), `source.rs`
 //! ([`Sender`]: passes, sync, switch-over, pulls, verdict), `policy.rs` (the convergence
 //! decisions, pure), `rate.rs` (the bandwidth cap), `sink.rs` ([`receive_with`] and the waiting
-//! list); the tests' fakes are in `testutil.rs`.
+//! list); the tests' fakes are in `testutil.rs`. Shrinker's halves (the `Dedup` that decides
+//! digest or full, the site index that resolves digests) are in [`crate::shrinker`], with the
+//! same life of a chunk seen from there.
 
 mod endpoints;
 mod layout;

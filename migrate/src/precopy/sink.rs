@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::layout::locate;
 use super::{hex, MigrationError, ReceiveOptions, ReceiveStats, Sink};
 use crate::protocol::{self, Chunk, Decoder, DigestKind, ProtocolError, Record, Region};
+use crate::shrinker::policy::{site_wait, SiteWait};
 
 /// Receives a migration on `input`, answering on `answer`. The guest starts only after every
 /// chunk is in place, the state restored and the source told so.
@@ -238,7 +239,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
 }
 
 /// Retries the waiting digests for as long as they keep getting resolved; gives up after
-/// `opts.wait` without progress.
+/// `opts.wait` without progress (the decision is [`site_wait`]'s).
 fn wait_for_site<S: Sink>(
     sink: &mut S,
     pending: &mut HashMap<u64, Vec<u8>>,
@@ -251,18 +252,15 @@ fn wait_for_site<S: Sink>(
     loop {
         check(opts)?;
         retry_pending(sink, pending, stats)?;
-        if opts.wait.is_zero() {
-            // One look, no waiting (the guest is paused).
-            return Ok(());
-        }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        if pending.len() < left {
-            left = pending.len();
-            progress = Instant::now();
-        } else if progress.elapsed() >= opts.wait {
-            return Ok(());
+        match site_wait(opts.wait, left, pending.len(), progress.elapsed()) {
+            // Everything found, or what is left is pulled (a zero wait: one look, the guest is
+            // paused).
+            SiteWait::Resolved | SiteWait::Pull => return Ok(()),
+            SiteWait::Progress => {
+                left = pending.len();
+                progress = Instant::now();
+            }
+            SiteWait::Wait => {}
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -6,6 +6,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Errors setting up test networks.
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
+    /// Not root.
+    #[error("network-namespace tests need root")]
+    NotRoot,
+    /// `ip` does not run.
+    #[error("iproute2 is needed: {0}")]
+    NoIproute2(Box<NetnsError>),
     /// A command failed.
     #[error("`{cmd}` failed: {stderr}")]
     Command {
@@ -36,6 +42,13 @@ pub fn run(args: &[&str]) -> Result<String, NetnsError> {
         return Err(NetnsError::Command { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside namespace `ns` (by name); its standard output, or an error naming it.
+pub fn nsrun(ns: &str, args: &[&str]) -> Result<String, NetnsError> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    run(&v)
 }
 
 /// A unique short tag for names (interface names are limited to 15 bytes).
@@ -130,12 +143,12 @@ pub fn bridge(ns: &Netns, name: &str) -> Result<String, NetnsError> {
 }
 
 /// Whether tests can build namespaces here (root, iproute2).
-pub fn available() -> Result<(), String> {
+pub fn available() -> Result<(), NetnsError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        return Err("network-namespace tests need root".into());
+        return Err(NetnsError::NotRoot);
     }
-    run(&["ip", "-V"]).map(|_| ()).map_err(|e| format!("iproute2 is needed: {e}"))
+    run(&["ip", "-V"]).map(|_| ()).map_err(|e| NetnsError::NoIproute2(Box::new(e)))
 }
 
 extern "C" {

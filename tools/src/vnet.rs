@@ -1,5 +1,5 @@
-//! A two-site testbed in network namespaces, shared by the integration tests and the
-//! benchmark. Needs root and iproute2 (`ip`); everything is removed on drop, even when
+//! vnetd's two-site testbed in network namespaces, shared by its integration tests
+//! (`tests/tests/vnet_two_sites.rs`) and `vnetd-bench`. Needs root and iproute2 (`ip`); everything is removed on drop, even when
 //! a test panics.
 //!
 //! ```text
@@ -14,26 +14,42 @@
 //! Site A serves 10.1.0.0/24 (gateway 10.1.0.254), site B 10.1.1.0/24 (10.1.1.254);
 //! hosts use the whole 10.1.0.0/16 as their subnet (routing optimisation, §5.5.4).
 
+use netreconf::frames::Mac;
+pub use shrink_testutil::netns::{nsrun, run, NetnsError};
+pub use shrink_testutil::process::{Proc, ProcessError};
+pub use shrink_testutil::util::{wait_for, WaitTimeout};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use crate::frames::Mac;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
+    /// Not root.
     #[error("the vnetd testbed needs root (network namespaces); run the tests as root")]
     NotRoot,
+    /// A tool is missing (the tool, its Debian package).
     #[error("`{0}` not found: install it (apt-get install {1})")]
     MissingTool(&'static str, &'static str),
+    /// A command failed.
     #[error("command failed: {cmd}: {stderr}")]
-    Command { cmd: String, stderr: String },
+    Command {
+        /// The command.
+        cmd: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// A namespace command failed.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// A process could not be run or waited for.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// Files.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    #[error("timed out after {secs} s waiting for {what}")]
-    Timeout { what: String, secs: u64 },
+    /// Something did not happen in time.
+    #[error(transparent)]
+    Timeout(#[from] WaitTimeout),
 }
 
 /// Result alias.
@@ -79,121 +95,6 @@ pub fn preflight() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Run a command; error with its stderr if it fails.
-pub fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output()?;
-    if !out.status.success() {
-        return Err(TestbedError::Command {
-            cmd: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-/// Run a command inside a namespace.
-pub fn nsrun(ns: &str, args: &[&str]) -> Result<String> {
-    let mut v = vec!["ip", "netns", "exec", ns];
-    v.extend_from_slice(args);
-    run(&v)
-}
-
-/// Poll `f` every 50 ms until it returns Some, for at most `secs` seconds.
-pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if t0.elapsed() > Duration::from_secs(secs) {
-            return Err(TestbedError::Timeout { what: what.to_string(), secs });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A child process killed (and reaped) on drop.
-pub struct Proc {
-    pub name: String,
-    child: Option<Child>,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    /// Spawn `args` in namespace `ns`, stdout+stderr to `log`.
-    pub fn spawn(name: &str, ns: &str, args: &[&str], log: PathBuf) -> Result<Proc> {
-        let f = std::fs::File::create(&log)?;
-        let f2 = f.try_clone()?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(f))
-            .stderr(Stdio::from(f2))
-            .spawn()?;
-        Ok(Proc { name: name.to_string(), child: Some(child), log })
-    }
-
-    /// Spawn with stdout captured to `out` and stderr to `log`.
-    pub fn spawn_out(name: &str, ns: &str, args: &[&str], out: PathBuf, log: PathBuf) -> Result<Proc> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(&out)?))
-            .stderr(Stdio::from(std::fs::File::create(&log)?))
-            .spawn()?;
-        Ok(Proc { name: name.to_string(), child: Some(child), log })
-    }
-
-    /// Process id (`ip netns exec` execs the command, so this is the command's pid).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Is it still running?
-    pub fn alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// Wait for exit (up to `secs`), then kill.
-    pub fn wait(&mut self, secs: u64) -> Result<std::process::ExitStatus> {
-        let name = self.name.clone();
-        let c = self
-            .child
-            .as_mut()
-            .ok_or_else(|| TestbedError::Timeout { what: format!("{name} (already reaped)"), secs: 0 })?;
-        let st = wait_for(&format!("{name} to exit"), secs, || c.try_wait().ok().flatten());
-        if st.is_err() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        st
-    }
-
-    /// Kill now.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// The log's content.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// One router of the project's two-site world (site A 10.1.0.0/24 behind router "A", site B
@@ -258,16 +159,22 @@ router = "B"
 /// Which site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
+    /// Site A (10.1.0.0/24).
     A,
+    /// Site B (10.1.1.0/24).
     B,
 }
 
 /// The two-site world.
 pub struct TwoSites {
+    /// The prefix of its namespaces' names.
     pub prefix: String,
+    /// Its configuration files, captures and logs.
     pub dir: PathBuf,
     namespaces: Vec<String>,
+    /// The two routers' vnetd processes, once started.
     pub vnetd: Vec<Proc>,
+    /// Where the VM is now.
     pub vm_site: Site,
     keep_dir: bool,
 }
@@ -425,7 +332,7 @@ impl TwoSites {
                         }));
                     }
                 }
-                if crate::daemon::query_status(&sock).is_ok() {
+                if netreconf::daemon::query_status(&sock).is_ok() {
                     Some(Ok(()))
                 } else {
                     None
@@ -445,7 +352,7 @@ impl TwoSites {
 
     /// Status JSON of a site's vnetd.
     pub fn status(&self, site: Site) -> Result<serde_json::Value> {
-        Ok(crate::daemon::query_status(&self.socket(site))?)
+        Ok(netreconf::daemon::query_status(&self.socket(site))?)
     }
 
     /// Move the VM's link to the other site's bridge (the VM keeps MAC, IP, ARP cache).
@@ -474,18 +381,18 @@ impl TwoSites {
 
     /// Wait until `role`'s neighbour entry for `ip` is `mac`.
     pub fn wait_neigh(&self, role: &str, ip: Ipv4Addr, mac: Mac, secs: u64) -> Result<()> {
-        wait_for(&format!("{role}: neighbour {ip} -> {mac} (now {:?})", self.neigh(role, ip)), secs, || {
+        Ok(wait_for(&format!("{role}: neighbour {ip} -> {mac} (now {:?})", self.neigh(role, ip)), secs, || {
             (self.neigh(role, ip) == Some(mac)).then_some(())
-        })
+        })?)
     }
 
     /// One ping from `role` to `ip` succeeds within `secs` (retrying).
     pub fn ping(&self, role: &str, ip: Ipv4Addr, secs: u64) -> Result<()> {
         let ns = self.ns(role);
         let ips = ip.to_string();
-        wait_for(&format!("ping {role} -> {ip}"), secs, || {
+        Ok(wait_for(&format!("ping {role} -> {ip}"), secs, || {
             nsrun(&ns, &["ping", "-c", "1", "-W", "1", "-n", "-q", &ips]).ok().map(|_| ())
-        })
+        })?)
     }
 
     /// Dump logs (for failures).

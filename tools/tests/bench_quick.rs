@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use serde_json::Value;
-use shrink_tests::netns;
+use shrink_testutil::netns;
 
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
@@ -14,7 +14,7 @@ fn u(v: &Value) -> u64 {
 struct Down(String);
 impl Drop for Down {
     fn drop(&mut self) {
-        let _ = shrink_tests::testbed::down(&self.0, &shrink_tests::testbed::default_dir(&self.0));
+        let _ = shrink_tools::testbed::down(&self.0, &shrink_tools::testbed::default_dir(&self.0));
     }
 }
 
@@ -24,7 +24,7 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     let name = format!("bq{}", netns::unique_tag());
     let _down = Down(name.clone());
     assert!(
-        shrink_tests::qemu::binary().is_some(),
+        shrink_testutil::qemu::binary().is_some(),
         "qemu-system-x86_64 is needed for the baseline (make deps installs it)"
     );
     let out = std::env::temp_dir().join(format!("shrink-bench-quick-{name}"));
@@ -80,6 +80,6 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
         let b = std::fs::read(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(&b[..4], b"\x89PNG", "{f}");
     }
-    assert!(shrink_tests::testbed::namespaces(&name).is_empty(), "the bench left its testbed up");
+    assert!(shrink_tools::testbed::namespaces(&name).is_empty(), "the bench left its testbed up");
     let _ = std::fs::remove_dir_all(&out);
 }

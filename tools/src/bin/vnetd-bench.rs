@@ -18,8 +18,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use netreconf::frames::{self, Frame, Mac};
-use netreconf::testbed::*;
 use serde_json::{json, Value};
+use shrink_tools::vnet::*;
 
 struct Bins {
     vnetd: PathBuf,

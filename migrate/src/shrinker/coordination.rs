@@ -1,10 +1,10 @@
-//! Source-side deduplication (Shrinker's distributed deduplication): before a chunk leaves
+//! Shrinker's source half, coordination (the distributed deduplication): before a chunk leaves
 //! for the destination site, its digest is registered in the source site's coordination Redis
 //! with `SET key 1 NX EX ttl`. The first source to register a digest sends the chunk in full;
 //! every later one (another VM of the cluster, or this VM for an intra-VM duplicate) sends only
 //! the digest, and the destination site finds the content among its own hypervisors.
 //!
-//! Keys are `shrink:coord:<migration id>:<destination site>:<digest>` ([`crate::keys`]), so that one migration's
+//! Keys are `shrink:coord:<migration id>:<destination site>:<digest>` ([`super::keys`]), so that one migration's
 //! knowledge never leaks into another's, and they expire (a failed migration leaves nothing
 //! behind for long). Decisions are made for a whole group of chunks in one pipelined round trip.
 //! If the coordination service fails, the migration degrades to plain pre-copy (everything in
@@ -70,7 +70,7 @@ impl RedisDedup {
                 None
             }
         };
-        let prefix = crate::keys::coordination_prefix(&cfg.migration_id, &cfg.dest_site);
+        let prefix = super::keys::coordination_prefix(&cfg.migration_id, &cfg.dest_site);
         RedisDedup { redis, algo: cfg.algo, prefix, ttl_s: cfg.ttl_s, stats }
     }
 }
@@ -82,7 +82,7 @@ impl Dedup for RedisDedup {
             return Ok(vec![None; chunks.len()]);
         };
         let digests: Vec<Vec<u8>> = chunks.iter().map(|(_, c)| hash::digest(self.algo, c)).collect();
-        let keys: Vec<Vec<u8>> = digests.iter().map(|d| crate::keys::with_digest(&self.prefix, d)).collect();
+        let keys: Vec<Vec<u8>> = digests.iter().map(|d| super::keys::with_digest(&self.prefix, d)).collect();
         let mut st = self.stats.lock().expect("dedup stats poisoned");
         st.hashed += chunks.len() as u64;
         match redis.set_nx_many(&keys, self.ttl_s) {

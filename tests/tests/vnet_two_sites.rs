@@ -2,19 +2,22 @@
 //! Need root, iproute2, ethtool, iputils-ping and tcpdump; fail loudly otherwise.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use netreconf::frames::{self, Mac};
 use netreconf::proto::{self, Auth, Body, Message};
-use netreconf::testbed::*;
 use serde_json::Value;
+use shrink_testutil::process::release_bin;
+use shrink_tools::vnet::*;
 
-fn vnetd() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_vnetd"))
+fn vnetd() -> PathBuf {
+    release_bin("vnetd")
 }
 
-const PROBE: &str = env!("CARGO_BIN_EXE_vnet-probe");
+/// `vnet-probe`'s path.
+static PROBE_PATH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| release_bin("vnet-probe").to_str().expect("a UTF-8 path").to_owned());
 
 fn build(tag: &str) -> TwoSites {
     match TwoSites::build(tag) {
@@ -48,7 +51,7 @@ fn wait_route(tb: &TwoSites, router: &str, seq: u64) {
 }
 
 fn rarp(tb: &TwoSites) {
-    nsrun(&tb.ns("vm"), &[PROBE, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()])
+    nsrun(&tb.ns("vm"), &[PROBE_PATH.as_str(), "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()])
         .expect("send QEMU's RARP rounds from the VM");
 }
 
@@ -214,7 +217,7 @@ fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, n
     let recv = Proc::spawn_out(
         &format!("{name}-recv"),
         &tb.ns(to),
-        &[PROBE, "udp-recv", "--bind", &addr, "--stop-file", stop.to_str().unwrap()],
+        &[PROBE_PATH.as_str(), "udp-recv", "--bind", &addr, "--stop-file", stop.to_str().unwrap()],
         out.clone(),
         tb.dir.join(format!("{name}-recv.log")),
     )
@@ -228,7 +231,16 @@ fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, n
     let send = Proc::spawn_out(
         &format!("{name}-send"),
         &tb.ns(from),
-        &[PROBE, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file", stop_send.to_str().unwrap()],
+        &[
+            PROBE_PATH.as_str(),
+            "udp-send",
+            "--to",
+            &addr,
+            "--interval-us",
+            "1000",
+            "--stop-file",
+            stop_send.to_str().unwrap(),
+        ],
         send_out.clone(),
         tb.dir.join(format!("{name}-send.log")),
     )
@@ -268,7 +280,7 @@ fn assert_stream_flows(r: &Value) {
 #[test]
 fn vm_migrates_to_site_b_and_back() {
     let mut tb = build("m");
-    tb.start_vnetd(vnetd()).expect("start vnetd on both routers");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
 
     // ---- Before migration: A1 <-> VM directly, B1 <-> VM through the tunnel.
     ping_all(&tb);
@@ -357,7 +369,7 @@ fn arp_hex(f: &[u8]) -> String {
 #[test]
 fn bad_input_is_counted_and_changes_nothing() {
     let mut tb = build("x");
-    tb.start_vnetd(vnetd()).expect("start vnetd on both routers");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
     tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     let before_a = tb.status(Site::A).unwrap();
@@ -401,7 +413,7 @@ fn bad_input_is_counted_and_changes_nothing() {
     let mut f = rarp_f.clone();
     f[22..28].copy_from_slice(&[0xff; 6]); // broadcast sender
     bad.push(arp_hex(&f));
-    let mut args = vec![PROBE, "frames", "--iface", "eth0"];
+    let mut args = vec![PROBE_PATH.as_str(), "frames", "--iface", "eth0"];
     for h in &bad {
         args.push("--hex");
         args.push(h);
@@ -409,8 +421,11 @@ fn bad_input_is_counted_and_changes_nothing() {
     nsrun(&tb.ns("a1"), &args).expect("send malformed frames");
 
     // A RARP for a MAC no router knows.
-    nsrun(&tb.ns("a1"), &[PROBE, "rarp", "--iface", "eth0", "--mac", "02:de:ad:be:ef:01", "--schedule-ms", "0"])
-        .unwrap();
+    nsrun(
+        &tb.ns("a1"),
+        &[PROBE_PATH.as_str(), "rarp", "--iface", "eth0", "--mac", "02:de:ad:be:ef:01", "--schedule-ms", "0"],
+    )
+    .unwrap();
     wait_for("rarp_unknown_mac at A", 10, || {
         (counter(&tb.status(Site::A).ok()?, "rarp_unknown_mac") >= 1).then_some(())
     })
@@ -418,7 +433,7 @@ fn bad_input_is_counted_and_changes_nothing() {
 
     // A RARP flood.
     let seen = counter(&tb.status(Site::A).unwrap(), "rarp_seen");
-    nsrun(&tb.ns("a1"), &[PROBE, "rarp-flood", "--iface", "eth0", "--count", "3000"]).unwrap();
+    nsrun(&tb.ns("a1"), &[PROBE_PATH.as_str(), "rarp-flood", "--iface", "eth0", "--count", "3000"]).unwrap();
     wait_for("A to read the 3000 RARPs of the flood", 15, || {
         (counter(&tb.status(Site::A).ok()?, "rarp_seen") >= seen + 3000).then_some(())
     })
@@ -466,7 +481,7 @@ fn bad_input_is_counted_and_changes_nothing() {
         replay.push(arp_hex(&p.data[14 + ihl + 8..]));
     }
     assert!(!replay.is_empty());
-    let mut args = vec![PROBE.to_string(), "udp-hex".into(), "--to".into(), RA_WAN.into()];
+    let mut args = vec![PROBE_PATH.clone(), "udp-hex".into(), "--to".into(), RA_WAN.into()];
     for h in [arp_hex(&forged), arp_hex(&stale), arp_hex(&stranger), arp_hex(b"junk")]
         .into_iter()
         .chain(replay.iter().cloned())
@@ -553,7 +568,7 @@ fn refuses_to_run_when_the_kernel_forwards() {
     let cfg = dir.join("c.toml");
     std::fs::write(
         &cfg,
-        include_str!("../examples/site-a.toml")
+        include_str!("../../netreconf/examples/site-a.toml")
             .replace("/run/vnetd-A.sock", dir.join("s").to_str().unwrap())
             .replace("192.168.100.1:7800", "127.0.0.1:7800"),
     )
@@ -600,7 +615,7 @@ fn stall(p: &Proc, ms: u64) {
 #[test]
 fn a_stalled_forwarder_loses_nothing() {
     let mut tb = build("s");
-    tb.start_vnetd(vnetd()).expect("start vnetd on both routers");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
     tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     tb.ping("b1", A1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
     let s = start_stream(&tb, "a1", "b1", B1_IP, 9002, "a1-b1");

@@ -7,20 +7,21 @@
 //! (`redis-tools`); fails with a message saying so when they are missing.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::fs::TempDir;
+use crate::ports::free_port;
 
 /// How long a server or a cluster may take to come up before it is a failure.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// Errors of this module.
 #[derive(Debug, Error)]
-pub enum TestingError {
+pub enum RedisError {
     /// A program is not installed.
     #[error("{program} is not installed (apt-get install {package}): {source}")]
     Missing {
@@ -36,89 +37,6 @@ pub enum TestingError {
     Other(String),
 }
 
-/// A temporary directory removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A new empty directory under the system's temporary directory.
-    pub fn new(tag: &str) -> std::io::Result<TempDir> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let p = std::env::temp_dir().join(format!(
-            "indexd-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Ports [`free_port`] hands out when the kernel's ephemeral range cannot be read.
-const FALLBACK_POOL: (u16, u16) = (10_000, 32_768);
-/// Ports each process gets to itself before it runs into the next process's block.
-const BLOCK: u32 = 256;
-
-/// The ports [`free_port`] hands out: below the kernel's ephemeral range
-/// (`net.ipv4.ip_local_port_range`), where neither `bind(port 0)` nor an outgoing connection
-/// of any process ever lands, from 10000 (or, when that range starts too low, above it).
-fn pool() -> (u16, u16) {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|t| {
-        let mut it = t.split_whitespace().map(|n| n.parse::<u32>().ok());
-        Some((it.next()??, it.next()??))
-    });
-    match range {
-        Some((lo, _)) if lo >= u32::from(FALLBACK_POOL.0) + 4 * BLOCK => (FALLBACK_POOL.0, lo as u16),
-        Some((_, hi)) if hi + 4 * BLOCK < 65_535 => ((hi + 1) as u16, 65_535),
-        _ => FALLBACK_POOL,
-    }
-}
-
-/// The `n`-th port of this process in a pool of `span` ports: processes start at different
-/// blocks (by process id), and a process walks on from its block through the whole pool.
-fn nth_port(pool: (u16, u16), pid: u32, n: u32) -> u16 {
-    let span = u32::from(pool.1 - pool.0);
-    let blocks = (span / BLOCK).max(1);
-    let start = (pid % blocks) * BLOCK;
-    pool.0 + ((start + n) % span) as u16
-}
-
-/// A TCP port on 127.0.0.1 that is free now and unlikely to be taken before it is used: each call
-/// gets the next port of a process-wide sequence outside the kernel's ephemeral range (so no
-/// ephemeral bind or connection of another process lands on it), starting at a block chosen
-/// by the process id (so concurrent test processes use different ports), checked with a bind.
-/// Another program choosing fixed ports may still take it before the caller binds: servers
-/// started on it should retry on another port when the bind fails, as [`RedisServer`] does.
-pub fn free_port() -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let pool = pool();
-    let span = u64::from(pool.1 - pool.0);
-    for _ in 0..span {
-        let n = (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u32;
-        let port = nth_port(pool, std::process::id(), n);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    // Every port of the pool is in use: one the kernel finds free.
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind an ephemeral loopback port")
-}
-
 /// One `redis-server` process.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -130,31 +48,31 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// Starts a standalone server on a free loopback port.
-    pub fn start() -> Result<RedisServer, TestingError> {
+    pub fn start() -> Result<RedisServer, RedisError> {
         Self::start_with(&[])
     }
 
     /// Starts a server with extra command-line arguments.
-    pub fn start_with(extra: &[&str]) -> Result<RedisServer, TestingError> {
+    pub fn start_with(extra: &[&str]) -> Result<RedisServer, RedisError> {
         let mut last = String::new();
         // The port is free when chosen but may be taken before the server binds it: try again.
         for _ in 0..5 {
             let mut s = RedisServer {
                 port: free_port(),
-                dir: TempDir::new("redis").map_err(|e| TestingError::Other(format!("temp dir: {e}")))?,
+                dir: TempDir::new("redis").map_err(|e| RedisError::Other(format!("temp dir: {e}")))?,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
             };
             match s.spawn() {
                 Ok(()) => return Ok(s),
-                Err(TestingError::Other(m)) => last = m,
+                Err(RedisError::Other(m)) => last = m,
                 Err(e) => return Err(e),
             }
         }
-        Err(TestingError::Other(format!("redis-server did not start: {last}")))
+        Err(RedisError::Other(format!("redis-server did not start: {last}")))
     }
 
-    fn spawn(&mut self) -> Result<(), TestingError> {
+    fn spawn(&mut self) -> Result<(), RedisError> {
         let log = self.dir.path().join(format!("redis-{}.log", self.port));
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
@@ -168,7 +86,7 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().map_err(|source| TestingError::Missing {
+        let child = cmd.spawn().map_err(|source| RedisError::Missing {
             program: "redis-server",
             package: "redis-server",
             source,
@@ -187,7 +105,7 @@ impl RedisServer {
                     self.child = None;
                     let tail = std::fs::read_to_string(&log).unwrap_or_default();
                     let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-                    return Err(TestingError::Other(format!(
+                    return Err(RedisError::Other(format!(
                         "redis-server on port {} exited ({status}): {tail}",
                         self.port
                     )));
@@ -195,7 +113,7 @@ impl RedisServer {
             }
             if Instant::now() > deadline {
                 self.kill();
-                return Err(TestingError::Other(format!("redis-server on port {} did not answer PING", self.port)));
+                return Err(RedisError::Other(format!("redis-server on port {} did not answer PING", self.port)));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -220,13 +138,13 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port (after [`RedisServer::kill`]).
-    pub fn restart(&mut self) -> Result<(), TestingError> {
+    pub fn restart(&mut self) -> Result<(), RedisError> {
         self.kill();
         self.spawn()
     }
 
     /// Runs `redis-cli -p PORT ARGS...` and returns its standard output.
-    pub fn cli(&self, args: &[&str]) -> Result<String, TestingError> {
+    pub fn cli(&self, args: &[&str]) -> Result<String, RedisError> {
         redis_cli(&["-p", &self.port.to_string()], args)
     }
 }
@@ -237,16 +155,16 @@ impl Drop for RedisServer {
     }
 }
 
-fn redis_cli(conn: &[&str], args: &[&str]) -> Result<String, TestingError> {
+fn redis_cli(conn: &[&str], args: &[&str]) -> Result<String, RedisError> {
     let out = Command::new("redis-cli")
         .args(["-h", "127.0.0.1"])
         .args(conn)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| TestingError::Missing { program: "redis-cli", package: "redis-tools", source })?;
+        .map_err(|source| RedisError::Missing { program: "redis-cli", package: "redis-tools", source })?;
     if !out.status.success() {
-        return Err(TestingError::Other(format!(
+        return Err(RedisError::Other(format!(
             "redis-cli {args:?} failed ({}): {}{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
@@ -302,7 +220,7 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts three `redis-server --cluster-enabled yes` processes, joins them with
     /// `redis-cli --cluster create`, and waits for `cluster_state:ok` on every node.
-    pub fn start() -> Result<RedisCluster, TestingError> {
+    pub fn start() -> Result<RedisCluster, RedisError> {
         let mut nodes = Vec::new();
         for i in 0..3 {
             let conf = format!("nodes-{i}.conf");
@@ -327,12 +245,12 @@ impl RedisCluster {
 
     /// Restarts node `i` on its port with its cluster configuration (its data is lost, its
     /// slots stay), and waits for `cluster_state:ok` everywhere.
-    pub fn restart_node(&mut self, i: usize) -> Result<(), TestingError> {
+    pub fn restart_node(&mut self, i: usize) -> Result<(), RedisError> {
         self.nodes[i].restart()?;
         self.wait_ok()
     }
 
-    fn wait_ok(&self) -> Result<(), TestingError> {
+    fn wait_ok(&self) -> Result<(), RedisError> {
         let deadline = Instant::now() + READY_WITHIN;
         for n in &self.nodes {
             loop {
@@ -341,7 +259,7 @@ impl RedisCluster {
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(TestingError::Other(format!("cluster node {} not ok: {info}", n.port())));
+                    return Err(RedisError::Other(format!("cluster node {} not ok: {info}", n.port())));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -359,7 +277,7 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
-    /// `redis://a,redis://b,redis://c` (what [`crate::redis::Target::parse`] takes).
+    /// `redis://a,redis://b,redis://c` (what `indexd::redis::Target::parse` takes).
     pub fn target_string(&self) -> String {
         self.urls().join(",")
     }
@@ -368,37 +286,6 @@ impl RedisCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ports_come_from_a_per_process_block_outside_the_ephemeral_range() {
-        let pool = (10_000, 32_768);
-        let span = u32::from(pool.1 - pool.0);
-        for pid in [1, 4242, 99_999] {
-            let ports: std::collections::HashSet<u16> = (0..span).map(|n| nth_port(pool, pid, n)).collect();
-            assert_eq!(ports.len(), span as usize, "every port of the pool once");
-            assert!(ports.iter().all(|&p| (pool.0..pool.1).contains(&p)));
-        }
-        // Neighbouring processes start one block apart.
-        assert_eq!(nth_port(pool, 7, 0) + BLOCK as u16, nth_port(pool, 8, 0));
-        assert_eq!(nth_port(pool, 7, 1), nth_port(pool, 7, 0) + 1);
-        let (lo, hi) = super::pool();
-        assert!(lo < hi);
-    }
-
-    #[test]
-    fn free_ports_are_distinct_bindable_and_not_ephemeral() {
-        let eph = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-        let eph: Vec<u16> = eph.split_whitespace().filter_map(|n| n.parse().ok()).collect();
-        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
-        let distinct: std::collections::HashSet<_> = ports.iter().collect();
-        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
-        for p in ports {
-            TcpListener::bind(("127.0.0.1", p)).unwrap();
-            if let [lo, hi] = eph[..] {
-                assert!(!(lo..=hi).contains(&p), "{p} is in the ephemeral range {lo}-{hi}");
-            }
-        }
-    }
 
     #[test]
     fn a_server_is_ready_when_it_is_the_one_answering() {

@@ -2,8 +2,8 @@
 //! (a bridge in its own namespace), optionally with a shaped link, and `redis-server`
 //! processes running inside them. Everything is removed on drop.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::netns::{self, run, Netns, NetnsError};
@@ -178,30 +178,5 @@ impl Drop for World {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-}
-
-/// A binary of this workspace (built by `cargo build --release`).
-pub fn release_bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("target/release").join(name);
-    assert!(p.exists(), "{} is missing: cargo build --release --workspace", p.display());
-    p
-}
-
-/// Runs a command in the background, its output in `log`; killed on drop.
-pub struct Bg(pub Child);
-
-impl Bg {
-    /// Spawns `cmd`.
-    pub fn spawn(mut cmd: Command, log: &Path) -> Bg {
-        let f = std::fs::File::create(log).unwrap();
-        Bg(cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap())
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

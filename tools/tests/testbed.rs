@@ -8,9 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shrink_tests::netns;
-use shrink_tests::testbed::{self, Bins, BootSpec, Options, Site, Testbed, VmInfo};
-use shrink_tests::util::wait_until;
+use shrink_testutil::netns;
+use shrink_testutil::util::wait_until;
+use shrink_tools::testbed::{self, Bins, BootSpec, Options, Site, Testbed, VmInfo};
 
 /// Removes the testbed at the end of the test, passed or failed.
 struct Down(String, PathBuf);

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::qemu::{self, Qemu, QemuError};
 use crate::testbed::{Result, Site, Testbed, TestbedError};
+use shrink_testutil::qemu::{self, Qemu, QemuError};
 
 /// Bytes on the migration stream per chunk entry besides its content: the address word.
 const ENTRY_HEADER: u64 = 8;
@@ -151,8 +151,8 @@ pub fn source_pipeline() -> Result<Value> {
     }
     let hash_only = pages.len() as f64 / t.elapsed().as_secs_f64();
     let redis =
-        indexd::testing::RedisServer::start().map_err(|e| TestbedError::Failed(format!("redis-server: {e}")))?;
-    let mut dedup = migrate::dedup::RedisDedup::new(&migrate::dedup::DedupConfig {
+        shrink_testutil::redis::RedisServer::start().map_err(|e| TestbedError::Failed(format!("redis-server: {e}")))?;
+    let mut dedup = migrate::shrinker::RedisDedup::new(&migrate::shrinker::DedupConfig {
         coordination: redis.url(),
         migration_id: "bench".into(),
         dest_site: "B".into(),
@@ -199,28 +199,50 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
+/// Why a plot could not be drawn.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PlotError {
+    /// The font is not installed.
+    #[error("no DejaVuSans.ttf: apt-get install fonts-dejavu-core (or `make deps`)")]
+    NoFont,
+    /// The font file cannot be read or is not a font.
+    #[error("{path}: {why}")]
+    Font {
+        /// The font file.
+        path: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Drawing or writing the PNG failed.
+    #[error("{path}: {why}")]
+    Draw {
+        /// The PNG.
+        path: PathBuf,
+        /// What plotters said.
+        why: String,
+    },
+}
+
 /// Loads the plots' font (DejaVu Sans); an error names the package to install.
-pub fn font() -> std::result::Result<(), String> {
-    static FONT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+pub fn font() -> std::result::Result<(), PlotError> {
+    static FONT: std::sync::OnceLock<std::result::Result<(), PlotError>> = std::sync::OnceLock::new();
     FONT.get_or_init(|| {
         let candidates = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
-        let path = candidates
-            .iter()
-            .find(|p| Path::new(p).is_file())
-            .ok_or("no DejaVuSans.ttf: apt-get install fonts-dejavu-core (or `make deps`)")?;
-        let bytes: &'static [u8] =
-            Box::leak(std::fs::read(path).map_err(|e| format!("{path}: {e}"))?.into_boxed_slice());
+        let path = *candidates.iter().find(|p| Path::new(p).is_file()).ok_or(PlotError::NoFont)?;
+        let bytes: &'static [u8] = Box::leak(
+            std::fs::read(path).map_err(|e| PlotError::Font { path, why: e.to_string() })?.into_boxed_slice(),
+        );
         plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
-            .map_err(|_| format!("{path}: not a font"))
+            .map_err(|_| PlotError::Font { path, why: "not a font".into() })
     })
     .clone()
 }
 
 /// Draws `panels` side by side into the PNG `path`.
-pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result<(), String> {
+pub fn plot(path: &Path, caption: &str, panels: &[Panel]) -> std::result::Result<(), PlotError> {
     use plotters::prelude::*;
     font()?;
-    let e = |x: &dyn std::fmt::Display| format!("{}: {x}", path.display());
+    let e = |x: &dyn std::fmt::Display| PlotError::Draw { path: path.to_owned(), why: x.to_string() };
     let root = BitMapBackend::new(path, (560 * panels.len() as u32, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let root = root.titled(caption, ("sans-serif", 22)).map_err(|x| e(&x))?;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use shrink_tests::eval::{self, LowerBound, Panel, Series};
-use shrink_tests::testbed::{self, Bins, BootSpec, Options, Site, Testbed};
+use shrink_tools::eval::{self, LowerBound, Panel, Series};
+use shrink_tools::testbed::{self, Bins, BootSpec, Options, Site, Testbed};
 
 #[derive(Parser)]
 #[command(name = "shrink-bench", about = "shrink vs --no-dedup vs QEMU on the two-site testbed: JSON and PNG plots")]
@@ -128,7 +128,7 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let bound = LowerBound::of(&images, p.chunk as usize, 32).map_err(e)?;
     let shrink = leg(&tb, Site::B, &["--chunk", &p.chunk.to_string()], "dedup")?;
     let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
-    let qemu = if p.baselines && !cli.no_qemu && shrink_tests::qemu::binary().is_some() {
+    let qemu = if p.baselines && !cli.no_qemu && shrink_testutil::qemu::binary().is_some() {
         // QEMU alone on a fresh testbed (the same link), with the same memory images.
         struct Scratch(PathBuf);
         impl Drop for Scratch {
@@ -257,7 +257,7 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     let vms = |p: &Value| u(&p["vms"]) as f64;
     let mut fig = |file: &str, caption: &str, panels: Vec<Panel>| -> Result<(), String> {
         if panels.iter().any(|p| p.series.iter().any(|s| !s.points.is_empty())) {
-            eval::plot(&out.join(file), caption, &panels)?;
+            eval::plot(&out.join(file), caption, &panels).map_err(|e| e.to_string())?;
             made.push(file.to_owned());
         }
         Ok(())
@@ -413,10 +413,10 @@ fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: 
     let args: Vec<String> = std::env::args().skip(1).collect();
     json!({
         "benchmark": "shrink-bench",
-        "date": shrink_tests::util::utc_now(),
+        "date": shrink_testutil::util::utc_now(),
         "command": format!("target/release/shrink-bench {}", args.join(" ")),
         "quick": cli.quick,
-        "machine": shrink_tests::util::machine(),
+        "machine": shrink_testutil::util::machine(),
         "complete": complete,
         "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
         "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
@@ -445,7 +445,7 @@ fn main() -> ExitCode {
             return Err(format!("--chunks: {c} is not one of {sizes:?}"));
         }
         // Before hours of measuring: everything the plots and the runs need is there.
-        eval::font()?;
+        eval::font().map_err(|e| e.to_string())?;
         let bins = Bins::find(None, None).map_err(|e| e.to_string())?;
         let vm = if cli.quick {
             Vm { mem_mib: 128, preload: "16M", private: "2M" }

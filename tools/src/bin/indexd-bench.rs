@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use indexd::hash::{digest, Algo};
 use indexd::peer::{ChunkSource, PeerClient, PeerServer};
 use indexd::redis::{Redis, Target};
-use indexd::testing::{RedisCluster, RedisServer};
 use indexd::ContentIndex;
+use shrink_testutil::redis::{RedisCluster, RedisServer};
 
 fn keys(tag: &str, n: usize) -> Vec<Vec<u8>> {
     (0..n)

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testutil/ is in the repository").to_owned()
 }
 
 /// A benchmark's output file: its first argument ending in `.json` (relative to the repository
@@ -27,6 +27,31 @@ pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {
             return t;
         }
         assert!(start.elapsed() < timeout, "no {needle:?} in {} after {timeout:?}", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Something did not happen in time.
+#[derive(Debug, thiserror::Error)]
+#[error("timed out after {secs} s waiting for {what}")]
+pub struct WaitTimeout {
+    /// What was waited for.
+    pub what: String,
+    /// How long, in seconds.
+    pub secs: u64,
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, and returns that; after `secs` seconds, an
+/// error saying that `what` did not happen.
+pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T, WaitTimeout> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            return Err(WaitTimeout { what: what.to_owned(), secs });
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -112,5 +137,10 @@ pub fn host_info() -> serde_json::Value {
 
 /// The number of the last `heartbeat <n>` line the test guest printed on its console.
 pub fn last_heartbeat(text: &str) -> Option<u64> {
-    text.lines().filter_map(|l| l.strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).next_back()
+    heartbeats(text).last().copied()
+}
+
+/// The heartbeat numbers in a console transcript.
+pub fn heartbeats(text: &str) -> Vec<u64> {
+    text.lines().filter_map(|l| l.trim().strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
 }

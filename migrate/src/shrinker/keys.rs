@@ -41,4 +41,10 @@ mod tests {
         assert_eq!(with_digest(&coordination_prefix("m1", "siteB"), &[7]), b"shrink:coord:m1:siteB:\x07".to_vec());
         assert!(INDEX_PREFIX.starts_with(NAMESPACE.as_bytes()));
     }
+
+    #[test]
+    fn keys_are_the_prefix_and_the_raw_digest() {
+        assert_eq!(index_key(&[0x01, 0xff, 0x00]), b"shrink:index:\x01\xff\x00".to_vec());
+        assert_eq!(index_key(&[]), b"shrink:index:".to_vec());
+    }
 }

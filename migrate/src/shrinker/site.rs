@@ -1,10 +1,13 @@
-//! The destination side of Shrinker's content-based addressing, for one VMM: which of this
-//! guest's chunks hold which content (an index kept correct as chunks are overwritten), their
-//! registration in the destination site's index Redis (`SADD digest host:port`, `SREM` when the
-//! last chunk with a digest is gone), a peer server that hands chunks to the site's other
-//! hypervisors, and the resolution of digest-only chunks: this guest's own memory first, then a
-//! holder found with `SRANDMEMBER` (another one when it fails), every chunk verified against its
-//! digest before it is installed.
+//! Shrinker's destination half, for one VMM: which of this guest's chunks hold which content
+//! (an index kept correct as chunks are overwritten), their registration in the destination
+//! site's index Redis (`SADD digest host:port`, `SREM` when the last chunk with a digest is
+//! gone), a peer server that hands chunks to the site's other hypervisors, and the resolution of
+//! digest-only chunks ([`SiteIndex::resolve`]): this guest's own memory first, then a holder
+//! found with `SRANDMEMBER` (another one when it fails), every chunk verified against its digest
+//! before it is installed.
+//!
+//! The guest's memory is read through [`ChunkMemory`] (copies, never slices over it); the
+//! decisions — what to register, whom to ask in which round — are in `policy.rs`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,85 +17,13 @@ use indexd::hash::{self, Algo};
 use indexd::index::ContentIndex;
 use indexd::peer::{ChunkSource, PeerClient, PeerServer};
 use indexd::redis::{Redis, Target};
-use vm_memory::{Bytes, GuestAddress};
 
-use crate::vstate::memory::GuestMemoryMmap;
-
-/// How many rounds of holders a digest-only chunk gets per [`SiteIndex::resolve`]: a random
-/// holder, then (after a failure, or when the random one was this VMM) the others, one a round.
-const HOLDER_ROUNDS: usize = 3;
-
-/// The site-index key of a digest (see [`migrate::keys`]).
-fn key(digest: &[u8]) -> Vec<u8> {
-    migrate::keys::index_key(digest)
-}
-
-/// What the site index must learn when a chunk changes: `old` is the digest it held before and
-/// whether no chunk of this guest holds that digest any more, `new` what it holds now (`None`:
-/// content that is not indexed). Per key, whether this VMM holds it, in the order they apply.
-fn index_changes(old: Option<(&[u8], bool)>, new: Option<&[u8]>) -> Vec<(Vec<u8>, bool)> {
-    let mut out = Vec::new();
-    if let Some(d) = new {
-        if old.is_none_or(|(o, _)| o != d) {
-            out.push((key(d), true));
-        }
-    }
-    if let Some((od, true)) = old {
-        out.push((key(od), false));
-    }
-    out
-}
-
-/// Pending index updates as the `SADD` and the `SREM` lists of `member`.
-type Updates = (Vec<(Vec<u8>, String)>, Vec<(Vec<u8>, String)>);
-
-/// Splits pending index updates (per key, whether `member` holds it) into `SADD`s and `SREM`s.
-fn split_updates(pending: impl IntoIterator<Item = (Vec<u8>, bool)>, member: &str) -> Updates {
-    let (mut sadd, mut srem) = (Vec::new(), Vec::new());
-    for (k, holds) in pending {
-        if holds {
-            sadd.push((k, member.to_owned()));
-        } else {
-            srem.push((k, member.to_owned()));
-        }
-    }
-    (sadd, srem)
-}
-
-/// The first holder to ask for each digest: the random one `SRANDMEMBER` named, unless it is
-/// this VMM (`me`) or there is none.
-fn first_holders(random: Vec<Option<String>>, me: &str) -> Vec<Vec<String>> {
-    random.into_iter().map(|h| h.filter(|m| m != me).into_iter().collect()).collect()
-}
-
-/// The digests (by position) that need every holder listed: not resolved, nobody left to ask.
-fn need_all_holders(candidates: &[Vec<String>], done: &[bool]) -> Vec<usize> {
-    (0..candidates.len()).filter(|&i| !done[i] && candidates[i].is_empty()).collect()
-}
-
-/// The holders still worth asking among `members`: neither this VMM nor one asked already.
-fn untried(members: Vec<String>, me: &str, tried: &[String]) -> Vec<String> {
-    members.into_iter().filter(|m| m != me && !tried.contains(m)).collect()
-}
-
-/// One round: every unresolved digest with a candidate left goes to its next candidate (which
-/// is then tried); returns the digests (by position) to ask each holder for.
-fn next_round(candidates: &mut [Vec<String>], done: &[bool], tried: &mut [Vec<String>]) -> HashMap<String, Vec<usize>> {
-    let mut by_peer: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, c) in candidates.iter_mut().enumerate() {
-        if !done[i] && !c.is_empty() {
-            let peer = c.remove(0);
-            tried[i].push(peer.clone());
-            by_peer.entry(peer).or_default().push(i);
-        }
-    }
-    by_peer
-}
-
-/// Whether a peer's answer is the chunk asked for: one chunk long, hashing to its digest.
-fn is_chunk(algo: Algo, chunk: usize, bytes: &[u8], digest: &[u8]) -> bool {
-    bytes.len() == chunk && hash::verify(algo, bytes, digest)
-}
+use super::keys::index_key;
+use super::policy::{
+    first_holders, index_changes, is_chunk, need_all_holders, next_round, split_updates, untried, HOLDER_ROUNDS,
+};
+use super::ChunkMemory;
+use crate::stats::SiteStats;
 
 /// How a destination VMM takes part in its site's index.
 #[derive(Debug, Clone)]
@@ -106,8 +37,6 @@ pub struct SiteOptions {
     /// How long waiting content may stop arriving at the site before it is pulled from the source.
     pub wait: Duration,
 }
-
-pub use migrate::stats::SiteStats;
 
 /// Why a VMM cannot join its site.
 #[derive(Debug, thiserror::Error)]
@@ -132,16 +61,17 @@ pub enum SiteIndexError {
 
 /// Serves this guest's chunks to peers, from the live guest memory, checked against the digest.
 struct GuestChunks {
-    mem: GuestMemoryMmap,
+    mem: Arc<dyn ChunkMemory>,
     index: Arc<Mutex<ContentIndex>>,
     algo: Algo,
     chunk: usize,
 }
 
 impl GuestChunks {
+    /// A copy of the chunk at `gpa`, if the memory can be read there.
     fn read(&self, gpa: u64) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; self.chunk];
-        self.mem.read_slice(&mut buf, GuestAddress(gpa)).ok()?;
+        self.mem.read_chunk(gpa, &mut buf).ok()?;
         Some(buf)
     }
 }
@@ -178,10 +108,12 @@ pub struct SiteIndex {
 }
 
 impl SiteIndex {
-    /// Joins the site: starts the peer server and connects to the index.
+    /// Joins the site: starts the peer server and connects to the index. `mem` is this guest's
+    /// memory, read to serve peers and to resolve chunks locally; `algo` and `chunk` are the
+    /// stream's digest and chunk size.
     pub fn start(
         opts: &SiteOptions,
-        mem: GuestMemoryMmap,
+        mem: Arc<dyn ChunkMemory>,
         algo: Algo,
         chunk: usize,
     ) -> Result<SiteIndex, SiteIndexError> {
@@ -268,7 +200,7 @@ impl SiteIndex {
                 .expect("index poisoned")
                 .digests()
                 .into_iter()
-                .map(|d| (key(&d), self.member.clone()))
+                .map(|d| (index_key(&d), self.member.clone()))
                 .collect();
             let r = self.redis.as_mut()?;
             if all.chunks(8192).all(|part| r.sadd_many(part).is_ok()) {
@@ -352,7 +284,7 @@ impl SiteIndex {
         }
         // 2. Other hypervisors of the site: a random holder, then the others.
         if !left.is_empty() && self.index().is_some() {
-            let keys: Vec<Vec<u8>> = left.iter().map(|(d, _)| key(d)).collect();
+            let keys: Vec<Vec<u8>> = left.iter().map(|(d, _)| index_key(d)).collect();
             // A random holder first (SRANDMEMBER); the whole set only for what that fails on.
             let first = match self.index().map(|r| r.srandmember_many(&keys)) {
                 Some(Ok(h)) => h,
@@ -370,7 +302,7 @@ impl SiteIndex {
                     // Holders that failed or were this VMM itself: ask for every holder.
                     let again = need_all_holders(&candidates, &done);
                     if !again.is_empty() {
-                        let keys: Vec<Vec<u8>> = again.iter().map(|&i| key(&left[i].0)).collect();
+                        let keys: Vec<Vec<u8>> = again.iter().map(|&i| index_key(&left[i].0)).collect();
                         if let Some(Ok(all)) = self.index().map(|r| r.smembers_many(&keys)) {
                             for (&i, members) in again.iter().zip(all) {
                                 candidates[i] = untried(members, &self.member, &tried[i]);
@@ -443,7 +375,7 @@ impl Drop for SiteIndex {
                 .map(|i| i.digests())
                 .unwrap_or_default()
                 .into_iter()
-                .map(|d| (key(&d), self.member.clone()))
+                .map(|d| (index_key(&d), self.member.clone()))
                 .collect();
             for part in gone.chunks(10_000) {
                 if redis.srem_many(part).is_err() {
@@ -458,109 +390,48 @@ impl Drop for SiteIndex {
 mod tests {
     use super::*;
 
-    use indexd::testing::RedisServer;
+    use shrink_testutil::redis::RedisServer;
+
+    use crate::shrinker::ChunkMemoryError;
 
     const CHUNK: usize = 4096;
     const ALGO: Algo = Algo::Sha256;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    // With a real redis-server and real peer servers; the pure decisions are tested in
+    // `policy.rs`.
+
+    /// A guest memory in a vector, read and written by copy, like the VMM's.
+    struct TestMemory(Mutex<Vec<u8>>);
+
+    impl TestMemory {
+        fn write(&self, gpa: u64, data: &[u8]) {
+            let start = gpa as usize;
+            self.0.lock().unwrap()[start..start + data.len()].copy_from_slice(data);
+        }
+
+        fn read(&self, gpa: u64) -> Vec<u8> {
+            let mut buf = vec![0u8; CHUNK];
+            self.read_chunk(gpa, &mut buf).unwrap();
+            buf
+        }
     }
 
-    // ---- Pure logic ----
-
-    #[test]
-    fn keys_are_the_prefix_and_the_raw_digest() {
-        assert_eq!(key(&[0x01, 0xff, 0x00]), b"shrink:index:\x01\xff\x00".to_vec());
-        assert_eq!(key(&[]), b"shrink:index:".to_vec());
+    impl ChunkMemory for TestMemory {
+        fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ChunkMemoryError> {
+            let mem = self.0.lock().unwrap();
+            let start = gpa as usize;
+            let src = start
+                .checked_add(buf.len())
+                .and_then(|end| mem.get(start..end))
+                .ok_or(ChunkMemoryError::OutOfRange { gpa, len: buf.len() })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
     }
-
-    #[test]
-    fn index_changes_register_new_content_and_drop_the_last_copy_of_the_old() {
-        let (a, b) = (b"aaaa".as_slice(), b"bbbb".as_slice());
-        assert_eq!(index_changes(None, Some(a)), vec![(key(a), true)], "a chunk written for the first time");
-        assert_eq!(index_changes(Some((a, false)), Some(a)), vec![], "the same content again: nothing to say");
-        assert_eq!(
-            index_changes(Some((a, false)), Some(b)),
-            vec![(key(b), true)],
-            "overwritten, the old content still in another chunk: only the new one is registered"
-        );
-        assert_eq!(
-            index_changes(Some((a, true)), Some(b)),
-            vec![(key(b), true), (key(a), false)],
-            "overwritten, the last copy of the old content gone: SADD the new, SREM the old"
-        );
-        assert_eq!(
-            index_changes(Some((a, true)), None),
-            vec![(key(a), false)],
-            "the last copy overwritten with content that is not indexed (a uniform chunk)"
-        );
-        assert_eq!(index_changes(Some((a, false)), None), vec![], "another copy is left");
-        assert_eq!(index_changes(None, None), vec![], "uniform over never-written");
-    }
-
-    #[test]
-    fn pending_updates_split_into_sadd_and_srem_of_this_member() {
-        let (sadd, srem) = split_updates(vec![(b"k1".to_vec(), true), (b"k2".to_vec(), false)], "10.0.0.1:7100");
-        assert_eq!(sadd, vec![(b"k1".to_vec(), "10.0.0.1:7100".to_owned())]);
-        assert_eq!(srem, vec![(b"k2".to_vec(), "10.0.0.1:7100".to_owned())]);
-        let (sadd, srem) = split_updates(Vec::new(), "m");
-        assert!(sadd.is_empty() && srem.is_empty());
-    }
-
-    #[test]
-    fn the_random_holder_is_asked_first_unless_it_is_this_vmm() {
-        let first = first_holders(vec![Some("p1".into()), Some("me".into()), None], "me");
-        assert_eq!(first, vec![s(&["p1"]), vec![], vec![]]);
-        // Without a candidate and unresolved: every holder is listed; resolved ones are not.
-        assert_eq!(need_all_holders(&first, &[false, false, true]), vec![1]);
-        assert_eq!(need_all_holders(&first, &[false, false, false]), vec![1, 2]);
-    }
-
-    #[test]
-    fn later_rounds_ask_the_holders_not_tried_yet_never_this_vmm() {
-        let members = s(&["p1", "me", "p2", "p3"]);
-        assert_eq!(untried(members.clone(), "me", &s(&["p1"])), s(&["p2", "p3"]));
-        assert_eq!(untried(members, "me", &s(&["p1", "p2", "p3"])), Vec::<String>::new());
-    }
-
-    #[test]
-    fn a_round_sends_each_open_digest_to_its_next_candidate_grouped_by_holder() {
-        let mut candidates = vec![s(&["p1", "p2"]), s(&["p1"]), s(&["p2"]), vec![], s(&["p1"])];
-        let done = [false, false, false, false, true];
-        let mut tried = vec![Vec::new(); 5];
-        let round = next_round(&mut candidates, &done, &mut tried);
-        let mut got: Vec<(String, Vec<usize>)> = round.into_iter().collect();
-        got.sort();
-        assert_eq!(got, vec![("p1".to_owned(), vec![0, 1]), ("p2".to_owned(), vec![2])]);
-        assert_eq!(tried, vec![s(&["p1"]), s(&["p1"]), s(&["p2"]), vec![], vec![]]);
-        // What is left for the next round: p2 for digest 0; nobody for 1, 2, 3.
-        assert_eq!(candidates[0], s(&["p2"]));
-        assert_eq!(need_all_holders(&candidates, &done), vec![1, 2, 3]);
-        // Digest 0 failed at p1: the next round asks p2, once.
-        let round = next_round(&mut candidates, &[false, true, true, true, true], &mut tried);
-        assert_eq!(round.into_iter().collect::<Vec<_>>(), vec![("p2".to_owned(), vec![0])]);
-        assert_eq!(tried[0], s(&["p1", "p2"]));
-        // Nobody left anywhere: no round at all.
-        assert!(next_round(&mut candidates, &done, &mut tried).is_empty());
-    }
-
-    #[test]
-    fn only_a_chunk_of_the_right_length_and_digest_is_accepted() {
-        let data = vec![7u8; CHUNK];
-        let d = hash::digest(ALGO, &data);
-        assert!(is_chunk(ALGO, CHUNK, &data, &d));
-        let mut flipped = data.clone();
-        flipped[0] ^= 0xff;
-        assert!(!is_chunk(ALGO, CHUNK, &flipped, &d), "corrupt answer");
-        assert!(!is_chunk(ALGO, CHUNK, &data[..CHUNK - 1], &hash::digest(ALGO, &data[..CHUNK - 1])), "short");
-    }
-
-    // ---- With a real redis-server and real peer servers ----
 
     /// A guest memory of `chunks` chunks.
-    fn memory(chunks: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), chunks * CHUNK)]).unwrap()
+    fn memory(chunks: usize) -> Arc<TestMemory> {
+        Arc::new(TestMemory(Mutex::new(vec![0u8; chunks * CHUNK])))
     }
 
     /// Distinct, non-uniform content number `n`.
@@ -576,7 +447,7 @@ mod tests {
             .collect()
     }
 
-    fn join(redis: &RedisServer, mem: GuestMemoryMmap) -> SiteIndex {
+    fn join(redis: &RedisServer, mem: Arc<TestMemory>) -> SiteIndex {
         let opts = SiteOptions {
             index: Some(redis.url()),
             peer_listen: "127.0.0.1:0".into(),
@@ -587,15 +458,15 @@ mod tests {
     }
 
     /// Writes `data` at chunk `i` of the guest memory, as a migration stream installs it.
-    fn write(site: &mut SiteIndex, mem: &GuestMemoryMmap, i: usize, data: &[u8]) {
-        mem.write_slice(data, GuestAddress((i * CHUNK) as u64)).unwrap();
+    fn write(site: &mut SiteIndex, mem: &TestMemory, i: usize, data: &[u8]) {
+        mem.write((i * CHUNK) as u64, data);
         site.on_write((i * CHUNK) as u64, Some(data));
     }
 
     /// Who the index says holds `data` (`SMEMBERS shrink:index:<digest>`).
     fn holders(redis: &RedisServer, data: &[u8]) -> Vec<String> {
         let mut r = Redis::connect(&Target::parse(&redis.url()).unwrap()).unwrap();
-        let mut m = r.smembers_many(&[key(&hash::digest(ALGO, data))]).unwrap().remove(0);
+        let mut m = r.smembers_many(&[index_key(&hash::digest(ALGO, data))]).unwrap().remove(0);
         m.sort();
         m
     }
@@ -629,7 +500,7 @@ mod tests {
         // Another hypervisor of the site holds `a` too.
         let other = "10.9.9.9:7100".to_owned();
         let mut r = Redis::connect(&Target::parse(&redis.url()).unwrap()).unwrap();
-        r.sadd_many(&[(key(&hash::digest(ALGO, &a)), other.clone())]).unwrap();
+        r.sadd_many(&[(index_key(&hash::digest(ALGO, &a)), other.clone())]).unwrap();
         // The last copy of `a` is overwritten, and `b` becomes a uniform chunk: both SREMed,
         // and only this VMM's membership.
         write(&mut site, &mem, 1, &c);
@@ -663,7 +534,7 @@ mod tests {
         let mut batch: Vec<(u64, Vec<u8>)> =
             (0..N).map(|i| ((i * CHUNK) as u64, hash::digest(ALGO, &content(i as u32)))).collect();
         let m = mem_new.clone();
-        new.resolve(&mut batch, &mut |gpa, bytes| m.write_slice(bytes, GuestAddress(gpa)).unwrap());
+        new.resolve(&mut batch, &mut |gpa, bytes| m.write(gpa, bytes));
 
         let st = new.snapshot_stats();
         assert!(batch.is_empty(), "{} chunks left for the source to send; {st:?}", batch.len());
@@ -681,8 +552,7 @@ mod tests {
             "the honest holder served every chunk, also the corrupt ones"
         );
         for i in 0..N {
-            let mut got = vec![0u8; CHUNK];
-            mem_new.read_slice(&mut got, GuestAddress((i * CHUNK) as u64)).unwrap();
+            let got = mem_new.read((i * CHUNK) as u64);
             assert!(got == content(i as u32), "chunk {i} holds what it should");
         }
         // And the new holder registered them.
@@ -706,13 +576,12 @@ mod tests {
             (0..N).map(|i| ((i * CHUNK) as u64, hash::digest(ALGO, &content(300 + i as u32)))).collect();
         let want = batch.clone();
         let m = mem_new.clone();
-        new.resolve(&mut batch, &mut |gpa, bytes| m.write_slice(bytes, GuestAddress(gpa)).unwrap());
+        new.resolve(&mut batch, &mut |gpa, bytes| m.write(gpa, bytes));
         let st = new.snapshot_stats();
         batch.sort();
         assert_eq!(batch, want, "every chunk is left for the source: {st:?}");
         assert_eq!((st.peer, st.corrupt_from_peer), (0, N as u64), "{st:?}");
-        let mut got = vec![0u8; CHUNK];
-        mem_new.read_slice(&mut got, GuestAddress(0)).unwrap();
+        let got = mem_new.read(0);
         assert!(got.iter().all(|&b| b == 0), "nothing corrupt was installed");
     }
 
@@ -727,14 +596,14 @@ mod tests {
         let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         for i in 0..N {
             write(&mut good, &mem_good, i, &content(100 + i as u32));
-            let k = key(&hash::digest(ALGO, &content(100 + i as u32)));
+            let k = index_key(&hash::digest(ALGO, &content(100 + i as u32)));
             Redis::connect(&Target::parse(&redis.url()).unwrap()).unwrap().sadd_many(&[(k, gone.clone())]).unwrap();
         }
         good.flush();
         let mut batch: Vec<(u64, Vec<u8>)> =
             (0..N).map(|i| ((i * CHUNK) as u64, hash::digest(ALGO, &content(100 + i as u32)))).collect();
         let m = mem_new.clone();
-        new.resolve(&mut batch, &mut |gpa, bytes| m.write_slice(bytes, GuestAddress(gpa)).unwrap());
+        new.resolve(&mut batch, &mut |gpa, bytes| m.write(gpa, bytes));
         let st = new.snapshot_stats();
         assert!(batch.is_empty(), "{} chunks left; {st:?}", batch.len());
         assert_eq!(st.peer, N as u64, "{st:?}");

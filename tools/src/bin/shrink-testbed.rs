@@ -1,7 +1,7 @@
 //! `shrink-testbed`: two data-centre sites in network namespaces on this machine, with a shaped
 //! WAN between their gateways, vnetd on the gateways and Redis at both sites; boots a virtual
 //! cluster at site A; and `demo` moves it to site B and back while clients at both sites probe
-//! every VM. See `shrink_tests::testbed` for the topology.
+//! every VM. See `shrink_tools::testbed` for the topology.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
-use shrink_tests::testbed::{self, default_dir, Bins, BootSpec, Options, Site, Testbed};
+use shrink_tools::testbed::{self, default_dir, Bins, BootSpec, Options, Site, Testbed};
 
 #[derive(Parser)]
 #[command(name = "shrink-testbed", about = "two sites, a WAN, vnetd and a virtual cluster, in network namespaces")]
@@ -327,9 +327,9 @@ fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
         cluster.private,
         net.wan_rate,
         net.hosts,
-        shrink_tests::util::utc_now()
+        shrink_testutil::util::utc_now()
     );
-    println!("shrink {} on {}", env!("CARGO_PKG_VERSION"), shrink_tests::util::machine());
+    println!("shrink {} on {}", env!("CARGO_PKG_VERSION"), shrink_testutil::util::machine());
     let row = |name: &str, f: &dyn Fn(&Leg) -> String| {
         let mut s = format!("  {name:<34}");
         for l in legs {
@@ -409,7 +409,7 @@ fn problems(l: &Leg) -> Vec<String> {
 
 fn report_json(tb: &Testbed, net: &Net, cluster: &Cluster, legs: &[Leg]) -> Value {
     json!({
-        "date": shrink_tests::util::utc_now(),
+        "date": shrink_testutil::util::utc_now(),
         "testbed": {"wan_rate": net.wan_rate, "hosts_per_site": net.hosts},
         "cluster": {"vms": cluster.vms, "mem": cluster.mem, "preload": cluster.preload, "private": cluster.private, "workload": cluster.workload,
             "addresses": tb.state.vms.iter().map(|v| json!({"vm": v.name, "ip": v.ip, "mac": v.mac})).collect::<Vec<_>>()},

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::netns::{self, NetnsError};
+use shrink_testutil::netns::{self, NetnsError};
 
 /// Errors of the testbed.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,7 @@ pub enum TestbedError {
     Failed(String),
     /// A QEMU of the baseline failed.
     #[error(transparent)]
-    Qemu(#[from] crate::qemu::QemuError),
+    Qemu(#[from] shrink_testutil::qemu::QemuError),
 }
 
 /// Result alias.
@@ -101,7 +101,7 @@ impl Bins {
     /// images from `images` (default: the repository's `images/out`). Errors name what is
     /// missing and how to build it.
     pub fn find(bin_dir: Option<&Path>, images: Option<&Path>) -> Result<Bins> {
-        let root = crate::util::repo_root();
+        let root = shrink_testutil::util::repo_root();
         let bin_dir = bin_dir
             .map(Path::to_owned)
             .or_else(|| std::env::var_os("SHRINK_BIN_DIR").map(PathBuf::from))
@@ -487,7 +487,7 @@ fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Res
 }
 
 fn tail(p: &Path) -> String {
-    crate::util::tail_lines(p, 8)
+    shrink_testutil::util::tail_lines(p, 8)
 }
 
 impl Testbed {
@@ -519,7 +519,7 @@ impl Testbed {
     /// Builds the testbed (removing what an earlier one with the same name left behind) and
     /// starts vnetd and the Redis servers at both sites.
     pub fn up(opts: Options, bins: Bins) -> Result<Testbed> {
-        netns::available().map_err(|e| TestbedError::Missing { what: "root".into(), hint: e })?;
+        netns::available().map_err(|e| TestbedError::Missing { what: "root".into(), hint: e.to_string() })?;
         check_name(&opts.name)?;
         if rate_bps(&opts.wan_rate).is_none() {
             return Err(TestbedError::Failed(format!(
@@ -736,7 +736,7 @@ impl Testbed {
     /// vnetd's configuration for `site`.
     pub fn vnetd_config(&self, site: Site) -> String {
         let other = site.other();
-        netreconf::testbed::two_site_config(&netreconf::testbed::SiteConfig {
+        crate::vnet::two_site_config(&crate::vnet::SiteConfig {
             name: site.router(),
             router_mac: &site.router_mac(),
             router_ip: &format!("{}.254", site.vm_net()),
@@ -1160,7 +1160,7 @@ impl Testbed {
 
     /// The last heartbeat number on a serial console.
     pub fn heartbeat(serial: &Path) -> Option<u64> {
-        crate::util::last_heartbeat(&std::fs::read_to_string(serial).unwrap_or_default())
+        shrink_testutil::util::last_heartbeat(&std::fs::read_to_string(serial).unwrap_or_default())
     }
 
     /// A summary for `shrink-testbed status`.
