@@ -253,7 +253,7 @@ struct Platform {
 fn open_device(config: &DeviceConfig, index: usize) -> Result<(Box<dyn VirtioDevice>, Option<Tap>), VmmError> {
     Ok(match config {
         DeviceConfig::Net(n) => {
-            let tap = Tap::open(&n.tap)?;
+            let tap = Tap::open(&n.tap, n.mac)?;
             if let Some(br) = &n.bridge {
                 tap.attach_to_bridge(br)?;
             }

@@ -63,6 +63,37 @@ fn a_guest_on_a_bridge_answers_ping_and_udp_echo() {
     assert_eq!(status["devices"][0]["needs_reset"], false);
 }
 
+/// The MAC address of `dev` in `ns`.
+fn mac_of(ns: &Netns, dev: &str) -> String {
+    ns.exec(&["cat", &format!("/sys/class/net/{dev}/address")]).unwrap().trim().to_owned()
+}
+
+/// A host whose own address is on the VM bridge (a common layout): the bridge's MAC, which the
+/// LAN's ARP caches know the host by, is its NIC's, and stays so while VM taps come and go.
+#[test]
+fn taps_never_change_the_bridge_mac() {
+    let ns = lan("dvm");
+    // The host's NIC, a port of the bridge, with an address many random tap addresses are below.
+    ns.exec(&["ip", "link", "add", "nic0", "type", "veth", "peer", "name", "nic0p"]).unwrap();
+    ns.exec(&["ip", "link", "set", "nic0", "address", "5a:00:00:00:00:10", "master", "br0", "up"]).unwrap();
+    ns.exec(&["ip", "link", "set", "nic0p", "up"]).unwrap();
+    let bridge_mac = mac_of(&ns, "br0");
+    assert_eq!(bridge_mac, "5a:00:00:00:00:10", "a bridge of one port has that port's address");
+    let dir = TempDir::new("dev-mac").unwrap();
+    for (i, guest_mac) in ["52:54:00:00:07:02", "02:00:00:00:07:03", "00:16:3e:00:07:04"].iter().enumerate() {
+        let tag = format!("vmm{i}");
+        let vm = boot_on(&ns, dir.path(), &tag, guest_mac, &format!("10.1.0.{}", 20 + i), "", None);
+        vm.wait_for("shrink-guest ready", BOOT);
+        assert_eq!(mac_of(&ns, &tag), format!("fe{}", &guest_mac[2..]), "the tap's host side: fe + the guest's");
+        assert_eq!(mac_of(&ns, "br0"), bridge_mac, "a tap was added");
+        drop(vm);
+        wait_until("the tap to be gone", Duration::from_secs(10), || {
+            ns.exec(&["ip", "link", "show", &tag]).is_err().then_some(())
+        });
+        assert_eq!(mac_of(&ns, "br0"), bridge_mac, "a tap was removed");
+    }
+}
+
 #[test]
 fn two_guests_on_one_bridge_probe_each_other_without_loss() {
     let ns = lan("dv2");

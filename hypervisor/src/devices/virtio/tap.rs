@@ -37,6 +37,8 @@ const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCGIFINDEX: libc::c_ulong = 0x8933;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
+const ARPHRD_ETHER: u16 = 1;
 
 /// Size of the virtio-net header (`virtio_net_hdr_v1`) the tap prepends to every frame.
 pub const VNET_HDR_LEN: usize = 12;
@@ -117,9 +119,10 @@ fn ctl_socket() -> std::io::Result<File> {
 }
 
 impl Tap {
-    /// Opens (creating it if absent) the tap `name`, non-blocking, with 12-byte virtio-net
-    /// headers and no offloads, and brings it up.
-    pub fn open(name: &str) -> Result<Tap, TapError> {
+    /// Opens (creating it if absent) the tap `name` for a guest NIC with address `guest_mac`,
+    /// non-blocking, with 12-byte virtio-net headers and no offloads, gives its host side the
+    /// address [`host_mac`] derives, and brings it up.
+    pub fn open(name: &str, guest_mac: [u8; 6]) -> Result<Tap, TapError> {
         if !valid_ifname(name) {
             return Err(TapError::BadName(name.to_owned()));
         }
@@ -141,8 +144,18 @@ impl Tap {
         ioctl_with(fd, TUNSETVNETHDRSZ, &mut hdr_len).map_err(err("TUNSETVNETHDRSZ"))?;
         ioctl_val(fd, TUNSETOFFLOAD, 0).map_err(err("TUNSETOFFLOAD"))?;
         let tap = Tap { file, name: name.to_owned() };
+        tap.set_mac(host_mac(guest_mac)).map_err(err("setting its MAC address"))?;
         tap.set_up().map_err(err("bringing the interface up"))?;
         Ok(tap)
+    }
+
+    fn set_mac(&self, mac: [u8; 6]) -> std::io::Result<()> {
+        let sock = ctl_socket()?;
+        let mut req = IfReq::new(&self.name);
+        // A `struct sockaddr`: the family, then the address.
+        req.data[..2].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        req.data[2..8].copy_from_slice(&mac);
+        ioctl_with(sock.as_raw_fd(), SIOCSIFHWADDR, &mut req)
     }
 
     fn set_up(&self) -> std::io::Result<()> {
@@ -183,6 +196,18 @@ impl Tap {
     }
 }
 
+/// The host side's address of the tap of a guest NIC with address `guest_mac`: the guest's
+/// address with its first byte `0xfe`, as libvirt does. A Linux bridge without a fixed address
+/// takes the lowest of its ports' addresses; no `fe:` address is ever lower than a host's NIC
+/// (whose first byte is below `0xfe`), so adding or removing taps never changes the bridge's
+/// address, and the ARP caches that know the host through it stay right. Unique per guest
+/// NIC, and a locally administered unicast address.
+pub fn host_mac(guest_mac: [u8; 6]) -> [u8; 6] {
+    let mut m = guest_mac;
+    m[0] = 0xfe;
+    m
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -216,6 +241,15 @@ mod tests {
         assert!(!valid_ifname("a-name-that-is-too-long"));
         assert!(!valid_ifname("a/b"));
         assert!(!valid_ifname("a b"));
-        assert!(matches!(Tap::open("bad/name"), Err(TapError::BadName(_))));
+        assert!(matches!(Tap::open("bad/name", [0x52, 0x54, 0, 0, 0, 1]), Err(TapError::BadName(_))));
+    }
+
+    #[test]
+    fn the_host_side_of_a_tap_has_a_high_locally_administered_address() {
+        let m = host_mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        assert_eq!(m, [0xfe, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        assert_eq!(m[0] & 1, 0, "unicast");
+        assert_eq!(m[0] & 2, 2, "locally administered");
+        assert_ne!(m, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56], "never the guest's own address");
     }
 }
