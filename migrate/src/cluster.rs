@@ -2,7 +2,8 @@
 //! --cluster vc.toml --dest SITE` reads it.
 //!
 //! ```toml
-//! migration_id = "demo"          # optional: default is made from the time
+//! migration_id = "demo"          # optional: default is made from the time; each run
+//!                                # coordinates under it plus a nonce of its own (`run_id`)
 //! vmm = "/usr/local/bin/shrink-vmm"   # optional: the VMM started on destination hosts
 //! workdir = "/var/tmp/shrink"    # optional: logs and sockets of destination VMMs
 //!

@@ -124,6 +124,8 @@ pub struct VmReport {
 pub struct ClusterReport {
     /// Migration id.
     pub migration_id: String,
+    /// This run's coordination namespace: the migration id and a nonce of the run.
+    pub run_id: String,
     /// Destination site.
     pub dest: String,
     /// Whether deduplication was on.
@@ -232,8 +234,31 @@ struct Plan {
     cluster: Cluster,
     moves: Vec<Move>,
     id: String,
+    /// The namespace of this run's coordination keys ([`run_id`]).
+    run: String,
     workdir: PathBuf,
     vmm: PathBuf,
+}
+
+/// The namespace of one run's coordination keys: the cluster's migration id (a label the
+/// operator may fix in `vc.toml`, and reuse) and a nonce of this run. A run never finds the
+/// keys an earlier run with the same id left (they live for the TTL), so it never takes
+/// content for already sent that no destination holds.
+fn run_id(migration_id: &str, nonce: u64) -> String {
+    format!("{migration_id}.{nonce:016x}")
+}
+
+/// A fresh random number (the kernel's), or, should that fail, one from the time and the pid.
+fn nonce() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_ne_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+        }
+    }
 }
 
 /// A destination VMM started for one move.
@@ -266,7 +291,8 @@ fn plan(opts: &ClusterOptions) -> Result<Plan, OrchestrateError> {
             .and_then(|p| p.parent().map(|d| d.join("shrink-vmm")))
             .unwrap_or_else(|| PathBuf::from("shrink-vmm"))
     });
-    Ok(Plan { cluster, moves, id, workdir, vmm })
+    let run = run_id(&id, nonce());
+    Ok(Plan { cluster, moves, id, run, workdir, vmm })
 }
 
 /// Starts a destination VMM for every move, through the destination site's launch template
@@ -347,7 +373,7 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             verify: opts.verify,
             dedup: (!opts.no_dedup).then(|| DedupArgs {
                 coordination: from.coordination.get_ref().to_owned(),
-                migration_id: plan.id.clone(),
+                migration_id: plan.run.clone(),
                 dest_site: opts.dest.clone(),
                 digest: opts.digest.clone(),
                 chunk: opts.chunk,
@@ -454,6 +480,7 @@ fn report(
     }
     ClusterReport {
         migration_id: plan.id,
+        run_id: plan.run,
         dest: opts.dest.clone(),
         dedup: !opts.no_dedup,
         chunk: opts.chunk,
@@ -635,6 +662,20 @@ pub fn print_report(r: &ClusterReport) {
 
 #[cfg(test)]
 mod tests {
+    use super::{nonce, run_id};
+
+    #[test]
+    fn runs_with_one_migration_id_never_share_coordination_keys() {
+        let (a, b) = (run_id("demo", nonce()), run_id("demo", nonce()));
+        assert!(a.starts_with("demo.") && b.starts_with("demo."), "{a} {b}");
+        assert_ne!(a, b, "two runs of one id");
+        assert_ne!(
+            crate::shrinker::keys::coordination_prefix(&a, "siteB"),
+            crate::shrinker::keys::coordination_prefix(&b, "siteB")
+        );
+        assert_eq!(run_id("demo", 0xab), "demo.00000000000000ab");
+    }
+
     #[test]
     fn the_wait_for_content_in_flight_grows_with_the_streams_sharing_the_wan() {
         assert_eq!([1, 2, 4, 8, 16, 64].map(super::pull_wait_ms), [500, 500, 1000, 2000, 3000, 3000]);
