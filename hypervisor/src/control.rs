@@ -90,9 +90,65 @@ pub fn install_signal_handlers() {
     }
 }
 
-/// Whether SIGINT or SIGTERM arrived.
+/// Whether SIGINT or SIGTERM arrived (or `quit` while waiting for an incoming migration).
 pub fn terminating() -> bool {
     TERMINATE.load(Ordering::SeqCst)
+}
+
+/// The reply to API command `command` while there is no VM yet because an incoming migration
+/// is awaited or received; `true` with it when the VMM should end (`quit`).
+pub fn waiting_reply(command: &str) -> (Value, bool) {
+    let generic = |d: String| error_reply(ErrorClass::GenericError, d);
+    match Command::parse(command) {
+        None => (error_reply(ErrorClass::CommandNotFound, format!("unknown command \"{command}\"")), false),
+        Some(Command::Status) => (ok_reply(json!({"state": "inmigrate", "running": false})), false),
+        Some(Command::QueryMigrate) => (ok_reply(json!({"status": "setup", "incoming": true})), false),
+        Some(Command::Quit) => (ok_reply(json!({})), true),
+        Some(c) => (generic(format!("{}: no VM yet, an incoming migration is awaited", c.name())), false),
+    }
+}
+
+/// Answers the API while an incoming migration is awaited or received (there is no VM to
+/// control yet): see [`waiting_reply`]. `quit` ends the wait as SIGTERM does. [`finish`]
+/// hands the channel back to the control loop, with the requests that arrived meanwhile and
+/// were not API requests.
+///
+/// [`finish`]: WaitingApi::finish
+pub struct WaitingApi {
+    done: std::sync::Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Receiver<ControlMsg>>,
+}
+
+impl WaitingApi {
+    /// Starts answering requests from `rx`.
+    pub fn start(rx: Receiver<ControlMsg>) -> std::io::Result<WaitingApi> {
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let thread = std::thread::Builder::new().name("api-waiting".into()).spawn(move || {
+            while !d.load(Ordering::SeqCst) {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(ControlMsg::Api(req)) => {
+                        let (reply, quit) = waiting_reply(&req.command);
+                        let _ = req.reply.send(reply);
+                        if quit {
+                            TERMINATE.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    // Nothing else is sent before there is a VM.
+                    Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            rx
+        })?;
+        Ok(WaitingApi { done, thread })
+    }
+
+    /// Stops answering; the channel, for the control loop.
+    pub fn finish(self) -> Receiver<ControlMsg> {
+        self.done.store(true, Ordering::SeqCst);
+        self.thread.join().expect("the waiting API thread panicked")
+    }
 }
 
 /// The commands of the API.
@@ -371,6 +427,17 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vmm_awaiting_its_migration_answers_status_query_migrate_and_quit() {
+        assert_eq!(waiting_reply("status").0["return"]["state"], "inmigrate");
+        assert_eq!(waiting_reply("query-migrate").0["return"]["status"], "setup");
+        assert_eq!(waiting_reply("quit"), (ok_reply(json!({})), true));
+        let (pause, quit) = waiting_reply("pause");
+        assert!(!quit);
+        assert!(pause["error"]["desc"].as_str().unwrap().contains("no VM yet"), "{pause}");
+        assert_eq!(waiting_reply("no-such").0["error"]["class"], "CommandNotFound");
+    }
 
     #[test]
     fn every_command_has_one_name_that_parses_back() {

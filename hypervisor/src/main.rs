@@ -120,7 +120,7 @@ fn run(args: Args) -> Result<Exit, String> {
     let listener = args.incoming.as_deref().map(migration::listen).transpose().map_err(|e| e.to_string())?;
     // The API listens first: a socket that is in use is reported before any guest runs, and
     // requests wait in the channel until the VM exists.
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, mut rx) = std::sync::mpsc::channel();
     let _server = match &args.api {
         Some(p) => Some(ApiServer::start(p, tx.clone()).map_err(|e| e.to_string())?),
         None => None,
@@ -140,7 +140,11 @@ fn run(args: Args) -> Result<Exit, String> {
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
         });
         let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
-        let (vmm, stats, site) = migration::incoming(listener, opts).map_err(|e| e.to_string())?;
+        // No VM yet: the API answers status, query-migrate and quit meanwhile.
+        let waiting = control::WaitingApi::start(rx).map_err(|e| format!("cannot start the API thread: {e}"))?;
+        let r = migration::incoming(listener, opts);
+        rx = waiting.finish();
+        let (vmm, stats, site) = r.map_err(|e| e.to_string())?;
         tracing::info!("incoming migration done: {stats:?}");
         incoming_stats = Some((stats, site));
         vmm

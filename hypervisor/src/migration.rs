@@ -56,6 +56,9 @@ pub enum MigrationSetupError {
     /// The migration thread could not be started.
     #[error("cannot start the migration thread: {0}")]
     Thread(std::io::Error),
+    /// SIGINT, SIGTERM or `quit` while waiting for the incoming migration.
+    #[error("terminated while waiting for the incoming migration on {0}")]
+    Terminated(String),
     /// The incoming migration failed.
     #[error("incoming migration from {peer}: {source}")]
     Incoming {
@@ -451,7 +454,21 @@ pub fn incoming(
     opts: IncomingOptions,
 ) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), MigrationSetupError> {
     let addr = listener.local_addr().map_err(socket_err("incoming listener", "?"))?;
-    let (stream, peer) = listener.accept().map_err(socket_err("accept on", addr))?;
+    // Polled, so that SIGINT, SIGTERM and `quit` end the wait.
+    listener.set_nonblocking(true).map_err(socket_err("incoming listener", addr))?;
+    let (stream, peer) = loop {
+        match listener.accept() {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if crate::control::terminating() {
+                    return Err(MigrationSetupError::Terminated(addr.to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(socket_err("accept on", addr)(e)),
+        }
+    };
+    stream.set_nonblocking(false).map_err(socket_err("incoming migration socket from", peer))?;
     drop(listener);
     tracing::info!("incoming migration from {peer}");
     let back = tune(&stream)

@@ -389,3 +389,35 @@ fn a_destination_that_stops_reading_is_given_up_after_the_verdict_timeout() {
     source_keeps_running(&src);
     let _ = dst.child.kill();
 }
+
+/// A VMM awaiting its incoming migration answers its API (no VM yet) and ends on SIGTERM, on
+/// SIGINT and on `quit`, saying why.
+#[test]
+fn a_waiting_destination_answers_its_api_and_obeys_sigterm_sigint_and_quit() {
+    let dir = TempDir::new("mig-wait").unwrap();
+    for how in ["SIGTERM", "SIGINT", "quit"] {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let mut dst = incoming(dir.path(), &format!("w{how}"), &uri);
+        assert_eq!(dst.exec("status", json!({}))["state"], "inmigrate");
+        assert_eq!(dst.exec("query-migrate", json!({}))["status"], "setup");
+        let refused = dst.client().execute("pause", json!({})).expect("API I/O");
+        assert!(refused.is_err_and(|e| e.desc.contains("no VM yet")), "pause before there is a VM");
+        match how {
+            "quit" => {
+                dst.exec("quit", json!({}));
+            }
+            sig => {
+                let signal = if sig == "SIGTERM" { libc::SIGTERM } else { libc::SIGINT };
+                // SAFETY: kill(2) on our own child's pid.
+                assert_eq!(unsafe { libc::kill(dst.child.id() as i32, signal) }, 0);
+            }
+        }
+        let status = dst.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| panic!("{how} ignored while waiting"));
+        assert!(!status.success(), "{how}: a wait that ends without a VM is a failure");
+        assert!(
+            dst.stderr_text().contains("terminated while waiting for the incoming migration"),
+            "{how}: {}",
+            dst.stderr_text()
+        );
+    }
+}
