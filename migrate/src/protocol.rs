@@ -159,6 +159,14 @@ pub enum DigestKind {
 /// The chunk sizes a stream may use (bytes).
 pub const CHUNK_SIZES: [usize; 4] = [512, 1024, 2048, 4096];
 
+/// ORs the dirty bitmap `more` into `into` (bit `i % 64` of word `i / 64` is page or chunk `i`
+/// of a region; the VMM's dirty logs and the sender's pass bitmaps both have this layout).
+pub fn or_bitmap(into: &mut [u64], more: &[u64]) {
+    for (x, y) in into.iter_mut().zip(more) {
+        *x |= y;
+    }
+}
+
 impl DigestKind {
     /// The kind of digests `algo` makes.
     pub fn of(algo: indexd::hash::Algo) -> DigestKind {
@@ -843,6 +851,13 @@ pub fn uniform_byte(chunk: &[u8]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn or_bitmap_adds_every_set_bit_and_clears_none() {
+        let mut a = vec![0b0101, 0, u64::MAX];
+        or_bitmap(&mut a, &[0b0011, 1 << 63, 0]);
+        assert_eq!(a, vec![0b0111, 1 << 63, u64::MAX]);
+    }
 
     fn hello(digest: DigestKind, chunk: u32) -> Hello {
         Hello { version: VERSION, chunk_size: chunk, digest, mem_size: 1 << 30, name: "vm1".into() }

@@ -113,9 +113,7 @@ impl DirtyLog {
             return;
         }
         for (a, b) in self.regions.iter_mut().zip(&other.regions) {
-            for (x, y) in a.bitmap.iter_mut().zip(&b.bitmap) {
-                *x |= y;
-            }
+            migrate::protocol::or_bitmap(&mut a.bitmap, &b.bitmap);
         }
     }
 }

@@ -20,9 +20,7 @@ pub(super) fn full_bitmap(len: u64) -> Vec<u64> {
 /// ORs the per-region dirty bitmaps `more` into `dirty`.
 pub(super) fn or_into(dirty: &mut [Vec<u64>], more: &[Vec<u64>]) {
     for (d, m) in dirty.iter_mut().zip(more) {
-        for (x, y) in d.iter_mut().zip(m) {
-            *x |= y;
-        }
+        crate::protocol::or_bitmap(d, m);
     }
 }
 
