@@ -88,6 +88,13 @@ struct Args {
     #[arg(long, value_name = "MS", requires = "cluster")]
     pull_wait_ms: Option<u64>,
 
+    /// With --cluster: coordinate in an earlier run's namespace (the `run_id` of its report)
+    /// instead of a fresh one, for a later wave of the same move: its chunks registered then
+    /// travel as digests. Only while the VMs that run moved still run at the destination, or
+    /// their content looks sent and is pulled from the source.
+    #[arg(long, value_name = "RUN_ID", requires = "cluster")]
+    join_run: Option<String>,
+
     /// With --cluster: leave the cluster file as it is (by default the moved VMs' `host` and
     /// `api` are rewritten to where they run now, comments and layout kept).
     #[arg(long, requires = "cluster")]
@@ -240,6 +247,7 @@ fn run_cluster(args: &Args) -> ExitCode {
         progress: !args.json,
         update_file: !args.keep_cluster_file,
         pull_wait_ms: args.pull_wait_ms,
+        join_run: args.join_run.clone(),
     };
     conclude(
         migrate::orchestrate::run(&opts).map_err(|e| e.to_string()),

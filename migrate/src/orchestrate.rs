@@ -42,6 +42,10 @@ pub struct ClusterOptions {
     /// How long a destination waits without progress for content other VMs' streams bring,
     /// before it pulls it from its source (None: [`pull_wait_ms`] of the cluster's size).
     pub pull_wait_ms: Option<u64>,
+    /// Coordinate in an earlier run's namespace (its report's `run_id`) instead of a fresh one:
+    /// a later wave of one move, whose content the VMs that run moved still hold at the
+    /// destination. None: a namespace of this run's own.
+    pub join_run: Option<String>,
 }
 
 /// The default wait for content in flight: every VM's stream gets about 1/N of the WAN, so
@@ -291,7 +295,7 @@ fn plan(opts: &ClusterOptions) -> Result<Plan, OrchestrateError> {
             .and_then(|p| p.parent().map(|d| d.join("shrink-vmm")))
             .unwrap_or_else(|| PathBuf::from("shrink-vmm"))
     });
-    let run = run_id(&id, nonce());
+    let run = opts.join_run.clone().unwrap_or_else(|| run_id(&id, nonce()));
     Ok(Plan { cluster, moves, id, run, workdir, vmm })
 }
 

@@ -403,12 +403,15 @@ fn faults_degrade_but_never_corrupt() {
     s.dest("g1", "set-peer-corrupt", json!({"on": true}));
     let served = |s: &Sites, vm: &str| u(&s.dest_site(vm)["served"]);
     let (bad0, good0) = (served(&s, "g1"), served(&s, "g2"));
-    // Wave 2: g3, under the same migration id, so that its shared content crosses as digests
+    // Wave 2: g3, joining wave 1's run (a migration id alone is not enough: every run
+    // coordinates under a nonce of its own), so that its shared content crosses as digests
     // that g1 and g2 both hold.
+    let run = r["run_id"].as_str().expect("the report names its run").to_owned();
+    assert!(run.starts_with(&format!("{id}.")), "{run}");
     s.boot("g3", &vm_cmdline(4));
     wait_text(&s.path("g3.serial"), "heartbeat 1\n", Duration::from_secs(60));
     let vc = s.vc_id("vc2b.toml", &id, &["g3"], &format!("redis://{A1}:6379"), &index2, "ip netns exec {host} {cmd}");
-    let (code, r, err) = s.migrate(&vc, &["--port-base", "7750"]);
+    let (code, r, err) = s.migrate(&vc, &["--port-base", "7750", "--join-run", &run]);
     assert_eq!(code, 0, "{err}\n{r}");
     s.assert_moved("g3");
     let g3 = &r["vms"][0];
