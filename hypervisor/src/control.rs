@@ -108,10 +108,11 @@ pub fn waiting_reply(command: &str) -> (Value, bool) {
     }
 }
 
-/// Answers the API while an incoming migration is awaited or received (there is no VM to
-/// control yet): see [`waiting_reply`]. `quit` ends the wait as SIGTERM does. [`finish`]
-/// hands the channel back to the control loop, with the requests that arrived meanwhile and
-/// were not API requests.
+/// Answers the API while an incoming migration is awaited (no source has connected, there is
+/// no VM to control yet): see [`waiting_reply`]. `quit` ends the wait as SIGTERM does. Once a
+/// source connects ([`WaitingApi::connected`]) requests wait in the channel for the control
+/// loop again, so that whoever asks after the migration sees the VM. [`finish`] hands the
+/// channel back.
 ///
 /// [`finish`]: WaitingApi::finish
 pub struct WaitingApi {
@@ -125,8 +126,10 @@ impl WaitingApi {
         let done = std::sync::Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let thread = std::thread::Builder::new().name("api-waiting".into()).spawn(move || {
+            // Polled (not a blocking receive), so that no request is taken once a source
+            // connected: those are the control loop's.
             while !d.load(Ordering::SeqCst) {
-                match rx.recv_timeout(Duration::from_millis(50)) {
+                match rx.try_recv() {
                     Ok(ControlMsg::Api(req)) => {
                         let (reply, quit) = waiting_reply(&req.command);
                         let _ = req.reply.send(reply);
@@ -135,13 +138,19 @@ impl WaitingApi {
                         }
                     }
                     // Nothing else is sent before there is a VM.
-                    Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    Ok(_) => {}
+                    Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
                 }
             }
             rx
         })?;
         Ok(WaitingApi { done, thread })
+    }
+
+    /// A source connected: stop answering.
+    pub fn connected(&self) {
+        self.done.store(true, Ordering::SeqCst);
     }
 
     /// Stops answering; the channel, for the control loop.

@@ -140,9 +140,9 @@ fn run(args: Args) -> Result<Exit, String> {
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
         });
         let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
-        // No VM yet: the API answers status, query-migrate and quit meanwhile.
+        // No source yet: the API answers status, query-migrate and quit meanwhile.
         let waiting = control::WaitingApi::start(rx).map_err(|e| format!("cannot start the API thread: {e}"))?;
-        let r = migration::incoming(listener, opts);
+        let r = migration::incoming(listener, opts, || waiting.connected());
         rx = waiting.finish();
         let (vmm, stats, site) = r.map_err(|e| e.to_string())?;
         tracing::info!("incoming migration done: {stats:?}");

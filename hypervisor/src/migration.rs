@@ -446,12 +446,14 @@ pub fn listen(uri: &str) -> Result<TcpListener, MigrationSetupError> {
     TcpListener::bind(&addr).map_err(socket_err("cannot listen on", &addr))
 }
 
-/// Waits for one incoming migration on `listener` (from [`listen`]) and returns the running VM,
+/// Waits for one incoming migration on `listener` (from [`listen`]; `on_connected` is called
+/// when the source has connected) and returns the running VM,
 /// and the site index membership that keeps serving its content to peers (drop it when the VM
 /// goes away).
 pub fn incoming(
     listener: TcpListener,
     opts: IncomingOptions,
+    on_connected: impl FnOnce(),
 ) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), MigrationSetupError> {
     let addr = listener.local_addr().map_err(socket_err("incoming listener", "?"))?;
     // Polled, so that SIGINT, SIGTERM and `quit` end the wait.
@@ -470,6 +472,7 @@ pub fn incoming(
     };
     stream.set_nonblocking(false).map_err(socket_err("incoming migration socket from", peer))?;
     drop(listener);
+    on_connected();
     tracing::info!("incoming migration from {peer}");
     let back = tune(&stream)
         .and_then(|_| stream.set_read_timeout(Some(INCOMING_IDLE_TIMEOUT)))
