@@ -25,7 +25,7 @@ impl Drop for Vm {
 
 fn boot(ns: &Netns, dir: &Path, name: &str, mac: &str, cmdline: &str, disk: bool) -> (Vm, PathBuf) {
     let serial = dir.join(format!("{name}.serial"));
-    let mut c = ns.command(repo().join("target/release/shrink-vmm").to_str().unwrap());
+    let mut c = ns.command(shrink_testutil::process::workspace_bin("shrink-vmm").to_str().unwrap());
     c.args([
         "--kernel",
         repo().join("images/out/shrink-guest").to_str().unwrap(),

@@ -22,9 +22,7 @@ use shrink_testutil::qemu::{self, Qemu, QemuError};
 use shrink_testutil::util::{bench_output, repo_root as repo, utc_now};
 
 fn bin(name: &str) -> PathBuf {
-    let b = repo().join("target/release").join(name);
-    assert!(b.exists(), "build first: cargo build --release ({name})");
-    b
+    shrink_testutil::process::workspace_bin(name)
 }
 
 struct Proc(Child);
@@ -122,21 +120,8 @@ fn shrink_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, d
 
 /// A QEMU in namespace `ns` with `args` after the common ones, QMP on `<dir>/<tag>.qmp`.
 fn qemu_in(dir: &Path, ns: &Netns, tag: &str, args: &[String]) -> Qemu {
-    let (sock, log) = (dir.join(format!("{tag}.qmp")), dir.join(format!("{tag}.log")));
-    let _ = std::fs::remove_file(&sock);
     let bin = qemu::binary().expect("qemu-system-x86_64 (make deps)");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = ns
-        .command(bin.to_str().unwrap())
-        .args(qemu::microvm_args("256M"))
-        .args(qemu::qmp_arg(&sock))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    Qemu::attach(tag, child, &log, &sock).unwrap_or_else(|e| panic!("{e}"))
+    Qemu::spawn(tag, ns.command(bin.to_str().unwrap()), dir, "256M", args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One QEMU migration of `image` (a flat RAM image) over the same link.

@@ -27,9 +27,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn vmm_bin() -> PathBuf {
-    let b = repo().join("target/release/shrink-vmm");
-    assert!(b.exists(), "build first: cargo build --release");
-    b
+    shrink_testutil::process::workspace_bin("shrink-vmm")
 }
 
 /// Spawns shrink-vmm and times the first "shrink-guest ready" on its serial file.

@@ -97,7 +97,7 @@ pub fn terminating() -> bool {
 
 /// The reply to API command `command` while there is no VM yet because an incoming migration
 /// is awaited or received; `true` with it when the VMM should end (`quit`).
-pub fn waiting_reply(command: &str) -> (Value, bool) {
+fn waiting_reply(command: &str) -> (Value, bool) {
     let generic = |d: String| error_reply(ErrorClass::GenericError, d);
     match Command::parse(command) {
         None => (error_reply(ErrorClass::CommandNotFound, format!("unknown command \"{command}\"")), false),
@@ -108,61 +108,68 @@ pub fn waiting_reply(command: &str) -> (Value, bool) {
     }
 }
 
-/// Answers the API while an incoming migration is awaited (no source has connected, there is
-/// no VM to control yet): see [`waiting_reply`]. `quit` ends the wait as SIGTERM does. Once a
-/// source connects ([`WaitingApi::connected`]) requests wait in the channel for the control
-/// loop again, so that whoever asks after the migration sees the VM. [`finish`] hands the
-/// channel back.
+/// Serves the API while an incoming migration is awaited or received, before there is a VM
+/// to control. While no source has connected, every request is answered ([`waiting_reply`]).
+/// Once one has ([`WaitingApi::connected`]), `quit` is still answered, and cancels the
+/// migration as SIGTERM does (the source keeps its guest), while every other request is held
+/// for the control loop, so that whoever asks during the migration sees the VM it brings.
+/// [`finish`] hands the channel back, the held requests first in it.
 ///
 /// [`finish`]: WaitingApi::finish
 pub struct WaitingApi {
+    connected: std::sync::Arc<AtomicBool>,
     done: std::sync::Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Receiver<ControlMsg>>,
+    tx: Sender<ControlMsg>,
+    thread: std::thread::JoinHandle<(Receiver<ControlMsg>, Vec<ControlMsg>)>,
 }
 
 impl WaitingApi {
-    /// Starts answering requests from `rx`.
-    pub fn start(rx: Receiver<ControlMsg>) -> std::io::Result<WaitingApi> {
+    /// Starts serving requests from `rx` (`tx` is its sender, to give held requests back).
+    pub fn start(rx: Receiver<ControlMsg>, tx: Sender<ControlMsg>) -> std::io::Result<WaitingApi> {
+        let connected = std::sync::Arc::new(AtomicBool::new(false));
         let done = std::sync::Arc::new(AtomicBool::new(false));
-        let d = done.clone();
+        let (c, d) = (connected.clone(), done.clone());
         let thread = std::thread::Builder::new().name("api-waiting".into()).spawn(move || {
-            // Polled (not a blocking receive), so that no request is taken once a source
-            // connected: those are the control loop's.
+            let mut held = Vec::new();
             while !d.load(Ordering::SeqCst) {
-                match rx.try_recv() {
-                    Ok(ControlMsg::Api(req)) => {
+                match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(ControlMsg::Api(req)) if !c.load(Ordering::SeqCst) || req.command == Command::Quit.name() => {
                         let (reply, quit) = waiting_reply(&req.command);
                         let _ = req.reply.send(reply);
                         if quit {
                             TERMINATE.store(true, Ordering::SeqCst);
                         }
                     }
-                    // Nothing else is sent before there is a VM.
-                    Ok(_) => {}
-                    Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(20)),
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                    Ok(msg) => held.push(msg),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            rx
+            (rx, held)
         })?;
-        Ok(WaitingApi { done, thread })
+        Ok(WaitingApi { connected, done, tx, thread })
     }
 
-    /// A source connected: stop answering.
+    /// A source connected: from now on only `quit` is answered.
     pub fn connected(&self) {
-        self.done.store(true, Ordering::SeqCst);
+        self.connected.store(true, Ordering::SeqCst);
     }
 
-    /// Stops answering; the channel, for the control loop.
+    /// Stops serving; the channel, for the control loop, with the held requests first.
     pub fn finish(self) -> Receiver<ControlMsg> {
         self.done.store(true, Ordering::SeqCst);
-        self.thread.join().expect("the waiting API thread panicked")
+        let (rx, held) = self.thread.join().expect("the waiting API thread panicked");
+        for msg in held {
+            // The receiver is `rx`, alive here: the send cannot fail.
+            let _ = self.tx.send(msg);
+        }
+        rx
     }
 }
 
 /// The commands of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// `status`: the VM's state and counters.
     Status,
     /// `pause`: stops the vCPUs.
@@ -224,7 +231,7 @@ impl Command {
 
 /// A command's argument that is missing or not what the command takes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ArgError {
+enum ArgError {
     /// Not given.
     #[error("missing argument \"{0}\"")]
     Missing(&'static str),
@@ -349,11 +356,13 @@ impl Controller {
             Command::QueryMigrate => match (&self.migration, &self.incoming) {
                 (Some(m), _) => ok_reply(m.info_json()),
                 (None, Some(i)) => {
-                    let mut i = serde_json::to_value(i).unwrap_or(Value::Null);
-                    if let Some(site) = &self.site {
-                        i["site"] = serde_json::to_value(site.snapshot_stats()).unwrap_or(Value::Null);
-                    }
-                    ok_reply(json!({"status": "completed", "incoming": i}))
+                    // The site's counters as of now (it keeps serving peers).
+                    let incoming = migrate::stats::IncomingStats {
+                        site: self.site.as_ref().map(|s| s.snapshot_stats()).or_else(|| i.site.clone()),
+                        ..i.clone()
+                    };
+                    let q = migrate::stats::DestinationQuery { status: Status::Completed, incoming };
+                    ok_reply(serde_json::to_value(q).unwrap_or(Value::Null))
                 }
                 (None, None) => ok_reply(json!({})),
             },

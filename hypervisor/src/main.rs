@@ -118,8 +118,9 @@ fn run(args: Args) -> Result<Exit, String> {
     // An incoming migration's port is bound before the API socket appears: whoever waits for
     // the socket (shrink-migrate) may start the source at once.
     let listener = args.incoming.as_deref().map(migration::listen).transpose().map_err(|e| e.to_string())?;
-    // The API listens first: a socket that is in use is reported before any guest runs, and
-    // requests wait in the channel until the VM exists.
+    // The API listens before any guest runs, so a socket that is in use is reported first;
+    // its requests wait in the channel until the VM exists (or, for an incoming migration, are
+    // served meanwhile by `WaitingApi`).
     let (tx, mut rx) = std::sync::mpsc::channel();
     let _server = match &args.api {
         Some(p) => Some(ApiServer::start(p, tx.clone()).map_err(|e| e.to_string())?),
@@ -140,8 +141,10 @@ fn run(args: Args) -> Result<Exit, String> {
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
         });
         let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
-        // No source yet: the API answers status, query-migrate and quit meanwhile.
-        let waiting = control::WaitingApi::start(rx).map_err(|e| format!("cannot start the API thread: {e}"))?;
+        // No VM yet: the API answers status, query-migrate and quit meanwhile (only quit once a
+        // source has connected; the rest then waits for the VM).
+        let waiting =
+            control::WaitingApi::start(rx, tx.clone()).map_err(|e| format!("cannot start the API thread: {e}"))?;
         let r = migration::incoming(listener, opts, || waiting.connected());
         rx = waiting.finish();
         let (vmm, stats, site) = r.map_err(|e| e.to_string())?;

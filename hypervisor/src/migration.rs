@@ -1,7 +1,8 @@
 //! The VMM's two ends of a live migration, on top of `migrate::precopy`.
 //!
 //! - Outgoing: the API command `migrate` starts a thread that connects to the destination and
-//!   runs the pre-copy [`Sender`]; it reads guest memory directly and asks the control loop
+//!   runs the pre-copy [`Sender`]; it copies guest memory out chunk by chunk (vm-memory's
+//!   volatile accessors, no vCPU pause needed) and asks the control loop
 //!   (through [`VmmCaller`]) for everything else: dirty logs, pause, resume, state, throttle.
 //!   The process exits once the destination confirms the guest runs there.
 //! - Incoming: `shrink-vmm --incoming tcp:ADDR:PORT` accepts one connection, installs the guest
@@ -127,6 +128,17 @@ struct VmmSource {
     name: String,
 }
 
+impl VmmSource {
+    /// Runs `f` on the VMM in the control loop; `op` names it in errors.
+    fn on_vmm<R: Send + 'static, E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Vmm) -> Result<R, E> + Send + 'static,
+    ) -> Result<R, EndpointError> {
+        self.caller.call(f).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))
+    }
+}
+
 impl Source for VmmSource {
     fn regions(&self) -> Vec<Region> {
         regions_of(&self.mem)
@@ -135,28 +147,24 @@ impl Source for VmmSource {
         read_guest(&self.mem, gpa, buf)
     }
     fn start_dirty_log(&mut self) -> Result<(), EndpointError> {
-        let op = "start dirty log";
-        self.caller.call(|v| v.start_dirty_log()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))
+        self.on_vmm("start dirty log", |v| v.start_dirty_log())
     }
     fn stop_dirty_log(&mut self) -> Result<(), EndpointError> {
-        let op = "stop dirty log";
-        self.caller.call(|v| v.stop_dirty_log()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))
+        self.on_vmm("stop dirty log", |v| v.stop_dirty_log())
     }
     fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, EndpointError> {
-        let op = "dirty log";
-        let log = self.caller.call(|v| v.dirty_log()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))?;
+        let log = self.on_vmm("dirty log", |v| v.dirty_log())?;
         Ok(log.regions.into_iter().map(|r| r.bitmap).collect())
     }
     fn pause(&mut self) -> Result<(), EndpointError> {
-        self.caller.call(|v| v.pause()).map_err(EndpointError::of("pause"))?.map_err(EndpointError::of("pause"))
+        self.on_vmm("pause", |v| v.pause())
     }
     fn resume(&mut self) -> Result<(), EndpointError> {
-        self.caller.call(|v| v.resume()).map_err(EndpointError::of("resume"))?.map_err(EndpointError::of("resume"))
+        self.on_vmm("resume", |v| v.resume())
     }
     fn vm_state(&mut self) -> Result<Vec<u8>, EndpointError> {
         let op = "save VM state";
-        let state =
-            self.caller.call(|v| v.save_state()).map_err(EndpointError::of(op))?.map_err(EndpointError::of(op))?;
+        let state = self.on_vmm(op, |v| v.save_state())?;
         serde_json::to_vec(&state).map_err(EndpointError::of(op))
     }
     fn set_throttle(&mut self, percent: u8) {
@@ -255,11 +263,11 @@ impl Outgoing {
 
     /// The statistics as `query-migrate` shows them (QEMU's, plus deduplication).
     pub fn info_json(&self) -> Value {
-        let mut v = serde_json::to_value(self.info()).unwrap_or(Value::Null);
-        if let Some(d) = &self.dedup {
-            v["dedup"] = serde_json::to_value(d.lock().expect("dedup stats poisoned").clone()).unwrap_or(Value::Null);
-        }
-        v
+        let q = migrate::stats::SourceQuery {
+            info: self.info(),
+            dedup: self.dedup.as_ref().map(|d| d.lock().expect("dedup stats poisoned").clone()),
+        };
+        serde_json::to_value(q).unwrap_or(Value::Null)
     }
 
     /// Whether the migration thread still runs.
@@ -362,11 +370,6 @@ impl Sink for VmmSink {
             let chunks = Arc::new(GuestChunkMemory(mem.clone()));
             let index = SiteIndex::start(site, chunks, algo, hello.chunk_size as usize)
                 .map_err(EndpointError::of("site index"))?;
-            // Test hook: this VM's peer server corrupts what it serves.
-            let name = self.opts.name.clone().unwrap_or_else(|| hello.name.clone());
-            if crate::test_hooks::corrupt_peer(&name) {
-                index.set_corrupt(true);
-            }
             self.site = Some(index);
         }
         self.mem = Some(mem);
@@ -379,15 +382,24 @@ impl Sink for VmmSink {
         }
     }
 
+    fn on_write_verified(&mut self, gpa: u64, _data: &[u8], digest: &[u8]) {
+        if let Some(site) = self.site.as_mut() {
+            site.on_write_verified(gpa, digest);
+        }
+    }
+
     fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), EndpointError> {
         let Some(site) = self.site.as_mut() else { return Ok(()) };
-        let mem = self.mem.as_ref().expect("prepare() ran").clone();
+        let mem = self.mem.as_ref().expect("prepare() ran");
+        let mut failed = None;
         site.resolve(batch, &mut |gpa, bytes| {
-            use vm_memory::Bytes;
-            // Chunks are in guest memory (checked when the stream named them).
-            let _ = mem.write_slice(bytes, GuestAddress(gpa));
+            // Chunks are in guest memory (checked when the stream named them): a failure here
+            // is a bug, and fails the migration rather than leaving a chunk unwritten.
+            if let Err(e) = write_guest(mem, gpa, bytes) {
+                failed.get_or_insert(e);
+            }
         });
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     fn flush(&mut self) {

@@ -351,6 +351,16 @@ impl Vmm {
         paused: bool,
         devices: Option<Vec<DeviceConfig>>,
     ) -> Result<Vmm, VmmError> {
+        // KVM cannot carry a running guest across CPU vendors (the development machines change
+        // vendor from day to day): say so first, before any tap, disk or device is opened,
+        // instead of failing on the first vendor-specific MSR.
+        let saved = state.vcpus.first().and_then(|v| cpuid::vendor(&v.cpuid));
+        let host = cpuid::host_vendor(&open_kvm()?).map_err(VcpuError::from)?;
+        if let (Some(saved), Some(host)) = (saved, host) {
+            if saved != host {
+                return Err(VmmError::CpuVendor { saved, host });
+            }
+        }
         if memory::mem_size(&mem) != state.mem_size {
             return Err(VmmError::Device(format!(
                 "guest memory is {} bytes, the saved state {}",
@@ -387,15 +397,6 @@ impl Vmm {
                 t.resume();
             }
         }
-        // KVM cannot carry a running guest across CPU vendors (the development machines change
-        // vendor from day to day): say so instead of failing on the first vendor-specific MSR.
-        let saved = state.vcpus.first().and_then(|v| cpuid::vendor(&v.cpuid));
-        let host = cpuid::host_vendor(&p.kvm).map_err(VcpuError::from)?;
-        if let (Some(saved), Some(host)) = (saved, host) {
-            if saved != host {
-                return Err(VmmError::CpuVendor { saved, host });
-            }
-        }
         let mut vcpus = Vec::new();
         for (id, vs) in state.vcpus.iter().enumerate() {
             let vcpu = Vcpu::new(&p.vm, id as u8, p.pio.clone(), p.mmio.clone())?;
@@ -407,14 +408,14 @@ impl Vmm {
 
     fn start(name: String, cmdline: String, p: Platform, vcpus: Vec<Vcpu>, paused: bool) -> Result<Vmm, VmmError> {
         let listed = msr::saved_msr_indices(&p.kvm)?;
-        let (readable, refused) = match vcpus.first() {
-            Some(v) => v.readable_msrs(&listed)?,
+        let (restorable, refused) = match vcpus.first() {
+            Some(v) => v.restorable_msrs(&listed)?,
             None => (listed, Vec::new()),
         };
         if !refused.is_empty() {
-            tracing::info!("KVM lists MSRs it does not read on this host; not saved: {refused:x?}");
+            tracing::info!("KVM lists MSRs it does not read or write on this host; not saved: {refused:x?}");
         }
-        let msrs = Arc::new(readable);
+        let msrs = Arc::new(restorable);
         let (tx, stopped) = channel();
         let throttle = Arc::new(AtomicU8::new(0));
         let handles = vcpus
@@ -457,12 +458,9 @@ impl Vmm {
             let frame = rarp_announce(&n.mac);
             std::thread::spawn(move || {
                 let mut tap = tap;
-                // As QEMU's announce timer: each round is due a step after the previous one was
-                // sent (50, 150, 250, 350 ms), so a late round does not shorten the next gap.
-                for (round, gap) in [0u64, 50, 150, 250, 350].into_iter().enumerate() {
-                    if round > 0 {
-                        std::thread::sleep(std::time::Duration::from_millis(gap));
-                    }
+                // As QEMU's announce timer.
+                for gap in netreconf::frames::QEMU_ANNOUNCE_GAPS_MS {
+                    std::thread::sleep(std::time::Duration::from_millis(gap));
                     if let Err(e) = tap.write(&frame) {
                         tracing::warn!("announce on {}: {e}", tap.name());
                     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -37,15 +37,9 @@ fn boot_on(ns: &Netns, dir: &Path, tag: &str, mac: &str, ip: &str, extra: &str, 
     VmProcess::spawn_in(Some(ns.name()), dir, tag, &args, &[])
 }
 
-fn probe_bin() -> PathBuf {
-    let p = repo_root().join("target/release/vnet-probe");
-    assert!(p.exists(), "{} is missing: cargo build --release --workspace", p.display());
-    p
-}
-
-/// UDP round trips to `to` from inside `ns`: the JSON report of `vnet-probe udp-rtt`.
+/// UDP round trips to `to` from inside `ns`: the JSON report of `vnet-probe udp-rtt` (the
+/// workspace's build, which `Netns::udp_rtt` asserts is there).
 fn udp_rtt(ns: &Netns, to: &str, count: u32) -> serde_json::Value {
-    assert!(probe_bin().exists(), "{} is missing: cargo build --release --workspace", probe_bin().display());
     ns.udp_rtt(to, count, 1000).unwrap()
 }
 

@@ -89,17 +89,23 @@ fn migration_over_a_100_mbit_link_between_namespaces() {
     assert_eq!(info["status"], "completed", "{info}");
     let bytes = info["ram"]["transferred"].as_u64().unwrap();
     assert!(bytes > 20_000_000, "the working set crossed: {info}");
-    // The stream went through the token bucket on A's end of the link: it passed at least the
-    // bytes the migration counted (the rate itself is measured by `make bench`'s precopy bench).
+    // The stream went through the token bucket on A's end of the link, set to 100 Mbit/s: it
+    // passed at least the bytes the migration counted (the rate itself is measured by `make
+    // bench`'s precopy bench).
     let qdiscs = a.exec(&["tc", "-s", "qdisc", "show"]).unwrap();
-    let (mut shaped, mut in_tbf) = (0u64, false);
+    let (mut shaped, mut in_tbf, mut tbf_rates) = (0u64, false, Vec::new());
     for l in qdiscs.lines() {
         if l.starts_with("qdisc ") {
             in_tbf = l.starts_with("qdisc tbf");
+            if in_tbf {
+                let mut words = l.split_whitespace().skip_while(|w| *w != "rate");
+                tbf_rates.extend(words.nth(1).map(str::to_owned));
+            }
         } else if let (true, Some(sent)) = (in_tbf, l.trim().strip_prefix("Sent ")) {
             shaped += sent.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         }
     }
+    assert_eq!(tbf_rates, ["100Mbit"], "one tbf on A's link, at 100 Mbit/s:\n{qdiscs}");
     assert!(shaped >= bytes, "the tbf passed {shaped} bytes for {bytes} transferred:\n{qdiscs}");
     assert_eq!(dst.exec("status", json!({}))["state"], "running");
 }
@@ -293,8 +299,7 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
         &["--incoming", uri, "--net", &format!("tap=tdst,mac={mac},bridge=br0")],
         &[],
     );
-    let probe = repo_root().join("target/release/vnet-probe");
-    assert!(probe.exists(), "{} is missing: cargo build --release --workspace", probe.display());
+    // `Netns::udp_rtt` runs the workspace's vnet-probe (and says how to build it if missing).
     let rtt = |count: u32| -> Value { ns.udp_rtt("10.1.0.2:7", count, 1000).unwrap() };
     assert_eq!(rtt(50)["received"], 50, "echo before");
     // Capture RARP on the bridge during the migration.
@@ -331,10 +336,12 @@ fn a_guest_on_a_bridge_keeps_answering_and_announces_itself_after_migrating() {
     let frames = rarps();
     assert_eq!(frames.len(), 5, "exactly five rounds: {frames:#?}");
     assert!(frames.iter().all(|(_, l)| l.contains("ff:ff:ff:ff:ff:ff") && l.contains("length 60")), "{frames:#?}");
-    // QEMU's schedule, from the capture timestamps: rounds at 0, 50, 200, 450 and 800 ms, each
+    // QEMU's schedule (`QEMU_ANNOUNCE_MS`), from the capture timestamps: rounds at 0, 50, 200,
+    // 450 and 800 ms, each
     // due a step after the previous one. A late round (a busy host) is tolerated, an early one
     // is not.
-    for (w, gap_ms) in frames.windows(2).zip([50.0, 150.0, 250.0, 350.0]) {
+    let gaps = netreconf::frames::QEMU_ANNOUNCE_GAPS_MS[1..].iter().map(|&g| g as f64);
+    for (w, gap_ms) in frames.windows(2).zip(gaps) {
         let at_ms = (w[1].0 - w[0].0) * 1e3;
         assert!(
             at_ms >= gap_ms - 5.0,
@@ -420,4 +427,27 @@ fn a_waiting_destination_answers_its_api_and_obeys_sigterm_sigint_and_quit() {
             dst.stderr_text()
         );
     }
+}
+
+/// `quit` sent to a destination while it receives cancels the migration there, as SIGTERM
+/// does: the destination exits without starting the guest, the source keeps it. (Held until
+/// the end, it would have stopped the guest's only copy once it ran at the destination.)
+#[test]
+fn quit_sent_to_a_receiving_destination_cancels_it_and_the_source_keeps_its_guest() {
+    let dir = TempDir::new("mig-quit").unwrap();
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dst = incoming(dir.path(), "dst", &uri);
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 1_000_000}));
+    wait_until("the first bytes on the stream", Duration::from_secs(30), || {
+        (src.exec("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    dst.exec("quit", json!({}));
+    let status = dst.wait_exit(Duration::from_secs(10)).expect("quit ignored while receiving");
+    assert!(!status.success());
+    assert!(!dst.serial_text().contains("heartbeat"), "the destination ran the guest: {}", dst.serial_text());
+    let info = wait_migration(&src, Duration::from_secs(60));
+    assert_eq!(info["status"], "failed", "{info}");
+    source_keeps_running(&src);
 }

@@ -357,13 +357,8 @@ mod tests {
     fn matches_model() {
         let mut ix = ContentIndex::new();
         let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let mut x: u64 = 0x1234_5678_9abc_def1;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut x = shrink_testutil::util::XorShift::new(0x1234_5678_9abc_def1);
+        let mut rnd = move || x.next_u64();
         for _ in 0..50_000 {
             let gpa = (rnd() % 2000) << 12;
             let content = (rnd() % 300) as u8;

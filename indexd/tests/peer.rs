@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use indexd::hash::{digest, verify, Algo};
 use indexd::peer::{self, ChunkSource, PeerClient, PeerError, PeerServer};
+use shrink_testutil::util::XorShift;
 
 /// Chunks in memory, checked against their digest before being served (as a VMM does).
 struct MapSource {
@@ -23,15 +24,7 @@ impl ChunkSource for MapSource {
 }
 
 fn page(i: u64, len: usize) -> Vec<u8> {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    XorShift::new(i).bytes(len)
 }
 
 /// A server holding pages 0..n (4 KiB) and their SHA-256 digests.
@@ -173,17 +166,10 @@ fn garbage_does_not_hurt_the_server() {
     }
 
     // Random bytes, half a header, half a request, then gone.
-    let mut x: u64 = 42;
+    let mut rnd = XorShift::new(42);
     for len in [1usize, 7, 11, 12, 100, 5000, 300_000] {
         let mut s = TcpStream::connect(&a).unwrap();
-        let junk: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let junk = rnd.bytes(len);
         let _ = s.write_all(&junk);
     }
     let req = peer::encode_request(&digests).unwrap();

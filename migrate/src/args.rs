@@ -61,7 +61,8 @@ pub struct MigrateArgs {
 pub struct DedupArgs {
     /// The source site's coordination Redis (`redis://HOST:PORT`, or several for a cluster).
     pub coordination: String,
-    /// The cluster migration this VM's move is part of.
+    /// The namespace of the coordination keys: the run of the cluster migration this VM's move
+    /// is part of (`shrink-migrate` passes `<migration_id>.<nonce>`; every VM of one run shares it).
     pub migration_id: String,
     /// The destination site.
     pub dest_site: String,
@@ -82,8 +83,11 @@ fn default_digest() -> String {
 fn default_chunk() -> u32 {
     4096
 }
+/// The coordination keys' default lifetime, seconds.
+pub const DEFAULT_TTL_S: u64 = 3600;
+
 fn default_ttl() -> u64 {
-    3600
+    DEFAULT_TTL_S
 }
 
 impl MigrateArgs {

@@ -4,7 +4,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+
+/// The name of the statistics command ([`ApiClient::query_migrate`]).
+pub const QUERY_MIGRATE: &str = "query-migrate";
 
 /// The VMM refused a command: its QMP-style error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,6 +19,20 @@ pub struct CommandError {
     pub class: String,
     /// What went wrong, as the VMM said it.
     pub desc: String,
+}
+
+/// `query-migrate` did not give an answer of the type asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The API could not be reached (or the VMM went away).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The VMM refused the command.
+    #[error(transparent)]
+    Refused(CommandError),
+    /// The answer is not what this version expects.
+    #[error(transparent)]
+    Answer(serde_json::Error),
 }
 
 /// A blocking client for the API (used by tests, `shrink-migrate` and scripts).
@@ -53,5 +71,12 @@ impl ApiClient {
             }
             _ => Err(CommandError { class: "MalformedReply".into(), desc: format!("malformed reply {reply}") }),
         })
+    }
+
+    /// `query-migrate`, its answer as `T` (a [`crate::stats::SourceQuery`] at a source, a
+    /// [`crate::stats::DestinationQuery`] at a destination whose guest runs).
+    pub fn query_migrate<T: DeserializeOwned>(&mut self) -> Result<T, QueryError> {
+        let v = self.execute(QUERY_MIGRATE, json!({}))?.map_err(QueryError::Refused)?;
+        serde_json::from_value(v).map_err(QueryError::Answer)
     }
 }

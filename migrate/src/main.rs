@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use migrate::client::ApiClient;
-use serde_json::{json, Value};
+use migrate::client::{ApiClient, QueryError, QUERY_MIGRATE};
+use migrate::stats::{SourceQuery, Status};
+use serde_json::json;
 
 /// Live-migrates a VM to another shrink-vmm, or a whole virtual cluster to another site.
 ///
@@ -128,39 +129,68 @@ fn human_bytes(b: u64) -> String {
     format!("{v:.1} {}", U[i])
 }
 
-/// Prints the statistics the way `info migrate` does.
-fn print_stats(info: &Value) {
-    let ram = &info["ram"];
-    let g = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
-    println!("status: {}", info["status"].as_str().unwrap_or("?"));
-    if let Some(e) = info.get("error-desc").and_then(Value::as_str) {
-        println!("error: {e}");
-    }
-    println!("total time: {} ms", g(info, "total-time"));
-    println!("setup time: {} ms", g(info, "setup-time"));
-    if info.get("downtime").is_some() {
-        println!("downtime: {} ms", g(info, "downtime"));
-    } else {
-        println!("expected downtime: {} ms", g(info, "expected-downtime"));
-    }
-    println!(
-        "transferred ram: {} ({} bytes)",
-        human_bytes(ram["transferred"].as_u64().unwrap_or(0)),
-        g(ram, "transferred")
-    );
-    println!("total ram: {}", human_bytes(ram["total"].as_u64().unwrap_or(0)));
-    println!("remaining ram: {} bytes", g(ram, "remaining"));
-    println!("duplicate: {} pages", g(ram, "duplicate"));
-    println!("normal: {} pages", g(ram, "normal"));
-    println!("normal bytes: {} kbytes", ram["normal-bytes"].as_u64().unwrap_or(0) / 1024);
-    println!("dirty sync count: {}", g(ram, "dirty-sync-count"));
-    println!("pages-per-second: {}", g(ram, "pages-per-second"));
-    println!("mbps: {:.2}", ram["mbps"].as_f64().unwrap_or(0.0));
-    println!("dirty pages rate: {} pages/s", g(ram, "dirty-pages-rate"));
-    println!("cpu throttle percentage: {}", g(info, "cpu-throttle-percentage"));
+/// How the migration of one VM ended: the source's last `query-migrate` answer.
+struct Outcome {
+    /// The source's last answer.
+    last: SourceQuery,
+    /// The source VMM went away while its last answer said the migration was going on (`setup`
+    /// or `active`): it may have completed or died. Shown with the status `unknown`.
+    vanished: bool,
 }
 
-fn run(args: &Args) -> Result<Value, String> {
+impl Outcome {
+    /// The status as shown: QEMU's, or `unknown`.
+    fn status(&self) -> &'static str {
+        if self.vanished {
+            "unknown"
+        } else {
+            self.last.info.status.as_str()
+        }
+    }
+
+    fn completed(&self) -> bool {
+        !self.vanished && self.last.info.status == Status::Completed
+    }
+}
+
+/// The answer as the source gave it, but for the status of one that vanished.
+impl serde::Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut v = serde_json::to_value(&self.last).map_err(serde::ser::Error::custom)?;
+        if self.vanished {
+            v["status"] = json!(self.status());
+        }
+        v.serialize(s)
+    }
+}
+
+/// Prints the statistics the way `info migrate` does.
+fn print_stats(o: &Outcome) {
+    let (info, ram) = (&o.last.info, &o.last.info.ram);
+    println!("status: {}", o.status());
+    if let Some(e) = &info.error {
+        println!("error: {e}");
+    }
+    println!("total time: {} ms", info.total_time);
+    println!("setup time: {} ms", info.setup_time);
+    match info.downtime {
+        Some(d) => println!("downtime: {d} ms"),
+        None => println!("expected downtime: {} ms", info.expected_downtime),
+    }
+    println!("transferred ram: {} ({} bytes)", human_bytes(ram.transferred), ram.transferred);
+    println!("total ram: {}", human_bytes(ram.total));
+    println!("remaining ram: {} bytes", ram.remaining);
+    println!("duplicate: {} pages", ram.duplicate);
+    println!("normal: {} pages", ram.normal);
+    println!("normal bytes: {} kbytes", ram.normal_bytes / 1024);
+    println!("dirty sync count: {}", ram.dirty_sync_count);
+    println!("pages-per-second: {}", ram.pages_per_second);
+    println!("mbps: {:.2}", ram.mbps);
+    println!("dirty pages rate: {} pages/s", ram.dirty_pages_rate);
+    println!("cpu throttle percentage: {}", info.cpu_throttle_percentage);
+}
+
+fn run(args: &Args) -> Result<Outcome, String> {
     let vm = args.vm.clone().expect("clap requires --vm");
     let to = args.to.clone().expect("clap requires --to");
     let connect = || ApiClient::connect(&vm).map_err(|e| format!("cannot connect to {}: {e}", vm.display()));
@@ -188,42 +218,42 @@ fn run(args: &Args) -> Result<Value, String> {
         );
         b
     };
-    let mut last = json!({});
+    let mut last = SourceQuery::default();
     loop {
         std::thread::sleep(Duration::from_millis(100));
         // Once the destination confirms, the source VMM exits: its last answer is final, and a
         // vanished socket after an active migration means it completed.
-        let info = match api.execute("query-migrate", json!({})) {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(format!("query-migrate: {e}")),
-            Err(_) => {
+        let q = match api.query_migrate::<SourceQuery>() {
+            Ok(q) => q,
+            Err(QueryError::Refused(e)) => return Err(format!("{QUERY_MIGRATE}: {e}")),
+            Err(QueryError::Answer(e)) => return Err(format!("unexpected {QUERY_MIGRATE} answer: {e}")),
+            Err(QueryError::Io(_)) => {
                 bar.finish_and_clear();
-                let mut done = last.clone();
-                if done["status"] == "active" || done["status"] == "setup" {
-                    // The source VMM lingers a second after a completion to answer this; gone
-                    // without saying so, it may have completed or died: check the destination.
-                    done["status"] = json!("unknown");
-                    done["error-desc"] = json!("the source VMM exited before reporting the end: check the destination");
+                // The source VMM lingers a second after a completion to answer this; gone
+                // without saying so, it may have completed or died: check the destination.
+                let vanished = matches!(last.info.status, Status::Active | Status::Setup);
+                if vanished {
+                    last.info.error =
+                        Some("the source VMM exited before reporting the end: check the destination".into());
                 }
-                return Ok(done);
+                return Ok(Outcome { last, vanished });
             }
         };
-        let ram = &info["ram"];
-        let total = ram["total"].as_u64().unwrap_or(0);
-        bar.set_length(total);
-        bar.set_position(total.saturating_sub(ram["remaining"].as_u64().unwrap_or(total)));
+        let (info, ram) = (&q.info, &q.info.ram);
+        bar.set_length(ram.total);
+        bar.set_position(ram.total.saturating_sub(ram.remaining));
         bar.set_message(format!(
             "{} pass {} {:.0} Mbit/s sent {}",
-            info["status"].as_str().unwrap_or(""),
-            ram["dirty-sync-count"],
-            ram["mbps"].as_f64().unwrap_or(0.0),
-            human_bytes(ram["transferred"].as_u64().unwrap_or(0))
+            info.status.as_str(),
+            ram.dirty_sync_count,
+            ram.mbps,
+            human_bytes(ram.transferred)
         ));
-        let status = info["status"].as_str().unwrap_or("").to_owned();
-        last = info;
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+        let ended = matches!(info.status, Status::Completed | Status::Failed | Status::Cancelled);
+        last = q;
+        if ended {
             bar.finish_and_clear();
-            return Ok(last);
+            return Ok(Outcome { last, vanished: false });
         }
     }
 }
@@ -286,5 +316,35 @@ fn main() -> ExitCode {
         return run_cluster(&args);
     }
     let r = run(&args);
-    conclude(r, &args, print_stats, |info| info["status"] == "completed")
+    conclude(r, &args, print_stats, Outcome::completed)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    #[test]
+    fn the_outcome_shows_the_sources_answer_as_it_came() {
+        let mut q = SourceQuery::default();
+        q.info.status = Status::Active;
+        q.info.ram.transferred = 42;
+        q.info.ram.mbps = 812.5;
+        q.dedup = Some(Default::default());
+        // What the VMM sends, as the client parses it.
+        let wire: Value = serde_json::from_str(&serde_json::to_string(&q).unwrap()).unwrap();
+        let back: SourceQuery = serde_json::from_value(wire.clone()).unwrap();
+        let shown = |o: &Outcome| serde_json::to_string_pretty(o).unwrap();
+        let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap();
+        assert_eq!(shown(&Outcome { last: back.clone(), vanished: false }), pretty(&wire));
+        // A source gone mid-migration: its last answer, the status `unknown` and why.
+        let mut expected = wire;
+        expected["status"] = json!("unknown");
+        expected["error-desc"] = json!("gone");
+        let mut last = back;
+        last.info.error = Some("gone".into());
+        let o = Outcome { last, vanished: true };
+        assert_eq!((shown(&o), o.status(), o.completed()), (pretty(&expected), "unknown", false));
+    }
 }

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::json;
 
 use crate::args::{DedupArgs, MigrateArgs};
-use crate::client::ApiClient;
+use crate::client::{ApiClient, QueryError, QUERY_MIGRATE};
 use crate::cluster::{launch_argv, relocate, Cluster, ClusterError, Move, Relocation};
 use crate::stats::{DestinationQuery, SourceQuery, Status};
 
@@ -105,7 +104,7 @@ pub struct VmReport {
     /// Destination host.
     pub to: String,
     /// `completed` or `failed`.
-    pub status: String,
+    pub status: Status,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -252,6 +251,12 @@ fn run_id(migration_id: &str, nonce: u64) -> String {
     format!("{migration_id}.{nonce:016x}")
 }
 
+/// The namespace a run coordinates in: the earlier run's it joins (`--join-run`), else a
+/// fresh one of its own ([`run_id`]).
+fn run_namespace(join_run: Option<&str>, migration_id: &str, nonce: u64) -> String {
+    join_run.map_or_else(|| run_id(migration_id, nonce), str::to_owned)
+}
+
 /// A fresh random number (the kernel's), or, should that fail, one from the time and the pid.
 fn nonce() -> u64 {
     use std::io::Read;
@@ -295,7 +300,7 @@ fn plan(opts: &ClusterOptions) -> Result<Plan, OrchestrateError> {
             .and_then(|p| p.parent().map(|d| d.join("shrink-vmm")))
             .unwrap_or_else(|| PathBuf::from("shrink-vmm"))
     });
-    let run = opts.join_run.clone().unwrap_or_else(|| run_id(&id, nonce()));
+    let run = run_namespace(opts.join_run.as_deref(), &id, nonce());
     Ok(Plan { cluster, moves, id, run, workdir, vmm })
 }
 
@@ -381,7 +386,7 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
                 dest_site: opts.dest.clone(),
                 digest: opts.digest.clone(),
                 chunk: opts.chunk,
-                ttl_s: 3600,
+                ttl_s: crate::args::DEFAULT_TTL_S,
             }),
             ..MigrateArgs::default()
         }
@@ -431,7 +436,7 @@ fn follow(live: &mut [Live], dests: &[Destination]) {
                     // The source VMM exits once the destination confirmed. But it may also have
                     // died: only a destination running the guest makes this a completion.
                     let mut q = l.last.clone();
-                    if query::<DestinationQuery>(&d.api).is_ok() {
+                    if query::<DestinationQuery>(&d.api).is_ok_and(|q| q.status == Status::Completed) {
                         q.info.status = Status::Completed;
                         q.info.total_time = l.started.elapsed().as_millis() as u64;
                         l.bar.finish_with_message("completed");
@@ -465,7 +470,7 @@ fn report(
     let mut moved = Vec::new();
     for (l, d) in live.into_iter().zip(dests) {
         let r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api);
-        if r.status == "completed" {
+        if r.status == Status::Completed {
             moved.push(Relocation { vm: l.m.vm.clone(), host: l.m.to_host.clone(), api: d.api.display().to_string() });
         }
         vms.push(r);
@@ -490,7 +495,7 @@ fn report(
         chunk: opts.chunk,
         digest: if opts.no_dedup { "none".into() } else { opts.digest.clone() },
         counts,
-        failed: vms.iter().filter(|v| v.status != "completed").count(),
+        failed: vms.iter().filter(|v| v.status != Status::Completed).count(),
         total_time_ms,
         vms,
         cluster_file_updated,
@@ -533,15 +538,14 @@ fn update_cluster_file(file: &Path, moved: &[Relocation]) -> Result<(), Orchestr
     r.map_err(io_err(file))
 }
 
-/// `query-migrate` of the VMM at `api`, as `T`.
+/// `query-migrate` of the VMM at `api` (on a connection of its own), as `T`.
 fn query<T: serde::de::DeserializeOwned>(api: &Path) -> Result<T, OrchestrateError> {
-    const COMMAND: &str = "query-migrate";
     let name = || api.display().to_string();
-    let v = ApiClient::connect(api)
-        .and_then(|mut c| c.execute(COMMAND, json!({})))
-        .map_err(|source| OrchestrateError::Api { api: name(), source })?
-        .map_err(|source| OrchestrateError::Refused { api: name(), command: COMMAND, source })?;
-    serde_json::from_value(v).map_err(|source| OrchestrateError::Answer { api: name(), command: COMMAND, source })
+    ApiClient::connect(api).map_err(QueryError::Io).and_then(|mut c| c.query_migrate()).map_err(|e| match e {
+        QueryError::Io(source) => OrchestrateError::Api { api: name(), source },
+        QueryError::Refused(source) => OrchestrateError::Refused { api: name(), command: QUERY_MIGRATE, source },
+        QueryError::Answer(source) => OrchestrateError::Answer { api: name(), command: QUERY_MIGRATE, source },
+    })
 }
 
 fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
@@ -550,7 +554,7 @@ fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
         vm: m.vm.clone(),
         from: m.from_host.clone(),
         to: m.to_host.clone(),
-        status: i.status.as_str().to_owned(),
+        status: i.status,
         error: i.error.clone(),
         total_time_ms: i.total_time,
         downtime_ms: i.downtime.unwrap_or(0),
@@ -622,10 +626,10 @@ pub fn print_report(r: &ClusterReport) {
             mb(v.counts.wan_bytes),
             v.total_time_ms,
             v.downtime_ms,
-            if v.status == "completed" {
+            if v.status == Status::Completed {
                 String::new()
             } else {
-                format!("  {}: {}", v.status, v.error.clone().unwrap_or_default())
+                format!("  {}: {}", v.status.as_str(), v.error.clone().unwrap_or_default())
             }
         );
         let c = &v.counts;
@@ -666,18 +670,22 @@ pub fn print_report(r: &ClusterReport) {
 
 #[cfg(test)]
 mod tests {
-    use super::{nonce, run_id};
+    use super::{nonce, run_id, run_namespace};
 
     #[test]
     fn runs_with_one_migration_id_never_share_coordination_keys() {
-        let (a, b) = (run_id("demo", nonce()), run_id("demo", nonce()));
+        let (a, b) = (run_namespace(None, "demo", nonce()), run_namespace(None, "demo", nonce()));
         assert!(a.starts_with("demo.") && b.starts_with("demo."), "{a} {b}");
         assert_ne!(a, b, "two runs of one id");
-        assert_ne!(
-            crate::shrinker::keys::coordination_prefix(&a, "siteB"),
-            crate::shrinker::keys::coordination_prefix(&b, "siteB")
-        );
         assert_eq!(run_id("demo", 0xab), "demo.00000000000000ab");
+        assert_eq!(run_namespace(None, "demo", 0xab), "demo.00000000000000ab", "a fresh namespace");
+    }
+
+    #[test]
+    fn a_run_that_joins_an_earlier_one_coordinates_in_its_namespace() {
+        let earlier = run_namespace(None, "demo", 0xab);
+        assert_eq!(run_namespace(Some(&earlier), "demo", 0xcd), earlier);
+        assert_eq!(run_namespace(Some(&earlier), "other-id", 0xcd), earlier, "whatever this run's own id");
     }
 
     #[test]

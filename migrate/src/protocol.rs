@@ -185,13 +185,9 @@ impl DigestKind {
         }
     }
 
-    /// Digest length in bytes.
+    /// Digest length in bytes (0 without a hash function).
     pub fn digest_len(self) -> usize {
-        match self {
-            DigestKind::None => 0,
-            DigestKind::Sha256 => 32,
-            DigestKind::Sha1 => 20,
-        }
+        self.algo().map_or(0, indexd::hash::Algo::len)
     }
 
     /// Whether digest entries are allowed.

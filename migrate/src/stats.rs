@@ -1,10 +1,13 @@
-//! What `query-migrate` answers, as types: the VMM serializes them and `shrink-migrate`
-//! deserializes them, so no statistic is read by key (and a missing one cannot pass for 0).
+//! What `query-migrate` answers, as types: the VMM serializes them (`Outgoing::info_json`, the
+//! control loop's destination answer) and `shrink-migrate` deserializes them, so no statistic
+//! is read by key. Counters absent from an answer read as 0 (`#[serde(default)]`), so that an
+//! older VMM's answers still parse; the fields themselves are named once, here.
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::precopy::{MigrationInfo, RamStats, ReceiveStats, Status};
-pub use crate::shrinker::DedupStats;
+pub use crate::precopy::Status;
+use crate::precopy::{MigrationInfo, ReceiveStats};
+use crate::shrinker::DedupStats;
 
 /// A source's `query-migrate`: QEMU's fields, and the dedup counters with deduplication.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

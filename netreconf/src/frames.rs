@@ -263,6 +263,22 @@ pub fn build(a: &Arp) -> Vec<u8> {
     build_arp(ethertype, a.eth_src, a.eth_dst, a.op, a.sha, a.spa, a.tha, a.tpa)
 }
 
+/// QEMU's self-announcement schedule (net/announce.c's defaults: 5 rounds, the first at once,
+/// then 50 ms, growing by 100 ms): the gap before each round, ms. Each round is due a gap after
+/// the previous one was sent, so a late round does not shorten the next gap.
+pub const QEMU_ANNOUNCE_GAPS_MS: [u64; 5] = [0, 50, 150, 250, 350];
+
+/// The same schedule as times from the first round: 0, 50, 200, 450 and 800 ms.
+pub const QEMU_ANNOUNCE_MS: [u64; 5] = {
+    let mut at = [0u64; 5];
+    let mut i = 1;
+    while i < at.len() {
+        at[i] = at[i - 1] + QEMU_ANNOUNCE_GAPS_MS[i];
+        i += 1;
+    }
+    at
+};
+
 /// QEMU's self-announcement (net/announce.c): a 60-byte broadcast RARP, opcode 3,
 /// SHA = THA = the VM MAC, SPA = TPA = 0.0.0.0.
 pub fn qemu_rarp(mac: Mac) -> Vec<u8> {
@@ -363,6 +379,11 @@ mod tests {
     use super::*;
 
     const VM: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
+    #[test]
+    fn the_announce_schedule_is_qemus() {
+        assert_eq!(QEMU_ANNOUNCE_MS, [0, 50, 200, 450, 800]);
+    }
 
     #[test]
     fn qemu_rarp_bytes_match_net_announce_c() {

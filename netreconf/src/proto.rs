@@ -455,15 +455,9 @@ mod tests {
 
     #[test]
     fn unauthenticated_decoder_survives_garbage() {
-        let mut x: u32 = 12345;
+        let mut rnd = shrink_testutil::util::XorShift::new(12345);
         for len in 0..200usize {
-            let mut buf = Vec::with_capacity(len);
-            for _ in 0..len {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                buf.push(x as u8);
-            }
+            let mut buf = rnd.bytes(len);
             if len >= 4 {
                 buf[..4].copy_from_slice(MAGIC);
             }

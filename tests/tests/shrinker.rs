@@ -5,38 +5,16 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migrate::client::ApiClient;
+use migrate::shrinker::keys::INDEX_PREFIX;
 use serde_json::{json, Value};
+use shrink_testutil::fs::TempDir;
 use shrink_testutil::netns;
-use shrink_testutil::process::{release_bin, Bg};
-use shrink_testutil::util::{last_heartbeat, wait_until};
+use shrink_testutil::process::{workspace_bin, Bg};
+use shrink_testutil::util::{heartbeats, image, last_heartbeat, wait_text, wait_until};
 use shrink_testutil::world::World;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-fn image(name: &str) -> PathBuf {
-    let p = repo().join("images/out").join(name);
-    assert!(p.exists(), "{} is missing: run `make images`", p.display());
-    p
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("shrink-{tag}-{}-{}", std::process::id(), netns::unique_tag()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Site A has one hypervisor (a1, with the coordination Redis), site B two (b1 with the
 /// index Redis, b2).
@@ -53,19 +31,19 @@ const B2: &str = "10.77.0.22";
 impl Sites {
     fn new(tag: &str) -> Sites {
         netns::available().unwrap();
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(tag).unwrap();
         let world = World::new(tag, &[("a1", A1), ("b1", B1), ("b2", B2)], &[], "").unwrap();
         Sites { dir, world, vms: Vec::new() }
     }
 
     fn path(&self, f: &str) -> PathBuf {
-        self.dir.0.join(f)
+        self.dir.path().join(f)
     }
 
     /// Boots a VM at site A from the base image.
     fn boot(&mut self, name: &str, cmdline: &str) {
         let a1 = self.world.host("a1");
-        let mut cmd = a1.ns.command(release_bin("shrink-vmm").to_str().unwrap());
+        let mut cmd = a1.ns.command(workspace_bin("shrink-vmm").to_str().unwrap());
         cmd.args([
             "--kernel",
             image("shrink-guest").to_str().unwrap(),
@@ -95,14 +73,15 @@ impl Sites {
         self.vc_id(file, &format!("{file}-{}", netns::unique_tag()), names, coordination, index, launch_b)
     }
 
-    /// The same with migration id `id` (VMs moved in waves under one id deduplicate against
-    /// the earlier waves).
+    /// The same with migration id `id`. An id alone does not make waves deduplicate against
+    /// each other: every run coordinates under `<id>.<nonce>` of its own, and a later wave
+    /// joins an earlier wave's run with `--join-run RUN_ID` (the run id its report names).
     fn vc_id(&self, file: &str, id: &str, names: &[&str], coordination: &str, index: &str, launch_b: &str) -> PathBuf {
         let host = |n: &str| self.world.host(n).ns.name().to_owned();
         let mut t = format!(
             "migration_id = \"{id}\"\nvmm = \"{}\"\nworkdir = \"{}\"\n\n",
-            release_bin("shrink-vmm").display(),
-            self.dir.0.display()
+            workspace_bin("shrink-vmm").display(),
+            self.dir.path().display()
         );
         t += &format!(
             "[[sites]]\nname = \"siteA\"\ncoordination = \"{coordination}\"\nindex = \"redis://{A1}:6390\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{A1}\"\n\n",
@@ -127,7 +106,7 @@ impl Sites {
 
     /// Runs shrink-migrate --cluster; returns (exit code, JSON report or stderr).
     fn migrate(&self, vc: &Path, extra: &[&str]) -> (i32, Value, String) {
-        let out = Command::new(release_bin("shrink-migrate"))
+        let out = Command::new(workspace_bin("shrink-migrate"))
             .args(["--cluster", vc.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
             .args(extra)
             .output()
@@ -139,19 +118,15 @@ impl Sites {
 
     /// The VM's guest runs at the destination and its heartbeat carries on from the source's.
     fn assert_moved(&mut self, name: &str) {
+        // The source VMM is gone, so that its console is final.
+        let (_, bg) = self.vms.iter_mut().find(|(n, _)| n == name).unwrap();
+        wait_until(&format!("{name}: the source VMM exiting"), Duration::from_secs(10), || bg.0.try_wait().unwrap());
         let src_serial = std::fs::read_to_string(self.path(&format!("{name}.serial"))).unwrap();
         let last = last_heartbeat(&src_serial).expect("source heartbeats");
         let dst = self.path(&format!("{name}-siteB.serial"));
-        wait_text(&dst, &format!("heartbeat {}\n", last + 1), Duration::from_secs(10));
-        let first = std::fs::read_to_string(&dst)
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("heartbeat ").map(|n| n.trim().parse::<u64>().unwrap()))
-            .unwrap();
-        assert_eq!(first, last + 1, "{name}: the destination continues the heartbeat");
-        // The source VMM is gone.
-        let (_, bg) = self.vms.iter_mut().find(|(n, _)| n == name).unwrap();
-        wait_until(&format!("{name}: the source VMM exiting"), Duration::from_secs(5), || bg.0.try_wait().unwrap());
+        let dst_serial = wait_text(&dst, &format!("heartbeat {}\n", last + 1), Duration::from_secs(10));
+        let first = heartbeats(&dst_serial).first().copied();
+        assert_eq!(first, Some(last + 1), "{name}: the destination continues the heartbeat");
     }
 
     /// The VM still runs at the source.
@@ -205,13 +180,18 @@ fn api(sock: &Path, cmd: &str, args: Value) -> Value {
 /// What the site index at `host:port` holds: per member (a hypervisor's peer address), the
 /// digests (hex) it is listed for. Read with one Lua script (the keys are binary).
 fn index_members(world: &World, host: &str, port: u16) -> HashMap<String, HashSet<String>> {
-    const LIST: &str = "local out = {} \
-        for _, k in ipairs(redis.call('KEYS', 'shrink:index:*')) do \
-          local hex = string.gsub(string.sub(k, 14), '.', function(c) return string.format('%02x', string.byte(c)) end) \
+    let prefix = std::str::from_utf8(INDEX_PREFIX).expect("the index prefix is text");
+    // Lua strings are 1-based: the digest starts right after the prefix.
+    let list = format!(
+        "local out = {{}} \
+        for _, k in ipairs(redis.call('KEYS', '{prefix}*')) do \
+          local hex = string.gsub(string.sub(k, {}), '.', function(c) return string.format('%02x', string.byte(c)) end) \
           for _, m in ipairs(redis.call('SMEMBERS', k)) do out[#out + 1] = m .. ' ' .. hex end \
         end \
-        return out";
-    let text = world.redis_cli(host, port, &["EVAL", LIST, "0"]).unwrap();
+        return out",
+        prefix.len() + 1
+    );
+    let text = world.redis_cli(host, port, &["EVAL", &list, "0"]).unwrap();
     let mut by_member: HashMap<String, HashSet<String>> = HashMap::new();
     for l in text.lines() {
         if let Some((m, d)) = l.trim().split_once(' ') {
@@ -229,19 +209,6 @@ impl Drop for Sites {
     }
 }
 
-fn wait_text(p: &Path, needle: &str, timeout: Duration) {
-    let start = Instant::now();
-    while !std::fs::read_to_string(p).unwrap_or_default().contains(needle) {
-        assert!(
-            start.elapsed() < timeout,
-            "no {needle:?} in {}:\n{}",
-            p.display(),
-            std::fs::read_to_string(p).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn vm_cmdline(i: usize) -> String {
     format!("preload=32M private=1M seed={}", 1000 + i)
 }
@@ -253,7 +220,7 @@ fn u(v: &Value) -> u64 {
 #[test]
 fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
     let mut s = Sites::new("sk");
-    let d = s.dir.0.clone();
+    let d = s.dir.path().to_owned();
     s.world.redis("a1", 6379, &d, false);
     s.world.redis("b1", 6380, &d, false);
     let names = ["vm1", "vm2", "vm3", "vm4"];
@@ -310,7 +277,7 @@ fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
 #[test]
 fn intra_vm_duplicates_are_deduplicated_for_a_single_vm() {
     let mut s = Sites::new("si");
-    let d = s.dir.0.clone();
+    let d = s.dir.path().to_owned();
     s.world.redis("a1", 6379, &d, false);
     s.world.redis("b1", 6380, &d, false);
     // The base image's first 64 MiB hold a few dozen duplicate pages.
@@ -335,7 +302,7 @@ fn intra_vm_duplicates_are_deduplicated_for_a_single_vm() {
 #[test]
 fn the_same_with_three_node_redis_clusters() {
     let mut s = Sites::new("sc");
-    let d = s.dir.0.clone();
+    let d = s.dir.path().to_owned();
     let coordination = s.world.redis_cluster("a1", [7001, 7002, 7003], &d);
     let index = s.world.redis_cluster("b1", [7011, 7012, 7013], &d);
     let names = ["cv1", "cv2", "cv3"];
@@ -356,7 +323,7 @@ fn the_same_with_three_node_redis_clusters() {
 #[test]
 fn faults_degrade_but_never_corrupt() {
     let mut s = Sites::new("sf");
-    let d = s.dir.0.clone();
+    let d = s.dir.path().to_owned();
     let coord = s.world.redis("a1", 6379, &d, false);
     s.world.redis("b1", 6380, &d, false);
 
@@ -461,7 +428,7 @@ fn faults_degrade_but_never_corrupt() {
 #[test]
 fn index_restart_and_a_dead_destination_during_the_migration() {
     let mut s = Sites::new("sr");
-    let d = s.dir.0.clone();
+    let d = s.dir.path().to_owned();
     s.world.redis("a1", 6379, &d, false);
     let index = s.world.redis("b1", 6380, &d, false);
     let names = ["r1", "r2", "r3", "r4"];
@@ -478,7 +445,7 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
     );
     let vc2 = vc.clone();
     let migration = std::thread::spawn(move || {
-        let out = Command::new(release_bin("shrink-migrate"))
+        let out = Command::new(workspace_bin("shrink-migrate"))
             .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
             .output()
             .unwrap();
@@ -571,21 +538,21 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
 
 #[test]
 fn a_malformed_cluster_description_names_the_line_and_field() {
-    let dir = TempDir::new("svc");
-    let p = dir.0.join("vc.toml");
+    let dir = TempDir::new("svc").unwrap();
+    let p = dir.path().join("vc.toml");
     std::fs::write(
         &p,
         "[[sites]]\nname = \"siteA\"\ncoordination = \"redis://x:1\"\nindex = \"redis://x:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\n\n[[sites]]\nname = \"siteB\"\ncoordination = \"redis://y:1\"\nindex = \"mysql://y:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\n\n[[vms]]\nname = \"v\"\nhost = \"a\"\napi = \"/x\"\n",
     )
     .unwrap();
-    let out = Command::new(release_bin("shrink-migrate"))
+    let out = Command::new(workspace_bin("shrink-migrate"))
         .args(["--cluster", p.to_str().unwrap(), "--dest", "siteB"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("vc.toml:13: sites[1].index: bad Redis URL \"mysql://y:2\""), "{err}");
-    let out = Command::new(release_bin("shrink-migrate"))
+    let out = Command::new(workspace_bin("shrink-migrate"))
         .args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"])
         .output()
         .unwrap();
@@ -595,7 +562,7 @@ fn a_malformed_cluster_description_names_the_line_and_field() {
 #[test]
 fn sub_page_chunks_deduplicate_at_their_granularity() {
     let mut s = Sites::new("sp");
-    let d = s.dir.0.clone();
+    let d = s.dir.path().to_owned();
     s.world.redis("a1", 6379, &d, false);
     s.world.redis("b1", 6380, &d, false);
     s.boot("sub1", "preload=16M private=1M seed=11");

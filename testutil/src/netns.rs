@@ -84,10 +84,11 @@ impl Netns {
         run(&full)
     }
 
-    /// `vnet-probe udp-rtt` (the release build) from inside the namespace: `count` UDP echoes to
-    /// `to`, one every `interval_us`; its JSON summary (`sent`, `received`, RTT percentiles).
+    /// `vnet-probe udp-rtt` (the workspace's build, [`crate::process::workspace_bin`]: panics
+    /// if it is not built) from inside the namespace: `count` UDP echoes to `to`, one every
+    /// `interval_us`; its JSON summary (`sent`, `received`, RTT percentiles).
     pub fn udp_rtt(&self, to: &str, count: u32, interval_us: u32) -> Result<serde_json::Value, NetnsError> {
-        let probe = crate::util::repo_root().join("target/release/vnet-probe");
+        let probe = crate::process::workspace_bin("vnet-probe");
         let probe = probe.to_str().unwrap_or("vnet-probe");
         let (count, interval) = (count.to_string(), interval_us.to_string());
         let out = self.exec(&[probe, "udp-rtt", "--to", to, "--count", &count, "--interval-us", &interval])?;
@@ -105,13 +106,16 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Processes still inside keep the namespace alive; kill them first.
-        if let Ok(pids) = run(&["ip", "netns", "pids", &self.name]) {
-            for pid in pids.split_whitespace() {
-                let _ = run(&["kill", "-9", pid]);
-            }
+        for pid in pids(&self.name) {
+            let _ = run(&["kill", "-9", &pid.to_string()]);
         }
         let _ = run(&["ip", "netns", "del", &self.name]);
     }
+}
+
+/// The processes in namespace `ns` (by name; `ip netns pids`), none if it does not exist.
+pub fn pids(ns: &str) -> Vec<u32> {
+    run(&["ip", "netns", "pids", ns]).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
 
 /// Joins two namespaces with a veth pair addressed `a_ip`/`b_ip` (CIDR), optionally shaped to
@@ -144,14 +148,9 @@ pub fn bridge(ns: &Netns, name: &str) -> Result<String, NetnsError> {
 
 /// Whether tests can build namespaces here (root, iproute2).
 pub fn available() -> Result<(), NetnsError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
         return Err(NetnsError::NotRoot);
     }
     run(&["ip", "-V"]).map(|_| ()).map_err(|e| NetnsError::NoIproute2(Box::new(e)))
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }

@@ -72,20 +72,33 @@ mod tests {
         // Neighbouring processes start one block apart.
         assert_eq!(nth_port(pool, 7, 0) + BLOCK as u16, nth_port(pool, 8, 0));
         assert_eq!(nth_port(pool, 7, 1), nth_port(pool, 7, 0) + 1);
+        // This machine's pool: a few blocks, outside its ephemeral range (unless that range
+        // leaves no room and the fallback is used).
         let (lo, hi) = super::pool();
-        assert!(lo < hi);
+        assert!(hi > lo && u32::from(hi - lo) >= 2 * BLOCK, "pool {lo}..{hi}: too small");
+        if let Some((elo, ehi)) = ephemeral_range() {
+            assert!(
+                (lo, hi) == FALLBACK_POOL || hi <= elo || lo > ehi,
+                "pool {lo}..{hi} overlaps the ephemeral range {elo}-{ehi}"
+            );
+        }
+    }
+
+    fn ephemeral_range() -> Option<(u16, u16)> {
+        let t = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut it = t.split_whitespace().map(|n| n.parse().ok());
+        Some((it.next()??, it.next()??))
     }
 
     #[test]
     fn free_ports_are_distinct_bindable_and_not_ephemeral() {
-        let eph = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-        let eph: Vec<u16> = eph.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+        let eph = ephemeral_range();
         let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");
         for p in ports {
             TcpListener::bind(("127.0.0.1", p)).unwrap();
-            if let [lo, hi] = eph[..] {
+            if let Some((lo, hi)) = eph {
                 assert!(!(lo..=hi).contains(&p), "{p} is in the ephemeral range {lo}-{hi}");
             }
         }

@@ -1,10 +1,11 @@
 //! Child processes for tests: spawned in a network namespace or in the background, killed
-//! and reaped on drop (also when a test panics), and the workspace's release binaries.
+//! and reaped on drop (also when a test panics), the state of a process, and the workspace's
+//! binaries (of the cargo profile of whoever runs).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::util::{wait_for, WaitTimeout};
+use crate::util::{repo_root, wait_for, WaitTimeout};
 
 /// Why a process could not be run or waited for.
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +99,47 @@ impl Drop for Proc {
     }
 }
 
-/// A binary of this workspace (built by `cargo build --release`).
-pub fn release_bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("target/release").join(name);
-    assert!(p.exists(), "{} is missing: cargo build --release --workspace", p.display());
+/// The directory holding the workspace's binaries for this run: `$SHRINK_BIN_DIR` if set;
+/// else, for an integration test or a bench (`target/<profile>/deps/<test>`), its profile's
+/// directory `target/<profile>`; else the directory of the running program (a tool such as
+/// `target/<profile>/shrink-testbed`); and the repository's `target/release` if the running
+/// program cannot be found.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SHRINK_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    match std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_owned)) {
+        Some(d) if d.file_name().is_some_and(|n| n == "deps") => d.parent().map(Path::to_owned).unwrap_or(d),
+        Some(d) => d,
+        None => repo_root().join("target/release"),
+    }
+}
+
+/// How to build the workspace's binaries into `dir` (a `target/<profile>` directory).
+pub fn build_hint(dir: &Path) -> String {
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_owned(),
+        Some(p) => p.to_owned(),
+        None => "release".to_owned(),
+    };
+    format!("run `cargo build --workspace --profile {profile}` (or set SHRINK_BIN_DIR)")
+}
+
+/// A binary of this workspace, from [`bin_dir`] (the cargo profile of this run); panics with
+/// what to build when it is missing.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let dir = bin_dir();
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} is missing: {}", p.display(), build_hint(&dir));
     p
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T` for stopped, `Z` for a zombie, ...), from
+/// `/proc/<pid>/stat`; `None` if there is no such process.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": the name may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// Runs a command in the background, its output in `log`; killed on drop.
@@ -120,5 +157,29 @@ impl Drop for Bg {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binaries_are_looked_up_in_the_profile_directory_of_the_run() {
+        if std::env::var_os("SHRINK_BIN_DIR").is_none() {
+            // A unit test runs as target/<profile>/deps/<test>.
+            let exe = std::env::current_exe().unwrap();
+            assert_eq!(exe.parent().unwrap().file_name().unwrap(), "deps");
+            assert_eq!(bin_dir(), exe.parent().unwrap().parent().unwrap());
+        }
+        assert!(build_hint(Path::new("target/test-hooks")).contains("--profile test-hooks"));
+        assert!(build_hint(Path::new("target/debug")).contains("--profile dev"));
+    }
+
+    #[test]
+    fn this_process_has_a_state_and_a_missing_one_none() {
+        // Its main thread waits for the test threads: running or sleeping, not a zombie.
+        assert!(matches!(proc_state(std::process::id()), Some('R' | 'S')), "{:?}", proc_state(std::process::id()));
+        assert_eq!(proc_state(u32::MAX), None);
     }
 }

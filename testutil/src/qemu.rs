@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -43,6 +43,14 @@ pub enum QemuError {
     /// QEMU is not installed.
     #[error("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86 (or `make deps`)")]
     NotInstalled,
+    /// QEMU could not be started (or its log created).
+    #[error("QEMU ({tag}) cannot start: {source}")]
+    Spawn {
+        /// Which QEMU.
+        tag: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// QEMU exited while it was expected to run.
     #[error("QEMU ({tag}) exited with {status} {during}; its last output ({log}):\n{tail}")]
     Exited {
@@ -133,6 +141,33 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// Starts QEMU through `cmd` (QEMU's binary from [`binary`], or a launcher of it such as
+    /// `ip netns exec NS qemu-system-x86_64`) on the project's machine ([`microvm_args`]`(mem)`)
+    /// with QMP at `<dir>/<tag>.qmp`, its output in `<dir>/<tag>.log`, then `extra`; see
+    /// [`Qemu::attach`].
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(
+        tag: &str,
+        mut cmd: Command,
+        dir: &Path,
+        mem: &str,
+        extra: &[S],
+    ) -> Result<Qemu, QemuError> {
+        let (log, sock) = (dir.join(format!("{tag}.log")), dir.join(format!("{tag}.qmp")));
+        let _ = std::fs::remove_file(&sock);
+        let mut spawn = || -> std::io::Result<Child> {
+            let f = std::fs::File::create(&log)?;
+            cmd.args(microvm_args(mem))
+                .args(qmp_arg(&sock))
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(f.try_clone()?)
+                .stderr(f)
+                .spawn()
+        };
+        let child = spawn().map_err(|source| QemuError::Spawn { tag: tag.to_owned(), source })?;
+        Qemu::attach(tag, child, &log, &sock)
+    }
+
     /// Takes over `child`, a QEMU started with [`qmp_arg`]`(sock)` whose output goes to `log`,
     /// and connects to its QMP socket. A QEMU that exits before it answers is reported as
     /// [`QemuError::Exited`].
@@ -241,46 +276,28 @@ fn exited(tag: &str, status: ExitStatus, during: &str, log: &Path) -> QemuError 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::{Command, Stdio};
+    use crate::fs::TempDir;
 
-    fn start(dir: &Path, tag: &str, extra: &[&str]) -> Result<Qemu, QemuError> {
+    fn start(dir: &TempDir, tag: &str, extra: &[&str]) -> Result<Qemu, QemuError> {
         let bin = binary().ok_or(QemuError::NotInstalled)?;
-        let (log, sock) = (dir.join(format!("{tag}.log")), dir.join(format!("{tag}.qmp")));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .args(microvm_args("64M"))
-            .args(qmp_arg(&sock))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        Qemu::attach(tag, child, &log, &sock)
-    }
-
-    fn tempdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("shrink-qemu-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        Qemu::spawn(tag, Command::new(bin), dir.path(), "64M", extra)
     }
 
     /// The chosen CPU model starts on this host's KVM, whatever its vendor: this is the check
     /// that fails on AMD EPYC under nested KVM with plain `-cpu host`.
     #[test]
     fn the_cpu_model_starts_on_this_host() {
-        let dir = tempdir("start");
+        let dir = TempDir::new("qemu-start").unwrap();
         let mut q = start(&dir, "paused", &["-S"]).unwrap_or_else(|e| panic!("{e}"));
         let st = q.cmd("query-status", json!({})).unwrap();
         assert_eq!(st["status"], "prelaunch", "{st}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A QEMU that dies at start is reported as QEMU's exit with its status and its own words,
     /// not as a QMP socket error.
     #[test]
     fn a_qemu_that_exits_early_is_named_with_its_status_and_output() {
-        let dir = tempdir("early");
+        let dir = TempDir::new("qemu-early").unwrap();
         // Memory QEMU cannot map: it creates its QMP socket, then exits with an error.
         let e = match start(
             &dir,
@@ -299,6 +316,5 @@ mod tests {
             other => panic!("not reported as QEMU's exit: {other}"),
         }
         assert!(text.starts_with("QEMU (doomed) exited with exit status"), "{text}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -15,6 +15,7 @@ use thiserror::Error;
 
 use crate::fs::TempDir;
 use crate::ports::free_port;
+use crate::util::{tail_lines, wait_for};
 
 /// How long a server or a cluster may take to come up before it is a failure.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -92,30 +93,27 @@ impl RedisServer {
             source,
         })?;
         self.child = Some(child);
-        let deadline = Instant::now() + READY_WITHIN;
-        let pid = self.child.as_ref().map(Child::id);
-        loop {
-            // Ready when the server answering on the port is this one (and not another
-            // process that took the port first: this one then exits, and is started again).
-            if ping(self.port) && server_pid(self.port) == pid {
-                return Ok(());
+        let (port, pid) = (self.port, self.child.as_ref().map(Child::id));
+        let child = &mut self.child;
+        // Ready when the server answering on the port is this one (and not another process
+        // that took the port first: this one then exits, and is started again).
+        let ready = wait_for(&format!("redis-server on port {port} to answer PING"), READY_WITHIN.as_secs(), || {
+            if ping(port) && server_pid(port) == pid {
+                return Some(Ok(()));
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    self.child = None;
-                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                    let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-                    return Err(RedisError::Other(format!(
-                        "redis-server on port {} exited ({status}): {tail}",
-                        self.port
-                    )));
-                }
+            child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(Err)
+        });
+        match ready {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(status)) => {
+                self.child = None;
+                let tail = tail_lines(&log, 5).lines().collect::<Vec<_>>().join(" | ");
+                Err(RedisError::Other(format!("redis-server on port {port} exited ({status}): {tail}")))
             }
-            if Instant::now() > deadline {
+            Err(e) => {
                 self.kill();
-                return Err(RedisError::Other(format!("redis-server on port {} did not answer PING", self.port)));
+                Err(RedisError::Other(e.to_string()))
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -211,6 +209,11 @@ fn server_pid(port: u16) -> Option<u32> {
         .and_then(|p| p.trim().parse().ok())
 }
 
+/// Whether `CLUSTER INFO` output says the cluster is ok.
+pub(crate) fn cluster_state_ok(info: &str) -> bool {
+    info.lines().any(|l| l.trim() == "cluster_state:ok")
+}
+
 /// A Redis Cluster of three masters (no replicas) on free loopback ports.
 #[derive(Debug)]
 pub struct RedisCluster {
@@ -253,15 +256,19 @@ impl RedisCluster {
     fn wait_ok(&self) -> Result<(), RedisError> {
         let deadline = Instant::now() + READY_WITHIN;
         for n in &self.nodes {
-            loop {
-                let info = n.cli(&["cluster", "info"])?;
-                if info.lines().any(|l| l.trim() == "cluster_state:ok") {
-                    break;
+            let mut info = String::new();
+            // What is left of the deadline shared by all nodes.
+            let secs = deadline.saturating_duration_since(Instant::now()).as_secs();
+            let ok = wait_for(&format!("cluster_state:ok on node {}", n.port()), secs, || {
+                match n.cli(&["cluster", "info"]) {
+                    Ok(i) => info = i,
+                    Err(e) => return Some(Err(e)),
                 }
-                if Instant::now() > deadline {
-                    return Err(RedisError::Other(format!("cluster node {} not ok: {info}", n.port())));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                cluster_state_ok(&info).then_some(Ok(()))
+            });
+            match ok {
+                Ok(r) => r?,
+                Err(_) => return Err(RedisError::Other(format!("cluster node {} not ok: {info}", n.port()))),
             }
         }
         Ok(())

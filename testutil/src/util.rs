@@ -18,7 +18,16 @@ pub fn bench_output(default: &str) -> PathBuf {
         .unwrap_or_else(|| repo_root().join(default))
 }
 
-/// Waits until the file contains `needle`; returns its text.
+/// An artefact of `make images` (`images/out/<name>`); panics telling to build them when it
+/// is missing.
+pub fn image(name: &str) -> PathBuf {
+    let p = repo_root().join("images/out").join(name);
+    assert!(p.exists(), "{} is missing: run `make images` first", p.display());
+    p
+}
+
+/// Waits until the file contains `needle`; returns its text. Panics after `timeout` with what
+/// the file holds then.
 pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {
     let start = Instant::now();
     loop {
@@ -26,7 +35,7 @@ pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {
         if t.contains(needle) {
             return t;
         }
-        assert!(start.elapsed() < timeout, "no {needle:?} in {} after {timeout:?}", p.display());
+        assert!(start.elapsed() < timeout, "no {needle:?} in {} after {timeout:?}:\n{t}", p.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -140,7 +149,55 @@ pub fn last_heartbeat(text: &str) -> Option<u64> {
     heartbeats(text).last().copied()
 }
 
-/// The heartbeat numbers in a console transcript.
+/// The heartbeat numbers in a console transcript, from its complete lines only: a last line
+/// without its `\n` may be cut in the middle of its number (a guest paused mid-print).
 pub fn heartbeats(text: &str) -> Vec<u64> {
-    text.lines().filter_map(|l| l.trim().strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete.lines().filter_map(|l| l.trim().strip_prefix("heartbeat ")).filter_map(|n| n.trim().parse().ok()).collect()
+}
+
+/// A deterministic pseudo-random sequence (xorshift64) for test data: the same `seed`, the
+/// same numbers, on every machine.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A sequence from `seed` (any value; 0 is mapped to a non-zero state).
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// `len` bytes of the sequence.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_come_from_complete_lines_only() {
+        assert_eq!(heartbeats("heartbeat 1\nheartbeat 2\nheartbeat 3"), [1, 2]);
+        assert_eq!(last_heartbeat("boot\nheartbeat 11\nheartbeat 1"), Some(11));
+        assert_eq!(last_heartbeat("heartbeat 7\n"), Some(7));
+        assert_eq!(last_heartbeat("heartbeat 7"), None);
+    }
+
+    #[test]
+    fn xorshift_is_deterministic_and_not_uniform() {
+        assert_eq!(XorShift::new(7).bytes(64), XorShift::new(7).bytes(64));
+        assert_ne!(XorShift::new(7).bytes(64), XorShift::new(8).bytes(64));
+        let b = XorShift::new(0).bytes(4096);
+        assert!(b.iter().any(|&x| x != b[0]), "seed 0 still varies");
+    }
 }

@@ -4,9 +4,11 @@
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::netns::{self, run, Netns, NetnsError};
+use crate::redis::cluster_state_ok;
+use crate::util::{wait_for, wait_until};
 
 /// A host: a namespace with an address on the switch.
 pub struct Host {
@@ -101,14 +103,12 @@ impl World {
         let addr = h.addr.clone();
         let ns = h.ns.name().to_owned();
         self.redis.push(child);
-        let start = Instant::now();
-        while run(&["ip", "netns", "exec", &ns, "redis-cli", "-h", &addr, "-p", &port.to_string(), "ping"])
-            .map(|o| !o.contains("PONG"))
-            .unwrap_or(true)
-        {
-            assert!(start.elapsed() < Duration::from_secs(10), "redis on {addr}:{port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = port.to_string();
+        wait_until(&format!("redis on {addr}:{port} starting"), Duration::from_secs(10), || {
+            run(&["ip", "netns", "exec", &ns, "redis-cli", "-h", &addr, "-p", &port, "ping"])
+                .is_ok_and(|o| o.contains("PONG"))
+                .then_some(())
+        });
         self.redis.len() - 1
     }
 
@@ -123,16 +123,17 @@ impl World {
         args.extend(nodes.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
         h.ns.exec(&args).expect("redis-cli --cluster create");
-        let start = Instant::now();
-        loop {
-            let info =
-                h.ns.exec(&["redis-cli", "-h", &h.addr, "-p", &ports[0].to_string(), "cluster", "info"])
-                    .unwrap_or_default();
-            if info.contains("cluster_state:ok") {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "cluster not ok: {info}");
-            std::thread::sleep(Duration::from_millis(100));
+        // Every node, as `RedisCluster` does: a node that has not taken in the new
+        // configuration yet still answers `cluster_state:fail`.
+        for p in ports {
+            let mut info = String::new();
+            wait_for(&format!("cluster_state:ok on {}:{p}", h.addr), 20, || {
+                info =
+                    h.ns.exec(&["redis-cli", "-h", &h.addr, "-p", &p.to_string(), "cluster", "info"])
+                        .unwrap_or_default();
+                cluster_state_ok(&info).then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}: {info}"));
         }
         nodes.iter().map(|n| format!("redis://{n}")).collect::<Vec<_>>().join(",")
     }
@@ -156,9 +157,8 @@ impl World {
     /// The processes running in `host`'s namespace, each with its command line (what the
     /// world's own processes and those launched into its namespaces are: nothing else).
     pub fn processes(&self, host: &str) -> Vec<(u32, Vec<String>)> {
-        let pids = run(&["ip", "netns", "pids", self.host(host).ns.name()]).unwrap_or_default();
-        pids.split_whitespace()
-            .filter_map(|p| p.parse::<u32>().ok())
+        netns::pids(self.host(host).ns.name())
+            .into_iter()
             .filter_map(|pid| {
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
                 let args = cmdline

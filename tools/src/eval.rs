@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::testbed::{Result, Site, Testbed, TestbedError};
 use shrink_testutil::qemu::{self, Qemu, QemuError};
+use shrink_testutil::util::WaitTimeout;
 
 /// Bytes on the migration stream per chunk entry besides its content: the address word.
 const ENTRY_HEADER: u64 = 8;
@@ -112,7 +113,7 @@ pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value
     for (q, _) in qmps.iter_mut() {
         loop {
             if Instant::now() > deadline {
-                return Err(TestbedError::Timeout { what: "QEMU's migrations".into(), secs: 1800 });
+                return Err(TestbedError::Timeout(WaitTimeout { what: "QEMU's migrations".into(), secs: 1800 }));
             }
             let r = q.cmd("query-migrate", json!({}))?;
             match r["status"].as_str().unwrap_or("") {

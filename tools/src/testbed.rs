@@ -27,12 +27,14 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use shrink_testutil::netns::{self, NetnsError};
+use shrink_testutil::process::{bin_dir, build_hint, proc_state};
+use shrink_testutil::util::{wait_for, WaitTimeout};
 
 /// Errors of the testbed.
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +59,8 @@ pub enum TestbedError {
         hint: String,
     },
     /// Something did not happen in time.
-    #[error("timed out after {secs} s waiting for {what}")]
-    Timeout {
-        /// What.
-        what: String,
-        /// How long.
-        secs: u64,
-    },
+    #[error(transparent)]
+    Timeout(#[from] WaitTimeout),
     /// A process failed.
     #[error("{0}")]
     Failed(String),
@@ -97,15 +94,12 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// Binaries from `bin_dir` (default: the workspace's `target/release`, or `$SHRINK_BIN_DIR`),
-    /// images from `images` (default: the repository's `images/out`). Errors name what is
-    /// missing and how to build it.
+    /// Binaries from `bin_dir` (default: `$SHRINK_BIN_DIR`, else the `target/<profile>`
+    /// directory of whoever runs, [`bin_dir`]), images from `images` (default: the repository's
+    /// `images/out`). Errors name what is missing and how to build it.
     pub fn find(bin_dir: Option<&Path>, images: Option<&Path>) -> Result<Bins> {
         let root = shrink_testutil::util::repo_root();
-        let bin_dir = bin_dir
-            .map(Path::to_owned)
-            .or_else(|| std::env::var_os("SHRINK_BIN_DIR").map(PathBuf::from))
-            .unwrap_or_else(|| root.join("target/release"));
+        let bin_dir = bin_dir.map(Path::to_owned).unwrap_or_else(self::bin_dir);
         let images = images.map(Path::to_owned).unwrap_or_else(|| root.join("images/out"));
         let b = Bins {
             vmm: bin_dir.join("shrink-vmm"),
@@ -117,7 +111,7 @@ impl Bins {
         };
         for p in [&b.vmm, &b.migrate, &b.vnetd, &b.probe] {
             if !p.is_file() {
-                return Err(TestbedError::Missing { what: p.display().to_string(), hint: "run `make build`".into() });
+                return Err(TestbedError::Missing { what: p.display().to_string(), hint: build_hint(&bin_dir) });
             }
         }
         for p in [&b.guest, &b.base] {
@@ -337,32 +331,22 @@ pub fn namespaces(name: &str) -> Vec<String> {
         .collect()
 }
 
-fn pids_in(ns: &str) -> Vec<i32> {
-    netns::run(&["ip", "netns", "pids", ns])
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-fn alive(pid: i32) -> bool {
+fn alive(pid: u32) -> bool {
     // A zombie has exited: only its parent's wait is missing.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
+    proc_state(pid).is_some_and(|s| s != 'Z')
 }
 
-fn kill(pid: i32, sig: &str) {
+fn kill(pid: u32, sig: &str) {
     let _ = netns::run(&["kill", sig, &pid.to_string()]);
 }
 
 /// Processes in the root namespace that belong to testbed `dir` (recorded in `dir/pids/`):
 /// those whose command line still mentions `dir` (a recycled pid does not).
-fn recorded_pids(dir: &Path) -> Vec<i32> {
+fn recorded_pids(dir: &Path) -> Vec<u32> {
     let mut out = Vec::new();
     let needle = format!("{}/", dir.display());
     for e in std::fs::read_dir(dir.join("pids")).into_iter().flatten().flatten() {
-        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<u32>().ok()) else {
             continue;
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -385,8 +369,8 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn pids_of(name: &str, dir: &Path) -> Vec<i32> {
-    let mut pids: Vec<i32> = namespaces(name).iter().flat_map(|ns| pids_in(ns)).collect();
+fn pids_of(name: &str, dir: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = namespaces(name).iter().flat_map(|ns| netns::pids(ns)).collect();
     pids.extend(recorded_pids(dir));
     pids.retain(|&p| alive(p));
     pids.sort_unstable();
@@ -414,10 +398,8 @@ pub fn down(name: &str, dir: &Path) -> Result<Removed> {
     for &p in &first {
         kill(p, "-TERM");
     }
-    let t0 = Instant::now();
-    while first.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Those still running after 3 s are killed below.
+    let _ = wait_for("the testbed's processes to stop", 3, || (!first.iter().any(|&p| alive(p))).then_some(()));
     // Then anything left, including what started in the meantime (a destination VMM being
     // launched), until nothing is left.
     let mut stopped = first.len();
@@ -471,19 +453,6 @@ fn spawn_detached(dir: &Path, tag: &str, ns: &str, args: &[&str], log: &Path) ->
     let pf = pids.join(format!("{tag}.pid"));
     io(&pf, std::fs::write(&pf, pid.to_string()))?;
     Ok(child)
-}
-
-fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if t0.elapsed() > Duration::from_secs(secs) {
-            return Err(TestbedError::Timeout { what: what.to_owned(), secs });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn tail(p: &Path) -> String {
@@ -806,13 +775,13 @@ impl Testbed {
             let l = s.letter();
             let sock = self.vnetd_socket(s);
             let log = self.path(&format!("vnetd-{l}.log"));
-            wait_until(&format!("vnetd at {} (log {})", s.name(), log.display()), 20, || {
+            wait_for(&format!("vnetd at {} (log {})", s.name(), log.display()), 20, || {
                 netreconf::daemon::query_status(&sock).ok()
             })
             .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
             let gw = self.ns(&format!("{l}gw"));
             for port in ["6379", "6380"] {
-                wait_until(&format!("redis-server {}:{port} at {}", s.gateway_addr(), s.name()), 20, || {
+                wait_for(&format!("redis-server {}:{port} at {}", s.gateway_addr(), s.name()), 20, || {
                     self.exec(&gw, &["redis-cli", "-h", &s.gateway_addr(), "-p", port, "ping"])
                         .ok()
                         .filter(|o| o.contains("PONG"))
@@ -876,7 +845,7 @@ impl Testbed {
         for vm in &self.state.vms {
             let serial = self.path(&format!("{}.serial", vm.name));
             let log = self.path(&format!("{}.log", vm.name));
-            wait_until(&format!("{} to boot (serial {})", vm.name, serial.display()), 120, || {
+            wait_for(&format!("{} to boot (serial {})", vm.name, serial.display()), 120, || {
                 let t = std::fs::read_to_string(&serial).unwrap_or_default();
                 t.contains("heartbeat 1\n").then_some(())
             })
@@ -956,7 +925,8 @@ impl Testbed {
     }
 
     /// Starts UDP probes from the client of each site to every VM's echo port, every
-    /// `interval_ms`. Stop them with [`Testbed::stop_probes`].
+    /// `interval_ms`, and waits until both probe (their `probe: ` line in `probe-<site>.log`).
+    /// Stop them with [`Testbed::stop_probes`].
     pub fn start_probes(&self, interval_ms: u64) -> Result<()> {
         let stop = self.path("probe.stop");
         let _ = std::fs::remove_file(&stop);
@@ -988,6 +958,13 @@ impl Testbed {
                 &self.path(&format!("probe-{l}.log")),
             )?;
         }
+        for s in Site::ALL {
+            let log = self.path(&format!("probe-{}.log", s.letter()));
+            wait_for(&format!("the probe at {} starting ({})", s.name(), log.display()), 30, || {
+                std::fs::read_to_string(&log).unwrap_or_default().contains("probe: ").then_some(())
+            })
+            .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
+        }
         Ok(())
     }
 
@@ -999,9 +976,8 @@ impl Testbed {
         for s in Site::ALL {
             let p = self.path(&format!("probe-{}.json", s.letter()));
             let log = self.path(&format!("probe-{}.log", s.letter()));
-            let text =
-                wait_until(&format!("the probe report {}", p.display()), 10, || std::fs::read_to_string(&p).ok())
-                    .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
+            let text = wait_for(&format!("the probe report {}", p.display()), 10, || std::fs::read_to_string(&p).ok())
+                .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
             out.push(serde_json::from_str(&text).map_err(|e| TestbedError::Failed(format!("{}: {e}", p.display())))?);
         }
         let _ = std::fs::remove_file(&stop);
@@ -1168,7 +1144,7 @@ impl Testbed {
         let mut procs = Vec::new();
         for e in std::fs::read_dir(self.path("pids")).into_iter().flatten().flatten() {
             let tag = e.file_name().to_string_lossy().trim_end_matches(".pid").to_owned();
-            let pid = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()).unwrap_or(0);
+            let pid = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(0);
             procs.push(serde_json::json!({"process": tag, "pid": pid, "running": alive(pid)}));
         }
         let vms: Vec<Value> = self

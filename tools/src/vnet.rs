@@ -1,6 +1,7 @@
 //! vnetd's two-site testbed in network namespaces, shared by its integration tests
-//! (`tests/tests/vnet_two_sites.rs`) and `vnetd-bench`. Needs root and iproute2 (`ip`); everything is removed on drop, even when
-//! a test panics.
+//! (`tests/tests/vnet_two_sites.rs`) and `vnetd-bench`, with the UDP streams both run across
+//! a move. Needs root, iproute2 (`ip`, `ss`) and ethtool; everything is removed on drop, even
+//! when a test panics.
 //!
 //! ```text
 //!   <p>-a1 (10.1.0.1/16)   <p>-vm (10.1.0.10/16)          <p>-b1 (10.1.1.1/16)
@@ -15,6 +16,8 @@
 //! hosts use the whole 10.1.0.0/16 as their subnet (routing optimisation, §5.5.4).
 
 use netreconf::frames::Mac;
+use serde_json::Value;
+use shrink_testutil::netns;
 pub use shrink_testutil::netns::{nsrun, run, NetnsError};
 pub use shrink_testutil::process::{Proc, ProcessError};
 pub use shrink_testutil::util::{wait_for, WaitTimeout};
@@ -50,6 +53,9 @@ pub enum TestbedError {
     /// Something did not happen in time.
     #[error(transparent)]
     Timeout(#[from] WaitTimeout),
+    /// Something else went wrong (what, and what was seen).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Result alias.
@@ -78,21 +84,19 @@ pub const RB_WAN: &str = "192.168.100.2:7800";
 /// The shared key used by the testbed.
 pub const KEY: &str = "testbed-shared-key-0123456789abcdef";
 
-/// Check that the testbed can run: root, `ip`, `ethtool`.
+/// Check that the testbed can run: root and `ip` (as [`netns::available`] checks), `ethtool`.
 pub fn preflight() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(TestbedError::NotRoot);
-    }
-    for (tool, pkg) in [("ip", "iproute2"), ("ethtool", "ethtool")] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false)
+    netns::available().map_err(|e| match e {
+        NetnsError::NotRoot => TestbedError::NotRoot,
+        _ => TestbedError::MissingTool("ip", "iproute2"),
+    })?;
+    let tool = "ethtool";
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
             || Path::new("/usr/sbin").join(tool).is_file()
             || Path::new("/sbin").join(tool).is_file();
-        if !found {
-            return Err(TestbedError::MissingTool(tool, pkg));
-        }
+    if !found {
+        return Err(TestbedError::MissingTool(tool, "ethtool"));
     }
     Ok(())
 }
@@ -406,6 +410,103 @@ impl TwoSites {
             }
         }
     }
+}
+
+/// The /32 for `ip` in a vnetd status dump: (router, seq).
+pub fn host_route(st: &Value, ip: Ipv4Addr) -> Option<(String, u64)> {
+    st["gndt"].as_array()?.iter().find_map(|r| {
+        (r["prefix"] == format!("{ip}/32"))
+            .then(|| (r["router"].as_str().unwrap_or("").to_string(), r["seq"].as_u64().unwrap_or(0)))
+    })
+}
+
+/// Waits (15 s) until both sites route the VM's /32 to `router` with sequence `seq`; the
+/// error shows the GNDT of the site that does not.
+pub fn wait_route(tb: &TwoSites, router: &str, seq: u64) -> Result<()> {
+    for site in [Site::A, Site::B] {
+        wait_for(&format!("{site:?} GNDT: {VM_IP}/32 -> {router} seq {seq}"), 15, || {
+            let st = tb.status(site).ok()?;
+            (host_route(&st, VM_IP) == Some((router.to_string(), seq))).then_some(())
+        })
+        .map_err(|e| {
+            let gndt = tb.status(site).ok().map(|s| s["gndt"].clone());
+            TestbedError::Failed(format!("{e}; status {site:?}: {gndt:?}"))
+        })?;
+    }
+    Ok(())
+}
+
+/// A 1 kHz UDP stream between two namespaces of the testbed (`vnet-probe udp-send` to
+/// `vnet-probe udp-recv`), from [`start_stream`] to [`stop_stream`].
+pub struct Stream {
+    recv: Proc,
+    send: Proc,
+    stop: PathBuf,
+    stop_send: PathBuf,
+    out: PathBuf,
+    send_out: PathBuf,
+}
+
+/// Starts stream `name` from `from` to `dst:port` in `to` (roles, as [`TwoSites::ns`] takes):
+/// the receiver first, and the sender once the receiver's socket is bound. Runs the
+/// workspace's `vnet-probe` ([`shrink_testutil::process::workspace_bin`]).
+pub fn start_stream(tb: &TwoSites, from: &str, to: &str, dst: Ipv4Addr, port: u16, name: &str) -> Result<Stream> {
+    let probe = shrink_testutil::process::workspace_bin("vnet-probe");
+    let probe = probe.to_str().unwrap_or("vnet-probe");
+    // Each side has a stop file of its own: the receiver is only told to stop when the end
+    // of the stream does not arrive.
+    let stop = tb.dir.join(format!("{name}.stop"));
+    let stop_send = tb.dir.join(format!("{name}.stop-send"));
+    let out = tb.dir.join(format!("{name}.json"));
+    let send_out = tb.dir.join(format!("{name}-send.json"));
+    for f in [&stop, &stop_send, &out, &send_out] {
+        let _ = std::fs::remove_file(f);
+    }
+    let addr = format!("{dst}:{port}");
+    let recv = Proc::spawn_out(
+        &format!("{name}-recv"),
+        &tb.ns(to),
+        &[probe, "udp-recv", "--bind", &addr, "--stop-file", stop.to_str().unwrap_or("")],
+        out.clone(),
+        tb.dir.join(format!("{name}-recv.log")),
+    )?;
+    // The receiver's socket is bound before the sender starts.
+    wait_for(&format!("udp-recv bound to {addr} in {to}"), 15, || {
+        let out = nsrun(&tb.ns(to), &["ss", "-Hlun", "src", &addr]).ok()?;
+        (!out.trim().is_empty()).then_some(())
+    })
+    .map_err(|e| TestbedError::Failed(format!("{e}: {}", recv.log_text())))?;
+    let send = Proc::spawn_out(
+        &format!("{name}-send"),
+        &tb.ns(from),
+        &[probe, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file", stop_send.to_str().unwrap_or("")],
+        send_out.clone(),
+        tb.dir.join(format!("{name}-send.log")),
+    )?;
+    Ok(Stream { recv, send, stop, stop_send, out, send_out })
+}
+
+/// Stops the sender and waits for the receiver to get the end of the stream. Returns the
+/// receiver's report (`received`, `lost`, `last_seq`, `max_gap_ms`, `end_of_stream`, ...)
+/// with the sender's count added as `sent`.
+pub fn stop_stream(mut s: Stream) -> Result<Value> {
+    std::fs::write(&s.stop_send, b"stop")?;
+    s.send.wait(10)?;
+    // udp-send ends with an end-of-stream marker on the stream's path, after its last
+    // datagram; udp-recv exits when the marker arrives. If it never does, stop the receiver
+    // anyway: its report says what is missing (`end_of_stream` false).
+    let recv = &mut s.recv;
+    if wait_for("udp-recv to receive the end of the stream", 15, || (!recv.alive()).then_some(())).is_err() {
+        std::fs::write(&s.stop, b"stop")?;
+        s.recv.wait(10)?;
+    }
+    let text = std::fs::read_to_string(&s.out).unwrap_or_default();
+    let mut v: Value = serde_json::from_str(text.trim())
+        .map_err(|e| TestbedError::Failed(format!("udp-recv output {text:?}: {e}")))?;
+    let sent: Value =
+        serde_json::from_str(std::fs::read_to_string(&s.send_out).unwrap_or_default().trim()).unwrap_or(Value::Null);
+    v["sent"] = sent["sent"].clone();
+    Ok(v)
 }
 
 impl Drop for TwoSites {

@@ -5,11 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use shrink_testutil::netns;
-use shrink_testutil::util::wait_until;
+use shrink_testutil::util::{heartbeats, wait_text, wait_until};
 use shrink_tools::testbed::{self, Bins, BootSpec, Options, Site, Testbed, VmInfo};
 
 /// Removes the testbed at the end of the test, passed or failed.
@@ -74,17 +74,10 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         assert_eq!(*site, dest.other(), "{} starts at {}", vm.name, dest.other().name());
         last_beat.push(Testbed::heartbeat(&Testbed::serial_of(api)).expect("the guest runs"));
     }
-    // Every VM answers both sites before the move, and both probes run.
+    // Every VM answers both sites before the move, and both probes run (`start_probes` waits
+    // for them).
     wait_answering(tb, "before the move");
     tb.start_probes(10).unwrap();
-    for site in Site::ALL {
-        let log = tb.path(&format!("probe-{}.log", site.letter()));
-        wait_until(
-            &format!("the probe at {} starting ({})", site.name(), log.display()),
-            Duration::from_secs(30),
-            || std::fs::read_to_string(&log).unwrap_or_default().contains("probe: ").then_some(()),
-        );
-    }
     let (ab0, ba0) = tb.wan_bytes().unwrap();
     let (ok, r) = tb.migrate(dest, &["--verify"], &format!("to-{}", dest.letter()), false).unwrap();
     let (ab1, ba1) = tb.wan_bytes().unwrap();
@@ -113,17 +106,10 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         // vc.toml says where it is, and the guest carries on there from where it stopped.
         assert_eq!(*site, dest, "{}: vc.toml lists it at {host}", vm.name);
         let serial = Testbed::serial_of(api);
-        let start = Instant::now();
-        let first = loop {
-            let t = std::fs::read_to_string(&serial).unwrap_or_default();
-            if let Some(n) =
-                t.lines().find_map(|l| l.strip_prefix("heartbeat ")).and_then(|n| n.trim().parse::<u64>().ok())
-            {
-                break n;
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "{}: no heartbeat at {}", vm.name, serial.display());
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let first =
+            wait_until(&format!("{}: a heartbeat at {}", vm.name, serial.display()), Duration::from_secs(10), || {
+                heartbeats(&std::fs::read_to_string(&serial).unwrap_or_default()).first().copied()
+            });
         assert!(
             first > last_beat[i],
             "{}: the destination continues the heartbeat ({first} after {})",
@@ -175,11 +161,9 @@ fn move_cluster(tb: &Testbed, dest: Site) {
     }
     // The source VMMs are gone: each guest runs exactly once.
     for (vm, _, _, api) in &before {
-        let start = Instant::now();
-        while migrate::client::ApiClient::connect(api).is_ok() {
-            assert!(start.elapsed() < Duration::from_secs(5), "{}: the source VMM still answers", vm.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(&format!("{}: the source VMM to stop answering", vm.name), Duration::from_secs(5), || {
+            migrate::client::ApiClient::connect(api).is_err().then_some(())
+        });
     }
 }
 
@@ -264,15 +248,8 @@ fn the_demo_runs_twice_and_down_after_an_interrupted_run_leaves_nothing() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("shrink-migrate --cluster") {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the demo did not reach its migration:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The demo reaches its migration.
+    wait_text(&log, "shrink-migrate --cluster", Duration::from_secs(60));
     // Its migration is under way once the destination VMMs are up.
     wait_until("the demo's destination VMMs starting", Duration::from_secs(60), || {
         std::fs::read_dir(&dir)

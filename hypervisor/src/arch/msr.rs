@@ -56,14 +56,14 @@ pub fn saved_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, MsrError> {
     Ok(kvm.get_msr_index_list().map_err(MsrError::IndexList)?.as_slice().to_vec())
 }
 
-/// Splits `indices` into the MSRs `read` accepts and those it refuses. `read` is given a list
-/// and returns how many of it, from the start, it read (as `KVM_GET_MSRS` does: it stops at the
-/// first MSR it refuses); the refused MSR is set aside and the rest is tried again.
-pub fn probe<E>(indices: &[u32], mut read: impl FnMut(&[u32]) -> Result<usize, E>) -> Result<(Vec<u32>, Vec<u32>), E> {
+/// Splits `indices` into the MSRs `op` accepts and those it refuses. `op` is given a list and
+/// returns how many of it, from the start, it did (as `KVM_GET_MSRS` and `KVM_SET_MSRS` do:
+/// they stop at the first MSR refused); the refused MSR is set aside and the rest is tried again.
+pub fn probe<E>(indices: &[u32], mut op: impl FnMut(&[u32]) -> Result<usize, E>) -> Result<(Vec<u32>, Vec<u32>), E> {
     let (mut kept, mut refused) = (Vec::with_capacity(indices.len()), Vec::new());
     let mut rest = indices;
     while !rest.is_empty() {
-        let n = read(rest)?.min(rest.len());
+        let n = op(rest)?.min(rest.len());
         kept.extend_from_slice(&rest[..n]);
         if n < rest.len() {
             refused.push(rest[n]);

@@ -128,10 +128,10 @@ pub fn take_vmm_dirty(region: &GuestRegionMmap) -> Vec<u64> {
     vmm_bitmap(region).get_and_reset()
 }
 
-/// Calls `f(gpa, page)` for every page of guest memory, in address order. `page` is a copy,
-/// made a block at a time with vm-memory's volatile accessors: vCPUs and device threads may
-/// write guest memory meanwhile (callers pause the VM when they need a stable view).
-pub fn for_each_page<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
+/// Calls `f(gpa, block)` for every block (1 MiB, or a region's shorter tail) of guest memory, in
+/// address order. `block` is a copy made with vm-memory's volatile accessors: vCPUs and device
+/// threads may write guest memory meanwhile (callers pause the VM when they need a stable view).
+pub fn for_each_block<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
     const BLOCK: usize = 1 << 20;
     let mut buf = vec![0u8; BLOCK];
     for region in mem.iter() {
@@ -142,12 +142,20 @@ pub fn for_each_page<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
             region
                 .read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(off as u64))
                 .expect("a block inside the region is readable");
-            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
-                f(base + (off + i * PAGE_SIZE) as u64, page);
-            }
+            f(base + off as u64, &buf[..n]);
             off += n;
         }
     }
+}
+
+/// Calls `f(gpa, page)` for every page of guest memory, in address order, on the copies of
+/// [`for_each_block`].
+pub fn for_each_page<F: FnMut(u64, &[u8])>(mem: &GuestMemoryMmap, mut f: F) {
+    for_each_block(mem, |gpa, block| {
+        for (i, page) in block.chunks(PAGE_SIZE).enumerate() {
+            f(gpa + (i * PAGE_SIZE) as u64, page);
+        }
+    });
 }
 
 /// Whether a page is all zeroes.
@@ -202,7 +210,7 @@ pub fn memory_digest(
     Ok(MemoryDigest { sha256: hex(&total.finish()), pages, nonzero_pages: nonzero })
 }
 
-pub use indexd::hash::hex;
+use indexd::hash::hex;
 
 /// Total guest RAM in bytes.
 pub fn mem_size(mem: &GuestMemoryMmap) -> u64 {
@@ -216,33 +224,27 @@ pub fn write_sparse_image(mem: &GuestMemoryMmap, file: &File) -> Result<u64, Mem
     file.set_len(0)
         .and_then(|_| file.set_len(total))
         .map_err(|source| MemoryError::Image { what: "resize", source })?;
-    const MAX_RUN: usize = 8 << 20;
     let (mut offset, mut written) = (0u64, 0u64);
     let mut result = Ok(());
-    // Coalesce runs of non-zero pages into single writes.
-    let (mut run, mut run_at) = (Vec::with_capacity(MAX_RUN), 0u64);
-    let mut flush = |run: &mut Vec<u8>, at: u64, result: &mut Result<(), std::io::Error>| {
-        if !run.is_empty() && result.is_ok() {
-            *result = file.write_all_at(run, at);
-            written += run.len() as u64;
-        }
-        run.clear();
-    };
-    for_each_page(mem, |_, page| {
-        if is_zero_page(page) {
-            flush(&mut run, run_at, &mut result);
-        } else {
-            if run.is_empty() {
-                run_at = offset;
+    // Each run of non-zero pages of a block is written straight from the block's copy.
+    for_each_block(mem, |_, block| {
+        let pages: Vec<&[u8]> = block.chunks(PAGE_SIZE).collect();
+        let mut i = 0;
+        while i < pages.len() && result.is_ok() {
+            if is_zero_page(pages[i]) {
+                i += 1;
+                continue;
             }
-            run.extend_from_slice(page);
-            if run.len() >= MAX_RUN {
-                flush(&mut run, run_at, &mut result);
+            let start = i;
+            while i < pages.len() && !is_zero_page(pages[i]) {
+                i += 1;
             }
+            let (from, to) = (start * PAGE_SIZE, (i * PAGE_SIZE).min(block.len()));
+            result = file.write_all_at(&block[from..to], offset + from as u64);
+            written += (to - from) as u64;
         }
-        offset += page.len() as u64;
+        offset += block.len() as u64;
     });
-    flush(&mut run, run_at, &mut result);
     result.map_err(|source| MemoryError::Image { what: "write", source })?;
     Ok(written)
 }

@@ -241,35 +241,49 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))
     }
 
-    /// Of `indices`, the MSRs KVM will read on this vCPU, and those it refuses.
+    /// `KVM_GET_MSRS` of `indices`: the MSRs, and how many of them (from the start) KVM read.
+    fn get_msrs(&self, indices: &[u32]) -> Result<(Msrs, usize), VcpuError> {
+        let entries: Vec<kvm_msr_entry> =
+            indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(msr::MsrError::Fam)?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(self.kvm_err("KVM_GET_MSRS"))?;
+        Ok((msrs, n))
+    }
+
+    /// Of `indices`, the MSRs KVM both reads and writes on this vCPU, and those it refuses.
     ///
     /// `KVM_GET_MSR_INDEX_LIST` lists what KVM knows how to save, but which of those a vCPU
     /// accepts depends on the CPU vendor and, under nested KVM, on the outer hypervisor (it
-    /// differs between the Intel and AMD hosts of the development machines). Every state read
-    /// by [`Vcpu::save_state`] must succeed whole, so the list is probed once, here.
-    pub fn readable_msrs(&self, indices: &[u32]) -> Result<(Vec<u32>, Vec<u32>), VcpuError> {
-        msr::probe(indices, |chunk| {
+    /// differs between the Intel and AMD hosts of the development machines; the nested KVM on
+    /// AMD lists MSR 0x10a and refuses its write). Every state read by [`Vcpu::save_state`] must
+    /// succeed whole, and be written back whole on restore, so the list is probed once, here,
+    /// before the vCPU first runs: a read, then a write of the values read (a no-op for the
+    /// guest, as QEMU's every state put is).
+    pub fn restorable_msrs(&self, indices: &[u32]) -> Result<(Vec<u32>, Vec<u32>), VcpuError> {
+        let (readable, mut refused) = msr::probe(indices, |chunk| self.get_msrs(chunk).map(|(_, n)| n))?;
+        let (values, _) = self.get_msrs(&readable)?;
+        let value = |index: u32| values.as_slice().iter().find(|e| e.index == index).map_or(0, |e| e.data);
+        let (kept, unwritable) = msr::probe(&readable, |chunk| {
             let entries: Vec<kvm_msr_entry> =
-                chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-            let mut msrs = Msrs::from_entries(&entries).map_err(msr::MsrError::Fam)?;
-            self.fd.get_msrs(&mut msrs).map_err(self.kvm_err("KVM_GET_MSRS"))
-        })
+                chunk.iter().map(|&index| kvm_msr_entry { index, data: value(index), ..Default::default() }).collect();
+            let msrs = Msrs::from_entries(&entries).map_err(msr::MsrError::Fam)?;
+            self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))
+        })?;
+        refused.extend(unwritable);
+        Ok((kept, refused))
     }
 
     /// Reads the full vCPU state. The vCPU must not be running.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         let cpuid = self.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(self.kvm_err("KVM_GET_CPUID2"))?;
-        let entries: Vec<kvm_msr_entry> =
-            msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(msr::MsrError::Fam)?;
-        let n = self.fd.get_msrs(&mut msrs).map_err(self.kvm_err("KVM_GET_MSRS"))?;
-        if n != entries.len() {
+        let (msrs, n) = self.get_msrs(msr_indices)?;
+        if n != msr_indices.len() {
             return Err(VcpuError::MsrCount {
                 id: self.id,
                 what: "save",
                 done: n,
-                wanted: entries.len(),
-                stopped_at: entries[n].index,
+                wanted: msr_indices.len(),
+                stopped_at: msr_indices[n],
             });
         }
         Ok(VcpuState {

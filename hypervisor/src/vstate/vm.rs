@@ -160,10 +160,7 @@ impl Vm {
             } else {
                 vec![0; pages.div_ceil(64)]
             };
-            let vmm = take_vmm_dirty(region);
-            for (k, v) in bitmap.iter_mut().zip(vmm) {
-                *k |= v;
-            }
+            migrate::protocol::or_bitmap(&mut bitmap, &take_vmm_dirty(region));
             log.regions.push(RegionDirty { base: region.start_addr().0, pages, bitmap });
         }
         Ok(log)

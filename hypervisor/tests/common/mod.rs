@@ -4,22 +4,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hypervisor::api::ApiClient;
 use serde_json::Value;
-
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-/// An artefact of `make images`, or a clear failure telling how to build it.
-pub fn image(name: &str) -> PathBuf {
-    let p = repo_root().join("images/out").join(name);
-    assert!(p.exists(), "{} is missing: run `make images` first", p.display());
-    p
-}
+use shrink_testutil::util::{wait_for, wait_text};
 
 /// The project's guest kernel.
 pub fn guest() -> PathBuf {
@@ -33,6 +22,8 @@ pub fn vmm_bin() -> &'static str {
 
 #[allow(unused_imports)]
 pub use shrink_testutil::fs::TempDir;
+#[allow(unused_imports)]
+pub use shrink_testutil::util::image;
 #[allow(unused_imports)]
 pub use shrink_testutil::util::{heartbeats, last_heartbeat};
 
@@ -93,13 +84,8 @@ impl VmProcess {
     }
 
     fn wait_for_api(&self) {
-        let start = Instant::now();
-        while !self.api.exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                panic!("no API socket after 10 s; stderr: {}", self.stderr_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for("the API socket", 10, || self.api.exists().then_some(()))
+            .unwrap_or_else(|e| panic!("{e}; stderr: {}", self.stderr_text()));
     }
 
     pub fn client(&self) -> ApiClient {
@@ -119,22 +105,11 @@ impl VmProcess {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Waits until the serial console contains `needle`.
+    /// Waits until the serial console contains `needle`; a timeout shows the console and the
+    /// VMM's stderr.
     pub fn wait_for(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            if self.serial_text().contains(needle) {
-                return;
-            }
-            if start.elapsed() > timeout {
-                panic!(
-                    "no {needle:?} on serial after {timeout:?}; serial:\n{}\nstderr:\n{}",
-                    self.serial_text(),
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _stderr = StderrOnPanic(self);
+        wait_text(&self.serial, needle, timeout);
     }
 
     /// The last heartbeat number on the serial console.
@@ -144,14 +119,19 @@ impl VmProcess {
 
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = &mut self.child;
+        wait_for("the VMM to exit", timeout.as_secs(), || child.try_wait().unwrap()).ok()
+    }
+}
+
+/// Prints the VMM's stderr if the test panics while it is alive (the panic names what failed).
+struct StderrOnPanic<'a>(&'a VmProcess);
+
+impl Drop for StderrOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("stderr of the VMM ({}):\n{}", self.0.stderr.display(), self.0.stderr_text());
         }
-        None
     }
 }
 
@@ -171,19 +151,17 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
+    match wait_for("shrink-vmm to exit", timeout.as_secs(), || child.try_wait().unwrap()) {
+        Ok(status) => {
             let mut err = String::new();
             use std::io::Read;
             child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-            return (status.code(), err);
+            (status.code(), err)
         }
-        if start.elapsed() > timeout {
+        Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            return (None, String::from("timed out"));
+            (None, String::from("timed out"))
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -59,7 +59,9 @@
 //! - `client`: [`PeerClient`], blocking fetches that keep one connection per peer and split large
 //!   batches into consecutive requests.
 //!
-//! Everything public is re-exported here: the paths are `indexd::peer::X`.
+//! What callers use is re-exported here (the paths are `indexd::peer::X`): the server, the
+//! client, their error, the bounds above, and the request and response encoders and statuses
+//! that tests use to speak the protocol by hand. The rest of `wire` stays inside the module.
 
 mod client;
 mod server;
@@ -68,9 +70,8 @@ mod wire;
 pub use client::PeerClient;
 pub use server::{ChunkSource, PeerServer, MAX_CONNECTIONS};
 pub use wire::{
-    decode_request_header, encode_entry, encode_refusal, encode_request, encode_response_header, read_response,
-    PeerError, Refusal, RequestHeader, ResponseError, HEADER_LEN, MAX_CHUNK, MAX_DIGESTS, MAX_DIGEST_LEN, MAX_MESSAGE,
-    NOT_HELD, OP_FETCH, REQUEST_MAGIC, RESPONSE_MAGIC, STATUS_BAD_REQUEST, STATUS_BAD_VERSION, STATUS_OK, VERSION,
+    encode_request, encode_response_header, PeerError, MAX_CHUNK, MAX_DIGESTS, STATUS_BAD_REQUEST, STATUS_BAD_VERSION,
+    STATUS_OK,
 };
 
 /// The target of this module's log events, the same for all its files (it was one file).

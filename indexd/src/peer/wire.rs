@@ -322,13 +322,8 @@ mod tests {
     /// Arbitrary bytes never panic the decoders, and never make them allocate past the bounds.
     #[test]
     fn random_bytes_decode_safely() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut x = shrink_testutil::util::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut rnd = move || x.next_u64();
         for i in 0..20_000 {
             let len = (rnd() % 64) as usize;
             let mut b: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();

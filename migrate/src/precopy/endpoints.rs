@@ -74,6 +74,11 @@ pub trait Sink {
     /// A chunk was installed at `gpa`: `Some(bytes)` for content that arrived in full (or was
     /// pulled), `None` for a uniform chunk. (Content indexes keep track here.)
     fn on_write(&mut self, _gpa: u64, _data: Option<&[u8]>) {}
+    /// Content `data` whose digest `digest` (of the stream's algorithm) was just checked was
+    /// installed at `gpa`: as [`Sink::on_write`], without hashing it again.
+    fn on_write_verified(&mut self, gpa: u64, data: &[u8], _digest: &[u8]) {
+        self.on_write(gpa, Some(data));
+    }
     /// Digest-only chunks `(address, digest)`: install those whose content can be found (this
     /// VM's memory, peers) and remove them from `batch`; the rest wait. The default finds none.
     fn resolve(&mut self, _batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), EndpointError> {

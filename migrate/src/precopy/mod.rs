@@ -76,8 +76,9 @@ mod source;
 mod testutil;
 mod types;
 
+use indexd::hash::hex;
+
 pub use endpoints::{Dedup, NoDedup, Sink, Source};
-pub use indexd::hash::hex;
 pub use layout::PAGE_SIZE;
 pub use sink::{receive, receive_with};
 pub use source::Sender;

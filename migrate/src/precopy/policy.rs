@@ -14,17 +14,19 @@
 //!    half of what it sent dirty again, and a throttle step every second strike;
 //! 4. [`out_of_iterations`]: give up after `max_iterations` passes ([`no_convergence`]).
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use super::MigrationError;
 
 /// The link's bandwidth, bytes/s: the bytes of every pass so far over the time they took (at
 /// least 1 ms). A short pass alone mostly measures how fast socket buffers fill, and would
-/// switch over too early. A `max_bandwidth` (0: none) caps it: the link never carries more.
-pub(super) fn bandwidth(pass_bytes: u64, pass_time: Duration, max_bandwidth: Option<u64>) -> f64 {
+/// switch over too early. A `cap` ([`super::Params::bandwidth_cap`]) caps it: the link never
+/// carries more.
+pub(super) fn bandwidth(pass_bytes: u64, pass_time: Duration, cap: Option<NonZeroU64>) -> f64 {
     let measured = pass_bytes as f64 / pass_time.as_secs_f64().max(1e-3);
-    match max_bandwidth.filter(|&c| c > 0) {
-        Some(cap) => measured.min(cap as f64),
+    match cap {
+        Some(cap) => measured.min(cap.get() as f64),
         None => measured,
     }
 }
@@ -142,9 +144,10 @@ mod tests {
         // Over all passes: 10 MB in 3.999 s, then 2 MB in 1 ms (a pass that only filled socket
         // buffers) is 3 MB/s, not 2 GB/s.
         assert_eq!(bandwidth(10_000_000 + 2_000_000, Duration::from_millis(3999) + MS, None), 3e6);
-        assert_eq!(bandwidth(10_000_000, Duration::from_secs(1), Some(4_000_000)), 4e6);
-        assert_eq!(bandwidth(10_000_000, Duration::from_secs(1), Some(40_000_000)), 1e7, "a cap is not a rate");
-        assert_eq!(bandwidth(10_000_000, Duration::from_secs(1), Some(0)), 1e7, "0: no cap");
+        let cap = |max| super::super::Params { max_bandwidth: Some(max), ..Default::default() }.bandwidth_cap();
+        assert_eq!(bandwidth(10_000_000, Duration::from_secs(1), cap(4_000_000)), 4e6);
+        assert_eq!(bandwidth(10_000_000, Duration::from_secs(1), cap(40_000_000)), 1e7, "a cap is not a rate");
+        assert_eq!(bandwidth(10_000_000, Duration::from_secs(1), cap(0)), 1e7, "0: no cap");
         // Time is counted as at least 1 ms.
         assert_eq!(bandwidth(1000, Duration::ZERO, None), 1e6);
         assert_eq!(bandwidth(1000, Duration::from_micros(10), None), 1e6);
@@ -219,7 +222,6 @@ mod tests {
         let e = no_convergence(4, 2_000_000, 0.5, 1e7);
         let MigrationError::NoConvergence { iterations, dirty_mbps, link_mbps } = e else { panic!("{e:?}") };
         assert_eq!((iterations, dirty_mbps, link_mbps), (4, 4.0, 10.0));
-        let e = no_convergence(4, 2_000_000, 0.5, 1e7);
         assert_eq!(e.to_string(), "did not converge after 4 iterations: 4.0 MB/s dirtied against 10.0 MB/s sent");
     }
 }

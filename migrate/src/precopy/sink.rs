@@ -310,7 +310,7 @@ fn pull<S: Sink, R: Read, W: Write>(
                     }
                     locate(regions, gpa, chunk)?;
                     sink.write_chunk(gpa, data)?;
-                    sink.on_write(gpa, Some(data));
+                    sink.on_write_verified(gpa, data, &expected);
                     got += 1;
                 }
                 sink.flush();

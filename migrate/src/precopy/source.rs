@@ -81,7 +81,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         cancel: Arc<AtomicBool>,
     ) -> Self {
         let builder = PagesBuilder::new(params.chunk_size, params.digest, BATCH_BYTES);
-        let max_bandwidth = params.max_bandwidth;
+        let cap = params.bandwidth_cap();
         Sender {
             src,
             dedup,
@@ -96,7 +96,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             page_bytes: 0,
             paused: false,
             throttle: Throttle::default(),
-            rate: RateLimiter::new(max_bandwidth, Instant::now()),
+            rate: RateLimiter::new(cap, Instant::now()),
             pass_bytes: 0,
             pass_time: Duration::ZERO,
             copies: Vec::new(),
@@ -206,7 +206,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             // Bandwidth of the link, measured over every pass so far (see `policy`).
             self.pass_bytes += sent;
             self.pass_time += took;
-            let bandwidth = policy::bandwidth(self.pass_bytes, self.pass_time, self.params.max_bandwidth);
+            let bandwidth = policy::bandwidth(self.pass_bytes, self.pass_time, self.params.bandwidth_cap());
             let threshold = policy::switch_over_threshold(bandwidth, self.params.downtime_limit);
             let expected = policy::expected_downtime(dirty_bytes, bandwidth);
             self.update(|i| {

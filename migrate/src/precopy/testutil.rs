@@ -215,16 +215,8 @@ pub(super) fn run_to(
     params: Params,
     dest: FakeDest,
 ) -> (Result<MigrationInfo, MigrationError>, Result<FakeDest, MigrationError>) {
-    run_full(vm, params, dest, NoDedup).map_second()
-}
-
-trait MapSecond<A, B> {
-    fn map_second(self) -> (A, B);
-}
-impl<A, B, C> MapSecond<A, B> for (A, B, C) {
-    fn map_second(self) -> (A, B) {
-        (self.0, self.1)
-    }
+    let (src, dest, _) = run_full(vm, params, dest, NoDedup);
+    (src, dest)
 }
 
 pub(super) fn run_full<D: Dedup>(

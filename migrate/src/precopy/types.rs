@@ -1,6 +1,7 @@
 //! The engine's vocabulary: its errors, its parameters, and the statistics both ends report
 //! (QEMU's `query-migrate` names at the source, [`ReceiveStats`] at the destination).
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -87,7 +88,7 @@ impl EndpointError {
 pub struct Params {
     /// Longest acceptable pause of the guest.
     pub downtime_limit: Duration,
-    /// Upper bound of the sending rate, bytes/s.
+    /// Upper bound of the sending rate, bytes/s (0, like `None`: no cap).
     pub max_bandwidth: Option<u64>,
     /// Give up after this many dirty passes without converging.
     pub max_iterations: Option<u32>,
@@ -104,6 +105,14 @@ pub struct Params {
     pub verdict_timeout: Duration,
     /// Send a digest of all memory at pause; the destination refuses on a mismatch.
     pub verify: bool,
+}
+
+impl Params {
+    /// The cap on the sending rate, bytes/s, if there is one: `max_bandwidth`, where 0 means no
+    /// cap (QEMU's convention). The rate limiter and the bandwidth estimate both take it from here.
+    pub(super) fn bandwidth_cap(&self) -> Option<NonZeroU64> {
+        self.max_bandwidth.and_then(NonZeroU64::new)
+    }
 }
 
 impl Default for Params {

@@ -4,8 +4,9 @@
 //! every later one (another VM of the cluster, or this VM for an intra-VM duplicate) sends only
 //! the digest, and the destination site finds the content among its own hypervisors.
 //!
-//! Keys are `shrink:coord:<migration id>:<destination site>:<digest>` ([`super::keys`]), so that one migration's
-//! knowledge never leaks into another's, and they expire (a failed migration leaves nothing
+//! Keys are `shrink:coord:<run>:<destination site>:<digest>` ([`super::keys`]; the run is
+//! `<migration id>.<nonce>`, one per `shrink-migrate` run), so that one run's knowledge never
+//! leaks into another's, and they expire (a failed migration leaves nothing
 //! behind for long). Decisions are made for a whole group of chunks in one pipelined round trip.
 //! If the coordination service fails, the migration degrades to plain pre-copy (everything in
 //! full) with a warning — never to a wrong page.
@@ -20,7 +21,7 @@ use crate::precopy::{Dedup, EndpointError};
 pub struct DedupConfig {
     /// The source site's coordination Redis (one URL or several for a Redis Cluster).
     pub coordination: String,
-    /// Identifies the cluster migration (all VMs of one migration share it).
+    /// The run of the cluster migration (all VMs of one run share it: `<migration id>.<nonce>`).
     pub migration_id: String,
     /// The destination site.
     pub dest_site: String,

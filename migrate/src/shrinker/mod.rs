@@ -28,16 +28,16 @@
 //!  3. digest of the copy (SHA-256 or SHA-1), a whole group at once
 //!       shrinker/coordination.rs   RedisDedup::decide (indexd::hash::digest)
 //!          ▼
-//!  4. SET shrink:coord:<migration>:<dest site>:<digest> 1 NX EX ttl, in the SOURCE site's
+//!  4. SET shrink:coord:<run>:<dest site>:<digest> 1 NX EX ttl, in the SOURCE site's
 //!     coordination Redis, one pipelined round trip per group
-//!       shrinker/coordination.rs   RedisDedup::decide (keys.rs: coordination_prefix,
+//!       shrinker/coordination.rs   RedisDedup::decide (shrinker/keys.rs: coordination_prefix,
 //!                                  with_digest; Redis::set_nx_many)
 //!          │
 //!          ├─ first to set it (or coordination down) ─────────────────▶ Full(bytes)
 //!          └─ already set by some VM of the cluster ──────────────────▶ Digest(digest)
 //!  5. sent in a `Pages` record
 //!       precopy/source.rs       Sender::queue_group (protocol.rs: PagesBuilder::full,
-//!                               PagesBuilder::digest), Sender::flush_batch (rate.rs)
+//!                               PagesBuilder::digest), Sender::flush_batch (precopy/rate.rs)
 //!  ═════════════════════════════ migration stream over the WAN ═════════════════════════════
 //!  DESTINATION VMM — the guest does not run yet
 //!  6. each entry of a `Pages` record
@@ -47,11 +47,11 @@
 //!          │     precopy/sink.rs         Sink::write_chunk, Sink::on_write
 //!          │     hypervisor/src/migration.rs   VmmSink::on_write
 //!          │     shrinker/site.rs        SiteIndex::on_write → SiteIndex::record (ContentIndex;
-//!          │                             policy.rs: index_changes: SADD the new digest, SREM
+//!          │                             shrinker/policy.rs: index_changes: SADD the new digest, SREM
 //!          │                             the old one when its last copy is overwritten)
 //!          │     shrinker/site.rs        SiteIndex::flush, at the end of the record: SADD/SREM
 //!          │                             shrink:index:<digest> HOST:PORT in the DESTINATION
-//!          │                             site's index Redis (policy.rs: split_updates)
+//!          │                             site's index Redis (shrinker/policy.rs: split_updates)
 //!          ├─ Uniform(byte): fill (a zero one over never-written memory: nothing to do);
 //!          │     not indexed: SiteIndex::on_write(None) SREMs the old digest's last copy
 //!          │
@@ -62,11 +62,11 @@
 //!                  a. this guest's own memory: ContentIndex::lookup, then
 //!                     ChunkMemory::read_chunk (GuestChunks::read), verified
 //!                  b. a random holder: SRANDMEMBER shrink:index:<digest>
-//!                     (policy.rs: first_holders — never this VMM), PeerClient::fetch
+//!                     (shrinker/policy.rs: first_holders — never this VMM), PeerClient::fetch
 //!                  c. after a failure, the other holders, one per round: SMEMBERS
-//!                     (policy.rs: need_all_holders, untried, next_round; at most
+//!                     (shrinker/policy.rs: need_all_holders, untried, next_round; at most
 //!                     HOLDER_ROUNDS rounds)
-//!                  every peer's answer verified (policy.rs: is_chunk) before
+//!                  every peer's answer verified (shrinker/policy.rs: is_chunk) before
 //!                  SiteIndex::install writes it and registers it (record → SADD)
 //!                     │
 //!                     └─ found nowhere ─▶ the waiting list, `pending`   precopy/sink.rs
@@ -78,9 +78,10 @@
 //!                               (wait 0: one look), or after `wait` without progress
 //!          ▼
 //!  8. pull the rest from the source: `Pull` ─▶ the source reads and checks each chunk and
-//!     answers with Full(bytes) ─▶ verified against its digest, installed and registered like
-//!     any full chunk (step 6)
-//!       precopy/sink.rs         pull
+//!     answers with Full(bytes) ─▶ verified against its digest, installed and registered
+//!     under that digest (not hashed again)
+//!       precopy/sink.rs         pull → Sink::on_write_verified
+//!       shrinker/site.rs        SiteIndex::on_write_verified → SiteIndex::record
 //!       precopy/source.rs       Sender::serve_pull
 //!  ══════════════════════════════════════════════════════════════════════════════════════════
 //!  ALL ALONG, at the destination site

@@ -21,18 +21,12 @@ pub(crate) const HOLDER_ROUNDS: usize = 3;
 
 /// What the site index must learn when a chunk changes: `old` is the digest it held before and
 /// whether no chunk of this guest holds that digest any more, `new` what it holds now (`None`:
-/// content that is not indexed). Per key, whether this VMM holds it, in the order they apply.
-pub(crate) fn index_changes(old: Option<(&[u8], bool)>, new: Option<&[u8]>) -> Vec<(Vec<u8>, bool)> {
-    let mut out = Vec::new();
-    if let Some(d) = new {
-        if old.is_none_or(|(o, _)| o != d) {
-            out.push((index_key(d), true));
-        }
-    }
-    if let Some((od, true)) = old {
-        out.push((index_key(od), false));
-    }
-    out
+/// content that is not indexed). Per key, whether this VMM holds it, in the order they apply
+/// (at most two; no allocation but the keys').
+pub(crate) fn index_changes(old: Option<(&[u8], bool)>, new: Option<&[u8]>) -> impl Iterator<Item = (Vec<u8>, bool)> {
+    let register = new.filter(|&d| old.is_none_or(|(o, _)| o != d)).map(|d| (index_key(d), true));
+    let unregister = old.filter(|&(_, gone)| gone).map(|(od, _)| (index_key(od), false));
+    [register, unregister].into_iter().flatten()
 }
 
 /// Pending index updates as the `SADD` and the `SREM` lists of `member`.
@@ -136,28 +130,32 @@ mod tests {
         index_key(digest)
     }
 
+    fn changes(old: Option<(&[u8], bool)>, new: Option<&[u8]>) -> Vec<(Vec<u8>, bool)> {
+        index_changes(old, new).collect()
+    }
+
     #[test]
     fn index_changes_register_new_content_and_drop_the_last_copy_of_the_old() {
         let (a, b) = (b"aaaa".as_slice(), b"bbbb".as_slice());
-        assert_eq!(index_changes(None, Some(a)), vec![(key(a), true)], "a chunk written for the first time");
-        assert_eq!(index_changes(Some((a, false)), Some(a)), vec![], "the same content again: nothing to say");
+        assert_eq!(changes(None, Some(a)), vec![(key(a), true)], "a chunk written for the first time");
+        assert_eq!(changes(Some((a, false)), Some(a)), vec![], "the same content again: nothing to say");
         assert_eq!(
-            index_changes(Some((a, false)), Some(b)),
+            changes(Some((a, false)), Some(b)),
             vec![(key(b), true)],
             "overwritten, the old content still in another chunk: only the new one is registered"
         );
         assert_eq!(
-            index_changes(Some((a, true)), Some(b)),
+            changes(Some((a, true)), Some(b)),
             vec![(key(b), true), (key(a), false)],
             "overwritten, the last copy of the old content gone: SADD the new, SREM the old"
         );
         assert_eq!(
-            index_changes(Some((a, true)), None),
+            changes(Some((a, true)), None),
             vec![(key(a), false)],
             "the last copy overwritten with content that is not indexed (a uniform chunk)"
         );
-        assert_eq!(index_changes(Some((a, false)), None), vec![], "another copy is left");
-        assert_eq!(index_changes(None, None), vec![], "uniform over never-written");
+        assert_eq!(changes(Some((a, false)), None), vec![], "another copy is left");
+        assert_eq!(changes(None, None), vec![], "uniform over never-written");
     }
 
     #[test]

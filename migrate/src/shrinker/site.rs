@@ -159,6 +159,7 @@ impl SiteIndex {
     }
 
     /// The address peers use for this VMM.
+    #[cfg(test)]
     pub fn member(&self) -> &str {
         &self.member
     }
@@ -222,6 +223,11 @@ impl SiteIndex {
         self.record(gpa, digest.as_deref());
     }
 
+    /// Content with digest `digest` (already checked) was installed at `gpa`.
+    pub fn on_write_verified(&mut self, gpa: u64, digest: &[u8]) {
+        self.record(gpa, Some(digest));
+    }
+
     /// Chunk `gpa` now holds content `digest` (`None`: not indexed content).
     fn record(&mut self, gpa: u64, digest: Option<&[u8]>) {
         let mut index = self.index.lock().expect("index poisoned");
@@ -230,7 +236,8 @@ impl SiteIndex {
             None => index.remove(gpa),
         };
         if self.target.is_some() {
-            let old = old.as_ref().map(|(od, gone)| (od.as_slice(), *gone && index.lookup(od).is_none()));
+            // `gone`: no chunk holds the old digest any more (ContentIndex frees it then).
+            let old = old.as_ref().map(|(od, gone)| (od.as_slice(), *gone));
             // The last word wins: a digest dropped and regained stays registered.
             self.pending.extend(index_changes(old, digest));
         }
@@ -273,8 +280,7 @@ impl SiteIndex {
         // 1. This guest's own memory.
         let mut left: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
         for (d, gpas) in wanted {
-            let src = self.index.lock().expect("index poisoned").lookup(&d);
-            match src.and_then(|g| self.chunks.read(g)).filter(|b| hash::verify(self.algo, b, &d)) {
+            match self.chunks.chunk(&d) {
                 Some(bytes) => {
                     self.stats.local += gpas.len() as u64;
                     self.install(mem_write, &gpas, &bytes, &d);
@@ -316,7 +322,9 @@ impl SiteIndex {
                 }
                 for (peer, idx) in by_peer {
                     let digests: Vec<Vec<u8>> = idx.iter().map(|&i| left[i].0.clone()).collect();
-                    for part in idx.chunks(4096).zip(digests.chunks(4096)) {
+                    // One request at a time: what one answered is kept when a later one fails.
+                    let per = indexd::peer::MAX_DIGESTS;
+                    for part in idx.chunks(per).zip(digests.chunks(per)) {
                         match self.peers.fetch(&peer, part.1) {
                             Ok(answers) => {
                                 for (&i, a) in part.0.iter().zip(answers) {
@@ -325,12 +333,12 @@ impl SiteIndex {
                                         self.stats.corrupt_from_peer += 1;
                                         continue;
                                     }
-                                    let (d, gpas) = left[i].clone();
+                                    let (d, gpas) = &left[i];
                                     self.stats.peer += gpas.len() as u64;
                                     if tried[i].len() > 1 {
                                         self.stats.next_holder += 1;
                                     }
-                                    self.install(mem_write, &gpas, &bytes, &d);
+                                    self.install(mem_write, gpas, &bytes, d);
                                     done[i] = true;
                                 }
                             }
@@ -391,6 +399,7 @@ mod tests {
     use super::*;
 
     use shrink_testutil::redis::RedisServer;
+    use shrink_testutil::util::wait_until;
 
     use crate::shrinker::ChunkMemoryError;
 
@@ -436,15 +445,7 @@ mod tests {
 
     /// Distinct, non-uniform content number `n`.
     fn content(n: u32) -> Vec<u8> {
-        let mut x = 0x9e37_79b9u32 ^ n.wrapping_mul(0x85eb_ca6b);
-        (0..CHUNK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
+        shrink_testutil::util::XorShift::new(n.into()).bytes(CHUNK)
     }
 
     fn join(redis: &RedisServer, mem: Arc<TestMemory>) -> SiteIndex {
@@ -469,14 +470,6 @@ mod tests {
         let mut m = r.smembers_many(&[index_key(&hash::digest(ALGO, data))]).unwrap().remove(0);
         m.sort();
         m
-    }
-
-    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-        let start = std::time::Instant::now();
-        while !f() {
-            assert!(start.elapsed() < Duration::from_secs(20), "{what}: did not happen within 20 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     #[test]
@@ -638,13 +631,13 @@ mod tests {
         redis.restart().unwrap();
         assert_eq!(holders(&redis, &content(200)), Vec::<String>::new(), "restarted empty");
         let mut next = 33;
-        wait_for("a resync after the index came back", || {
+        wait_until("a resync after the index came back", Duration::from_secs(20), || {
             if next < 64 {
                 write(&mut site, &mem, next, &content(200 + next as u32));
                 next += 1;
             }
             site.flush();
-            site.snapshot_stats().resyncs > 0
+            (site.snapshot_stats().resyncs > 0).then_some(())
         });
         let st = site.snapshot_stats();
         assert_eq!(st.resyncs, 1, "{st:?}");

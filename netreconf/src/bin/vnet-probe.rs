@@ -32,7 +32,7 @@ enum Cmd {
         iface: String,
         #[arg(long)]
         mac: Mac,
-        #[arg(long, value_delimiter = ',', default_value = "0,50,200,450,800")]
+        #[arg(long, value_delimiter = ',', default_values_t = frames::QEMU_ANNOUNCE_MS)]
         schedule_ms: Vec<u64>,
         /// Open the interface first, then wait until this file exists before the first
         /// round (so the announcement follows the "resume" without process start-up).

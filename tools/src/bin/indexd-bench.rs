@@ -15,6 +15,7 @@ use indexd::peer::{ChunkSource, PeerClient, PeerServer};
 use indexd::redis::{Redis, Target};
 use indexd::ContentIndex;
 use shrink_testutil::redis::{RedisCluster, RedisServer};
+use shrink_testutil::util::{host_info, utc_now};
 
 fn keys(tag: &str, n: usize) -> Vec<Vec<u8>> {
     (0..n)
@@ -102,9 +103,8 @@ fn peer_figures(pages: &[Vec<u8>], digests: &[Vec<u8>], verify: bool) -> String 
 
 fn main() {
     let with_cluster = std::env::args().any(|a| a == "--cluster");
-    let date = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
-    let date = date.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
-    let mut sections = vec![format!("\"date\": \"{date}\"")];
+    let mut sections =
+        vec![format!("\"date\": {}", serde_json::Value::from(utc_now())), format!("\"host\": {}", host_info())];
 
     // Redis.
     let server = RedisServer::start().unwrap_or_else(|e| {

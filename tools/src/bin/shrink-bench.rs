@@ -96,7 +96,6 @@ fn avg(report: &Value, k: &str) -> u64 {
 fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, String> {
     let e = |e: testbed::TestbedError| e.to_string();
     tb.start_probes(10).map_err(e)?;
-    std::thread::sleep(Duration::from_millis(1500));
     let (a0, b0) = tb.wan_bytes().map_err(e)?;
     let (ok, r) = tb.migrate(dest, extra, tag, false).map_err(e)?;
     let (a1, b1) = tb.wan_bytes().map_err(e)?;
@@ -130,17 +129,10 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
     let qemu = if p.baselines && !cli.no_qemu && shrink_testutil::qemu::binary().is_some() {
         // QEMU alone on a fresh testbed (the same link), with the same memory images.
-        struct Scratch(PathBuf);
-        impl Drop for Scratch {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let keep = Scratch(std::env::temp_dir().join(format!("shrink-bench-images-{}", std::process::id())));
-        std::fs::create_dir_all(&keep.0).map_err(|x| x.to_string())?;
+        let keep = shrink_testutil::fs::TempDir::new("bench-images").map_err(|x| x.to_string())?;
         let mut moved = Vec::new();
         for (i, img) in images.iter().enumerate() {
-            let to = keep.0.join(format!("vm{i}.img"));
+            let to = keep.path().join(format!("vm{i}.img"));
             std::fs::rename(img, &to).map_err(|x| x.to_string())?;
             moved.push(to);
         }
@@ -411,10 +403,16 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
 /// The results so far (`complete` once every point ran).
 fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: Instant, complete: bool) -> Value {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // This program as run from the repository (`target/release/shrink-bench` under `make bench`).
+    let root = shrink_testutil::util::repo_root();
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|p| p.strip_prefix(&root).map(Path::to_owned).unwrap_or(p))
+        .unwrap_or_else(|| PathBuf::from("shrink-bench"));
     json!({
         "benchmark": "shrink-bench",
         "date": shrink_testutil::util::utc_now(),
-        "command": format!("target/release/shrink-bench {}", args.join(" ")),
+        "command": format!("{} {}", exe.display(), args.join(" ")),
         "quick": cli.quick,
         "machine": shrink_testutil::util::machine(),
         "complete": complete,

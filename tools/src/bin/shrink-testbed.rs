@@ -32,7 +32,7 @@ struct Net {
     /// Compute hosts per site.
     #[arg(long, default_value_t = 2)]
     hosts: usize,
-    /// Directory of the shrink binaries (default: the one this program is in, else target/release).
+    /// Directory of the shrink binaries (default: $SHRINK_BIN_DIR, else the one this program is in).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Directory of shrink-guest and base.qcow2 (default: images/out).
@@ -107,9 +107,7 @@ enum Cmd {
 }
 
 fn bins(net: &Net) -> Result<Bins, String> {
-    let here = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_owned));
-    let bin_dir = net.bin_dir.clone().or_else(|| here.filter(|d| d.join("shrink-vmm").is_file()));
-    Bins::find(bin_dir.as_deref(), net.images.as_deref()).map_err(|e| e.to_string())
+    Bins::find(net.bin_dir.as_deref(), net.images.as_deref()).map_err(|e| e.to_string())
 }
 
 fn opts(cli: &Cli, net: &Net) -> Options {

@@ -12,13 +12,13 @@
 //!   through a plain kernel-routed path between the same namespaces, with an unlimited
 //!   WAN link and with `tc tbf` at 100 Mbit/s.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use netreconf::frames::{self, Frame, Mac};
+use netreconf::frames::{self, Frame};
 use serde_json::{json, Value};
+use shrink_testutil::process::{bin_dir, build_hint};
 use shrink_tools::vnet::*;
 
 struct Bins {
@@ -26,9 +26,16 @@ struct Bins {
     probe: String,
 }
 
-fn bins() -> Bins {
-    let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
-    Bins { vnetd: dir.join("vnetd"), probe: dir.join("vnet-probe").to_string_lossy().to_string() }
+/// vnetd and vnet-probe of this build ([`bin_dir`]: the directory of this program).
+fn bins() -> R<Bins> {
+    let dir = bin_dir();
+    let (vnetd, probe) = (dir.join("vnetd"), dir.join("vnet-probe"));
+    for p in [&vnetd, &probe] {
+        if !p.is_file() {
+            return Err(format!("{} not found: {}", p.display(), build_hint(&dir)).into());
+        }
+    }
+    Ok(Bins { vnetd, probe: probe.to_string_lossy().into_owned() })
 }
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -57,27 +64,6 @@ fn first_after(frames_: &[(u64, Vec<u8>)], after: u64, pred: impl Fn(&frames::Ar
     })
 }
 
-fn stream_start(tb: &TwoSites, b: &Bins, name: &str) -> R<(Proc, Proc, PathBuf, PathBuf)> {
-    let stop = tb.dir.join(format!("{name}.stop"));
-    let out = tb.dir.join(format!("{name}.json"));
-    let addr = format!("{VM_IP}:9000");
-    let recv = Proc::spawn_out(
-        "udp-recv",
-        &tb.ns("vm"),
-        &[&b.probe, "udp-recv", "--bind", &addr, "--stop-file", stop.to_str().unwrap_or("")],
-        out.clone(),
-        tb.dir.join(format!("{name}-recv.log")),
-    )?;
-    std::thread::sleep(Duration::from_millis(200));
-    let send = Proc::spawn(
-        "udp-send",
-        &tb.ns("a1"),
-        &[&b.probe, "udp-send", "--to", &addr, "--interval-us", "1000", "--stop-file", stop.to_str().unwrap_or("")],
-        tb.dir.join(format!("{name}-send.log")),
-    )?;
-    Ok((recv, send, stop, out))
-}
-
 fn stats(v: &[f64]) -> Value {
     if v.is_empty() {
         return Value::Null;
@@ -93,19 +79,12 @@ fn stats(v: &[f64]) -> Value {
     })
 }
 
-fn host_route(st: &Value, ip: Ipv4Addr) -> Option<(String, u64)> {
-    st["gndt"].as_array()?.iter().find_map(|r| {
-        (r["prefix"] == format!("{ip}/32"))
-            .then(|| (r["router"].as_str().unwrap_or("").to_string(), r["seq"].as_u64().unwrap_or(0)))
-    })
-}
-
 fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
-    let (dest, src, dest_name, src_mac, dest_mac) = match to {
-        Site::A => (Site::A, Site::B, "A", RB_MAC, RA_MAC),
-        Site::B => (Site::B, Site::A, "B", RA_MAC, RB_MAC),
+    let (dest, src, dest_name, src_mac) = match to {
+        Site::A => (Site::A, Site::B, "A", RB_MAC),
+        Site::B => (Site::B, Site::A, "B", RA_MAC),
     };
-    let (mut recv, mut send, stop, out) = stream_start(tb, b, &format!("mig{seq}"))?;
+    let stream = start_stream(tb, "a1", "vm", VM_IP, 9000, &format!("mig{seq}"))?;
     std::thread::sleep(Duration::from_millis(500));
     // The RARP sender is started first and waits for the "resume" signal, as QEMU
     // announces right when the VM resumes.
@@ -122,12 +101,7 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     std::fs::write(&go, b"go")?;
     let t_resume = netreconf::router::wall_us();
     announcer.wait(10)?;
-    for site in [Site::A, Site::B] {
-        wait_for(&format!("{site:?} /32 seq {seq}"), 15, || {
-            let st = tb.status(site).ok()?;
-            (host_route(&st, VM_IP) == Some((dest_name.to_string(), seq))).then_some(())
-        })?;
-    }
+    wait_route(tb, dest_name, seq)?;
     let (a1_expect, vm_expect) = match to {
         Site::B => (RA_MAC, RB_MAC),
         Site::A => (VM_MAC, A1_MAC),
@@ -136,10 +110,7 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     tb.wait_neigh("vm", A1_IP, vm_expect, 10)?;
     tb.ping("a1", VM_IP, 10)?;
     std::thread::sleep(Duration::from_millis(500));
-    std::fs::write(&stop, b"stop")?;
-    send.wait(10)?;
-    recv.wait(10)?;
-    let udp: Value = serde_json::from_str(std::fs::read_to_string(&out)?.trim())?;
+    let udp = stop_stream(stream)?;
     // Let the repeated announcements finish before the next move.
     std::thread::sleep(Duration::from_millis(2600));
 
@@ -157,7 +128,6 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     let t_garp = first_after(&sp, t_move, |a, _| a.is_gratuitous() && a.spa == VM_IP && a.sha == src_mac);
     let t_vm_update =
         first_after(&dp, t_move, |a, _| a.eth_dst == VM_MAC && a.tpa == VM_IP && a.op == frames::OP_REQUEST);
-    let _ = dest_mac;
     let ms = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => json!((a as f64 - b as f64) / 1000.0),
         _ => Value::Null,
@@ -253,10 +223,7 @@ fn wan_tbf(tb: &TwoSites, on: bool) -> R<()> {
 }
 
 fn bench(out: &Path, moves: u32) -> R<()> {
-    let b = bins();
-    if !b.vnetd.is_file() {
-        return Err(format!("{} not found: build with `cargo build --release -p netreconf`", b.vnetd.display()).into());
-    }
+    let b = bins()?;
     let mut tb = TwoSites::build("bench")?;
     tb.start_vnetd(&b.vnetd)?;
     for (from, to) in [("a1", VM_IP), ("vm", A1_IP), ("b1", VM_IP), ("a1", B1_IP)] {
@@ -392,7 +359,6 @@ fn main() -> ExitCode {
         eprintln!("usage: vnetd-bench OUT.json [--moves N]");
         return ExitCode::FAILURE;
     };
-    let _ = Mac::ZERO;
     match bench(&out, moves.max(1)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

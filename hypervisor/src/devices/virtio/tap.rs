@@ -121,7 +121,7 @@ fn ctl_socket() -> std::io::Result<File> {
 impl Tap {
     /// Opens (creating it if absent) the tap `name` for a guest NIC with address `guest_mac`,
     /// non-blocking, with 12-byte virtio-net headers and no offloads, gives its host side the
-    /// address [`host_mac`] derives, and brings it up.
+    /// address `host_mac` derives, and brings it up.
     pub fn open(name: &str, guest_mac: [u8; 6]) -> Result<Tap, TapError> {
         if !valid_ifname(name) {
             return Err(TapError::BadName(name.to_owned()));
@@ -197,14 +197,16 @@ impl Tap {
 }
 
 /// The host side's address of the tap of a guest NIC with address `guest_mac`: the guest's
-/// address with its first byte `0xfe`, as libvirt does. A Linux bridge without a fixed address
-/// takes the lowest of its ports' addresses; no `fe:` address is ever lower than a host's NIC
-/// (whose first byte is below `0xfe`), so adding or removing taps never changes the bridge's
-/// address, and the ARP caches that know the host through it stay right. Unique per guest
-/// NIC, and a locally administered unicast address.
-pub fn host_mac(guest_mac: [u8; 6]) -> [u8; 6] {
+/// address with its first byte `0xfe` (`0xfa` for a guest whose own first byte is `0xfe`: the
+/// two must differ, or the bridge drops the guest's frames as its own), as libvirt does. A
+/// Linux bridge without a fixed address takes the lowest of its ports' addresses; a host NIC's
+/// first byte is below `0xfa`, so adding or removing taps never changes the bridge's address,
+/// and the ARP caches that know the host through it stay right. A locally administered unicast
+/// address. (Two taps of one guest NIC, a migration between VMMs of one host, get the same
+/// address, as with libvirt; they are never up on one bridge for long.)
+fn host_mac(guest_mac: [u8; 6]) -> [u8; 6] {
     let mut m = guest_mac;
-    m[0] = 0xfe;
+    m[0] = if guest_mac[0] == 0xfe { 0xfa } else { 0xfe };
     m
 }
 
@@ -250,6 +252,7 @@ mod tests {
         assert_eq!(m, [0xfe, 0x54, 0x00, 0x12, 0x34, 0x56]);
         assert_eq!(m[0] & 1, 0, "unicast");
         assert_eq!(m[0] & 2, 2, "locally administered");
-        assert_ne!(m, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56], "never the guest's own address");
+        let fe_guest = [0xfe, 0x54, 0x00, 0x12, 0x34, 0x56];
+        assert_eq!(host_mac(fe_guest), [0xfa, 0x54, 0x00, 0x12, 0x34, 0x56], "never the guest's own address");
     }
 }
