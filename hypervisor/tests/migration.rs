@@ -116,15 +116,31 @@ fn source_keeps_running(src: &VmProcess) {
     assert_eq!(src.exec("status", json!({}))["state"], "running");
 }
 
+/// A busy source guest (16 MB dirtied at 8 MB/s) migrating to a fresh destination on
+/// loopback, `migrate` called with `args` (besides the URI): (destination, source).
+fn busy_source_migrating(dir: &TempDir, args: Value) -> (VmProcess, VmProcess) {
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = incoming(dir.path(), "dst", &uri);
+    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    let mut args = args;
+    args["uri"] = json!(uri);
+    src.exec("migrate", args);
+    (dst, src)
+}
+
+/// Waits until the source has sent its first bytes.
+fn first_bytes_sent(src: &VmProcess) {
+    wait_until("the first bytes on the stream", Duration::from_secs(30), || {
+        (src.exec("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+}
+
 #[test]
 fn killing_the_destination_during_the_dirty_passes_leaves_the_guest_at_the_source() {
     let dir = TempDir::new("mig-kill1").unwrap();
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = incoming(dir.path(), "dst", &uri);
-    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
-    src.wait_for("heartbeat 2\n", BOOT);
     // 2 MB/s: the passes take several seconds.
-    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 2_000_000}));
+    let (mut dst, src) = busy_source_migrating(&dir, json!({"max_bandwidth": 2_000_000}));
     // The first full pass is over and a dirty pass has begun.
     let during = wait_until("a dirty pass", Duration::from_secs(60), || {
         let q = src.exec("query-migrate", json!({}));
@@ -173,14 +189,8 @@ fn killing_the_destination_during_the_final_pass_leaves_the_guest_at_the_source(
 #[test]
 fn cancel_mid_way_keeps_the_guest_at_the_source() {
     let dir = TempDir::new("mig-cancel").unwrap();
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = incoming(dir.path(), "dst", &uri);
-    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
-    src.wait_for("heartbeat 2\n", BOOT);
-    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 1_000_000}));
-    wait_until("the first bytes on the stream", Duration::from_secs(30), || {
-        (src.exec("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 0).then_some(())
-    });
+    let (mut dst, src) = busy_source_migrating(&dir, json!({"max_bandwidth": 1_000_000}));
+    first_bytes_sent(&src);
     src.exec("migrate_cancel", json!({}));
     let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "cancelled", "{info}");
@@ -379,11 +389,7 @@ fn a_destination_that_withholds_its_verdict_is_given_up_and_never_starts_the_gue
 #[test]
 fn a_destination_that_stops_reading_is_given_up_after_the_verdict_timeout() {
     let dir = TempDir::new("mig-stop").unwrap();
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = incoming(dir.path(), "dst", &uri);
-    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
-    src.wait_for("heartbeat 2\n", BOOT);
-    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 4_000_000, "verdict_timeout_ms": 2000}));
+    let (mut dst, src) = busy_source_migrating(&dir, json!({"max_bandwidth": 4_000_000, "verdict_timeout_ms": 2000}));
     wait_until("a dirty pass", Duration::from_secs(60), || {
         (src.exec("query-migrate", json!({}))["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 1).then_some(())
     });
@@ -435,14 +441,8 @@ fn a_waiting_destination_answers_its_api_and_obeys_sigterm_sigint_and_quit() {
 #[test]
 fn quit_sent_to_a_receiving_destination_cancels_it_and_the_source_keeps_its_guest() {
     let dir = TempDir::new("mig-quit").unwrap();
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let mut dst = incoming(dir.path(), "dst", &uri);
-    let src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=16M rate=8M");
-    src.wait_for("heartbeat 2\n", BOOT);
-    src.exec("migrate", json!({"uri": uri, "max_bandwidth": 1_000_000}));
-    wait_until("the first bytes on the stream", Duration::from_secs(30), || {
-        (src.exec("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) > 0).then_some(())
-    });
+    let (mut dst, src) = busy_source_migrating(&dir, json!({"max_bandwidth": 1_000_000}));
+    first_bytes_sent(&src);
     dst.exec("quit", json!({}));
     let status = dst.wait_exit(Duration::from_secs(10)).expect("quit ignored while receiving");
     assert!(!status.success());
