@@ -12,6 +12,8 @@
 //! - [`api`] and [`control`]: the JSON control socket and the loop that serves it.
 //! - [`migration`]: the two ends of a live migration (Shrinker's deduplication, both halves,
 //!   is in `migrate::shrinker`; the VMM gives it guest memory to read).
+//! - [`repository`]: the site's image repository as a host sees it (base image digests,
+//!   content indexes, reads by offset).
 //! - [`test_hooks`]: fault injection for the integration tests (the `test-hooks` feature).
 #![warn(missing_docs)]
 
@@ -22,6 +24,7 @@ pub mod control;
 pub mod devices;
 pub mod loader;
 pub mod migration;
+pub mod repository;
 pub mod snapshot;
 pub mod test_hooks;
 pub mod vmm;

@@ -69,7 +69,8 @@ struct Args {
     restore: Option<PathBuf>,
 
     /// Receive a live migration on tcp:ADDR:PORT instead of booting; --net, --image and --disk
-    /// give this host's backends (default: the source's).
+    /// give this host's backends (default: the source's). A guest with a disk needs --image
+    /// (this site's copy of its base image) and --disk (a new file: the migrated overlay).
     #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "mem", "restore", "paused"])]
     incoming: Option<String>,
 
@@ -77,6 +78,11 @@ struct Args {
     /// for a Redis Cluster); enables content-based addressing of deduplicated chunks.
     #[arg(long, value_name = "redis://HOST:PORT", requires = "incoming")]
     index: Option<String>,
+
+    /// With --incoming: where this site's image repository is indexed (`shrink-repo index`)
+    /// [default: --index]. Without either, the base image is read to find its digest.
+    #[arg(long, value_name = "redis://HOST:PORT", requires = "incoming")]
+    repository: Option<String>,
 
     /// With --index: where this VMM serves chunks to the site's other hypervisors.
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:0", requires = "incoming")]
@@ -114,6 +120,7 @@ fn run(args: Args) -> Result<Exit, String> {
             .disk
             .clone()
             .unwrap_or_else(|| base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))),
+        standalone: false,
     });
     // An incoming migration's port is bound before the API socket appears: whoever waits for
     // the socket (shrink-migrate) may start the source at once.
@@ -140,7 +147,13 @@ fn run(args: Args) -> Result<Exit, String> {
             peer_advertise: args.peer_advertise.clone(),
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
         });
-        let opts = IncomingOptions { name, serial, devices: (!devices.is_empty()).then_some(devices), site };
+        let opts = IncomingOptions {
+            name,
+            serial,
+            devices: (!devices.is_empty()).then_some(devices),
+            site,
+            repository: args.repository.clone(),
+        };
         // No VM yet: the API answers status, query-migrate and quit meanwhile (only quit once a
         // source has connected; the rest then waits for the VM).
         let waiting =

@@ -8,6 +8,14 @@
 //! - Incoming: `shrink-vmm --incoming tcp:ADDR:PORT` accepts one connection, installs the guest
 //!   as it arrives, builds the VM from the saved state with its own devices, tells the source,
 //!   then starts the guest and announces it (RARP) on its NICs.
+//!
+//! Disks migrate with the memory, as chunks of their own address space
+//! ([`migrate::protocol::disk_addr`]): the first pass carries the blocks the VM's overlay holds
+//! (every block when the destination lacks the base image), later passes the blocks the guest
+//! wrote meanwhile (virtio-blk's [`DirtyBlocks`](crate::devices::virtio::block::DirtyBlocks)),
+//! and the last ones travel while the guest and its devices are paused. The destination writes
+//! them into a fresh overlay on its own copy of the base image (`--image`, `--disk`), and
+//! removes it if the migration fails.
 
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,13 +27,14 @@ use migrate::args::MigrateArgs;
 use migrate::precopy::{
     self, Dedup, EndpointError, MigrationInfo, NoDedup, Params, ReceiveOptions, Sink, Source, Status,
 };
-use migrate::protocol::{Hello, Region};
+use migrate::protocol::{disk_addr, disk_of, DiskInfo, Hello, Region};
 use migrate::shrinker::{ChunkMemory, ChunkMemoryError, DedupConfig, DedupStats, RedisDedup, SiteIndex, SiteOptions};
 use serde_json::Value;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::SerialOutput;
 use crate::control::{ControlMsg, VmmCaller};
+use crate::devices::virtio::block::{self, Disk, DiskConfig, DiskHandle};
 use crate::snapshot::SnapshotState;
 use crate::vmm::{DeviceConfig, Vmm};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -103,17 +112,33 @@ fn write_guest(mem: &GuestMemoryMmap, gpa: u64, data: &[u8]) -> Result<(), Endpo
     })
 }
 
-/// Guest memory as Shrinker's destination half reads it (to serve peers and to resolve chunks
-/// from this guest's own content): copies with vm-memory's volatile accessors, never slices.
-struct GuestChunkMemory(GuestMemoryMmap);
+/// Reads `buf.len()` bytes at chunk address `addr` of disk `disk`.
+fn read_disk(disk: &Disk, addr: u64, off: u64, buf: &mut [u8]) -> Result<(), EndpointError> {
+    disk.read(&mut *buf, off).map_err(|e| EndpointError::Memory { gpa: addr, len: buf.len(), reason: e.to_string() })
+}
+
+/// The guest's disks as chunk reads see them (replaced once the restored VM has its own).
+type SharedDisks = Arc<Mutex<Vec<Arc<Disk>>>>;
+
+/// Guest memory and disks as Shrinker's destination half reads them (to serve peers and to
+/// resolve chunks from this guest's own content): copies with vm-memory's volatile accessors,
+/// never slices; disk blocks through the disk.
+struct GuestChunkMemory {
+    mem: GuestMemoryMmap,
+    disks: SharedDisks,
+}
 
 impl ChunkMemory for GuestChunkMemory {
     fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ChunkMemoryError> {
-        self.0.read_slice(buf, GuestAddress(gpa)).map_err(|e| ChunkMemoryError::Unreadable {
-            gpa,
-            len: buf.len(),
-            source: Box::new(e),
-        })
+        let len = buf.len();
+        let unreadable =
+            |e: Box<dyn std::error::Error + Send + Sync>| ChunkMemoryError::Unreadable { gpa, len, source: e };
+        if let Some((i, off)) = disk_of(gpa) {
+            let disk = self.disks.lock().expect("disks poisoned").get(i).cloned();
+            let disk = disk.ok_or(ChunkMemoryError::OutOfRange { gpa, len })?;
+            return disk.read(&mut *buf, off).map_err(|e| unreadable(Box::new(e)));
+        }
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| unreadable(Box::new(e)))
     }
 }
 
@@ -121,9 +146,25 @@ fn regions_of(mem: &GuestMemoryMmap) -> Vec<Region> {
     mem.iter().map(|r| Region { gpa: r.start_addr().0, len: r.len() }).collect()
 }
 
+/// The first pass's bitmap of a disk: the blocks its overlay holds, or all of them.
+fn disk_first_pass(d: &DiskHandle, held: bool) -> Result<Vec<u64>, EndpointError> {
+    if held {
+        return block::allocated_blocks(&d.disk).map_err(EndpointError::of("disk allocation map"));
+    }
+    let blocks = d.size().div_ceil(block::BLOCK) as usize;
+    let mut v = vec![u64::MAX; blocks.div_ceil(64)];
+    if !blocks.is_multiple_of(64) {
+        *v.last_mut().expect("non-empty") = (1u64 << (blocks % 64)) - 1;
+    }
+    Ok(v)
+}
+
 /// The source VM as the pre-copy engine sees it.
 struct VmmSource {
     mem: GuestMemoryMmap,
+    disks: Vec<DiskHandle>,
+    /// The digest of each disk's base image (none for a standalone disk).
+    bases: Vec<Option<[u8; 32]>>,
     caller: VmmCaller,
     name: String,
 }
@@ -141,20 +182,71 @@ impl VmmSource {
 
 impl Source for VmmSource {
     fn regions(&self) -> Vec<Region> {
-        regions_of(&self.mem)
+        let mut r = regions_of(&self.mem);
+        r.extend(self.disks.iter().enumerate().map(|(i, d)| Region { gpa: disk_addr(i, 0), len: d.size() }));
+        r
+    }
+    fn disks(&mut self) -> Result<Vec<DiskInfo>, EndpointError> {
+        self.disks
+            .iter()
+            .zip(&self.bases)
+            .map(|(d, &base)| {
+                if !d.size().is_multiple_of(block::BLOCK) {
+                    return Err(EndpointError::failed("disk", format!("{} bytes: not a multiple of 4 KiB", d.size())));
+                }
+                Ok(DiskInfo { size: d.size(), base })
+            })
+            .collect()
+    }
+    fn first_pass(&mut self, regions: &[Region], held: &[bool]) -> Result<Vec<Vec<u64>>, EndpointError> {
+        let mut maps: Vec<Vec<u64>> = regions
+            .iter()
+            .filter(|r| !migrate::protocol::is_disk(r))
+            .map(|r| {
+                let pages = (r.len / migrate::precopy::PAGE_SIZE as u64) as usize;
+                let mut v = vec![u64::MAX; pages.div_ceil(64)];
+                if !pages.is_multiple_of(64) {
+                    *v.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
+                }
+                v
+            })
+            .collect();
+        for (d, &h) in self.disks.iter().zip(held) {
+            maps.push(disk_first_pass(d, h)?);
+        }
+        Ok(maps)
     }
     fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EndpointError> {
-        read_guest(&self.mem, gpa, buf)
+        match disk_of(gpa) {
+            Some((i, off)) => {
+                let d = self.disks.get(i).ok_or(EndpointError::Memory {
+                    gpa,
+                    len: buf.len(),
+                    reason: "no such disk".into(),
+                })?;
+                read_disk(&d.disk, gpa, off, buf)
+            }
+            None => read_guest(&self.mem, gpa, buf),
+        }
     }
     fn start_dirty_log(&mut self) -> Result<(), EndpointError> {
+        // Disks first: a block written between the two is logged (and sent again) anyway.
+        for d in &self.disks {
+            d.dirty.start();
+        }
         self.on_vmm("start dirty log", |v| v.start_dirty_log())
     }
     fn stop_dirty_log(&mut self) -> Result<(), EndpointError> {
+        for d in &self.disks {
+            d.dirty.stop();
+        }
         self.on_vmm("stop dirty log", |v| v.stop_dirty_log())
     }
     fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, EndpointError> {
         let log = self.on_vmm("dirty log", |v| v.dirty_log())?;
-        Ok(log.regions.into_iter().map(|r| r.bitmap).collect())
+        let mut maps: Vec<Vec<u64>> = log.regions.into_iter().map(|r| r.bitmap).collect();
+        maps.extend(self.disks.iter().map(|d| d.dirty.take()));
+        Ok(maps)
     }
     fn pause(&mut self) -> Result<(), EndpointError> {
         self.on_vmm("pause", |v| v.pause())
@@ -187,6 +279,35 @@ pub fn parse_migrate_args(args: &Value) -> Result<(String, Params, Option<DedupC
     Ok((addr, params, dedup))
 }
 
+/// The digest of each disk's base image, and with deduplication the content index of the first
+/// disk's (its chunks then travel as digests when the destination's repository holds it).
+fn disk_bases(
+    disks: &[DiskHandle],
+    repository: Option<&str>,
+    chunks: Option<(indexd::hash::Algo, usize)>,
+) -> Result<DiskBases, crate::repository::RepositoryError> {
+    let mut bases = DiskBases { digests: Vec::new(), content: None };
+    for (i, d) in disks.iter().enumerate() {
+        if d.config.standalone {
+            bases.digests.push(None);
+            continue;
+        }
+        let want = if i == 0 { chunks } else { None };
+        let b = crate::repository::base_image(repository, &d.config.base, want)?;
+        bases.digests.push(Some(b.image));
+        if i == 0 {
+            bases.content = b.content;
+        }
+    }
+    Ok(bases)
+}
+
+/// The digests of a VM's disks' base images, and the content of the first one's.
+struct DiskBases {
+    digests: Vec<Option<[u8; 32]>>,
+    content: Option<Arc<indexd::repo::RepoIndex>>,
+}
+
 /// An outgoing migration in progress (or finished).
 pub struct Outgoing {
     info: Arc<Mutex<MigrationInfo>>,
@@ -200,24 +321,39 @@ impl Outgoing {
     /// Starts migrating `vmm` as `args` (the `migrate` command's arguments) ask.
     pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, MigrationSetupError> {
         let (addr, params, dedup_cfg) = parse_migrate_args(args)?;
+        let repository = MigrateArgs::from_json(args)?.repository;
         let info = Arc::new(Mutex::new(MigrationInfo { status: Status::Setup, ..Default::default() }));
         // Coordination is set up here, so that an unreachable service is reported at once.
-        let (dedup, dedup_stats): (Box<dyn Dedup + Send>, _) = match &dedup_cfg {
-            Some(cfg) => {
-                let d = RedisDedup::new(cfg);
-                let stats = d.stats.clone();
-                (Box::new(d), Some(stats))
-            }
-            None => (Box::new(NoDedup), None),
-        };
+        let coordination = dedup_cfg.as_ref().map(RedisDedup::new);
+        let dedup_stats = coordination.as_ref().map(|d| d.stats.clone());
+        let chunks = dedup_cfg.as_ref().map(|c| (c.algo, params.chunk_size));
         let cancel = Arc::new(AtomicBool::new(false));
         let socket = Arc::new(Mutex::new(None));
-        let mut source = VmmSource { mem: vmm.memory().clone(), caller: caller.clone(), name: vmm.name().to_owned() };
+        let disks = vmm.disks();
+        let mut source = VmmSource {
+            mem: vmm.memory().clone(),
+            bases: Vec::new(),
+            disks,
+            caller: caller.clone(),
+            name: vmm.name().to_owned(),
+        };
         let (i, c, s) = (info.clone(), cancel.clone(), socket.clone());
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let result = connect(&addr).map_err(|e| e.to_string()).and_then(|stream| {
+                // The base images' digests (and content): from the repository index, or by
+                // reading the images, here in the migration thread while the guest runs.
+                let bases = disk_bases(&source.disks, repository.as_deref(), chunks).map_err(|e| e.to_string());
+                let result = bases.map(|b| -> Box<dyn Dedup + Send> {
+                    source.bases = b.digests;
+                    match (coordination, b.content) {
+                        (Some(d), Some(repo)) => Box::new(d.with_repository(repo)),
+                        (Some(d), None) => Box::new(d),
+                        (None, _) => Box::new(NoDedup),
+                    }
+                });
+                let result = result.and_then(|dedup| connect(&addr).map_err(|e| e.to_string()).map(|s| (s, dedup)));
+                let result = result.and_then(|(stream, dedup)| {
                     // A destination that neither answers nor takes the stream for this long
                     // is given up on, and the guest runs here again.
                     let t = params.verdict_timeout;
@@ -339,6 +475,8 @@ pub struct IncomingOptions {
     pub devices: Option<Vec<DeviceConfig>>,
     /// This host's part in its site's content index (Shrinker's content-based addressing).
     pub site: Option<SiteOptions>,
+    /// Where this site's image repository is indexed (default: the site index).
+    pub repository: Option<String>,
 }
 
 struct VmmSink {
@@ -346,18 +484,129 @@ struct VmmSink {
     mem: Option<GuestMemoryMmap>,
     vmm: Option<Vmm>,
     site: Option<SiteIndex>,
+    /// The stream's digest and chunk size.
+    chunks: Option<(indexd::hash::Algo, usize)>,
+    /// The migrated disks being written, in order (shared with the peer server's reads).
+    disks: SharedDisks,
+    /// The overlays this migration created: removed unless the guest starts here.
+    created: Vec<std::path::PathBuf>,
+    started: bool,
 }
 
 impl VmmSink {
     fn mem(&self) -> &GuestMemoryMmap {
         self.mem.as_ref().expect("prepare() ran")
     }
+
+    fn disk(&self, gpa: u64, i: usize) -> Result<Arc<Disk>, EndpointError> {
+        self.disks.lock().expect("disks poisoned").get(i).cloned().ok_or(EndpointError::Memory {
+            gpa,
+            len: 0,
+            reason: "no such disk".into(),
+        })
+    }
+
+    /// The disk configurations given on the command line, in order.
+    fn disk_configs(&mut self) -> Vec<&mut DiskConfig> {
+        self.opts
+            .devices
+            .iter_mut()
+            .flatten()
+            .filter_map(|d| match d {
+                DeviceConfig::Block(c) => Some(c),
+                DeviceConfig::Net(_) => None,
+            })
+            .collect()
+    }
+
+    /// Sets up disk `i` (`info` from the source): a fresh overlay on this site's copy of the
+    /// base image when it is the source's, a standalone image otherwise. Returns whether the
+    /// disk starts as the source's base layer, and why not.
+    fn setup_disk(&mut self, i: usize, info: &DiskInfo) -> Result<(bool, Option<String>), EndpointError> {
+        let repository = self.opts.repository.clone().or_else(|| self.opts.site.as_ref().and_then(|s| s.index.clone()));
+        let chunks = self.chunks;
+        let cfg = self.disk_configs().into_iter().nth(i).map(|c| c.clone());
+        let mut cfg = cfg.ok_or_else(|| {
+            EndpointError::failed(
+                "disks",
+                "the guest has a disk: give --image (this site's copy of its base image) and --disk (where its overlay goes)",
+            )
+        })?;
+        let mut why = None;
+        let mut content = None;
+        cfg.standalone = match info.base {
+            // A source disk without a base goes into a standalone image, which starts as
+            // zeroes as the source's did: held.
+            None => true,
+            Some(source) => {
+                match crate::repository::base_image(repository.as_deref(), &cfg.base, chunks.filter(|_| i == 0)) {
+                    Ok(b) if b.image == source => {
+                        content = b.content;
+                        false
+                    }
+                    Ok(b) => {
+                        let here = b.image;
+                        why = Some(format!(
+                            "disk {i}: this site's base image {} is {}, the source's is {}: its content travels too",
+                            cfg.base.display(),
+                            indexd::hash::hex(&here),
+                            indexd::hash::hex(&source)
+                        ));
+                        true
+                    }
+                    Err(e) => {
+                        why = Some(format!(
+                            "disk {i}: this site's repository has no base image for it ({e}): its content travels too"
+                        ));
+                        true
+                    }
+                }
+            }
+        };
+        let held = why.is_none();
+        let disk = block::create_overlay(&cfg, info.size).map_err(EndpointError::of("disk overlay"))?;
+        self.created.push(cfg.overlay.clone());
+        if disk.size() != info.size {
+            return Err(EndpointError::failed(
+                "disk overlay",
+                format!("{} bytes for a {}-byte disk", disk.size(), info.size),
+            ));
+        }
+        if let (Some(idx), Some(site)) = (content, self.site.as_mut()) {
+            let image = crate::repository::ImageReader::open(&cfg.base).map_err(EndpointError::of("base image"))?;
+            site.set_repository(idx, Arc::new(image));
+        }
+        self.disks.lock().expect("disks poisoned").push(Arc::new(disk));
+        if let Some(c) = self.disk_configs().into_iter().nth(i) {
+            *c = cfg;
+        }
+        Ok((held, why))
+    }
+}
+
+impl Drop for VmmSink {
+    fn drop(&mut self) {
+        if self.started {
+            return;
+        }
+        // The guest does not run here: its partial disks go (the source's are untouched).
+        self.disks.lock().expect("disks poisoned").clear();
+        for p in &self.created {
+            match std::fs::remove_file(p) {
+                Ok(()) => tracing::info!("removed the partial disk {}", p.display()),
+                Err(e) => tracing::warn!("cannot remove the partial disk {}: {e}", p.display()),
+            }
+        }
+    }
 }
 
 impl Sink for VmmSink {
     fn prepare(&mut self, hello: &Hello, regions: &[Region]) -> Result<(), EndpointError> {
-        let ranges: Vec<(GuestAddress, usize)> =
-            regions.iter().map(|r| (GuestAddress(r.gpa), r.len as usize)).collect();
+        let ranges: Vec<(GuestAddress, usize)> = regions
+            .iter()
+            .filter(|r| !migrate::protocol::is_disk(r))
+            .map(|r| (GuestAddress(r.gpa), r.len as usize))
+            .collect();
         let expected = crate::arch::layout::ram_ranges(hello.mem_size);
         if ranges != expected {
             return Err(EndpointError::failed(
@@ -366,14 +615,39 @@ impl Sink for VmmSink {
             ));
         }
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(EndpointError::of("allocate guest memory"))?;
+        self.chunks = hello.digest.algo().map(|a| (a, hello.chunk_size as usize));
         if let (Some(site), Some(algo)) = (&self.opts.site, hello.digest.algo()) {
-            let chunks = Arc::new(GuestChunkMemory(mem.clone()));
+            let chunks = Arc::new(GuestChunkMemory { mem: mem.clone(), disks: self.disks.clone() });
             let index = SiteIndex::start(site, chunks, algo, hello.chunk_size as usize)
                 .map_err(EndpointError::of("site index"))?;
             self.site = Some(index);
         }
         self.mem = Some(mem);
         Ok(())
+    }
+
+    fn disks(&mut self, disks: &[DiskInfo]) -> Result<(Vec<bool>, String), EndpointError> {
+        let given = self.disk_configs().len();
+        if given != disks.len() {
+            return Err(EndpointError::failed(
+                "disks",
+                format!(
+                    "the guest has {} disk(s), the command line gives {given} (--image: this site's copy of the base image, --disk: where the overlay goes)",
+                    disks.len()
+                ),
+            ));
+        }
+        let mut held = Vec::new();
+        let mut why = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let (h, w) = self.setup_disk(i, d)?;
+            held.push(h);
+            why.extend(w);
+        }
+        for w in &why {
+            tracing::warn!("{w}");
+        }
+        Ok((held, why.join("; ")))
     }
 
     fn on_write(&mut self, gpa: u64, data: Option<&[u8]>) {
@@ -391,11 +665,23 @@ impl Sink for VmmSink {
     fn resolve(&mut self, batch: &mut Vec<(u64, Vec<u8>)>) -> Result<(), EndpointError> {
         let Some(site) = self.site.as_mut() else { return Ok(()) };
         let mem = self.mem.as_ref().expect("prepare() ran");
+        let disks = self.disks.lock().expect("disks poisoned").clone();
         let mut failed = None;
         site.resolve(batch, &mut |gpa, bytes| {
-            // Chunks are in guest memory (checked when the stream named them): a failure here
-            // is a bug, and fails the migration rather than leaving a chunk unwritten.
-            if let Err(e) = write_guest(mem, gpa, bytes) {
+            // Chunks are in guest memory or a disk (checked when the stream named them): a
+            // failure here fails the migration rather than leaving a chunk unwritten.
+            let r = match disk_of(gpa) {
+                Some((i, off)) => match disks.get(i) {
+                    Some(d) => d.write(bytes, off).map_err(|e| EndpointError::Memory {
+                        gpa,
+                        len: bytes.len(),
+                        reason: e.to_string(),
+                    }),
+                    None => Err(EndpointError::Memory { gpa, len: bytes.len(), reason: "no such disk".into() }),
+                },
+                None => write_guest(mem, gpa, bytes),
+            };
+            if let Err(e) = r {
                 failed.get_or_insert(e);
             }
         });
@@ -409,14 +695,29 @@ impl Sink for VmmSink {
     }
 
     fn write_chunk(&mut self, gpa: u64, data: &[u8]) -> Result<(), EndpointError> {
-        write_guest(self.mem(), gpa, data)
+        match disk_of(gpa) {
+            Some((i, off)) => self.disk(gpa, i)?.write(data, off).map_err(|e| EndpointError::Memory {
+                gpa,
+                len: data.len(),
+                reason: e.to_string(),
+            }),
+            None => write_guest(self.mem(), gpa, data),
+        }
     }
 
     fn fill_chunk(&mut self, gpa: u64, byte: u8, len: usize) -> Result<(), EndpointError> {
         const MAX_CHUNK: usize = migrate::protocol::CHUNK_SIZES[migrate::protocol::CHUNK_SIZES.len() - 1];
+        if let (Some((i, off)), 0) = (disk_of(gpa), byte) {
+            // Zeroes over a base image: qcow2's zero clusters, no data written.
+            return self.disk(gpa, i)?.write_zeroes(off, len as u64).map_err(|e| EndpointError::Memory {
+                gpa,
+                len,
+                reason: e.to_string(),
+            });
+        }
         let fill = [byte; MAX_CHUNK];
         let data = fill.get(..len).ok_or(EndpointError::Memory { gpa, len, reason: "larger than a chunk".into() })?;
-        write_guest(self.mem(), gpa, data)
+        self.write_chunk(gpa, data)
     }
 
     fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
@@ -424,8 +725,16 @@ impl Sink for VmmSink {
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), EndpointError> {
+        // The migrated disks are complete: on disk, and closed before the VM opens them.
+        {
+            let mut disks = self.disks.lock().expect("disks poisoned");
+            for d in disks.iter() {
+                d.flush().map_err(EndpointError::of("flush the migrated disk"))?;
+            }
+            disks.clear();
+        }
         // Test hook: hold the destination between "everything arrived" and its verdict, so
-        // that tests can kill it while the source is paused and waiting.
+        // that tests can kill it while the source is paused and waiting (or compare the disks).
         if let Some(stall) = crate::test_hooks::stall_before_verdict() {
             std::thread::sleep(stall);
         }
@@ -433,9 +742,11 @@ impl Sink for VmmSink {
         let state: SnapshotState = serde_json::from_slice(state).map_err(EndpointError::of("parse VM state"))?;
         let parsed = t.elapsed();
         let mem = self.mem.take().ok_or(EndpointError::failed("restore", "VM state before memory"))?;
-        let vmm =
-            Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, self.opts.devices.take())
-                .map_err(EndpointError::of("restore"))?;
+        let devices = self.opts.devices.clone();
+        let vmm = Vmm::restore_with(state, mem, self.opts.name.take(), &self.opts.serial, true, devices)
+            .map_err(EndpointError::of("restore"))?;
+        // Peers now read the VM's own disks.
+        *self.disks.lock().expect("disks poisoned") = vmm.disks().into_iter().map(|d| d.disk).collect();
         tracing::info!("restore: state parsed in {parsed:?}, VM rebuilt in {:?}", t.elapsed() - parsed);
         self.vmm = Some(vmm);
         Ok(())
@@ -444,6 +755,7 @@ impl Sink for VmmSink {
     fn start(&mut self) -> Result<(), EndpointError> {
         let vmm = self.vmm.as_mut().ok_or(EndpointError::failed("start", "no VM to start"))?;
         vmm.resume().map_err(EndpointError::of("start"))?;
+        self.started = true;
         vmm.announce_self();
         Ok(())
     }
@@ -491,7 +803,16 @@ pub fn incoming(
         .and_then(|_| stream.try_clone())
         .map_err(socket_err("incoming migration socket from", peer))?;
     let wait = opts.site.as_ref().map(|s| s.wait).unwrap_or(ReceiveOptions::default().wait);
-    let mut sink = VmmSink { opts, mem: None, vmm: None, site: None };
+    let mut sink = VmmSink {
+        opts,
+        mem: None,
+        vmm: None,
+        site: None,
+        chunks: None,
+        disks: Arc::new(Mutex::new(Vec::new())),
+        created: Vec::new(),
+        started: false,
+    };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
     let pull = !crate::test_hooks::no_pull();
     let opts = ReceiveOptions { wait, pull, cancelled: Some(crate::control::terminating), ..ReceiveOptions::default() };

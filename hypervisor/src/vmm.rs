@@ -114,6 +114,8 @@ pub struct DeviceSnapshot {
 /// A virtio device as the VMM keeps it.
 struct DeviceSlot {
     config: DeviceConfig,
+    /// For disks: what a migration needs of it.
+    disk: Option<block::DiskHandle>,
     /// For NICs: a handle on the tap, to announce the guest after a migration.
     announce: Option<Tap>,
     transport: Arc<Mutex<MmioTransport>>,
@@ -250,7 +252,9 @@ struct Platform {
 }
 
 /// Opens a device's backend; `index` counts devices of the same kind (`net0`, `net1`, `blk0`).
-fn open_device(config: &DeviceConfig, index: usize) -> Result<(Box<dyn VirtioDevice>, Option<Tap>), VmmError> {
+type Opened = (Box<dyn VirtioDevice>, Option<Tap>, Option<block::DiskHandle>);
+
+fn open_device(config: &DeviceConfig, index: usize) -> Result<Opened, VmmError> {
     Ok(match config {
         DeviceConfig::Net(n) => {
             let tap = Tap::open(&n.tap, n.mac)?;
@@ -258,9 +262,13 @@ fn open_device(config: &DeviceConfig, index: usize) -> Result<(Box<dyn VirtioDev
                 tap.attach_to_bridge(br)?;
             }
             let announce = tap.try_clone().map_err(|e| VmmError::Device(format!("tap {}: {e}", n.tap)))?;
-            (Box::new(Net::new(format!("net{index}"), tap, n.mac)), Some(announce))
+            (Box::new(Net::new(format!("net{index}"), tap, n.mac)), Some(announce), None)
         }
-        DeviceConfig::Block(d) => (Box::new(Block::new(format!("blk{index}"), block::open_overlay(d)?)), None),
+        DeviceConfig::Block(d) => {
+            let b = Block::new(format!("blk{index}"), block::open_overlay(d)?);
+            let handle = b.handle(d.clone());
+            (Box::new(b), None, Some(handle))
+        }
     })
 }
 
@@ -270,7 +278,7 @@ fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Ve
     for (i, config) in configs.iter().enumerate() {
         let same_kind =
             configs[..i].iter().filter(|c| std::mem::discriminant(*c) == std::mem::discriminant(config)).count();
-        let (device, announce) = open_device(config, same_kind)?;
+        let (device, announce, disk) = open_device(config, same_kind)?;
         let base = MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(dev_err)?;
@@ -283,7 +291,7 @@ fn build_devices(vm: &Vm, configs: &[DeviceConfig], mmio: &mut Bus) -> Result<Ve
         }
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(base, MMIO_WINDOW, transport.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-        slots.push(DeviceSlot { config: config.clone(), announce, transport, base, gsi });
+        slots.push(DeviceSlot { config: config.clone(), disk, announce, transport, base, gsi });
     }
     Ok(slots)
 }
@@ -440,6 +448,11 @@ impl Vmm {
     /// Guest memory (shared: the mapping lives as long as any clone).
     pub fn memory(&self) -> &memory::GuestMemoryMmap {
         self.vm.memory()
+    }
+
+    /// The VM's disks, in device order.
+    pub fn disks(&self) -> Vec<block::DiskHandle> {
+        self.devices.iter().filter_map(|d| d.disk.clone()).collect()
     }
 
     /// Sends QEMU's self-announcement after a migration: for each NIC, five RARP frames (MAC →

@@ -7,11 +7,14 @@
 //!   (destination-site holders of each digest).
 //! - [`index`]: which guest chunks of this VMM hold which content.
 //! - [`peer`]: serve and fetch chunks by digest between the hypervisors of one site, in batches.
+//! - [`repo`]: the site's image repository as a content source: the chunks of each base image,
+//!   published in the index Redis (`shrink-repo index`).
 
 pub mod hash;
 pub mod index;
 pub mod peer;
 pub mod redis;
+pub mod repo;
 
 pub use hash::{digest, Algo, HashError};
 pub use index::ContentIndex;

@@ -12,8 +12,11 @@
 //! | [`Redis::srem_many`] | `SREM key member` | destination: this VMM no longer holds it |
 //! | [`Redis::srandmember_many`] | `SRANDMEMBER key` | destination: which peer to fetch from |
 //! | [`Redis::smembers_many`] | `SMEMBERS key` | destination: every holder (after a failed fetch) |
+//! | [`Redis::set_many`] | `SET key value` | image repository: publish an image's chunk index ([`crate::repo`]) |
+//! | [`Redis::get_many`] | `GET key` | image repository: load an image's chunk index |
 //!
-//! Keys are binary (the caller's prefix and the raw digest); members are `host:port` strings.
+//! Keys are binary (the caller's prefix and the raw digest); members are `host:port` strings;
+//! `SET`/`GET` values are binary.
 //!
 //! # Connections and failures
 //!
@@ -376,6 +379,39 @@ impl Redis {
                 }
                 Value::Nil => Ok(Vec::new()),
                 other => Err(self.reply_error("SMEMBERS", format!("{other:?}"))),
+            })
+            .collect()
+    }
+
+    /// Pipelined `SET key value` (no expiry) for every `(key, value)`; keys and values are binary.
+    pub fn set_many(&mut self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), RedisError> {
+        let mut b = Batch::new("SET", true);
+        for (k, v) in entries {
+            b.push(&[k, v]);
+        }
+        for v in self.run(&b)? {
+            match v {
+                Value::Okay => {}
+                Value::SimpleString(s) if s == "OK" => {}
+                other => return Err(self.reply_error("SET", format!("{other:?}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Pipelined `GET key` for every key: the value, or `None` when the key is absent.
+    pub fn get_many(&mut self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
+        let mut b = Batch::new("GET", true);
+        for k in keys {
+            b.push(&[k]);
+        }
+        self.run(&b)?
+            .into_iter()
+            .map(|v| match v {
+                Value::Nil => Ok(None),
+                Value::BulkString(bytes) => Ok(Some(bytes)),
+                Value::SimpleString(s) => Ok(Some(s.into_bytes())),
+                other => Err(self.reply_error("GET", format!("{other:?}"))),
             })
             .collect()
     }

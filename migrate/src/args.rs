@@ -50,6 +50,12 @@ pub struct MigrateArgs {
     /// How long a destination may neither answer nor take the stream, ms (120 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict_timeout_ms: Option<u64>,
+    /// The source site's index Redis, where its image repository is indexed (`shrink-repo
+    /// index`): there the source finds the digest of its disk's base image (to learn whether
+    /// the destination's repository holds it) and, with deduplication, its content (which then
+    /// travels as digests). Without it the source reads the base image to find out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     /// Cross-VM deduplication (Shrinker); plain pre-copy without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<DedupArgs>,

@@ -32,6 +32,7 @@
 //! | 8    | `PullDone`     | chunks sent u32: closes the answer (`Pages` records of full chunks) to a `Pull` |
 //! | 9    | `Sync`         | sequence u32: "answer when you have caught up" (sent before the switch-over) |
 //! | 10   | `Commit`       | empty: the source has stopped its copy of the guest after a positive `Verdict`; only now may the destination start it |
+//! | 11   | `Disks`        | disk count u32, then per disk: size u64, flags u8 (bit 0: a base image digest follows), 7 × 0, base image SHA-256 (32 bytes, zero without one) |
 //!
 //! A page entry is a u64 whose low 3 bits are the kind and whose other bits are the chunk's
 //! guest physical address (chunks are aligned, so the low bits are free, as in QEMU's format):
@@ -49,10 +50,21 @@
 //! | 16   | `Verdict` | status u8 (0 = every page is in place and the VM is restored, ready to start; 1 = failed), message (UTF-8, rest) |
 //! | 17   | `Pull`    | count u32, then per chunk: guest physical address u64, digest (stream digest length): content no peer could supply |
 //! | 18   | `SyncAck` | sequence u32, chunks still waiting for content u64: everything before the `Sync` is installed |
+//! | 19   | `Repository` | disk count u32, then per disk u8 (1: this site's disk starts as the source's base layer — same base image, or neither has one), message (UTF-8, rest: why not) |
+//!
+//! # Disks
+//!
+//! A VM's disks are chunks too, in their own address space: chunk addresses at or above
+//! [`DISK_SPACE`] are disk offsets, disk `i` at `DISK_SPACE + i × DISK_SPAN` ([`disk_addr`],
+//! [`disk_of`]). `MemoryLayout` lists the memory regions, then one region per disk; `Hello`'s
+//! memory size counts the memory regions only. Disk chunks travel in the same `Pages` records,
+//! with the same digests, and are pulled with the same `Pull`.
 //!
 //! # Sequence
 //!
-//! `Hello`, `MemoryLayout`, then per pass zero or more `Pages` and an `Iteration`; after the
+//! `Hello`, `MemoryLayout`, with disks `Disks` (the source then waits for the destination's
+//! `Repository`: which disks need only the blocks of the source's top layer), then per pass
+//! zero or more `Pages` and an `Iteration`; after the
 //! source pauses the guest: the last `Pages`, `VmState`, (`Verify`), `End`. With deduplication,
 //! the destination may then ask for the chunks it could not find at its site with `Pull`
 //! records, each answered by `Pages` and `PullDone` (the source is paused: the content is stable
@@ -65,7 +77,7 @@
 use std::io::{Read, Write};
 
 /// Protocol version written by this code.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Record magic.
 pub const MAGIC: &[u8; 4] = b"SHRK";
 /// Largest payload accepted (a page batch is far smaller).
@@ -83,7 +95,9 @@ const T_VERIFY: u8 = 7;
 const T_PULL_DONE: u8 = 8;
 const T_SYNC: u8 = 9;
 const T_COMMIT: u8 = 10;
+const T_DISKS: u8 = 11;
 const T_SYNC_ACK: u8 = 18;
+const T_REPOSITORY: u8 = 19;
 const T_PULL: u8 = 17;
 const T_VERDICT: u8 = 16;
 
@@ -228,6 +242,38 @@ pub struct Hello {
     pub name: String,
 }
 
+/// Chunk addresses at or above this are disk offsets (see the module documentation).
+pub const DISK_SPACE: u64 = 1 << 63;
+/// The address span of one disk (64 PiB).
+pub const DISK_SPAN: u64 = 1 << 56;
+/// Most disks one VM may migrate with.
+pub const MAX_DISKS: usize = 16;
+
+/// The chunk address of byte `offset` of disk `disk`.
+pub fn disk_addr(disk: usize, offset: u64) -> u64 {
+    DISK_SPACE + disk as u64 * DISK_SPAN + offset
+}
+
+/// The disk and offset of a chunk address in the disk space; `None` for guest memory.
+pub fn disk_of(addr: u64) -> Option<(usize, u64)> {
+    (addr >= DISK_SPACE).then(|| (((addr - DISK_SPACE) / DISK_SPAN) as usize, (addr - DISK_SPACE) % DISK_SPAN))
+}
+
+/// Whether a region of the layout is a disk.
+pub fn is_disk(r: &Region) -> bool {
+    r.gpa >= DISK_SPACE
+}
+
+/// A disk of the migrating VM (`Disks` record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the guest-visible content of its base image (the layer below the VM's own
+    /// overlay), if it has one.
+    pub base: Option<[u8; 32]>,
+}
+
 /// A guest memory region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
@@ -359,6 +405,16 @@ pub enum Record {
         /// Digest-only chunks still waiting for their content.
         pending: u64,
     },
+    /// The source's disks.
+    Disks(Vec<DiskInfo>),
+    /// The destination's answer to `Disks`.
+    Repository {
+        /// Per disk: whether the destination's disk starts as the source's base layer, so that
+        /// only the source's own blocks need to travel.
+        held: Vec<bool>,
+        /// Why not, when a disk is not held.
+        message: String,
+    },
     /// The destination's answer.
     Verdict {
         /// Whether the guest runs at the destination.
@@ -385,6 +441,8 @@ impl Record {
             Record::Commit => "Commit",
             Record::SyncAck { .. } => "SyncAck",
             Record::Verdict { .. } => "Verdict",
+            Record::Disks(_) => "Disks",
+            Record::Repository { .. } => "Repository",
         }
     }
 }
@@ -486,6 +544,8 @@ impl Decoder {
                 | T_PULL
                 | T_SYNC_ACK
                 | T_VERDICT
+                | T_DISKS
+                | T_REPOSITORY
         ) {
             return Err(ProtocolError::UnknownType(kind));
         }
@@ -546,6 +606,18 @@ impl Decoder {
                         return Err(malformed(
                             "MemoryLayout",
                             format!("region {:#x}+{:#x} not page aligned", r.gpa, r.len),
+                        ));
+                    }
+                    if is_disk(r) && (r.len > DISK_SPAN || !(r.gpa - DISK_SPACE).is_multiple_of(DISK_SPAN)) {
+                        return Err(malformed(
+                            "MemoryLayout",
+                            format!("disk region {:#x}+{:#x} is not one whole disk", r.gpa, r.len),
+                        ));
+                    }
+                    if !is_disk(r) && r.gpa + r.len > DISK_SPACE {
+                        return Err(malformed(
+                            "MemoryLayout",
+                            format!("memory region {:#x} reaches the disk space", r.gpa),
                         ));
                     }
                 }
@@ -659,6 +731,48 @@ impl Decoder {
                         .collect(),
                 ))
             }
+            T_DISKS => {
+                if payload.len() < 4 {
+                    return Err(malformed("Disks", "no disk count"));
+                }
+                let n = u32_at(&payload, 0) as usize;
+                if n > MAX_DISKS || payload.len() != 4 + n * 48 {
+                    return Err(malformed(
+                        "Disks",
+                        format!("{n} disks in {} bytes (at most {MAX_DISKS})", payload.len()),
+                    ));
+                }
+                let mut disks = Vec::with_capacity(n);
+                for i in 0..n {
+                    let o = 4 + i * 48;
+                    let flags = payload[o + 8];
+                    if flags > 1 || payload[o + 9..o + 16].iter().any(|&b| b != 0) {
+                        return Err(malformed("Disks", format!("disk {i}: flags or padding")));
+                    }
+                    let digest: [u8; 32] = payload[o + 16..o + 48].try_into().expect("32 bytes");
+                    if flags == 0 && digest != [0; 32] {
+                        return Err(malformed("Disks", format!("disk {i}: a digest without its flag")));
+                    }
+                    disks.push(DiskInfo { size: u64_at(&payload, o), base: (flags == 1).then_some(digest) });
+                }
+                Ok(Record::Disks(disks))
+            }
+            T_REPOSITORY => {
+                if payload.len() < 4 {
+                    return Err(malformed("Repository", "no disk count"));
+                }
+                let n = u32_at(&payload, 0) as usize;
+                if n > MAX_DISKS || payload.len() < 4 + n {
+                    return Err(malformed("Repository", format!("{n} disks in {} bytes", payload.len())));
+                }
+                if payload[4..4 + n].iter().any(|&b| b > 1) {
+                    return Err(malformed("Repository", "a flag other than 0 or 1"));
+                }
+                let held = payload[4..4 + n].iter().map(|&b| b == 1).collect();
+                let message = String::from_utf8(payload[4 + n..].to_vec())
+                    .map_err(|_| malformed("Repository", "message is not UTF-8"))?;
+                Ok(Record::Repository { held, message })
+            }
             T_VERDICT => {
                 if payload.is_empty() || payload[0] > 1 {
                     return Err(malformed("Verdict", "status must be 0 or 1"));
@@ -760,6 +874,28 @@ pub fn write_verdict<W: Write>(w: &mut W, ok: bool, message: &str) -> Result<(),
     let mut p = vec![if ok { 0 } else { 1 }];
     p.extend_from_slice(message.as_bytes());
     write_record(w, T_VERDICT, &p)
+}
+
+/// Writes `Disks`.
+pub fn write_disks<W: Write>(w: &mut W, disks: &[DiskInfo]) -> Result<(), ProtocolError> {
+    let mut p = Vec::with_capacity(4 + disks.len() * 48);
+    p.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+    for d in disks {
+        p.extend_from_slice(&d.size.to_le_bytes());
+        p.push(d.base.is_some() as u8);
+        p.extend_from_slice(&[0; 7]);
+        p.extend_from_slice(&d.base.unwrap_or([0; 32]));
+    }
+    write_record(w, T_DISKS, &p)
+}
+
+/// Writes `Repository`.
+pub fn write_repository<W: Write>(w: &mut W, held: &[bool], message: &str) -> Result<(), ProtocolError> {
+    let mut p = Vec::with_capacity(4 + held.len() + message.len());
+    p.extend_from_slice(&(held.len() as u32).to_le_bytes());
+    p.extend(held.iter().map(|&h| h as u8));
+    p.extend_from_slice(message.as_bytes());
+    write_record(w, T_REPOSITORY, &p)
 }
 
 /// Accumulates page entries into `Pages` records of about `target` bytes.
@@ -872,6 +1008,54 @@ mod tests {
         write_vm_state(&mut s, b"{\"vcpus\":[]}").unwrap();
         write_end(&mut s, 3, 4 + 8 + 4096 + 8 + 1 + 8 + 32).unwrap();
         s
+    }
+
+    #[test]
+    fn disks_and_their_repository_answer_round_trip() {
+        assert_eq!(disk_of(disk_addr(0, 0x1000)), Some((0, 0x1000)));
+        assert_eq!(disk_of(disk_addr(3, DISK_SPAN - 4096)), Some((3, DISK_SPAN - 4096)));
+        assert_eq!(disk_of(0x1000), None);
+        let disks = [DiskInfo { size: 1 << 30, base: Some([7; 32]) }, DiskInfo { size: 1 << 20, base: None }];
+        let mut s = Vec::new();
+        write_hello(&mut s, &hello(DigestKind::Sha256, 4096)).unwrap();
+        let layout = [
+            Region { gpa: 0, len: 1 << 30 },
+            Region { gpa: disk_addr(0, 0), len: 1 << 30 },
+            Region { gpa: disk_addr(1, 0), len: 1 << 20 },
+        ];
+        write_layout(&mut s, &layout).unwrap();
+        write_disks(&mut s, &disks).unwrap();
+        let mut b = PagesBuilder::new(4096, DigestKind::Sha256, 1 << 20);
+        b.full(disk_addr(0, 0x2000), &[1; 4096]);
+        b.digest(disk_addr(1, 0), &[2; 32]);
+        b.flush(&mut s).unwrap();
+        write_repository(&mut s, &[true, false], "disk 1: no base image here").unwrap();
+        let mut d = Decoder::new();
+        let mut r = &s[..];
+        let recs: Vec<Record> = std::iter::from_fn(|| d.read(&mut r).unwrap()).collect();
+        assert_eq!(recs[1], Record::MemoryLayout(layout.to_vec()));
+        assert_eq!(recs[2], Record::Disks(disks.to_vec()));
+        let Record::Pages(p) = &recs[3] else { panic!() };
+        let e: Vec<_> = p.iter().collect();
+        assert_eq!(
+            e,
+            vec![(disk_addr(0, 0x2000), Chunk::Full(&[1; 4096])), (disk_addr(1, 0), Chunk::Digest(&[2; 32]))]
+        );
+        assert_eq!(
+            recs[4],
+            Record::Repository { held: vec![true, false], message: "disk 1: no base image here".into() }
+        );
+        // A disk region that is not one whole disk, a memory region reaching the disk space.
+        for bad in [
+            Region { gpa: disk_addr(0, 4096), len: 4096 },
+            Region { gpa: disk_addr(0, 0), len: DISK_SPAN + 4096 },
+            Region { gpa: DISK_SPACE - 4096, len: 8192 },
+        ] {
+            let mut s = Vec::new();
+            write_layout(&mut s, &[bad]).unwrap();
+            let e = Decoder::new().read(&mut &s[..]).unwrap_err().to_string();
+            assert!(e.contains("MemoryLayout"), "{e}");
+        }
     }
 
     #[test]

@@ -28,6 +28,14 @@ pub struct SiteStats {
     pub local: u64,
     /// Fetched from another hypervisor of the site.
     pub peer: u64,
+    /// Read from this site's image repository (content of the base image).
+    pub repository: u64,
+    /// Of `local`, disk blocks.
+    pub disk_local: u64,
+    /// Of `peer`, disk blocks.
+    pub disk_peer: u64,
+    /// Of `repository`, disk blocks.
+    pub disk_repository: u64,
     /// Peer answers that did not match their digest (dropped, another holder tried).
     pub corrupt_from_peer: u64,
     /// Contents (one per digest) fetched from a holder after another holder of them failed

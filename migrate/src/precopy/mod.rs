@@ -83,6 +83,6 @@ pub use layout::PAGE_SIZE;
 pub use sink::{receive, receive_with};
 pub use source::Sender;
 pub use types::{
-    EndpointError, MigrationError, MigrationInfo, Params, RamStats, ReceiveOptions, ReceiveStats, Status,
+    DiskStats, EndpointError, MigrationError, MigrationInfo, Params, RamStats, ReceiveOptions, ReceiveStats, Status,
     DEFAULT_PULL_WAIT_MS,
 };

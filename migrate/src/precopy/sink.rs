@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use super::layout::locate;
 use super::{hex, MigrationError, ReceiveOptions, ReceiveStats, Sink};
-use crate::protocol::{self, Chunk, Decoder, DigestKind, ProtocolError, Record, Region};
+use crate::protocol::{
+    self, disk_addr, is_disk, Chunk, Decoder, DigestKind, ProtocolError, Record, Region, DISK_SPACE,
+};
 use crate::shrinker::policy::{site_wait, SiteWait};
 
 /// Receives a migration on `input`, answering on `answer`. The guest starts only after every
@@ -99,11 +101,29 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
         Record::MemoryLayout(r) => r,
         r => return Err(MigrationError::Invalid(format!("expected MemoryLayout, got {}", r.name()))),
     };
-    let total: u64 = regions.iter().map(|r| r.len).sum();
+    let total: u64 = regions.iter().filter(|r| !is_disk(r)).map(|r| r.len).sum();
     if total != hello.mem_size || regions.is_empty() {
         return Err(MigrationError::Invalid(format!("layout of {total} bytes for a {}-byte guest", hello.mem_size)));
     }
+    let disk_regions: Vec<&Region> = regions.iter().filter(|r| is_disk(r)).collect();
+    if regions.iter().skip_while(|r| !is_disk(r)).any(|r| !is_disk(r))
+        || disk_regions.iter().enumerate().any(|(i, r)| r.gpa != disk_addr(i, 0))
+    {
+        return Err(MigrationError::Invalid(format!("disk regions out of order in {regions:x?}")));
+    }
     sink.prepare(&hello, &regions)?;
+    if !disk_regions.is_empty() {
+        let disks = match next(&mut dec, input, "Disks")? {
+            Record::Disks(d) => d,
+            r => return Err(MigrationError::Invalid(format!("expected Disks, got {}", r.name()))),
+        };
+        if disks.len() != disk_regions.len() || disks.iter().zip(&disk_regions).any(|(d, r)| d.size != r.len) {
+            return Err(MigrationError::Invalid("Disks does not match the disk regions of MemoryLayout".into()));
+        }
+        let (held, message) = sink.disks(&disks)?;
+        protocol::write_repository(answer, &held, &message)?;
+        answer.flush().map_err(ProtocolError::from)?;
+    }
     let chunk = hello.chunk_size as usize;
     let mut stats = ReceiveStats { name: hello.name.clone(), ..Default::default() };
     // Chunks written so far, per region. Fresh guest memory is zero: a zero chunk that was
@@ -132,6 +152,7 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                 for (gpa, c) in p.iter() {
                     let (ri, off) = locate(&regions, gpa, chunk)?;
                     let (word, bit) = ((off / chunk) / 64, 1u64 << ((off / chunk) % 64));
+                    let on_disk = gpa >= DISK_SPACE;
                     if !pending.is_empty() {
                         pending.remove(&gpa);
                     }
@@ -141,22 +162,27 @@ fn receive_inner<S: Sink, R: Read, W: Write>(
                             written[ri][word] |= bit;
                             sink.on_write(gpa, Some(data));
                             stats.full += 1;
+                            stats.disk_full += on_disk as u64;
                         }
-                        Chunk::Uniform(0) if written[ri][word] & bit == 0 => stats.uniform += 1,
+                        // Fresh memory is zero; a disk block is whatever its base holds.
+                        Chunk::Uniform(0) if !on_disk && written[ri][word] & bit == 0 => stats.uniform += 1,
                         Chunk::Uniform(b) => {
                             sink.fill_chunk(gpa, b, chunk)?;
                             written[ri][word] |= bit;
                             sink.on_write(gpa, None);
                             stats.uniform += 1;
+                            stats.disk_uniform += on_disk as u64;
                         }
                         Chunk::Digest(d) => {
                             // (The decoder refuses digest entries in a plain stream.)
                             written[ri][word] |= bit;
                             batch.push((gpa, d.to_vec()));
                             stats.digest += 1;
+                            stats.disk_digest += on_disk as u64;
                         }
                     }
                     stats.entries += 1;
+                    stats.disk_entries += on_disk as u64;
                 }
                 if !batch.is_empty() {
                     let before = batch.len();
@@ -312,6 +338,7 @@ fn pull<S: Sink, R: Read, W: Write>(
                     sink.write_chunk(gpa, data)?;
                     sink.on_write_verified(gpa, data, &expected);
                     got += 1;
+                    stats.disk_pulled += (gpa >= DISK_SPACE) as u64;
                 }
                 sink.flush();
             }

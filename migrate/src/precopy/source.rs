@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::layout::{count_bits, full_bitmap, locate, or_into};
+use super::layout::{count_bits, locate, or_into};
 use super::policy::{self, Next, Throttle};
 use super::rate::{flush_batch, RateLimiter};
-use super::{hex, Dedup, MigrationError, MigrationInfo, Params, Source, Status, PAGE_SIZE};
-use crate::protocol::{self, uniform_byte, Decoder, Hello, PagesBuilder, ProtocolError, Record, Region, StreamParams};
+use super::{hex, Dedup, DiskStats, MigrationError, MigrationInfo, Params, Source, Status, PAGE_SIZE};
+use crate::protocol::{
+    self, is_disk, uniform_byte, Decoder, Hello, PagesBuilder, ProtocolError, Record, Region, StreamParams, DISK_SPACE,
+};
 
 /// Target size of one `Pages` record.
 const BATCH_BYTES: usize = 1 << 20;
@@ -167,10 +169,18 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
 
     fn migrate(&mut self) -> Result<Duration, MigrationError> {
         let regions = self.src.regions();
-        let total: u64 = regions.iter().map(|r| r.len).sum();
+        let total: u64 = regions.iter().filter(|r| !is_disk(r)).map(|r| r.len).sum();
+        let disk_total: u64 = regions.iter().filter(|r| is_disk(r)).map(|r| r.len).sum();
+        let disks = self.src.disks()?;
+        if disks.len() != regions.iter().filter(|r| is_disk(r)).count() {
+            return Err(MigrationError::Invalid(format!("{} disks for the disk regions of {regions:x?}", disks.len())));
+        }
         self.update(|i| {
             i.status = Status::Setup;
             i.ram.total = total;
+            if !disks.is_empty() {
+                i.disk = Some(DiskStats { total: disk_total, ..Default::default() });
+            }
             i.expected_downtime = self.params.downtime_limit.as_millis() as u64;
         });
         protocol::write_hello(
@@ -184,6 +194,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             },
         )?;
         protocol::write_layout(&mut self.out, &regions)?;
+        let held = if disks.is_empty() { Vec::new() } else { self.repository(&disks)? };
         self.src.start_dirty_log()?;
         let setup = self.start.elapsed().as_millis() as u64;
         self.update(|i| {
@@ -191,8 +202,16 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             i.setup_time = setup;
         });
 
-        // Pass 1: everything. Later passes: what the guest wrote meanwhile.
-        let mut dirty: Vec<Vec<u64>> = regions.iter().map(|r| full_bitmap(r.len)).collect();
+        // Pass 1: all memory, and the blocks of each disk the destination does not have yet.
+        // Later passes: what the guest wrote meanwhile.
+        let mut dirty = self.src.first_pass(&regions, &held)?;
+        if dirty.len() != regions.len() {
+            return Err(MigrationError::Invalid(format!(
+                "first pass of {} regions for {}",
+                dirty.len(),
+                regions.len()
+            )));
+        }
         let mut pass = 0u32;
         let mut last_sync = Instant::now();
         let mut synced = false;
@@ -202,7 +221,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             dirty = self.src.dirty_log()?;
             let period = last_sync.elapsed().as_secs_f64().max(1e-3);
             last_sync = Instant::now();
+            // Dirty disk blocks count with dirty memory: both must cross before the switch-over.
             let dirty_bytes = count_bits(&dirty) * PAGE_SIZE as u64;
+            let disk_dirty = disk_bits(&regions, &dirty) * PAGE_SIZE as u64;
             // Bandwidth of the link, measured over every pass so far (see `policy`).
             self.pass_bytes += sent;
             self.pass_time += took;
@@ -211,7 +232,10 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             let expected = policy::expected_downtime(dirty_bytes, bandwidth);
             self.update(|i| {
                 i.ram.dirty_sync_count = pass as u64;
-                i.ram.remaining = dirty_bytes;
+                i.ram.remaining = dirty_bytes - disk_dirty;
+                if let Some(d) = i.disk.as_mut() {
+                    d.remaining = disk_dirty;
+                }
                 i.ram.dirty_pages_rate = ((dirty_bytes / PAGE_SIZE as u64) as f64 / period) as u64;
                 i.expected_downtime = (expected * 1e3) as u64;
             });
@@ -296,6 +320,35 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         }
     }
 
+    /// Sends the VM's disks and reads the destination's answer: per disk, whether its disk there
+    /// starts as this one's base layer (then only this disk's own blocks travel).
+    fn repository(&mut self, disks: &[protocol::DiskInfo]) -> Result<Vec<bool>, MigrationError> {
+        protocol::write_disks(&mut self.out, disks)?;
+        self.out.flush().map_err(ProtocolError::from)?;
+        let mut decoder = Decoder::new();
+        let (held, message) = match decoder.read(&mut self.back) {
+            Ok(Some(Record::Repository { held, message })) if held.len() == disks.len() => (held, message),
+            Ok(Some(Record::Verdict { ok: false, message })) => return Err(MigrationError::Destination(message)),
+            Ok(Some(other)) => {
+                return Err(MigrationError::Invalid(format!("expected a Repository answer, got {}", other.name())))
+            }
+            Ok(None) => return Err(MigrationError::Destination("closed the connection".into())),
+            Err(ProtocolError::Io(io)) if is_timeout(&io) => return Err(ProtocolError::Io(io).into()),
+            Err(e) => return Err(MigrationError::Destination(e.to_string())),
+        };
+        if !message.is_empty() {
+            tracing::warn!("destination: {message}");
+        }
+        self.dedup.repository(held.first().copied().unwrap_or(false) && disks[0].base.is_some());
+        self.update(|i| {
+            if let Some(d) = i.disk.as_mut() {
+                d.held = held.clone();
+                d.warning = (!message.is_empty()).then(|| message.clone());
+            }
+        });
+        Ok(held)
+    }
+
     /// Waits until the destination has installed everything sent so far, serving the chunks it
     /// pulls meanwhile (the guest still runs).
     fn sync(&mut self, seq: u32, regions: &[Region]) -> Result<(), MigrationError> {
@@ -377,6 +430,9 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         let mut group: Vec<u64> = Vec::with_capacity(GROUP);
         let mut window = (Instant::now(), self.out.bytes, 0u64);
         for (region, bits) in regions.iter().zip(dirty) {
+            // Groups stay within one region (memory and disk are counted apart).
+            self.send_group(&group)?;
+            group.clear();
             for (w, &word) in bits.iter().enumerate() {
                 let mut word = word;
                 while word != 0 {
@@ -467,12 +523,24 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
         }
         let per_page = (PAGE_SIZE / chunk) as u64;
-        self.update(|i| {
-            i.ram.duplicate += uniform / per_page;
-            i.ram.normal += full / per_page;
-            i.ram.normal_bytes += full * chunk as u64;
-            i.ram.deduplicated += dedup;
-            i.ram.remaining = i.ram.remaining.saturating_sub((group.len() * chunk) as u64);
+        let on_disk = group.first().is_some_and(|&a| a >= DISK_SPACE);
+        let digest_len = self.params.digest.digest_len() as u64;
+        self.update(|i| match i.disk.as_mut().filter(|_| on_disk) {
+            // (A group never mixes memory and disk: each region is sent on its own.)
+            Some(d) => {
+                d.duplicate += uniform;
+                d.normal += full;
+                d.deduplicated += dedup;
+                d.transferred += uniform * 9 + full * (8 + chunk as u64) + dedup * (8 + digest_len);
+                d.remaining = d.remaining.saturating_sub((group.len() * chunk) as u64);
+            }
+            None => {
+                i.ram.duplicate += uniform / per_page;
+                i.ram.normal += full / per_page;
+                i.ram.normal_bytes += full * chunk as u64;
+                i.ram.deduplicated += dedup;
+                i.ram.remaining = i.ram.remaining.saturating_sub((group.len() * chunk) as u64);
+            }
         });
         Ok(())
     }
@@ -480,6 +548,11 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     fn flush_batch(&mut self) -> Result<(), MigrationError> {
         flush_batch(&mut self.builder, &mut self.out, &mut self.rate, &mut self.page_bytes)
     }
+}
+
+/// Pages set in the disk regions' bitmaps.
+fn disk_bits(regions: &[Region], maps: &[Vec<u64>]) -> u64 {
+    regions.iter().zip(maps).filter(|(r, _)| is_disk(r)).map(|(_, m)| count_bits(std::slice::from_ref(m))).sum()
 }
 
 #[cfg(test)]

@@ -193,6 +193,31 @@ pub struct RamStats {
     pub pulled: u64,
 }
 
+/// The disks' part of `query-migrate` (QEMU's block-migration names where they exist).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DiskStats {
+    /// Size of the disks, bytes.
+    pub total: u64,
+    /// Bytes of disk entries sent (entry headers included, record framing not).
+    pub transferred: u64,
+    /// Disk bytes still dirty.
+    pub remaining: u64,
+    /// Blocks sent in full (one per chunk).
+    pub normal: u64,
+    /// Uniform blocks (one byte each).
+    pub duplicate: u64,
+    /// Blocks sent as a digest only (another VM sent the content, or the destination's
+    /// repository holds it).
+    pub deduplicated: u64,
+    /// Per disk: whether the destination's disk started as this disk's base layer (only the
+    /// top layer's blocks then travel).
+    pub held: Vec<bool>,
+    /// Why a disk was not held (its base content then travels too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
 /// `query-migrate`, QEMU's names and meanings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default)]
@@ -212,6 +237,9 @@ pub struct MigrationInfo {
     pub cpu_throttle_percentage: u8,
     /// Memory statistics.
     pub ram: RamStats,
+    /// Disk statistics (a VM with disks: they migrate with the memory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStats>,
     /// Why it failed.
     #[serde(rename = "error-desc", skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -244,6 +272,16 @@ pub struct ReceiveStats {
     pub resolved: u64,
     /// Digest-only chunks pulled from the source in the end.
     pub pulled: u64,
+    /// Of `entries`, those of disk blocks.
+    pub disk_entries: u64,
+    /// Of `full`, disk blocks.
+    pub disk_full: u64,
+    /// Of `uniform`, disk blocks.
+    pub disk_uniform: u64,
+    /// Of `digest`, disk blocks.
+    pub disk_digest: u64,
+    /// Of `pulled`, disk blocks.
+    pub disk_pulled: u64,
 }
 
 /// How long a destination waits, by default, for content in flight from other hosts of its

@@ -43,6 +43,9 @@ pub struct DedupStats {
     pub duplicate: u64,
     /// Chunks sent in full because coordination failed.
     pub degraded: u64,
+    /// Chunks sent as a digest because they equal content of the base image that the
+    /// destination site's repository holds (no coordination needed).
+    pub repository: u64,
     /// Why coordination is off, if it is.
     pub warning: Option<String>,
 }
@@ -50,6 +53,9 @@ pub struct DedupStats {
 /// The coordination client.
 pub struct RedisDedup {
     redis: Option<Redis>,
+    /// The content of the disk's base image, and whether the destination's repository holds it.
+    repo: Option<std::sync::Arc<indexd::repo::RepoIndex>>,
+    repo_held: bool,
     algo: Algo,
     prefix: Vec<u8>,
     ttl_s: u64,
@@ -72,43 +78,69 @@ impl RedisDedup {
             }
         };
         let prefix = super::keys::coordination_prefix(&cfg.migration_id, &cfg.dest_site);
-        RedisDedup { redis, algo: cfg.algo, prefix, ttl_s: cfg.ttl_s, stats }
+        RedisDedup { redis, repo: None, repo_held: false, algo: cfg.algo, prefix, ttl_s: cfg.ttl_s, stats }
+    }
+
+    /// The content of the source disk's base image (its digests must be of this migration's
+    /// algorithm and chunk size): once the destination says its repository holds the image,
+    /// chunks equal to its content travel as digests, without coordination.
+    pub fn with_repository(mut self, repo: std::sync::Arc<indexd::repo::RepoIndex>) -> RedisDedup {
+        self.repo = Some(repo);
+        self
     }
 }
 
 impl Dedup for RedisDedup {
     fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
-        let Some(redis) = self.redis.as_mut() else {
+        let repo = self.repo.as_ref().filter(|_| self.repo_held);
+        if self.redis.is_none() && repo.is_none() {
             self.stats.lock().expect("dedup stats poisoned").degraded += chunks.len() as u64;
             return Ok(vec![None; chunks.len()]);
-        };
-        let digests: Vec<Vec<u8>> = chunks.iter().map(|(_, c)| hash::digest(self.algo, c)).collect();
-        let keys: Vec<Vec<u8>> = digests.iter().map(|d| super::keys::with_digest(&self.prefix, d)).collect();
+        }
         let mut st = self.stats.lock().expect("dedup stats poisoned");
         st.hashed += chunks.len() as u64;
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; chunks.len()];
+        // Content of the base image the destination's repository holds: a digest, always.
+        let mut ask: Vec<(usize, Vec<u8>)> = Vec::with_capacity(chunks.len());
+        for (i, (_, c)) in chunks.iter().enumerate() {
+            let d = hash::digest(self.algo, c);
+            if repo.is_some_and(|r| r.contains(&d)) {
+                st.repository += 1;
+                out[i] = Some(d);
+            } else {
+                ask.push((i, d));
+            }
+        }
+        let Some(redis) = self.redis.as_mut() else {
+            st.degraded += ask.len() as u64;
+            return Ok(out);
+        };
+        let keys: Vec<Vec<u8>> = ask.iter().map(|(_, d)| super::keys::with_digest(&self.prefix, d)).collect();
         match redis.set_nx_many(&keys, self.ttl_s) {
-            Ok(first) => Ok(first
-                .into_iter()
-                .zip(digests)
-                .map(|(is_first, d)| {
+            Ok(first) => {
+                for (is_first, (i, d)) in first.into_iter().zip(ask) {
                     if is_first {
                         st.first += 1;
-                        None
                     } else {
                         st.duplicate += 1;
-                        Some(d)
+                        out[i] = Some(d);
                     }
-                })
-                .collect()),
+                }
+                Ok(out)
+            }
             Err(e) => {
                 let msg = format!("coordination Redis failed ({e}): plain pre-copy from here on");
                 tracing::warn!("{msg}");
                 st.warning = Some(msg);
-                st.degraded += chunks.len() as u64;
+                st.degraded += ask.len() as u64;
                 drop(st);
                 self.redis = None;
-                Ok(vec![None; chunks.len()])
+                Ok(out)
             }
         }
+    }
+
+    fn repository(&mut self, held: bool) {
+        self.repo_held = held;
     }
 }

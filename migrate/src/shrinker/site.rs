@@ -100,6 +100,8 @@ pub struct SiteIndex {
     resync: bool,
     peers: PeerClient,
     server: PeerServer,
+    /// This site's copy of the base image and its content index (a source of content).
+    repo: Option<(Arc<indexd::repo::RepoIndex>, Arc<dyn ChunkMemory>)>,
     /// Index updates not pushed yet: per key, whether this VMM holds it (the last word wins,
     /// so a digest dropped and regained between two flushes stays registered).
     pending: HashMap<Vec<u8>, bool>,
@@ -154,8 +156,16 @@ impl SiteIndex {
             peers: PeerClient::new(Duration::from_secs(2)),
             server,
             pending: HashMap::new(),
+            repo: None,
             stats,
         })
+    }
+
+    /// Makes this site's copy of the base image a source of content: `image` reads it (offsets
+    /// for addresses), `idx` says where each content is in it (of this stream's algorithm and
+    /// chunk size).
+    pub fn set_repository(&mut self, idx: Arc<indexd::repo::RepoIndex>, image: Arc<dyn ChunkMemory>) {
+        self.repo = Some((idx, image));
     }
 
     /// The address peers use for this VMM.
@@ -283,12 +293,32 @@ impl SiteIndex {
             match self.chunks.chunk(&d) {
                 Some(bytes) => {
                     self.stats.local += gpas.len() as u64;
+                    self.stats.disk_local += on_disk(&gpas);
                     self.install(mem_write, &gpas, &bytes, &d);
                 }
                 None => left.push((d, gpas)),
             }
         }
-        // 2. Other hypervisors of the site: a random holder, then the others.
+        // 2. This site's image repository (content of the base image).
+        if let Some((idx, image)) = self.repo.clone() {
+            let mut buf = vec![0u8; self.chunk];
+            let mut rest = Vec::with_capacity(left.len());
+            for (d, gpas) in left {
+                let found = idx.offset(&d).is_some_and(|off| {
+                    image.read_chunk(off, &mut buf).is_ok() && is_chunk(self.algo, self.chunk, &buf, &d)
+                });
+                if found {
+                    self.stats.repository += gpas.len() as u64;
+                    self.stats.disk_repository += on_disk(&gpas);
+                    let bytes = buf.clone();
+                    self.install(mem_write, &gpas, &bytes, &d);
+                } else {
+                    rest.push((d, gpas));
+                }
+            }
+            left = rest;
+        }
+        // 3. Other hypervisors of the site: a random holder, then the others.
         if !left.is_empty() && self.index().is_some() {
             let keys: Vec<Vec<u8>> = left.iter().map(|(d, _)| index_key(d)).collect();
             // A random holder first (SRANDMEMBER); the whole set only for what that fails on.
@@ -335,6 +365,7 @@ impl SiteIndex {
                                     }
                                     let (d, gpas) = &left[i];
                                     self.stats.peer += gpas.len() as u64;
+                                    self.stats.disk_peer += on_disk(gpas);
                                     if tried[i].len() > 1 {
                                         self.stats.next_holder += 1;
                                     }
@@ -371,6 +402,11 @@ impl SiteIndex {
     pub fn set_corrupt(&self, on: bool) {
         self.server.set_corrupt(on);
     }
+}
+
+/// How many of `gpas` are disk addresses.
+fn on_disk(gpas: &[u64]) -> u64 {
+    gpas.iter().filter(|&&g| g >= crate::protocol::DISK_SPACE).count() as u64
 }
 
 impl Drop for SiteIndex {

@@ -1,6 +1,13 @@
 //! virtio-blk on a qcow2 overlay (through `imago`, synchronous) whose backing file is the shared
 //! base image, as clouds give each VM its own copy-on-write disk. The base is opened read-only
 //! and never written; flush requests reach the overlay's file.
+//!
+//! For live migration a disk offers [`DiskHandle`]: reads of its guest-visible content, the
+//! blocks its own overlay holds ([`allocated_blocks`]: the first pass sends only those when the
+//! destination has the same base image), and a log of the blocks the guest writes
+//! ([`DirtyBlocks`], as KVM's dirty log for memory). A destination writes the arriving blocks
+//! into a fresh overlay ([`create_overlay`]) on its own copy of the base image, or into a
+//! standalone image when it has none.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -77,6 +84,138 @@ pub struct DiskConfig {
     pub base: PathBuf,
     /// The VM's overlay (created if absent).
     pub overlay: PathBuf,
+    /// The "overlay" holds the whole disk, with no backing file (a disk migrated to a site
+    /// whose repository lacks its base image).
+    #[serde(default)]
+    pub standalone: bool,
+}
+
+/// Size of a dirty-log block (the page size of memory's dirty log).
+pub const BLOCK: u64 = 4096;
+
+/// The blocks of a disk written while logging is on (one bit per [`BLOCK`]), set once a write
+/// has completed: a block whose bit was taken and read may have been read half-written, but its
+/// bit is then set again.
+#[derive(Debug)]
+pub struct DirtyBlocks {
+    on: std::sync::atomic::AtomicBool,
+    words: Vec<AtomicU64>,
+}
+
+impl DirtyBlocks {
+    /// A log for a disk of `size` bytes, off.
+    pub fn new(size: u64) -> DirtyBlocks {
+        let blocks = size.div_ceil(BLOCK) as usize;
+        DirtyBlocks {
+            on: std::sync::atomic::AtomicBool::new(false),
+            words: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+    /// Starts logging (from a clean log).
+    pub fn start(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::SeqCst);
+        }
+        self.on.store(true, Ordering::SeqCst);
+    }
+    /// Stops logging.
+    pub fn stop(&self) {
+        self.on.store(false, Ordering::SeqCst);
+    }
+    /// Records a completed write of `len` bytes at `offset`.
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 || !self.on.load(Ordering::SeqCst) {
+            return;
+        }
+        for b in offset / BLOCK..=(offset + len - 1) / BLOCK {
+            if let Some(w) = self.words.get((b / 64) as usize) {
+                w.fetch_or(1 << (b % 64), Ordering::SeqCst);
+            }
+        }
+    }
+    /// The blocks written since the last call (bit per block), clearing them.
+    pub fn take(&self) -> Vec<u64> {
+        self.words.iter().map(|w| w.swap(0, Ordering::SeqCst)).collect()
+    }
+}
+
+/// What a migration needs of a VM's disk.
+#[derive(Clone)]
+pub struct DiskHandle {
+    /// The open overlay (the device's own instance).
+    pub disk: Arc<Disk>,
+    /// Blocks written by the guest.
+    pub dirty: Arc<DirtyBlocks>,
+    /// How the disk was opened.
+    pub config: DiskConfig,
+}
+
+impl DiskHandle {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.disk.size()
+    }
+}
+
+/// The blocks (bit per [`BLOCK`]) whose content the top layer of `disk` holds itself, data or
+/// explicit zeroes: the rest reads through to the backing file (or as zeroes without one).
+pub fn allocated_blocks(disk: &Disk) -> std::io::Result<Vec<u64>> {
+    use imago::ShallowMapping;
+    let size = disk.size();
+    let mut bits = vec![0u64; size.div_ceil(BLOCK).div_ceil(64) as usize];
+    let mut off = 0u64;
+    while off < size {
+        let (mapping, len) = disk.get_shallow_mapping(off, size - off)?;
+        let own = match mapping {
+            ShallowMapping::Indirect { .. } | ShallowMapping::Eof { .. } => false,
+            ShallowMapping::Zero { explicit, .. } => explicit,
+            _ => true,
+        };
+        if len == 0 {
+            break;
+        }
+        if own {
+            for b in off / BLOCK..(off + len).div_ceil(BLOCK) {
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+        off += len;
+    }
+    Ok(bits)
+}
+
+/// Opens a qcow2 image read-only (the whole chain under it).
+pub fn open_read_only(path: &Path) -> Result<Disk, DiskError> {
+    check_qcow2(path)?;
+    let img = Qcow2::<ImagoFile>::builder_path(path)
+        .write(false)
+        .open(PermissiveImplicitOpenGate::default())
+        .map_err(|source| DiskError::Base { path: path.to_owned(), source })?;
+    Ok(FormatAccess::new(img))
+}
+
+/// Creates the fresh overlay a migrated disk of `size` bytes is written into: on `cfg.base`,
+/// or standalone (`cfg.standalone`). An existing file is never overwritten.
+pub fn create_overlay(cfg: &DiskConfig, size: u64) -> Result<Disk, DiskError> {
+    let ov = &cfg.overlay;
+    let ov_err = |source| DiskError::Overlay { path: ov.clone(), source };
+    if ov.exists() {
+        return Err(ov_err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "already exists (a migrated disk is written into a new file: remove it, or name another)",
+        )));
+    }
+    let file = ImagoFile::create_open(StorageCreateOptions::new().filename(ov).overwrite(false)).map_err(ov_err)?;
+    let builder = Qcow2::<ImagoFile>::create_builder(file).size(size);
+    if cfg.standalone {
+        builder.create().map_err(ov_err)?;
+    } else {
+        let base =
+            std::fs::canonicalize(&cfg.base).map_err(|source| DiskError::Base { path: cfg.base.clone(), source })?;
+        check_qcow2(&base)?;
+        builder.backing(base.display().to_string(), "qcow2".into()).create().map_err(ov_err)?;
+    }
+    open_overlay(cfg)
 }
 
 /// An open overlay.
@@ -93,6 +232,19 @@ fn check_qcow2(path: &Path) -> Result<(), DiskError> {
 
 /// Opens the VM's overlay, creating it on `base` when it does not exist yet.
 pub fn open_overlay(cfg: &DiskConfig) -> Result<Disk, DiskError> {
+    if cfg.standalone {
+        let ov = &cfg.overlay;
+        let ov_err = |source| DiskError::Overlay { path: ov.clone(), source };
+        check_qcow2(ov).map_err(|_| ov_err(std::io::Error::other("not a qcow2 image")))?;
+        let img = Qcow2::<ImagoFile>::builder_path(ov)
+            .write(true)
+            .open(PermissiveImplicitOpenGate::default())
+            .map_err(ov_err)?;
+        if let Some(b) = img.implicit_backing_file() {
+            return Err(DiskError::WrongBacking { path: ov.clone(), found: b.clone(), expected: "none".into() });
+        }
+        return Ok(FormatAccess::new(img));
+    }
     let base = std::fs::canonicalize(&cfg.base).map_err(|source| DiskError::Base { path: cfg.base.clone(), source })?;
     check_qcow2(&base)?;
     let base_err = |source| DiskError::Base { path: base.clone(), source };
@@ -151,6 +303,7 @@ pub struct BlockStats {
 pub struct Block {
     name: String,
     disk: Arc<Disk>,
+    dirty: Arc<DirtyBlocks>,
     capacity: u64,
     worker: Option<Worker>,
     stats: Arc<BlockStats>,
@@ -160,7 +313,13 @@ impl Block {
     /// A block device on `disk`.
     pub fn new(name: String, disk: Disk) -> Block {
         let capacity = disk.size() / SECTOR;
-        Block { name, disk: Arc::new(disk), capacity, worker: None, stats: Arc::new(BlockStats::default()) }
+        let dirty = Arc::new(DirtyBlocks::new(disk.size()));
+        Block { name, disk: Arc::new(disk), dirty, capacity, worker: None, stats: Arc::new(BlockStats::default()) }
+    }
+
+    /// What a migration needs of this disk.
+    pub fn handle(&self, config: DiskConfig) -> DiskHandle {
+        DiskHandle { disk: self.disk.clone(), dirty: self.dirty.clone(), config }
     }
 
     /// Counters.
@@ -190,6 +349,7 @@ impl VirtioDevice for Block {
             queues: ctx.queues,
             evt,
             disk: self.disk.clone(),
+            dirty: self.dirty.clone(),
             capacity: self.capacity,
             interrupt: ctx.interrupt,
             id: self.name.clone(),
@@ -220,6 +380,7 @@ struct BlockHandler {
     queues: SharedQueues,
     evt: EventFd,
     disk: Arc<Disk>,
+    dirty: Arc<DirtyBlocks>,
     capacity: u64,
     interrupt: Arc<Interrupt>,
     id: String,
@@ -285,7 +446,11 @@ impl BlockHandler {
                     if let Err(e) = reader.read_exact(&mut buf) {
                         return Outcome::Broken(format!("write buffer: {e}"));
                     }
-                    match self.disk.write(&buf[..], offset) {
+                    let written = self.disk.write(&buf[..], offset);
+                    // Logged after the write: a migration that read the block meanwhile sends
+                    // it again. (A failed write may have changed part of it: logged too.)
+                    self.dirty.mark(offset, len as u64);
+                    match written {
                         Ok(()) => {
                             self.stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
                             (S_OK, Vec::new())
@@ -391,10 +556,14 @@ mod tests {
         let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
         let raw = dir.as_path().join("base.raw");
         std::fs::write(&raw, vec![0u8; 4096]).unwrap();
-        let cfg = DiskConfig { base: raw.clone(), overlay: dir.as_path().join("ov.qcow2") };
+        let cfg = DiskConfig { base: raw.clone(), overlay: dir.as_path().join("ov.qcow2"), standalone: false };
         let e = open_overlay(&cfg).unwrap_err().to_string();
         assert!(e.contains("is not a qcow2 image") && e.contains("base.raw"), "{e}");
-        let cfg = DiskConfig { base: dir.as_path().join("missing.qcow2"), overlay: dir.as_path().join("ov.qcow2") };
+        let cfg = DiskConfig {
+            base: dir.as_path().join("missing.qcow2"),
+            overlay: dir.as_path().join("ov.qcow2"),
+            standalone: false,
+        };
         let e = open_overlay(&cfg).unwrap_err().to_string();
         assert!(e.contains("missing.qcow2") && e.contains("No such file"), "{e}");
     }
@@ -413,7 +582,7 @@ mod tests {
             FormatAccess::new(b).write(&[0xab; 512][..], 4096).unwrap();
         }
         let before = std::fs::read(&base).unwrap();
-        let cfg = DiskConfig { base: base.clone(), overlay: dir.as_path().join("vm1.qcow2") };
+        let cfg = DiskConfig { base: base.clone(), overlay: dir.as_path().join("vm1.qcow2"), standalone: false };
         {
             let disk = open_overlay(&cfg).unwrap();
             assert_eq!(disk.size(), 1 << 20);
@@ -431,7 +600,51 @@ mod tests {
         // An overlay of another base is refused.
         let other = dir.as_path().join("other.qcow2");
         std::fs::copy(&base, &other).unwrap();
-        let e = open_overlay(&DiskConfig { base: other, overlay: cfg.overlay.clone() }).unwrap_err().to_string();
+        let e = open_overlay(&DiskConfig { base: other, overlay: cfg.overlay.clone(), standalone: false })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is backed by"), "{e}");
+    }
+
+    #[test]
+    fn allocated_blocks_are_the_overlays_own_and_writes_are_logged() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let base = dir.as_path().join("base.qcow2");
+        let file = ImagoFile::create_open(StorageCreateOptions::new().filename(&base)).unwrap();
+        Qcow2::<ImagoFile>::create_builder(file).size(4 << 20).create().unwrap();
+        {
+            let b = open_overlay(&DiskConfig {
+                base: base.clone(),
+                overlay: dir.as_path().join("b.qcow2"),
+                standalone: false,
+            })
+            .unwrap();
+            drop(b);
+        }
+        let cfg = DiskConfig { base: base.clone(), overlay: dir.as_path().join("vm.qcow2"), standalone: false };
+        let disk = create_overlay(&cfg, 4 << 20).unwrap();
+        assert!(allocated_blocks(&disk).unwrap().iter().all(|&w| w == 0), "a fresh overlay holds nothing");
+        disk.write(&[1u8; 4096][..], 3 * 65536).unwrap();
+        let bits = allocated_blocks(&disk).unwrap();
+        // qcow2 allocates whole 64 KiB clusters: blocks 48..64.
+        let set: Vec<u64> = (0..1024).filter(|b| bits[(b / 64) as usize] & (1 << (b % 64)) != 0).collect();
+        assert_eq!(set, (48..64).collect::<Vec<_>>());
+        let e = create_overlay(&cfg, 4 << 20).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+        // Standalone images open without a backing file, and refuse one.
+        let sa = DiskConfig { base: base.clone(), overlay: dir.as_path().join("sa.qcow2"), standalone: true };
+        drop(create_overlay(&sa, 4 << 20).unwrap());
+        open_overlay(&sa).unwrap();
+        let e = open_overlay(&DiskConfig { standalone: true, ..cfg.clone() }).unwrap_err().to_string();
+        assert!(e.contains("is backed by"), "{e}");
+        // The dirty log: off, on, taken.
+        let log = DirtyBlocks::new(1 << 20);
+        log.mark(0, 4096);
+        assert!(log.take().iter().all(|&w| w == 0));
+        log.start();
+        log.mark(4095, 2);
+        log.mark(10 * 4096, 8192);
+        assert_eq!(log.take()[0], 0b11 | (0b11 << 10));
+        assert!(log.take().iter().all(|&w| w == 0));
     }
 }
