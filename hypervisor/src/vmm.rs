@@ -134,6 +134,9 @@ pub struct DeviceStatus {
     pub irq: u32,
     /// Whether the device is in NEEDS_RESET (the guest broke the protocol).
     pub needs_reset: bool,
+    /// For a disk: its overlay (the VM's own file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
 }
 
 /// The devices of a VM in their MMIO order: the disk first, then the NICs.
@@ -575,6 +578,7 @@ impl Vmm {
                         mmio_base: format!("{:#x}", d.base),
                         irq: d.gsi,
                         needs_reset: t.failed(),
+                        overlay: d.disk.as_ref().map(|h| h.config.overlay.display().to_string()),
                     }
                 })
                 .collect(),

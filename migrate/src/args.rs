@@ -65,7 +65,9 @@ pub struct MigrateArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupArgs {
-    /// The source site's coordination Redis (`redis://HOST:PORT`, or several for a cluster).
+    /// The source site's coordination Redis (`redis://HOST:PORT`, or several for a cluster);
+    /// empty for none (one VM moving alone: only content the destination's repository holds
+    /// travels as digests).
     pub coordination: String,
     /// The namespace of the coordination keys: the run of the cluster migration this VM's move
     /// is part of (`shrink-migrate` passes `<migration_id>.<nonce>`; every VM of one run shares it).

@@ -13,6 +13,8 @@
 //! index = "redis://10.10.0.100:6380"          # SADD/SRANDMEMBER of pages held at this site
 //! launch = "ip netns exec {host} {cmd}"       # how to run a command on a host of the site
 //! gateway = "gwA"                             # informational (vnetd runs there)
+//! repository = "/srv/siteA/repo/base.qcow2"   # this site's copy of the base image (`shrink-repo index`ed)
+//! storage = "/srv/siteA/disks"                # where VMs moved here get their disks
 //!
 //! [[sites.hosts]]
 //! name = "hostA1"
@@ -94,6 +96,12 @@ pub struct Site {
     /// The gateway's name.
     #[serde(default)]
     pub gateway: Option<String>,
+    /// This site's copy of the VMs' base image (its image repository), as its hosts see it.
+    #[serde(default)]
+    pub repository: Option<Spanned<String>>,
+    /// The directory of this site's hosts where migrated VMs' disks (overlays) go.
+    #[serde(default)]
+    pub storage: Option<Spanned<String>>,
     /// Its hosts.
     pub hosts: Vec<Host>,
 }
@@ -207,6 +215,25 @@ impl Cluster {
                     format!("sites[{si}].launch"),
                     "the launch template has no {cmd} (a word of its own)".into(),
                 ));
+            }
+            match (&s.repository, &s.storage) {
+                (Some(v), None) | (None, Some(v)) => {
+                    return Err(err(
+                        v.span(),
+                        format!("sites[{si}].{}", if s.storage.is_none() { "storage" } else { "repository" }),
+                        "repository and storage go together (the base image, and where disks moved here go)".into(),
+                    ))
+                }
+                _ => {}
+            }
+            for (f, v) in [("repository", &s.repository), ("storage", &s.storage)] {
+                if let Some(v) = v.as_ref().filter(|v| !v.get_ref().starts_with('/')) {
+                    return Err(err(
+                        v.span(),
+                        format!("sites[{si}].{f}"),
+                        "an absolute path on the site's hosts".into(),
+                    ));
+                }
             }
             if s.hosts.is_empty() {
                 return Err(err(
@@ -524,5 +551,20 @@ dest_host = "hostB1"
         assert!(e.contains("sites[0].launch") && e.contains("{cmd}"), "{e}");
         let e = err_of("this is = not toml [");
         assert!(e.starts_with("vc.toml: "), "{e}");
+    }
+
+    #[test]
+    fn a_sites_repository_and_storage_go_together_as_absolute_paths() {
+        let b = "launch = \"ip netns exec {host} {cmd}\"\n\n[[sites.hosts]]\nname = \"hostB1\"";
+        let with = |extra: &str| GOOD.replace(b, &b.replace("launch", &format!("{extra}\nlaunch")));
+        let c =
+            Cluster::parse("vc.toml", &with("repository = \"/srv/B/base.qcow2\"\nstorage = \"/srv/B/disks\"")).unwrap();
+        let site = c.site("siteB").unwrap();
+        assert_eq!(site.repository.as_ref().map(|r| r.get_ref().as_str()), Some("/srv/B/base.qcow2"));
+        assert_eq!(site.storage.as_ref().map(|r| r.get_ref().as_str()), Some("/srv/B/disks"));
+        let e = err_of(&with("repository = \"/srv/B/base.qcow2\""));
+        assert!(e.contains("sites[1].storage") && e.contains("go together"), "{e}");
+        let e = err_of(&with("repository = \"base.qcow2\"\nstorage = \"/srv/B/disks\""));
+        assert!(e.contains("sites[1].repository") && e.contains("absolute path"), "{e}");
     }
 }

@@ -44,6 +44,13 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_chunk)]
     chunk: u32,
 
+    /// With --vm: the source site's repository index (`shrink-repo index`): the disk's base
+    /// image is recognised there, and content the destination's repository holds (memory pages
+    /// and disk blocks equal to the base image's) travels as digests. (A cluster move finds it
+    /// in vc.toml: each site's `index`.)
+    #[arg(long, value_name = "redis://HOST:PORT", requires = "vm")]
+    repository: Option<String>,
+
     /// Cluster: digest of deduplicated chunks.
     #[arg(long, value_name = "ALGO", default_value = "sha256", value_parser = ["sha256", "sha1"])]
     digest: String,
@@ -188,6 +195,17 @@ fn print_stats(o: &Outcome) {
     println!("mbps: {:.2}", ram.mbps);
     println!("dirty pages rate: {} pages/s", ram.dirty_pages_rate);
     println!("cpu throttle percentage: {}", info.cpu_throttle_percentage);
+    if let Some(d) = &info.disk {
+        println!("transferred disk: {} ({} bytes)", human_bytes(d.transferred), d.transferred);
+        println!("total disk: {}", human_bytes(d.total));
+        println!("disk blocks: {} full, {} uniform, {} as digests", d.normal, d.duplicate, d.deduplicated);
+        if let Some(w) = &d.warning {
+            println!("disk warning: {w}");
+        }
+    }
+    if let Some(s) = &o.last.dedup {
+        println!("from the destination's repository: {} chunks", s.repository);
+    }
 }
 
 fn run(args: &Args) -> Result<Outcome, String> {
@@ -202,6 +220,16 @@ fn run(args: &Args) -> Result<Outcome, String> {
         max_iterations: args.max_iterations,
         auto_converge: args.auto_converge,
         verify: args.verify,
+        repository: args.repository.clone(),
+        // One VM alone: no coordination, only the repository's content as digests.
+        dedup: args.repository.as_ref().map(|_| migrate::args::DedupArgs {
+            coordination: String::new(),
+            migration_id: "single".into(),
+            dest_site: "destination".into(),
+            digest: args.digest.clone(),
+            chunk: args.chunk,
+            ttl_s: migrate::args::DEFAULT_TTL_S,
+        }),
         ..Default::default()
     }
     .to_json();

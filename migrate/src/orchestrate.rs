@@ -75,8 +75,47 @@ pub struct Counts {
     pub peer_errors: u64,
     /// Failed index operations (the index was then left alone).
     pub index_errors: u64,
+    /// Digest-only chunks read from the destination site's image repository (base-image
+    /// content).
+    pub repository: u64,
     /// Bytes on the migration stream (what crosses the WAN).
     pub wan_bytes: u64,
+    /// Of the above, disk blocks (the rest is memory).
+    pub disk: DiskCounts,
+}
+
+/// The disk blocks' part of [`Counts`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct DiskCounts {
+    /// Blocks sent in full.
+    pub full: u64,
+    /// Blocks sent as a digest only.
+    pub deduplicated: u64,
+    /// Uniform blocks.
+    pub uniform: u64,
+    /// Found in the VM's own memory or disk at the destination.
+    pub local: u64,
+    /// Fetched from other hypervisors of the destination site.
+    pub fetched_from_peers: u64,
+    /// Read from the destination site's image repository.
+    pub repository: u64,
+    /// Pulled back from the source.
+    pub pulled: u64,
+    /// Bytes of disk entries on the stream.
+    pub wan_bytes: u64,
+}
+
+impl std::ops::AddAssign for DiskCounts {
+    fn add_assign(&mut self, o: DiskCounts) {
+        self.full += o.full;
+        self.deduplicated += o.deduplicated;
+        self.uniform += o.uniform;
+        self.local += o.local;
+        self.fetched_from_peers += o.fetched_from_peers;
+        self.repository += o.repository;
+        self.pulled += o.pulled;
+        self.wan_bytes += o.wan_bytes;
+    }
 }
 
 impl std::ops::AddAssign for Counts {
@@ -90,7 +129,9 @@ impl std::ops::AddAssign for Counts {
         self.corrupt_from_peers += o.corrupt_from_peers;
         self.peer_errors += o.peer_errors;
         self.index_errors += o.index_errors;
+        self.repository += o.repository;
         self.wan_bytes += o.wan_bytes;
+        self.disk += o.disk;
     }
 }
 
@@ -120,6 +161,9 @@ pub struct VmReport {
     /// Warnings (coordination or index unavailable: degraded, still correct).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Files removed from the source site once the VM ran at the destination (`host:path`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// The whole cluster's outcome.
@@ -320,6 +364,12 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, Orches
         cmd.extend(["--incoming".into(), format!("tcp:{}:{port}", m.to_address)]);
         cmd.extend(["--api".into(), api.display().to_string(), "--serial".into(), serial.display().to_string()]);
         cmd.extend(["--name".into(), m.vm.clone()]);
+        // The VM's disk goes to this site's storage, on this site's copy of its base image.
+        if let (Some(repo), Some(storage)) = (&dest.repository, &dest.storage) {
+            let overlay = Path::new(storage.get_ref()).join(format!("{}.qcow2", m.vm));
+            cmd.extend(["--image".into(), repo.get_ref().clone(), "--disk".into(), overlay.display().to_string()]);
+            cmd.extend(["--repository".into(), dest.index.get_ref().clone()]);
+        }
         if !opts.no_dedup {
             let listen = format!("{}:{peer}", m.to_address);
             let wait = opts.pull_wait_ms.unwrap_or_else(|| pull_wait_ms(plan.moves.len()));
@@ -350,6 +400,9 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, Orches
 /// One VM's migration being followed.
 struct Live {
     m: Move,
+    /// The source VM's disk overlays (removed from the source site once the VM runs at the
+    /// destination).
+    disks: Vec<String>,
     bar: ProgressBar,
     /// Its final answer, once it has one.
     done: Option<SourceQuery>,
@@ -380,6 +433,8 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             uri: format!("tcp:{}:{port}", m.to_address),
             downtime_limit_ms: Some(opts.downtime_limit_ms),
             verify: opts.verify,
+            // Where the source site's image repository is indexed.
+            repository: Some(from.index.get_ref().to_owned()),
             dedup: (!opts.no_dedup).then(|| DedupArgs {
                 coordination: from.coordination.get_ref().to_owned(),
                 migration_id: plan.run.clone(),
@@ -391,6 +446,7 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             ..MigrateArgs::default()
         }
         .to_json();
+        let disks = source_disks(Path::new(&m.api));
         let result = ApiClient::connect(Path::new(&m.api))
             .map_err(|e| format!("{}: cannot reach its VMM at {}: {e}", m.vm, m.api))
             .and_then(|mut c| c.execute("migrate", args).map_err(|e| e.to_string()))
@@ -399,7 +455,7 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             bar.finish_with_message(format!("failed: {e}"));
             failed(e)
         });
-        live.push(Live { m: m.clone(), bar, done, last: SourceQuery::default(), started: Instant::now() });
+        live.push(Live { m: m.clone(), disks, bar, done, last: SourceQuery::default(), started: Instant::now() });
     }
     live
 }
@@ -457,6 +513,41 @@ fn follow(live: &mut [Live], dests: &[Destination]) {
     }
 }
 
+/// The overlays of the VMM at `api` (from its `status`); none when it does not say.
+fn source_disks(api: &Path) -> Vec<String> {
+    let Ok(mut c) = ApiClient::connect(api) else { return Vec::new() };
+    let Ok(Ok(status)) = c.execute("status", serde_json::json!({})) else { return Vec::new() };
+    status["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["overlay"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Where the destination of `m` writes the VM's disk, if its site has storage.
+fn dest_overlay(plan: &Plan, opts: &ClusterOptions, m: &Move) -> Option<String> {
+    let dest = plan.cluster.site(&opts.dest)?;
+    let storage = dest.storage.as_ref()?;
+    Some(Path::new(storage.get_ref()).join(format!("{}.qcow2", m.vm)).display().to_string())
+}
+
+/// Runs `cmd` on `host` through the launch template (an argv, no local shell).
+fn run_on(template: &str, host: &str, cmd: &[&str]) -> Result<(), OrchestrateError> {
+    let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+    let argv = launch_argv(template, host, &cmd);
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| OrchestrateError::Launch { argv: argv.clone(), source })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    Err(OrchestrateError::Launch { argv, source: std::io::Error::other(format!("{}: {why}", out.status)) })
+}
+
 /// The cluster's report from every VM's, and the cluster file updated to where they now run.
 fn report(
     plan: Plan,
@@ -469,9 +560,26 @@ fn report(
     let mut vms = Vec::new();
     let mut moved = Vec::new();
     for (l, d) in live.into_iter().zip(dests) {
-        let r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api);
+        let mut r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api);
         if r.status == Status::Completed {
             moved.push(Relocation { vm: l.m.vm.clone(), host: l.m.to_host.clone(), api: d.api.display().to_string() });
+            // Nothing stays behind at the old site: the disk now lives at the destination.
+            let from = plan.cluster.site(&l.m.from_site).expect("planned");
+            for disk in &l.disks {
+                match run_on(from.launch.get_ref(), &l.m.from_host, &["rm", "-f", "--", disk]) {
+                    Ok(()) => r.removed.push(format!("{}:{disk}", l.m.from_host)),
+                    Err(e) => r.warnings.push(format!("the source's disk {disk} stays at {}: {e}", l.m.from_host)),
+                }
+            }
+        } else if let Some(overlay) = dest_overlay(&plan, opts, &l.m) {
+            // A destination that died mid-way cannot remove the disk it began: do it for it, once
+            // it is gone (a live one removes its own, and never starts the guest).
+            if query::<serde_json::Value>(&d.api).is_err() {
+                let dest = plan.cluster.site(&opts.dest).expect("planned");
+                if let Err(e) = run_on(dest.launch.get_ref(), &l.m.to_host, &["rm", "-f", "--", &overlay]) {
+                    r.warnings.push(format!("the partial disk {overlay} at {} stays: {e}", l.m.to_host));
+                }
+            }
         }
         vms.push(r);
     }
@@ -563,11 +671,19 @@ fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
             wan_bytes: ram.transferred,
             deduplicated: ram.deduplicated,
             pulled: ram.pulled,
+            disk: DiskCounts {
+                wan_bytes: i.disk.as_ref().map_or(0, |d| d.transferred),
+                deduplicated: i.disk.as_ref().map_or(0, |d| d.deduplicated),
+                ..DiskCounts::default()
+            },
             ..Counts::default()
         },
         ..Default::default()
     };
     if let Some(w) = src.dedup.as_ref().and_then(|d| d.warning.clone()) {
+        r.warnings.push(w);
+    }
+    if let Some(w) = i.disk.as_ref().and_then(|d| d.warning.clone()) {
         r.warnings.push(w);
     }
     if i.status != Status::Completed {
@@ -580,9 +696,17 @@ fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
             c.uniform = s.uniform;
             c.deduplicated = s.digest;
             c.pulled = s.pulled;
+            c.disk.full = s.disk_full;
+            c.disk.uniform = s.disk_uniform;
+            c.disk.deduplicated = s.disk_digest;
+            c.disk.pulled = s.disk_pulled;
             if let Some(site) = &d.incoming.site {
                 c.local = site.local;
                 c.fetched_from_peers = site.peer;
+                c.repository = site.repository;
+                c.disk.local = site.disk_local;
+                c.disk.fetched_from_peers = site.disk_peer;
+                c.disk.repository = site.disk_repository;
                 c.corrupt_from_peers = site.corrupt_from_peer;
                 c.peer_errors = site.peer_errors;
                 c.index_errors = site.index_errors;
@@ -608,12 +732,40 @@ pub fn print_report(r: &ClusterReport) {
         r.digest
     );
     println!(
-        "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9} {:>8} {:>8}",
-        "vm", "from", "to", "full", "dedup", "uniform", "local", "peers", "pulled", "WAN MB", "time ms", "down ms"
+        "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8} {:>8}",
+        "vm",
+        "from",
+        "to",
+        "full",
+        "dedup",
+        "uniform",
+        "local",
+        "peers",
+        "repo",
+        "pulled",
+        "WAN MB",
+        "time ms",
+        "down ms"
     );
+    let disk_line = |d: &DiskCounts| {
+        println!(
+            "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9.1}",
+            "  of which",
+            "disk",
+            "",
+            d.full,
+            d.deduplicated,
+            d.uniform,
+            d.local,
+            d.fetched_from_peers,
+            d.repository,
+            d.pulled,
+            mb(d.wan_bytes)
+        )
+    };
     for v in &r.vms {
         println!(
-            "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9.1} {:>8} {:>8}{}",
+            "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9.1} {:>8} {:>8}{}",
             v.vm,
             v.from,
             v.to,
@@ -622,6 +774,7 @@ pub fn print_report(r: &ClusterReport) {
             v.counts.uniform,
             v.counts.local,
             v.counts.fetched_from_peers,
+            v.counts.repository,
             v.counts.pulled,
             mb(v.counts.wan_bytes),
             v.total_time_ms,
@@ -633,6 +786,9 @@ pub fn print_report(r: &ClusterReport) {
             }
         );
         let c = &v.counts;
+        if c.disk != DiskCounts::default() {
+            disk_line(&c.disk);
+        }
         if c.corrupt_from_peers + c.peer_errors + c.index_errors > 0 {
             println!(
                 "           fallbacks: {} corrupt peer answers, {} unreachable peers, {} index errors",
@@ -644,7 +800,7 @@ pub fn print_report(r: &ClusterReport) {
         }
     }
     println!(
-        "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9.1} {:>8}",
+        "{:<10} {:<8} {:<8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>9.1} {:>8}",
         "total",
         "",
         "",
@@ -653,10 +809,14 @@ pub fn print_report(r: &ClusterReport) {
         r.counts.uniform,
         r.counts.local,
         r.counts.fetched_from_peers,
+        r.counts.repository,
         r.counts.pulled,
         mb(r.counts.wan_bytes),
         r.total_time_ms
     );
+    if r.counts.disk != DiskCounts::default() {
+        disk_line(&r.counts.disk);
+    }
     if r.failed > 0 {
         println!("{} VM(s) failed and keep running at the source", r.failed);
     }

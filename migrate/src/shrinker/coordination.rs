@@ -19,7 +19,8 @@ use crate::precopy::{Dedup, EndpointError};
 /// Where and how to coordinate.
 #[derive(Debug, Clone)]
 pub struct DedupConfig {
-    /// The source site's coordination Redis (one URL or several for a Redis Cluster).
+    /// The source site's coordination Redis (one URL or several for a Redis Cluster); empty for
+    /// none (a single VM's move: only the repository's content travels as digests).
     pub coordination: String,
     /// The run of the cluster migration (all VMs of one run share it: `<migration id>.<nonce>`).
     pub migration_id: String,
@@ -53,6 +54,8 @@ pub struct DedupStats {
 /// The coordination client.
 pub struct RedisDedup {
     redis: Option<Redis>,
+    /// Whether a coordination service was given (else only the repository's content dedups).
+    coordinated: bool,
     /// The content of the disk's base image, and whether the destination's repository holds it.
     repo: Option<std::sync::Arc<indexd::repo::RepoIndex>>,
     repo_held: bool,
@@ -69,6 +72,7 @@ impl RedisDedup {
     pub fn new(cfg: &DedupConfig) -> RedisDedup {
         let stats = std::sync::Arc::new(std::sync::Mutex::new(DedupStats::default()));
         let redis = match Target::parse(&cfg.coordination).and_then(|t| Redis::connect(&t)) {
+            _ if cfg.coordination.is_empty() => None,
             Ok(r) => Some(r),
             Err(e) => {
                 let msg = format!("coordination Redis {} unreachable ({e}): plain pre-copy", cfg.coordination);
@@ -78,7 +82,8 @@ impl RedisDedup {
             }
         };
         let prefix = super::keys::coordination_prefix(&cfg.migration_id, &cfg.dest_site);
-        RedisDedup { redis, repo: None, repo_held: false, algo: cfg.algo, prefix, ttl_s: cfg.ttl_s, stats }
+        let coordinated = !cfg.coordination.is_empty();
+        RedisDedup { redis, coordinated, repo: None, repo_held: false, algo: cfg.algo, prefix, ttl_s: cfg.ttl_s, stats }
     }
 
     /// The content of the source disk's base image (its digests must be of this migration's
@@ -94,7 +99,9 @@ impl Dedup for RedisDedup {
     fn decide(&mut self, chunks: &[(u64, &[u8])]) -> Result<Vec<Option<Vec<u8>>>, EndpointError> {
         let repo = self.repo.as_ref().filter(|_| self.repo_held);
         if self.redis.is_none() && repo.is_none() {
-            self.stats.lock().expect("dedup stats poisoned").degraded += chunks.len() as u64;
+            if self.coordinated {
+                self.stats.lock().expect("dedup stats poisoned").degraded += chunks.len() as u64;
+            }
             return Ok(vec![None; chunks.len()]);
         }
         let mut st = self.stats.lock().expect("dedup stats poisoned");
@@ -112,7 +119,9 @@ impl Dedup for RedisDedup {
             }
         }
         let Some(redis) = self.redis.as_mut() else {
-            st.degraded += ask.len() as u64;
+            if self.coordinated {
+                st.degraded += ask.len() as u64;
+            }
             return Ok(out);
         };
         let keys: Vec<Vec<u8>> = ask.iter().map(|(_, d)| super::keys::with_digest(&self.prefix, d)).collect();
