@@ -359,7 +359,7 @@ mod tests {
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
 
-    use super::super::testutil::{duplicated_vm, run_full, FakeDest, FakeVm, Pipe, PipeIn, SetDedup, Tee};
+    use super::super::testutil::{duplicated_vm, run_full, DiskVm, FakeDest, FakeVm, Pipe, PipeIn, SetDedup, Tee};
     use super::super::{receive, MigrationInfo, NoDedup, Params, Sender};
     use crate::protocol::{Decoder, DigestKind, Record};
 
@@ -376,6 +376,30 @@ mod tests {
         assert_eq!(info.ram.pulled, 0);
         assert_eq!(stats.resolved, stats.digest);
         assert_eq!(stats.pulled, 0);
+    }
+
+    #[test]
+    fn disks_send_their_own_blocks_and_what_the_guest_writes_or_everything_when_not_held() {
+        let base: Vec<u8> = (0..64 * 4096usize).map(|i| ((i * 7 + i / 4096) % 251) as u8 + 1).collect();
+        // Blocks 3 and 4 rewritten, block 10 zeroed (over non-zero base content).
+        for held in [true, false] {
+            let mut vm = DiskVm::new(FakeVm::new(64), &base, &[(3, 0x11), (4, 0x22), (10, 0)]);
+            vm.churn = vec![20];
+            let dest = FakeDest { base: held.then(|| base.clone()), ..FakeDest::default() };
+            let (r, d, stats) = run_full(&mut vm, Params::default(), dest, NoDedup);
+            let info = r.unwrap();
+            let d = d.unwrap();
+            assert_eq!(vm.held, vec![held]);
+            assert_eq!(d.disk, vm.top, "held={held}: the destination's disk is the source's");
+            let disk = info.disk.unwrap();
+            assert_eq!(disk.held, vec![held]);
+            assert_eq!(disk.total, 64 * 4096);
+            // Held: the 3 own blocks, then block 20 each pass; not held: all 64 blocks first.
+            let first = if held { 3 } else { 64 };
+            assert!(stats.disk_entries > first && stats.disk_entries <= first + 1 + u64::from(stats.passes), "{stats:?}");
+            assert_eq!(disk.warning.is_some(), !held);
+            assert!(stats.disk_uniform >= 1, "the zeroed block travels as uniform and is written: {stats:?}");
+        }
     }
 
     #[test]

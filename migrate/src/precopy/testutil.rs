@@ -116,8 +116,106 @@ pub(super) fn toy_digest(b: &[u8]) -> [u8; 32] {
     d
 }
 
+/// A fake guest with one disk: `top` is the guest-visible disk, whose blocks `own` the overlay
+/// holds (the rest equals `base`); `churn` blocks are written at each dirty-log fetch.
+pub(super) struct DiskVm {
+    pub(super) vm: FakeVm,
+    pub(super) top: Vec<u8>,
+    pub(super) own: Vec<bool>,
+    pub(super) base: Option<[u8; 32]>,
+    pub(super) churn: Vec<usize>,
+    dirty: Vec<u64>,
+    /// What the first pass was asked for (held flags).
+    pub(super) held: Vec<bool>,
+}
+
+impl DiskVm {
+    pub(super) fn new(vm: FakeVm, base: &[u8], own: &[(usize, u8)]) -> DiskVm {
+        let mut top = base.to_vec();
+        let mut owned = vec![false; base.len() / PAGE_SIZE];
+        for &(b, byte) in own {
+            top[b * PAGE_SIZE..(b + 1) * PAGE_SIZE].fill(byte);
+            owned[b] = true;
+        }
+        let n = owned.len();
+        DiskVm { vm, top, own: owned, base: Some([5; 32]), churn: vec![], dirty: vec![0; n.div_ceil(64)], held: vec![] }
+    }
+}
+
+impl Source for DiskVm {
+    fn regions(&self) -> Vec<Region> {
+        let mut r = self.vm.regions();
+        r.push(Region { gpa: crate::protocol::disk_addr(0, 0), len: self.top.len() as u64 });
+        r
+    }
+    fn disks(&mut self) -> Result<Vec<crate::protocol::DiskInfo>, EndpointError> {
+        Ok(vec![crate::protocol::DiskInfo { size: self.top.len() as u64, base: self.base }])
+    }
+    fn first_pass(&mut self, regions: &[Region], held: &[bool]) -> Result<Vec<Vec<u64>>, EndpointError> {
+        self.held = held.to_vec();
+        let mut maps = vec![super::layout::full_bitmap(regions[0].len)];
+        let mut disk = vec![0u64; self.own.len().div_ceil(64)];
+        for (b, &o) in self.own.iter().enumerate() {
+            if o || !held[0] {
+                disk[b / 64] |= 1 << (b % 64);
+            }
+        }
+        maps.push(disk);
+        Ok(maps)
+    }
+    fn read_chunk(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EndpointError> {
+        match crate::protocol::disk_of(gpa) {
+            Some((_, off)) => {
+                buf.copy_from_slice(&self.top[off as usize..off as usize + buf.len()]);
+                Ok(())
+            }
+            None => self.vm.read_chunk(gpa, buf),
+        }
+    }
+    fn start_dirty_log(&mut self) -> Result<(), EndpointError> {
+        self.vm.start_dirty_log()
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), EndpointError> {
+        self.vm.stop_dirty_log()
+    }
+    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, EndpointError> {
+        if !self.vm.paused {
+            for b in self.churn.clone() {
+                self.top[b * PAGE_SIZE..(b + 1) * PAGE_SIZE].fill(0xd0 + b as u8);
+                self.dirty[b / 64] |= 1 << (b % 64);
+            }
+        }
+        let mut maps = self.vm.dirty_log()?;
+        let n = self.dirty.len();
+        maps.push(std::mem::replace(&mut self.dirty, vec![0; n]));
+        Ok(maps)
+    }
+    fn pause(&mut self) -> Result<(), EndpointError> {
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), EndpointError> {
+        self.vm.resume()
+    }
+    fn vm_state(&mut self) -> Result<Vec<u8>, EndpointError> {
+        self.vm.vm_state()
+    }
+    fn set_throttle(&mut self, p: u8) {
+        self.vm.set_throttle(p)
+    }
+    fn name(&self) -> String {
+        self.vm.name()
+    }
+    fn memory_digest(&mut self) -> Result<[u8; 32], EndpointError> {
+        self.vm.memory_digest()
+    }
+}
+
 #[derive(Default)]
 pub(super) struct FakeDest {
+    /// The destination's copy of the base image (`None`: it holds none).
+    pub(super) base: Option<Vec<u8>>,
+    /// The disk as written here.
+    pub(super) disk: Vec<u8>,
     pub(super) mem: Vec<u8>,
     pub(super) state: Vec<u8>,
     pub(super) started: bool,
@@ -133,7 +231,16 @@ impl Sink for FakeDest {
         self.mem = vec![0; regions[0].len as usize];
         Ok(())
     }
+    fn disks(&mut self, disks: &[crate::protocol::DiskInfo]) -> Result<(Vec<bool>, String), EndpointError> {
+        let held = self.base.is_some();
+        self.disk = self.base.clone().unwrap_or_else(|| vec![0; disks[0].size as usize]);
+        Ok((vec![held], if held { String::new() } else { "no base here".into() }))
+    }
     fn write_chunk(&mut self, gpa: u64, data: &[u8]) -> Result<(), EndpointError> {
+        if let Some((_, off)) = crate::protocol::disk_of(gpa) {
+            self.disk[off as usize..off as usize + data.len()].copy_from_slice(data);
+            return Ok(());
+        }
         self.mem[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -219,8 +326,8 @@ pub(super) fn run_to(
     (src, dest)
 }
 
-pub(super) fn run_full<D: Dedup>(
-    vm: &mut FakeVm,
+pub(super) fn run_full<S: Source, D: Dedup>(
+    vm: &mut S,
     params: Params,
     dest: FakeDest,
     dedup: D,
