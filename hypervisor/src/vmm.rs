@@ -254,6 +254,36 @@ struct Platform {
     devices: Vec<DeviceSlot>,
 }
 
+/// The backends of a restored guest: those `given` on this host's command line, kind by kind
+/// (NICs, disks) in the recorded order; a kind the command line gives none of keeps the
+/// recorded backends. The numbers must match for every kind given.
+fn merge_devices(recorded: &[DeviceConfig], given: Vec<DeviceConfig>) -> Result<Vec<DeviceConfig>, VmmError> {
+    let is_net = |d: &DeviceConfig| matches!(d, DeviceConfig::Net(_));
+    let count = |v: &[DeviceConfig], net: bool| v.iter().filter(|d| is_net(d) == net).count();
+    for net in [true, false] {
+        let g = count(&given, net);
+        if g > 0 && g != count(recorded, net) {
+            return Err(VmmError::Device(format!(
+                "the guest has {} NIC(s) and {} disk(s); the command line gives {} and {}",
+                count(recorded, true),
+                count(recorded, false),
+                count(&given, true),
+                count(&given, false),
+            )));
+        }
+    }
+    let (mut nets, mut disks): (Vec<_>, Vec<_>) = given.into_iter().partition(|d| is_net(d));
+    nets.reverse();
+    disks.reverse();
+    Ok(recorded
+        .iter()
+        .map(|r| {
+            let pool = if is_net(r) { &mut nets } else { &mut disks };
+            pool.pop().unwrap_or_else(|| r.clone())
+        })
+        .collect())
+}
+
 /// Opens a device's backend; `index` counts devices of the same kind (`net0`, `net1`, `blk0`).
 type Opened = (Box<dyn VirtioDevice>, Option<Tap>, Option<block::DiskHandle>);
 
@@ -382,20 +412,7 @@ impl Vmm {
         let recorded: Vec<DeviceConfig> = state.devices.iter().map(|d| d.config.clone()).collect();
         let configs = match devices {
             None => recorded,
-            Some(given) => {
-                let kinds =
-                    |v: &[DeviceConfig]| v.iter().map(|d| matches!(d, DeviceConfig::Net(_))).collect::<Vec<_>>();
-                if kinds(&given) != kinds(&recorded) {
-                    return Err(VmmError::Device(format!(
-                        "the guest has {} NIC(s) and {} disk(s); the command line gives {} and {}",
-                        recorded.iter().filter(|d| matches!(d, DeviceConfig::Net(_))).count(),
-                        recorded.iter().filter(|d| matches!(d, DeviceConfig::Block(_))).count(),
-                        given.iter().filter(|d| matches!(d, DeviceConfig::Net(_))).count(),
-                        given.iter().filter(|d| matches!(d, DeviceConfig::Block(_))).count(),
-                    )));
-                }
-                given
-            }
+            Some(given) => merge_devices(&recorded, given)?,
         };
         let p = build_platform(mem, serial, Some(&state.serial), &configs)?;
         p.vm.restore_state(&state.vm)?;
@@ -701,6 +718,22 @@ impl Drop for Vmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_destinations_backends_replace_the_recorded_ones_kind_by_kind() {
+        let net = |t: &str| DeviceConfig::Net(NetConfig { tap: t.into(), mac: [2, 0, 0, 0, 0, 1], bridge: None });
+        let disk =
+            |o: &str| DeviceConfig::Block(DiskConfig { base: "b.qcow2".into(), overlay: o.into(), standalone: false });
+        let recorded = vec![disk("a.qcow2"), net("tapA")];
+        // Only the disk given: the NIC stays the recorded one.
+        assert_eq!(merge_devices(&recorded, vec![disk("b/vm.qcow2")]).unwrap(), vec![disk("b/vm.qcow2"), net("tapA")]);
+        assert_eq!(
+            merge_devices(&recorded, vec![net("tapB"), disk("b/vm.qcow2")]).unwrap(),
+            vec![disk("b/vm.qcow2"), net("tapB")]
+        );
+        let e = merge_devices(&recorded, vec![net("x"), net("y")]).unwrap_err().to_string();
+        assert!(e.contains("the guest has 1 NIC(s) and 1 disk(s); the command line gives 2 and 0"), "{e}");
+    }
 
     #[test]
     fn the_announcement_is_a_zeroed_vnet_header_then_qemus_rarp() {

@@ -15,10 +15,11 @@ use shrink_testutil::util::WaitTimeout;
 /// Bytes on the migration stream per chunk entry besides its content: the address word.
 const ENTRY_HEADER: u64 = 8;
 
-/// The least a deduplicating migration of these memory images can send with chunks of
-/// `chunk` bytes: every distinct non-uniform chunk once in full, every other non-uniform chunk
-/// as a digest of `digest_len` bytes, every uniform chunk as one byte (each entry with its
-/// address word, as shrink's stream encodes them).
+/// The least a deduplicating migration of these memory images (and disk blocks) can send with
+/// chunks of `chunk` bytes: every distinct non-uniform chunk the destination site does not
+/// already hold (in its image repository) once in full, every other non-uniform chunk as a
+/// digest of `digest_len` bytes, every uniform chunk as one byte (each entry with its address
+/// word, as shrink's stream encodes them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct LowerBound {
     /// Chunk size.
@@ -29,19 +30,101 @@ pub struct LowerBound {
     pub nonuniform: u64,
     /// Uniform chunks (every byte the same).
     pub uniform: u64,
+    /// Non-uniform chunks whose content the destination's repository holds (digests only).
+    pub in_repository: u64,
+    /// Of all chunks, disk blocks (the VMs' own overlay blocks).
+    pub disk_chunks: u64,
     /// The bound, bytes.
     pub bytes: u64,
+}
+
+/// A VM's disk as far as the migration carries it: a raw copy of its guest-visible content and
+/// the byte ranges its overlay holds itself (the rest is base-image content the destination has).
+#[derive(Debug, Clone)]
+pub struct DiskContent {
+    /// Raw guest-visible content.
+    pub raw: PathBuf,
+    /// (offset, length) of the overlay's own data.
+    pub own: Vec<(u64, u64)>,
+}
+
+fn run_tool(argv: &[&str]) -> Result<Vec<u8>> {
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map_err(|e| TestbedError::Failed(format!("{}: {e}", argv[0])))?;
+    if !out.status.success() {
+        return Err(TestbedError::Failed(format!("{argv:?}: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(out.stdout)
+}
+
+impl DiskContent {
+    /// Reads `overlay` with `qemu-img` (its map and a raw copy at `raw`).
+    pub fn of(overlay: &Path, raw: &Path) -> Result<DiskContent> {
+        let ov = overlay.to_str().unwrap_or("");
+        let map = run_tool(&["qemu-img", "map", "-U", "--output=json", ov])?;
+        let map: Vec<Value> =
+            serde_json::from_slice(&map).map_err(|e| TestbedError::Failed(format!("qemu-img map {ov}: {e}")))?;
+        let own = map
+            .iter()
+            .filter(|e| e["depth"].as_u64() == Some(0) && (e["data"] == true || e["zero"] == true))
+            .map(|e| (e["start"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0)))
+            .collect();
+        run_tool(&["qemu-img", "convert", "-U", "-O", "raw", ov, raw.to_str().unwrap_or("")])?;
+        Ok(DiskContent { raw: raw.to_owned(), own })
+    }
+}
+
+/// The SHA-256 digests of the non-uniform `chunk`-byte chunks of the image at `base` (what a
+/// site's repository index holds).
+pub fn repository_digests(base: &Path, raw: &Path, chunk: usize) -> Result<HashSet<[u8; 32]>> {
+    run_tool(&["qemu-img", "convert", "-U", "-O", "raw", base.to_str().unwrap_or(""), raw.to_str().unwrap_or("")])?;
+    let data = std::fs::read(raw).map_err(|source| TestbedError::Io { path: raw.display().to_string(), source })?;
+    let _ = std::fs::remove_file(raw);
+    Ok(data
+        .chunks(chunk)
+        .filter(|c| migrate::protocol::uniform_byte(c).is_none())
+        .map(|c| {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&indexd::hash::digest(indexd::hash::Algo::Sha256, c)[..32]);
+            k
+        })
+        .collect())
 }
 
 impl LowerBound {
     /// Computes the bound over `images` (raw guest memory).
     pub fn of(images: &[PathBuf], chunk: usize, digest_len: u64) -> Result<LowerBound> {
+        Self::of_content(images, &[], None, chunk, digest_len)
+    }
+
+    /// The bound over memory `images`, the own blocks of `disks`, with `repository` the
+    /// destination's repository content (those chunks travel as digests).
+    pub fn of_content(
+        images: &[PathBuf],
+        disks: &[DiskContent],
+        repository: Option<&HashSet<[u8; 32]>>,
+        chunk: usize,
+        digest_len: u64,
+    ) -> Result<LowerBound> {
         let mut seen = HashSet::new();
         let mut b = LowerBound { chunk: chunk as u64, ..Default::default() };
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|source| TestbedError::Io { path: p.display().to_string(), source });
         for img in images {
-            let data =
-                std::fs::read(img).map_err(|source| TestbedError::Io { path: img.display().to_string(), source })?;
-            b.add(&data, &mut seen);
+            b.add(&read(img)?, &mut seen, repository);
+        }
+        for d in disks {
+            let data = read(&d.raw)?;
+            let before = b.uniform + b.nonuniform;
+            for &(off, len) in &d.own {
+                let (s, e) = (off as usize, (off + len).min(data.len() as u64) as usize);
+                if s < e {
+                    b.add(&data[s..e], &mut seen, repository);
+                }
+            }
+            b.disk_chunks += b.uniform + b.nonuniform - before;
         }
         b.bytes = b.distinct * (ENTRY_HEADER + b.chunk)
             + (b.nonuniform - b.distinct) * (ENTRY_HEADER + digest_len)
@@ -49,7 +132,7 @@ impl LowerBound {
         Ok(b)
     }
 
-    fn add(&mut self, data: &[u8], seen: &mut HashSet<[u8; 32]>) {
+    fn add(&mut self, data: &[u8], seen: &mut HashSet<[u8; 32]>, repository: Option<&HashSet<[u8; 32]>>) {
         for c in data.chunks(self.chunk as usize) {
             if migrate::protocol::uniform_byte(c).is_some() {
                 self.uniform += 1;
@@ -58,7 +141,9 @@ impl LowerBound {
                 let d = indexd::hash::digest(indexd::hash::Algo::Sha256, c);
                 let mut k = [0u8; 32];
                 k.copy_from_slice(&d[..32]);
-                if seen.insert(k) {
+                if repository.is_some_and(|r| r.contains(&k)) {
+                    self.in_repository += 1;
+                } else if seen.insert(k) {
                     self.distinct += 1;
                 }
             }
@@ -346,6 +431,18 @@ mod tests {
         let half = LowerBound::of(&[pa, pb], 2048, 32).unwrap();
         assert_eq!((half.distinct, half.nonuniform, half.uniform), (3, 10, 6));
         assert!(half.bytes < lb.bytes);
+        // Content the destination's repository holds is a digest, never full; disk blocks count.
+        let repo: HashSet<[u8; 32]> = [page(5)]
+            .iter()
+            .map(|p| indexd::hash::digest(indexd::hash::Algo::Sha256, p)[..32].try_into().unwrap())
+            .collect();
+        let raw = dir.join("disk.raw");
+        std::fs::write(&raw, [page(11), page(3), page(13)].concat()).unwrap();
+        let disk = DiskContent { raw, own: vec![(0, 8192)] };
+        let with =
+            LowerBound::of_content(&[dir.join("a.img"), dir.join("b.img")], &[disk], Some(&repo), 4096, 32).unwrap();
+        assert_eq!((with.distinct, with.in_repository, with.disk_chunks), (3, 1, 2), "{with:?}");
+        assert_eq!(with.bytes, 3 * (8 + 4096) + 4 * (8 + 32) + 3 * 9);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -23,6 +23,14 @@
 //! The state a later command needs (what was built, which VMs run) is kept in
 //! `<dir>/state.json` and `<dir>/vc.toml`, so `shrink-testbed up`, `boot`, `migrate` and `down`
 //! can be separate commands.
+//!
+//! Each site has storage of its own, `<dir>/siteA` and `<dir>/siteB`: `repo/base.qcow2`, the
+//! site's copy of the base image (indexed into the site's index Redis with `shrink-repo index`
+//! at [`Testbed::up`]), and `disks/`, the overlays of the VMs its hosts run. Every process the
+//! testbed starts on a host runs through `shrink-testbed isolate` ([`isolate`]), in a mount
+//! namespace of its own where the other site's directory is an empty read-only tmpfs: a VMM at
+//! site B cannot open site A's images, so a migration must carry the disk. The rest of the
+//! working directory (logs, sockets, serial consoles, vc.toml) is seen by everyone.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -67,6 +75,22 @@ pub enum TestbedError {
     /// A QEMU of the baseline failed.
     #[error(transparent)]
     Qemu(#[from] shrink_testutil::qemu::QemuError),
+    /// `shrink-repo index` failed on a site's repository image.
+    #[error("indexing {image} with shrink-repo failed: {stderr}")]
+    Index {
+        /// The image.
+        image: String,
+        /// What shrink-repo printed on standard error.
+        stderr: String,
+    },
+    /// Entering an isolated mount namespace failed ([`isolate`]).
+    #[error("{what}: {source}")]
+    Isolate {
+        /// The step that failed (`unshare(CLONE_NEWNS)`, `mount tmpfs on DIR`...).
+        what: String,
+        /// Cause.
+        source: nix::Error,
+    },
 }
 
 /// Result alias.
@@ -89,8 +113,12 @@ pub struct Bins {
     pub probe: PathBuf,
     /// The test guest kernel.
     pub guest: PathBuf,
-    /// The base image.
+    /// The base image (each site gets a copy of it at [`Testbed::up`]).
     pub base: PathBuf,
+    /// `shrink-repo` (indexes a site's repository).
+    pub repo: PathBuf,
+    /// `shrink-testbed` (its `isolate` runs every process started on a host).
+    pub testbed: PathBuf,
 }
 
 impl Bins {
@@ -108,8 +136,10 @@ impl Bins {
             probe: bin_dir.join("vnet-probe"),
             guest: images.join("shrink-guest"),
             base: images.join("base.qcow2"),
+            repo: bin_dir.join("shrink-repo"),
+            testbed: bin_dir.join("shrink-testbed"),
         };
-        for p in [&b.vmm, &b.migrate, &b.vnetd, &b.probe] {
+        for p in [&b.vmm, &b.migrate, &b.vnetd, &b.probe, &b.repo, &b.testbed] {
             if !p.is_file() {
                 return Err(TestbedError::Missing { what: p.display().to_string(), hint: build_hint(&bin_dir) });
             }
@@ -138,7 +168,8 @@ impl Bins {
 pub struct Options {
     /// Prefix of every namespace (`<name>-...`).
     pub name: String,
-    /// Working directory: state, configs, logs, sockets, disks.
+    /// Working directory: state, configs, logs, sockets, and each site's storage
+    /// (`siteA/`, `siteB/`).
     pub dir: PathBuf,
     /// WAN rate, as `tc` takes it (`100mbit`).
     pub wan_rate: String,
@@ -455,6 +486,35 @@ fn spawn_detached(dir: &Path, tag: &str, ns: &str, args: &[&str], log: &Path) ->
     Ok(child)
 }
 
+/// Puts the calling process in a mount namespace of its own where every directory of `hide`
+/// is an empty, read-only tmpfs (what `shrink-testbed isolate` does before it runs its
+/// command). Nothing it mounts propagates back: `/` is made recursively private first. A
+/// directory that cannot be hidden (it does not exist, not root) is an error, and the caller
+/// must not go on to run anything.
+pub fn isolate(hide: &[PathBuf]) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let err = |what: String| move |source| TestbedError::Isolate { what, source };
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(err("unshare(CLONE_NEWNS)".into()))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(err("making / recursively private".into()))?;
+    for d in hide {
+        mount(
+            Some("tmpfs"),
+            d.as_path(),
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=4k,mode=0555"),
+        )
+        .map_err(err(format!("mounting an empty tmpfs on {}", d.display())))?;
+    }
+    Ok(())
+}
+
+/// `s` as a TOML basic string (JSON's escapes are TOML's).
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
 fn tail(p: &Path) -> String {
     shrink_testutil::util::tail_lines(p, 8)
 }
@@ -478,6 +538,53 @@ impl Testbed {
     /// Namespace of compute host `k` (1-based) of `site`.
     pub fn host_ns(&self, site: Site, k: usize) -> String {
         self.ns(&format!("{}h{k}", site.letter()))
+    }
+
+    /// The site whose compute host namespace `ns` is (None for any other namespace).
+    pub fn host_site(&self, ns: &str) -> Option<Site> {
+        Site::ALL.into_iter().find(|&s| (1..=self.state.opts.hosts_per_site).any(|k| self.host_ns(s, k) == ns))
+    }
+
+    /// The storage of `site`, `<dir>/siteA` or `<dir>/siteB` (absolute): what the other site's
+    /// hosts do not see.
+    pub fn site_dir(&self, site: Site) -> PathBuf {
+        let dir = std::path::absolute(self.dir()).unwrap_or_else(|_| self.dir().to_owned());
+        dir.join(site.name())
+    }
+
+    /// `site`'s image repository: its own copy of the base image, `<site dir>/repo/base.qcow2`,
+    /// indexed in its index Redis.
+    pub fn repository(&self, site: Site) -> PathBuf {
+        self.site_dir(site).join("repo").join("base.qcow2")
+    }
+
+    /// Where `site`'s hosts keep the VMs' disks (overlays): `<site dir>/disks`.
+    pub fn storage(&self, site: Site) -> PathBuf {
+        self.site_dir(site).join("disks")
+    }
+
+    /// `args` as run isolated on a host of `site`: `shrink-testbed isolate --hide <the other
+    /// site's dir> -- args...` (see [`isolate`]).
+    pub fn isolated(&self, site: Site, args: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            self.state.bins.testbed.display().to_string(),
+            "isolate".into(),
+            "--hide".into(),
+            self.site_dir(site.other()).display().to_string(),
+            "--".into(),
+        ];
+        v.extend(args.iter().map(|a| (*a).to_owned()));
+        v
+    }
+
+    /// `site`'s launch template in vc.toml: how `shrink-migrate` runs a command on one of its
+    /// hosts (in the host's network namespace, isolated from the other site's storage).
+    pub fn launch_template(&self, site: Site) -> String {
+        format!(
+            "ip netns exec {{host}} {} isolate --hide {} -- {{cmd}}",
+            self.state.bins.testbed.display(),
+            self.site_dir(site.other()).display()
+        )
     }
 
     /// Management address of compute host `k` of `site`.
@@ -508,7 +615,12 @@ impl Testbed {
         )?;
         let tb = Testbed { state: State { opts, bins, vms: Vec::new() } };
         tb.save()?;
-        if let Err(e) = tb.build().and_then(|()| tb.start_services()) {
+        if let Err(e) = tb
+            .make_storage()
+            .and_then(|()| tb.build())
+            .and_then(|()| tb.start_services())
+            .and_then(|()| tb.index_repositories())
+        {
             let _ = down(&tb.state.opts.name, tb.dir());
             return Err(e);
         }
@@ -530,6 +642,65 @@ impl Testbed {
             )));
         }
         Ok(Testbed { state })
+    }
+
+    /// Each site's storage: its copy of the base image and its disks directory. The paths go
+    /// into launch templates, which `shrink-migrate` splits at white space: none is allowed.
+    fn make_storage(&self) -> Result<()> {
+        for p in [self.site_dir(Site::A), self.state.bins.testbed.clone()] {
+            if p.to_string_lossy().contains(char::is_whitespace) {
+                return Err(TestbedError::Failed(format!(
+                    "'{}': the testbed's directory and binaries must have no white space in their paths \
+                     (they go into vc.toml's launch templates)",
+                    p.display()
+                )));
+            }
+        }
+        for s in Site::ALL {
+            let (repo, disks) = (self.repository(s), self.storage(s));
+            if let Some(d) = repo.parent() {
+                io(d, std::fs::create_dir_all(d))?;
+            }
+            io(&disks, std::fs::create_dir_all(&disks))?;
+            io(&repo, std::fs::copy(&self.state.bins.base, &repo))?;
+        }
+        Ok(())
+    }
+
+    /// Indexes each site's repository into its index Redis (`shrink-repo index`, from the
+    /// site's gateway; both sites at once); what it prints goes to
+    /// `<dir>/repo-index-<site>.log`.
+    fn index_repositories(&self) -> Result<()> {
+        let repo_bin = &self.state.bins.repo;
+        let mut running = Vec::new();
+        for s in Site::ALL {
+            let repo = self.repository(s);
+            let child = Command::new("ip")
+                .args(["netns", "exec", &self.ns(&format!("{}gw", s.letter()))])
+                .arg(repo_bin)
+                .args(["index", "--index", &s.index()])
+                .arg(&repo)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| TestbedError::Failed(format!("cannot run {}: {e}", repo_bin.display())))?;
+            running.push((s, repo, child));
+        }
+        let mut first_error = None;
+        for (s, repo, child) in running {
+            let out =
+                child.wait_with_output().map_err(|e| TestbedError::Failed(format!("{}: {e}", repo_bin.display())))?;
+            let log = self.path(&format!("repo-index-{}.log", s.letter()));
+            io(&log, std::fs::write(&log, [&out.stdout[..], &out.stderr[..]].concat()))?;
+            if !out.status.success() && first_error.is_none() {
+                first_error = Some(TestbedError::Index {
+                    image: repo.display().to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn save(&self) -> Result<()> {
@@ -817,6 +988,8 @@ impl Testbed {
             );
             let p = |ext: &str| self.path(&format!("{}.{ext}", vm.name)).display().to_string();
             let net = format!("tap={},mac={},bridge=br0", vm.name, vm.mac);
+            let repo = self.repository(Site::A).display().to_string();
+            let disk = self.storage(Site::A).join(format!("{}.qcow2", vm.name)).display().to_string();
             let args = [
                 b.vmm.to_str().unwrap_or(""),
                 "--kernel",
@@ -828,9 +1001,9 @@ impl Testbed {
                 "--name",
                 &vm.name,
                 "--image",
-                b.base.to_str().unwrap_or(""),
+                &repo,
                 "--disk",
-                &p("qcow2"),
+                &disk,
                 "--net",
                 &net,
                 "--api",
@@ -838,6 +1011,8 @@ impl Testbed {
                 "--serial",
                 &p("serial"),
             ];
+            let args = self.isolated(Site::A, &args);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             spawn_detached(self.dir(), &vm.name, &ns, &args, &self.path(&format!("{}.log", vm.name)))?;
             self.state.vms.push(vm);
         }
@@ -864,17 +1039,25 @@ impl Testbed {
         let mut t = format!(
             "# The testbed's virtual cluster (written by `shrink-testbed boot`; `shrink-migrate` keeps\n\
              # each VM's host and api up to date as it moves). No migration_id: every run gets its own.\n\
-             vmm = \"{}\"\nworkdir = \"{}\"\n\n",
-            b.vmm.display(),
-            self.dir().display()
+             vmm = {}\nworkdir = {}\n\n",
+            toml_str(&b.vmm.display().to_string()),
+            toml_str(&self.dir().display().to_string())
         );
         for s in Site::ALL {
             t += &format!(
-                "[[sites]]\nname = \"{}\"\ncoordination = \"{}\"\nindex = \"{}\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\ngateway = \"{}\"\n\n",
+                "[[sites]]\nname = \"{}\"\ncoordination = \"{}\"\nindex = \"{}\"\n\
+                 # Run on a host of the site, in its network namespace, with the other site's storage hidden.\n\
+                 launch = {}\ngateway = \"{}\"\n\
+                 # The site's own storage: its copy of the base image (indexed in its index Redis), and\n\
+                 # the directory of the disks (overlays) of the VMs its hosts run.\n\
+                 repository = {}\nstorage = {}\n\n",
                 s.name(),
                 s.coordination(),
                 s.index(),
-                self.ns(&format!("{}gw", s.letter()))
+                toml_str(&self.launch_template(s)),
+                self.ns(&format!("{}gw", s.letter())),
+                toml_str(&self.repository(s).display().to_string()),
+                toml_str(&self.storage(s).display().to_string()),
             );
             for k in 1..=self.state.opts.hosts_per_site {
                 t += &format!(
@@ -1065,8 +1248,17 @@ impl Testbed {
     }
 
     /// Starts `args` in namespace `ns`, detached, output to `<dir>/<tag>.log`; [`down`] stops it.
+    /// On a compute host it runs isolated from the other site's storage ([`Testbed::isolated`]).
     pub fn spawn(&self, tag: &str, ns: &str, args: &[&str]) -> Result<Child> {
-        spawn_detached(self.dir(), tag, ns, args, &self.path(&format!("{tag}.log")))
+        let log = self.path(&format!("{tag}.log"));
+        match self.host_site(ns) {
+            Some(site) => {
+                let args = self.isolated(site, args);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                spawn_detached(self.dir(), tag, ns, &args, &log)
+            }
+            None => spawn_detached(self.dir(), tag, ns, args, &log),
+        }
     }
 
     /// What the network saw of each VM's move to `dest`: its downtime (from the migration
@@ -1190,5 +1382,53 @@ mod tests {
         assert_eq!(Site::B.coordination(), "redis://172.16.2.253:6379");
         assert_eq!(Site::A.index(), "redis://172.16.1.253:6380");
         assert_eq!(Testbed::host_addr(Site::B, 2), "172.16.2.12");
+    }
+
+    fn fake(dir: &str) -> Testbed {
+        let p = |f: &str| PathBuf::from(format!("/opt/shrink/{f}"));
+        let bins = Bins {
+            vmm: p("shrink-vmm"),
+            migrate: p("shrink-migrate"),
+            vnetd: p("vnetd"),
+            probe: p("vnet-probe"),
+            guest: p("shrink-guest"),
+            base: p("base.qcow2"),
+            repo: p("shrink-repo"),
+            testbed: p("shrink-testbed"),
+        };
+        let opts = Options { dir: dir.into(), ..Options::new("t") };
+        Testbed { state: State { opts, bins, vms: Vec::new() } }
+    }
+
+    #[test]
+    fn each_site_has_its_storage_and_its_hosts_run_without_the_other_sites() {
+        let tb = fake("/tmp/tb");
+        assert_eq!(tb.repository(Site::A), Path::new("/tmp/tb/siteA/repo/base.qcow2"));
+        assert_eq!(tb.storage(Site::B), Path::new("/tmp/tb/siteB/disks"));
+        assert_eq!((tb.host_site("t-ah2"), tb.host_site("t-bh1")), (Some(Site::A), Some(Site::B)));
+        assert_eq!((tb.host_site("t-agw"), tb.host_site("t-ah3")), (None, None));
+        let cmd = vec!["/opt/shrink/shrink-vmm".to_owned(), "--name".into(), "vm 1".into()];
+        assert_eq!(
+            migrate::cluster::launch_argv(&tb.launch_template(Site::B), "t-bh1", &cmd),
+            [
+                "ip",
+                "netns",
+                "exec",
+                "t-bh1",
+                "/opt/shrink/shrink-testbed",
+                "isolate",
+                "--hide",
+                "/tmp/tb/siteA",
+                "--",
+                "/opt/shrink/shrink-vmm",
+                "--name",
+                "vm 1"
+            ]
+        );
+        assert_eq!(
+            tb.isolated(Site::A, &["x"]),
+            ["/opt/shrink/shrink-testbed", "isolate", "--hide", "/tmp/tb/siteB", "--", "x"]
+        );
+        assert_eq!(toml_str("a\"b\\c"), r#""a\"b\\c""#);
     }
 }

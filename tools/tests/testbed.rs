@@ -1,7 +1,8 @@
 //! The two-site testbed end to end: a virtual cluster of real KVM guests moves from site A to
 //! site B over the shaped WAN with `shrink-migrate --cluster` and back, while clients on both
-//! sites' LANs probe every VM and vnetd repairs the network; and `shrink-testbed` cleans up
-//! after itself, after a crash too.
+//! sites' LANs probe every VM and vnetd repairs the network; each site has storage of its own
+//! that the other site's hosts cannot see; and `shrink-testbed` cleans up after itself, after a
+//! crash too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,6 +101,22 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         );
     }
 
+    // The disks moved: each VM's overlay is now in the destination site's storage, accepted by
+    // `qemu-img check` and backed by that site's own base image, and nothing of it stays at the
+    // old site (the report lists what was removed there).
+    for v in r["vms"].as_array().unwrap() {
+        let name = v["vm"].as_str().unwrap();
+        let new = tb.storage(dest).join(format!("{name}.qcow2"));
+        let check = Command::new("qemu-img").args(["check", "-U", "-q"]).arg(&new).output().unwrap();
+        assert!(check.status.success(), "{}: {}", new.display(), String::from_utf8_lossy(&check.stderr));
+        let info = Command::new("qemu-img").args(["info", "-U"]).arg(&new).output().unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(info.contains(&tb.repository(dest).display().to_string()), "{name}: {info}");
+        assert!(!tb.storage(dest.other()).join(format!("{name}.qcow2")).exists(), "{name}'s old disk stays");
+        assert_eq!(v["removed"].as_array().map(|a| a.len()), Some(1), "{v:#}");
+        assert!(u(&v["disk"]["full"]) + u(&v["disk"]["uniform"]) + u(&v["disk"]["deduplicated"]) > 0, "{v:#}");
+    }
+
     let after = tb.locations().unwrap();
     let routes = [tb.host_routes(Site::A).unwrap(), tb.host_routes(Site::B).unwrap()];
     for (i, (vm, site, host, api)) in after.iter().enumerate() {
@@ -167,6 +184,88 @@ fn move_cluster(tb: &Testbed, dest: Site) {
     }
 }
 
+/// Runs `cmd` on host 1 of `site` through the site's launch template in vc.toml (how
+/// shrink-migrate starts destination VMMs there).
+fn on_host(tb: &Testbed, site: &toml::Table, s: Site, cmd: &[&str]) -> std::process::Output {
+    let template = site.get("launch").and_then(|v| v.as_str()).expect("a launch template");
+    let cmd: Vec<String> = cmd.iter().map(|c| (*c).to_owned()).collect();
+    let argv = migrate::cluster::launch_argv(template, &tb.host_ns(s, 1), &cmd);
+    Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Each site has its own copy of the base image, indexed in its index Redis, and a disks
+/// directory, both named in vc.toml; the processes of a site's hosts (the launch template's,
+/// the source VMMs) see their own site's storage and the working directory, not the other's.
+fn check_site_storage(tb: &Testbed) {
+    let vc: toml::Table = toml::from_str(&std::fs::read_to_string(tb.vc_path()).unwrap()).unwrap();
+    let sites = vc.get("sites").and_then(|v| v.as_array()).expect("[[sites]]");
+    for s in Site::ALL {
+        let site = sites
+            .iter()
+            .filter_map(|v| v.as_table())
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(s.name()))
+            .unwrap_or_else(|| panic!("{} in vc.toml", s.name()));
+        let field = |k: &str| PathBuf::from(site.get(k).and_then(|v| v.as_str()).unwrap_or_else(|| panic!("{k}")));
+        let (repo, storage) = (field("repository"), field("storage"));
+        assert_eq!((&repo, &storage), (&tb.repository(s), &tb.storage(s)), "{} in vc.toml", s.name());
+        assert!(repo.is_absolute() && storage.is_absolute(), "{}", repo.display());
+        assert_eq!(
+            std::fs::metadata(&repo).unwrap().len(),
+            std::fs::metadata(&tb.state.bins.base).unwrap().len(),
+            "{}: a copy of the base image",
+            repo.display()
+        );
+
+        let other = s.other();
+        let own = on_host(tb, site, s, &["test", "-f", repo.to_str().unwrap()]);
+        assert!(own.status.success(), "{}'s host sees its repository: {own:?}", s.name());
+        let own = on_host(tb, site, s, &["test", "-d", storage.to_str().unwrap()]);
+        assert!(own.status.success(), "{}'s host sees its storage: {own:?}", s.name());
+        let work = on_host(tb, site, s, &["test", "-f", tb.vc_path().to_str().unwrap()]);
+        assert!(work.status.success(), "{}'s host sees the working directory: {work:?}", s.name());
+        let theirs = on_host(tb, site, s, &["test", "-e", tb.repository(other).to_str().unwrap()]);
+        assert_eq!(
+            theirs.status.code(),
+            Some(1),
+            "{}'s host does not see {}'s repository: {theirs:?}",
+            s.name(),
+            other.name()
+        );
+        let ls = on_host(tb, site, s, &["ls", "-A", tb.site_dir(other).to_str().unwrap()]);
+        assert!(
+            ls.status.success() && ls.stdout.is_empty(),
+            "{}'s host sees {} empty: {ls:?}",
+            s.name(),
+            tb.site_dir(other).display()
+        );
+
+        // Indexed at `up`.
+        let show = Command::new("ip")
+            .args(["netns", "exec", &tb.ns(&format!("{}gw", s.letter()))])
+            .arg(&tb.state.bins.repo)
+            .args(["show", "--index", &s.index()])
+            .arg(&repo)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(show.status.success(), "{} is indexed in {}: {show:?}", repo.display(), s.index());
+    }
+
+    // The source VMMs run from site A's storage, with site B's hidden.
+    let hidden = format!(" {} ", tb.site_dir(Site::B).display());
+    for vm in &tb.state.vms {
+        assert!(tb.storage(Site::A).join(format!("{}.qcow2", vm.name)).is_file(), "{}'s disk at site A", vm.name);
+        let pid = std::fs::read_to_string(tb.path(&format!("pids/{}.pid", vm.name))).unwrap();
+        let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", pid.trim())).unwrap();
+        assert!(
+            mounts.lines().any(|l| l.contains(&hidden) && l.contains(" - tmpfs ")),
+            "{}'s VMM runs with {} hidden:\n{mounts}",
+            vm.name,
+            hidden.trim()
+        );
+    }
+}
+
 /// A unique testbed name and directory, and the guard that removes it.
 fn fresh(prefix: &str) -> (String, PathBuf, Down) {
     netns::available().unwrap();
@@ -186,9 +285,11 @@ fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
         preload: "16M".into(),
         private: "2M".into(),
         workload: "idle".into(),
-        extra: String::new(),
+        // Each guest writes its disk at boot: its overlay holds blocks of its own.
+        extra: "disktest=write:40000".into(),
     })
     .unwrap();
+    check_site_storage(&tb);
     move_cluster(&tb, Site::B);
     move_cluster(&tb, Site::A);
 }

@@ -396,7 +396,10 @@ mod tests {
             assert_eq!(disk.total, 64 * 4096);
             // Held: the 3 own blocks, then block 20 each pass; not held: all 64 blocks first.
             let first = if held { 3 } else { 64 };
-            assert!(stats.disk_entries > first && stats.disk_entries <= first + 1 + u64::from(stats.passes), "{stats:?}");
+            assert!(
+                stats.disk_entries > first && stats.disk_entries <= first + 1 + u64::from(stats.passes),
+                "{stats:?}"
+            );
             assert_eq!(disk.warning.is_some(), !held);
             assert!(stats.disk_uniform >= 1, "the zeroed block travels as uniform and is written: {stats:?}");
         }

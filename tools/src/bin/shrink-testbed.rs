@@ -2,7 +2,14 @@
 //! WAN between their gateways, vnetd on the gateways and Redis at both sites; boots a virtual
 //! cluster at site A; and `demo` moves it to site B and back while clients at both sites probe
 //! every VM. See `shrink_tools::testbed` for the topology.
+//!
+//! `shrink-testbed isolate --hide DIR... -- CMD [ARGS...]` (not in `--help`: the testbed's own
+//! plumbing) runs CMD in a mount namespace of its own where every DIR is an empty read-only
+//! tmpfs; the testbed starts every process on a host of a site that way, hiding the other
+//! site's storage. It exits 125 if it cannot hide a DIR and 127 if it cannot run CMD.
 
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -104,6 +111,32 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Run CMD in a mount namespace of its own, with every DIR hidden under an empty read-only
+    /// tmpfs (how the testbed runs processes on a site's hosts).
+    #[command(hide = true)]
+    Isolate {
+        /// A directory to hide; repeat for several.
+        #[arg(long, value_name = "DIR", required = true)]
+        hide: Vec<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
+    },
+}
+
+/// `shrink-testbed isolate`: hides `hide`, then becomes `cmd` (returns only if it cannot).
+fn isolate(hide: &[PathBuf], cmd: &[OsString]) -> ExitCode {
+    if let Err(e) = testbed::isolate(hide) {
+        eprintln!("shrink-testbed isolate: {e}");
+        return ExitCode::from(125);
+    }
+    let Some((prog, args)) = cmd.split_first() else {
+        eprintln!("shrink-testbed isolate: no command to run");
+        return ExitCode::from(125);
+    };
+    let err = std::process::Command::new(prog).args(args).exec();
+    eprintln!("shrink-testbed isolate: cannot run {}: {err}", prog.to_string_lossy());
+    ExitCode::from(127)
 }
 
 fn bins(net: &Net) -> Result<Bins, String> {
@@ -174,6 +207,7 @@ fn main() -> ExitCode {
             );
         }),
         Cmd::Demo { net, cluster, report, keep } => demo(&cli, net, cluster, report.as_deref(), *keep),
+        Cmd::Isolate { hide, cmd } => return isolate(hide, cmd),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
