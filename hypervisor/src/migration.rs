@@ -165,6 +165,8 @@ struct VmmSource {
     disks: Vec<DiskHandle>,
     /// The digest of each disk's base image (none for a standalone disk).
     bases: Vec<Option<[u8; 32]>>,
+    /// Whether content equal to the first disk's base image is sent as digests.
+    repository_content: bool,
     caller: VmmCaller,
     name: String,
 }
@@ -190,11 +192,12 @@ impl Source for VmmSource {
         self.disks
             .iter()
             .zip(&self.bases)
-            .map(|(d, &base)| {
+            .enumerate()
+            .map(|(i, (d, &base))| {
                 if !d.size().is_multiple_of(block::BLOCK) {
                     return Err(EndpointError::failed("disk", format!("{} bytes: not a multiple of 4 KiB", d.size())));
                 }
-                Ok(DiskInfo { size: d.size(), base })
+                Ok(DiskInfo { size: d.size(), base, repository_content: i == 0 && self.repository_content })
             })
             .collect()
     }
@@ -321,18 +324,21 @@ impl Outgoing {
     /// Starts migrating `vmm` as `args` (the `migrate` command's arguments) ask.
     pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, MigrationSetupError> {
         let (addr, params, dedup_cfg) = parse_migrate_args(args)?;
-        let repository = MigrateArgs::from_json(args)?.repository;
+        let margs = MigrateArgs::from_json(args)?;
+        let repository = margs.repository;
         let info = Arc::new(Mutex::new(MigrationInfo { status: Status::Setup, ..Default::default() }));
         // Coordination is set up here, so that an unreachable service is reported at once.
         let coordination = dedup_cfg.as_ref().map(RedisDedup::new);
         let dedup_stats = coordination.as_ref().map(|d| d.stats.clone());
-        let chunks = dedup_cfg.as_ref().map(|c| (c.algo, params.chunk_size));
+        // The base image's content index, unless its content is not to travel as digests.
+        let chunks = dedup_cfg.as_ref().filter(|_| !margs.no_repository_content).map(|c| (c.algo, params.chunk_size));
         let cancel = Arc::new(AtomicBool::new(false));
         let socket = Arc::new(Mutex::new(None));
         let disks = vmm.disks();
         let mut source = VmmSource {
             mem: vmm.memory().clone(),
             bases: Vec::new(),
+            repository_content: false,
             disks,
             caller: caller.clone(),
             name: vmm.name().to_owned(),
@@ -346,6 +352,7 @@ impl Outgoing {
                 let bases = disk_bases(&source.disks, repository.as_deref(), chunks).map_err(|e| e.to_string());
                 let result = bases.map(|b| -> Box<dyn Dedup + Send> {
                     source.bases = b.digests;
+                    source.repository_content = b.content.is_some() && coordination.is_some();
                     match (coordination, b.content) {
                         (Some(d), Some(repo)) => Box::new(d.with_repository(repo)),
                         (Some(d), None) => Box::new(d),
@@ -539,7 +546,8 @@ impl VmmSink {
             // zeroes as the source's did: held.
             None => true,
             Some(source) => {
-                match crate::repository::base_image(repository.as_deref(), &cfg.base, chunks.filter(|_| i == 0)) {
+                let want = chunks.filter(|_| i == 0 && info.repository_content);
+                match crate::repository::base_image(repository.as_deref(), &cfg.base, want) {
                     Ok(b) if b.image == source => {
                         content = b.content;
                         false

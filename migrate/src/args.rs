@@ -56,6 +56,10 @@ pub struct MigrateArgs {
     /// travels as digests). Without it the source reads the base image to find out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
+    /// Do not send content equal to the base image's as repository digests (the disk still
+    /// sends only its own blocks when the destination holds the base image).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_repository_content: bool,
     /// Cross-VM deduplication (Shrinker); plain pre-copy without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<DedupArgs>,

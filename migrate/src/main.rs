@@ -40,6 +40,12 @@ struct Args {
     #[arg(long)]
     no_dedup: bool,
 
+    /// Cluster: do not send content equal to the base image's as digests read from the
+    /// destination's repository (disks still carry only their own blocks): to measure what the
+    /// repository adds.
+    #[arg(long, requires = "cluster")]
+    no_repository: bool,
+
     /// Cluster: deduplication granularity in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_chunk)]
     chunk: u32,
@@ -291,6 +297,7 @@ fn run_cluster(args: &Args) -> ExitCode {
         file: args.cluster.clone().expect("clap requires --cluster"),
         dest: args.dest.clone().expect("clap requires --dest"),
         no_dedup: args.no_dedup,
+        no_repository: args.no_repository,
         chunk: args.chunk,
         digest: args.digest.clone(),
         verify: args.verify,

@@ -24,6 +24,9 @@ pub struct ClusterOptions {
     pub dest: String,
     /// Plain pre-copy (the baseline).
     pub no_dedup: bool,
+    /// Content equal to the base image's is not sent as repository digests (the disks still
+    /// carry only their own blocks): what the repository adds, measured.
+    pub no_repository: bool,
     /// Dedup granularity.
     pub chunk: u32,
     /// Digest algorithm name.
@@ -435,6 +438,7 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             verify: opts.verify,
             // Where the source site's image repository is indexed.
             repository: Some(from.index.get_ref().to_owned()),
+            no_repository_content: opts.no_repository,
             dedup: (!opts.no_dedup).then(|| DedupArgs {
                 coordination: from.coordination.get_ref().to_owned(),
                 migration_id: plan.run.clone(),

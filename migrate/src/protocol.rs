@@ -32,7 +32,7 @@
 //! | 8    | `PullDone`     | chunks sent u32: closes the answer (`Pages` records of full chunks) to a `Pull` |
 //! | 9    | `Sync`         | sequence u32: "answer when you have caught up" (sent before the switch-over) |
 //! | 10   | `Commit`       | empty: the source has stopped its copy of the guest after a positive `Verdict`; only now may the destination start it |
-//! | 11   | `Disks`        | disk count u32, then per disk: size u64, flags u8 (bit 0: a base image digest follows), 7 × 0, base image SHA-256 (32 bytes, zero without one) |
+//! | 11   | `Disks`        | disk count u32, then per disk: size u64, flags u8 (bit 0: a base image digest follows; bit 1: content equal to the base image's is sent as digests, to be read from the destination's repository), 7 × 0, base image SHA-256 (32 bytes, zero without one) |
 //!
 //! A page entry is a u64 whose low 3 bits are the kind and whose other bits are the chunk's
 //! guest physical address (chunks are aligned, so the low bits are free, as in QEMU's format):
@@ -272,6 +272,9 @@ pub struct DiskInfo {
     /// SHA-256 of the guest-visible content of its base image (the layer below the VM's own
     /// overlay), if it has one.
     pub base: Option<[u8; 32]>,
+    /// Whether the source sends content equal to the base image's as digests (to be read from
+    /// the destination's repository when it holds the image).
+    pub repository_content: bool,
 }
 
 /// A guest memory region.
@@ -746,14 +749,18 @@ impl Decoder {
                 for i in 0..n {
                     let o = 4 + i * 48;
                     let flags = payload[o + 8];
-                    if flags > 1 || payload[o + 9..o + 16].iter().any(|&b| b != 0) {
+                    if flags > 3 || flags == 2 || payload[o + 9..o + 16].iter().any(|&b| b != 0) {
                         return Err(malformed("Disks", format!("disk {i}: flags or padding")));
                     }
                     let digest: [u8; 32] = payload[o + 16..o + 48].try_into().expect("32 bytes");
-                    if flags == 0 && digest != [0; 32] {
+                    if flags & 1 == 0 && digest != [0; 32] {
                         return Err(malformed("Disks", format!("disk {i}: a digest without its flag")));
                     }
-                    disks.push(DiskInfo { size: u64_at(&payload, o), base: (flags == 1).then_some(digest) });
+                    disks.push(DiskInfo {
+                        size: u64_at(&payload, o),
+                        base: (flags & 1 == 1).then_some(digest),
+                        repository_content: flags & 2 == 2,
+                    });
                 }
                 Ok(Record::Disks(disks))
             }
@@ -882,7 +889,7 @@ pub fn write_disks<W: Write>(w: &mut W, disks: &[DiskInfo]) -> Result<(), Protoc
     p.extend_from_slice(&(disks.len() as u32).to_le_bytes());
     for d in disks {
         p.extend_from_slice(&d.size.to_le_bytes());
-        p.push(d.base.is_some() as u8);
+        p.push(d.base.is_some() as u8 | ((d.base.is_some() && d.repository_content) as u8) << 1);
         p.extend_from_slice(&[0; 7]);
         p.extend_from_slice(&d.base.unwrap_or([0; 32]));
     }
@@ -1015,7 +1022,10 @@ mod tests {
         assert_eq!(disk_of(disk_addr(0, 0x1000)), Some((0, 0x1000)));
         assert_eq!(disk_of(disk_addr(3, DISK_SPAN - 4096)), Some((3, DISK_SPAN - 4096)));
         assert_eq!(disk_of(0x1000), None);
-        let disks = [DiskInfo { size: 1 << 30, base: Some([7; 32]) }, DiskInfo { size: 1 << 20, base: None }];
+        let disks = [
+            DiskInfo { size: 1 << 30, base: Some([7; 32]), repository_content: true },
+            DiskInfo { size: 1 << 20, base: None, repository_content: false },
+        ];
         let mut s = Vec::new();
         write_hello(&mut s, &hello(DigestKind::Sha256, 4096)).unwrap();
         let layout = [

@@ -33,7 +33,42 @@ impl Sites {
         netns::available().unwrap();
         let dir = TempDir::new(tag).unwrap();
         let world = World::new(tag, &[("a1", A1), ("b1", B1), ("b2", B2)], &[], "").unwrap();
+        // Each site's storage: its repository (the base image, a hard link here to save the
+        // copy: it is never written) and the directory its hosts keep VMs' disks in.
+        for site in ["siteA", "siteB"] {
+            std::fs::create_dir_all(dir.path().join(site).join("disks")).unwrap();
+            std::fs::create_dir_all(dir.path().join(site).join("repo")).unwrap();
+            let repo = dir.path().join(site).join("repo/base.qcow2");
+            if std::fs::hard_link(image("base.qcow2"), &repo).is_err() {
+                std::fs::copy(image("base.qcow2"), &repo).unwrap();
+            }
+        }
         Sites { dir, world, vms: Vec::new() }
+    }
+
+    /// Site `site`'s copy of the base image.
+    fn repo(&self, site: &str) -> PathBuf {
+        self.path(&format!("{site}/repo/base.qcow2"))
+    }
+
+    /// Indexes each site's repository in its Redis (`shrink-repo index`, in a host of the site);
+    /// an index that cannot be reached is left out (the VMMs then read the image instead).
+    fn index_repositories(&self, a: &str, b: &str) {
+        for (site, host, url) in [("siteA", "a1", a), ("siteB", "b1", b)] {
+            let repo = self.repo(site);
+            let out = self
+                .world
+                .host(host)
+                .ns
+                .command(workspace_bin("shrink-repo").to_str().unwrap())
+                .args(["index", "--index", url])
+                .arg(&repo)
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                eprintln!("shrink-repo index {url}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
     }
 
     fn path(&self, f: &str) -> PathBuf {
@@ -54,8 +89,8 @@ impl Sites {
             "--name",
             name,
         ]);
-        cmd.args(["--image", image("base.qcow2").to_str().unwrap()]);
-        cmd.arg("--disk").arg(self.path(&format!("{name}.qcow2")));
+        cmd.arg("--image").arg(self.repo("siteA"));
+        cmd.arg("--disk").arg(self.path(&format!("siteA/disks/{name}.qcow2")));
         cmd.arg("--api").arg(self.path(&format!("{name}.sock")));
         cmd.arg("--serial").arg(self.path(&format!("{name}.serial")));
         let bg = Bg::spawn(cmd, &self.path(&format!("{name}.log")));
@@ -78,17 +113,28 @@ impl Sites {
     /// joins an earlier wave's run with `--join-run RUN_ID` (the run id its report names).
     fn vc_id(&self, file: &str, id: &str, names: &[&str], coordination: &str, index: &str, launch_b: &str) -> PathBuf {
         let host = |n: &str| self.world.host(n).ns.name().to_owned();
+        // Site A's repository is indexed in its coordination Redis (it has no index of its own).
+        self.index_repositories(coordination, index);
+        let storage = |site: &str| {
+            format!(
+                "repository = \"{}\"\nstorage = \"{}\"\n",
+                self.repo(site).display(),
+                self.path(&format!("{site}/disks")).display()
+            )
+        };
         let mut t = format!(
             "migration_id = \"{id}\"\nvmm = \"{}\"\nworkdir = \"{}\"\n\n",
             workspace_bin("shrink-vmm").display(),
             self.dir.path().display()
         );
         t += &format!(
-            "[[sites]]\nname = \"siteA\"\ncoordination = \"{coordination}\"\nindex = \"redis://{A1}:6390\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{A1}\"\n\n",
+            "[[sites]]\nname = \"siteA\"\ncoordination = \"{coordination}\"\nindex = \"{coordination}\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n{}\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{A1}\"\n\n",
+            storage("siteA"),
             host("a1")
         );
         t += &format!(
-            "[[sites]]\nname = \"siteB\"\ncoordination = \"redis://{B1}:6391\"\nindex = \"{index}\"\nlaunch = \"{launch_b}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{B1}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{B2}\"\n\n",
+            "[[sites]]\nname = \"siteB\"\ncoordination = \"redis://{B1}:6391\"\nindex = \"{index}\"\nlaunch = \"{launch_b}\"\n{}\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{B1}\"\n\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{B2}\"\n\n",
+            storage("siteB"),
             host("b1"),
             host("b2")
         );
@@ -106,7 +152,14 @@ impl Sites {
 
     /// Runs shrink-migrate --cluster; returns (exit code, JSON report or stderr).
     fn migrate(&self, vc: &Path, extra: &[&str]) -> (i32, Value, String) {
+        self.migrate_with(vc, &[&["--no-repository"], extra].concat())
+    }
+
+    /// The same without `--no-repository` in the arguments of its own.
+    fn migrate_with(&self, vc: &Path, extra: &[&str]) -> (i32, Value, String) {
         let out = Command::new(workspace_bin("shrink-migrate"))
+            // (`migrate`: the tests of the cross-VM machinery take base-image content from the
+            // VMs' streams and peers, not from site B's repository; see the repository test.)
             .args(["--cluster", vc.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
             .args(extra)
             .output()
@@ -124,9 +177,16 @@ impl Sites {
         let src_serial = std::fs::read_to_string(self.path(&format!("{name}.serial"))).unwrap();
         let last = last_heartbeat(&src_serial).expect("source heartbeats");
         let dst = self.path(&format!("{name}-siteB.serial"));
-        let dst_serial = wait_text(&dst, &format!("heartbeat {}\n", last + 1), Duration::from_secs(10));
-        let first = heartbeats(&dst_serial).first().copied();
-        assert_eq!(first, Some(last + 1), "{name}: the destination continues the heartbeat");
+        let dst_serial = wait_text(&dst, &format!("heartbeat {}\n", last + 2), Duration::from_secs(10));
+        // The console goes on where it stopped (a line the guest was printing at the switch-over
+        // ends at the destination): no heartbeat lost, none repeated.
+        let joined = heartbeats(&format!("{src_serial}{dst_serial}"));
+        let at = joined.iter().position(|&h| h == last).expect("the source's last heartbeat");
+        assert_eq!(
+            joined.get(at + 1..at + 3),
+            Some(&[last + 1, last + 2][..]),
+            "{name}: the destination continues the heartbeat"
+        );
     }
 
     /// The VM still runs at the source.
@@ -272,6 +332,49 @@ fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
     }
     assert!(with < 0.6 * without, "dedup {with} vs plain {without}");
     assert_eq!(u(&plain["deduplicated"]), 0);
+}
+
+#[test]
+fn the_destination_sites_repository_supplies_base_image_content_and_the_disks_move() {
+    let mut s = Sites::new("sr2");
+    let d = s.dir.path().to_owned();
+    s.world.redis("a1", 6379, &d, false);
+    s.world.redis("b1", 6380, &d, false);
+    let names = ["rp1", "rp2"];
+    for (i, n) in names.iter().enumerate() {
+        // Each guest reads 32 MiB of the base image into memory and writes its disk.
+        s.boot(n, &format!("{} workload=io iorate=512K ioarea=4M", vm_cmdline(i)));
+    }
+    s.wait_ready();
+    let vc = s.vc(
+        "vc.toml",
+        &names,
+        &format!("redis://{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
+    let (code, r, err) = s.migrate_with(&vc, &[]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    assert_eq!(u(&r["failed"]), 0, "{r}");
+    for n in names {
+        s.assert_moved(n);
+        // The guest's disk came along: it reads back what it wrote before the move.
+        let serial = s.path(&format!("{n}-siteB.serial"));
+        let text = wait_text(&serial, "io: read=", Duration::from_secs(10));
+        assert!(!text.contains("io: mismatch") && !text.contains("io: request failed"), "{n}: {text}");
+        assert!(!s.path(&format!("siteA/disks/{n}.qcow2")).exists(), "{n}: its disk stays at site A");
+        let ok = Command::new("qemu-img")
+            .args(["check", "-U", "-q"])
+            .arg(s.path(&format!("siteB/disks/{n}.qcow2")))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{n}: qemu-img check");
+    }
+    // The preloaded pages are base-image content: digests, read from site B's own base image.
+    assert!(u(&r["repository"]) > 2 * 4000, "{r}");
+    assert!(u(&r["disk"]["full"]) + u(&r["disk"]["uniform"]) > 0, "{r}");
+    // (The io workload rewrites blocks while they travel: a few digests find no holder.)
+    assert!(u(&r["pulled"]) < 100, "{r}");
 }
 
 #[test]
@@ -446,7 +549,7 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
     let vc2 = vc.clone();
     let migration = std::thread::spawn(move || {
         let out = Command::new(workspace_bin("shrink-migrate"))
-            .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--verify"])
+            .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--verify", "--no-repository"])
             .output()
             .unwrap();
         (

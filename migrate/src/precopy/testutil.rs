@@ -149,7 +149,7 @@ impl Source for DiskVm {
         r
     }
     fn disks(&mut self) -> Result<Vec<crate::protocol::DiskInfo>, EndpointError> {
-        Ok(vec![crate::protocol::DiskInfo { size: self.top.len() as u64, base: self.base }])
+        Ok(vec![crate::protocol::DiskInfo { size: self.top.len() as u64, base: self.base, repository_content: false }])
     }
     fn first_pass(&mut self, regions: &[Region], held: &[bool]) -> Result<Vec<Vec<u64>>, EndpointError> {
         self.held = held.to_vec();
