@@ -159,8 +159,12 @@ impl LowerBound {
 /// The baseline a user would otherwise pick: for every memory image, a paused QEMU
 /// (`-M microvm -accel kvm -S`, memory loaded with `-device loader`) on a site-A host, migrated
 /// with QEMU's own `migrate` to a QEMU on a site-B host, all at once over the testbed's WAN.
-/// Returns QEMU's `query-migrate` figures per VM and the cluster's total time.
-pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value> {
+/// With `disks` (each VM's overlay, backed by site A's base image), each QEMU has it on
+/// virtio-blk and moves it as libvirt does without shared storage: the destination exports a
+/// new overlay on site B's own base image over NBD, the source mirrors its top layer into it
+/// (`blockdev-mirror sync=top`), migrates once the mirror is ready, and completes the mirror
+/// after the switch-over. Returns QEMU's figures per VM and the cluster's total time.
+pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], disks: &[PathBuf], mem: &str) -> Result<Value> {
     let q = qemu::binary().ok_or(QemuError::NotInstalled)?;
     let q = q.to_str().unwrap_or("qemu-system-x86_64");
     let hosts = tb.state.opts.hosts_per_site;
@@ -179,6 +183,28 @@ pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value
         s.extend(qemu::microvm_args(mem));
         s.extend(["-S".into(), "-device".into(), format!("loader,file={},addr=0,force-raw=on", img.display())]);
         s.extend(qemu::qmp_arg(&sq));
+        if let Some(ov) = disks.get(i) {
+            // The destination's disk: a new overlay on site B's base image.
+            let new = tb.storage(Site::B).join(format!("qemu{i}.qcow2"));
+            let base = tb.repository(Site::B);
+            run_tool(&[
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                base.to_str().unwrap_or(""),
+                new.to_str().unwrap_or(""),
+            ])?;
+            let blockdev =
+                |file: &Path| format!("driver=qcow2,node-name=d0,file.driver=file,file.filename={}", file.display());
+            for (v, file) in [(&mut s, ov.as_path()), (&mut d, new.as_path())] {
+                v.extend(["-blockdev".into(), blockdev(file), "-device".into(), "virtio-blk-device,drive=d0".into()]);
+            }
+        }
         let (dt, st) = (format!("qemu{i}-dst"), format!("qemu{i}-src"));
         let dc = tb.spawn(&dt, &tb.host_ns(Site::B, k), &d.iter().map(String::as_str).collect::<Vec<_>>())?;
         let sc = tb.spawn(&st, &tb.host_ns(Site::A, k), &s.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -186,15 +212,45 @@ pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value
         let mut sqmp = Qemu::attach(&st, sc, &tb.path(&format!("{st}.log")), &sq)?;
         // No cap of QEMU's own (its default is 32 MiB/s... per VM): the link is the limit.
         sqmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64}))?;
+        if disks.get(i).is_some() {
+            let host = Testbed::host_addr(Site::B, k);
+            let port = (10900 + i).to_string();
+            let dqmp = dests.last_mut().expect("just pushed");
+            dqmp.cmd("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": host, "port": port}}}))?;
+            dqmp.cmd("block-export-add", json!({"type": "nbd", "id": "d0", "node-name": "d0", "writable": true}))?;
+            sqmp.cmd(
+                "blockdev-add",
+                json!({"driver": "nbd", "node-name": "t0", "export": "d0",
+                       "server": {"type": "inet", "host": host, "port": port}}),
+            )?;
+        }
         qmps.push((sqmp, uri));
     }
     let (a0, _) = tb.wan_bytes()?;
     let start = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    // libvirt: mirror every disk, wait until each mirror is ready, then migrate.
+    if !disks.is_empty() {
+        for (q, _) in qmps.iter_mut() {
+            q.cmd("blockdev-mirror", json!({"job-id": "m0", "device": "d0", "target": "t0", "sync": "top"}))?;
+        }
+        for (q, _) in qmps.iter_mut() {
+            loop {
+                if Instant::now() > deadline {
+                    return Err(TestbedError::Timeout(WaitTimeout { what: "QEMU's disk mirrors".into(), secs: 1800 }));
+                }
+                let jobs = q.cmd("query-block-jobs", json!({}))?;
+                if jobs.as_array().and_then(|j| j.first()).is_some_and(|j| j["ready"] == true) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
     for (q, uri) in qmps.iter_mut() {
         q.cmd("migrate", json!({"uri": uri}))?;
     }
     let mut vms = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(1800);
     for (q, _) in qmps.iter_mut() {
         loop {
             if Instant::now() > deadline {
@@ -203,7 +259,23 @@ pub fn qemu_cluster(tb: &Testbed, images: &[PathBuf], mem: &str) -> Result<Value
             let r = q.cmd("query-migrate", json!({}))?;
             match r["status"].as_str().unwrap_or("") {
                 "completed" => {
-                    vms.push(json!({"status": "completed", "total_time_ms": r["total-time"], "downtime_ms": r["downtime"], "wan_bytes": r["ram"]["transferred"]}));
+                    let mut disk_bytes = 0;
+                    if !disks.is_empty() {
+                        // The switch-over happened with the mirror in sync: complete it (the
+                        // destination's disk is then the source's at the switch-over).
+                        let jobs = q.cmd("query-block-jobs", json!({}))?;
+                        disk_bytes =
+                            jobs.as_array().and_then(|j| j.first()).map_or(0, |j| j["offset"].as_u64().unwrap_or(0));
+                        q.cmd("block-job-cancel", json!({"device": "m0"}))?;
+                        while q.cmd("query-block-jobs", json!({}))?.as_array().is_some_and(|j| !j.is_empty()) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    vms.push(
+                        json!({"status": "completed", "total_time_ms": r["total-time"], "downtime_ms": r["downtime"],
+                                    "wan_bytes": r["ram"]["transferred"].as_u64().unwrap_or(0) + disk_bytes,
+                                    "memory_bytes": r["ram"]["transferred"], "disk_bytes": disk_bytes}),
+                    );
                     break;
                 }
                 "failed" | "cancelled" => {

@@ -107,10 +107,31 @@ fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, Str
         "wan_link_bytes": if dest == Site::B { a1 - a0 } else { b1 - b0 },
         "full": r["full"], "deduplicated": r["deduplicated"], "uniform": r["uniform"], "local": r["local"],
         "fetched_from_peers": r["fetched_from_peers"], "pulled": r["pulled"], "failed": r["failed"],
+        "repository": r["repository"], "disk": r["disk"],
         "avg_vm_time_ms": avg(&r, "total_time_ms"), "avg_downtime_ms": avg(&r, "downtime_ms"),
         "max_downtime_ms": r["vms"].as_array().into_iter().flatten().map(|x| u(&x["downtime_ms"])).max().unwrap_or(0),
         "network": network, "report": r,
     }))
+}
+
+/// Each VM's disk as the lower bound sees it (raw copies under `keep`), and a copy of each
+/// overlay for QEMU's run, taken while the VM is paused (the device flushes on pause).
+fn disks_of(tb: &Testbed, keep: &Path) -> Result<(Vec<eval::DiskContent>, Vec<PathBuf>), String> {
+    let e = |e: testbed::TestbedError| e.to_string();
+    let mut contents = Vec::new();
+    let mut copies = Vec::new();
+    for (vm, _, _, api) in tb.locations().map_err(e)? {
+        let ov = tb.storage(Site::A).join(format!("{}.qcow2", vm.name));
+        let copy = keep.join(format!("{}.qcow2", vm.name));
+        let mut c = migrate::client::ApiClient::connect(&api).map_err(|x| format!("{}: {x}", vm.name))?;
+        let _ = c.execute("pause", json!({}));
+        let copied = std::fs::copy(&ov, &copy);
+        let _ = c.execute("resume", json!({}));
+        copied.map_err(|x| format!("{}: {x}", ov.display()))?;
+        contents.push(eval::DiskContent::of(&copy, &keep.join(format!("{}.raw", vm.name))).map_err(e)?);
+        copies.push(copy);
+    }
+    Ok((contents, copies))
 }
 
 fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String> {
@@ -124,12 +145,19 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     tb.boot(&spec).map_err(e)?;
     std::thread::sleep(Duration::from_secs(2));
     let images = tb.memory_images().map_err(e)?;
-    let bound = LowerBound::of(&images, p.chunk as usize, 32).map_err(e)?;
+    // The VMs' memory and their disks' own blocks, less what site B's repository holds.
+    let keep = shrink_testutil::fs::TempDir::new("bench-images").map_err(|x| x.to_string())?;
+    let (disks, overlays) = disks_of(&tb, keep.path())?;
+    let repo = eval::repository_digests(&tb.repository(Site::B), &keep.path().join("base.raw"), p.chunk as usize)
+        .map_err(e)?;
+    let bound = LowerBound::of_content(&images, &disks, Some(&repo), p.chunk as usize, 32).map_err(e)?;
+    for d in &disks {
+        let _ = std::fs::remove_file(&d.raw);
+    }
     let shrink = leg(&tb, Site::B, &["--chunk", &p.chunk.to_string()], "dedup")?;
     let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
     let qemu = if p.baselines && !cli.no_qemu && shrink_testutil::qemu::binary().is_some() {
-        // QEMU alone on a fresh testbed (the same link), with the same memory images.
-        let keep = shrink_testutil::fs::TempDir::new("bench-images").map_err(|x| x.to_string())?;
+        // QEMU alone on a fresh testbed (the same link), with the same memory images and disks.
         let mut moved = Vec::new();
         for (i, img) in images.iter().enumerate() {
             let to = keep.path().join(format!("vm{i}.img"));
@@ -138,7 +166,7 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
         }
         testbed::down(&opts.name, &dir).map_err(e)?;
         let tb2 = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
-        Some(eval::qemu_cluster(&tb2, &moved, &spec.mem).map_err(e)?)
+        Some(eval::qemu_cluster(&tb2, &moved, &overlays, &spec.mem).map_err(e)?)
     } else {
         None
     };
@@ -147,7 +175,8 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     Ok(json!({
         "family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk,
         "vm": {"mem": spec.mem, "preload": spec.preload, "private": spec.private, "cmdline_extra": spec.extra},
-        "lower_bound": {"bytes": bound.bytes, "time_ms": bound.time_ms(bps), "distinct_chunks": bound.distinct, "nonuniform_chunks": bound.nonuniform, "uniform_chunks": bound.uniform},
+        "lower_bound": {"bytes": bound.bytes, "time_ms": bound.time_ms(bps), "distinct_chunks": bound.distinct, "nonuniform_chunks": bound.nonuniform, "uniform_chunks": bound.uniform,
+                        "in_repository_chunks": bound.in_repository, "disk_chunks": bound.disk_chunks},
         "ratios": {
             "wan_bytes_shrink_over_qemu": ratio(&shrink, qemu.as_ref(), "wan_bytes"),
             "time_shrink_over_qemu": ratio(&shrink, qemu.as_ref(), "total_time_ms"),

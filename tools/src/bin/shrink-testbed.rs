@@ -374,8 +374,23 @@ fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
     row("deduplicated (digest only)", &|l| u(&l.report["deduplicated"]).to_string());
     row("  found locally at the destination", &|l| u(&l.report["local"]).to_string());
     row("  fetched from peer hypervisors", &|l| u(&l.report["fetched_from_peers"]).to_string());
+    row("  read from the site's repository", &|l| u(&l.report["repository"]).to_string());
     row("  pulled back from the source", &|l| u(&l.report["pulled"]).to_string());
     row("uniform (one byte each)", &|l| u(&l.report["uniform"]).to_string());
+    row("of these, disk blocks full/digest/unif.", &|l| {
+        let d = &l.report["disk"];
+        format!("{}/{}/{}", u(&d["full"]), u(&d["deduplicated"]), u(&d["uniform"]))
+    });
+    row("  disk entries on the stream, MB", &|l| format!("{:.1}", mb(u(&l.report["disk"]["wan_bytes"]))));
+    row("disks removed at the old site", &|l| {
+        let n: usize = l.report["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v["removed"].as_array().map_or(0, |a| a.len()))
+            .sum();
+        n.to_string()
+    });
     row("migration stream, MB", &|l| format!("{:.1}", mb(u(&l.report["wan_bytes"]))));
     row("bytes into the WAN link, MB", &|l| format!("{:.1}", mb(l.wan_bytes)));
     row("total time, s", &|l| format!("{:.1}", u(&l.report["total_time_ms"]) as f64 / 1000.0));
