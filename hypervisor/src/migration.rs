@@ -446,10 +446,18 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// the wait on a source process that is stuck without closing the connection.
 const INCOMING_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Sets the options every migration connection has: no Nagle delay, TCP keepalive.
+/// How long data written on a migration connection may stay unacknowledged before the
+/// connection is given up (`TCP_USER_TIMEOUT`): keepalive only watches an idle connection, and a
+/// peer gone while a write (a verdict, a pull) is in flight would otherwise be retried for
+/// about 15 minutes.
+const USER_TIMEOUT_MS: u32 = 30_000;
+
+/// Sets the options every migration connection has: no Nagle delay, TCP keepalive, a bound on
+/// unacknowledged data.
 fn tune(s: &TcpStream) -> std::io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     s.set_nodelay(true)?;
+    setsockopt(s, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS)?;
     setsockopt(s, sockopt::KeepAlive, &true)?;
     setsockopt(s, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
     setsockopt(s, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;

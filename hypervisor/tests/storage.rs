@@ -281,3 +281,70 @@ fn base_image_content_comes_from_the_destinations_repository() {
     check(&sites.p("siteB/vm.qcow2"));
     io_is_sound(&dst);
 }
+
+#[test]
+fn a_link_dropped_in_the_last_pass_leaves_the_guest_and_its_disk_at_the_source_only() {
+    use shrink_testutil::netns::{self, Netns};
+    netns::available().unwrap();
+    let t = netns::unique_tag();
+    let (a, b) = (Netns::new(&format!("sta{t}")).unwrap(), Netns::new(&format!("stb{t}")).unwrap());
+    netns::link(&a, "10.98.0.1/24", &b, "10.98.0.2/24", None).unwrap();
+    let sites = Sites::new("stor-link", false);
+    let uri = "tcp:10.98.0.2:7000";
+    // Everything has arrived and the source is paused, waiting for the verdict, when the link
+    // goes down: the destination holds its verdict 6 s, the source gives up after 2.5 s.
+    let (base, ov) = (sites.s("siteB/base.qcow2"), sites.s("siteB/vm.qcow2"));
+    let mut dst = VmProcess::spawn_in(
+        Some(b.name()),
+        sites.dir.path(),
+        "dst",
+        &["--incoming", uri, "--image", &base, "--disk", &ov],
+        &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "6000")],
+    );
+    let g = guest();
+    let (sbase, sov) = (sites.s("siteA/base.qcow2"), sites.s("siteA/vm.qcow2"));
+    let src = VmProcess::spawn_in(
+        Some(a.name()),
+        sites.dir.path(),
+        "src",
+        &[
+            "--kernel",
+            g.to_str().unwrap(),
+            "--mem",
+            "128M",
+            "--cmdline",
+            "workload=io iorate=1M ioarea=8M preload=4M",
+            "--image",
+            &sbase,
+            "--disk",
+            &sov,
+        ],
+        &[],
+    );
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("migrate", json!({"uri": uri, "verdict_timeout_ms": 2500}));
+    shrink_testutil::util::wait_until("the switch-over", Duration::from_secs(60), || {
+        (src.exec("status", json!({}))["state"] == "paused").then_some(())
+    });
+    for ns in [&a, &b] {
+        let links = ns.exec(&["ip", "-o", "link", "show"]).unwrap();
+        for l in links.lines() {
+            let name = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("").to_owned();
+            if name.starts_with("va") || name.starts_with("vb") {
+                ns.exec(&["ip", "link", "set", &name, "down"]).unwrap();
+            }
+        }
+    }
+    let info = wait_final(&src, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    // The guest runs at the source, exactly once: its disk is sound and it goes on using it.
+    io_is_sound(&src);
+    assert_eq!(src.exec("status", json!({}))["state"], "running");
+    // The destination never starts it: without the source's Commit it gives up, and removes
+    // the disk it wrote (TCP keepalive tells it the source is unreachable within about 25 s).
+    let _ = dst.wait_exit(Duration::from_secs(60));
+    assert!(!dst.serial_text().contains("heartbeat"), "the guest started at the destination too");
+    assert!(!sites.p("siteB/vm.qcow2").exists(), "the partial overlay was removed");
+    src.exec("pause", json!({}));
+    check(&sites.p("siteA/vm.qcow2"));
+}
