@@ -76,16 +76,16 @@ if e:
     out += ["## The evaluation: shrink vs `--no-dedup` vs QEMU on the two-site testbed", "",
             f"Date: {e['date']}. Command: `{e['command']}` ({e['seconds'] // 60} min). {e['testbed']}.", "",
             f"VM: {e['vm']['memory_mib']} MiB, `preload={e['vm']['preload']} private={e['vm']['private']}` — {e['vm']['mix']}.", "",
-            f"QEMU: {e['qemu']}. QEMU migrates a paused image; shrink and `--no-dedup` chase running guests.", "",
+            f"QEMU: {e['qemu']}. QEMU migrates a paused image (its disk by libvirt's NBD mirror of the top overlay); shrink and `--no-dedup` chase running guests, memory and disks. The lower bound is the distinct content site B's repository does not hold, plus digest records.", "",
             "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-network.png`.", "",
-            "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | lower bound | shrink/QEMU bytes | shrink/QEMU time | shrink/no-dedup bytes | shrink/no-dedup time | deduplicated | from peers | pulled | avg downtime |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | lower bound | shrink/QEMU bytes | shrink/QEMU time | shrink/no-dedup bytes | shrink/no-dedup time | deduplicated | from peers | from repository | pulled | shrink disk MB | avg downtime |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         s_, r = p["shrink"], p["ratios"]
         lb = p["lower_bound"]
         out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | "
                    f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])} | {ratio(r['time_shrink_over_qemu'])} | "
-                   f"{ratio(r['wan_bytes_shrink_over_no_dedup'])} | {ratio(r['time_shrink_over_no_dedup'])} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_['pulled']} | {s_['avg_downtime_ms']} ms |")
+                   f"{ratio(r['wan_bytes_shrink_over_no_dedup'])} | {ratio(r['time_shrink_over_no_dedup'])} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_.get('repository', 0)} | {s_['pulled']} | {mb((s_.get('disk') or {}).get('wan_bytes', 0)):.1f} | {s_['avg_downtime_ms']} ms |")
     out += ["", "### Network: what the moved VMs' peers saw (shrink's move to site B; probes every 10 ms from a client on each site's LAN)", "",
             "| family | workload | VMs | Mbit/s | chunk | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -114,12 +114,13 @@ fn run(args: Args) -> Result<Exit, String> {
         None => SerialOutput::Stdout,
     };
     let net = args.net.iter().map(|n| NetConfig::parse(n).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    // Absolute paths: `status` reports them, and an orchestrator acts on them from elsewhere.
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let disk = args.image.as_ref().map(|base| DiskConfig {
-        base: base.clone(),
-        overlay: args
-            .disk
-            .clone()
-            .unwrap_or_else(|| base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))),
+        base: absolute(base),
+        overlay: absolute(&args.disk.clone().unwrap_or_else(|| {
+            base.parent().unwrap_or(std::path::Path::new(".")).join(format!("{}.qcow2", args.name))
+        })),
         standalone: false,
     });
     // An incoming migration's port is bound before the API socket appears: whoever waits for

@@ -117,6 +117,11 @@ fn read_disk(disk: &Disk, addr: u64, off: u64, buf: &mut [u8]) -> Result<(), End
     disk.read(&mut *buf, off).map_err(|e| EndpointError::Memory { gpa: addr, len: buf.len(), reason: e.to_string() })
 }
 
+/// Writes `data` at chunk address `addr` (byte `off` of `disk`).
+fn write_disk(disk: &Disk, addr: u64, off: u64, data: &[u8]) -> Result<(), EndpointError> {
+    disk.write(data, off).map_err(|e| EndpointError::Memory { gpa: addr, len: data.len(), reason: e.to_string() })
+}
+
 /// The guest's disks as chunk reads see them (replaced once the restored VM has its own).
 type SharedDisks = Arc<Mutex<Vec<Arc<Disk>>>>;
 
@@ -151,12 +156,8 @@ fn disk_first_pass(d: &DiskHandle, held: bool) -> Result<Vec<u64>, EndpointError
     if held {
         return block::allocated_blocks(&d.disk).map_err(EndpointError::of("disk allocation map"));
     }
-    let blocks = d.size().div_ceil(block::BLOCK) as usize;
-    let mut v = vec![u64::MAX; blocks.div_ceil(64)];
-    if !blocks.is_multiple_of(64) {
-        *v.last_mut().expect("non-empty") = (1u64 << (blocks % 64)) - 1;
-    }
-    Ok(v)
+    // (Disk sizes are whole blocks: `disks()` refuses others.)
+    Ok(precopy::full_bitmap(d.size()))
 }
 
 /// The source VM as the pre-copy engine sees it.
@@ -202,18 +203,8 @@ impl Source for VmmSource {
             .collect()
     }
     fn first_pass(&mut self, regions: &[Region], held: &[bool]) -> Result<Vec<Vec<u64>>, EndpointError> {
-        let mut maps: Vec<Vec<u64>> = regions
-            .iter()
-            .filter(|r| !migrate::protocol::is_disk(r))
-            .map(|r| {
-                let pages = (r.len / migrate::precopy::PAGE_SIZE as u64) as usize;
-                let mut v = vec![u64::MAX; pages.div_ceil(64)];
-                if !pages.is_multiple_of(64) {
-                    *v.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
-                }
-                v
-            })
-            .collect();
+        let mut maps: Vec<Vec<u64>> =
+            regions.iter().filter(|r| !migrate::protocol::is_disk(r)).map(|r| precopy::full_bitmap(r.len)).collect();
         for (d, &h) in self.disks.iter().zip(held) {
             maps.push(disk_first_pass(d, h)?);
         }
@@ -606,7 +597,7 @@ impl Drop for VmmSink {
             return;
         }
         // The guest does not run here: its partial disks go (the source's are untouched).
-        self.disks.lock().expect("disks poisoned").clear();
+        self.disks.lock().unwrap_or_else(|e| e.into_inner()).clear();
         for p in &self.created {
             match std::fs::remove_file(p) {
                 Ok(()) => tracing::info!("removed the partial disk {}", p.display()),
@@ -688,11 +679,7 @@ impl Sink for VmmSink {
             // failure here fails the migration rather than leaving a chunk unwritten.
             let r = match disk_of(gpa) {
                 Some((i, off)) => match disks.get(i) {
-                    Some(d) => d.write(bytes, off).map_err(|e| EndpointError::Memory {
-                        gpa,
-                        len: bytes.len(),
-                        reason: e.to_string(),
-                    }),
+                    Some(d) => write_disk(d, gpa, off, bytes),
                     None => Err(EndpointError::Memory { gpa, len: bytes.len(), reason: "no such disk".into() }),
                 },
                 None => write_guest(mem, gpa, bytes),
@@ -712,11 +699,7 @@ impl Sink for VmmSink {
 
     fn write_chunk(&mut self, gpa: u64, data: &[u8]) -> Result<(), EndpointError> {
         match disk_of(gpa) {
-            Some((i, off)) => self.disk(gpa, i)?.write(data, off).map_err(|e| EndpointError::Memory {
-                gpa,
-                len: data.len(),
-                reason: e.to_string(),
-            }),
+            Some((i, off)) => write_disk(&*self.disk(gpa, i)?, gpa, off, data),
             None => write_guest(self.mem(), gpa, data),
         }
     }
@@ -724,7 +707,7 @@ impl Sink for VmmSink {
     fn fill_chunk(&mut self, gpa: u64, byte: u8, len: usize) -> Result<(), EndpointError> {
         const MAX_CHUNK: usize = migrate::protocol::CHUNK_SIZES[migrate::protocol::CHUNK_SIZES.len() - 1];
         if let (Some((i, off)), 0) = (disk_of(gpa), byte) {
-            // Zeroes over a base image: qcow2's zero clusters, no data written.
+            // Zeroes over a base image: qcow2's zero clusters where whole clusters are zeroed.
             return self.disk(gpa, i)?.write_zeroes(off, len as u64).map_err(|e| EndpointError::Memory {
                 gpa,
                 len,
@@ -748,6 +731,11 @@ impl Sink for VmmSink {
                 d.flush().map_err(EndpointError::of("flush the migrated disk"))?;
             }
             disks.clear();
+        }
+        // The VM opens them again by name: they must still be there (else it would create an
+        // empty overlay over the base).
+        if let Some(gone) = self.created.iter().find(|p| !p.exists()) {
+            return Err(EndpointError::failed("restore", format!("the migrated disk {} is gone", gone.display())));
         }
         // Test hook: hold the destination between "everything arrived" and its verdict, so
         // that tests can kill it while the source is paused and waiting (or compare the disks).

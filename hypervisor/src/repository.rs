@@ -86,7 +86,8 @@ pub fn base_image(url: Option<&str>, path: &Path, chunks: Option<(Algo, usize)>)
     let why = match url {
         Some(u) => match from_index(u, path, chunks) {
             Ok((image, idx)) => return Ok(BaseImage { image, content: idx.map(Arc::new), warning: None }),
-            Err(e) => e,
+            // (Never a password in a log: the URL's userinfo is masked.)
+            Err(e) => indexd::redis::redact(&e, u),
         },
         None => "no repository index given".to_owned(),
     };

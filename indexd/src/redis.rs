@@ -464,9 +464,42 @@ fn is_connection_error(e: &::redis::RedisError) -> bool {
         || matches!(e.kind(), ::redis::ErrorKind::Parse)
 }
 
+/// `msg` with the userinfo (user and password) of every URL of `index` replaced by `***`.
+pub fn redact(msg: &str, index: &str) -> String {
+    let mut out = msg.to_string();
+    for url in index.split(',').map(str::trim) {
+        let Some(start) = url.find("://").map(|i| i + 3) else { continue };
+        let rest = &url[start..];
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        let Some(at) = authority.rfind('@') else { continue };
+        let userinfo = &authority[..at];
+        if userinfo.is_empty() {
+            continue;
+        }
+        // As written, and as `{:?}` escapes it (the URL errors quote the URL).
+        let debug = format!("{userinfo:?}");
+        let escaped = &debug[1..debug.len() - 1];
+        for form in [userinfo, escaped] {
+            out = out.replace(&format!("://{form}@"), "://***@");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redact_hides_userinfo() {
+        let idx = "redis://user:s3cret@h:1,redis://:p\"w@h:2,redis://h:3";
+        let msg = "cannot connect to Redis cluster redis://user:s3cret@h:1,redis://:p\"w@h:2,redis://h:3: refused; \
+                   bad Redis URL \"redis://:p\\\"w@h:2\"";
+        let r = redact(msg, idx);
+        assert!(!r.contains("s3cret") && !r.contains("p\"w") && !r.contains("p\\\"w"), "{r}");
+        assert!(r.contains("redis://***@h:1") && r.contains("redis://***@h:2") && r.contains("redis://h:3"), "{r}");
+        assert_eq!(redact("plain", "redis://h:1"), "plain");
+    }
 
     #[test]
     fn parse_single_and_cluster() {

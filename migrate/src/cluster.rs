@@ -226,6 +226,17 @@ impl Cluster {
                 }
                 _ => {}
             }
+            if let Some(st) = &s.storage {
+                let earlier = parsed.sites[..si].iter().filter_map(|o| o.storage.as_ref());
+                if earlier.into_iter().any(|o| o.get_ref().trim_end_matches('/') == st.get_ref().trim_end_matches('/'))
+                {
+                    return Err(err(
+                        st.span(),
+                        format!("sites[{si}].storage"),
+                        "another site has the same storage: the sites share no storage".into(),
+                    ));
+                }
+            }
             for (f, v) in [("repository", &s.repository), ("storage", &s.storage)] {
                 if let Some(v) = v.as_ref().filter(|v| !v.get_ref().starts_with('/')) {
                     return Err(err(
@@ -566,5 +577,10 @@ dest_host = "hostB1"
         assert!(e.contains("sites[1].storage") && e.contains("go together"), "{e}");
         let e = err_of(&with("repository = \"base.qcow2\"\nstorage = \"/srv/B/disks\""));
         assert!(e.contains("sites[1].repository") && e.contains("absolute path"), "{e}");
+        let a = "launch = \"ip netns exec {host} {cmd}\"\n\n[[sites.hosts]]\nname = \"hostA1\"";
+        let both = with("repository = \"/srv/B/base.qcow2\"\nstorage = \"/srv/disks\"")
+            .replace(a, &a.replace("launch", "repository = \"/srv/A/base.qcow2\"\nstorage = \"/srv/disks/\"\nlaunch"));
+        let e = err_of(&both);
+        assert!(e.contains("sites[1].storage") && e.contains("same storage"), "{e}");
     }
 }

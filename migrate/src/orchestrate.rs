@@ -237,6 +237,16 @@ pub enum OrchestrateError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The file a moving VM's disk would go to exists already.
+    #[error("{vm}: {path} already exists on {host} (a disk from an earlier run?): remove it, or give the site another storage directory")]
+    DiskExists {
+        /// The VM.
+        vm: String,
+        /// The destination host.
+        host: String,
+        /// The file.
+        path: String,
+    },
     /// A destination VMM did not come up.
     #[error("destination VMM did not start (no {api}): {log}")]
     NotStarted {
@@ -367,9 +377,14 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, Orches
         cmd.extend(["--incoming".into(), format!("tcp:{}:{port}", m.to_address)]);
         cmd.extend(["--api".into(), api.display().to_string(), "--serial".into(), serial.display().to_string()]);
         cmd.extend(["--name".into(), m.vm.clone()]);
-        // The VM's disk goes to this site's storage, on this site's copy of its base image.
+        // The VM's disk goes to this site's storage, on this site's copy of its base image, in
+        // a file that does not exist yet: what is there after a failed move is this run's.
         if let (Some(repo), Some(storage)) = (&dest.repository, &dest.storage) {
             let overlay = Path::new(storage.get_ref()).join(format!("{}.qcow2", m.vm));
+            let o = overlay.display().to_string();
+            if run_on(dest.launch.get_ref(), &m.to_host, &["test", "!", "-e", &o]).is_err() {
+                return Err(OrchestrateError::DiskExists { vm: m.vm.clone(), host: m.to_host.clone(), path: o });
+            }
             cmd.extend(["--image".into(), repo.get_ref().clone(), "--disk".into(), overlay.display().to_string()]);
             cmd.extend(["--repository".into(), dest.index.get_ref().clone()]);
         }
@@ -526,6 +541,8 @@ fn source_disks(api: &Path) -> Vec<String> {
         .into_iter()
         .flatten()
         .filter_map(|d| d["overlay"].as_str().map(str::to_owned))
+        // Only a path that means the same on the host as here is ever removed.
+        .filter(|p| Path::new(p).is_absolute())
         .collect()
 }
 
@@ -567,9 +584,19 @@ fn report(
         let mut r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api);
         if r.status == Status::Completed {
             moved.push(Relocation { vm: l.m.vm.clone(), host: l.m.to_host.clone(), api: d.api.display().to_string() });
-            // Nothing stays behind at the old site: the disk now lives at the destination.
+            // Nothing stays behind at the old site once the guest runs at the new one, with its
+            // disk: the destination says so (a source that sent its `Commit` has stopped, but
+            // the `Commit` may not have arrived; then the old disk is all there is).
+            let runs_there = query::<DestinationQuery>(&d.api).is_ok_and(|q| q.status == Status::Completed);
+            if !runs_there && !l.disks.is_empty() {
+                r.warnings.push(format!(
+                    "the destination does not say it runs the guest: its disk stays at {} ({})",
+                    l.m.from_host,
+                    l.disks.join(", ")
+                ));
+            }
             let from = plan.cluster.site(&l.m.from_site).expect("planned");
-            for disk in &l.disks {
+            for disk in l.disks.iter().filter(|_| runs_there) {
                 match run_on(from.launch.get_ref(), &l.m.from_host, &["rm", "-f", "--", disk]) {
                     Ok(()) => r.removed.push(format!("{}:{disk}", l.m.from_host)),
                     Err(e) => r.warnings.push(format!("the source's disk {disk} stays at {}: {e}", l.m.from_host)),

@@ -360,7 +360,11 @@ fn the_destination_sites_repository_supplies_base_image_content_and_the_disks_mo
         s.assert_moved(n);
         // The guest's disk came along: it reads back what it wrote before the move.
         let serial = s.path(&format!("{n}-siteB.serial"));
-        let text = wait_text(&serial, "io: read=", Duration::from_secs(10));
+        // Two reports at the destination: the second covers reads of blocks written before.
+        let text = wait_until(&format!("{n}: two io reports at B"), Duration::from_secs(10), || {
+            let t = std::fs::read_to_string(&serial).unwrap_or_default();
+            (t.matches("io: read=").count() >= 2).then_some(t)
+        });
         assert!(!text.contains("io: mismatch") && !text.contains("io: request failed"), "{n}: {text}");
         assert!(!s.path(&format!("siteA/disks/{n}.qcow2")).exists(), "{n}: its disk stays at site A");
         let ok = Command::new("qemu-img")

@@ -78,6 +78,11 @@ fn move_cluster(tb: &Testbed, dest: Site) {
     // Every VM answers both sites before the move, and both probes run (`start_probes` waits
     // for them).
     wait_answering(tb, "before the move");
+    // The disks as they are before the move (the idle guests wrote them at boot only).
+    for (vm, _, _, _) in &before {
+        let from = tb.storage(dest.other()).join(format!("{}.qcow2", vm.name));
+        std::fs::copy(&from, tb.path(&format!("before-{}.qcow2", vm.name))).unwrap();
+    }
     tb.start_probes(10).unwrap();
     let (ab0, ba0) = tb.wan_bytes().unwrap();
     let (ok, r) = tb.migrate(dest, &["--verify"], &format!("to-{}", dest.letter()), false).unwrap();
@@ -113,6 +118,15 @@ fn move_cluster(tb: &Testbed, dest: Site) {
         let info = String::from_utf8_lossy(&info.stdout);
         assert!(info.contains(&tb.repository(dest).display().to_string()), "{name}: {info}");
         assert!(!tb.storage(dest.other()).join(format!("{name}.qcow2")).exists(), "{name}'s old disk stays");
+        // What the guest sees on its disk is what it saw before the move.
+        let before = tb.path(&format!("before-{name}.qcow2"));
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+            .arg(&before)
+            .arg(&new)
+            .output()
+            .unwrap();
+        assert!(cmp.status.success(), "{name}: {}", String::from_utf8_lossy(&cmp.stdout));
         assert_eq!(v["removed"].as_array().map(|a| a.len()), Some(1), "{v:#}");
         assert!(u(&v["disk"]["full"]) + u(&v["disk"]["uniform"]) + u(&v["disk"]["deduplicated"]) > 0, "{v:#}");
     }

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shrink-repo: error: {}", redact(&e.to_string(), &url));
+            eprintln!("shrink-repo: error: {}", indexd::redis::redact(&e.to_string(), &url));
             ExitCode::FAILURE
         }
     }
@@ -178,42 +178,9 @@ fn index_image(redis: &mut Redis, image: &Path, specs: &[(Algo, usize)]) -> Resu
     Ok(())
 }
 
-/// `msg` with the userinfo (user and password) of every URL of `index` replaced by `***`.
-fn redact(msg: &str, index: &str) -> String {
-    let mut out = msg.to_string();
-    for url in index.split(',').map(str::trim) {
-        let Some(start) = url.find("://").map(|i| i + 3) else { continue };
-        let rest = &url[start..];
-        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-        let Some(at) = authority.rfind('@') else { continue };
-        let userinfo = &authority[..at];
-        if userinfo.is_empty() {
-            continue;
-        }
-        // As written, and as `{:?}` escapes it (the URL errors quote the URL).
-        let debug = format!("{userinfo:?}");
-        let escaped = &debug[1..debug.len() - 1];
-        for form in [userinfo, escaped] {
-            out = out.replace(&format!("://{form}@"), "://***@");
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_userinfo() {
-        let idx = "redis://user:s3cret@h:1,redis://:p\"w@h:2,redis://h:3";
-        let msg = "cannot connect to Redis cluster redis://user:s3cret@h:1,redis://:p\"w@h:2,redis://h:3: refused; \
-                   bad Redis URL \"redis://:p\\\"w@h:2\"";
-        let r = redact(msg, idx);
-        assert!(!r.contains("s3cret") && !r.contains("p\"w") && !r.contains("p\\\"w"), "{r}");
-        assert!(r.contains("redis://***@h:1") && r.contains("redis://***@h:2") && r.contains("redis://h:3"), "{r}");
-        assert_eq!(redact("plain", "redis://h:1"), "plain");
-    }
 
     #[test]
     fn dedup_keeps_order() {

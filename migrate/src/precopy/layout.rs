@@ -8,7 +8,7 @@ use crate::protocol::Region;
 pub const PAGE_SIZE: usize = 4096;
 
 /// Sets every page bit of a region of `len` bytes.
-pub(super) fn full_bitmap(len: u64) -> Vec<u64> {
+pub fn full_bitmap(len: u64) -> Vec<u64> {
     let pages = (len as usize) / PAGE_SIZE;
     let mut v = vec![u64::MAX; pages.div_ceil(64)];
     if !pages.is_multiple_of(64) {

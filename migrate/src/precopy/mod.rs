@@ -79,7 +79,7 @@ mod types;
 use indexd::hash::hex;
 
 pub use endpoints::{Dedup, NoDedup, Sink, Source};
-pub use layout::PAGE_SIZE;
+pub use layout::{full_bitmap, PAGE_SIZE};
 pub use sink::{receive, receive_with};
 pub use source::Sender;
 pub use types::{

@@ -6,7 +6,8 @@
 //! QEMU and the lower bound), shrink moves it to site B with deduplication while clients at
 //! both sites probe every VM, then (for the families that compare systems) plain pre-copy
 //! (`--no-dedup`) moves the same cluster back over the same link, and last QEMU migrates the
-//! snapshotted memory of every VM, paused, from site-A hosts to site-B hosts, all at once.
+//! snapshotted memory of every VM, paused, from site-A hosts to site-B hosts, all at once, with
+//! its disk (an overlay copy taken with the snapshot) mirrored over NBD as libvirt does.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -124,9 +125,14 @@ fn disks_of(tb: &Testbed, keep: &Path) -> Result<(Vec<eval::DiskContent>, Vec<Pa
         let ov = tb.storage(Site::A).join(format!("{}.qcow2", vm.name));
         let copy = keep.join(format!("{}.qcow2", vm.name));
         let mut c = migrate::client::ApiClient::connect(&api).map_err(|x| format!("{}: {x}", vm.name))?;
-        let _ = c.execute("pause", json!({}));
+        let mut call = |cmd: &str| match c.execute(cmd, json!({})) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(x)) => Err(format!("{}: {cmd}: {x}", vm.name)),
+            Err(x) => Err(format!("{}: {cmd}: {x}", vm.name)),
+        };
+        call("pause")?;
         let copied = std::fs::copy(&ov, &copy);
-        let _ = c.execute("resume", json!({}));
+        call("resume")?;
         copied.map_err(|x| format!("{}: {x}", ov.display()))?;
         contents.push(eval::DiskContent::of(&copy, &keep.join(format!("{}.raw", vm.name))).map_err(e)?);
         copies.push(copy);
@@ -448,7 +454,7 @@ fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: 
         "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
         "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
             "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
-        "qemu": "qemu-system-x86_64 -M microvm -accel kvm -S, memory loaded from the VM's snapshot with -device loader, migrate with max-bandwidth unlimited, all VMs at once",
+        "qemu": "qemu-system-x86_64 -M microvm -accel kvm -S, memory loaded from the VM's snapshot with -device loader, its overlay copy on virtio-blk moved as libvirt does without shared storage (NBD export of a new overlay on site B's base, blockdev-mirror sync=top, migrate when ready, mirror completed after the switch-over), migrate with max-bandwidth unlimited, all VMs at once",
         "points": points,
         "source_pipeline": pipeline,
         "seconds": t0.elapsed().as_secs(),

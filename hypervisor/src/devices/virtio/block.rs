@@ -172,7 +172,7 @@ pub fn allocated_blocks(disk: &Disk) -> std::io::Result<Vec<u64>> {
             _ => true,
         };
         if len == 0 {
-            break;
+            return Err(std::io::Error::other(format!("no mapping at offset {off} of {size}")));
         }
         if own {
             for b in off / BLOCK..(off + len).div_ceil(BLOCK) {
@@ -205,17 +205,26 @@ pub fn create_overlay(cfg: &DiskConfig, size: u64) -> Result<Disk, DiskError> {
             "already exists (a migrated disk is written into a new file: remove it, or name another)",
         )));
     }
-    let file = ImagoFile::create_open(StorageCreateOptions::new().filename(ov).overwrite(false)).map_err(ov_err)?;
-    let builder = Qcow2::<ImagoFile>::create_builder(file).size(size);
-    if cfg.standalone {
-        builder.create().map_err(ov_err)?;
+    let base = if cfg.standalone {
+        None
     } else {
         let base =
             std::fs::canonicalize(&cfg.base).map_err(|source| DiskError::Base { path: cfg.base.clone(), source })?;
         check_qcow2(&base)?;
-        builder.backing(base.display().to_string(), "qcow2".into()).create().map_err(ov_err)?;
+        Some(base)
+    };
+    let file = ImagoFile::create_open(StorageCreateOptions::new().filename(ov).overwrite(false)).map_err(ov_err)?;
+    let builder = Qcow2::<ImagoFile>::create_builder(file).size(size);
+    let made = match base {
+        None => builder.create(),
+        Some(base) => builder.backing(base.display().to_string(), "qcow2".into()).create(),
+    };
+    // A half-made file must not block the next attempt.
+    let opened = made.map_err(ov_err).and_then(|()| open_overlay(cfg));
+    if opened.is_err() {
+        let _ = std::fs::remove_file(ov);
     }
-    open_overlay(cfg)
+    opened
 }
 
 /// An open overlay.
@@ -612,15 +621,6 @@ mod tests {
         let base = dir.as_path().join("base.qcow2");
         let file = ImagoFile::create_open(StorageCreateOptions::new().filename(&base)).unwrap();
         Qcow2::<ImagoFile>::create_builder(file).size(4 << 20).create().unwrap();
-        {
-            let b = open_overlay(&DiskConfig {
-                base: base.clone(),
-                overlay: dir.as_path().join("b.qcow2"),
-                standalone: false,
-            })
-            .unwrap();
-            drop(b);
-        }
         let cfg = DiskConfig { base: base.clone(), overlay: dir.as_path().join("vm.qcow2"), standalone: false };
         let disk = create_overlay(&cfg, 4 << 20).unwrap();
         assert!(allocated_blocks(&disk).unwrap().iter().all(|&w| w == 0), "a fresh overlay holds nothing");
