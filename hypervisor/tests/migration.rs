@@ -13,25 +13,6 @@ use shrink_testutil::util::wait_until;
 
 const BOOT: Duration = Duration::from_secs(20);
 
-/// Waits for `query-migrate` on the source to reach a final status; returns it.
-fn wait_migration(src: &VmProcess, timeout: Duration) -> Value {
-    let start = Instant::now();
-    let mut last = json!({});
-    while start.elapsed() < timeout {
-        match src.client().execute("query-migrate", json!({})) {
-            Ok(Ok(v)) => {
-                if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
-                    return v;
-                }
-                last = v;
-            }
-            _ => return json!({"status": "gone", "last": last}),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("migration still running after {timeout:?}: {last}");
-}
-
 use shrink_testutil::ports::free_port;
 
 fn incoming(dir: &std::path::Path, tag: &str, uri: &str) -> VmProcess {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hypervisor::devices::virtio::block;
-use serde_json::{json, Value};
+use serde_json::json;
 use shrink_testutil::ports::free_port;
 use shrink_testutil::redis::RedisServer;
 
@@ -71,53 +71,36 @@ impl Sites {
 /// Boots the source guest on site A's storage: the io workload writes its disk (reading back
 /// and checking what it wrote) at `iorate`, `preload` reads the base image into memory.
 fn source(sites: &Sites, cmdline: &str) -> VmProcess {
+    source_in(None, sites, cmdline)
+}
+
+/// [`source`] in network namespace `ns`.
+fn source_in(ns: Option<&str>, sites: &Sites, cmdline: &str) -> VmProcess {
     let g = guest();
     let (base, ov) = (sites.s("siteA/base.qcow2"), sites.s("siteA/vm.qcow2"));
-    let src = VmProcess::spawn(
-        sites.dir.path(),
-        "src",
-        &[
-            "--kernel",
-            g.to_str().unwrap(),
-            "--mem",
-            "128M",
-            "--cmdline",
-            cmdline,
-            "--name",
-            "vm",
-            "--image",
-            &base,
-            "--disk",
-            &ov,
-        ],
-    );
+    let args = [
+        "--kernel",
+        g.to_str().unwrap(),
+        "--mem",
+        "128M",
+        "--cmdline",
+        cmdline,
+        "--name",
+        "vm",
+        "--image",
+        &base,
+        "--disk",
+        &ov,
+    ];
+    let src = VmProcess::spawn_in(ns, sites.dir.path(), "src", &args, &[]);
     src.wait_for("heartbeat 2\n", BOOT);
     src
 }
-
 fn destination(sites: &Sites, uri: &str, extra: &[&str], env: &[(&str, &str)]) -> VmProcess {
     let (base, ov) = (sites.s("siteB/base.qcow2"), sites.s("siteB/vm.qcow2"));
     let mut args = vec!["--incoming", uri, "--image", &base, "--disk", &ov];
     args.extend_from_slice(extra);
     VmProcess::spawn_in(None, sites.dir.path(), "dst", &args, env)
-}
-
-fn wait_final(src: &VmProcess, timeout: Duration) -> Value {
-    let start = Instant::now();
-    let mut last = json!({});
-    while start.elapsed() < timeout {
-        match src.client().execute("query-migrate", json!({})) {
-            Ok(Ok(v)) => {
-                if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
-                    return v;
-                }
-                last = v;
-            }
-            _ => return json!({"status": "gone", "last": last}),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("migration still running after {timeout:?}: {last}");
 }
 
 /// `qemu-img check` accepts the image.
@@ -173,7 +156,7 @@ fn a_writing_guests_disk_moves_with_it_and_matches_the_source_at_the_switch_over
     std::thread::sleep(Duration::from_millis(300));
     let again = compare();
     assert!(again.status.success(), "it changed during the stall: {}", String::from_utf8_lossy(&again.stdout));
-    let info = wait_final(&src, Duration::from_secs(60));
+    let info = wait_migration(&src, Duration::from_secs(60));
     assert_eq!(info["status"], "completed", "{info}");
     let disk = &info["disk"];
     assert_eq!(disk["held"], json!([true]), "{info}");
@@ -198,7 +181,7 @@ fn a_destination_with_another_base_image_gets_the_whole_disk_in_a_standalone_ima
     let dst = destination(&sites, &uri, &[], &[]);
     let src = source(&sites, "workload=io iorate=1M ioarea=4M preload=2M");
     src.exec("migrate", json!({"uri": uri}));
-    let info = wait_final(&src, Duration::from_secs(90));
+    let info = wait_migration(&src, Duration::from_secs(90));
     assert_eq!(info["status"], "completed", "{info}");
     assert_eq!(info["disk"]["held"], json!([false]), "{info}");
     let warning = info["disk"]["warning"].as_str().unwrap_or_default();
@@ -223,7 +206,7 @@ fn a_failed_or_cancelled_disk_migration_leaves_the_source_intact_and_no_partial_
         sites.p("siteB/vm.qcow2").exists().then_some(())
     });
     src.exec("migrate_cancel", json!({}));
-    let info = wait_final(&src, Duration::from_secs(30));
+    let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "cancelled", "{info}");
     let _ = dst.wait_exit(Duration::from_secs(10));
     assert!(!sites.p("siteB/vm.qcow2").exists(), "the partial overlay was removed");
@@ -232,7 +215,7 @@ fn a_failed_or_cancelled_disk_migration_leaves_the_source_intact_and_no_partial_
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let mut dst = destination(&sites, &uri, &[], &[]);
     src.exec("migrate", json!({"uri": uri}));
-    let info = wait_final(&src, Duration::from_secs(30));
+    let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "failed", "{info}");
     assert!(info["error-desc"].as_str().unwrap().contains("already exists"), "{info}");
     let _ = dst.wait_exit(Duration::from_secs(10));
@@ -247,7 +230,7 @@ fn a_failed_or_cancelled_disk_migration_leaves_the_source_intact_and_no_partial_
     });
     std::thread::sleep(Duration::from_millis(500));
     dst.child.kill().unwrap();
-    let info = wait_final(&src, Duration::from_secs(40));
+    let info = wait_migration(&src, Duration::from_secs(40));
     assert_eq!(info["status"], "failed", "{info}");
     io_is_sound(&src);
     assert_eq!(src.exec("status", json!({}))["state"], "running");
@@ -282,7 +265,7 @@ fn base_image_content_comes_from_the_destinations_repository() {
         json!({"uri": uri, "verify": true, "repository": redis.url(),
                "dedup": {"coordination": "", "migration_id": "single", "dest_site": "destination"}}),
     );
-    let info = wait_final(&src, Duration::from_secs(60));
+    let info = wait_migration(&src, Duration::from_secs(60));
     assert_eq!(info["status"], "completed", "{info}");
     let from_repo = info["dedup"]["repository"].as_u64().unwrap();
     assert!(from_repo >= 1000, "the preloaded pages travelled as digests: {info}");
@@ -316,27 +299,7 @@ fn a_link_dropped_in_the_last_pass_leaves_the_guest_and_its_disk_at_the_source_o
         &["--incoming", uri, "--image", &base, "--disk", &ov],
         &[("SHRINK_TEST_STALL_BEFORE_VERDICT_MS", "6000")],
     );
-    let g = guest();
-    let (sbase, sov) = (sites.s("siteA/base.qcow2"), sites.s("siteA/vm.qcow2"));
-    let src = VmProcess::spawn_in(
-        Some(a.name()),
-        sites.dir.path(),
-        "src",
-        &[
-            "--kernel",
-            g.to_str().unwrap(),
-            "--mem",
-            "128M",
-            "--cmdline",
-            "workload=io iorate=1M ioarea=8M preload=4M",
-            "--image",
-            &sbase,
-            "--disk",
-            &sov,
-        ],
-        &[],
-    );
-    src.wait_for("heartbeat 2\n", BOOT);
+    let src = source_in(Some(a.name()), &sites, "workload=io iorate=1M ioarea=8M preload=4M");
     src.exec("migrate", json!({"uri": uri, "verdict_timeout_ms": 2500}));
     shrink_testutil::util::wait_until("the switch-over", Duration::from_secs(60), || {
         (src.exec("status", json!({}))["state"] == "paused").then_some(())
@@ -350,7 +313,7 @@ fn a_link_dropped_in_the_last_pass_leaves_the_guest_and_its_disk_at_the_source_o
             }
         }
     }
-    let info = wait_final(&src, Duration::from_secs(30));
+    let info = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(info["status"], "failed", "{info}");
     // The guest runs at the source, exactly once: its disk is sound and it goes on using it.
     io_is_sound(&src);

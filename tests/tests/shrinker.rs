@@ -97,6 +97,25 @@ impl Sites {
         self.vms.push((name.to_owned(), bg));
     }
 
+    /// Redis at both sites (coordination at a1:6379, index at b1:6380), the VMs `names` booted
+    /// at site A (`cmdline` of each one's index) and ready, and their vc.toml.
+    fn simple_cluster(&mut self, names: &[&str], cmdline: impl Fn(usize) -> String) -> PathBuf {
+        let d = self.dir.path().to_owned();
+        self.world.redis("a1", 6379, &d, false);
+        self.world.redis("b1", 6380, &d, false);
+        for (i, n) in names.iter().enumerate() {
+            self.boot(n, &cmdline(i));
+        }
+        self.wait_ready();
+        self.vc(
+            "vc.toml",
+            names,
+            &format!("redis://{A1}:6379"),
+            &format!("redis://{B1}:6380"),
+            "ip netns exec {host} {cmd}",
+        )
+    }
+
     fn wait_ready(&self) {
         for (name, _) in &self.vms {
             wait_text(&self.path(&format!("{name}.serial")), "heartbeat 1\n", Duration::from_secs(60));
@@ -280,21 +299,8 @@ fn u(v: &Value) -> u64 {
 #[test]
 fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
     let mut s = Sites::new("sk");
-    let d = s.dir.path().to_owned();
-    s.world.redis("a1", 6379, &d, false);
-    s.world.redis("b1", 6380, &d, false);
     let names = ["vm1", "vm2", "vm3", "vm4"];
-    for (i, n) in names.iter().enumerate() {
-        s.boot(n, &vm_cmdline(i));
-    }
-    s.wait_ready();
-    let vc = s.vc(
-        "vc.toml",
-        &names,
-        &format!("redis://{A1}:6379"),
-        &format!("redis://{B1}:6380"),
-        "ip netns exec {host} {cmd}",
-    );
+    let vc = s.simple_cluster(&names, vm_cmdline);
     let (code, r, err) = s.migrate(&vc, &[]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert_eq!(u(&r["failed"]), 0, "{r}");
@@ -337,22 +343,9 @@ fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
 #[test]
 fn the_destination_sites_repository_supplies_base_image_content_and_the_disks_move() {
     let mut s = Sites::new("sr2");
-    let d = s.dir.path().to_owned();
-    s.world.redis("a1", 6379, &d, false);
-    s.world.redis("b1", 6380, &d, false);
     let names = ["rp1", "rp2"];
-    for (i, n) in names.iter().enumerate() {
-        // Each guest reads 32 MiB of the base image into memory and writes its disk.
-        s.boot(n, &format!("{} workload=io iorate=512K ioarea=4M", vm_cmdline(i)));
-    }
-    s.wait_ready();
-    let vc = s.vc(
-        "vc.toml",
-        &names,
-        &format!("redis://{A1}:6379"),
-        &format!("redis://{B1}:6380"),
-        "ip netns exec {host} {cmd}",
-    );
+    // Each guest reads 32 MiB of the base image into memory and writes its disk.
+    let vc = s.simple_cluster(&names, |i| format!("{} workload=io iorate=512K ioarea=4M", vm_cmdline(i)));
     let (code, r, err) = s.migrate_with(&vc, &[]);
     assert_eq!(code, 0, "{err}\n{r}");
     assert_eq!(u(&r["failed"]), 0, "{r}");

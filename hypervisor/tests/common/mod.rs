@@ -142,6 +142,26 @@ impl Drop for VmProcess {
     }
 }
 
+/// Waits for `query-migrate` on the source to reach a final status (`completed`, `failed`,
+/// `cancelled`; `gone` when the source VMM no longer answers); returns it.
+pub fn wait_migration(src: &VmProcess, timeout: Duration) -> Value {
+    let start = std::time::Instant::now();
+    let mut last = serde_json::json!({});
+    while start.elapsed() < timeout {
+        match src.client().execute("query-migrate", serde_json::json!({})) {
+            Ok(Ok(v)) => {
+                if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                    return v;
+                }
+                last = v;
+            }
+            _ => return serde_json::json!({"status": "gone", "last": last}),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("migration still running after {timeout:?}: {last}");
+}
+
 /// Runs shrink-vmm to completion with `args`; returns (exit code, stderr).
 pub fn run_vmm(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
     let mut child = Command::new(vmm_bin())
