@@ -47,6 +47,9 @@ pub struct MigrateArgs {
     /// Send a digest of all memory at pause; the destination refuses on a mismatch.
     #[serde(default)]
     pub verify: bool,
+    /// Send full chunks compressed with zstd when that makes them at least an eighth smaller.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compress: bool,
     /// How long a destination may neither answer nor take the stream, ms (120 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict_timeout_ms: Option<u64>,
@@ -129,6 +132,7 @@ impl MigrateArgs {
         p.max_iterations = self.max_iterations;
         p.auto_converge = self.auto_converge;
         p.verify = self.verify;
+        p.compress = self.compress;
         let Some(d) = &self.dedup else { return Ok((p, None)) };
         let algo = indexd::hash::Algo::parse(&d.digest)
             .map_err(|e| ArgsError::Invalid { field: "dedup.digest", why: e.to_string() })?;

@@ -83,6 +83,11 @@ struct Args {
     #[arg(long)]
     auto_converge: bool,
 
+    /// With --vm: send full chunks compressed with zstd when it pays (a cluster move always
+    /// does, unless --no-dedup).
+    #[arg(long, requires = "vm")]
+    compress: bool,
+
     /// Check end to end: the source sends a digest of all guest memory at pause and the
     /// destination refuses a copy that differs (costs downtime: memory is hashed twice).
     #[arg(long)]
@@ -226,6 +231,7 @@ fn run(args: &Args) -> Result<Outcome, String> {
         max_iterations: args.max_iterations,
         auto_converge: args.auto_converge,
         verify: args.verify,
+        compress: args.compress,
         repository: args.repository.clone(),
         // One VM alone: no coordination, only the repository's content as digests.
         dedup: args.repository.as_ref().map(|_| migrate::args::DedupArgs {

@@ -83,6 +83,8 @@ pub struct Counts {
     pub repository: u64,
     /// Bytes on the migration stream (what crosses the WAN).
     pub wan_bytes: u64,
+    /// Of the chunks sent in full, those that travelled compressed (zstd).
+    pub compressed: u64,
     /// Of the above, disk blocks (the rest is memory).
     pub disk: DiskCounts,
 }
@@ -134,6 +136,7 @@ impl std::ops::AddAssign for Counts {
         self.index_errors += o.index_errors;
         self.repository += o.repository;
         self.wan_bytes += o.wan_bytes;
+        self.compressed += o.compressed;
         self.disk += o.disk;
     }
 }
@@ -451,6 +454,9 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             uri: format!("tcp:{}:{port}", m.to_address),
             downtime_limit_ms: Some(opts.downtime_limit_ms),
             verify: opts.verify,
+            // Shrink compresses the full chunks it sends (when it pays); plain pre-copy, the
+            // baseline, does not.
+            compress: !opts.no_dedup,
             // Where the source site's image repository is indexed.
             repository: Some(from.index.get_ref().to_owned()),
             no_repository_content: opts.no_repository,
@@ -727,6 +733,7 @@ fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
             c.uniform = s.uniform;
             c.deduplicated = s.digest;
             c.pulled = s.pulled;
+            c.compressed = s.compressed;
             c.disk.full = s.disk_full;
             c.disk.uniform = s.disk_uniform;
             c.disk.deduplicated = s.disk_digest;

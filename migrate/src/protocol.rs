@@ -42,6 +42,7 @@
 //! | 0    | full       | the chunk (chunk-size bytes)                |
 //! | 1    | uniform    | one byte: every byte of the chunk has it    |
 //! | 2    | digest     | the chunk's digest (32 bytes SHA-256, 20 bytes SHA-1): the destination finds the content elsewhere |
+//! | 3    | compressed | length u32 (less than the chunk size), then the chunk compressed with zstd (one frame) |
 //!
 //! # Records, destination → source (back channel)
 //!
@@ -104,6 +105,7 @@ const T_VERDICT: u8 = 16;
 const KIND_FULL: u64 = 0;
 const KIND_UNIFORM: u64 = 1;
 const KIND_DIGEST: u64 = 2;
+const KIND_ZSTD: u64 = 3;
 const KIND_MASK: u64 = 7;
 
 /// Errors decoding (or writing) a stream.
@@ -112,6 +114,9 @@ pub enum ProtocolError {
     /// The underlying stream failed.
     #[error("migration stream I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A compressed chunk that does not decompress to one chunk.
+    #[error("compressed chunk: {0}")]
+    Decompress(String),
     /// The stream ended inside a record.
     #[error("migration stream truncated: {0}")]
     Truncated(&'static str),
@@ -295,6 +300,24 @@ pub enum Chunk<'a> {
     Uniform(u8),
     /// Only the digest: the content is to be found elsewhere.
     Digest(&'a [u8]),
+    /// The whole chunk, compressed with zstd ([`decompress`] gives it back).
+    Compressed(&'a [u8]),
+}
+
+/// The chunk of `chunk_size` bytes a [`Chunk::Compressed`] entry holds.
+pub fn decompress(data: &[u8], chunk_size: usize) -> Result<Vec<u8>, ProtocolError> {
+    let out = zstd::bulk::decompress(data, chunk_size).map_err(|e| ProtocolError::Decompress(e.to_string()))?;
+    if out.len() != chunk_size {
+        return Err(ProtocolError::Decompress(format!("{} bytes, not {chunk_size}", out.len())));
+    }
+    Ok(out)
+}
+
+/// `data` compressed with zstd (level 1), when that makes its entry at least an eighth smaller
+/// than the chunk in full; `None` when it does not pay.
+pub fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    let c = zstd::bulk::compress(data, 1).ok()?;
+    (c.len() + 4 <= data.len() - data.len() / 8).then_some(c)
 }
 
 /// A decoded `Pages` record: entries are parsed lazily from the (already validated) payload.
@@ -355,6 +378,12 @@ impl<'a> Iterator for PagesIter<'a> {
             KIND_UNIFORM => {
                 self.pos += 1;
                 Chunk::Uniform(p[self.pos - 1])
+            }
+            KIND_ZSTD => {
+                let n = u32::from_le_bytes(p[self.pos..self.pos + 4].try_into().ok()?) as usize;
+                let c = &p[self.pos + 4..self.pos + 4 + n];
+                self.pos += 4 + n;
+                Chunk::Compressed(c)
             }
             _ => {
                 let d = &p[self.pos..self.pos + self.pages.digest_len];
@@ -649,6 +678,16 @@ impl Decoder {
                     let data = match word & KIND_MASK {
                         KIND_FULL => params.chunk_size,
                         KIND_UNIFORM => 1,
+                        KIND_ZSTD => {
+                            if payload.len() < pos + 4 {
+                                return Err(malformed("Pages", format!("entry {i} of {count} truncated")));
+                            }
+                            let n = u32_at(&payload, pos) as usize;
+                            if n == 0 || n >= params.chunk_size {
+                                return Err(malformed("Pages", format!("compressed entry of {n} bytes")));
+                            }
+                            4 + n
+                        }
                         KIND_DIGEST if !params.digest.is_none() => params.digest.digest_len(),
                         KIND_DIGEST => return Err(malformed("Pages", "digest entry in a stream without digests")),
                         k => return Err(malformed("Pages", format!("entry kind {k}"))),
@@ -930,6 +969,15 @@ impl PagesBuilder {
         self.count += 1;
     }
 
+    /// Adds a chunk compressed with zstd (`data`, from [`compress`]).
+    pub fn compressed(&mut self, addr: u64, data: &[u8]) {
+        debug_assert!(!data.is_empty() && data.len() < self.chunk_size);
+        self.buf.extend_from_slice(&(addr | KIND_ZSTD).to_le_bytes());
+        self.buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+    }
+
     /// Adds a uniform chunk.
     pub fn uniform(&mut self, addr: u64, byte: u8) {
         self.buf.extend_from_slice(&(addr | KIND_UNIFORM).to_le_bytes());
@@ -1015,6 +1063,50 @@ mod tests {
         write_vm_state(&mut s, b"{\"vcpus\":[]}").unwrap();
         write_end(&mut s, 3, 4 + 8 + 4096 + 8 + 1 + 8 + 32).unwrap();
         s
+    }
+
+    #[test]
+    fn compressed_chunks_round_trip_and_are_checked() {
+        let text: Vec<u8> = (0..4096u32).map(|i| b"shrink moves clusters "[i as usize % 22]).collect();
+        let c = compress(&text).expect("text compresses");
+        let mut x = 88172645463325252u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(compress(&noise).is_none(), "noise does not pay");
+        let mut s = Vec::new();
+        write_hello(&mut s, &hello(DigestKind::None, 4096)).unwrap();
+        let mut b = PagesBuilder::new(4096, DigestKind::None, 1 << 20);
+        b.compressed(0x5000, &c);
+        b.uniform(0x6000, 3);
+        b.flush(&mut s).unwrap();
+        let mut d = Decoder::new();
+        let mut r = &s[..];
+        let _ = d.read(&mut r).unwrap();
+        let Some(Record::Pages(p)) = d.read(&mut r).unwrap() else { panic!() };
+        let e: Vec<_> = p.iter().collect();
+        assert_eq!(e[0], (0x5000, Chunk::Compressed(&c)));
+        assert_eq!(decompress(&c, 4096).unwrap(), text);
+        assert!(decompress(&c, 2048).is_err(), "a chunk of another size is refused");
+        assert!(decompress(b"not zstd", 4096).is_err());
+        // A compressed entry as long as a chunk is malformed.
+        let mut s = Vec::new();
+        write_hello(&mut s, &hello(DigestKind::None, 512)).unwrap();
+        let mut bad = Vec::new();
+        bad.extend_from_slice(&1u32.to_le_bytes());
+        bad.extend_from_slice(&(0x1000u64 | 3).to_le_bytes());
+        bad.extend_from_slice(&512u32.to_le_bytes());
+        bad.extend_from_slice(&[0; 512]);
+        write_record(&mut s, T_PAGES, &bad).unwrap();
+        let mut d = Decoder::new();
+        let mut r = &s[..];
+        let _ = d.read(&mut r).unwrap();
+        assert!(d.read(&mut r).unwrap_err().to_string().contains("compressed entry of 512 bytes"));
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
     /// Runs the migration to its end. On success the guest runs at the destination; on error
     /// it runs here again.
     pub fn run(mut self) -> Result<MigrationInfo, MigrationError> {
-        let result = self.migrate().map_err(|e| self.stalled(e));
+        let result = self.migrate().map_err(|e| self.stalled(e)).map_err(|e| self.explained(e));
         match result {
             Ok(downtime) => {
                 let _ = self.src.stop_dirty_log();
@@ -155,6 +155,20 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             MigrationError::Protocol(ProtocolError::Io(io)) if is_timeout(io) => {
                 MigrationError::Stalled { ms: self.params.verdict_timeout.as_millis() }
             }
+            _ => e,
+        }
+    }
+
+    /// A stream the destination closed (it refused the migration, and said why on the back
+    /// channel before closing) as the destination's reason; other errors as they are.
+    fn explained(&mut self, e: MigrationError) -> MigrationError {
+        let closed = matches!(&e, MigrationError::Protocol(ProtocolError::Io(io))
+            if matches!(io.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset));
+        if !closed {
+            return e;
+        }
+        match Decoder::new().read(&mut self.back) {
+            Ok(Some(Record::Verdict { ok: false, message })) => MigrationError::Destination(message),
             _ => e,
         }
     }
@@ -498,7 +512,7 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
             }
         }
         let decisions = if others.is_empty() { Vec::new() } else { self.dedup.decide(&others)? };
-        let (mut full, mut dedup) = (0u64, 0u64);
+        let (mut full, mut dedup, mut compressed, mut saved) = (0u64, 0u64, 0u64, 0u64);
         for (gpa, b) in uniforms {
             self.builder.uniform(gpa, b);
             self.entries += 1;
@@ -513,7 +527,14 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
                     dedup += 1;
                 }
                 None => {
-                    self.builder.full(*gpa, bytes);
+                    match protocol::compress(bytes).filter(|_| self.params.compress) {
+                        Some(c) => {
+                            self.builder.compressed(*gpa, &c);
+                            compressed += 1;
+                            saved += (chunk - 4 - c.len()) as u64;
+                        }
+                        None => self.builder.full(*gpa, bytes),
+                    }
                     full += 1;
                 }
             }
@@ -525,13 +546,17 @@ impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
         let per_page = (PAGE_SIZE / chunk) as u64;
         let on_disk = group.first().is_some_and(|&a| a >= DISK_SPACE);
         let digest_len = self.params.digest.digest_len() as u64;
+        self.update(|i| {
+            i.ram.compressed += compressed;
+            i.ram.compression_saved_bytes += saved;
+        });
         self.update(|i| match i.disk.as_mut().filter(|_| on_disk) {
             // (A group never mixes memory and disk: each region is sent on its own.)
             Some(d) => {
                 d.duplicate += uniform;
                 d.normal += full;
                 d.deduplicated += dedup;
-                d.transferred += uniform * 9 + full * (8 + chunk as u64) + dedup * (8 + digest_len);
+                d.transferred += uniform * 9 + full * (8 + chunk as u64) + dedup * (8 + digest_len) - saved;
                 d.remaining = d.remaining.saturating_sub((group.len() * chunk) as u64);
             }
             None => {

@@ -105,6 +105,8 @@ pub struct Params {
     pub verdict_timeout: Duration,
     /// Send a digest of all memory at pause; the destination refuses on a mismatch.
     pub verify: bool,
+    /// Send full chunks compressed (zstd) when that makes them at least an eighth smaller.
+    pub compress: bool,
 }
 
 impl Params {
@@ -126,6 +128,7 @@ impl Default for Params {
             digest: DigestKind::None,
             verdict_timeout: Duration::from_secs(120),
             verify: false,
+            compress: false,
         }
     }
 }
@@ -191,6 +194,10 @@ pub struct RamStats {
     pub deduplicated: u64,
     /// Chunks the destination pulled from the source after `End` (no peer had them).
     pub pulled: u64,
+    /// Of the chunks sent in full (memory and disk), those sent compressed.
+    pub compressed: u64,
+    /// Bytes compression saved on the stream.
+    pub compression_saved_bytes: u64,
 }
 
 /// The disks' part of `query-migrate` (QEMU's block-migration names where they exist).
@@ -282,6 +289,8 @@ pub struct ReceiveStats {
     pub disk_digest: u64,
     /// Of `pulled`, disk blocks.
     pub disk_pulled: u64,
+    /// Of `full`, chunks that arrived compressed.
+    pub compressed: u64,
 }
 
 /// How long a destination waits, by default, for content in flight from other hosts of its

@@ -371,6 +371,7 @@ fn print_report(net: &Net, cluster: &Cluster, legs: &[Leg]) {
     };
     row("", &|l| l.title.clone());
     row("chunks sent in full", &|l| u(&l.report["full"]).to_string());
+    row("  of which compressed (zstd)", &|l| u(&l.report["compressed"]).to_string());
     row("deduplicated (digest only)", &|l| u(&l.report["deduplicated"]).to_string());
     row("  found locally at the destination", &|l| u(&l.report["local"]).to_string());
     row("  fetched from peer hypervisors", &|l| u(&l.report["fetched_from_peers"]).to_string());
