@@ -36,7 +36,7 @@ use crate::config::SerialOutput;
 use crate::control::{ControlMsg, VmmCaller};
 use crate::devices::virtio::block::{self, Disk, DiskConfig, DiskHandle};
 use crate::snapshot::SnapshotState;
-use crate::vmm::{DeviceConfig, Vmm};
+use crate::vmm::{DeviceConfig, RunState, Vmm};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// What keeps a migration from starting, or an incoming one from ending with a running VM.
@@ -168,6 +168,9 @@ struct VmmSource {
     bases: Vec<Option<[u8; 32]>>,
     /// Whether content equal to the first disk's base image is sent as digests.
     repository_content: bool,
+    /// The guest was paused before the migration paused it: it stays paused (here if the
+    /// migration fails, at the destination if it succeeds).
+    user_paused: bool,
     caller: VmmCaller,
     name: String,
 }
@@ -243,14 +246,23 @@ impl Source for VmmSource {
         Ok(maps)
     }
     fn pause(&mut self) -> Result<(), EndpointError> {
-        self.on_vmm("pause", |v| v.pause())
+        let was_running = self.on_vmm("pause", |v| {
+            let running = *v.state() == RunState::Running;
+            v.pause().map(|()| running)
+        })?;
+        self.user_paused = !was_running;
+        Ok(())
     }
     fn resume(&mut self) -> Result<(), EndpointError> {
+        if self.user_paused {
+            return Ok(());
+        }
         self.on_vmm("resume", |v| v.resume())
     }
     fn vm_state(&mut self) -> Result<Vec<u8>, EndpointError> {
         let op = "save VM state";
-        let state = self.on_vmm(op, |v| v.save_state())?;
+        let mut state = self.on_vmm(op, |v| v.save_state())?;
+        state.paused = self.user_paused;
         serde_json::to_vec(&state).map_err(EndpointError::of(op))
     }
     fn set_throttle(&mut self, percent: u8) {
@@ -330,6 +342,7 @@ impl Outgoing {
             mem: vmm.memory().clone(),
             bases: Vec::new(),
             repository_content: false,
+            user_paused: false,
             disks,
             caller: caller.clone(),
             name: vmm.name().to_owned(),
@@ -497,6 +510,8 @@ struct VmmSink {
     /// The overlays this migration created: removed unless the guest starts here.
     created: Vec<std::path::PathBuf>,
     started: bool,
+    /// The guest was paused at the source: it is restored paused and stays so.
+    keep_paused: bool,
 }
 
 impl VmmSink {
@@ -744,6 +759,7 @@ impl Sink for VmmSink {
         }
         let t = std::time::Instant::now();
         let state: SnapshotState = serde_json::from_slice(state).map_err(EndpointError::of("parse VM state"))?;
+        self.keep_paused = state.paused;
         let parsed = t.elapsed();
         let mem = self.mem.take().ok_or(EndpointError::failed("restore", "VM state before memory"))?;
         let devices = self.opts.devices.clone();
@@ -758,7 +774,10 @@ impl Sink for VmmSink {
 
     fn start(&mut self) -> Result<(), EndpointError> {
         let vmm = self.vmm.as_mut().ok_or(EndpointError::failed("start", "no VM to start"))?;
-        vmm.resume().map_err(EndpointError::of("start"))?;
+        // A guest its user had paused stays paused (as QEMU's run state travels): `resume` runs it.
+        if !self.keep_paused {
+            vmm.resume().map_err(EndpointError::of("start"))?;
+        }
         self.started = true;
         vmm.announce_self();
         Ok(())
@@ -816,6 +835,7 @@ pub fn incoming(
         disks: Arc::new(Mutex::new(Vec::new())),
         created: Vec::new(),
         started: false,
+        keep_paused: false,
     };
     // Test hook: no pulling from the source, to see a migration fail when every fallback is down.
     let pull = !crate::test_hooks::no_pull();

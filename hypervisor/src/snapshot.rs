@@ -79,6 +79,10 @@ pub struct SnapshotState {
     /// virtio devices: backends and transport state, in MMIO order.
     #[serde(default)]
     pub devices: Vec<crate::vmm::DeviceSnapshot>,
+    /// The VM was paused (by its user) before the migration that saved this: it stays paused
+    /// at the destination.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Sizes and timings of a written snapshot.

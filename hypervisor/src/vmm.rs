@@ -623,6 +623,7 @@ impl Vmm {
                     mmio: d.transport.lock().expect("device lock poisoned").state(),
                 })
                 .collect(),
+            paused: false,
         })
     }
 

@@ -432,3 +432,36 @@ fn quit_sent_to_a_receiving_destination_cancels_it_and_the_source_keeps_its_gues
     assert_eq!(info["status"], "failed", "{info}");
     source_keeps_running(&src);
 }
+
+#[test]
+fn a_paused_guest_stays_paused_when_it_moves_and_when_its_move_fails() {
+    // It moves: paused at the destination, until its user resumes it.
+    let dir = TempDir::new("mig-paused").unwrap();
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = incoming(dir.path(), "dst", &uri);
+    let mut src = VmProcess::boot(dir.path(), "src", "128M", "workload=mem mem=8M rate=1M");
+    src.wait_for("heartbeat 2\n", BOOT);
+    src.exec("pause", json!({}));
+    let last = src.last_heartbeat().unwrap();
+    src.exec("migrate", json!({"uri": uri}));
+    let info = wait_migration(&src, Duration::from_secs(60));
+    assert!(info["status"] == "completed" || info["status"] == "gone", "{info}");
+    let _ = src.wait_exit(Duration::from_secs(5));
+    assert_eq!(dst.exec("status", json!({}))["state"], "paused");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(dst.last_heartbeat(), None, "the guest ran at the destination before its user resumed it");
+    dst.exec("resume", json!({}));
+    dst.wait_for(&format!("heartbeat {}\n", last + 1), Duration::from_secs(5));
+
+    // Its move fails after the source's final pass: it stays paused at the source.
+    let dir = TempDir::new("mig-paused-fail").unwrap();
+    let (uri, mut dst, src) = stalling_destination_and_busy_source(&dir, 20_000);
+    src.exec("pause", json!({}));
+    src.exec("migrate", json!({"uri": uri}));
+    // A paused 128 MiB guest crosses loopback in about a second; then the destination stalls.
+    std::thread::sleep(Duration::from_secs(5));
+    dst.child.kill().unwrap();
+    let info = wait_migration(&src, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(src.exec("status", json!({}))["state"], "paused", "the failed move resumed a paused guest");
+}
