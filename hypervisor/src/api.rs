@@ -134,8 +134,20 @@ impl Drop for ApiServer {
 fn serve_connection<T: From<ApiRequest>>(stream: UnixStream, requests: Sender<T>) {
     let Ok(mut writer) = stream.try_clone() else { return };
     let reader = BufReader::new(stream);
-    for line in reader.lines() {
+    for line in reader.split(b'\n') {
         let Ok(line) = line else { return };
+        // A request that is not UTF-8 gets an error reply like any malformed one.
+        let line = match String::from_utf8(line) {
+            Ok(l) => l,
+            Err(_) => {
+                let mut out = error_reply(ErrorClass::GenericError, "the request is not UTF-8").to_string();
+                out.push('\n');
+                if writer.write_all(out.as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -200,6 +212,14 @@ mod tests {
         let mut c = ApiClient::connect(&path).unwrap();
         assert_eq!(c.raw("garbage").unwrap()["error"]["class"], "GenericError");
         assert_eq!(c.execute("ping", json!({})).unwrap().unwrap()["echo"], "ping");
+        // Bytes that are not UTF-8: an error reply, and the connection goes on.
+        let mut raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        raw.write_all(b"{\"execute\": \"\xff\xfe\"}\n{\"execute\": \"ping\"}\n").unwrap();
+        let mut lines = BufReader::new(raw).lines();
+        let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert!(first["error"]["desc"].as_str().unwrap().contains("not UTF-8"), "{first}");
+        let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(second["return"]["echo"], "ping", "{second}");
         assert!(matches!(ApiServer::start(&path, channel::<ApiRequest>().0), Err(ApiError::InUse(_))));
         drop(server);
         assert!(!path.exists());

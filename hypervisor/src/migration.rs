@@ -865,5 +865,7 @@ mod tests {
         let e = |v| parse_migrate_args(&v).unwrap_err().to_string();
         assert!(e(serde_json::json!({"uri": "unix:/x"})).contains("only tcp"));
         assert!(e(serde_json::json!({"uri": "tcp:a:1", "speed": 1})).contains("speed"));
+        let wrong = e(serde_json::json!({"uri": 5}));
+        assert!(wrong.contains("invalid type") && !wrong.contains("missing"), "{wrong}");
     }
 }

@@ -587,7 +587,7 @@ fn report(
     let mut vms = Vec::new();
     let mut moved = Vec::new();
     for (l, d) in live.into_iter().zip(dests) {
-        let mut r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api);
+        let mut r = vm_report(&l.m, l.done.unwrap_or_default(), &d.api, opts.chunk);
         if r.status == Status::Completed {
             moved.push(Relocation { vm: l.m.vm.clone(), host: l.m.to_host.clone(), api: d.api.display().to_string() });
             // Nothing stays behind at the old site once the guest runs at the new one, with its
@@ -693,8 +693,13 @@ fn query<T: serde::de::DeserializeOwned>(api: &Path) -> Result<T, OrchestrateErr
     })
 }
 
-fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
+fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path, chunk: u32) -> VmReport {
     let (i, ram) = (&src.info, &src.info.ram);
+    // What the source sent, in chunks (its memory counters are in pages, QEMU's way): the
+    // figures of a move that failed; a completed one takes the destination's.
+    let per_page = (crate::precopy::PAGE_SIZE as u64 / u64::from(chunk.max(1))).max(1);
+    let disk_full = i.disk.as_ref().map_or(0, |d| d.normal);
+    let disk_uniform = i.disk.as_ref().map_or(0, |d| d.duplicate);
     let mut r = VmReport {
         vm: m.vm.clone(),
         from: m.from_host.clone(),
@@ -706,11 +711,16 @@ fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path) -> VmReport {
         passes: ram.dirty_sync_count,
         counts: Counts {
             wan_bytes: ram.transferred,
-            deduplicated: ram.deduplicated,
+            full: ram.normal_bytes / u64::from(chunk.max(1)) + disk_full,
+            uniform: ram.duplicate * per_page + disk_uniform,
+            deduplicated: ram.deduplicated + i.disk.as_ref().map_or(0, |d| d.deduplicated),
             pulled: ram.pulled,
+            compressed: ram.compressed,
             disk: DiskCounts {
                 wan_bytes: i.disk.as_ref().map_or(0, |d| d.transferred),
                 deduplicated: i.disk.as_ref().map_or(0, |d| d.deduplicated),
+                full: disk_full,
+                uniform: disk_uniform,
                 ..DiskCounts::default()
             },
             ..Counts::default()
@@ -868,7 +878,28 @@ pub fn print_report(r: &ClusterReport) {
 
 #[cfg(test)]
 mod tests {
-    use super::{nonce, run_id, run_namespace};
+    use super::{nonce, run_id, run_namespace, vm_report, Move, Path, SourceQuery, Status};
+
+    #[test]
+    fn a_failed_vms_report_counts_what_its_source_sent() {
+        let m = Move {
+            vm: "v".into(),
+            api: "/nonexistent".into(),
+            from_site: "A".into(),
+            from_host: "a".into(),
+            to_host: "b".into(),
+            to_address: "10.0.0.2".into(),
+        };
+        let mut q = SourceQuery::default();
+        q.info.status = Status::Failed;
+        q.info.ram.transferred = 9 << 20;
+        q.info.ram.normal_bytes = 2048 * 4096;
+        q.info.ram.duplicate = 100;
+        q.info.disk = Some(crate::precopy::DiskStats { normal: 7, duplicate: 3, ..Default::default() });
+        let r = vm_report(&m, q, Path::new("/nonexistent.sock"), 1024);
+        assert_eq!((r.counts.full, r.counts.uniform), (8192 + 7, 400 + 3), "{r:?}");
+        assert_eq!((r.counts.disk.full, r.counts.disk.uniform), (7, 3));
+    }
 
     #[test]
     fn runs_with_one_migration_id_never_share_coordination_keys() {
