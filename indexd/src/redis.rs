@@ -209,7 +209,28 @@ struct Failure {
     answered: usize,
 }
 
+impl RedisError {
+    /// Whether the server refused this client's credentials (a wrong or missing password): a
+    /// configuration error, not an outage.
+    pub fn is_auth(&self) -> bool {
+        let source = match self {
+            RedisError::Connect { source, .. } | RedisError::Command { source, .. } => source,
+            _ => return false,
+        };
+        source.kind() == ::redis::ErrorKind::AuthenticationFailed
+            || matches!(source.code(), Some("NOAUTH" | "WRONGPASS"))
+            || source.to_string().contains("NOAUTH")
+    }
+}
+
 impl Redis {
+    /// `PING`: whether the server (every node of a cluster it routes to) answers this client.
+    pub fn ping(&mut self) -> Result<(), RedisError> {
+        let mut b = Batch::new("PING", true);
+        b.push(&[]);
+        self.run(&b).map(|_| ())
+    }
+
     /// Connects to `target`; fails within about [`CONNECT_TIMEOUT`] when it is unreachable.
     pub fn connect(target: &Target) -> Result<Redis, RedisError> {
         let mut r = Redis { target: target.clone(), name: target.to_string(), conn: None, fresh: true };
