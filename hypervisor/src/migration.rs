@@ -63,6 +63,9 @@ pub enum MigrationSetupError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A service the migration needs refuses it (its message names which, secrets masked).
+    #[error("{0}")]
+    Refused(String),
     /// The migration thread could not be started.
     #[error("cannot start the migration thread: {0}")]
     Thread(std::io::Error),
@@ -331,7 +334,15 @@ impl Outgoing {
         let repository = margs.repository;
         let info = Arc::new(Mutex::new(MigrationInfo { status: Status::Setup, ..Default::default() }));
         // Coordination is set up here, so that an unreachable service is reported at once.
-        let coordination = dedup_cfg.as_ref().map(RedisDedup::new);
+        let coordination = match &dedup_cfg {
+            None => None,
+            Some(cfg) => Some(RedisDedup::connect(cfg).map_err(|e| {
+                MigrationSetupError::Refused(indexd::redis::redact(
+                    &format!("coordination Redis: the server refuses the password ({e})"),
+                    &cfg.coordination,
+                ))
+            })?),
+        };
         let dedup_stats = coordination.as_ref().map(|d| d.stats.clone());
         // The base image's content index, unless its content is not to travel as digests.
         let chunks = dedup_cfg.as_ref().filter(|_| !margs.no_repository_content).map(|c| (c.algo, params.chunk_size));

@@ -117,11 +117,13 @@ impl Target {
     }
 }
 
+/// Shown with every URL's user and password masked (`redis://***@host:port`): targets end up in
+/// error messages, warnings and reports.
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Single(u) => f.write_str(u),
-            Target::Cluster(v) => write!(f, "cluster {}", v.join(",")),
+            Target::Single(u) => f.write_str(&redact(u, u)),
+            Target::Cluster(v) => write!(f, "cluster {}", redact(&v.join(","), &v.join(","))),
         }
     }
 }
@@ -520,6 +522,7 @@ mod tests {
         assert!(!r.contains("s3cret") && !r.contains("p\"w") && !r.contains("p\\\"w"), "{r}");
         assert!(r.contains("redis://***@h:1") && r.contains("redis://***@h:2") && r.contains("redis://h:3"), "{r}");
         assert_eq!(redact("plain", "redis://h:1"), "plain");
+        assert_eq!(Target::parse("redis://:pw@h:1").unwrap().to_string(), "redis://***@h:1");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::args::{DedupArgs, MigrateArgs};
 use crate::client::{ApiClient, QueryError, QUERY_MIGRATE};
-use crate::cluster::{launch_argv, relocate, Cluster, ClusterError, Move, Relocation, Site};
+use crate::cluster::{launch_argv, relocate, Cluster, ClusterError, Move, Relocation};
 use crate::stats::{DestinationQuery, SourceQuery, Status};
 
 /// How to run the cluster migration.
@@ -248,20 +248,6 @@ pub enum OrchestrateError {
         /// Its API socket.
         api: String,
         /// What went wrong.
-        why: String,
-    },
-    /// A Redis service of a site refuses this run's credentials.
-    #[error("{file}: sites[{site}].{field} ({url}): the server refuses the password: {why}")]
-    RedisAuth {
-        /// The cluster file.
-        file: String,
-        /// The site's index in the file.
-        site: usize,
-        /// `coordination` or `index`.
-        field: &'static str,
-        /// The URL, its userinfo masked.
-        url: String,
-        /// The server's answer (masked too).
         why: String,
     },
     /// The file a moving VM's disk would go to exists already.
@@ -576,40 +562,9 @@ fn source_disks(api: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Checks, before anything starts, that every source VMM answers and that the Redis services
-/// this run uses accept its credentials: a wrong password is a mistake to fix, not an outage to degrade through (an
-/// unreachable service is left to the migration, which degrades and says so).
-fn preflight(plan: &Plan, opts: &ClusterOptions) -> Result<(), OrchestrateError> {
-    let file = opts.file.display().to_string();
-    let dest = plan.cluster.site(&opts.dest).expect("planned");
-    let mut uses: Vec<(&Site, &'static str, &str)> = Vec::new();
-    for m in &plan.moves {
-        let from = plan.cluster.site(&m.from_site).expect("planned");
-        if !opts.no_dedup {
-            uses.push((from, "coordination", from.coordination.get_ref()));
-        }
-        uses.push((from, "index", from.index.get_ref()));
-    }
-    uses.push((dest, "index", dest.index.get_ref()));
-    let mut seen = std::collections::HashSet::new();
-    for (site, field, url) in uses {
-        if !seen.insert(url.to_owned()) {
-            continue;
-        }
-        let r = indexd::redis::Target::parse(url).and_then(|t| indexd::redis::Redis::connect(&t)?.ping());
-        if let Err(e) = r.as_ref().map_err(|e| (e.is_auth(), e.to_string())) {
-            if e.0 {
-                let index = plan.cluster.file.sites.iter().position(|s| std::ptr::eq(s, site)).unwrap_or(0);
-                return Err(OrchestrateError::RedisAuth {
-                    file,
-                    site: index,
-                    field,
-                    url: indexd::redis::redact(url, url),
-                    why: indexd::redis::redact(&e.1, url),
-                });
-            }
-        }
-    }
+/// Checks, before anything starts, that every source VMM answers. (The VMMs, which are the
+/// ones that reach the sites' Redis services, refuse a password the services refuse.)
+fn preflight(plan: &Plan) -> Result<(), OrchestrateError> {
     // Every source answers: a run never starts destinations for VMs it cannot move.
     for m in &plan.moves {
         let answer = ApiClient::connect(Path::new(&m.api))
@@ -723,7 +678,7 @@ fn report(
 /// them, report, and record where the VMs now run.
 pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, OrchestrateError> {
     let plan = plan(opts)?;
-    preflight(&plan, opts)?;
+    preflight(&plan)?;
     let dests = launch(&plan, opts)?;
     let started = Instant::now();
     let multi = if opts.progress {

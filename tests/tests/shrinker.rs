@@ -375,6 +375,29 @@ fn the_destination_sites_repository_supplies_base_image_content_and_the_disks_mo
 }
 
 #[test]
+fn a_redis_password_the_service_refuses_fails_the_move_and_is_never_shown() {
+    let mut s = Sites::new("sw");
+    let names = ["pw1"];
+    let _ = s.simple_cluster(&names, vm_cmdline);
+    s.world.redis_cli("a1", 6379, &["CONFIG", "SET", "requirepass", "right-one"]).unwrap();
+    let vc = s.vc(
+        "vc-pw.toml",
+        &names,
+        &format!("redis://:wrong-one@{A1}:6379"),
+        &format!("redis://{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
+    let (code, r, err) = s.migrate(&vc, &[]);
+    assert_eq!(code, 1, "{err}\n{r}");
+    let v = &r["vms"][0];
+    assert_eq!(v["status"], "failed", "{r}");
+    assert!(v["error"].as_str().unwrap().contains("refuses the password"), "{r}");
+    let all = format!("{r}{err}");
+    assert!(!all.contains("wrong-one"), "the password was shown: {all}");
+    s.assert_still_at_source("pw1");
+}
+
+#[test]
 fn intra_vm_duplicates_are_deduplicated_for_a_single_vm() {
     let mut s = Sites::new("si");
     let d = s.dir.path().to_owned();

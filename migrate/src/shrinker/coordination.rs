@@ -70,12 +70,33 @@ impl RedisDedup {
     /// Connects to the coordination service. When it cannot be reached, the returned value
     /// sends everything in full and says why in its stats.
     pub fn new(cfg: &DedupConfig) -> RedisDedup {
+        match Self::connect(cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                let d = Self::connect(&DedupConfig { coordination: String::new(), ..cfg.clone() })
+                    .expect("no coordination: nothing to refuse");
+                d.stats.lock().expect("dedup stats poisoned").warning =
+                    Some(indexd::redis::redact(&e.to_string(), &cfg.coordination));
+                d
+            }
+        }
+    }
+
+    /// As [`RedisDedup::new`], but a coordination service that refuses this client's
+    /// password is an error (a configuration to fix, not an outage to go through). An
+    /// unreachable one still degrades to plain pre-copy.
+    pub fn connect(cfg: &DedupConfig) -> Result<RedisDedup, indexd::redis::RedisError> {
         let stats = std::sync::Arc::new(std::sync::Mutex::new(DedupStats::default()));
-        let redis = match Target::parse(&cfg.coordination).and_then(|t| Redis::connect(&t)) {
+        let redis = match Target::parse(&cfg.coordination)
+            .and_then(|t| Redis::connect(&t).and_then(|mut r| r.ping().map(|()| r)))
+        {
             _ if cfg.coordination.is_empty() => None,
             Ok(r) => Some(r),
+            Err(e) if e.is_auth() => return Err(e),
             Err(e) => {
                 let msg = format!("coordination Redis {} unreachable ({e}): plain pre-copy", cfg.coordination);
+                // (Never a password in a warning.)
+                let msg = indexd::redis::redact(&msg, &cfg.coordination);
                 tracing::warn!("{msg}");
                 stats.lock().expect("dedup stats poisoned").warning = Some(msg);
                 None
@@ -83,7 +104,16 @@ impl RedisDedup {
         };
         let prefix = super::keys::coordination_prefix(&cfg.migration_id, &cfg.dest_site);
         let coordinated = !cfg.coordination.is_empty();
-        RedisDedup { redis, coordinated, repo: None, repo_held: false, algo: cfg.algo, prefix, ttl_s: cfg.ttl_s, stats }
+        Ok(RedisDedup {
+            redis,
+            coordinated,
+            repo: None,
+            repo_held: false,
+            algo: cfg.algo,
+            prefix,
+            ttl_s: cfg.ttl_s,
+            stats,
+        })
     }
 
     /// The content of the source disk's base image (its digests must be of this migration's

@@ -49,6 +49,9 @@ pub enum SiteIndexError {
         /// Cause.
         source: indexd::peer::PeerError,
     },
+    /// The index refuses this VMM's password.
+    #[error("index Redis: the server refuses the password ({0})")]
+    Refused(String),
     /// The index's URL is not one.
     #[error("--index {url}: {source}")]
     Index {
@@ -129,14 +132,20 @@ impl SiteIndex {
             None => None,
             Some(url) => Some(Target::parse(url).map_err(|source| SiteIndexError::Index { url: url.clone(), source })?),
         };
+        let url = opts.index.clone().unwrap_or_default();
         let redis = match &target {
             None => None,
-            Some(t) => match Redis::connect(t) {
+            Some(t) => match Redis::connect(t).and_then(|mut r| r.ping().map(|()| r)) {
                 Ok(r) => Some(r),
+                // A password the index refuses is a configuration to fix: the migration fails.
+                Err(e) if e.is_auth() => {
+                    return Err(SiteIndexError::Refused(indexd::redis::redact(&e.to_string(), &url)));
+                }
                 Err(e) => {
                     let msg = format!(
                         "index Redis unreachable ({e}): missing content comes from the source until it answers"
                     );
+                    let msg = indexd::redis::redact(&msg, &url);
                     tracing::warn!("{msg}");
                     stats.warning = Some(msg);
                     None
