@@ -75,12 +75,14 @@ struct Args {
     incoming: Option<String>,
 
     /// With --incoming: the destination site's index Redis (one URL, or several comma-separated
-    /// for a Redis Cluster); enables content-based addressing of deduplicated chunks.
+    /// for a Redis Cluster); enables content-based addressing of deduplicated chunks. `@FILE`
+    /// reads it from FILE, which keeps a password out of the command line.
     #[arg(long, value_name = "redis://HOST:PORT", requires = "incoming")]
     index: Option<String>,
 
     /// With --incoming: where this site's image repository is indexed (`shrink-repo index`)
-    /// [default: --index]. Without either, the base image is read to find its digest.
+    /// [default: --index]. Without either, the base image is read to find its digest. `@FILE`
+    /// reads it from FILE.
     #[arg(long, value_name = "redis://HOST:PORT", requires = "incoming")]
     repository: Option<String>,
 
@@ -106,6 +108,17 @@ struct Args {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "FILTER", default_value = "warn")]
     log: String,
+}
+
+/// A value given as `@FILE` is read from FILE (trimmed): how secrets such as Redis passwords
+/// reach the VMM without appearing in its command line.
+fn from_file(v: &Option<String>) -> Result<Option<String>, String> {
+    match v.as_deref().and_then(|v| v.strip_prefix('@')) {
+        Some(path) => {
+            std::fs::read_to_string(path).map(|s| Some(s.trim().to_owned())).map_err(|e| format!("{path}: {e}"))
+        }
+        None => Ok(v.clone()),
+    }
 }
 
 fn run(args: Args) -> Result<Exit, String> {
@@ -143,7 +156,7 @@ fn run(args: Args) -> Result<Exit, String> {
         let mut devices: Vec<DeviceConfig> = disk.iter().map(|d| DeviceConfig::Block(d.clone())).collect();
         devices.extend(net.iter().map(|n| DeviceConfig::Net(n.clone())));
         let site = Some(SiteOptions {
-            index: args.index.clone(),
+            index: from_file(&args.index)?,
             peer_listen: args.peer_listen.clone(),
             peer_advertise: args.peer_advertise.clone(),
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
@@ -153,7 +166,7 @@ fn run(args: Args) -> Result<Exit, String> {
             serial,
             devices: (!devices.is_empty()).then_some(devices),
             site,
-            repository: args.repository.clone(),
+            repository: from_file(&args.repository)?,
         };
         // No VM yet: the API answers status, query-migrate and quit meanwhile (only quit once a
         // source has connected; the rest then waits for the VM).

@@ -374,6 +374,24 @@ fn plan(opts: &ClusterOptions) -> Result<Plan, OrchestrateError> {
     Ok(Plan { cluster, moves, id, run, workdir, vmm })
 }
 
+/// Whether a Redis URL list names a user or password.
+fn has_userinfo(urls: &str) -> bool {
+    urls.split(',').any(|u| {
+        let rest = u.trim().split_once("://").map_or("", |(_, r)| r);
+        rest.split('/').next().unwrap_or("").contains('@')
+    })
+}
+
+/// Writes `text` to `path`, readable by this user only.
+fn write_private(path: &Path, text: &str) -> Result<(), OrchestrateError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))?;
+    f.write_all(text.as_bytes()).map_err(io_err(path))
+}
+
 /// Starts a destination VMM for every move, through the destination site's launch template
 /// (as an argv: no value passes through a local shell), and waits for their API sockets (each
 /// binds its migration port before its socket appears).
@@ -392,6 +410,16 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, Orches
         cmd.extend(["--name".into(), m.vm.clone()]);
         // The VM's disk goes to this site's storage, on this site's copy of its base image, in
         // a file that does not exist yet: what is there after a failed move is this run's.
+        // The site index's URL may carry a password: it goes through a file only this user
+        // reads, never on the command line.
+        let index_url = dest.index.get_ref().clone();
+        let index_arg = if has_userinfo(&index_url) {
+            let f = file("redis");
+            write_private(&f, &index_url)?;
+            format!("@{}", f.display())
+        } else {
+            index_url
+        };
         if let (Some(repo), Some(storage)) = (&dest.repository, &dest.storage) {
             let overlay = Path::new(storage.get_ref()).join(format!("{}.qcow2", m.vm));
             let o = overlay.display().to_string();
@@ -399,12 +427,12 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, Orches
                 return Err(OrchestrateError::DiskExists { vm: m.vm.clone(), host: m.to_host.clone(), path: o });
             }
             cmd.extend(["--image".into(), repo.get_ref().clone(), "--disk".into(), overlay.display().to_string()]);
-            cmd.extend(["--repository".into(), dest.index.get_ref().clone()]);
+            cmd.extend(["--repository".into(), index_arg.clone()]);
         }
         if !opts.no_dedup {
             let listen = format!("{}:{peer}", m.to_address);
             let wait = opts.pull_wait_ms.unwrap_or_else(|| pull_wait_ms(plan.moves.len()));
-            cmd.extend(["--index".into(), dest.index.get_ref().clone()]);
+            cmd.extend(["--index".into(), index_arg.clone()]);
             cmd.extend(["--peer-listen".into(), listen.clone(), "--peer-advertise".into(), listen]);
             cmd.extend(["--pull-wait-ms".into(), wait.to_string()]);
         }
@@ -634,10 +662,23 @@ fn report(
                     Err(e) => r.warnings.push(format!("the source's disk {disk} stays at {}: {e}", l.m.from_host)),
                 }
             }
-        } else if let Some(overlay) = dest_overlay(&plan, opts, &l.m) {
-            // A destination that died mid-way cannot remove the disk it began: do it for it, once
-            // it is gone (a live one removes its own, and never starts the guest).
-            if query::<serde_json::Value>(&d.api).is_err() {
+        } else {
+            // The move failed and the guest runs at the source: the destination VMM this run
+            // started goes (`quit`; it has not started the guest, and removes the disk it
+            // began), and so does what a dead one left.
+            if let Ok(mut c) = ApiClient::connect(&d.api) {
+                let _ = c.execute("quit", serde_json::json!({}));
+            }
+            let gone = (0..50).any(|_| {
+                std::thread::sleep(Duration::from_millis(100));
+                query::<serde_json::Value>(&d.api).is_err()
+            });
+            if gone {
+                let _ = std::fs::remove_file(&d.api);
+            } else {
+                r.warnings.push(format!("the destination VMM at {} did not quit", d.api.display()));
+            }
+            if let (Some(overlay), true) = (dest_overlay(&plan, opts, &l.m), gone) {
                 let dest = plan.cluster.site(&opts.dest).expect("planned");
                 if let Err(e) = run_on(dest.launch.get_ref(), &l.m.to_host, &["rm", "-f", "--", &overlay]) {
                     r.warnings.push(format!("the partial disk {overlay} at {} stays: {e}", l.m.to_host));
@@ -906,6 +947,14 @@ pub fn print_report(r: &ClusterReport) {
 #[cfg(test)]
 mod tests {
     use super::{nonce, run_id, run_namespace, vm_report, Move, Path, SourceQuery, Status};
+
+    #[test]
+    fn urls_with_a_user_or_password_are_told_apart() {
+        assert!(super::has_userinfo("redis://:pw@h:1"));
+        assert!(super::has_userinfo("redis://h:1,redis://u:pw@h:2"));
+        assert!(!super::has_userinfo("redis://h:1/0"));
+        assert!(!super::has_userinfo("redis://h:1,redis://h:2"));
+    }
 
     #[test]
     fn a_failed_vms_report_counts_what_its_source_sent() {

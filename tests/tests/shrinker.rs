@@ -395,6 +395,28 @@ fn a_redis_password_the_service_refuses_fails_the_move_and_is_never_shown() {
     let all = format!("{r}{err}");
     assert!(!all.contains("wrong-one"), "the password was shown: {all}");
     s.assert_still_at_source("pw1");
+    // The destination VMM that run started is gone again.
+    wait_until("the failed run's destination VMM to quit", Duration::from_secs(10), || {
+        s.dest_vmm("pw1").is_none().then_some(())
+    });
+    // The right passwords, the index's too: the move goes through, and no password is on a
+    // destination VMM's command line (it reads the index's URL from a private file).
+    s.world.redis_cli("b1", 6380, &["CONFIG", "SET", "requirepass", "index-secret"]).unwrap();
+    let vc = s.vc(
+        "vc-pw2.toml",
+        &names,
+        &format!("redis://:right-one@{A1}:6379"),
+        &format!("redis://:index-secret@{B1}:6380"),
+        "ip netns exec {host} {cmd}",
+    );
+    let (code, r, err) = s.migrate(&vc, &["--port-base", "7300"]);
+    assert_eq!(code, 0, "{err}\n{r}");
+    s.assert_moved("pw1");
+    let (_, argv) = s.dest_vmm("pw1").expect("the destination VMM runs");
+    let argv = argv.join(" ");
+    assert!(argv.contains("--index @") && !argv.contains("index-secret"), "{argv}");
+    let all = format!("{r}{err}");
+    assert!(!all.contains("right-one") && !all.contains("index-secret"), "a password was shown: {all}");
 }
 
 #[test]
