@@ -226,8 +226,13 @@ impl RedisError {
 }
 
 impl Redis {
-    /// `PING`: whether the server (every node of a cluster it routes to) answers this client.
+    /// `PING`: whether the server answers this client (a server that wants a password it was
+    /// not given refuses it). For a cluster, connecting already asked every seed node for its
+    /// slots, which needs the same: nothing more is sent (a `PING` has no slot to route by).
     pub fn ping(&mut self) -> Result<(), RedisError> {
+        if matches!(self.target, Target::Cluster(_)) {
+            return Ok(());
+        }
         let mut b = Batch::new("PING", true);
         b.push(&[]);
         self.run(&b).map(|_| ())

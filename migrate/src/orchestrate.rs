@@ -85,6 +85,8 @@ pub struct Counts {
     pub wan_bytes: u64,
     /// Of the chunks sent in full, those that travelled compressed (zstd).
     pub compressed: u64,
+    /// Bytes compression saved on the stream (as the source counted them).
+    pub compression_saved_bytes: u64,
     /// Of the above, disk blocks (the rest is memory).
     pub disk: DiskCounts,
 }
@@ -137,6 +139,7 @@ impl std::ops::AddAssign for Counts {
         self.repository += o.repository;
         self.wan_bytes += o.wan_bytes;
         self.compressed += o.compressed;
+        self.compression_saved_bytes += o.compression_saved_bytes;
         self.disk += o.disk;
     }
 }
@@ -784,6 +787,7 @@ fn vm_report(m: &Move, src: SourceQuery, dest_api: &Path, chunk: u32) -> VmRepor
             deduplicated: ram.deduplicated + i.disk.as_ref().map_or(0, |d| d.deduplicated),
             pulled: ram.pulled,
             compressed: ram.compressed,
+            compression_saved_bytes: ram.compression_saved_bytes,
             disk: DiskCounts {
                 wan_bytes: i.disk.as_ref().map_or(0, |d| d.transferred),
                 deduplicated: i.disk.as_ref().map_or(0, |d| d.deduplicated),
