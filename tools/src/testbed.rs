@@ -669,16 +669,24 @@ impl Testbed {
 
     /// Indexes each site's repository into its index Redis (`shrink-repo index`, from the
     /// site's gateway; both sites at once); what it prints goes to
-    /// `<dir>/repo-index-<site>.log`.
+    /// `<dir>/repo-index-<site>.log`. `up` indexes 4096-byte chunks.
     fn index_repositories(&self) -> Result<()> {
+        self.index_repositories_at(&[4096])
+    }
+
+    /// The same for chunks of each size of `chunks` (SHA-256): a migration with another chunk
+    /// size finds its base image's content there instead of reading the image.
+    pub fn index_repositories_at(&self, chunks: &[u32]) -> Result<()> {
         let repo_bin = &self.state.bins.repo;
         let mut running = Vec::new();
         for s in Site::ALL {
             let repo = self.repository(s);
+            let sizes: Vec<String> = chunks.iter().flat_map(|c| ["--chunk".to_owned(), c.to_string()]).collect();
             let child = Command::new("ip")
                 .args(["netns", "exec", &self.ns(&format!("{}gw", s.letter()))])
                 .arg(repo_bin)
                 .args(["index", "--index", &s.index()])
+                .args(&sizes)
                 .arg(&repo)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())

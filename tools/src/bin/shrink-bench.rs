@@ -147,6 +147,10 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
         Options { name: cli.name.clone(), dir: dir.clone(), wan_rate: format!("{}mbit", p.rate), hosts_per_site: 2 };
     let bps = p.rate * 1_000_000;
     let mut tb = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
+    if p.chunk != 4096 {
+        // (`up` indexes the repositories at 4096-byte chunks.)
+        tb.index_repositories_at(&[p.chunk]).map_err(e)?;
+    }
     let spec = spec(vm, p);
     tb.boot(&spec).map_err(e)?;
     std::thread::sleep(Duration::from_secs(2));
