@@ -374,7 +374,9 @@ impl Outgoing {
                         (None, _) => Box::new(NoDedup),
                     }
                 });
-                let result = result.and_then(|dedup| connect(&addr).map_err(|e| e.to_string()).map(|s| (s, dedup)));
+                let result = result.and_then(|dedup| {
+                    connect(&addr, params.verdict_timeout).map_err(|e| e.to_string()).map(|s| (s, dedup))
+                });
                 let result = result.and_then(|(stream, dedup)| {
                     // A destination that neither answers nor takes the stream for this long
                     // is given up on, and the guest runs here again.
@@ -461,18 +463,19 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// the wait on a source process that is stuck without closing the connection.
 const INCOMING_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// How long data written on a migration connection may stay unacknowledged before the
-/// connection is given up (`TCP_USER_TIMEOUT`): keepalive only watches an idle connection, and a
-/// peer gone while a write (a verdict, a pull) is in flight would otherwise be retried for
-/// about 15 minutes.
-const USER_TIMEOUT_MS: u32 = 30_000;
+/// How long data the destination wrote (its verdict, a pull) may stay unacknowledged before it
+/// gives the connection up (`TCP_USER_TIMEOUT`): keepalive only watches an idle connection, and
+/// a source gone while such a write is in flight would otherwise be retried for about 15
+/// minutes. (The source's bound is its verdict timeout: a busy destination that does not read
+/// for a while, its receive window closed, is not a dead one.)
+const DEST_USER_TIMEOUT_MS: u32 = 45_000;
 
 /// Sets the options every migration connection has: no Nagle delay, TCP keepalive, a bound on
-/// unacknowledged data.
-fn tune(s: &TcpStream) -> std::io::Result<()> {
+/// unacknowledged data of `user_timeout_ms`.
+fn tune(s: &TcpStream, user_timeout_ms: u32) -> std::io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     s.set_nodelay(true)?;
-    setsockopt(s, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS)?;
+    setsockopt(s, sockopt::TcpUserTimeout, &user_timeout_ms)?;
     setsockopt(s, sockopt::KeepAlive, &true)?;
     setsockopt(s, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
     setsockopt(s, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
@@ -480,13 +483,14 @@ fn tune(s: &TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-fn connect(addr: &str) -> Result<TcpStream, MigrationSetupError> {
+fn connect(addr: &str, user_timeout: Duration) -> Result<TcpStream, MigrationSetupError> {
+    let user_timeout_ms = user_timeout.as_millis().min(u32::MAX as u128) as u32;
     let addrs: Vec<_> = addr.to_socket_addrs().map_err(socket_err("cannot resolve", addr))?.collect();
     let mut last = socket_err("cannot resolve", addr)(std::io::ErrorKind::NotFound.into());
     for a in addrs {
         match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
             Ok(s) => {
-                tune(&s).map_err(socket_err("migration socket to", a))?;
+                tune(&s, user_timeout_ms).map_err(socket_err("migration socket to", a))?;
                 return Ok(s);
             }
             Err(e) => last = socket_err("cannot connect to", a)(e),
@@ -832,7 +836,7 @@ pub fn incoming(
     drop(listener);
     on_connected();
     tracing::info!("incoming migration from {peer}");
-    let back = tune(&stream)
+    let back = tune(&stream, DEST_USER_TIMEOUT_MS)
         .and_then(|_| stream.set_read_timeout(Some(INCOMING_IDLE_TIMEOUT)))
         .and_then(|_| stream.try_clone())
         .map_err(socket_err("incoming migration socket from", peer))?;
