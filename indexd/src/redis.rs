@@ -191,6 +191,15 @@ impl Batch {
         Batch { op, idempotent, single: ::redis::pipe(), cluster: cluster_pipe(), len: 0 }
     }
 
+    /// `op key` for every key (an idempotent read).
+    fn per_key(op: &'static str, keys: &[Vec<u8>]) -> Batch {
+        let mut b = Batch::new(op, true);
+        for k in keys {
+            b.push(&[k]);
+        }
+        b
+    }
+
     fn push(&mut self, args: &[&[u8]]) {
         let c = self.single.cmd(self.op);
         for a in args {
@@ -380,11 +389,7 @@ impl Redis {
     /// Pipelined `SRANDMEMBER key` for every key: a random holder, or `None` when the set is
     /// empty or absent.
     pub fn srandmember_many(&mut self, keys: &[Vec<u8>]) -> Result<Vec<Option<String>>, RedisError> {
-        let mut b = Batch::new("SRANDMEMBER", true);
-        for k in keys {
-            b.push(&[k]);
-        }
-        self.run(&b)?
+        self.run(&Batch::per_key("SRANDMEMBER", keys))?
             .into_iter()
             .map(|v| match v {
                 Value::Nil => Ok(None),
@@ -395,11 +400,7 @@ impl Redis {
 
     /// Pipelined `SMEMBERS key` for every key: every holder (empty when none).
     pub fn smembers_many(&mut self, keys: &[Vec<u8>]) -> Result<Vec<Vec<String>>, RedisError> {
-        let mut b = Batch::new("SMEMBERS", true);
-        for k in keys {
-            b.push(&[k]);
-        }
-        self.run(&b)?
+        self.run(&Batch::per_key("SMEMBERS", keys))?
             .into_iter()
             .map(|v| match v {
                 Value::Array(items) | Value::Set(items) => {
@@ -429,11 +430,7 @@ impl Redis {
 
     /// Pipelined `GET key` for every key: the value, or `None` when the key is absent.
     pub fn get_many(&mut self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
-        let mut b = Batch::new("GET", true);
-        for k in keys {
-            b.push(&[k]);
-        }
-        self.run(&b)?
+        self.run(&Batch::per_key("GET", keys))?
             .into_iter()
             .map(|v| match v {
                 Value::Nil => Ok(None),
