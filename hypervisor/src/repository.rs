@@ -19,7 +19,15 @@ pub enum RepositoryError {
     /// The image cannot be opened.
     #[error(transparent)]
     Disk(#[from] DiskError),
-    /// Reading or indexing it failed.
+    /// Reading it failed.
+    #[error("base image {path}: {source}")]
+    Read {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Indexing it failed.
     #[error("base image {path}: {source}")]
     Index {
         /// The image.
@@ -48,6 +56,22 @@ impl ChunkMemory for ImageReader {
             source: Box::new(e),
         })
     }
+}
+
+/// The SHA-256 of the guest-visible content of the image at `path` (what [`RepoIndex::image`]
+/// holds), without indexing its chunks.
+fn digest_only(path: &Path) -> Result<[u8; 32], RepositoryError> {
+    let img = block::open_read_only(path)?;
+    let mut h = openssl::sha::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < img.size() {
+        let n = (img.size() - off).min(buf.len() as u64) as usize;
+        img.read(&mut buf[..n], off).map_err(|source| RepositoryError::Read { path: path.to_owned(), source })?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(h.finish())
 }
 
 /// Indexes the image at `path` by reading all of it.
@@ -92,7 +116,17 @@ pub fn base_image(url: Option<&str>, path: &Path, chunks: Option<(Algo, usize)>)
         None => "no repository index given".to_owned(),
     };
     let t = std::time::Instant::now();
-    let (algo, chunk) = chunks.unwrap_or((Algo::Sha256, 4096));
+    let Some((algo, chunk)) = chunks else {
+        // Only the digest is wanted: no chunk is hashed or indexed.
+        let image = digest_only(path)?;
+        let warning = format!(
+            "base image {}: {why}; read the whole image for its digest instead ({:.1} s; `shrink-repo index` saves this)",
+            path.display(),
+            t.elapsed().as_secs_f64()
+        );
+        tracing::warn!("{warning}");
+        return Ok(BaseImage { image, content: None, warning: Some(warning) });
+    };
     let idx = build(path, algo, chunk)?;
     let warning = format!(
         "base image {}: {why}; read the whole image to index it instead ({:.1} s; `shrink-repo index` saves this)",
@@ -100,5 +134,25 @@ pub fn base_image(url: Option<&str>, path: &Path, chunks: Option<(Algo, usize)>)
         t.elapsed().as_secs_f64()
     );
     tracing::warn!("{warning}");
-    Ok(BaseImage { image: idx.image, content: chunks.map(|_| Arc::new(idx)), warning: Some(warning) })
+    Ok(BaseImage { image: idx.image, content: Some(Arc::new(idx)), warning: Some(warning) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::{create_overlay, DiskConfig};
+
+    #[test]
+    fn the_digest_alone_is_the_digest_of_the_index() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let cfg =
+            DiskConfig { base: dir.as_path().join("none"), overlay: dir.as_path().join("img.qcow2"), standalone: true };
+        let img = create_overlay(&cfg, 3 << 20).unwrap();
+        img.write(&(0..8192u32).map(|i| (i % 251) as u8).collect::<Vec<_>>()[..], 1 << 20).unwrap();
+        img.flush().unwrap();
+        drop(img);
+        let (alone, indexed) = (digest_only(&cfg.overlay).unwrap(), build(&cfg.overlay, Algo::Sha256, 4096).unwrap());
+        assert_eq!(alone, indexed.image);
+        assert!(!indexed.is_empty());
+    }
 }
