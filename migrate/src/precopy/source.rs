@@ -67,8 +67,9 @@ pub struct Sender<'a, S: Source, D: Dedup, W: Write, R: Read> {
 /// Whether a socket error is a read or write timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` give
 /// `EAGAIN`).
 fn is_timeout(e: &std::io::Error) -> bool {
-    // (`TimedOut` is TCP's own verdict — keepalive or retransmissions — and keeps its message.)
-    e.kind() == std::io::ErrorKind::WouldBlock
+    // `WouldBlock`: a socket timeout of ours ran out. `TimedOut`: TCP's own verdict, which the
+    // VMM ties to the same timeout (`TCP_USER_TIMEOUT`: data unacknowledged for that long).
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
 impl<'a, S: Source, D: Dedup, W: Write, R: Read> Sender<'a, S, D, W, R> {
