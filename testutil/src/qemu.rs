@@ -104,12 +104,24 @@ pub fn binary() -> Option<PathBuf> {
     ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"].iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
-/// The arguments of a `-M microvm` KVM guest with `mem` of memory, no default devices, no
-/// display, and the project's [`CPU_MODEL`].
+/// The machine every QEMU the project starts emulates: `microvm`, set up for the project's
+/// guest (`images/guest`, booted by PVH from `-kernel`):
+/// - `acpi=off`: QEMU then names its virtio-mmio transports on the kernel command line
+///   (`virtio_mmio.device=512@0xfeb00e00:12`), as shrink-vmm does; with ACPI it describes them
+///   only in the DSDT, which the guest does not read;
+/// - `ioapic2=off`: the transports' interrupts stay on the first IOAPIC (0xfec00000, GSIs 5 and
+///   up), the one the guest programs.
+pub const MACHINE: &str = "microvm,acpi=off,ioapic2=off";
+
+/// The arguments of a [`MACHINE`] KVM guest with `mem` of memory, no default devices, no
+/// display, the project's [`CPU_MODEL`], and modern (virtio 1.0) virtio-mmio transports, the
+/// version shrink-vmm offers, rather than QEMU's legacy default.
 pub fn microvm_args(mem: &str) -> Vec<String> {
     [
         "-M",
-        "microvm",
+        MACHINE,
+        "-global",
+        "virtio-mmio.force-legacy=false",
         "-accel",
         "kvm",
         "-cpu",
@@ -124,6 +136,44 @@ pub fn microvm_args(mem: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// A guest for [`microvm_args`]: the project's guest `kernel` with `cmdline`, its serial
+/// console written to `serial`, and optionally a NIC (`-netdev tap` on the existing tap
+/// `tap`, MAC `mac`) and a disk (virtio-blk on the qcow2 `disk`, node `d0`), the devices
+/// shrink-vmm gives it with `--net` and `--disk`.
+pub fn guest_args(
+    kernel: &Path,
+    cmdline: &str,
+    serial: &Path,
+    net: Option<(&str, &str)>,
+    disk: Option<&Path>,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-append".into(),
+        cmdline.into(),
+        "-serial".into(),
+        format!("file:{}", serial.display()),
+    ];
+    if let Some((tap, mac)) = net {
+        a.extend([
+            "-netdev".into(),
+            format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=n0,mac={mac}"),
+        ]);
+    }
+    if let Some(d) = disk {
+        a.extend([
+            "-blockdev".into(),
+            format!("driver=qcow2,node-name=d0,file.driver=file,file.filename={}", d.display()),
+            "-device".into(),
+            "virtio-blk-device,drive=d0".into(),
+        ]);
+    }
+    a
 }
 
 /// The QMP argument that serves QMP on the Unix socket `sock`.

@@ -1,6 +1,16 @@
 //! Ring-0 entry and the privilege split.
 //!
-//! The VMM enters `_start` in 64-bit mode at CPL 0. On the nested KVM this
+//! Two entries, one per boot protocol, meet at the same 64-bit code:
+//! * `_start`, the ELF entry: shrink-vmm enters it in 64-bit mode (Linux's
+//!   64-bit boot protocol, RSI = zero page);
+//! * `_start_pvh`, named by the `XEN_ELFNOTE_PHYS32_ENTRY` ELF note: QEMU's
+//!   `-kernel` (the x86/HVM direct boot ABI) enters it in 32-bit protected
+//!   mode, paging off, EBX = `hvm_start_info`. It switches to long mode on
+//!   static page tables (identity map of the low 4 GiB, 2 MiB pages) and the
+//!   GDT below, then joins `_start`'s path. `kernel_main` learns which
+//!   protocol it was from its second argument.
+//!
+//! The VMM enters the kernel at CPL 0. On the nested KVM this
 //! project runs on (PVM-based), **all CPL 0 guest code is executed by KVM's
 //! instruction emulator** (about a million instructions per second, and no SSE
 //! arithmetic such as `xorps`), while CPL 3 code runs natively. So the kernel is
@@ -37,6 +47,8 @@ _start:
     cli
     cld
     mov r12, rsi                        // boot_params (RSI per the boot protocol)
+    xor r13d, r13d                      // protocol: Linux 64-bit
+.Lcommon:
     lea rsp, [rip + KERNEL_STACK_TOP]   // never use the VMM's stack
 
     // Clear .bss (statics, page tables, IDT). The stacks live in .noinit.
@@ -127,6 +139,7 @@ _start:
     // Drop to ring 3: kernel_main(boot_params) on the user stack, IOPL 3,
     // interrupts still disabled. RSP is 8 mod 16, as after a call.
     mov rdi, r12
+    mov rsi, r13
     lea rax, [rip + USER_STACK_TOP]
     sub rax, 8
     push 0x23                           // SS: user data | RPL 3
@@ -136,6 +149,72 @@ _start:
     lea rax, [rip + {main}]
     push rax
     iretq
+
+    // PVH entry: 32-bit protected mode, paging off, EBX = hvm_start_info.
+    // No stack is needed: nothing here pushes.
+    .code32
+    .globl _start_pvh
+    .type _start_pvh, @function
+_start_pvh:
+    cli
+    cld
+    mov edi, ebx
+    mov eax, offset PVH_PML4
+    mov cr3, eax
+    mov eax, cr4
+    or eax, 0x620                       // PAE | OSFXSR | OSXMMEXCPT
+    mov cr4, eax
+    mov ecx, 0xc0000080                 // EFER.LME
+    rdmsr
+    or eax, 0x100
+    wrmsr
+    mov eax, cr0
+    and eax, 0xfffffffb                 // EM off (the compiler emits SSE)
+    or eax, 0x80000023                  // PG | NE | MP | PE
+    mov cr0, eax
+    lgdt [BOOT_GDT_PTR]                 // a 32-bit LGDT reads limit and base 31:0
+    // ljmp 0x10:.Lpvh64 (into the 64-bit kernel code segment)
+    .byte 0xea
+    .long .Lpvh64
+    .short 0x10
+    .code64
+.Lpvh64:
+    mov r12d, edi                       // hvm_start_info (zero-extended)
+    mov r13d, 1                         // protocol: PVH
+    jmp .Lcommon
+
+    // The note QEMU's loader looks for; the entry as a quad, as Linux does
+    // (loaders read 4 or 8 bytes of it).
+    .section .note.pvh, "a", @note
+    .balign 4
+    .long 4                             // namesz
+    .long 8                             // descsz
+    .long 18                            // XEN_ELFNOTE_PHYS32_ENTRY
+    .asciz "Xen"
+    .balign 4
+    .quad _start_pvh
+    .balign 4
+
+    // The PVH entry's page tables: the low 4 GiB identity-mapped with 2 MiB
+    // pages, supervisor only. Static (loaded with the image), used until
+    // `_start`'s path loads BOOT_PML4.
+    .section .data.pvh, "aw"
+    .balign 4096
+PVH_PML4:
+    .quad PVH_PDPT + 3
+    .skip 4096 - 8
+PVH_PDPT:
+    .quad PVH_PD + 3
+    .quad PVH_PD + 0x1003
+    .quad PVH_PD + 0x2003
+    .quad PVH_PD + 0x3003
+    .skip 4096 - 32
+PVH_PD:
+    .set pvh_page, 0
+    .rept 2048
+    .quad (pvh_page << 21) | 0x83       // PS | RW | P
+    .set pvh_page, pvh_page + 1
+    .endr
 
     // GDT: null, (unused), kernel code 0x10, kernel data 0x18,
     // user data 0x20 (selector 0x23), user code 0x28 (selector 0x2b), and

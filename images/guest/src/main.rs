@@ -3,7 +3,9 @@
 //! Boot contract (Linux x86-64 64-bit boot protocol, as for a vmlinux): the VMM
 //! loads the ELF segments at their physical addresses and jumps to `_start` in
 //! long mode with interrupts disabled, identity-mapped low 4 GiB, and RSI
-//! pointing to the `boot_params` zero page.
+//! pointing to the `boot_params` zero page. The same ELF also boots by PVH
+//! (QEMU: `qemu-system-x86_64 -M microvm -kernel shrink-guest`), entered at
+//! the address of its `XEN_ELFNOTE_PHYS32_ENTRY` note (see `boot.rs`).
 //!
 //! The kernel sets up its own stack, page tables, GDT/TSS and IDT in a small
 //! ring-0 assembly part (`boot.rs`), then runs the Rust code in ring 3 (ring 0
@@ -57,14 +59,22 @@ const TICK_MS: u64 = 1000 / HZ;
 /// continues counting where it left off.
 static HEARTBEATS: AtomicU64 = AtomicU64::new(0);
 
-/// Entered from `_start` (boot.rs) in ring 3, interrupts disabled.
-pub extern "C" fn kernel_main(boot_params: u64) -> ! {
+/// Entered from `_start` (boot.rs) in ring 3, interrupts disabled: `boot_info`
+/// is the zero page (`pvh` 0: Linux's 64-bit boot protocol, shrink-vmm) or the
+/// `hvm_start_info` (`pvh` 1: the PVH entry, QEMU's `-kernel`).
+pub extern "C" fn kernel_main(boot_info: u64, pvh: u64) -> ! {
     serial::init();
 
-    // SAFETY: RSI at entry is the identity-mapped zero page (boot protocol);
-    // the command line it points to lies outside this kernel's image, heap and
-    // working set, and is copied to the heap right away.
-    let boot = unsafe { BootParams::parse(boot_params) };
+    // SAFETY: the entry passes the identity-mapped boot structure of its
+    // protocol; the command line and memory map it points to lie outside this
+    // kernel's image, heap and working set, and are copied right away.
+    let boot = unsafe {
+        if pvh == 1 {
+            BootParams::parse_pvh(boot_info)
+        } else {
+            BootParams::parse(boot_info)
+        }
+    };
     let (heap_start, heap_end) = allocator::init(&boot);
 
     let cmdline = String::from_utf8_lossy(boot.cmdline()).into_owned();
