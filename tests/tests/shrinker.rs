@@ -608,33 +608,42 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
     let killed = Command::new("kill").arg(pid.to_string()).status().unwrap();
     assert!(killed.success(), "r1's destination VMM (pid {pid}) was killed");
 
-    // Kill the index Redis in the middle of the others' first pass: a source has sent a few MB
-    // and not finished its first pass, so its destination has much more to register.
+    // Kill the index Redis in the middle of the others' first pass, once a destination has
+    // registered chunks: its source has more passes to come, so that destination uses the
+    // index again while it is down, and must register again what it registered before.
     let others = ["r2", "r3", "r4"];
-    let (vm, phase) = wait_until("a source in the middle of its first pass", Duration::from_secs(60), || {
-        others.iter().find_map(|n| {
-            let q = ApiClient::connect(&s.path(&format!("{n}.sock")))
-                .and_then(|mut c| c.execute("query-migrate", json!({})))
-                .ok()?
-                .ok()?;
-            (q["status"] == "active"
-                && u(&q["ram"]["dirty-sync-count"]) == 0
-                && u(&q["ram"]["transferred"]) > 4_000_000)
+    let query = |sock: &str| -> Option<Value> {
+        ApiClient::connect(&s.path(sock)).and_then(|mut c| c.execute("query-migrate", json!({}))).ok()?.ok()
+    };
+    // (A destination VMM shows its counters only once its guest runs: the index itself tells.)
+    let (vm, phase, before) =
+        wait_until("a source in its first pass whose destination registered chunks", Duration::from_secs(60), || {
+            let keys: u64 = s.world.redis_cli("b1", 6380, &["DBSIZE"]).ok()?.trim().parse().ok()?;
+            if keys == 0 {
+                return None;
+            }
+            let members = index_members(&s.world, "b1", 6380);
+            let found = others.iter().find_map(|n| {
+                let q = query(&format!("{n}.sock"))?;
+                let (_, args) = s.dest_vmm(n)?;
+                let member = args.windows(2).find(|w| w[0] == "--peer-advertise").map(|w| w[1].clone())?;
+                (q["status"] == "active"
+                    && u(&q["ram"]["dirty-sync-count"]) == 0
+                    && members.get(&member).is_some_and(|m| !m.is_empty()))
                 .then(|| (n.to_string(), q))
-        })
-    });
+            });
+            found.map(|(n, q)| (n, q, members))
+        });
     eprintln!("index Redis killed while {vm} migrates: {}", phase["ram"]);
-    let before = index_members(&s.world, "b1", 6380);
     s.world.kill_redis(index);
-    // A destination noticed (its next index update failed); then the index comes back, empty.
-    let noticed = wait_until("a destination VMM failing on the dead index", Duration::from_secs(60), || {
-        others.iter().find(|n| {
-            std::fs::read_to_string(s.path(&format!("{n}-siteB.log")))
-                .unwrap_or_default()
-                .contains("index Redis failed")
-        })
+    // That destination notices (its next index update fails); then the index comes back, empty.
+    wait_until(&format!("{vm}'s destination VMM failing on the dead index"), Duration::from_secs(60), || {
+        std::fs::read_to_string(s.path(&format!("{vm}-siteB.log")))
+            .unwrap_or_default()
+            .contains("index Redis failed")
+            .then_some(())
     });
-    eprintln!("{noticed}'s destination saw the index fail");
+    eprintln!("{vm}'s destination saw the index fail");
     s.world.redis("b1", 6380, &d, false);
 
     let (code, r, err) = migration.join().unwrap();
@@ -677,7 +686,10 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
             expected.len()
         );
     }
-    assert!(!resynced.is_empty(), "no destination VMM re-registered its chunks after the index restart: {r}");
+    assert!(
+        resynced.contains(&vm.as_str()),
+        "{vm}'s destination did not re-register its chunks after the index restart: {r}"
+    );
     assert!(checked > 0, "{resynced:?} had registered nothing before the restart");
 }
 
