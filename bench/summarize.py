@@ -46,10 +46,10 @@ if v:
 p = load("precopy.json")
 if p:
     out += ["## Pre-copy live migration, shrink vs QEMU (`cargo bench -p hypervisor --bench precopy`)", f"Date: {p['date']}. {p['note']}.", "",
-            "| link | workload | shrink time | shrink downtime | shrink MB | passes | QEMU time | QEMU MB |", "|---|---|---|---|---|---|---|---|"]
+            "| link | workload | shrink time | shrink downtime | shrink MB | passes | QEMU time | QEMU downtime | QEMU MB | QEMU multifd+zstd time | downtime |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["runs"]:
-        s, q = r["shrink"], r.get("qemu", {})
-        out.append(f"| {r['link']} | {r['workload']} | {s['total_time_ms']} ms | {s['downtime_ms']} ms | {s['transferred_bytes'] / 1e6:.1f} | {s['iterations']} | {q.get('total_time_ms', '-')} ms | {(q.get('transferred_bytes') or 0) / 1e6:.1f} |")
+        s, q, z = r["shrink"], r.get("qemu", {}), r.get("qemu_zstd", {})
+        out.append(f"| {r['link']} | {r['workload']} | {s['total_time_ms']} ms | {s['downtime_ms']} ms | {s['transferred_bytes'] / 1e6:.1f} | {s['iterations']} | {q.get('total_time_ms', '-')} ms | {q.get('downtime_ms', '-')} ms | {(q.get('transferred_bytes') or 0) / 1e6:.1f} | {z.get('total_time_ms', '-')} ms | {z.get('downtime_ms', '-')} ms |")
     out.append("")
 
 d = load("devices.json")
@@ -70,34 +70,39 @@ if e:
         v = p.get(k)
         if not v:
             return "-"
-        return f"{sec(v['total_time_ms']):.1f} s, {mb(v['wan_bytes']):.0f} MB"
+        # Bytes on the link less the probes, where measured (every system since the live QEMU baseline).
+        return f"{sec(v['total_time_ms']):.1f} s, {mb(v.get('wan_net_bytes', v['wan_bytes'])):.0f} MB"
+    def down(p, k):
+        v = p.get(k)
+        return "-" if not v else f"{v.get('avg_downtime_ms', 0)} / {v.get('max_downtime_ms', 0)} ms"
     def ratio(x):
         return "-" if x is None else f"{x:.2f}"
     out += ["## The evaluation: shrink vs `--no-dedup` vs QEMU on the two-site testbed", "",
             f"Date: {e['date']}. Command: `{e['command']}` ({e['seconds'] // 60} min). {e['testbed']}.", "",
             f"VM: {e['vm']['memory_mib']} MiB, `preload={e['vm']['preload']} private={e['vm']['private']}` — {e['vm']['mix']}.", "",
-            f"QEMU: {e['qemu']}. QEMU migrates a paused image (its disk by libvirt's NBD mirror of the top overlay); shrink and `--no-dedup` chase running guests, memory and disks. The lower bound is the distinct content site B's repository does not hold, plus digest records.", "",
+            f"QEMU: {e['qemu']}. The lower bound is the distinct content site B's repository does not hold, plus digest records (stream bytes, no TCP/IP headers).", "",
             "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-network.png`.", "",
-            "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | lower bound | shrink/QEMU bytes | shrink/QEMU time | shrink/no-dedup bytes | shrink/no-dedup time | deduplicated | from peers | from repository | pulled | shrink disk MB | avg downtime |",
+            "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | QEMU multifd+zstd | lower bound | shrink/QEMU bytes, time | shrink/QEMU-zstd bytes, time | shrink/no-dedup bytes, time | downtime mean / max: shrink, QEMU, QEMU-zstd | deduplicated | from peers | from repository | pulled | shrink disk MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pts:
         s_, r = p["shrink"], p["ratios"]
         lb = p["lower_bound"]
-        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | "
-                   f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])} | {ratio(r['time_shrink_over_qemu'])} | "
-                   f"{ratio(r['wan_bytes_shrink_over_no_dedup'])} | {ratio(r['time_shrink_over_no_dedup'])} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_.get('repository', 0)} | {s_['pulled']} | {mb((s_.get('disk') or {}).get('wan_bytes', 0)):.1f} | {s_['avg_downtime_ms']} ms |")
-    out += ["", "### Network: what the moved VMs' peers saw (shrink's move to site B; probes every 10 ms from a client on each site's LAN)", "",
-            "| family | workload | VMs | Mbit/s | chunk | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in pts:
-        net = p["shrink"]["network"]
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | {cell(p, 'qemu_zstd')} | "
+                   f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])}, {ratio(r['time_shrink_over_qemu'])} | "
+                   f"{ratio(r.get('wan_bytes_shrink_over_qemu_zstd'))}, {ratio(r.get('time_shrink_over_qemu_zstd'))} | "
+                   f"{ratio(r['wan_bytes_shrink_over_no_dedup'])}, {ratio(r['time_shrink_over_no_dedup'])} | {down(p, 'shrink')}, {down(p, 'qemu')}, {down(p, 'qemu_zstd')} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_.get('repository', 0)} | {s_['pulled']} | {mb((s_.get('disk') or {}).get('wan_bytes', 0)):.1f} |")
+    out += ["", "### Network: what the moved VMs' peers saw (each system's move to site B; probes every 10 ms from a client on each site's LAN)", "",
+            "| family | workload | VMs | Mbit/s | chunk | system | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p, system in [(p, k) for p in pts for k in ("shrink", "qemu", "qemu_zstd") if (p.get(k) or {}).get("network")]:
+        net = p[system]["network"]
         def st(k):
             v = [x[k] for x in net if isinstance(x.get(k), (int, float))]
             return (sum(v) / len(v), max(v)) if v else (0, 0)
         d, ga, gb, det, rec = st("downtime_ms"), st("gap_a_ms"), st("gap_b_ms"), st("detection_ms"), st("reconfiguration_ms")
         la, lbb = st("lost_a")[1], st("lost_b")[1]
         ok = all(x.get("answering") for x in net)
-        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {system} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
     for p in failed:
         out.append(f"\nFailed: {p['family']} family, {p['vms']} VMs, {p['workload']}, {p['rate_mbit']} Mbit/s: {p['error']}")
     sp = e.get("source_pipeline") or {}

@@ -292,6 +292,21 @@ pub struct VmInfo {
     pub mac: String,
 }
 
+impl VmInfo {
+    /// VM `i` (1-based) of a cluster: `vm<i>` at 10.1.0.(10+i), MAC 52:54:00:10:00:<i>.
+    pub fn nth(i: usize) -> VmInfo {
+        VmInfo { name: format!("vm{i}"), ip: format!("10.1.0.{}", 10 + i), mac: format!("52:54:00:10:00:{i:02x}") }
+    }
+
+    /// Its guest's command line for `spec` (whichever VMM runs it).
+    pub fn cmdline(&self, spec: &BootSpec) -> String {
+        format!(
+            "ip={}/16 gw=10.1.0.254 preload={} private={} workload={} {}",
+            self.ip, spec.preload, spec.private, spec.workload, spec.extra
+        )
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
@@ -723,7 +738,7 @@ impl Testbed {
         Ok(())
     }
 
-    fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
+    pub(crate) fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
         let mut v = vec!["ip", "netns", "exec", ns];
         v.extend_from_slice(args);
         Ok(netns::run(&v)?)
@@ -984,16 +999,9 @@ impl Testbed {
         let b = self.state.bins.clone();
         let hosts = self.state.opts.hosts_per_site;
         for i in 1..=spec.vms {
-            let vm = VmInfo {
-                name: format!("vm{i}"),
-                ip: format!("10.1.0.{}", 10 + i),
-                mac: format!("52:54:00:10:00:{i:02x}"),
-            };
+            let vm = VmInfo::nth(i);
             let ns = self.host_ns(Site::A, (i - 1) % hosts + 1);
-            let cmdline = format!(
-                "ip={}/16 gw=10.1.0.254 preload={} private={} workload={} {}",
-                vm.ip, spec.preload, spec.private, spec.workload, spec.extra
-            );
+            let cmdline = vm.cmdline(spec);
             let p = |ext: &str| self.path(&format!("{}.{ext}", vm.name)).display().to_string();
             let net = format!("tap={},mac={},bridge=br0", vm.name, vm.mac);
             let repo = self.repository(Site::A).display().to_string();
@@ -1035,6 +1043,17 @@ impl Testbed {
             .map_err(|e| TestbedError::Failed(format!("{e}; its VMM says: {}", tail(&log))))?;
         }
         self.write_vc()
+    }
+
+    /// Takes `vms`, started by other means on this testbed (QEMU's, see
+    /// [`crate::eval::qemu_live`]), as its cluster: the probes, [`Testbed::network_report`] and
+    /// [`down`] then cover them.
+    pub fn adopt(&mut self, vms: Vec<VmInfo>) -> Result<()> {
+        if !self.state.vms.is_empty() {
+            return Err(TestbedError::Failed("a cluster is already booted on this testbed".into()));
+        }
+        self.state.vms = vms;
+        self.save()
     }
 
     /// The cluster description.

@@ -1,13 +1,15 @@
 //! `shrink-bench`: the evaluation (thesis section 6.5, figures 6.4 to 6.8, and the network
 //! timings of section 7.2.1.3) on the two-site testbed, with QEMU's own live migration of the
-//! same memory in the same run. Writes `eval.json` and PNG plots.
+//! same cluster, plain and with multifd + zstd. Writes `eval.json` and PNG plots.
 //!
-//! Every point is a fresh testbed: the cluster boots at site A, its memory is snapshotted (for
-//! QEMU and the lower bound), shrink moves it to site B with deduplication while clients at
-//! both sites probe every VM, then (for the families that compare systems) plain pre-copy
-//! (`--no-dedup`) moves the same cluster back over the same link, and last QEMU migrates the
-//! snapshotted memory of every VM, paused, from site-A hosts to site-B hosts, all at once, with
-//! its disk (an overlay copy taken with the snapshot) mirrored over NBD as libvirt does.
+//! Every point is a fresh testbed: the cluster boots at site A, its memory and disks are read
+//! (for the lower bound), shrink moves it to site B with deduplication while clients at both
+//! sites probe every VM, then (for the families that compare systems) plain pre-copy
+//! (`--no-dedup`) moves the same cluster back over the same link. Last, on a fresh testbed per
+//! variant, the same guests with the same workload boot on stock QEMU at site A, and QEMU
+//! migrates them live, all at once, to QEMUs started with `-incoming` at site B, their disks
+//! mirrored over NBD as libvirt does, the probes running as for shrink (see
+//! [`eval::qemu_live`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,11 +17,14 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use shrink_tools::eval::{self, LowerBound, Panel, Series};
+use shrink_tools::eval::{self, LowerBound, Panel, QemuVariant, Series};
 use shrink_tools::testbed::{self, Bins, BootSpec, Options, Site, Testbed};
 
 #[derive(Parser)]
-#[command(name = "shrink-bench", about = "shrink vs --no-dedup vs QEMU on the two-site testbed: JSON and PNG plots")]
+#[command(
+    name = "shrink-bench",
+    about = "shrink vs --no-dedup vs live QEMU (plain and multifd+zstd) on the two-site testbed: JSON and PNG plots"
+)]
 struct Cli {
     /// One small point of each family (what `make test` runs).
     #[arg(long)]
@@ -97,15 +102,19 @@ fn avg(report: &Value, k: &str) -> u64 {
 fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, String> {
     let e = |e: testbed::TestbedError| e.to_string();
     tb.start_probes(10).map_err(e)?;
+    let probe_bps = eval::probe_rate(tb, dest).map_err(e)?;
     let (a0, b0) = tb.wan_bytes().map_err(e)?;
+    let t = Instant::now();
     let (ok, r) = tb.migrate(dest, extra, tag, false).map_err(e)?;
     let (a1, b1) = tb.wan_bytes().map_err(e)?;
+    let (l0, l1) = if dest == Site::B { (a0, a1) } else { (b0, b1) };
+    let net = eval::net_link_bytes(l0, l1, probe_bps, t.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_secs(2));
     let probes = tb.stop_probes().map_err(e)?;
     let network = tb.network_report(dest, &r, &probes);
     Ok(json!({
         "ok": ok, "total_time_ms": r["total_time_ms"], "wan_bytes": r["wan_bytes"],
-        "wan_link_bytes": if dest == Site::B { a1 - a0 } else { b1 - b0 },
+        "wan_link_bytes": l1 - l0, "wan_net_bytes": net, "probe_link_bytes_per_s": probe_bps as u64,
         "full": r["full"], "deduplicated": r["deduplicated"], "uniform": r["uniform"], "local": r["local"],
         "fetched_from_peers": r["fetched_from_peers"], "pulled": r["pulled"], "failed": r["failed"],
         "repository": r["repository"], "disk": r["disk"],
@@ -115,12 +124,11 @@ fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, Str
     }))
 }
 
-/// Each VM's disk as the lower bound sees it (raw copies under `keep`), and a copy of each
-/// overlay for QEMU's run, taken while the VM is paused (the device flushes on pause).
-fn disks_of(tb: &Testbed, keep: &Path) -> Result<(Vec<eval::DiskContent>, Vec<PathBuf>), String> {
+/// Each VM's disk as the lower bound sees it (raw copies under `keep`), read from a copy of its
+/// overlay taken while the VM is paused (the device flushes on pause).
+fn disks_of(tb: &Testbed, keep: &Path) -> Result<Vec<eval::DiskContent>, String> {
     let e = |e: testbed::TestbedError| e.to_string();
     let mut contents = Vec::new();
-    let mut copies = Vec::new();
     for (vm, _, _, api) in tb.locations().map_err(e)? {
         let ov = tb.storage(Site::A).join(format!("{}.qcow2", vm.name));
         let copy = keep.join(format!("{}.qcow2", vm.name));
@@ -135,9 +143,9 @@ fn disks_of(tb: &Testbed, keep: &Path) -> Result<(Vec<eval::DiskContent>, Vec<Pa
         call("resume")?;
         copied.map_err(|x| format!("{}: {x}", ov.display()))?;
         contents.push(eval::DiskContent::of(&copy, &keep.join(format!("{}.raw", vm.name))).map_err(e)?);
-        copies.push(copy);
+        let _ = std::fs::remove_file(&copy);
     }
-    Ok((contents, copies))
+    Ok(contents)
 }
 
 fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String> {
@@ -157,30 +165,28 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let images = tb.memory_images().map_err(e)?;
     // The VMs' memory and their disks' own blocks, less what site B's repository holds.
     let keep = shrink_testutil::fs::TempDir::new("bench-images").map_err(|x| x.to_string())?;
-    let (disks, overlays) = disks_of(&tb, keep.path())?;
+    let disks = disks_of(&tb, keep.path())?;
     let repo = eval::repository_digests(&tb.repository(Site::B), &keep.path().join("base.raw"), p.chunk as usize)
         .map_err(e)?;
     let bound = LowerBound::of_content(&images, &disks, Some(&repo), p.chunk as usize, 32).map_err(e)?;
-    for d in &disks {
-        let _ = std::fs::remove_file(&d.raw);
+    drop(keep);
+    for img in &images {
+        let _ = std::fs::remove_file(img);
     }
     let shrink = leg(&tb, Site::B, &["--chunk", &p.chunk.to_string()], "dedup")?;
     let plain = if p.baselines { Some(leg(&tb, Site::A, &["--no-dedup"], "plain")?) } else { None };
-    let qemu = if p.baselines && !cli.no_qemu && shrink_testutil::qemu::binary().is_some() {
-        // QEMU alone on a fresh testbed (the same link), with the same memory images and disks.
-        let mut moved = Vec::new();
-        for (i, img) in images.iter().enumerate() {
-            let to = keep.path().join(format!("vm{i}.img"));
-            std::fs::rename(img, &to).map_err(|x| x.to_string())?;
-            moved.push(to);
-        }
-        testbed::down(&opts.name, &dir).map_err(e)?;
-        let tb2 = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
-        Some(eval::qemu_cluster(&tb2, &moved, &overlays, &spec.mem).map_err(e)?)
-    } else {
-        None
-    };
     testbed::down(&opts.name, &dir).map_err(e)?;
+    // QEMU, live, on a fresh testbed per variant (the same link, guests and workload).
+    let mut qemu = serde_json::Map::new();
+    if p.baselines && !cli.no_qemu && shrink_testutil::qemu::binary().is_some() {
+        for variant in [QemuVariant::Plain, QemuVariant::MultifdZstd] {
+            let mut tb = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
+            let r = eval::qemu_live(&mut tb, &spec, variant);
+            testbed::down(&opts.name, &dir).map_err(e)?;
+            qemu.insert(variant.key().into(), r.map_err(e)?);
+        }
+    }
+    let (q, qz) = (qemu.get("qemu"), qemu.get("qemu_zstd"));
     let ratio = |a: &Value, b: Option<&Value>, k: &str| b.map(|b| u(&a[k]) as f64 / u(&b[k]).max(1) as f64);
     Ok(json!({
         "family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk,
@@ -188,14 +194,20 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
         "lower_bound": {"bytes": bound.bytes, "time_ms": bound.time_ms(bps), "distinct_chunks": bound.distinct, "nonuniform_chunks": bound.nonuniform, "uniform_chunks": bound.uniform,
                         "in_repository_chunks": bound.in_repository, "disk_chunks": bound.disk_chunks},
         "ratios": {
-            "wan_bytes_shrink_over_qemu": ratio(&shrink, qemu.as_ref(), "wan_bytes"),
-            "time_shrink_over_qemu": ratio(&shrink, qemu.as_ref(), "total_time_ms"),
+            // Bytes against QEMU as both put them on the link (less the probes): QEMU's own
+            // counters do not see what zstd saves.
+            "wan_bytes_shrink_over_qemu": ratio(&shrink, q, "wan_net_bytes"),
+            "time_shrink_over_qemu": ratio(&shrink, q, "total_time_ms"),
+            "max_downtime_shrink_over_qemu": ratio(&shrink, q, "max_downtime_ms"),
+            "wan_bytes_shrink_over_qemu_zstd": ratio(&shrink, qz, "wan_net_bytes"),
+            "time_shrink_over_qemu_zstd": ratio(&shrink, qz, "total_time_ms"),
+            "max_downtime_shrink_over_qemu_zstd": ratio(&shrink, qz, "max_downtime_ms"),
             "wan_bytes_shrink_over_no_dedup": ratio(&shrink, plain.as_ref(), "wan_bytes"),
             "time_shrink_over_no_dedup": ratio(&shrink, plain.as_ref(), "total_time_ms"),
             "wan_bytes_shrink_over_lower_bound": u(&shrink["wan_bytes"]) as f64 / bound.bytes.max(1) as f64,
             "pulled_fraction": u(&shrink["pulled"]) as f64 / u(&shrink["deduplicated"]).max(1) as f64,
         },
-        "shrink": shrink, "no_dedup": plain, "qemu": qemu,
+        "shrink": shrink, "no_dedup": plain, "qemu": q, "qemu_zstd": qz,
     }))
 }
 
@@ -254,7 +266,12 @@ fn systems(
     let mut out = Vec::new();
     // A run where a VM failed is not a measurement of the system.
     let valid = |v: &Value| v["ok"] != false && v["failed"].as_u64().unwrap_or(0) == 0;
-    for (name, key) in [("shrink", "shrink"), ("shrink --no-dedup", "no_dedup"), ("QEMU", "qemu")] {
+    for (name, key) in [
+        ("shrink", "shrink"),
+        ("shrink --no-dedup", "no_dedup"),
+        (QemuVariant::Plain.label(), "qemu"),
+        (QemuVariant::MultifdZstd.label(), "qemu_zstd"),
+    ] {
         let pts: Vec<(f64, f64)> =
             points.iter().filter(|p| valid(&p[key])).filter_map(|p| Some((x(p), y(&p[key])?))).collect();
         if !pts.is_empty() {
@@ -282,7 +299,9 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         (!v.is_null()).then_some(v)
     }
     let time = |v: &Value| some(v).map(|v| secs(&v["total_time_ms"]));
-    let bytes = |v: &Value| some(v).map(|v| mb(&v["wan_bytes"]));
+    // Every system's bytes as the link carried them, less the probes (QEMU's own counters do
+    // not see what zstd saves); older documents have only the streams' own counts.
+    let bytes = |v: &Value| some(v).map(|v| mb(v.get("wan_net_bytes").unwrap_or(&v["wan_bytes"])));
     let btime = |p: &Value| secs(&p["lower_bound"]["time_ms"]);
     let bbytes = |p: &Value| mb(&p["lower_bound"]["bytes"]);
     let vms = |p: &Value| u(&p["vms"]) as f64;
@@ -370,7 +389,7 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     };
     let mut gb = vec![Series {
         name: "shrink".into(),
-        points: gr.iter().map(|p| (chunk(p), mb(&p["shrink"]["wan_bytes"]))).collect(),
+        points: gr.iter().filter_map(|p| Some((chunk(p), bytes(&p["shrink"])?))).collect(),
         dashed: false,
     }];
     gb.push(Series {
@@ -385,7 +404,8 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         dashed: false,
     }];
     gt.extend(reference("no_dedup", "--no-dedup", &time));
-    gt.extend(reference("qemu", "QEMU", &time));
+    gt.extend(reference("qemu", QemuVariant::Plain.label(), &time));
+    gt.extend(reference("qemu_zstd", QemuVariant::MultifdZstd.label(), &time));
     fig(
         "fig-granularity.png",
         &format!("{nmax} idle VMs, 100 Mbit/s, chunk size (thesis fig. 6.8)"),
@@ -395,20 +415,30 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         ],
     )?;
     // Network: detection, reconfiguration, downtime and gaps, per cluster size.
-    let stat = |p: &Value, k: &str, max: bool| {
-        let v: Vec<f64> =
-            p["shrink"]["network"].as_array().into_iter().flatten().filter_map(|n| n[k].as_f64()).collect();
-        if max {
-            v.iter().copied().fold(0.0, f64::max)
+    let stat = |p: &Value, sys: &str, k: &str, max: bool| {
+        let v: Vec<f64> = p[sys]["network"].as_array().into_iter().flatten().filter_map(|n| n[k].as_f64()).collect();
+        if v.is_empty() {
+            None
+        } else if max {
+            Some(v.iter().copied().fold(0.0, f64::max))
         } else {
-            v.iter().sum::<f64>() / v.len().max(1) as f64
+            Some(v.iter().sum::<f64>() / v.len() as f64)
         }
     };
-    let ser = |name: &str, k: &str, max: bool| Series {
+    let sys_ser = |name: &str, sys: &str, k: &str, max: bool| Series {
         name: name.into(),
-        points: size.iter().map(|p| (vms(p), stat(p, k, max))).collect(),
+        points: size.iter().filter_map(|p| Some((vms(p), stat(p, sys, k, max)?))).collect(),
         dashed: max,
     };
+    let ser = |name: &str, k: &str, max: bool| sys_ser(name, "shrink", k, max);
+    let mut against = Vec::new();
+    for (label, sys) in
+        [("shrink", "shrink"), (QemuVariant::Plain.label(), "qemu"), (QemuVariant::MultifdZstd.label(), "qemu_zstd")]
+    {
+        against.push(sys_ser(&format!("{label}: downtime (max)"), sys, "downtime_ms", true));
+        against.push(sys_ser(&format!("{label}: gap at site B (mean)"), sys, "gap_b_ms", false));
+    }
+    against.retain(|s| !s.points.is_empty());
     fig(
         "fig-network.png",
         "Moving idle clusters to site B: what the VMs' peers see (probes every 10 ms)",
@@ -424,6 +454,7 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
                     ser("gap at site A (max)", "gap_a_ms", true),
                 ],
             ),
+            panel("shrink and QEMU: downtime and gap", "VMs", "ms", against),
             panel(
                 "vnetd: from the VM's first RARP",
                 "VMs",
@@ -458,7 +489,7 @@ fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: 
         "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
         "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
             "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
-        "qemu": "qemu-system-x86_64 -M microvm -accel kvm -S, memory loaded from the VM's snapshot with -device loader, its overlay copy on virtio-blk moved as libvirt does without shared storage (NBD export of a new overlay on site B's base, blockdev-mirror sync=top, migrate when ready, mirror completed after the switch-over), migrate with max-bandwidth unlimited, all VMs at once",
+        "qemu": "live: the same guest, command line and disk on qemu-system-x86_64 -M microvm -accel kvm -kernel (PVH) at site-A hosts, taps on the hosts' br0, migrated all at once to QEMUs started with -incoming at site-B hosts; qemu = plain pre-copy (QEMU's defaults, 300 ms downtime limit), qemu_zstd = multifd, 2 channels, multifd-compression zstd; max-bandwidth unlimited; disks moved as libvirt does without shared storage (NBD export of a new overlay on site B's base, blockdev-mirror sync=top, migrate when ready, mirror completed after the switch-over); wan_net_bytes = link bytes less the probes' own traffic (calibrated over 2 s before each move), for every system",
         "points": points,
         "source_pipeline": pipeline,
         "seconds": t0.elapsed().as_secs(),
@@ -526,11 +557,13 @@ fn main() -> ExitCode {
                                 mb(&v["no_dedup"]["wan_bytes"])
                             )
                         },
-                        if v["qemu"].is_null() {
-                            "-".into()
-                        } else {
-                            format!("{:.1} s {:.1} MB", secs(&v["qemu"]["total_time_ms"]), mb(&v["qemu"]["wan_bytes"]))
-                        },
+                        [&v["qemu"], &v["qemu_zstd"]]
+                            .map(|q| if q.is_null() {
+                                "-".to_owned()
+                            } else {
+                                format!("{:.1} s {:.1} MB", secs(&q["total_time_ms"]), mb(&q["wan_bytes"]))
+                            })
+                            .join(" | zstd "),
                         mb(&v["lower_bound"]["bytes"]),
                     );
                     done.push(v);
