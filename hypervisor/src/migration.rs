@@ -375,7 +375,8 @@ impl Outgoing {
                     }
                 });
                 let result = result.and_then(|dedup| {
-                    connect(&addr, params.verdict_timeout).map_err(|e| e.to_string()).map(|s| (s, dedup))
+                    let window = CONNECT_WINDOW.min(params.verdict_timeout);
+                    connect(&addr, params.verdict_timeout, window, &c).map_err(|e| e.to_string()).map(|s| (s, dedup))
                 });
                 let result = result.and_then(|(stream, dedup)| {
                     // A destination that neither answers nor takes the stream for this long
@@ -483,20 +484,52 @@ fn tune(s: &TcpStream, user_timeout_ms: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn connect(addr: &str, user_timeout: Duration) -> Result<TcpStream, MigrationSetupError> {
+/// How long the source keeps trying to connect to its destination (a destination VMM still
+/// starting, an ARP entry gone stale, a lost SYN), at most: then the migration fails, and the
+/// guest never stopped.
+const CONNECT_WINDOW: Duration = Duration::from_secs(30);
+
+/// The pause before connection attempt `attempt` + 1 (0-based): 100 ms, doubling, at most 2 s.
+fn connect_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(5)).min(2000))
+}
+
+/// Connects to `addr`, trying again for up to `window` (and until `cancel`), with the
+/// connection options of [`tune`]. The error is the last attempt's, with how long it tried.
+fn connect(
+    addr: &str,
+    user_timeout: Duration,
+    window: Duration,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, MigrationSetupError> {
     let user_timeout_ms = user_timeout.as_millis().min(u32::MAX as u128) as u32;
-    let addrs: Vec<_> = addr.to_socket_addrs().map_err(socket_err("cannot resolve", addr))?.collect();
-    let mut last = socket_err("cannot resolve", addr)(std::io::ErrorKind::NotFound.into());
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
-            Ok(s) => {
-                tune(&s, user_timeout_ms).map_err(socket_err("migration socket to", a))?;
-                return Ok(s);
+    let start = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        let addrs: Vec<_> = addr.to_socket_addrs().map_err(socket_err("cannot resolve", addr))?.collect();
+        let mut last = socket_err("cannot resolve", addr)(std::io::ErrorKind::NotFound.into());
+        for a in addrs {
+            let left = window.saturating_sub(start.elapsed()).max(Duration::from_millis(100));
+            match TcpStream::connect_timeout(&a, left.min(Duration::from_secs(10))) {
+                Ok(s) => {
+                    tune(&s, user_timeout_ms).map_err(socket_err("migration socket to", a))?;
+                    if attempt > 0 {
+                        tracing::info!("connected to {a} at attempt {}", attempt + 1);
+                    }
+                    return Ok(s);
+                }
+                Err(e) => last = socket_err("cannot connect to", a)(e),
             }
-            Err(e) => last = socket_err("cannot connect to", a)(e),
         }
+        let pause = connect_backoff(attempt);
+        if cancel.load(Ordering::SeqCst) || start.elapsed() + pause >= window {
+            tracing::warn!("{last} (tried for {:.1} s)", start.elapsed().as_secs_f64());
+            return Err(last);
+        }
+        tracing::debug!("{last}: trying again in {pause:?}");
+        std::thread::sleep(pause);
+        attempt += 1;
     }
-    Err(last)
 }
 
 /// Options of the destination VM: what the command line gives.
@@ -882,5 +915,40 @@ mod tests {
         assert!(e(serde_json::json!({"uri": "tcp:a:1", "speed": 1})).contains("speed"));
         let wrong = e(serde_json::json!({"uri": 5}));
         assert!(wrong.contains("invalid type") && !wrong.contains("missing"), "{wrong}");
+    }
+
+    #[test]
+    fn connect_attempts_back_off_from_100_ms_to_2_s() {
+        let ms: Vec<u128> = (0..8).map(|a| connect_backoff(a).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(connect_backoff(u32::MAX), Duration::from_secs(2));
+    }
+
+    /// A destination that starts listening only after the source tried is reached; one that
+    /// never listens is given up after the window, and a cancel ends the tries at once.
+    #[test]
+    fn connect_tries_again_within_its_window() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let l = std::net::TcpListener::bind(addr).unwrap();
+            l.accept().map(|_| ())
+        });
+        let no = AtomicBool::new(false);
+        let t = std::time::Instant::now();
+        connect(&addr.to_string(), Duration::from_secs(5), Duration::from_secs(10), &no).expect("connected late");
+        assert!(t.elapsed() >= Duration::from_millis(500));
+        late.join().unwrap().unwrap();
+
+        let t = std::time::Instant::now();
+        let e = connect(&addr.to_string(), Duration::from_secs(5), Duration::from_millis(700), &no).unwrap_err();
+        assert!(e.to_string().contains("cannot connect to"), "{e}");
+        assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(5));
+        let cancelled = AtomicBool::new(true);
+        let t = std::time::Instant::now();
+        assert!(connect(&addr.to_string(), Duration::from_secs(5), Duration::from_secs(30), &cancelled).is_err());
+        assert!(t.elapsed() < Duration::from_secs(2), "a cancel stops the tries");
     }
 }

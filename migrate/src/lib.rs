@@ -8,6 +8,7 @@ pub mod client;
 pub mod cluster;
 pub mod orchestrate;
 pub mod precopy;
+pub mod progress;
 pub mod protocol;
 pub mod shrinker;
 pub mod stats;

@@ -5,11 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use migrate::client::{ApiClient, QueryError, QUERY_MIGRATE};
+use migrate::progress::{describe, Lines, Mode, Snapshot, Stall};
 use migrate::stats::{SourceQuery, Status};
 use serde_json::json;
 
@@ -93,9 +94,21 @@ struct Args {
     #[arg(long)]
     verify: bool,
 
-    /// Print the final statistics as JSON (no progress bar).
+    /// Print the final statistics as JSON on standard output (progress, if any, goes to
+    /// standard error as lines, not bars).
     #[arg(long)]
     json: bool,
+
+    /// No progress display. (By default: bars when standard error is a terminal, otherwise a
+    /// line per VM every 5 s and one when it ends; a stream that sent nothing for 10 s is
+    /// shown as stalled.)
+    #[arg(long)]
+    quiet: bool,
+
+    /// Log level or filter of shrink-migrate's own messages on standard error (`error`,
+    /// `warn`, `info`, `debug`, `trace`, or a filter such as `migrate=debug`).
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log)]
+    log: String,
 
     /// Also write the final statistics (or the cluster report) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -248,7 +261,8 @@ fn run(args: &Args) -> Result<Outcome, String> {
     api.execute("migrate", margs)
         .map_err(|e| format!("{}: {e}", vm.display()))?
         .map_err(|e| format!("migrate: {e}"))?;
-    let bar = if args.json {
+    let mode = progress_mode(args);
+    let bar = if mode != Mode::Bars {
         ProgressBar::hidden()
     } else {
         let b = ProgressBar::new(0);
@@ -259,6 +273,7 @@ fn run(args: &Args) -> Result<Outcome, String> {
         b
     };
     let mut last = SourceQuery::default();
+    let (mut stall, mut lines) = (Stall::new(Instant::now()), Lines::new(Instant::now()));
     loop {
         std::thread::sleep(Duration::from_millis(100));
         // Once the destination confirms, the source VMM exits: its last answer is final, and a
@@ -280,16 +295,22 @@ fn run(args: &Args) -> Result<Outcome, String> {
             }
         };
         let (info, ram) = (&q.info, &q.info.ram);
+        let snapshot = Snapshot {
+            status: info.status.as_str(),
+            pass: ram.dirty_sync_count,
+            sent: ram.transferred + info.disk.as_ref().map_or(0, |d| d.transferred),
+            total: ram.total,
+            remaining: ram.remaining,
+            deduplicated: ram.deduplicated,
+        };
+        let stalled = stall.observe(snapshot.sent, Instant::now());
         bar.set_length(ram.total);
         bar.set_position(ram.total.saturating_sub(ram.remaining));
-        bar.set_message(format!(
-            "{} pass {} {:.0} Mbit/s sent {}",
-            info.status.as_str(),
-            ram.dirty_sync_count,
-            ram.mbps,
-            human_bytes(ram.transferred)
-        ));
+        bar.set_message(format!("{:.0} Mbit/s, {}", ram.mbps, describe(&snapshot, stalled)));
         let ended = matches!(info.status, Status::Completed | Status::Failed | Status::Cancelled);
+        if mode == Mode::Lines && !ended && lines.due(Instant::now()) {
+            eprintln!("shrink-migrate: {}: {:.0} Mbit/s, {}", vm.display(), ram.mbps, describe(&snapshot, stalled));
+        }
         last = q;
         if ended {
             bar.finish_and_clear();
@@ -315,7 +336,7 @@ fn run_cluster(args: &Args) -> ExitCode {
                 .unwrap_or(0);
             20000 + (r % 390) as u16 * 100
         }),
-        progress: !args.json,
+        progress: progress_mode(args),
         update_file: !args.keep_cluster_file,
         pull_wait_ms: args.pull_wait_ms,
         join_run: args.join_run.clone(),
@@ -351,8 +372,25 @@ fn conclude<T: serde::Serialize>(r: Result<T, String>, args: &Args, print: fn(&T
     }
 }
 
+/// `--log`: a filter `tracing_subscriber` accepts, or an error that names what is wrong.
+fn parse_log(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a log level or filter: {e}"))
+}
+
+/// How progress is shown: bars on a terminal (unless `--json`), lines elsewhere, nothing with
+/// `--quiet`.
+fn progress_mode(args: &Args) -> Mode {
+    use std::io::IsTerminal;
+    Mode::choose(std::io::stderr().is_terminal() && !args.json, args.quiet)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if args.cluster.is_some() {
         return run_cluster(&args);
     }

@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::progress::{describe, Lines, Mode, Snapshot, Stall};
 use serde::Serialize;
 
 use crate::args::{DedupArgs, MigrateArgs};
@@ -37,8 +39,8 @@ pub struct ClusterOptions {
     pub downtime_limit_ms: u64,
     /// First TCP port of destination VMMs (one per VM; peer servers use +100).
     pub port_base: u16,
-    /// Show progress bars.
-    pub progress: bool,
+    /// How progress is shown (bars on a terminal, else lines).
+    pub progress: crate::progress::Mode,
     /// Rewrite the moved VMs' `host` and `api` in the cluster file afterwards.
     pub update_file: bool,
     /// How long a destination waits without progress for content other VMs' streams bring,
@@ -466,6 +468,8 @@ struct Live {
     /// destination).
     disks: Vec<String>,
     bar: ProgressBar,
+    /// When its stream last sent something.
+    stall: Stall,
     /// Its final answer, once it has one.
     done: Option<SourceQuery>,
     /// Its latest answer.
@@ -518,18 +522,33 @@ fn start(plan: &Plan, opts: &ClusterOptions, dests: &[Destination], multi: &Mult
             .and_then(|mut c| c.execute("migrate", args).map_err(|e| e.to_string()))
             .and_then(|r| r.map_err(|e| format!("{}: migrate: {e}", m.vm)));
         let done = result.err().map(|e| {
+            if opts.progress == Mode::Lines {
+                eprintln!("shrink-migrate: {}: failed: {e}", m.vm);
+            }
             bar.finish_with_message(format!("failed: {e}"));
             failed(e)
         });
-        live.push(Live { m: m.clone(), disks, bar, done, last: SourceQuery::default(), started: Instant::now() });
+        let now = Instant::now();
+        live.push(Live {
+            m: m.clone(),
+            disks,
+            bar,
+            stall: Stall::new(now),
+            done,
+            last: SourceQuery::default(),
+            started: now,
+        });
     }
     live
 }
 
-/// Polls every source until each migration has ended, with progress bars.
-fn follow(live: &mut [Live], dests: &[Destination]) {
+/// Polls every source until each migration has ended, showing progress as `mode` says: a
+/// stream that sends nothing for [`crate::progress::STALL_AFTER`] is shown as stalled.
+fn follow(live: &mut [Live], dests: &[Destination], mode: Mode) {
+    let mut lines = Lines::new(Instant::now());
     loop {
         let mut running = 0;
+        let print_lines = mode == Mode::Lines && lines.due(Instant::now());
         for (l, d) in live.iter_mut().zip(dests) {
             if l.done.is_some() {
                 continue;
@@ -538,19 +557,33 @@ fn follow(live: &mut [Live], dests: &[Destination]) {
             match query::<SourceQuery>(Path::new(&l.m.api)) {
                 Ok(q) => {
                     let (i, ram) = (&q.info, &q.info.ram);
+                    let snapshot = Snapshot {
+                        status: i.status.as_str(),
+                        pass: ram.dirty_sync_count,
+                        sent: ram.transferred + i.disk.as_ref().map_or(0, |d| d.transferred),
+                        total: ram.total,
+                        remaining: ram.remaining,
+                        deduplicated: ram.deduplicated,
+                    };
+                    let stalled = l.stall.observe(snapshot.sent, Instant::now());
                     l.bar.set_length(ram.total);
                     l.bar.set_position(ram.total.saturating_sub(ram.remaining));
+                    l.bar.set_message(describe(&snapshot, stalled));
                     let status = i.status.as_str();
-                    l.bar.set_message(format!(
-                        "{status} pass {} sent {:.1} MB dedup {}",
-                        ram.dirty_sync_count,
-                        ram.transferred as f64 / 1e6,
-                        ram.deduplicated
-                    ));
                     if matches!(i.status, Status::Completed | Status::Failed | Status::Cancelled) {
-                        l.bar.finish_with_message(format!("{status} in {} ms", i.total_time));
+                        let end = match &i.error {
+                            Some(e) => format!("{status} in {} ms: {e}", i.total_time),
+                            None => format!("{status} in {} ms", i.total_time),
+                        };
+                        if mode == Mode::Lines {
+                            eprintln!("shrink-migrate: {}: {end}", l.m.vm);
+                        }
+                        l.bar.finish_with_message(end);
                         l.done = Some(q);
                     } else {
+                        if print_lines {
+                            eprintln!("shrink-migrate: {}: {}", l.m.vm, describe(&snapshot, stalled));
+                        }
                         l.last = q;
                     }
                 }
@@ -561,11 +594,17 @@ fn follow(live: &mut [Live], dests: &[Destination]) {
                     if query::<DestinationQuery>(&d.api).is_ok_and(|q| q.status == Status::Completed) {
                         q.info.status = Status::Completed;
                         q.info.total_time = l.started.elapsed().as_millis() as u64;
+                        if mode == Mode::Lines {
+                            eprintln!("shrink-migrate: {}: completed (the destination runs it)", l.m.vm);
+                        }
                         l.bar.finish_with_message("completed");
                     } else {
                         q.info.status = Status::Failed;
                         q.info.error =
                             Some(format!("the source VMM is gone ({e}) and the destination does not run the guest"));
+                        if mode == Mode::Lines {
+                            eprintln!("shrink-migrate: {}: failed: the source VMM is gone", l.m.vm);
+                        }
                         l.bar.finish_with_message("failed: source VMM gone");
                     }
                     l.done = Some(q);
@@ -725,13 +764,13 @@ pub fn run(opts: &ClusterOptions) -> Result<ClusterReport, OrchestrateError> {
     preflight(&plan)?;
     let dests = launch(&plan, opts)?;
     let started = Instant::now();
-    let multi = if opts.progress {
+    let multi = if opts.progress == Mode::Bars {
         MultiProgress::new()
     } else {
         MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
     };
     let mut live = start(&plan, opts, &dests, &multi);
-    follow(&mut live, &dests);
+    follow(&mut live, &dests, opts.progress);
     let total_time_ms = started.elapsed().as_millis() as u64;
     Ok(report(plan, opts, live, &dests, total_time_ms))
 }

@@ -306,6 +306,8 @@ fn a_cluster_moves_with_dedup_for_far_fewer_wan_bytes_than_plain_precopy() {
     assert_eq!(u(&r["failed"]), 0, "{r}");
     for n in names {
         s.assert_moved(n);
+        // Without a terminal, each VM's end is a line of its own.
+        assert!(err.contains(&format!("shrink-migrate: {n}: completed in ")), "{err}");
     }
     // Pages shared by the VMs crossed once: the others found them at site B.
     assert!(u(&r["deduplicated"]) > 3 * 4000, "{r}");
@@ -691,6 +693,44 @@ fn index_restart_and_a_dead_destination_during_the_migration() {
         "{vm}'s destination did not re-register its chunks after the index restart: {r}"
     );
     assert!(checked > 0, "{resynced:?} had registered nothing before the restart");
+}
+
+/// Without a terminal, `shrink-migrate` prints a line per VM every 5 s and one when it ends. A
+/// stream that stops moving (its destination VMM stopped for 16 s) is shown as stalled, and the
+/// move completes once it moves again.
+#[test]
+fn without_a_terminal_progress_comes_as_lines_and_a_stalled_stream_says_so() {
+    let mut s = Sites::new("sl");
+    let vc = s.simple_cluster(&["st1"], |_| "preload=64M private=1M seed=77 workload=mem mem=16M rate=2M".into());
+    let vc2 = vc.clone();
+    let migration = std::thread::spawn(move || {
+        Command::new(workspace_bin("shrink-migrate"))
+            .args(["--cluster", vc2.to_str().unwrap(), "--dest", "siteB", "--json", "--no-repository"])
+            .output()
+            .unwrap()
+    });
+    let pid = wait_until("st1 sending its memory", Duration::from_secs(60), || {
+        let q = ApiClient::connect(&s.path("st1.sock"))
+            .and_then(|mut c| c.execute("query-migrate", json!({})))
+            .ok()?
+            .ok()?;
+        (q["status"] == "active" && u(&q["ram"]["transferred"]) > 0).then(|| s.dest_vmm("st1")).flatten()
+    })
+    .0;
+    assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    std::thread::sleep(Duration::from_secs(16));
+    assert!(Command::new("kill").args(["-CONT", &pid.to_string()]).status().unwrap().success());
+    let out = migration.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("shrink-migrate: st1: ")).collect();
+    assert!(lines.iter().any(|l| l.contains(" pass ") && l.contains("% of memory")), "progress lines: {err}");
+    assert!(
+        lines.iter().any(|l| l.contains("STALLED: nothing sent for 1")),
+        "the stopped stream shown as stalled (10 to 16 s): {err}"
+    );
+    assert!(lines.last().is_some_and(|l| l.contains("completed in ")), "{err}");
+    s.assert_moved("st1");
 }
 
 #[test]

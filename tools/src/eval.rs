@@ -231,15 +231,15 @@ fn qemu_side(tb: &Testbed, tag: &str, ns: &str, argv: Vec<String>) -> Result<Sid
 /// `-incoming` on a site-B host, over the testbed's WAN, in `variant`'s set-up. The disks move
 /// as libvirt moves them without shared storage: the destination exports a new overlay on
 /// site B's own base image over NBD, the source mirrors its top layer into it
-/// (`blockdev-mirror sync=top`), migrates once the mirror is ready, and completes the mirror
-/// after the switch-over, and only then resumes the destination (started with `-S`, as libvirt
-/// does). The clients of both sites probe every VM meanwhile, and vnetd sees QEMU's own RARP
+/// (`blockdev-mirror sync=top`), migrates once the mirror is ready with
+/// `pause-before-switchover`, completes the mirror while the guest is paused, switches over,
+/// and resumes the destination (started with `-S`), as libvirt does. The clients of both sites probe every VM meanwhile, and vnetd sees QEMU's own RARP
 /// announcements, so the network figures are those of shrink's runs.
 ///
 /// A VM's move ends when its destination runs. Its downtime (`downtime_ms`) is QEMU's own
 /// (`query-migrate`: from the source's stop to its last write into the socket) plus the time
-/// from then until the destination runs (`resume_ms`): the data still in flight, the mirror's
-/// completion and `cont`. QEMU's figure alone is `qemu_downtime_ms`.
+/// from then until the destination runs (`resume_ms`): the data still in flight and `cont`.
+/// QEMU's figure alone is `qemu_downtime_ms`.
 ///
 /// The testbed must be fresh (no cluster booted); QEMU's VMs become its cluster.
 pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Result<Value> {
@@ -288,6 +288,14 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
         }
         // No cap of QEMU's own (its default is 32 MiB/s per VM): the link is the limit.
         src.qmp.cmd("migrate-set-parameters", json!({"max-bandwidth": 10_000_000_000u64}))?;
+        // libvirt's switch-over with NBD storage: the source stops at `pre-switchover`, the
+        // mirror is completed while the guest is paused, then the migration continues. (A
+        // mirror still running when QEMU 7.2 inactivates the disks at completion aborts it:
+        // `bdrv_co_write_req_prepare: Assertion !(bs->open_flags & BDRV_O_INACTIVE)`.)
+        src.qmp.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+        )?;
         dst.qmp.cmd("migrate-incoming", json!({"uri": format!("tcp:{host}:{}", 8100 + i)}))?;
         let port = (10900 + i).to_string();
         dst.qmp.cmd("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": host, "port": port}}}))?;
@@ -330,6 +338,7 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
     // incoming migration is in. The VM has moved when its destination runs.
     let n = pairs.len();
     let mut migrated: Vec<Option<(Value, Instant)>> = vec![None; n];
+    let mut mirrored: Vec<u64> = vec![0; n];
     let mut done: Vec<Option<Value>> = vec![None; n];
     while done.iter().any(Option::is_none) {
         if Instant::now() > deadline {
@@ -342,6 +351,18 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
             let Some((r, completed_at)) = &migrated[i] else {
                 let r = src.qmp.cmd("query-migrate", json!({}))?;
                 match r["status"].as_str().unwrap_or("") {
+                    "pre-switchover" => {
+                        // The guest is paused: complete the mirror (the destination's disk is
+                        // then the source's at the switch-over), and switch over.
+                        let jobs = src.qmp.cmd("query-block-jobs", json!({}))?;
+                        mirrored[i] =
+                            jobs.as_array().and_then(|j| j.first()).map_or(0, |j| j["offset"].as_u64().unwrap_or(0));
+                        src.qmp.cmd("block-job-cancel", json!({"device": "m0"}))?;
+                        while src.qmp.cmd("query-block-jobs", json!({}))?.as_array().is_some_and(|j| !j.is_empty()) {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        src.qmp.cmd("migrate-continue", json!({"state": "pre-switchover"}))?;
+                    }
                     "completed" => migrated[i] = Some((r, Instant::now())),
                     "failed" | "cancelled" => {
                         done[i] = Some(json!({"vm": vm.name, "status": r["status"], "error": r["error-desc"]}))
@@ -361,17 +382,11 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
                     continue;
                 }
             }
-            // The switch-over happened with the mirror in sync: complete it (the destination's
-            // disk is then the source's at the switch-over), then start the destination.
-            let jobs = src.qmp.cmd("query-block-jobs", json!({}))?;
-            let disk_bytes = jobs.as_array().and_then(|j| j.first()).map_or(0, |j| j["offset"].as_u64().unwrap_or(0));
-            src.qmp.cmd("block-job-cancel", json!({"device": "m0"}))?;
-            while src.qmp.cmd("query-block-jobs", json!({}))?.as_array().is_some_and(|j| !j.is_empty()) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            // Its memory and disk are in: start it.
+            let disk_bytes = mirrored[i];
             dst.qmp.cmd("cont", json!({}))?;
-            // QEMU's own downtime ends at the source's last write; the guest runs again only
-            // now, at the destination.
+            // QEMU's own downtime (which includes the mirror's completion at pre-switchover)
+            // ends at the source's last write; the guest runs again only now.
             let resume_ms = completed_at.elapsed().as_millis() as u64;
             let qemu_downtime = r["downtime"].as_u64().unwrap_or(0);
             // A VM's time runs from the start of the move (its mirror first, then the memory)

@@ -35,6 +35,9 @@ struct Cli {
     /// Families to run: size, workload, bandwidth, granularity (network timings come with every run).
     #[arg(long, value_delimiter = ',', default_value = "size,workload,bandwidth,granularity")]
     families: Vec<String>,
+    /// Workloads of the workload family (`mem`, `io`).
+    #[arg(long, value_delimiter = ',', default_value = "mem,io")]
+    workloads: Vec<String>,
     /// Cluster sizes (the largest is used by the bandwidth and granularity families).
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<usize>>,
@@ -229,7 +232,7 @@ fn matrix(cli: &Cli) -> Vec<Point> {
         }
     }
     if want("workload") {
-        for w in ["mem", "io"] {
+        for w in ["mem", "io"].into_iter().filter(|w| cli.workloads.iter().any(|x| x == w)) {
             for &n in &sizes {
                 pts.push(p("workload", w, n, 100, 4096, true));
             }
@@ -489,7 +492,7 @@ fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: 
         "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
         "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
             "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
-        "qemu": "live: the same guest, command line and disk on qemu-system-x86_64 -M microvm -accel kvm -kernel (PVH) at site-A hosts, taps on the hosts' br0, migrated all at once to QEMUs started with -incoming at site-B hosts; qemu = plain pre-copy (QEMU's defaults, 300 ms downtime limit), qemu_zstd = multifd, 2 channels, multifd-compression zstd; max-bandwidth unlimited; disks moved as libvirt does without shared storage (NBD export of a new overlay on site B's base, blockdev-mirror sync=top, migrate when ready, mirror completed after the switch-over); wan_net_bytes = link bytes less the probes' own traffic (calibrated over 2 s before each move), for every system",
+        "qemu": "live: the same guest, command line and disk on qemu-system-x86_64 -M microvm -accel kvm -kernel (PVH) at site-A hosts, taps on the hosts' br0, migrated all at once to QEMUs started with -incoming at site-B hosts; qemu = plain pre-copy (QEMU's defaults, 300 ms downtime limit), qemu_zstd = multifd, 2 channels, multifd-compression zstd; max-bandwidth unlimited; disks moved as libvirt does without shared storage (NBD export of a new overlay on site B's base, blockdev-mirror sync=top, migrate when ready with pause-before-switchover, the mirror completed while the guest is paused, the destination started with -S and resumed then); a move ends when the destination runs, and its downtime runs until then; wan_net_bytes = link bytes less the probes' own traffic (calibrated over 2 s before each move), for every system",
         "points": points,
         "source_pipeline": pipeline,
         "seconds": t0.elapsed().as_secs(),
@@ -504,6 +507,9 @@ fn main() -> ExitCode {
             if !["size", "workload", "bandwidth", "granularity"].contains(&f.as_str()) {
                 return Err(format!("--families: '{f}' is not one of size, workload, bandwidth, granularity"));
             }
+        }
+        if let Some(w) = cli.workloads.iter().find(|w| !["mem", "io"].contains(&w.as_str())) {
+            return Err(format!("--workloads: '{w}' is not one of mem, io"));
         }
         if cli.sizes.as_ref().is_some_and(|s| s.contains(&0)) || cli.rates.as_ref().is_some_and(|r| r.contains(&0)) {
             return Err("--sizes and --rates take positive numbers".into());
