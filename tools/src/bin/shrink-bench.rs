@@ -50,6 +50,10 @@ struct Cli {
     /// Leave QEMU out.
     #[arg(long)]
     no_qemu: bool,
+    /// Measure nothing: draw the plots of an existing eval.json (e.g. one merged from several
+    /// runs) into --out.
+    #[arg(long, value_name = "EVAL_JSON")]
+    replot: Option<PathBuf>,
     /// Testbed name (namespaces `<name>-*`).
     #[arg(long, default_value = "bench")]
     name: String,
@@ -502,6 +506,27 @@ fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let t0 = Instant::now();
+    if let Some(f) = &cli.replot {
+        let r = std::fs::read_to_string(f)
+            .map_err(|e| format!("{}: {e}", f.display()))
+            .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| format!("{}: {e}", f.display())))
+            .and_then(|doc| {
+                let points = doc["points"].as_array().cloned().ok_or_else(|| format!("{}: no points", f.display()))?;
+                eval::font().map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&cli.out).map_err(|e| format!("{}: {e}", cli.out.display()))?;
+                plots(&cli.out, &points)
+            });
+        return match r {
+            Ok(made) => {
+                eprintln!("wrote {} in {}", made.join(", "), cli.out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shrink-bench: error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let r = (|| -> Result<usize, String> {
         for f in &cli.families {
             if !["size", "workload", "bandwidth", "granularity"].contains(&f.as_str()) {
