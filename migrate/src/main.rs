@@ -295,14 +295,7 @@ fn run(args: &Args) -> Result<Outcome, String> {
             }
         };
         let (info, ram) = (&q.info, &q.info.ram);
-        let snapshot = Snapshot {
-            status: info.status.as_str(),
-            pass: ram.dirty_sync_count,
-            sent: ram.transferred + info.disk.as_ref().map_or(0, |d| d.transferred),
-            total: ram.total,
-            remaining: ram.remaining,
-            deduplicated: ram.deduplicated,
-        };
+        let snapshot = Snapshot::of(info);
         let stalled = stall.observe(snapshot.sent, Instant::now());
         bar.set_length(ram.total);
         bar.set_position(ram.total.saturating_sub(ram.remaining));

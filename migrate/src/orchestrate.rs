@@ -557,14 +557,7 @@ fn follow(live: &mut [Live], dests: &[Destination], mode: Mode) {
             match query::<SourceQuery>(Path::new(&l.m.api)) {
                 Ok(q) => {
                     let (i, ram) = (&q.info, &q.info.ram);
-                    let snapshot = Snapshot {
-                        status: i.status.as_str(),
-                        pass: ram.dirty_sync_count,
-                        sent: ram.transferred + i.disk.as_ref().map_or(0, |d| d.transferred),
-                        total: ram.total,
-                        remaining: ram.remaining,
-                        deduplicated: ram.deduplicated,
-                    };
+                    let snapshot = Snapshot::of(i);
                     let stalled = l.stall.observe(snapshot.sent, Instant::now());
                     l.bar.set_length(ram.total);
                     l.bar.set_position(ram.total.saturating_sub(ram.remaining));

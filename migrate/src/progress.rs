@@ -103,6 +103,21 @@ pub struct Snapshot<'a> {
     pub deduplicated: u64,
 }
 
+impl<'a> Snapshot<'a> {
+    /// What a source VMM's `query-migrate` says (memory and disks together).
+    pub fn of(info: &'a crate::precopy::MigrationInfo) -> Snapshot<'a> {
+        let ram = &info.ram;
+        Snapshot {
+            status: info.status.as_str(),
+            pass: ram.dirty_sync_count,
+            sent: ram.transferred + info.disk.as_ref().map_or(0, |d| d.transferred),
+            total: ram.total,
+            remaining: ram.remaining,
+            deduplicated: ram.deduplicated,
+        }
+    }
+}
+
 /// One VM's progress as a line of text, with how long it has been stalled if it is.
 pub fn describe(s: &Snapshot, stalled: Option<Duration>) -> String {
     let done = (s.total.saturating_sub(s.remaining) * 100).checked_div(s.total).unwrap_or(0);
