@@ -220,7 +220,7 @@ fn main() {
         "date": date,
         "host": shrink_testutil::util::host_info(),
         "command": "cargo bench -p hypervisor --bench precopy -- bench/results/precopy.json",
-        "note": "QEMU migrates the same guest live (PVH boot of images/out/shrink-guest on -M microvm, the same command line and run time); qemu_zstd: multifd, 2 channels, zstd, whose transferred bytes QEMU counts before compression",
+        "note": "QEMU migrates the same guest live (PVH boot of images/out/shrink-guest on -M microvm, the same command line and run time); qemu_zstd: multifd, 2 channels, zstd, whose transferred bytes QEMU counts before compression; QEMU's times and downtimes are its own query-migrate figures, which end at the source's last write (before the data has crossed the link and the destination runs), shrink's at the destination's verdict: for the small idle moves QEMU's look shorter than the link allows",
         "runs": results,
     });
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
