@@ -133,9 +133,7 @@ fn qemu_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, dst
     let ok = |r: Result<Value, QemuError>| r.unwrap_or_else(|e| panic!("{e}"));
     for end in [&mut q, &mut dst] {
         if zstd {
-            ok(end
-                .cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]})));
-            ok(end.cmd("migrate-set-parameters", json!({"multifd-channels": 2, "multifd-compression": "zstd"})));
+            qemu::enable_multifd_zstd(end).unwrap_or_else(|e| panic!("{e}"));
         }
     }
     ok(dst.cmd("migrate-incoming", json!({"uri": uri})));

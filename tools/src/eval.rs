@@ -166,6 +166,9 @@ pub enum QemuVariant {
 }
 
 impl QemuVariant {
+    /// Both, in the order the evaluation runs them.
+    pub const ALL: [QemuVariant; 2] = [QemuVariant::Plain, QemuVariant::MultifdZstd];
+
     /// Its key in `eval.json` (`qemu`, `qemu_zstd`).
     pub fn key(self) -> &'static str {
         match self {
@@ -185,8 +188,7 @@ impl QemuVariant {
     /// The QMP capabilities and parameters both ends get before the migration.
     fn setup(self, q: &mut Qemu) -> Result<()> {
         if self == QemuVariant::MultifdZstd {
-            q.cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]}))?;
-            q.cmd("migrate-set-parameters", json!({"multifd-channels": 2, "multifd-compression": "zstd"}))?;
+            qemu::enable_multifd_zstd(q)?;
         }
         Ok(())
     }
@@ -233,8 +235,9 @@ fn qemu_side(tb: &Testbed, tag: &str, ns: &str, argv: Vec<String>) -> Result<Sid
 /// site B's own base image over NBD, the source mirrors its top layer into it
 /// (`blockdev-mirror sync=top`), migrates once the mirror is ready with
 /// `pause-before-switchover`, completes the mirror while the guest is paused, switches over,
-/// and resumes the destination (started with `-S`), as libvirt does. The clients of both sites probe every VM meanwhile, and vnetd sees QEMU's own RARP
-/// announcements, so the network figures are those of shrink's runs.
+/// and resumes the destination (started with `-S`), as libvirt does. The clients of both sites
+/// probe every VM meanwhile, and vnetd sees QEMU's own RARP announcements, so the network
+/// figures are those of shrink's runs.
 ///
 /// A VM's move ends when its destination runs. Its downtime (`downtime_ms`) is QEMU's own
 /// (`query-migrate`: from the source's stop to its last write into the socket) plus the time
@@ -332,10 +335,11 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
         let uri = format!("tcp:{}:{}", Testbed::host_addr(Site::B, *k), 8100 + i);
         src.qmp.cmd("migrate", json!({"uri": uri}))?;
     }
-    // Every VM in turn, polled every 5 ms: its source completes (QEMU's status says so once the
-    // last byte is written to the socket, before it has crossed the link), the mirror is
-    // completed, and the destination, started paused as libvirt starts it, is resumed once its
-    // incoming migration is in. The VM has moved when its destination runs.
+    // Every VM in turn, polled every 5 ms: its source reaches `pre-switchover` (the mirror is
+    // completed there), then completes (QEMU's status says so once the last byte is written
+    // to the socket, before it has crossed the link), and the destination, started paused as
+    // libvirt starts it, is resumed once its incoming migration is in. The VM has moved when
+    // its destination runs.
     let n = pairs.len();
     let mut migrated: Vec<Option<(Value, Instant)>> = vec![None; n];
     let mut mirrored: Vec<u64> = vec![0; n];
@@ -405,8 +409,7 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
     let (a1, _) = tb.wan_bytes()?;
     std::thread::sleep(Duration::from_secs(2));
     let probes = tb.stop_probes()?;
-    let report = json!({"vms": out});
-    let network = tb.network_report(Site::B, &report, &probes);
+    let network = tb.network_report(Site::B, &json!({"vms": out}), &probes);
     for ((_, _, _, dst), _) in pairs.iter_mut().zip(&out).filter(|(_, v)| v["status"] == "completed") {
         // Every destination of a completed move runs its guest now.
         let st = dst.qmp.cmd("query-status", json!({}))?;
@@ -414,7 +417,8 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
             return Err(TestbedError::Failed(format!("{}: the destination QEMU is {}", dst.qmp.tag(), st["status"])));
         }
     }
-    let vms = report["vms"].as_array().cloned().unwrap_or_default();
+    let vms = out;
+    let net = net_link_bytes(a0, a1, probe_bps, total.as_secs_f64());
     let sum = |k: &str| vms.iter().map(|v| v[k].as_u64().unwrap_or(0)).sum::<u64>();
     let n = vms.len().max(1) as u64;
     Ok(json!({
@@ -422,8 +426,7 @@ pub fn qemu_live(tb: &mut Testbed, spec: &BootSpec, variant: QemuVariant) -> Res
         "total_time_ms": total.as_millis() as u64,
         // What crossed the link for the move (QEMU's own counters do not count what zstd
         // saved): the link's bytes less the probes' traffic.
-        "wan_bytes": net_link_bytes(a0, a1, probe_bps, total.as_secs_f64()),
-        "wan_net_bytes": net_link_bytes(a0, a1, probe_bps, total.as_secs_f64()),
+        "wan_bytes": net, "wan_net_bytes": net,
         "wan_link_bytes": a1 - a0, "probe_link_bytes_per_s": probe_bps as u64,
         "stream_bytes": sum("memory_bytes") + sum("disk_bytes"),
         "avg_vm_time_ms": sum("total_time_ms") / n, "avg_downtime_ms": sum("downtime_ms") / n,

@@ -186,7 +186,7 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     // QEMU, live, on a fresh testbed per variant (the same link, guests and workload).
     let mut qemu = serde_json::Map::new();
     if p.baselines && !cli.no_qemu && shrink_testutil::qemu::binary().is_some() {
-        for variant in [QemuVariant::Plain, QemuVariant::MultifdZstd] {
+        for variant in QemuVariant::ALL {
             let mut tb = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
             let r = eval::qemu_live(&mut tb, &spec, variant);
             testbed::down(&opts.name, &dir).map_err(e)?;
@@ -273,12 +273,8 @@ fn systems(
     let mut out = Vec::new();
     // A run where a VM failed is not a measurement of the system.
     let valid = |v: &Value| v["ok"] != false && v["failed"].as_u64().unwrap_or(0) == 0;
-    for (name, key) in [
-        ("shrink", "shrink"),
-        ("shrink --no-dedup", "no_dedup"),
-        (QemuVariant::Plain.label(), "qemu"),
-        (QemuVariant::MultifdZstd.label(), "qemu_zstd"),
-    ] {
+    let qemus = QemuVariant::ALL.map(|v| (v.label(), v.key()));
+    for (name, key) in [("shrink", "shrink"), ("shrink --no-dedup", "no_dedup")].into_iter().chain(qemus) {
         let pts: Vec<(f64, f64)> =
             points.iter().filter(|p| valid(&p[key])).filter_map(|p| Some((x(p), y(&p[key])?))).collect();
         if !pts.is_empty() {
@@ -411,8 +407,9 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         dashed: false,
     }];
     gt.extend(reference("no_dedup", "--no-dedup", &time));
-    gt.extend(reference("qemu", QemuVariant::Plain.label(), &time));
-    gt.extend(reference("qemu_zstd", QemuVariant::MultifdZstd.label(), &time));
+    for v in QemuVariant::ALL {
+        gt.extend(reference(v.key(), v.label(), &time));
+    }
     fig(
         "fig-granularity.png",
         &format!("{nmax} idle VMs, 100 Mbit/s, chunk size (thesis fig. 6.8)"),
@@ -439,9 +436,7 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     };
     let ser = |name: &str, k: &str, max: bool| sys_ser(name, "shrink", k, max);
     let mut against = Vec::new();
-    for (label, sys) in
-        [("shrink", "shrink"), (QemuVariant::Plain.label(), "qemu"), (QemuVariant::MultifdZstd.label(), "qemu_zstd")]
-    {
+    for (label, sys) in std::iter::once(("shrink", "shrink")).chain(QemuVariant::ALL.map(|v| (v.label(), v.key()))) {
         against.push(sys_ser(&format!("{label}: downtime (max)"), sys, "downtime_ms", true));
         against.push(sys_ser(&format!("{label}: gap at site B (mean)"), sys, "gap_b_ms", false));
     }
