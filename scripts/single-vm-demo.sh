@@ -13,6 +13,8 @@ work=$(mktemp -d /tmp/shrink-demo.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+# The key the VMMs' migration TLS is made from (steps 4 and 5).
+target/release/shrink-migrate --new-cluster-key $work/cluster.key >/dev/null
 
 api() { # api SOCKET JSON -> reply line
 	python3 - "$1" "$2" <<'PY'
@@ -42,17 +44,17 @@ last=$(grep -o "heartbeat [0-9]*" $work/vm1.serial | tail -1)
 api $work/vm1.sock '{"execute":"quit"}' >/dev/null
 echo "   snapshot: $(du -sh --apparent-size $work/snap | cut -f1) apparent, $(du -sh $work/snap | cut -f1) on disk; last $last"
 echo "== 4. restore in a new VMM process"
-$VMM --restore $work/snap --paused --api $work/vm2.sock --serial $work/vm2.serial & pids+=($!)
+$VMM --restore $work/snap --paused --cluster-key $work/cluster.key --api $work/vm2.sock --serial $work/vm2.serial & pids+=($!)
 for _ in $(seq 1 100); do [ -S $work/vm2.sock ] && break; sleep 0.1; done
 after=$(api $work/vm2.sock '{"execute":"memory-digest"}')
 [ "$before" = "$after" ] && echo "   memory identical after restore" || { echo "   MEMORY DIFFERS"; exit 1; }
 api $work/vm2.sock '{"execute":"resume"}' >/dev/null
 wait_for $work/vm2.serial "heartbeat"
 echo "   before: $last; after restore: $(grep -o 'heartbeat [0-9]*' $work/vm2.serial | head -1)"
-echo "== 5. live-migrate the running guest to a new VMM (over loopback)"
+echo "== 5. live-migrate the running guest to a new VMM (over loopback, TLS on a new cluster key)"
 echo "   (--verify: both ends hash all 256 MiB during the pause to prove the copy exact; it adds"
 echo "    that hashing to the downtime — without it, an idle guest pauses for a few milliseconds)"
-$VMM --incoming tcp:127.0.0.1:4444 --api $work/vm3.sock --serial $work/vm3.serial & pids+=($!)
+$VMM --incoming tcp:127.0.0.1:4444 --cluster-key $work/cluster.key --api $work/vm3.sock --serial $work/vm3.serial & pids+=($!)
 for _ in $(seq 1 100); do [ -S $work/vm3.sock ] && break; sleep 0.1; done
 target/release/shrink-migrate --vm $work/vm2.sock --to tcp:127.0.0.1:4444 --verify | sed 's/^/   /'
 wait_for $work/vm3.serial "heartbeat"

@@ -66,12 +66,14 @@ fn shrink_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, d
     let guest = repo().join("images/out/shrink-guest");
     let uri = format!("tcp:{dst_ip}:7100");
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    // TLS between the two, as deployed.
+    let key = shrink_testutil::util::cluster_key().to_str().unwrap();
     let _ = std::fs::remove_file(&src_sock);
     let _ = std::fs::remove_file(&dst_sock);
     let _dst = spawn_in(
         b,
         &vmm,
-        &["--incoming", &uri, "--api", dst_sock.to_str().unwrap(), "--serial", "/dev/null"],
+        &["--incoming", &uri, "--api", dst_sock.to_str().unwrap(), "--serial", "/dev/null", "--cluster-key", key],
         &dir.join("dst.log"),
     );
     let serial = dir.join("src.serial");
@@ -89,6 +91,8 @@ fn shrink_run(dir: &Path, a: &Netns, b: &Netns, cmdline: &str, fill: Duration, d
             src_sock.to_str().unwrap(),
             "--serial",
             serial.to_str().unwrap(),
+            "--cluster-key",
+            key,
         ],
         &dir.join("src.log"),
     );

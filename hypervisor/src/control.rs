@@ -256,6 +256,8 @@ pub struct Controller {
     migration: Option<Outgoing>,
     incoming: Option<crate::migration::IncomingStats>,
     site: Option<migrate::shrinker::SiteIndex>,
+    /// How migrations leave (None: this VMM was started without --cluster-key or --plain-tcp).
+    transport: Option<indexd::tls::Transport>,
 }
 
 impl Controller {
@@ -267,7 +269,12 @@ impl Controller {
 
     /// A controller for `vmm` serving a channel made beforehand (the API may start first).
     pub fn with_channel(vmm: Vmm, tx: Sender<ControlMsg>, rx: Receiver<ControlMsg>) -> Controller {
-        Controller { vmm, tx, rx, migration: None, incoming: None, site: None }
+        Controller { vmm, tx, rx, migration: None, incoming: None, site: None, transport: None }
+    }
+
+    /// How outgoing migrations travel; none refuses them.
+    pub fn set_transport(&mut self, transport: Option<indexd::tls::Transport>) {
+        self.transport = transport;
     }
 
     /// Where API servers and helpers send their messages.
@@ -300,7 +307,15 @@ impl Controller {
             Command::Migrate | Command::Resume | Command::Snapshot if migrated => {
                 generic("the guest was migrated and runs at the destination".into())
             }
-            Command::Status => ok_reply(serde_json::to_value(self.vmm.status()).unwrap_or(Value::Null)),
+            Command::Status => {
+                let mut v = serde_json::to_value(self.vmm.status()).unwrap_or(Value::Null);
+                if let Some(o) = v.as_object_mut() {
+                    // How this VMM migrates, so that an orchestrator can check it before a move.
+                    o.insert("transport".into(), json!(self.transport.as_ref().map(|t| t.name())));
+                    o.insert("cluster_key".into(), json!(self.transport.as_ref().and_then(|t| t.fingerprint())));
+                }
+                ok_reply(v)
+            }
             Command::Pause => self.vmm.pause().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string())),
             Command::Resume => {
                 self.vmm.resume().map(|_| ok_reply(json!({}))).unwrap_or_else(|e| generic(e.to_string()))
@@ -343,14 +358,16 @@ impl Controller {
             Command::Migrate => {
                 if self.migration.as_ref().is_some_and(|m| m.running()) {
                     generic("a migration is already in progress".into())
-                } else {
-                    match Outgoing::start(&self.vmm, args, VmmCaller::new(self.tx.clone())) {
+                } else if let Some(transport) = &self.transport {
+                    match Outgoing::start(&self.vmm, args, transport, VmmCaller::new(self.tx.clone())) {
                         Ok(m) => {
                             self.migration = Some(m);
                             ok_reply(json!({}))
                         }
                         Err(e) => generic(e.to_string()),
                     }
+                } else {
+                    generic(crate::migration::NO_TRANSPORT.into())
                 }
             }
             Command::QueryMigrate => match (&self.migration, &self.incoming) {

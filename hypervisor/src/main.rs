@@ -101,6 +101,17 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = migrate::precopy::DEFAULT_PULL_WAIT_MS, requires = "incoming")]
     pull_wait_ms: u64,
 
+    /// The cluster key (a file made by `shrink-migrate --new-cluster-key`, mode 0600): migration
+    /// streams and peer fetches use TLS 1.3 with mutual authentication on it, and only hosts
+    /// holding the same key are accepted. Migrating needs this or --plain-tcp.
+    #[arg(long, value_name = "FILE", conflicts_with = "plain_tcp")]
+    cluster_key: Option<PathBuf>,
+
+    /// Migrate (and serve peers) over plain TCP, in clear text and unauthenticated: only for a
+    /// network that is trusted end to end.
+    #[arg(long)]
+    plain_tcp: bool,
+
     /// Start with the vCPUs paused (resume through the API).
     #[arg(long)]
     paused: bool,
@@ -126,6 +137,12 @@ fn run(args: Args) -> Result<Exit, String> {
         Some(p) => SerialOutput::File(p.clone()),
         None => SerialOutput::Stdout,
     };
+    // A key that cannot be used is reported before anything starts.
+    let transport =
+        indexd::tls::Transport::configured(args.cluster_key.as_deref(), args.plain_tcp).map_err(|e| e.to_string())?;
+    if args.incoming.is_some() && transport.is_none() {
+        return Err(migration::NO_TRANSPORT.into());
+    }
     let net = args.net.iter().map(|n| NetConfig::parse(n).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
     // Absolute paths: `status` reports them, and an orchestrator acts on them from elsewhere.
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
@@ -160,6 +177,7 @@ fn run(args: Args) -> Result<Exit, String> {
             peer_listen: args.peer_listen.clone(),
             peer_advertise: args.peer_advertise.clone(),
             wait: std::time::Duration::from_millis(args.pull_wait_ms),
+            transport: transport.clone().expect("checked above"),
         });
         let opts = IncomingOptions {
             name,
@@ -172,7 +190,8 @@ fn run(args: Args) -> Result<Exit, String> {
         // source has connected; the rest then waits for the VM).
         let waiting =
             control::WaitingApi::start(rx, tx.clone()).map_err(|e| format!("cannot start the API thread: {e}"))?;
-        let r = migration::incoming(listener, opts, || waiting.connected());
+        let t = transport.as_ref().expect("checked above");
+        let r = migration::incoming(listener, opts, t, || waiting.connected());
         rx = waiting.finish();
         let (vmm, stats, site) = r.map_err(|e| e.to_string())?;
         tracing::info!("incoming migration done: {stats:?}");
@@ -196,6 +215,7 @@ fn run(args: Args) -> Result<Exit, String> {
         Vmm::boot(&cfg).map_err(|e| e.to_string())?
     };
     let mut controller = Controller::with_channel(vmm, tx, rx);
+    controller.set_transport(transport);
     if let Some((stats, site)) = incoming_stats {
         controller.set_incoming(stats, site);
     }

@@ -18,6 +18,8 @@
 //! removes it if the migration fails.
 
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+
+use indexd::tls::{Stream, Transport};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -66,6 +68,9 @@ pub enum MigrationSetupError {
     /// A service the migration needs refuses it (its message names which, secrets masked).
     #[error("{0}")]
     Refused(String),
+    /// The TLS handshake with the other end failed.
+    #[error(transparent)]
+    Tls(#[from] indexd::tls::TlsError),
     /// The migration thread could not be started.
     #[error("cannot start the migration thread: {0}")]
     Thread(std::io::Error),
@@ -81,6 +86,10 @@ pub enum MigrationSetupError {
         source: precopy::MigrationError,
     },
 }
+
+/// Why a VMM started without either transport flag does not migrate.
+pub const NO_TRANSPORT: &str = "migrating needs --cluster-key FILE (TLS between the cluster's hosts) or, on a \
+                                trusted network only, --plain-tcp";
 
 fn socket_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> MigrationSetupError {
     move |source| MigrationSetupError::Socket { what, addr: addr.to_string(), source }
@@ -322,13 +331,19 @@ pub struct Outgoing {
     info: Arc<Mutex<MigrationInfo>>,
     dedup: Option<Arc<Mutex<DedupStats>>>,
     cancel: Arc<AtomicBool>,
-    socket: Arc<Mutex<Option<TcpStream>>>,
+    socket: Arc<Mutex<Option<Stream>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Outgoing {
     /// Starts migrating `vmm` as `args` (the `migrate` command's arguments) ask.
-    pub fn start(vmm: &Vmm, args: &Value, caller: VmmCaller) -> Result<Outgoing, MigrationSetupError> {
+    pub fn start(
+        vmm: &Vmm,
+        args: &Value,
+        transport: &Transport,
+        caller: VmmCaller,
+    ) -> Result<Outgoing, MigrationSetupError> {
+        let transport = transport.clone();
         let (addr, params, dedup_cfg) = parse_migrate_args(args)?;
         let margs = MigrateArgs::from_json(args)?;
         let repository = margs.repository;
@@ -376,7 +391,9 @@ impl Outgoing {
                 });
                 let result = result.and_then(|dedup| {
                     let window = CONNECT_WINDOW.min(params.verdict_timeout);
-                    connect(&addr, params.verdict_timeout, window, &c).map_err(|e| e.to_string()).map(|s| (s, dedup))
+                    connect(&addr, &transport, params.verdict_timeout, window, &c)
+                        .map_err(|e| e.to_string())
+                        .map(|s| (s, dedup))
                 });
                 let result = result.and_then(|(stream, dedup)| {
                     // A destination that neither answers nor takes the stream for this long
@@ -495,13 +512,16 @@ fn connect_backoff(attempt: u32) -> Duration {
 }
 
 /// Connects to `addr`, trying again for up to `window` (and until `cancel`), with the
-/// connection options of [`tune`]. The error is the last attempt's, with how long it tried.
+/// connection options of [`tune`], and makes the `transport`'s handshake (not retried: a peer
+/// that answers with another key or no TLS is not going to change its mind). The error is the
+/// last attempt's, with how long it tried.
 fn connect(
     addr: &str,
+    transport: &Transport,
     user_timeout: Duration,
     window: Duration,
     cancel: &AtomicBool,
-) -> Result<TcpStream, MigrationSetupError> {
+) -> Result<Stream, MigrationSetupError> {
     let user_timeout_ms = user_timeout.as_millis().min(u32::MAX as u128) as u32;
     let start = std::time::Instant::now();
     let mut attempt = 0;
@@ -516,7 +536,7 @@ fn connect(
                     if attempt > 0 {
                         tracing::info!("connected to {a} at attempt {}", attempt + 1);
                     }
-                    return Ok(s);
+                    return Ok(transport.connect(s)?);
                 }
                 Err(e) => last = socket_err("cannot connect to", a)(e),
             }
@@ -848,28 +868,36 @@ pub fn listen(uri: &str) -> Result<TcpListener, MigrationSetupError> {
 pub fn incoming(
     listener: TcpListener,
     opts: IncomingOptions,
+    transport: &Transport,
     on_connected: impl FnOnce(),
 ) -> Result<(Vmm, IncomingStats, Option<SiteIndex>), MigrationSetupError> {
     let addr = listener.local_addr().map_err(socket_err("incoming listener", "?"))?;
     // Polled, so that SIGINT, SIGTERM and `quit` end the wait.
     listener.set_nonblocking(true).map_err(socket_err("incoming listener", addr))?;
     let (stream, peer) = loop {
-        match listener.accept() {
-            Ok(s) => break s,
+        let (tcp, peer) = match listener.accept() {
+            Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if crate::control::terminating() {
                     return Err(MigrationSetupError::Terminated(addr.to_string()));
                 }
                 std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             Err(e) => return Err(socket_err("accept on", addr)(e)),
+        };
+        tcp.set_nonblocking(false).map_err(socket_err("incoming migration socket from", peer))?;
+        // A connection that fails the handshake (another cluster key, no TLS, a port scan) is
+        // not the source: the wait goes on.
+        match transport.accept(tcp) {
+            Ok(s) => break (s, peer),
+            Err(e) => tracing::warn!("incoming connection refused: {e}"),
         }
     };
-    stream.set_nonblocking(false).map_err(socket_err("incoming migration socket from", peer))?;
     drop(listener);
     on_connected();
-    tracing::info!("incoming migration from {peer}");
-    let back = tune(&stream, DEST_USER_TIMEOUT_MS)
+    tracing::info!("incoming migration from {peer} ({transport})");
+    let back = tune(stream.tcp(), DEST_USER_TIMEOUT_MS)
         .and_then(|_| stream.set_read_timeout(Some(INCOMING_IDLE_TIMEOUT)))
         .and_then(|_| stream.try_clone())
         .map_err(socket_err("incoming migration socket from", peer))?;
@@ -938,17 +966,26 @@ mod tests {
         });
         let no = AtomicBool::new(false);
         let t = std::time::Instant::now();
-        connect(&addr.to_string(), Duration::from_secs(5), Duration::from_secs(10), &no).expect("connected late");
+        connect(&addr.to_string(), &Transport::Plain, Duration::from_secs(5), Duration::from_secs(10), &no)
+            .expect("connected late");
         assert!(t.elapsed() >= Duration::from_millis(500));
         late.join().unwrap().unwrap();
 
         let t = std::time::Instant::now();
-        let e = connect(&addr.to_string(), Duration::from_secs(5), Duration::from_millis(700), &no).unwrap_err();
+        let e = connect(&addr.to_string(), &Transport::Plain, Duration::from_secs(5), Duration::from_millis(700), &no)
+            .unwrap_err();
         assert!(e.to_string().contains("cannot connect to"), "{e}");
         assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(5));
         let cancelled = AtomicBool::new(true);
         let t = std::time::Instant::now();
-        assert!(connect(&addr.to_string(), Duration::from_secs(5), Duration::from_secs(30), &cancelled).is_err());
+        assert!(connect(
+            &addr.to_string(),
+            &Transport::Plain,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            &cancelled
+        )
+        .is_err());
         assert!(t.elapsed() < Duration::from_secs(2), "a cancel stops the tries");
     }
 }

@@ -9,12 +9,14 @@
 //! - [`peer`]: serve and fetch chunks by digest between the hypervisors of one site, in batches.
 //! - [`repo`]: the site's image repository as a content source: the chunks of each base image,
 //!   published in the index Redis (`shrink-repo index`).
+//! - [`tls`]: mutually authenticated TLS 1.3 between the cluster's hosts, from a cluster key.
 
 pub mod hash;
 pub mod index;
 pub mod peer;
 pub mod redis;
 pub mod repo;
+pub mod tls;
 
 pub use hash::{digest, Algo, HashError};
 pub use index::ContentIndex;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use indexd::hash::{digest, verify, Algo};
 use indexd::peer::{self, ChunkSource, PeerClient, PeerError, PeerServer};
+use indexd::tls::{ClusterKey, Tls, Transport};
 use shrink_testutil::util::XorShift;
 
 /// Chunks in memory, checked against their digest before being served (as a VMM does).
@@ -27,12 +28,27 @@ fn page(i: u64, len: usize) -> Vec<u8> {
     XorShift::new(i).bytes(len)
 }
 
-/// A server holding pages 0..n (4 KiB) and their SHA-256 digests.
+/// This test cluster's TLS (one key for every server and client of the process).
+fn tls() -> Transport {
+    static T: std::sync::OnceLock<Transport> = std::sync::OnceLock::new();
+    T.get_or_init(other_cluster).clone()
+}
+
+/// TLS on a key of its own.
+fn other_cluster() -> Transport {
+    Transport::Tls(Arc::new(Tls::new(&ClusterKey::generate().unwrap()).unwrap()))
+}
+
+/// A server holding pages 0..n (4 KiB) and their SHA-256 digests, over TLS.
 fn serve(n: u64) -> (PeerServer, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    serve_on(n, &tls())
+}
+
+fn serve_on(n: u64, transport: &Transport) -> (PeerServer, Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let pages: Vec<_> = (0..n).map(|i| page(i, 4096)).collect();
     let digests: Vec<_> = pages.iter().map(|p| digest(Algo::Sha256, p)).collect();
     let src = MapSource { algo: Algo::Sha256, chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect() };
-    let server = PeerServer::start("127.0.0.1:0", Arc::new(src)).unwrap();
+    let server = PeerServer::start("127.0.0.1:0", Arc::new(src), transport).unwrap();
     (server, digests, pages)
 }
 
@@ -43,7 +59,7 @@ fn addr(s: &PeerServer) -> String {
 #[test]
 fn batch_hits_and_misses() {
     let (server, digests, pages) = serve(100);
-    let mut client = PeerClient::new(Duration::from_secs(5));
+    let mut client = PeerClient::new(Duration::from_secs(5), tls());
     let missing: Vec<_> = (1000..1010u64).map(|i| digest(Algo::Sha256, &page(i, 4096))).collect();
     // Interleave hits and misses.
     let mut ask = Vec::new();
@@ -77,7 +93,7 @@ fn batch_hits_and_misses() {
 #[test]
 fn batches_larger_than_one_request() {
     let (server, digests, pages) = serve(500);
-    let mut client = PeerClient::new(Duration::from_secs(5));
+    let mut client = PeerClient::new(Duration::from_secs(5), tls());
     // 10 000 digests: three requests of at most 4096 on one connection.
     let ask: Vec<_> = (0..10_000).map(|i| digests[i % 500].clone()).collect();
     let got = client.fetch(&addr(&server), &ask).unwrap();
@@ -93,15 +109,15 @@ fn sha1_digests() {
     let pages: Vec<_> = (0..10).map(|i| page(i, 4096)).collect();
     let digests: Vec<_> = pages.iter().map(|p| digest(Algo::Sha1, p)).collect();
     let src = MapSource { algo: Algo::Sha1, chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect() };
-    let server = PeerServer::start("0.0.0.0:0", Arc::new(src)).unwrap();
-    let got = PeerClient::new(Duration::from_secs(5)).fetch(&addr(&server), &digests).unwrap();
+    let server = PeerServer::start("0.0.0.0:0", Arc::new(src), &tls()).unwrap();
+    let got = PeerClient::new(Duration::from_secs(5), tls()).fetch(&addr(&server), &digests).unwrap();
     assert_eq!(got.into_iter().map(Option::unwrap).collect::<Vec<_>>(), pages);
 }
 
 #[test]
 fn corrupt_mode_is_detected_by_verification() {
     let (server, digests, _) = serve(20);
-    let mut client = PeerClient::new(Duration::from_secs(5));
+    let mut client = PeerClient::new(Duration::from_secs(5), tls());
     server.set_corrupt(true);
     let got = client.fetch(&addr(&server), &digests).unwrap();
     for (d, g) in digests.iter().zip(&got) {
@@ -118,7 +134,7 @@ fn corrupt_mode_is_detected_by_verification() {
 #[test]
 fn client_refuses_bad_batches() {
     let (server, _, _) = serve(1);
-    let mut client = PeerClient::new(Duration::from_secs(5));
+    let mut client = PeerClient::new(Duration::from_secs(5), tls());
     let e = client.fetch(&addr(&server), &[vec![1; 20], vec![1; 32]]).unwrap_err();
     assert!(matches!(e, PeerError::BadRequest(_)), "{e}");
     let e = client.fetch(&addr(&server), &[vec![]]).unwrap_err();
@@ -135,7 +151,8 @@ fn read_all(s: &mut TcpStream) -> Vec<u8> {
 
 #[test]
 fn garbage_does_not_hurt_the_server() {
-    let (server, digests, pages) = serve(10);
+    // Plain TCP, so that the garbage reaches the protocol (over TLS it fails the handshake).
+    let (server, digests, pages) = serve_on(10, &Transport::Plain);
     let a = addr(&server);
 
     // Not the protocol at all: a refusal, then the server closes.
@@ -191,7 +208,7 @@ fn garbage_does_not_hurt_the_server() {
     let quiet: Vec<_> = (0..50).map(|_| TcpStream::connect(&a).unwrap()).collect();
 
     // The server still answers.
-    let got = PeerClient::new(Duration::from_secs(5)).fetch(&a, &digests).unwrap();
+    let got = PeerClient::new(Duration::from_secs(5), Transport::Plain).fetch(&a, &digests).unwrap();
     assert_eq!(got.into_iter().map(Option::unwrap).collect::<Vec<_>>(), pages);
     drop(idle);
     drop(quiet);
@@ -201,7 +218,7 @@ fn garbage_does_not_hurt_the_server() {
 fn dead_or_silent_server_is_an_error() {
     let (server, digests, _) = serve(3);
     let a = addr(&server);
-    let mut client = PeerClient::new(Duration::from_millis(500));
+    let mut client = PeerClient::new(Duration::from_millis(500), tls());
     assert!(client.fetch(&a, &digests).is_ok());
     drop(server);
     // The kept connection is dead and nothing listens any more.
@@ -213,9 +230,13 @@ fn dead_or_silent_server_is_an_error() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let sa = format!("127.0.0.1:{}", silent.local_addr().unwrap().port());
     let e = client.fetch(&sa, &digests).unwrap_err();
+    assert!(matches!(e, PeerError::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("no answer in time"), "{e}");
+    let e = PeerClient::new(Duration::from_millis(500), Transport::Plain).fetch(&sa, &digests).unwrap_err();
     assert!(matches!(e, PeerError::Io { .. }), "{e}");
 
-    // Answers garbage: a protocol error.
+    // Answers garbage: a protocol error (plain TCP), a failed handshake (TLS).
+    let mut client = PeerClient::new(Duration::from_millis(500), Transport::Plain);
     let liar = TcpListener::bind("127.0.0.1:0").unwrap();
     let la = format!("127.0.0.1:{}", liar.local_addr().unwrap().port());
     let t = std::thread::spawn(move || {
@@ -239,11 +260,11 @@ fn client_reconnects_to_a_restarted_peer() {
     let (server, digests, pages) = serve(3);
     let port = server.local_addr().port();
     let a = addr(&server);
-    let mut client = PeerClient::new(Duration::from_secs(5));
+    let mut client = PeerClient::new(Duration::from_secs(5), tls());
     assert!(client.fetch(&a, &digests).is_ok());
     drop(server);
     let src = MapSource { algo: Algo::Sha256, chunks: digests.iter().cloned().zip(pages.iter().cloned()).collect() };
-    let server = PeerServer::start(&format!("127.0.0.1:{port}"), Arc::new(src)).unwrap();
+    let server = PeerServer::start(&format!("127.0.0.1:{port}"), Arc::new(src), &tls()).unwrap();
     // The first fetch after the restart works on a new connection.
     let got = client.fetch(&a, &digests).unwrap();
     assert_eq!(got[2].as_ref(), Some(&pages[2]));
@@ -260,7 +281,7 @@ fn many_clients_at_once() {
         .map(|t| {
             let (a, digests, pages) = (a.clone(), digests.clone(), pages.clone());
             std::thread::spawn(move || {
-                let mut c = PeerClient::new(Duration::from_secs(10));
+                let mut c = PeerClient::new(Duration::from_secs(10), tls());
                 for round in 0..20 {
                     let ask: Vec<_> = (0..64).map(|i| digests[(i + t + round) % 64].clone()).collect();
                     let got = c.fetch(&a, &ask).unwrap();
@@ -275,4 +296,30 @@ fn many_clients_at_once() {
         t.join().unwrap();
     }
     assert_eq!(server.served(), 8 * 20 * 64);
+}
+
+#[test]
+fn over_tls_only_the_same_cluster_is_served_and_garbage_fails_the_handshake() {
+    let (server, digests, pages) = serve(10);
+    let a = addr(&server);
+    // Another cluster key: refused by the handshake, naming why.
+    let e = PeerClient::new(Duration::from_secs(5), other_cluster()).fetch(&a, &digests).unwrap_err();
+    assert!(matches!(e, PeerError::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("another cluster key"), "{e}");
+    // A plain-TCP client: the server answers nothing in clear text.
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(&peer::encode_request(&digests).unwrap()).unwrap();
+    let r = read_all(&mut s);
+    assert!(!r.windows(4).any(|w| w == b"SHKA"), "no clear-text answer");
+    assert!(!r.windows(64).any(|w| pages.iter().any(|p| p.starts_with(w))), "no page in clear text");
+    // Garbage, half handshakes, and silent connections.
+    let mut rnd = XorShift::new(7);
+    for len in [1usize, 5, 300, 70_000] {
+        let _ = TcpStream::connect(&a).unwrap().write_all(&rnd.bytes(len));
+    }
+    let quiet: Vec<_> = (0..20).map(|_| TcpStream::connect(&a).unwrap()).collect();
+    // The cluster's clients are still served, with chunks identical to the pages.
+    let got = PeerClient::new(Duration::from_secs(5), tls()).fetch(&a, &digests).unwrap();
+    assert_eq!(got.into_iter().map(Option::unwrap).collect::<Vec<_>>(), pages);
+    drop(quiet);
 }

@@ -6,6 +6,9 @@
 //!                                # coordinates under it plus a nonce of its own (`run_id`)
 //! vmm = "/usr/local/bin/shrink-vmm"   # optional: the VMM started on destination hosts
 //! workdir = "/var/tmp/shrink"    # optional: logs and sockets of destination VMMs
+//! cluster_key = "/etc/shrink/cluster.key"   # TLS between the hosts: the key file, same path on
+//!                                # every host (`shrink-migrate --new-cluster-key FILE`);
+//!                                # or `plain_tcp = true` for clear text on a trusted network
 //!
 //! [[sites]]
 //! name = "siteA"
@@ -134,6 +137,12 @@ pub struct ClusterFile {
     /// Working directory of destination VMMs.
     #[serde(default)]
     pub workdir: Option<String>,
+    /// The cluster key's path on the hosts: migrations and peer fetches use TLS on it.
+    #[serde(default)]
+    pub cluster_key: Option<Spanned<String>>,
+    /// Migrate in clear text instead (explicitly).
+    #[serde(default)]
+    pub plain_tcp: Option<Spanned<bool>>,
     /// Sites.
     pub sites: Vec<Site>,
     /// VMs.
@@ -186,6 +195,27 @@ impl Cluster {
             field,
             why,
         };
+        let plain = parsed.plain_tcp.as_ref().is_some_and(|p| *p.get_ref());
+        match (&parsed.cluster_key, &parsed.plain_tcp) {
+            (None, p) if !plain => {
+                return Err(ClusterError::Field {
+                    file: file.to_owned(),
+                    line: p.as_ref().map_or(1, |p| line_of(text, p.span())),
+                    field: "cluster_key".into(),
+                    why: "missing: the path of the cluster key on the hosts (`shrink-migrate --new-cluster-key \
+                          FILE` makes one), for TLS between them; or plain_tcp = true for clear text on a \
+                          trusted network"
+                        .into(),
+                })
+            }
+            (Some(k), _) if plain => {
+                return Err(err(k.span(), "cluster_key".into(), "and plain_tcp = true: choose one".into()))
+            }
+            (Some(k), _) if !k.get_ref().starts_with('/') => {
+                return Err(err(k.span(), "cluster_key".into(), "an absolute path on the hosts".into()))
+            }
+            _ => {}
+        }
         if parsed.sites.len() < 2 {
             return Err(ClusterError::Field {
                 file: file.to_owned(),
@@ -442,6 +472,7 @@ mod tests {
 
     const GOOD: &str = r#"
 migration_id = "t"
+cluster_key = "/etc/shrink/cluster.key"
 
 [[sites]]
 name = "siteA"
@@ -543,9 +574,9 @@ dest_host = "hostB1"
             "host = \"hostA1\"\napi = \"/run/shrink/vm2.sock\"",
             "host = \"hostZ\"\napi = \"/run/shrink/vm2.sock\"",
         ));
-        assert!(e.starts_with("vc.toml:35: vms[1].host: unknown host 'hostZ'"), "{e}");
+        assert!(e.starts_with("vc.toml:36: vms[1].host: unknown host 'hostZ'"), "{e}");
         let e = err_of(&GOOD.replace("redis://10.20.0.100:6379", "http://10.20.0.100:6379"));
-        assert!(e.contains("sites[1].coordination") && e.contains("redis://") && e.contains("vc.toml:16"), "{e}");
+        assert!(e.contains("sites[1].coordination") && e.contains("redis://") && e.contains("vc.toml:17"), "{e}");
         let e = err_of(&GOOD.replace("redis://10.10.0.100:6380", "redis://10.10.0.100"));
         assert!(e.contains("sites[0].index") && e.contains("no :PORT"), "{e}");
         let text: String = GOOD.split("[[sites]]").take(2).collect::<Vec<_>>().join("[[sites]]");
@@ -562,6 +593,25 @@ dest_host = "hostB1"
         assert!(e.contains("sites[0].launch") && e.contains("{cmd}"), "{e}");
         let e = err_of("this is = not toml [");
         assert!(e.starts_with("vc.toml: "), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_a_key_path_and_clear_text_an_explicit_flag() {
+        let key = "cluster_key = \"/etc/shrink/cluster.key\"\n";
+        let c = Cluster::parse("vc.toml", GOOD).unwrap();
+        assert_eq!(c.file.cluster_key.as_ref().map(|k| k.get_ref().as_str()), Some("/etc/shrink/cluster.key"));
+        let e = err_of(&GOOD.replace(key, ""));
+        assert!(e.starts_with("vc.toml:1: cluster_key: missing") && e.contains("plain_tcp = true"), "{e}");
+        let e = err_of(&GOOD.replace(key, "plain_tcp = false\n"));
+        assert!(e.starts_with("vc.toml:3: cluster_key: missing"), "{e}");
+        let c = Cluster::parse("vc.toml", &GOOD.replace(key, "plain_tcp = true\n")).unwrap();
+        assert!(c.file.cluster_key.is_none());
+        let e = err_of(&GOOD.replace(key, &format!("{key}plain_tcp = true\n")));
+        assert!(e.starts_with("vc.toml:3: cluster_key: and plain_tcp = true: choose one"), "{e}");
+        let e = err_of(&GOOD.replace("/etc/shrink/cluster.key", "cluster.key"));
+        assert!(e.contains("cluster_key: an absolute path"), "{e}");
+        let e = err_of(&GOOD.replace(key, "plain_tcp = \"yes\"\n"));
+        assert!(e.contains("plain_tcp") || e.contains("boolean"), "{e}");
     }
 
     #[test]

@@ -22,12 +22,18 @@ use serde_json::json;
 #[command(name = "shrink-migrate", version, about)]
 struct Args {
     /// The source VM's API socket.
-    #[arg(long, value_name = "SOCKET", required_unless_present = "cluster", requires = "to")]
+    #[arg(long, value_name = "SOCKET", required_unless_present_any = ["cluster", "new_cluster_key"], requires = "to")]
     vm: Option<PathBuf>,
 
     /// Where the destination VMM listens (`shrink-vmm --incoming tcp:HOST:PORT`).
     #[arg(long, value_name = "tcp:HOST:PORT", requires = "vm")]
     to: Option<String>,
+
+    /// Writes a new random cluster key to FILE (mode 0600; never overwrites) and exits. Copy it
+    /// to the same path on every host, and name it in vc.toml (`cluster_key`) and to every VMM
+    /// (`shrink-vmm --cluster-key`).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["vm", "cluster"])]
+    new_cluster_key: Option<PathBuf>,
 
     /// The virtual cluster's description (sites, hosts, VMs).
     #[arg(long, value_name = "vc.toml", conflicts_with = "vm", requires = "dest")]
@@ -384,6 +390,21 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Some(path) = &args.new_cluster_key {
+        let made = indexd::tls::ClusterKey::generate()
+            .and_then(|k| k.write_new(path).map(|()| k))
+            .and_then(|k| indexd::tls::Tls::new(&k));
+        return match made {
+            Ok(t) => {
+                println!("{}: a new cluster key, fingerprint {}", path.display(), t.fingerprint());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shrink-migrate: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.cluster.is_some() {
         return run_cluster(&args);
     }

@@ -223,6 +223,14 @@ fn wait_socket(p: &Path, log: &Path, timeout: Duration) -> Result<(), Orchestrat
 /// Why a cluster migration could not run (each VM's own failure is in its report instead).
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestrateError {
+    /// A source VMM does not migrate the way the cluster file says.
+    #[error("{vm}: {why}")]
+    Transport {
+        /// The VM.
+        vm: String,
+        /// What differs.
+        why: String,
+    },
     /// The cluster file.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -413,6 +421,12 @@ fn launch(plan: &Plan, opts: &ClusterOptions) -> Result<Vec<Destination>, Orches
         cmd.extend(["--incoming".into(), format!("tcp:{}:{port}", m.to_address)]);
         cmd.extend(["--api".into(), api.display().to_string(), "--serial".into(), serial.display().to_string()]);
         cmd.extend(["--name".into(), m.vm.clone()]);
+        // TLS on the cluster key (its path on the host; the key itself never travels), or the
+        // explicit clear text the file asks for.
+        match &plan.cluster.file.cluster_key {
+            Some(k) => cmd.extend(["--cluster-key".into(), k.get_ref().clone()]),
+            None => cmd.push("--plain-tcp".into()),
+        }
         // The VM's disk goes to this site's storage, on this site's copy of its base image, in
         // a file that does not exist yet: what is there after a failed move is this run's.
         // The site index's URL may carry a password: it goes through a file only this user
@@ -634,11 +648,51 @@ fn preflight(plan: &Plan) -> Result<(), OrchestrateError> {
             .map_err(|e| e.to_string())
             .and_then(|mut c| c.execute("status", serde_json::json!({})).map_err(|e| e.to_string()))
             .and_then(|r| r.map_err(|e| e.to_string()));
-        if let Err(why) = answer {
-            return Err(OrchestrateError::SourceUnreachable { vm: m.vm.clone(), api: m.api.clone(), why });
-        }
+        let status = match answer {
+            Ok(s) => s,
+            Err(why) => return Err(OrchestrateError::SourceUnreachable { vm: m.vm.clone(), api: m.api.clone(), why }),
+        };
+        check_transport(plan, &m.vm, &status)?;
     }
     Ok(())
+}
+
+/// The source VMM migrates the way the cluster file says: TLS on the same cluster key (when
+/// the key file is readable here, its fingerprint is compared), or plain TCP.
+fn check_transport(plan: &Plan, vm: &str, status: &serde_json::Value) -> Result<(), OrchestrateError> {
+    let file = &plan.cluster.file;
+    let want = if file.cluster_key.is_some() { "tls" } else { "plain" };
+    let mismatch = |why: String| Err(OrchestrateError::Transport { vm: vm.to_owned(), why });
+    match status["transport"].as_str() {
+        Some(t) if t == want => {}
+        Some("plain") => {
+            return mismatch(
+                "its VMM migrates over plain TCP, and vc.toml asks for TLS: restart it with --cluster-key".into(),
+            )
+        }
+        Some(_) => {
+            return mismatch(
+                "its VMM migrates over TLS, and vc.toml says plain_tcp = true: give vc.toml its \
+                             cluster_key"
+                    .into(),
+            )
+        }
+        None => {
+            return mismatch(format!(
+                "its VMM was started without --cluster-key or --plain-tcp, and cannot migrate ({want} asked for)"
+            ))
+        }
+    }
+    let here = file.cluster_key.as_ref().and_then(|k| {
+        let key = indexd::tls::ClusterKey::load(Path::new(k.get_ref())).ok()?;
+        indexd::tls::Tls::new(&key).ok().map(|t| t.fingerprint().to_owned())
+    });
+    match (here, status["cluster_key"].as_str()) {
+        (Some(here), Some(there)) if here != there => mismatch(format!(
+            "its VMM holds another cluster key (fingerprint {there}) than vc.toml's cluster_key ({here})"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Where the destination of `m` writes the VM's disk, if its site has storage.

@@ -9,7 +9,7 @@ fn a_source_that_does_not_answer_stops_the_run_before_anything_starts() {
     let dir = TempDir::new("preflight").unwrap();
     // The VM's API socket does not exist.
     let vc = format!(
-        "[[sites]]\nname = \"siteA\"\ncoordination = \"redis://127.0.0.1:1\"\nindex = \"redis://127.0.0.1:1\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n\n\
+        "plain_tcp = true\n\n[[sites]]\nname = \"siteA\"\ncoordination = \"redis://127.0.0.1:1\"\nindex = \"redis://127.0.0.1:1\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n\n\
          [[sites.hosts]]\nname = \"a1\"\naddress = \"10.0.0.1\"\n\n\
          [[sites]]\nname = \"siteB\"\ncoordination = \"redis://127.0.0.1:1\"\nindex = \"redis://127.0.0.1:1\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n\n\
          [[sites.hosts]]\nname = \"b1\"\naddress = \"10.0.0.2\"\n\n\

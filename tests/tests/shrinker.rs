@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use shrink_testutil::fs::TempDir;
 use shrink_testutil::netns;
 use shrink_testutil::process::{workspace_bin, Bg};
-use shrink_testutil::util::{heartbeats, image, last_heartbeat, wait_text, wait_until};
+use shrink_testutil::util::{cluster_key, heartbeats, image, last_heartbeat, wait_text, wait_until};
 use shrink_testutil::world::World;
 
 /// Site A has one hypervisor (a1, with the coordination Redis), site B two (b1 with the
@@ -93,6 +93,7 @@ impl Sites {
         cmd.arg("--disk").arg(self.path(&format!("siteA/disks/{name}.qcow2")));
         cmd.arg("--api").arg(self.path(&format!("{name}.sock")));
         cmd.arg("--serial").arg(self.path(&format!("{name}.serial")));
+        cmd.arg("--cluster-key").arg(cluster_key());
         let bg = Bg::spawn(cmd, &self.path(&format!("{name}.log")));
         self.vms.push((name.to_owned(), bg));
     }
@@ -142,9 +143,10 @@ impl Sites {
             )
         };
         let mut t = format!(
-            "migration_id = \"{id}\"\nvmm = \"{}\"\nworkdir = \"{}\"\n\n",
+            "migration_id = \"{id}\"\nvmm = \"{}\"\nworkdir = \"{}\"\ncluster_key = \"{}\"\n\n",
             workspace_bin("shrink-vmm").display(),
-            self.dir.path().display()
+            self.dir.path().display(),
+            cluster_key().display()
         );
         t += &format!(
             "[[sites]]\nname = \"siteA\"\ncoordination = \"{coordination}\"\nindex = \"{coordination}\"\nlaunch = \"ip netns exec {{host}} {{cmd}}\"\n{}\n[[sites.hosts]]\nname = \"{}\"\naddress = \"{A1}\"\n\n",
@@ -739,7 +741,7 @@ fn a_malformed_cluster_description_names_the_line_and_field() {
     let p = dir.path().join("vc.toml");
     std::fs::write(
         &p,
-        "[[sites]]\nname = \"siteA\"\ncoordination = \"redis://x:1\"\nindex = \"redis://x:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\n\n[[sites]]\nname = \"siteB\"\ncoordination = \"redis://y:1\"\nindex = \"mysql://y:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\n\n[[vms]]\nname = \"v\"\nhost = \"a\"\napi = \"/x\"\n",
+        "plain_tcp = true\n[[sites]]\nname = \"siteA\"\ncoordination = \"redis://x:1\"\nindex = \"redis://x:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"a\"\naddress = \"10.0.0.1\"\n\n[[sites]]\nname = \"siteB\"\ncoordination = \"redis://y:1\"\nindex = \"mysql://y:2\"\nlaunch = \"{cmd}\"\n[[sites.hosts]]\nname = \"b\"\naddress = \"10.0.0.2\"\n\n[[vms]]\nname = \"v\"\nhost = \"a\"\napi = \"/x\"\n",
     )
     .unwrap();
     let out = Command::new(workspace_bin("shrink-migrate"))
@@ -748,7 +750,7 @@ fn a_malformed_cluster_description_names_the_line_and_field() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err.contains("vc.toml:13: sites[1].index: bad Redis URL \"mysql://y:2\""), "{err}");
+    assert!(err.contains("vc.toml:14: sites[1].index: bad Redis URL \"mysql://y:2\""), "{err}");
     let out = Command::new(workspace_bin("shrink-migrate"))
         .args(["--cluster", p.to_str().unwrap(), "--dest", "siteC"])
         .output()

@@ -26,6 +26,38 @@ pub fn image(name: &str) -> PathBuf {
     p
 }
 
+/// The tests' cluster key (`shrink-vmm --cluster-key`): one file shared by every test
+/// process of this machine, `$TMPDIR/shrink-test-cluster.key` (mode 0600), made on first use.
+/// Made complete under another name and then hard-linked into place, so that a process never
+/// reads half a key and every VMM of a test gets the same one.
+pub fn cluster_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join("shrink-test-cluster.key");
+        if !path.exists() {
+            let mut k = [0u8; 32];
+            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut k)).expect("read /dev/urandom");
+            let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+            let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .expect("write the test cluster key");
+            f.write_all(format!("{hex}\n").as_bytes()).expect("write the test cluster key");
+            drop(f);
+            // Whoever links first wins; the others use that key.
+            let _ = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+        }
+        path
+    })
+}
+
 /// Waits until the file contains `needle`; returns its text. Panics after `timeout` with what
 /// the file holds then.
 pub fn wait_text(p: &Path, needle: &str, timeout: Duration) -> String {

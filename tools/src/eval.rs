@@ -196,6 +196,21 @@ impl QemuVariant {
 
 /// Bytes per second the running probes alone put on the link towards `dest`, measured over
 /// 2 s before a move: subtracted from the move's link bytes ([`net_link_bytes`]), what
+/// CPU-seconds the whole machine has been busy since boot (`/proc/stat`: user, nice, system,
+/// irq, softirq, steal): the difference over a run is what every process of both sites spent,
+/// VMMs, vnetd, Redis and the kernel's network stack included.
+pub fn cpu_busy_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| TestbedError::Failed(format!("/proc/stat: {e}")))?;
+    let line = stat.lines().next().unwrap_or("");
+    let f: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if f.len() < 8 {
+        return Err(TestbedError::Failed(format!("/proc/stat: unexpected first line '{line}'")));
+    }
+    // In USER_HZ, which the kernel's ABI fixes at 100 on x86.
+    const USER_HZ: f64 = 100.0;
+    Ok((f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / USER_HZ)
+}
+
 /// remains is the move's own traffic, headers included, whatever the system counts itself.
 pub fn probe_rate(tb: &Testbed, dest: Site) -> Result<f64> {
     let towards = |(a, b): (u64, u64)| if dest == Site::B { a } else { b };

@@ -322,6 +322,9 @@ pub struct BootSpec {
     pub workload: String,
     /// More of the guest's command line (`mem=16M rate=1M`, `iorate=1M`).
     pub extra: String,
+    /// The VMMs migrate in clear text (`--plain-tcp`) instead of over TLS on the testbed's
+    /// cluster key (to measure what TLS costs).
+    pub plain_tcp: bool,
 }
 
 impl Default for BootSpec {
@@ -333,6 +336,7 @@ impl Default for BootSpec {
             private: "28M".into(),
             workload: "idle".into(),
             extra: String::new(),
+            plain_tcp: false,
         }
     }
 }
@@ -346,6 +350,9 @@ pub struct State {
     pub bins: Bins,
     /// The cluster booted by [`Testbed::boot`].
     pub vms: Vec<VmInfo>,
+    /// It migrates in clear text ([`BootSpec::plain_tcp`]).
+    #[serde(default)]
+    pub plain_tcp: bool,
 }
 
 /// A testbed that is up.
@@ -628,7 +635,7 @@ impl Testbed {
             &marker,
             std::fs::write(&marker, b"a shrink-testbed working directory: `shrink-testbed down` removes it\n"),
         )?;
-        let tb = Testbed { state: State { opts, bins, vms: Vec::new() } };
+        let tb = Testbed { state: State { opts, bins, vms: Vec::new(), plain_tcp: false } };
         tb.save()?;
         if let Err(e) = tb
             .make_storage()
@@ -998,6 +1005,9 @@ impl Testbed {
         }
         let b = self.state.bins.clone();
         let hosts = self.state.opts.hosts_per_site;
+        self.state.plain_tcp = spec.plain_tcp;
+        let key = self.cluster_key()?.display().to_string();
+        let transport: Vec<&str> = if spec.plain_tcp { vec!["--plain-tcp"] } else { vec!["--cluster-key", &key] };
         for i in 1..=spec.vms {
             let vm = VmInfo::nth(i);
             let ns = self.host_ns(Site::A, (i - 1) % hosts + 1);
@@ -1027,6 +1037,7 @@ impl Testbed {
                 "--serial",
                 &p("serial"),
             ];
+            let args: Vec<&str> = args.iter().copied().chain(transport.iter().copied()).collect();
             let args = self.isolated(Site::A, &args);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             spawn_detached(self.dir(), &vm.name, &ns, &args, &self.path(&format!("{}.log", vm.name)))?;
@@ -1056,6 +1067,18 @@ impl Testbed {
         self.save()
     }
 
+    /// The testbed's cluster key, `<dir>/cluster.key`, made when missing: every VMM of both
+    /// sites reads it (it is outside both sites' storage).
+    pub fn cluster_key(&self) -> Result<PathBuf> {
+        let p = self.path("cluster.key");
+        if !p.exists() {
+            indexd::tls::ClusterKey::generate()
+                .and_then(|k| k.write_new(&p))
+                .map_err(|e| TestbedError::Failed(e.to_string()))?;
+        }
+        Ok(p)
+    }
+
     /// The cluster description.
     pub fn vc_path(&self) -> PathBuf {
         self.path("vc.toml")
@@ -1066,9 +1089,17 @@ impl Testbed {
         let mut t = format!(
             "# The testbed's virtual cluster (written by `shrink-testbed boot`; `shrink-migrate` keeps\n\
              # each VM's host and api up to date as it moves). No migration_id: every run gets its own.\n\
-             vmm = {}\nworkdir = {}\n\n",
+             vmm = {}\nworkdir = {}\n{}\n\n",
             toml_str(&b.vmm.display().to_string()),
-            toml_str(&self.dir().display().to_string())
+            toml_str(&self.dir().display().to_string()),
+            if self.state.plain_tcp {
+                "# Clear text between the hosts (booted with --plain-tcp).\nplain_tcp = true".to_owned()
+            } else {
+                format!(
+                    "# TLS between the hosts, on this key (the same path on every host).\ncluster_key = {}",
+                    toml_str(&self.path("cluster.key").display().to_string())
+                )
+            }
         );
         for s in Site::ALL {
             t += &format!(
@@ -1424,7 +1455,7 @@ mod tests {
             testbed: p("shrink-testbed"),
         };
         let opts = Options { dir: dir.into(), ..Options::new("t") };
-        Testbed { state: State { opts, bins, vms: Vec::new() } }
+        Testbed { state: State { opts, bins, vms: Vec::new(), plain_tcp: false } }
     }
 
     #[test]

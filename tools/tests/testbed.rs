@@ -301,9 +301,13 @@ fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
         workload: "idle".into(),
         // Each guest writes its disk at boot: its overlay holds blocks of its own.
         extra: "disktest=write:40000".into(),
+        plain_tcp: false,
     })
     .unwrap();
     check_site_storage(&tb);
+    // Over TLS on the testbed's key, named in vc.toml.
+    let vc = std::fs::read_to_string(tb.vc_path()).unwrap();
+    assert!(vc.contains(&format!("cluster_key = \"{}\"", tb.path("cluster.key").display())), "{vc}");
     move_cluster(&tb, Site::B);
     move_cluster(&tb, Site::A);
 }

@@ -43,6 +43,15 @@ impl VmProcess {
 
     /// Like [`VmProcess::spawn`], inside network namespace `ns` and with extra environment.
     pub fn spawn_in(ns: Option<&str>, dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> VmProcess {
+        VmProcess::start(ns, dir, tag, args, env, true)
+    }
+
+    /// Like [`VmProcess::spawn`], with exactly `args`: no test cluster key added.
+    pub fn spawn_exact(dir: &Path, tag: &str, args: &[&str]) -> VmProcess {
+        VmProcess::start(None, dir, tag, args, &[], false)
+    }
+
+    fn start(ns: Option<&str>, dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)], key: bool) -> VmProcess {
         let serial = dir.join(format!("{tag}.serial"));
         let api = dir.join(format!("{tag}.sock"));
         let stderr = dir.join(format!("{tag}.stderr"));
@@ -56,6 +65,10 @@ impl VmProcess {
         };
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        // TLS, as deployed, unless the test asks otherwise.
+        if key && !args.iter().any(|a| *a == "--plain-tcp" || *a == "--cluster-key") {
+            cmd.arg("--cluster-key").arg(shrink_testutil::util::cluster_key());
         }
         let child = cmd
             .args(args)

@@ -3,34 +3,42 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, ErrorKind, Write};
 use std::net::{TcpStream as StdTcpStream, ToSocketAddrs};
+
+use crate::tls::{Stream, Transport};
 use std::time::Duration;
 
 use super::wire::{encode_request, read_response, PeerError, ResponseError, MAX_DIGESTS};
 use super::LOG_TARGET;
 
 struct PeerConn {
-    writer: StdTcpStream,
-    reader: BufReader<StdTcpStream>,
+    writer: Stream,
+    reader: BufReader<Stream>,
 }
 
 /// Fetches chunks from the site's peers; keeps one connection per peer address and reconnects
 /// after a failure.
 pub struct PeerClient {
     timeout: Duration,
+    transport: Transport,
     conns: HashMap<String, PeerConn>,
 }
 
 impl std::fmt::Debug for PeerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerClient").field("timeout", &self.timeout).field("peers", &self.conns.len()).finish()
+        f.debug_struct("PeerClient")
+            .field("timeout", &self.timeout)
+            .field("transport", &self.transport.name())
+            .field("peers", &self.conns.len())
+            .finish()
     }
 }
 
 impl PeerClient {
-    /// A client whose connects, reads and writes each give up after `timeout`.
-    pub fn new(timeout: Duration) -> PeerClient {
+    /// A client whose connects, reads and writes each give up after `timeout`, and whose
+    /// connections use `transport`.
+    pub fn new(timeout: Duration, transport: Transport) -> PeerClient {
         let timeout = if timeout.is_zero() { Duration::from_millis(1) } else { timeout };
-        PeerClient { timeout, conns: HashMap::new() }
+        PeerClient { timeout, transport, conns: HashMap::new() }
     }
 
     /// Fetches many chunks from one peer in one request/response exchange (one per 4096
@@ -59,6 +67,10 @@ impl PeerClient {
                     s.set_nodelay(true).map_err(err)?;
                     s.set_read_timeout(Some(self.timeout)).map_err(err)?;
                     s.set_write_timeout(Some(self.timeout)).map_err(err)?;
+                    let s = self
+                        .transport
+                        .connect(s)
+                        .map_err(|source| PeerError::Tls { peer: peer.to_string(), source })?;
                     let r = s.try_clone().map_err(err)?;
                     return Ok(PeerConn { writer: s, reader: BufReader::with_capacity(256 * 1024, r) });
                 }

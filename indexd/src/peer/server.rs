@@ -15,6 +15,7 @@ use super::wire::{
     MAX_CHUNK, MAX_DIGESTS, MAX_DIGEST_LEN, STATUS_OK,
 };
 use super::LOG_TARGET;
+use crate::tls::Transport;
 
 /// Most connections a server keeps; further ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -57,8 +58,9 @@ const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 
 impl PeerServer {
-    /// Listens on `addr` (`"0.0.0.0:0"` allowed) and serves `source`.
-    pub fn start(addr: &str, source: Arc<dyn ChunkSource>) -> Result<PeerServer, PeerError> {
+    /// Listens on `addr` (`"0.0.0.0:0"` allowed) and serves `source` over `transport` (with
+    /// TLS, only to clients of the same cluster key).
+    pub fn start(addr: &str, source: Arc<dyn ChunkSource>, transport: &Transport) -> Result<PeerServer, PeerError> {
         let bind_err = |source| PeerError::Bind { addr: addr.to_string(), source };
         let sa = addr
             .to_socket_addrs()
@@ -84,6 +86,7 @@ impl PeerServer {
             source,
             shared: shared.clone(),
             scratch: vec![0; READ_CHUNK],
+            transport: transport.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("peer-server-{}", local.port()))
@@ -136,6 +139,8 @@ struct Pending {
 
 struct Conn {
     sock: TcpStream,
+    /// The TLS session, unless the transport is plain TCP.
+    tls: Option<rustls::ServerConnection>,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
@@ -157,6 +162,7 @@ struct EventLoop {
     source: Arc<dyn ChunkSource>,
     shared: Arc<Shared>,
     scratch: Vec<u8>,
+    transport: Transport,
 }
 
 impl EventLoop {
@@ -216,8 +222,26 @@ impl EventLoop {
                         tracing::warn!(target: LOG_TARGET, error = %e, "peer server: cannot register a connection");
                         continue;
                     }
-                    let mut c =
-                        Conn { sock, inbuf: Vec::new(), out: Vec::new(), out_pos: 0, pending: None, closing: false };
+                    let tls = match &self.transport {
+                        Transport::Plain => None,
+                        Transport::Tls(t) => match t.server_connection() {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                tracing::warn!(target: LOG_TARGET, error = %e, "peer server: no TLS session");
+                                let _ = self.poll.registry().deregister(&mut sock);
+                                continue;
+                            }
+                        },
+                    };
+                    let mut c = Conn {
+                        sock,
+                        tls,
+                        inbuf: Vec::new(),
+                        out: Vec::new(),
+                        out_pos: 0,
+                        pending: None,
+                        closing: false,
+                    };
                     // Data may already be there (edge-triggered).
                     if let Drive::Close = drive(&mut c, &*self.source, &self.shared, &mut self.scratch) {
                         let _ = self.poll.registry().deregister(&mut c.sock);
@@ -240,7 +264,11 @@ impl EventLoop {
 /// the next request; returns when nothing moves without the socket becoming ready again.
 fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared, scratch: &mut [u8]) -> Drive {
     loop {
-        let mut progress = false;
+        // What TLS holds for the socket (handshake messages, encrypted responses) goes first.
+        let mut progress = match c.flush_tls() {
+            Ok(p) => p,
+            Err(_) => return Drive::Close,
+        };
 
         // Produce response entries while the buffer has room.
         if let Some(p) = c.pending.as_mut() {
@@ -282,7 +310,7 @@ fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared, scratch: &mut 
 
         // Write.
         while c.out_pos < c.out.len() {
-            match c.sock.write(&c.out[c.out_pos..]) {
+            match c.write(c.out_pos) {
                 Ok(0) => return Drive::Close,
                 Ok(n) => {
                     c.out_pos += n;
@@ -296,7 +324,7 @@ fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared, scratch: &mut 
         if c.out_pos == c.out.len() {
             c.out.clear();
             c.out_pos = 0;
-            if c.closing && c.pending.is_none() {
+            if c.closing && c.pending.is_none() && !c.tls.as_ref().is_some_and(|t| t.wants_write()) {
                 return Drive::Close;
             }
         } else if c.out_pos > OUT_HIGH_WATER {
@@ -322,7 +350,7 @@ fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared, scratch: &mut 
                 }
                 continue;
             }
-            match c.sock.read(scratch) {
+            match c.read(scratch) {
                 Ok(0) => {
                     // EOF: finish what is being written, then close.
                     c.closing = true;
@@ -342,6 +370,69 @@ fn drive(c: &mut Conn, source: &dyn ChunkSource, shared: &Shared, scratch: &mut 
 
         if !progress {
             return Drive::Keep;
+        }
+    }
+}
+
+/// Writes what TLS has for the socket, until it would block; whether anything went.
+fn flush(tls: &mut rustls::ServerConnection, sock: &mut TcpStream) -> io::Result<bool> {
+    let mut wrote = false;
+    while tls.wants_write() {
+        match tls.write_tls(sock) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(_) => wrote = true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(wrote)
+}
+
+impl Conn {
+    /// [`flush`], with TLS.
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        match self.tls.as_mut() {
+            Some(tls) => flush(tls, &mut self.sock),
+            None => Ok(false),
+        }
+    }
+
+    /// Writes response bytes from `out[from..]`: to the socket, or into TLS once what it held
+    /// went out (`WouldBlock` until then).
+    fn write(&mut self, from: usize) -> io::Result<usize> {
+        let data = &self.out[from..];
+        let Some(tls) = self.tls.as_mut() else { return self.sock.write(data) };
+        if tls.is_handshaking() || tls.wants_write() {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        let n = tls.writer().write(data)?;
+        flush(tls, &mut self.sock)?;
+        Ok(n)
+    }
+
+    /// Reads request bytes: from the socket, or decrypted (after the handshake; 0 at the end).
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else { return self.sock.read(buf) };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            let n = tls.read_tls(&mut self.sock)?;
+            if let Err(e) = tls.process_new_packets() {
+                // The alert that says why, if the socket takes it.
+                let _ = tls.write_tls(&mut self.sock);
+                tracing::debug!(target: LOG_TARGET, error = %e, "peer server: TLS refused a connection");
+                return Err(io::Error::new(ErrorKind::InvalidData, e));
+            }
+            if n == 0 {
+                return Ok(0);
+            }
+            // Handshake replies go at once.
+            flush(tls, &mut self.sock)?;
         }
     }
 }

@@ -52,6 +52,14 @@ pub enum PeerError {
         /// Why.
         source: io::Error,
     },
+    /// The TLS handshake failed (another cluster key, a peer without TLS).
+    #[error("peer {peer}: {source}")]
+    Tls {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: crate::tls::TlsError,
+    },
     /// The exchange failed (connection lost, timeout).
     #[error("peer {peer}: {source}")]
     Io {

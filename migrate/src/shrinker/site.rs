@@ -36,6 +36,8 @@ pub struct SiteOptions {
     pub peer_advertise: Option<String>,
     /// How long waiting content may stop arriving at the site before it is pulled from the source.
     pub wait: Duration,
+    /// How peer fetches travel between this site's hosts (TLS on the cluster key, or plain).
+    pub transport: indexd::tls::Transport,
 }
 
 /// Why a VMM cannot join its site.
@@ -124,7 +126,7 @@ impl SiteIndex {
     ) -> Result<SiteIndex, SiteIndexError> {
         let index = Arc::new(Mutex::new(ContentIndex::new()));
         let chunks = Arc::new(GuestChunks { mem, index: index.clone(), algo, chunk });
-        let server = PeerServer::start(&opts.peer_listen, chunks.clone())
+        let server = PeerServer::start(&opts.peer_listen, chunks.clone(), &opts.transport)
             .map_err(|source| SiteIndexError::PeerServer { addr: opts.peer_listen.clone(), source })?;
         let member = opts.peer_advertise.clone().unwrap_or_else(|| server.local_addr().to_string());
         let mut stats = SiteStats::default();
@@ -162,7 +164,7 @@ impl SiteIndex {
             target,
             retry_at: std::time::Instant::now(),
             resync: false,
-            peers: PeerClient::new(Duration::from_secs(2)),
+            peers: PeerClient::new(Duration::from_secs(2), opts.transport.clone()),
             server,
             pending: HashMap::new(),
             repo: None,
@@ -499,6 +501,7 @@ mod tests {
             peer_listen: "127.0.0.1:0".into(),
             peer_advertise: None,
             wait: Duration::from_millis(100),
+            transport: indexd::tls::Transport::Plain,
         };
         SiteIndex::start(&opts, mem, ALGO, CHUNK).unwrap()
     }

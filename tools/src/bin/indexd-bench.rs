@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use indexd::hash::{digest, Algo};
 use indexd::peer::{ChunkSource, PeerClient, PeerServer};
 use indexd::redis::{Redis, Target};
+use indexd::tls::{ClusterKey, Tls, Transport};
 use indexd::ContentIndex;
 use shrink_testutil::redis::{RedisCluster, RedisServer};
 use shrink_testutil::util::{host_info, utc_now};
@@ -72,11 +73,12 @@ impl ChunkSource for MapSource {
 }
 
 /// Fetches batches of 1024 4-KiB chunks; returns a JSON object and prints a line.
-fn peer_figures(pages: &[Vec<u8>], digests: &[Vec<u8>], verify: bool) -> String {
+fn peer_figures(pages: &[Vec<u8>], digests: &[Vec<u8>], verify: bool, transport: &Transport) -> String {
     let chunks = digests.iter().cloned().zip(pages.iter().cloned()).collect();
-    let server = PeerServer::start("127.0.0.1:0", Arc::new(MapSource { chunks, verify })).expect("peer server");
+    let server =
+        PeerServer::start("127.0.0.1:0", Arc::new(MapSource { chunks, verify }), transport).expect("peer server");
     let peer = format!("127.0.0.1:{}", server.local_addr().port());
-    let mut client = PeerClient::new(Duration::from_secs(10));
+    let mut client = PeerClient::new(Duration::from_secs(10), transport.clone());
     client.fetch(&peer, &digests[..1]).expect("warm-up");
     let rounds = 50;
     let mut lat = Vec::new();
@@ -93,11 +95,12 @@ fn peer_figures(pages: &[Vec<u8>], digests: &[Vec<u8>], verify: bool) -> String 
     let mib_s = (rounds * 1024 * 4096) as f64 / secs / (1 << 20) as f64;
     let chunks_s = (rounds * 1024) as f64 / secs;
     let (med, min) = (lat[lat.len() / 2], lat[0]);
+    let tr = transport.name();
     eprintln!(
-        "peer fetch, 1024 x 4 KiB per batch, server re-hashes: {verify}: median {med:.2} ms, min {min:.2} ms, {mib_s:.0} MiB/s, {chunks_s:.0} chunks/s"
+        "peer fetch ({tr}), 1024 x 4 KiB per batch, server re-hashes: {verify}: median {med:.2} ms, min {min:.2} ms, {mib_s:.0} MiB/s, {chunks_s:.0} chunks/s"
     );
     format!(
-        "{{\"batch\": 1024, \"chunk_bytes\": 4096, \"server_verifies\": {verify}, \"median_ms\": {med:.3}, \"min_ms\": {min:.3}, \"mib_per_s\": {mib_s:.0}, \"chunks_per_s\": {chunks_s:.0}}}"
+        "{{\"transport\": \"{tr}\", \"batch\": 1024, \"chunk_bytes\": 4096, \"server_verifies\": {verify}, \"median_ms\": {med:.3}, \"min_ms\": {min:.3}, \"mib_per_s\": {mib_s:.0}, \"chunks_per_s\": {chunks_s:.0}}}"
     )
 }
 
@@ -130,7 +133,12 @@ fn main() {
     let pages: Vec<Vec<u8>> =
         (0..n as u64).map(|i| (0..4096u64).map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8).collect()).collect();
     let digests: Vec<Vec<u8>> = pages.iter().map(|p| digest(Algo::Sha256, p)).collect();
-    let peer = [peer_figures(&pages, &digests, true), peer_figures(&pages, &digests, false)];
+    // Over TLS (as deployed) and plain TCP: what TLS costs a fetch.
+    let tls = Transport::Tls(Arc::new(Tls::new(&ClusterKey::generate().expect("key")).expect("TLS")));
+    let peer: Vec<String> = [&tls, &Transport::Plain]
+        .into_iter()
+        .flat_map(|t| [peer_figures(&pages, &digests, true, t), peer_figures(&pages, &digests, false, t)])
+        .collect();
     sections.push(format!("\"peer_fetch\": [{}]", peer.join(", ")));
 
     // Content index: 1 M chunks, 500 k distinct SHA-256 digests.

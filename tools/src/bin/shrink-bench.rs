@@ -32,8 +32,9 @@ struct Cli {
     /// Where eval.json and the plots go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Families to run: size, workload, bandwidth, granularity (network timings come with every run).
-    #[arg(long, value_delimiter = ',', default_value = "size,workload,bandwidth,granularity")]
+    /// Families to run: size, workload, bandwidth, granularity, tls (network timings come with
+    /// every run).
+    #[arg(long, value_delimiter = ',', default_value = "size,workload,bandwidth,granularity,tls")]
     families: Vec<String>,
     /// Workloads of the workload family (`mem`, `io`).
     #[arg(long, value_delimiter = ',', default_value = "mem,io")]
@@ -68,6 +69,8 @@ struct Point {
     rate: u64,
     chunk: u32,
     baselines: bool,
+    /// The VMMs migrate in clear text (the tls family's reference points).
+    plain_tcp: bool,
 }
 
 /// The VM of the runs.
@@ -93,6 +96,7 @@ fn spec(vm: &Vm, p: &Point) -> BootSpec {
         private: vm.private.into(),
         workload: p.workload.into(),
         extra,
+        plain_tcp: p.plain_tcp,
     }
 }
 
@@ -111,8 +115,10 @@ fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, Str
     tb.start_probes(10).map_err(e)?;
     let probe_bps = eval::probe_rate(tb, dest).map_err(e)?;
     let (a0, b0) = tb.wan_bytes().map_err(e)?;
+    let cpu0 = eval::cpu_busy_s().map_err(e)?;
     let t = Instant::now();
     let (ok, r) = tb.migrate(dest, extra, tag, false).map_err(e)?;
+    let cpu = eval::cpu_busy_s().map_err(e)? - cpu0;
     let (a1, b1) = tb.wan_bytes().map_err(e)?;
     let (l0, l1) = if dest == Site::B { (a0, a1) } else { (b0, b1) };
     let net = eval::net_link_bytes(l0, l1, probe_bps, t.elapsed().as_secs_f64());
@@ -122,6 +128,7 @@ fn leg(tb: &Testbed, dest: Site, extra: &[&str], tag: &str) -> Result<Value, Str
     Ok(json!({
         "ok": ok, "total_time_ms": r["total_time_ms"], "wan_bytes": r["wan_bytes"],
         "wan_link_bytes": l1 - l0, "wan_net_bytes": net, "probe_link_bytes_per_s": probe_bps as u64,
+        "machine_cpu_s": cpu,
         "full": r["full"], "deduplicated": r["deduplicated"], "uniform": r["uniform"], "local": r["local"],
         "fetched_from_peers": r["fetched_from_peers"], "pulled": r["pulled"], "failed": r["failed"],
         "repository": r["repository"], "disk": r["disk"],
@@ -197,6 +204,7 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let ratio = |a: &Value, b: Option<&Value>, k: &str| b.map(|b| u(&a[k]) as f64 / u(&b[k]).max(1) as f64);
     Ok(json!({
         "family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk,
+        "transport": if p.plain_tcp { "plain" } else { "tls" },
         "vm": {"mem": spec.mem, "preload": spec.preload, "private": spec.private, "cmdline_extra": spec.extra},
         "lower_bound": {"bytes": bound.bytes, "time_ms": bound.time_ms(bps), "distinct_chunks": bound.distinct, "nonuniform_chunks": bound.nonuniform, "uniform_chunks": bound.uniform,
                         "in_repository_chunks": bound.in_repository, "disk_chunks": bound.disk_chunks},
@@ -225,7 +233,15 @@ fn matrix(cli: &Cli) -> Vec<Point> {
     let nmax = sizes.iter().copied().max().unwrap_or(2);
     let want = |f: &str| cli.families.iter().any(|x| x == f);
     let mut pts = Vec::new();
-    let p = |family, workload, vms, rate, chunk, baselines| Point { family, workload, vms, rate, chunk, baselines };
+    let p = |family, workload, vms, rate, chunk, baselines| Point {
+        family,
+        workload,
+        vms,
+        rate,
+        chunk,
+        baselines,
+        plain_tcp: false,
+    };
     // The size family's largest point is also the bandwidth family's 100 Mbit/s point and the
     // granularity family's 4096-byte point.
     if want("size") || want("bandwidth") || want("granularity") {
@@ -250,6 +266,16 @@ fn matrix(cli: &Cli) -> Vec<Point> {
     if want("granularity") {
         for &c in chunks.iter().filter(|&&c| c != 4096) {
             pts.push(p("granularity", "idle", nmax, 100, c, false));
+        }
+    }
+    if want("tls") {
+        // What TLS costs: the same move over TLS (every other point's transport too) and in
+        // clear text, at a WAN rate and at 1 Gbit/s, where the CPU is the limit.
+        let tls_rates: Vec<u64> = if cli.quick { vec![250] } else { vec![100, 1000] };
+        for r in tls_rates {
+            for plain_tcp in [false, true] {
+                pts.push(Point { plain_tcp, ..p("tls", "idle", nmax, r, 4096, false) });
+            }
         }
     }
     pts
@@ -524,8 +550,8 @@ fn main() -> ExitCode {
     }
     let r = (|| -> Result<usize, String> {
         for f in &cli.families {
-            if !["size", "workload", "bandwidth", "granularity"].contains(&f.as_str()) {
-                return Err(format!("--families: '{f}' is not one of size, workload, bandwidth, granularity"));
+            if !["size", "workload", "bandwidth", "granularity", "tls"].contains(&f.as_str()) {
+                return Err(format!("--families: '{f}' is not one of size, workload, bandwidth, granularity, tls"));
             }
         }
         if let Some(w) = cli.workloads.iter().find(|w| !["mem", "io"].contains(&w.as_str())) {
@@ -557,7 +583,7 @@ fn main() -> ExitCode {
         let mut failed = 0;
         for (i, p) in pts.iter().enumerate() {
             eprintln!(
-                "[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks{} ({:.0} s so far)",
+                "[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks, {}{} ({:.0} s so far)",
                 i + 1,
                 pts.len(),
                 p.family,
@@ -565,6 +591,7 @@ fn main() -> ExitCode {
                 p.workload,
                 p.rate,
                 p.chunk,
+                if p.plain_tcp { "plain TCP" } else { "TLS" },
                 if p.baselines { ", with --no-dedup and QEMU" } else { "" },
                 t0.elapsed().as_secs_f64()
             );

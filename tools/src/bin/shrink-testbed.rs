@@ -64,6 +64,10 @@ struct Cluster {
     /// Guest workload: idle, mem or io.
     #[arg(long, default_value = "idle")]
     workload: String,
+    /// Migrate in clear text (`shrink-vmm --plain-tcp`, `plain_tcp = true` in vc.toml) instead
+    /// of over TLS on <dir>/cluster.key.
+    #[arg(long)]
+    plain_tcp: bool,
 }
 
 impl Cluster {
@@ -77,6 +81,7 @@ impl Cluster {
             // Every guest writes its disk at boot (and checks it, `disktest=`): its overlay holds
             // blocks of its own, which move with it.
             extra: "disktest=write:40000".into(),
+            plain_tcp: self.plain_tcp,
         }
     }
 }
