@@ -185,9 +185,22 @@ fn cancel_mid_way_keeps_the_guest_at_the_source() {
 #[test]
 fn garbage_and_truncated_streams_are_refused_by_the_destination() {
     let dir = TempDir::new("mig-garbage").unwrap();
-    // Garbage.
+    // Over TLS garbage fails the handshake, and the destination waits on for its source.
     let port = free_port();
-    let mut dst = incoming(dir.path(), "dst1", &format!("tcp:127.0.0.1:{port}"));
+    let tls = incoming(dir.path(), "dst0", &format!("tcp:127.0.0.1:{port}"));
+    let mut s = connect_retry(port);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: shrink\r\n\r\n").unwrap();
+    drop(s);
+    wait_until("the refusal", Duration::from_secs(10), || {
+        tls.stderr_text().contains("incoming connection refused").then_some(())
+    });
+    assert_eq!(tls.exec("status", json!({}))["state"], "inmigrate");
+    tls.exec("quit", json!({}));
+    // In clear text (--plain-tcp) the stream's decoder is what refuses. Garbage.
+    let plain =
+        |dir: &std::path::Path, tag: &str, uri: &str| VmProcess::spawn(dir, tag, &["--incoming", uri, "--plain-tcp"]);
+    let port = free_port();
+    let mut dst = plain(dir.path(), "dst1", &format!("tcp:127.0.0.1:{port}"));
     let mut s = connect_retry(port);
     s.write_all(b"GET / HTTP/1.1\r\nHost: shrink\r\n\r\n").unwrap();
     drop(s);
@@ -197,7 +210,7 @@ fn garbage_and_truncated_streams_are_refused_by_the_destination() {
     assert!(err.contains("bad record magic") && err.lines().count() == 1, "{err}");
     // A valid start, then the stream stops.
     let port = free_port();
-    let mut dst = incoming(dir.path(), "dst2", &format!("tcp:127.0.0.1:{port}"));
+    let mut dst = plain(dir.path(), "dst2", &format!("tcp:127.0.0.1:{port}"));
     let mut s = connect_retry(port);
     use migrate::protocol::*;
     let mut buf = Vec::new();

@@ -38,12 +38,15 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let points = doc["points"].as_array().unwrap();
     let families: Vec<&str> = points.iter().map(|p| p["family"].as_str().unwrap()).collect();
-    assert_eq!(families, ["size", "workload", "workload", "bandwidth", "granularity"], "{err}");
+    assert_eq!(families, ["size", "workload", "workload", "bandwidth", "granularity", "tls", "tls"], "{err}");
+    let transports: Vec<&str> = points.iter().map(|p| p["transport"].as_str().unwrap()).collect();
+    assert_eq!(transports, ["tls", "tls", "tls", "tls", "tls", "tls", "plain"], "TLS unless measured without");
     for p in points {
         assert!(p.get("error").is_none(), "{p:#}");
         let s = &p["shrink"];
         assert_eq!((s["ok"].as_bool(), u(&s["failed"])), (Some(true), 0), "{p:#}");
         assert!(u(&s["wan_link_bytes"]) >= u(&s["wan_bytes"]), "the stream crossed the shaped WAN: {s:#}");
+        assert!(s["machine_cpu_s"].as_f64().unwrap() > 0.0, "{s:#}");
         for n in s["network"].as_array().unwrap() {
             assert_eq!(n["answering"], true, "{n}");
             assert!(
@@ -51,9 +54,9 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
                 "vnetd saw the move: {n}"
             );
         }
-        if p["family"] == "granularity" {
+        if p["family"] == "granularity" || p["family"] == "tls" {
             assert!(p["no_dedup"].is_null() && p["qemu"].is_null() && p["qemu_zstd"].is_null());
-            assert_eq!(u(&p["chunk"]), 1024);
+            assert_eq!(u(&p["chunk"]), if p["family"] == "tls" { 4096 } else { 1024 });
         } else {
             assert_eq!(p["no_dedup"]["ok"], true, "{p:#}");
             for n in p["no_dedup"]["network"].as_array().unwrap() {
@@ -91,6 +94,7 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
         "fig-workload-bytes.png",
         "fig-bandwidth.png",
         "fig-granularity.png",
+        "fig-tls.png",
         "fig-network.png",
     ] {
         let b = std::fs::read(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));

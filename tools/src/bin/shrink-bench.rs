@@ -399,6 +399,33 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
             panel("bytes over the WAN", "WAN Mbit/s", "MB", systems(&bw, &rate, &bytes, Some(&bbytes))),
         ],
     )?;
+    // What TLS costs: the same move over TLS and in clear text, at each rate.
+    let tls = sel(&|p| p["family"] == "tls");
+    let by_transport = |y: &dyn Fn(&Value) -> Option<f64>| -> Vec<Series> {
+        [("shrink, TLS", "tls"), ("shrink, plain TCP", "plain")]
+            .into_iter()
+            .map(|(name, t)| Series {
+                name: name.into(),
+                points: tls
+                    .iter()
+                    .filter(|p| p["transport"] == t && p["shrink"]["ok"] == true)
+                    .filter_map(|p| Some((rate(p), y(&p["shrink"])?)))
+                    .collect(),
+                dashed: false,
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    let cpu = |v: &Value| v["machine_cpu_s"].as_f64();
+    fig(
+        "fig-tls.png",
+        &format!("{} idle VMs: TLS against plain TCP", tls.first().map_or(0, |p| u(&p["vms"]))),
+        vec![
+            panel("total migration time", "WAN Mbit/s", "s", by_transport(&time)),
+            panel("bytes over the WAN", "WAN Mbit/s", "MB", by_transport(&bytes)),
+            panel("machine CPU during the move", "WAN Mbit/s", "CPU-seconds", by_transport(&cpu)),
+        ],
+    )?;
     // Figure 6.8: granularity, at the largest cluster; --no-dedup and QEMU do not depend on it.
     let gr = sel(&|p| {
         u(&p["vms"]) == nmax
