@@ -3,7 +3,7 @@
 
 Usage: bench/merge.py OUT.json IN1.json IN2.json ...
 
-A point (family, workload, VMs, rate, chunk) measured in a later file replaces the same point of
+A point (family, workload, VMs, rate, chunk, transport) measured in a later file replaces the same point of
 an earlier one; a point that failed never replaces one that was measured. The result keeps every
 run's command, date and duration under "runs", and `command` says it was merged. Then draw the
 plots with `target/release/shrink-bench --replot OUT.json --out DIR`.
@@ -13,7 +13,8 @@ import sys
 
 
 def key(p):
-    return (p["family"], p["workload"], p["vms"], p["rate_mbit"], p["chunk"])
+    # Points before the tls family have no transport: they ran in clear text.
+    return (p["family"], p["workload"], p["vms"], p["rate_mbit"], p["chunk"], p.get("transport", "plain"))
 
 
 def main(out, inputs):

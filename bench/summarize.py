@@ -81,9 +81,11 @@ if e:
             f"Date: {e['date']}. Command: `{e['command']}` ({e['seconds'] // 60} min). {e['testbed']}.", "",
             f"VM: {e['vm']['memory_mib']} MiB, `preload={e['vm']['preload']} private={e['vm']['private']}` — {e['vm']['mix']}.", "",
             f"QEMU: {e['qemu']}. The lower bound is the distinct content site B's repository does not hold, plus digest records (stream bytes, no TCP/IP headers).", "",
-            "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-network.png`.", "",
+            "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-tls.png`, `fig-network.png`.", "",
             "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | QEMU multifd+zstd | lower bound | shrink/QEMU bytes, time | shrink/QEMU-zstd bytes, time | shrink/no-dedup bytes, time | downtime mean / max: shrink, QEMU, QEMU-zstd | deduplicated | from peers | from repository | pulled | shrink disk MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    tls = [p for p in pts if p["family"] == "tls"]
+    pts = [p for p in pts if p["family"] != "tls"]
     for p in pts:
         s_, r = p["shrink"], p["ratios"]
         lb = p["lower_bound"]
@@ -103,6 +105,14 @@ if e:
         la, lbb = st("lost_a")[1], st("lost_b")[1]
         ok = all(x.get("answering") for x in net)
         out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {system} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
+    if tls:
+        out += ["", "### What TLS costs (`tls` family: the same cluster moved over TLS and with `--plain-tcp`)", "",
+                "| VMs | Mbit/s | transport | time | bytes on the link | machine CPU during the move | downtime mean / max |",
+                "|---|---|---|---|---|---|---|"]
+        for p in sorted(tls, key=lambda p: (p["rate_mbit"], p["transport"] != "tls")):
+            s_ = p["shrink"]
+            out.append(f"| {p['vms']} | {p['rate_mbit']} | {p['transport']} | {sec(s_['total_time_ms']):.1f} s | {mb(s_.get('wan_net_bytes')):.1f} MB | "
+                       f"{s_.get('machine_cpu_s', 0):.1f} CPU-s | {down(p, 'shrink')} |")
     for p in failed:
         out.append(f"\nFailed: {p['family']} family, {p['vms']} VMs, {p['workload']}, {p['rate_mbit']} Mbit/s: {p['error']}")
     sp = e.get("source_pipeline") or {}
@@ -129,6 +139,7 @@ if x:
                     f"| `SRANDMEMBER`, {name}, batch {batches} | {k('srandmember_ops_per_s')} ops/s |"]
     for f_ in x.get("peer_fetch", []):
         what = "server re-hashes (SHA-256)" if f_["server_verifies"] else "protocol only"
+        what += f", {f_.get('transport', 'plain')}"
         out.append(f"| peer fetch, {f_['batch']} × {f_['chunk_bytes'] // 1024} KiB, {what} | {f_['median_ms']:.2f} ms per batch (median), {f_['mib_per_s']} MiB/s |")
     c = x.get("content_index")
     if c:
