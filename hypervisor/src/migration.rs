@@ -18,13 +18,12 @@
 //! removes it if the migration fails.
 
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-
-use indexd::tls::{Stream, Transport};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use indexd::tls::{Stream, Transport};
 use migrate::args::MigrateArgs;
 use migrate::precopy::{
     self, Dedup, EndpointError, MigrationInfo, NoDedup, Params, ReceiveOptions, Sink, Source, Status,

@@ -16,10 +16,8 @@ const BOOT: Duration = Duration::from_secs(20);
 
 /// A key file of another cluster, in `dir`.
 fn other_key(dir: &std::path::Path) -> String {
-    use std::os::unix::fs::OpenOptionsExt;
     let p = dir.join("other.key");
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p).unwrap();
-    f.write_all(format!("{}\n", "5a".repeat(32)).as_bytes()).unwrap();
+    indexd::tls::ClusterKey::generate().unwrap().write_new(&p).unwrap();
     p.display().to_string()
 }
 

@@ -45,6 +45,8 @@ pub const SERVER_NAME: &str = "shrink-cluster";
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const KEY_LEN: usize = 32;
+/// What the authority's Ed25519 seed is derived for.
+const AUTHORITY_SEED: &[u8] = b"authority ed25519 seed";
 const READ_BUF: usize = 64 * 1024;
 /// TLS output a connection buffers before its writer must wait for the socket.
 const SEND_BUFFER: usize = 256 * 1024;
@@ -151,6 +153,18 @@ impl ClusterKey {
         Ok(ClusterKey(k))
     }
 
+    /// A short public name of the key: the first 8 bytes, in hex, of the SHA-256 of its
+    /// authority's public key (what [`Tls::fingerprint`] shows), without making certificates.
+    pub fn fingerprint(&self) -> String {
+        use ring::signature::KeyPair as _;
+        let seed = self.derive(AUTHORITY_SEED);
+        let ca = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).expect("any 32 bytes are an Ed25519 seed");
+        ring::digest::digest(&ring::digest::SHA256, ca.public_key().as_ref()).as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// 32 bytes derived from the key for `purpose` (HKDF-SHA256).
     fn derive(&self, purpose: &[u8]) -> [u8; 32] {
         struct Len;
@@ -197,7 +211,7 @@ impl Tls {
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
             KeyUsagePurpose, PKCS_ED25519,
         };
-        let ca_pkcs8 = ed25519_pkcs8(&key.derive(b"authority ed25519 seed"));
+        let ca_pkcs8 = ed25519_pkcs8(&key.derive(AUTHORITY_SEED));
         let ca_key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(ca_pkcs8), &PKCS_ED25519)
             .map_err(cert_err)?;
         // Every field fixed: every host derives the same authority.
@@ -210,10 +224,7 @@ impl Tls {
         ca.not_after = rcgen::date_time_ymd(2124, 1, 1);
         ca.serial_number = Some(rcgen::SerialNumber::from_slice(&[1]));
         let ca_cert = ca.self_signed(&ca_key).map_err(cert_err)?;
-        let fingerprint: String = ring::digest::digest(&ring::digest::SHA256, ca_key.public_key_raw()).as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let fingerprint = key.fingerprint();
 
         let leaf_key = KeyPair::generate_for(&PKCS_ED25519).map_err(cert_err)?;
         let mut leaf = CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(cert_err)?;
@@ -635,6 +646,7 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
         assert_eq!(a.fingerprint().len(), 16);
+        assert_eq!(key(1).fingerprint(), a.fingerprint(), "the key's own fingerprint is its authority's");
     }
 
     #[test]

@@ -391,12 +391,10 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Some(path) = &args.new_cluster_key {
-        let made = indexd::tls::ClusterKey::generate()
-            .and_then(|k| k.write_new(path).map(|()| k))
-            .and_then(|k| indexd::tls::Tls::new(&k));
+        let made = indexd::tls::ClusterKey::generate().and_then(|k| k.write_new(path).map(|()| k));
         return match made {
-            Ok(t) => {
-                println!("{}: a new cluster key, fingerprint {}", path.display(), t.fingerprint());
+            Ok(k) => {
+                println!("{}: a new cluster key, fingerprint {}", path.display(), k.fingerprint());
                 ExitCode::SUCCESS
             }
             Err(e) => {

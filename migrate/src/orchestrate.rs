@@ -683,10 +683,11 @@ fn check_transport(plan: &Plan, vm: &str, status: &serde_json::Value) -> Result<
             ))
         }
     }
-    let here = file.cluster_key.as_ref().and_then(|k| {
-        let key = indexd::tls::ClusterKey::load(Path::new(k.get_ref())).ok()?;
-        indexd::tls::Tls::new(&key).ok().map(|t| t.fingerprint().to_owned())
-    });
+    let here = file
+        .cluster_key
+        .as_ref()
+        .and_then(|k| indexd::tls::ClusterKey::load(Path::new(k.get_ref())).ok())
+        .map(|key| key.fingerprint());
     match (here, status["cluster_key"].as_str()) {
         (Some(here), Some(there)) if here != there => mismatch(format!(
             "its VMM holds another cluster key (fingerprint {there}) than vc.toml's cluster_key ({here})"

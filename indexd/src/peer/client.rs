@@ -3,12 +3,11 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, ErrorKind, Write};
 use std::net::{TcpStream as StdTcpStream, ToSocketAddrs};
-
-use crate::tls::{Stream, Transport};
 use std::time::Duration;
 
 use super::wire::{encode_request, read_response, PeerError, ResponseError, MAX_DIGESTS};
 use super::LOG_TARGET;
+use crate::tls::{Stream, Transport};
 
 struct PeerConn {
     writer: Stream,
