@@ -50,6 +50,16 @@ struct RawTimers {
     arp_queue_len: Option<usize>,
 }
 
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    enabled: Option<bool>,
+    rate_per_s: Option<u32>,
+    interval_s: Option<u64>,
+    startup_rate_per_s: Option<u32>,
+    remote_at_start: Option<bool>,
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -69,6 +79,8 @@ struct RawConfig {
     gndt: Vec<RawRoute>,
     #[serde(default)]
     timers: RawTimers,
+    #[serde(default)]
+    probe: RawProbe,
 }
 
 /// A peer router.
@@ -120,6 +132,39 @@ impl Default for Timers {
     }
 }
 
+/// Active probing of the site's hosts: paced ARP requests from the router to every
+/// address of its LNDT, so that the HWDT knows every active local host (and a VM that
+/// leaves can be named from its MAC) even if the host never sends a frame the gateway
+/// sees. Each sweep costs one 42-byte broadcast frame per address: 254 frames per /24.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub enabled: bool,
+    /// Pace of the periodic sweeps (frames per second).
+    pub rate_per_s: u32,
+    /// A periodic sweep starts this long after the previous one ended.
+    pub interval: Duration,
+    /// Pace of the sweep at start (frames per second): after a restart the tables are empty.
+    pub startup_rate_per_s: u32,
+    /// The sweep at start also covers the other routers' prefixes, to find VMs that moved
+    /// here while every router's state was lost.
+    pub remote_at_start: bool,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            enabled: true,
+            rate_per_s: 20,
+            interval: Duration::from_secs(60),
+            startup_rate_per_s: 1000,
+            remote_at_start: true,
+        }
+    }
+}
+
+/// Largest prefix a probe sweep covers (a /16).
+pub const MAX_PROBED_PREFIX: u32 = 1 << 16;
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -134,6 +179,7 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub gndt: Vec<(Prefix, String)>,
     pub timers: Timers,
+    pub probe: Probe,
 }
 
 impl Config {
@@ -146,8 +192,18 @@ impl Config {
     /// Parse and validate text (`path` is only used in messages).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
-            ConfigError::Syntax { path: path.to_path_buf(), line, msg: e.message().replace('\n', " ") }
+            let msg = e.message().replace('\n', " ");
+            let Some(span) = e.span() else {
+                return ConfigError::Syntax { path: path.to_path_buf(), line: 0, msg };
+            };
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            match field_at(text, span.start) {
+                // A value of the wrong type: name its field (and say where it is).
+                Some(field) if !msg.starts_with("missing field") && !msg.starts_with("unknown field") => {
+                    ConfigError::Field { path: path.to_path_buf(), field, msg: format!("{msg} (line {line})") }
+                }
+                _ => ConfigError::Syntax { path: path.to_path_buf(), line, msg },
+            }
         })?;
         let field =
             |field: &str, msg: String| ConfigError::Field { path: path.to_path_buf(), field: field.to_string(), msg };
@@ -218,7 +274,28 @@ impl Config {
                     format!("'{}' is neither this site nor a peer", r.router),
                 ));
             }
+            if let Some((j, (_, other))) = gndt.iter().enumerate().find(|(_, (p, _))| *p == prefix) {
+                let msg = if *other == r.router {
+                    format!("{prefix} is listed twice (gndt[{j}] too)")
+                } else {
+                    format!("{prefix} is already routed to '{other}' by gndt[{j}]: one prefix, one router")
+                };
+                return Err(field(&format!("gndt[{i}].network"), msg));
+            }
             gndt.push((prefix, r.router.clone()));
+        }
+        // Every LNDT entry lies in this site's part of the GNDT: an LNDT entry that the
+        // GNDT routes to a peer would make both routers serve the same hosts.
+        for (i, l) in lndt.iter().enumerate() {
+            let owner = gndt.iter().filter(|(p, _)| p.len <= l.len && p.contains(l.addr)).max_by_key(|(p, _)| p.len);
+            if let Some((p, r)) = owner {
+                if *r != raw.site {
+                    return Err(field(
+                        &format!("lndt[{i}]"),
+                        format!("{l} lies in {p}, which the GNDT routes to '{r}', not to this site '{}'", raw.site),
+                    ));
+                }
+            }
         }
         let mut timers = Timers::default();
         let t = &raw.timers;
@@ -258,6 +335,43 @@ impl Config {
         if let Some(v) = t.arp_queue_len {
             timers.arp_queue_len = v;
         }
+        let mut probe = Probe::default();
+        let q = &raw.probe;
+        if let Some(v) = q.enabled {
+            probe.enabled = v;
+        }
+        for (name, val, dst) in [
+            ("probe.rate_per_s", q.rate_per_s, &mut probe.rate_per_s),
+            ("probe.startup_rate_per_s", q.startup_rate_per_s, &mut probe.startup_rate_per_s),
+        ] {
+            if let Some(v) = val {
+                if v == 0 || v > 100_000 {
+                    return Err(field(name, format!("{v} must be 1..=100000 frames per second")));
+                }
+                *dst = v;
+            }
+        }
+        if let Some(v) = q.interval_s {
+            if v == 0 {
+                return Err(field("probe.interval_s", "must be > 0".into()));
+            }
+            probe.interval = Duration::from_secs(v);
+        }
+        if let Some(v) = q.remote_at_start {
+            probe.remote_at_start = v;
+        }
+        if probe.enabled {
+            for (i, l) in lndt.iter().enumerate() {
+                if l.len < 16 {
+                    return Err(field(
+                        &format!("lndt[{i}]"),
+                        format!(
+                            "{l} is larger than the /16 a probe sweep covers: split it or set probe.enabled = false"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Config {
             site: raw.site,
             lan_interface: raw.lan_interface,
@@ -270,8 +384,39 @@ impl Config {
             peers,
             gndt,
             timers,
+            probe,
         })
     }
+}
+
+/// The dotted name of the field whose value starts at byte `at` of `text`: the key on
+/// that line, under the table header above it (`[timers]` → `timers.x`, the k-th
+/// `[[peers]]` → `peers[k].x`).
+fn field_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
+        return None;
+    }
+    let mut table: Option<String> = None;
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")).map(|(n, _)| n.trim()) {
+            let k = counts.entry(name.to_string()).or_insert(0);
+            table = Some(format!("{name}[{k}]"));
+            *k += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(n, _)| n.trim()) {
+            table = Some(name.to_string());
+        }
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 fn resolve(config: &Path, p: &str) -> PathBuf {
@@ -321,5 +466,53 @@ mod tests {
         assert!(e.to_string().contains("peers[0].address"), "{e}");
         let e = parse(&format!("{EXAMPLE}\nbogus = 1\n")).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let e = parse(&EXAMPLE.replace("announce_count = 3", "announce_count = \"three\"")).unwrap_err();
+        assert!(e.to_string().contains("field `timers.announce_count`"), "{e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+        let e = parse(&EXAMPLE.replace("site = \"A\"", "site = 7")).unwrap_err();
+        assert!(e.to_string().contains("field `site`"), "{e}");
+        let e = parse(&EXAMPLE.replace("address = \"192.168.100.2:7800\"", "address = [1]")).unwrap_err();
+        assert!(e.to_string().contains("field `peers[0].address`"), "{e}");
+        let e = parse(&EXAMPLE.replace("router = \"B\"", "router = false")).unwrap_err();
+        assert!(e.to_string().contains("field `gndt[1].router`"), "{e}");
+        let e = parse(&format!("{EXAMPLE}\n[probe]\nenabled = \"yes\"\n")).unwrap_err();
+        assert!(e.to_string().contains("field `probe.enabled`"), "{e}");
+        // Not a type error: still the line.
+        let e = parse(&format!("{EXAMPLE}\nx = = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn conflicting_gndt_and_lndt_entries_are_refused() {
+        let twice = EXAMPLE.replace("network = \"10.1.1.0/24\"", "network = \"10.1.0.0/24\"");
+        let e = parse(&twice).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("gndt[1].network") && s.contains("already routed to 'A'"), "{s}");
+        let dup = format!("{EXAMPLE}\n[[gndt]]\nnetwork = \"10.1.1.0/24\"\nrouter = \"B\"\n");
+        let e = parse(&dup).unwrap_err();
+        assert!(e.to_string().contains("gndt[2].network") && e.to_string().contains("listed twice"), "{e}");
+        let e =
+            parse(&EXAMPLE.replace("lndt = [\"10.1.0.0/24\"]", "lndt = [\"10.1.0.0/24\", \"10.1.1.7\"]")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("lndt[1]") && s.contains("routes to 'B'"), "{s}");
+        // A host of this site's prefix is fine.
+        parse(&EXAMPLE.replace("lndt = [\"10.1.0.0/24\"]", "lndt = [\"10.1.0.0/24\", \"10.1.0.7\"]")).unwrap();
+    }
+
+    #[test]
+    fn probe_settings() {
+        let c = parse(EXAMPLE).unwrap();
+        assert!(c.probe.enabled);
+        let c =
+            parse(&format!("{EXAMPLE}\n[probe]\nrate_per_s = 5\ninterval_s = 2\nremote_at_start = false\n")).unwrap();
+        assert_eq!((c.probe.rate_per_s, c.probe.interval, c.probe.remote_at_start), (5, Duration::from_secs(2), false));
+        let e = parse(&format!("{EXAMPLE}\n[probe]\nrate_per_s = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("probe.rate_per_s"), "{e}");
+        let e = parse(&EXAMPLE.replace("lndt = [\"10.1.0.0/24\"]", "lndt = [\"10.0.0.0/8\"]")).unwrap_err();
+        assert!(e.to_string().contains("probe"), "{e}");
     }
 }

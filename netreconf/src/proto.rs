@@ -2,23 +2,34 @@
 //!
 //! ```text
 //! off  len  field
-//! 0    4    magic "VNE1"
-//! 4    1    type (1 data, 2 who-has, 3 i-have, 4 host-route, 5 host-route-ack)
+//! 0    4    magic "VNE2"
+//! 4    1    type (1 data, 2 who-has, 3 i-have, 4 host-route, 5 host-route-ack,
+//!           6 hello, 7 route-sync, 8 sync-ack)
 //! 5    1    sender name length n (1..=32)
 //! 6    n    sender name (UTF-8)
-//! 6+n  8    sequence number (per sender, strictly increasing, starts at boot time in µs)
-//! 14+n 8    timestamp, µs since the Unix epoch
-//! 22+n 2    body length m
-//! 24+n m    body
+//! 6+n  8    sender's epoch (its boot time in µs: every boot orders above the earlier ones)
+//! 14+n 8    receiver's epoch as the sender knows it (0: not known yet)
+//! 22+n 8    sequence number (per sender and epoch, strictly increasing)
+//! 30+n 8    timestamp, µs since the Unix epoch
+//! 38+n 2    body length m
+//! 40+n m    body
 //! ..   32   HMAC-SHA256(key, all preceding bytes)
 //! ```
+//! The two epochs bind every message to one boot of each end: a receiver accepts a
+//! message other than `hello` only if it names the receiver's current epoch and comes
+//! from the sender's current epoch, so nothing recorded before either end restarted is
+//! accepted after it (see [`crate::router`]).
 //! Every field is big-endian. Bodies:
 //! - data: an IPv4 packet;
 //! - who-has: query id (4), MAC (6);
 //! - i-have: query id (4), MAC (6), IPv4 (4);
 //! - host-route: IPv4 (4), route sequence (8), MAC (6), owner length (1), owner;
 //! - host-route-ack: IPv4 (4), route sequence (8), flags (1; bit 0 = "I served this IP
-//!   before"), host count (2), hosts (4 each).
+//!   before"), host count (2), hosts (4 each);
+//! - hello: empty (the header's epochs are the message);
+//! - route-sync: batch id (4), entry count (2), entries: IPv4 (4), route sequence (8),
+//!   MAC (6), owner length (1), owner;
+//! - sync-ack: batch id (4).
 
 use std::net::Ipv4Addr;
 
@@ -27,13 +38,17 @@ use openssl::sha::Sha256;
 use crate::frames::Mac;
 
 /// Magic bytes at the start of every message.
-pub const MAGIC: &[u8; 4] = b"VNE1";
+pub const MAGIC: &[u8; 4] = b"VNE2";
 /// Length of the HMAC trailer.
 pub const MAC_LEN: usize = 32;
 /// Longest router name.
 pub const MAX_NAME: usize = 32;
 /// Most hosts carried in one acknowledgement.
 pub const MAX_HOSTS: usize = 1024;
+/// Largest route-sync body: keeps each datagram under a 1500-byte MTU.
+pub const MAX_SYNC_BODY: usize = 1200;
+/// Fixed header bytes besides the sender's name.
+const HEADER: usize = 4 + 1 + 1 + 8 + 8 + 8 + 8 + 2;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,6 +82,29 @@ pub enum Body<'a> {
     HostRoute { ip: Ipv4Addr, seq: u64, mac: Mac, owner: String },
     /// Acknowledgement of a host route; the previous owner lists its LAN hosts.
     HostRouteAck { ip: Ipv4Addr, seq: u64, was_owner: bool, hosts: Vec<Ipv4Addr> },
+    /// "This is my epoch" (and, in the header, "yours is…"): opens a session.
+    Hello,
+    /// Part of the sender's /32 table, sent when a session opens.
+    RouteSync { batch: u32, routes: Vec<SyncRoute> },
+    /// Receipt of a route-sync batch.
+    SyncAck { batch: u32 },
+}
+
+/// One /32 of a route sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRoute {
+    pub ip: Ipv4Addr,
+    pub seq: u64,
+    /// The host's MAC where the sender knows it (all zero otherwise).
+    pub mac: Mac,
+    pub owner: String,
+}
+
+impl SyncRoute {
+    /// Bytes this entry takes in a route-sync body.
+    pub fn encoded_len(&self) -> usize {
+        4 + 8 + 6 + 1 + self.owner.len()
+    }
 }
 
 impl Body<'_> {
@@ -77,6 +115,9 @@ impl Body<'_> {
             Body::IHave { .. } => 3,
             Body::HostRoute { .. } => 4,
             Body::HostRouteAck { .. } => 5,
+            Body::Hello => 6,
+            Body::RouteSync { .. } => 7,
+            Body::SyncAck { .. } => 8,
         }
     }
 
@@ -88,6 +129,9 @@ impl Body<'_> {
             Body::IHave { .. } => "i-have",
             Body::HostRoute { .. } => "host-route",
             Body::HostRouteAck { .. } => "host-route-ack",
+            Body::Hello => "hello",
+            Body::RouteSync { .. } => "route-sync",
+            Body::SyncAck { .. } => "sync-ack",
         }
     }
 }
@@ -96,6 +140,10 @@ impl Body<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
     pub sender: String,
+    /// The sender's epoch.
+    pub epoch: u64,
+    /// The receiver's epoch as the sender knows it (0: unknown).
+    pub peer_epoch: u64,
     pub seq: u64,
     pub timestamp_us: u64,
     pub body: Body<'a>,
@@ -185,15 +233,36 @@ pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
                 body.extend_from_slice(&h.octets());
             }
         }
+        Body::Hello => {}
+        Body::RouteSync { batch, routes } => {
+            body.extend_from_slice(&batch.to_be_bytes());
+            body.extend_from_slice(&(routes.len() as u16).to_be_bytes());
+            for r in routes {
+                if r.owner.is_empty() || r.owner.len() > MAX_NAME {
+                    return Err(ProtoError::Malformed("owner name length"));
+                }
+                body.extend_from_slice(&r.ip.octets());
+                body.extend_from_slice(&r.seq.to_be_bytes());
+                body.extend_from_slice(&r.mac.0);
+                body.push(r.owner.len() as u8);
+                body.extend_from_slice(r.owner.as_bytes());
+            }
+            if body.len() > MAX_SYNC_BODY {
+                return Err(ProtoError::TooLarge(body.len()));
+            }
+        }
+        Body::SyncAck { batch } => body.extend_from_slice(&batch.to_be_bytes()),
     }
     if body.len() > usize::from(u16::MAX) {
         return Err(ProtoError::TooLarge(body.len()));
     }
-    let mut out = Vec::with_capacity(24 + name.len() + body.len() + MAC_LEN);
+    let mut out = Vec::with_capacity(HEADER + name.len() + body.len() + MAC_LEN);
     out.extend_from_slice(MAGIC);
     out.push(msg.body.type_id());
     out.push(name.len() as u8);
     out.extend_from_slice(name);
+    out.extend_from_slice(&msg.epoch.to_be_bytes());
+    out.extend_from_slice(&msg.peer_epoch.to_be_bytes());
     out.extend_from_slice(&msg.seq.to_be_bytes());
     out.extend_from_slice(&msg.timestamp_us.to_be_bytes());
     out.extend_from_slice(&(body.len() as u16).to_be_bytes());
@@ -263,7 +332,7 @@ impl<'a> Reader<'a> {
 
 /// Verify the HMAC, then decode. Never panics on any input.
 pub fn decode<'a>(auth: &Auth, buf: &'a [u8]) -> Result<Message<'a>, ProtoError> {
-    if buf.len() < 4 + 2 + 1 + 8 + 8 + 2 + MAC_LEN {
+    if buf.len() < HEADER + 1 + MAC_LEN {
         return Err(ProtoError::TooShort(buf.len()));
     }
     if &buf[..4] != MAGIC {
@@ -285,6 +354,8 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
     }
     let ty = r.u8("type")?;
     let sender = r.name("sender")?;
+    let epoch = r.u64("epoch")?;
+    let peer_epoch = r.u64("peer epoch")?;
     let seq = r.u64("seq")?;
     let timestamp_us = r.u64("timestamp")?;
     let blen = usize::from(r.u16("body length")?);
@@ -334,9 +405,36 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
             b.done("ack length")?;
             Body::HostRouteAck { ip, seq, was_owner: flags & 1 == 1, hosts }
         }
+        6 => {
+            b.done("hello length")?;
+            Body::Hello
+        }
+        7 => {
+            let batch = b.u32("batch")?;
+            let n = usize::from(b.u16("route count")?);
+            // Each entry takes at least 20 bytes: a count the body cannot hold is malformed.
+            if n * 20 > body_bytes.len() {
+                return Err(ProtoError::Malformed("route count"));
+            }
+            let mut routes = Vec::with_capacity(n);
+            for _ in 0..n {
+                let ip = b.ip("ip")?;
+                let seq = b.u64("route seq")?;
+                let mac = b.mac("mac")?;
+                let owner = b.name("owner")?;
+                routes.push(SyncRoute { ip, seq, mac, owner });
+            }
+            b.done("route-sync length")?;
+            Body::RouteSync { batch, routes }
+        }
+        8 => {
+            let batch = b.u32("batch")?;
+            b.done("sync-ack length")?;
+            Body::SyncAck { batch }
+        }
         t => return Err(ProtoError::BadType(t)),
     };
-    Ok(Message { sender, seq, timestamp_us, body })
+    Ok(Message { sender, epoch, peer_epoch, seq, timestamp_us, body })
 }
 
 /// Sliding anti-replay window (as IPsec's): accepts each sequence number once, and
@@ -423,6 +521,21 @@ mod tests {
                 was_owner: true,
                 hosts: vec![Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2)],
             },
+            Body::Hello,
+            Body::RouteSync {
+                batch: 9,
+                routes: vec![
+                    SyncRoute {
+                        ip: Ipv4Addr::new(10, 1, 0, 10),
+                        seq: 1_700_000_000_000_001,
+                        mac: Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                        owner: "siteB".into(),
+                    },
+                    SyncRoute { ip: Ipv4Addr::new(10, 1, 0, 11), seq: 4, mac: Mac([0; 6]), owner: "A".into() },
+                ],
+            },
+            Body::RouteSync { batch: 10, routes: Vec::new() },
+            Body::SyncAck { batch: 9 },
         ]
     }
 
@@ -430,7 +543,14 @@ mod tests {
     fn round_trip_every_type() {
         let a = auth();
         for (i, body) in all_bodies().into_iter().enumerate() {
-            let m = Message { sender: "siteA".into(), seq: 1000 + i as u64, timestamp_us: 1_700_000_000_000_000, body };
+            let m = Message {
+                sender: "siteA".into(),
+                epoch: 1_700_000_000_000_000,
+                peer_epoch: 1_600_000_000_000_000 + i as u64,
+                seq: 1000 + i as u64,
+                timestamp_us: 1_700_000_000_000_000,
+                body,
+            };
             let bytes = encode(&a, &m).unwrap();
             assert_eq!(decode(&a, &bytes).unwrap(), m);
         }
@@ -439,7 +559,14 @@ mod tests {
     #[test]
     fn tampering_and_wrong_key_are_rejected() {
         let a = auth();
-        let m = Message { sender: "siteA".into(), seq: 1, timestamp_us: 5, body: all_bodies().remove(3) };
+        let m = Message {
+            sender: "siteA".into(),
+            epoch: 3,
+            peer_epoch: 4,
+            seq: 1,
+            timestamp_us: 5,
+            body: all_bodies().remove(3),
+        };
         let bytes = encode(&a, &m).unwrap();
         for i in 0..bytes.len() {
             let mut t = bytes.clone();
@@ -451,6 +578,22 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(decode(&a, &bytes[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn a_route_sync_too_large_for_a_datagram_is_refused() {
+        let a = auth();
+        let route = SyncRoute { ip: Ipv4Addr::new(10, 1, 0, 1), seq: 1, mac: Mac([2; 6]), owner: "B".into() };
+        let n = MAX_SYNC_BODY / route.encoded_len() + 1;
+        let m = Message {
+            sender: "A".into(),
+            epoch: 1,
+            peer_epoch: 2,
+            seq: 3,
+            timestamp_us: 4,
+            body: Body::RouteSync { batch: 1, routes: vec![route; n] },
+        };
+        assert!(matches!(encode(&a, &m), Err(ProtoError::TooLarge(_))));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::frames::{self, Arp, Frame, Mac, OP_REQUEST};
-use crate::proto::{self, Auth, Body, Message, ProtoError, ReplayWindow};
+use crate::proto::{self, Auth, Body, Message, ProtoError, ReplayWindow, SyncRoute};
 use crate::tables::{Gndt, HostUpdate, Hwdt, Lndt};
 
 /// Errors of this module.
@@ -101,6 +101,29 @@ pub struct Counters {
     pub overlay_stale: u64,
     pub overlay_unknown_peer: u64,
     pub overlay_unsolicited: u64,
+    /// Sent before a peer's current boot (its epoch is older than the one we know).
+    pub overlay_old_epoch: u64,
+    /// Not bound to our current boot (names another epoch of ours), or a new boot of the
+    /// peer speaking before its hello.
+    pub overlay_wrong_epoch: u64,
+    /// Not sent: the peer's epoch is not known yet (no session).
+    pub overlay_held: u64,
+    pub hellos_sent: u64,
+    pub sessions_opened: u64,
+    pub peer_restarts: u64,
+    pub sync_batches_sent: u64,
+    pub sync_batches_retransmitted: u64,
+    pub routes_synced: u64,
+    pub probes_sent: u64,
+    pub probe_sweeps: u64,
+    /// Local hosts learned from IPv4 frames (not ARP).
+    pub hwdt_learned_from_ip: u64,
+    /// Moves detected from a frame of the VM itself (its ARP or IPv4), not RARP/GARP.
+    pub detections_from_traffic: u64,
+    /// Frames of a host captured before its /32 moved to another router (read late).
+    pub detections_stale_frame: u64,
+    /// Log lines not written (rate limit); the counters above still count every event.
+    pub log_lines_suppressed: u64,
     pub hwdt_expired: u64,
 }
 
@@ -120,7 +143,9 @@ pub struct MigrationRecord {
     pub seq: u64,
     /// Destination: the router that served the IP before. Source: the new owner.
     pub other_router: String,
-    /// "rarp", "garp" (destination) or "host-route" (source).
+    /// "rarp", "garp", "arp" or "traffic" (destination: what revealed the VM; "arp" and
+    /// "traffic" are its own ARP or IPv4 frames), "host-route" or "sync" (source: a peer's
+    /// host route, or its route sync after a restart).
     pub trigger: &'static str,
     /// Destination: the capture timestamp of the first detection frame of the move (the
     /// RARP or gratuitous ARP that started it), from its pcap header. Source: when the
@@ -145,8 +170,17 @@ pub struct MigrationRecord {
 struct PeerState {
     name: String,
     addr: SocketAddr,
+    /// Anti-replay window of the peer's current epoch.
     replay: ReplayWindow,
     last_rx: Option<Instant>,
+    /// The peer's current epoch (0: no session yet).
+    epoch: u64,
+    /// The peer has shown it knows our current epoch.
+    knows_us: bool,
+    /// Route-sync batches sent in this session and not acknowledged: id → (routes, tries).
+    sync_pending: BTreeMap<u32, (Vec<SyncRoute>, u32)>,
+    /// Last hello sent in answer to a message bound to another epoch.
+    last_prompt: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -186,6 +220,71 @@ enum Timer {
     Retransmit(Ipv4Addr, u64),
     ArpRetry(Ipv4Addr),
     Housekeeping,
+    /// Hello to every peer that does not know our epoch yet.
+    Hello,
+    /// Route-sync batch not acknowledged: (peer, peer epoch, batch).
+    SyncRetransmit(usize, u64, u32),
+    /// Next probe frames.
+    Probe,
+}
+
+/// Hello period while a peer does not know our epoch.
+const HELLO_INTERVAL: Duration = Duration::from_millis(500);
+/// Route-sync retransmission period, and tries.
+const SYNC_RETRANSMIT: Duration = Duration::from_millis(300);
+const SYNC_TRIES: u32 = 20;
+/// Hellos prompted by messages bound to another epoch, at most one per this per peer.
+const PROMPT_INTERVAL: Duration = Duration::from_millis(100);
+/// Probe timer granularity.
+const PROBE_TICK: Duration = Duration::from_millis(10);
+
+/// At most `LOG_LINES` log lines per `LOG_WINDOW` for events an unauthenticated sender can
+/// cause at will (overlay datagrams that are dropped); the counters count every one.
+const LOG_LINES: u32 = 10;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct LogLimiter {
+    window: Instant,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// Whether to write one more line now; reports what the last window suppressed.
+    fn allow(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.window) >= LOG_WINDOW {
+            self.flush();
+            self.window = now;
+            self.lines = 0;
+        }
+        if self.lines < LOG_LINES {
+            self.lines += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            warn!(
+                suppressed = self.suppressed,
+                window_s = LOG_WINDOW.as_secs(),
+                "more overlay datagrams were dropped than are logged (see the status counters)"
+            );
+            self.suppressed = 0;
+        }
+    }
+}
+
+/// Active probing: the addresses still to ask, and at which pace.
+#[derive(Debug, Default)]
+struct ProbeState {
+    queue: VecDeque<Ipv4Addr>,
+    rate_per_s: u32,
+    startup: bool,
 }
 
 struct Bucket {
@@ -245,6 +344,16 @@ pub struct Router {
     history_id: usize,
     actions: Vec<Action>,
     started: Instant,
+    /// This boot's epoch (µs since the Unix epoch at start; above every earlier boot's).
+    epoch: u64,
+    next_batch: u32,
+    /// MACs of /32 hosts (for route syncs).
+    route_macs: HashMap<Ipv4Addr, Mac>,
+    /// When a /32 was handed to another router (wall µs): frames of the host captured
+    /// before are not a move back.
+    moved_away_us: HashMap<Ipv4Addr, u64>,
+    probe: ProbeState,
+    log: LogLimiter,
 }
 
 impl Router {
@@ -264,6 +373,10 @@ impl Router {
                 addr: p.address,
                 replay: ReplayWindow::default(),
                 last_rx: None,
+                epoch: 0,
+                knows_us: false,
+                sync_pending: BTreeMap::new(),
+                last_prompt: None,
             })
             .collect();
         let bucket = Bucket {
@@ -279,8 +392,7 @@ impl Router {
             gndt,
             counters: Counters::default(),
             peers,
-            // Starting at boot time keeps sequence numbers increasing across restarts.
-            tx_seq: now.wall_us,
+            tx_seq: 0,
             next_query: 1,
             queries: HashMap::new(),
             migrations: BTreeMap::new(),
@@ -294,10 +406,26 @@ impl Router {
             history_id: 0,
             actions: Vec::new(),
             started: now.mono,
+            epoch: now.wall_us.max(1),
+            next_batch: 1,
+            route_macs: HashMap::new(),
+            moved_away_us: HashMap::new(),
+            probe: ProbeState::default(),
+            log: LogLimiter { window: now.mono, lines: 0, suppressed: 0 },
             cfg,
         };
         r.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
+        r.schedule(now.mono, Timer::Hello);
+        if r.cfg.probe.enabled {
+            r.fill_probe_queue(true);
+            r.schedule(now.mono, Timer::Probe);
+        }
         Ok(r)
+    }
+
+    /// This boot's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The configuration.
@@ -365,9 +493,24 @@ impl Router {
         self.history.iter_mut().find(|(i, _)| *i == id).map(|(_, r)| r)
     }
 
+    /// Send `body` to `peer` in the current session. Nothing but a hello goes to a peer
+    /// whose epoch we do not know: it could not accept it (the hello timer, the
+    /// retransmissions and the route sync at session start make up for it).
     fn send(&mut self, now: &Now, peer: usize, body: Body<'_>) {
+        let peer_epoch = self.peers[peer].epoch;
+        if peer_epoch == 0 && body != Body::Hello {
+            self.counters.overlay_held += 1;
+            return;
+        }
         self.tx_seq += 1;
-        let msg = Message { sender: self.cfg.site.clone(), seq: self.tx_seq, timestamp_us: now.wall_us, body };
+        let msg = Message {
+            sender: self.cfg.site.clone(),
+            epoch: self.epoch,
+            peer_epoch,
+            seq: self.tx_seq,
+            timestamp_us: now.wall_us,
+            body,
+        };
         match proto::encode(&self.auth, &msg) {
             Ok(bytes) => {
                 self.counters.overlay_tx += 1;
@@ -417,7 +560,12 @@ impl Router {
             Ok(Frame::Arp(a)) => self.on_arp(now, seen, a),
             Ok(Frame::Rarp(a)) => self.on_rarp(now, seen, a),
             Ok(Frame::Ipv4 { eth_src, eth_dst, src, dst, packet }) => {
-                if eth_dst != self.mac() || eth_src == self.mac() {
+                if eth_src == self.mac() {
+                    self.counters.frames_ignored += 1;
+                    return;
+                }
+                self.observe_ipv4_sender(now, seen, src, eth_src);
+                if eth_dst != self.mac() {
                     self.counters.frames_ignored += 1;
                     return;
                 }
@@ -444,10 +592,15 @@ impl Router {
             }
             self.flush_pending(a.spa, a.sha);
         }
-        if a.is_gratuitous() && !self.is_local(a.spa) && self.route_of(a.spa).is_some() {
-            // A host announcing an address another site serves: it migrated here.
-            self.detect(now, seen, a.sha, Some(a.spa), "garp");
-            return;
+        if !a.spa.is_unspecified() && !self.is_local(a.spa) && self.route_of(a.spa).is_some() {
+            // A host on this LAN using an address another site serves: it migrated here
+            // (its gratuitous ARP, or any ARP of it, such as its answer to a probe).
+            if a.is_gratuitous() {
+                self.detect(now, seen, a.sha, Some(a.spa), "garp");
+                return;
+            }
+            self.counters.detections_from_traffic += 1;
+            self.detect(now, seen, a.sha, Some(a.spa), "arp");
         }
         if a.op != OP_REQUEST || a.is_gratuitous() || a.spa.is_unspecified() {
             return;
@@ -481,9 +634,44 @@ impl Router {
         self.detect(now, seen, a.sha, None, "rarp");
     }
 
+    /// An IPv4 frame from `src` at `mac` was captured on the LAN: a local host is learned
+    /// (no ARP of it needs to reach the gateway), a host using another site's address has
+    /// migrated here.
+    fn observe_ipv4_sender(&mut self, now: &Now, seen: Seen, src: Ipv4Addr, mac: Mac) {
+        if !mac.is_unicast()
+            || src.is_unspecified()
+            || src.is_broadcast()
+            || src.is_multicast()
+            || src == self.cfg.router_ip
+        {
+            return;
+        }
+        if self.is_local(src) {
+            if self.lndt.contains(src) && self.hwdt.learn(src, mac, now.mono) {
+                self.counters.hwdt_learned_from_ip += 1;
+                debug!(ip = %src, %mac, "HWDT learned from an IPv4 frame");
+            }
+        } else if self.route_of(src).is_some() {
+            self.counters.detections_from_traffic += 1;
+            self.detect(now, seen, mac, Some(src), "traffic");
+        }
+    }
+
     /// A frame (captured and read at `seen`) revealed that `mac` (maybe with `ip`) is on
     /// this LAN.
     fn detect(&mut self, now: &Now, seen: Seen, mac: Mac, ip: Option<Ipv4Addr>, trigger: &'static str) {
+        // Frames of hosts already served here (the common case for traffic) cost no token.
+        if let Some(ip) = ip {
+            if self.is_local(ip) {
+                self.counters.detections_already_local += 1;
+                return;
+            }
+            // Captured before its /32 went to another router (read late): not a move back.
+            if self.moved_away_us.get(&ip).is_some_and(|t| seen.captured_us <= *t) {
+                self.counters.detections_stale_frame += 1;
+                return;
+            }
+        }
         if !self.bucket.take(now.mono) {
             self.counters.detections_rate_limited += 1;
             return;
@@ -525,9 +713,13 @@ impl Router {
 
     fn start_migration(&mut self, now: &Now, ip: Ipv4Addr, mac: Mac, trigger: &'static str, seen: Seen) {
         let previous = self.route_of(ip).unwrap_or("?").to_string();
-        let seq = self.gndt.host_seq(ip) + 1;
+        // Above every sequence number this router knows, and above those of every earlier
+        // move it may have forgotten (a restart): a µs timestamp.
+        let seq = (self.gndt.host_seq(ip) + 1).max(now.wall_us);
         let me = self.cfg.site.clone();
         self.gndt.offer_host(ip, &me, seq);
+        self.route_macs.insert(ip, mac);
+        self.moved_away_us.remove(&ip);
         self.lndt.add(ip);
         self.hwdt.learn(ip, mac, now.mono);
         self.handovers.remove(&ip);
@@ -673,40 +865,113 @@ impl Router {
 
     // ------------------------------------------------------------ overlay side
 
+    /// Whether to log one more dropped overlay datagram (rate-limited: a stranger can
+    /// send them at line rate).
+    fn log_drop(&mut self, now: &Now) -> bool {
+        let ok = self.log.allow(now.mono);
+        if !ok {
+            self.counters.log_lines_suppressed += 1;
+        }
+        ok
+    }
+
     /// A datagram received on the overlay socket.
+    ///
+    /// Authenticated (HMAC), from a configured peer, timestamped within the allowed clock
+    /// skew, then bound to both ends' boots: a message whose sender epoch is older than
+    /// the one we know was sent before the peer restarted; one with a newer epoch is a
+    /// new boot of the peer, and only its hello is taken (it opens a new session with a
+    /// fresh anti-replay window); every other message must name our current epoch, so
+    /// nothing recorded before we restarted is taken after. Within a session, the
+    /// anti-replay window takes each sequence number once.
     pub fn handle_datagram(&mut self, now: &Now, from: SocketAddr, data: &[u8]) {
         self.counters.overlay_rx += 1;
         let msg = match proto::decode(&self.auth, data) {
             Ok(m) => m,
             Err(ProtoError::BadHmac) => {
                 self.counters.overlay_auth_failed += 1;
-                warn!(%from, "overlay message with a bad HMAC dropped");
+                if self.log_drop(now) {
+                    warn!(%from, "overlay message with a bad HMAC dropped");
+                }
                 return;
             }
             Err(e) => {
                 self.counters.overlay_malformed += 1;
-                warn!(%from, error = %e, "malformed overlay message dropped");
+                if self.log_drop(now) {
+                    warn!(%from, error = %e, "malformed overlay message dropped");
+                }
                 return;
             }
         };
         let Some(pi) = self.peer_index(&msg.sender) else {
             self.counters.overlay_unknown_peer += 1;
-            warn!(%from, sender = %msg.sender, "message from an unknown router dropped");
+            if self.log_drop(now) {
+                warn!(%from, sender = %msg.sender, "message from an unknown router dropped");
+            }
             return;
         };
         let skew = self.cfg.timers.max_clock_skew.as_micros() as u64;
         if msg.timestamp_us.abs_diff(now.wall_us) > skew {
             self.counters.overlay_stale += 1;
-            warn!(%from, sender = %msg.sender, age_ms = ms(now.wall_us, msg.timestamp_us),
-                  "stale overlay message dropped");
+            if self.log_drop(now) {
+                warn!(%from, sender = %msg.sender, age_ms = ms(now.wall_us, msg.timestamp_us),
+                      "stale overlay message dropped");
+            }
             return;
+        }
+        let is_hello = msg.body == Body::Hello;
+        let known = self.peers[pi].epoch;
+        if msg.epoch < known {
+            self.counters.overlay_old_epoch += 1;
+            if self.log_drop(now) {
+                warn!(%from, sender = %msg.sender, epoch = msg.epoch, current = known, kind = msg.body.kind(),
+                      "overlay message from before the peer's restart dropped");
+            }
+            return;
+        }
+        if msg.epoch > known && !is_hello || !is_hello && msg.peer_epoch != self.epoch {
+            self.counters.overlay_wrong_epoch += 1;
+            if self.log_drop(now) {
+                warn!(%from, sender = %msg.sender, epoch = msg.epoch, our_epoch = self.epoch,
+                      named_epoch = msg.peer_epoch, kind = msg.body.kind(),
+                      "overlay message not bound to the current sessions dropped");
+            }
+            self.prompt_hello(now, pi);
+            return;
+        }
+        let new_session = msg.epoch > known;
+        if new_session {
+            let p = &mut self.peers[pi];
+            p.epoch = msg.epoch;
+            p.replay = ReplayWindow::default();
+            p.knows_us = false;
+            p.sync_pending.clear();
+            self.counters.sessions_opened += 1;
+            if known != 0 {
+                self.counters.peer_restarts += 1;
+            }
+            info!(peer = %msg.sender, epoch = msg.epoch, restarted = known != 0, "session with peer opened");
         }
         if !self.peers[pi].replay.accept(msg.seq) {
             self.counters.overlay_replayed += 1;
-            warn!(%from, sender = %msg.sender, seq = msg.seq, "replayed overlay message dropped");
+            if self.log_drop(now) {
+                warn!(%from, sender = %msg.sender, seq = msg.seq, "replayed overlay message dropped");
+            }
             return;
         }
         self.peers[pi].last_rx = Some(now.mono);
+        if msg.peer_epoch == self.epoch {
+            self.peers[pi].knows_us = true;
+        }
+        if is_hello && msg.peer_epoch != self.epoch {
+            // The peer does not know our epoch yet: tell it (before anything else of the
+            // new session, which it could not take otherwise).
+            self.counters.hellos_sent += 1;
+            self.send(now, pi, Body::Hello);
+        }
+        if new_session {
+            self.session_opened(now, pi);
+        }
         let sender = msg.sender.clone();
         match msg.body {
             Body::Data(p) => self.on_tunnelled(now, &sender, p.to_vec()),
@@ -732,6 +997,123 @@ impl Router {
             },
             Body::HostRoute { ip, seq, mac, owner } => self.on_host_route(now, pi, ip, seq, mac, owner),
             Body::HostRouteAck { ip, seq, was_owner, hosts } => self.on_ack(now, &sender, ip, seq, was_owner, hosts),
+            Body::Hello => {}
+            Body::RouteSync { batch, routes } => {
+                for r in routes {
+                    self.on_synced_route(now, pi, r);
+                }
+                self.send(now, pi, Body::SyncAck { batch });
+            }
+            Body::SyncAck { batch } => {
+                if self.peers[pi].sync_pending.remove(&batch).is_none() {
+                    self.counters.overlay_unsolicited += 1;
+                }
+            }
+        }
+    }
+
+    /// A message bound to another epoch came from peer `pi`: it may not know we restarted
+    /// (or we missed its hello). Say hello, at most every [`PROMPT_INTERVAL`].
+    fn prompt_hello(&mut self, now: &Now, pi: usize) {
+        let p = &mut self.peers[pi];
+        if p.last_prompt.is_some_and(|t| now.mono.saturating_duration_since(t) < PROMPT_INTERVAL) {
+            return;
+        }
+        p.last_prompt = Some(now.mono);
+        self.counters.hellos_sent += 1;
+        self.send(now, pi, Body::Hello);
+    }
+
+    /// A new session with peer `pi` (first contact, or the peer restarted): send it every
+    /// /32 we hold, and the host routes of our moves it has not acknowledged.
+    fn session_opened(&mut self, now: &Now, pi: usize) {
+        let routes: Vec<SyncRoute> = self
+            .gndt
+            .routes()
+            .filter(|r| r.prefix.len == 32)
+            .map(|r| {
+                let ip = r.prefix.addr;
+                let mac = self.route_macs.get(&ip).copied().or_else(|| self.hwdt.mac_of(ip)).unwrap_or(Mac([0; 6]));
+                SyncRoute { ip, seq: r.seq, mac, owner: r.router.clone() }
+            })
+            .collect();
+        let mut batch: Vec<SyncRoute> = Vec::new();
+        let mut size = 6;
+        let mut batches = Vec::new();
+        for r in routes {
+            if size + r.encoded_len() > proto::MAX_SYNC_BODY {
+                batches.push(std::mem::take(&mut batch));
+                size = 6;
+            }
+            size += r.encoded_len();
+            batch.push(r);
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+        let epoch = self.peers[pi].epoch;
+        for routes in batches {
+            let id = self.next_batch;
+            self.next_batch = self.next_batch.wrapping_add(1);
+            info!(peer = %self.peers[pi].name, batch = id, routes = routes.len(), "sending route sync");
+            self.counters.sync_batches_sent += 1;
+            self.send(now, pi, Body::RouteSync { batch: id, routes: routes.clone() });
+            self.peers[pi].sync_pending.insert(id, (routes, 0));
+            self.schedule(now.mono + SYNC_RETRANSMIT, Timer::SyncRetransmit(pi, epoch, id));
+        }
+        let name = self.peers[pi].name.clone();
+        let me = self.cfg.site.clone();
+        let inflight: Vec<(Ipv4Addr, u64, Mac)> = self
+            .migrations
+            .iter()
+            .filter(|(_, m)| m.unacked.contains(&name))
+            .map(|(ip, m)| (*ip, m.seq, m.mac))
+            .collect();
+        for (ip, seq, mac) in inflight {
+            self.send(now, pi, Body::HostRoute { ip, seq, mac, owner: me.clone() });
+        }
+    }
+
+    /// One /32 of a peer's route sync.
+    fn on_synced_route(&mut self, now: &Now, pi: usize, r: SyncRoute) {
+        let SyncRoute { ip, seq, mac, owner } = r;
+        if owner != self.cfg.site && self.peer_index(&owner).is_none() {
+            self.counters.route_updates_rejected += 1;
+            warn!(%ip, %owner, from = %self.peers[pi].name, "synced host route for an unknown router rejected");
+            return;
+        }
+        let was_owner = self.is_local(ip);
+        match self.gndt.offer_host(ip, &owner, seq) {
+            HostUpdate::Installed { previous } => {
+                self.counters.routes_synced += 1;
+                if mac.is_unicast() {
+                    self.route_macs.insert(ip, mac);
+                }
+                if owner == self.cfg.site {
+                    // We served it before we restarted: serve it again.
+                    self.lndt.add(ip);
+                    self.moved_away_us.remove(&ip);
+                    if mac.is_unicast() {
+                        self.hwdt.learn(ip, mac, now.mono);
+                    }
+                    info!(%ip, seq, from = %self.peers[pi].name, "recovered from a peer: this site serves the host");
+                } else {
+                    if let Some(m) = self.migrations.remove(&ip) {
+                        self.counters.migrations_lost += 1;
+                        warn!(%ip, our_seq = m.seq, their_seq = seq, winner = %owner,
+                              "our in-flight host route was superseded");
+                    }
+                    self.moved_away_us.insert(ip, now.wall_us);
+                    if was_owner {
+                        self.hand_over(now, ip, seq, &owner, "sync");
+                    } else {
+                        self.announced_to.remove(&ip);
+                        self.hwdt.remove(ip);
+                    }
+                    info!(%ip, seq, %owner, previous = ?previous, "recovered from a peer: GNDT /32");
+                }
+            }
+            HostUpdate::Duplicate | HostUpdate::Stale { .. } => {}
         }
     }
 
@@ -769,8 +1151,10 @@ impl Router {
                           "our in-flight host route was superseded");
                 }
                 let mut hosts = Vec::new();
+                self.route_macs.insert(ip, mac);
+                self.moved_away_us.insert(ip, now.wall_us);
                 if was_owner {
-                    hosts = self.hand_over(now, ip, seq, &owner);
+                    hosts = self.hand_over(now, ip, seq, &owner, "host-route");
                 } else {
                     info!(%ip, seq, owner = %owner, previous = ?previous, "GNDT /32 updated");
                     self.announced_to.remove(&ip);
@@ -794,7 +1178,7 @@ impl Router {
     }
 
     /// The VM at `ip` left our LAN: claim its IP on the LAN and report our hosts.
-    fn hand_over(&mut self, now: &Now, ip: Ipv4Addr, seq: u64, owner: &str) -> Vec<Ipv4Addr> {
+    fn hand_over(&mut self, now: &Now, ip: Ipv4Addr, seq: u64, owner: &str, trigger: &'static str) -> Vec<Ipv4Addr> {
         self.lndt.remove(ip);
         self.hwdt.remove(ip);
         self.pending_arp.remove(&ip);
@@ -823,7 +1207,7 @@ impl Router {
             mac: None,
             seq,
             other_router: owner.to_string(),
-            trigger: "host-route",
+            trigger,
             detected_us: now.wall_us,
             detection_read_us: None,
             resolved_us: None,
@@ -917,9 +1301,91 @@ impl Router {
                 Timer::Housekeeping => {
                     let n = self.hwdt.expire(now.mono, self.cfg.timers.hwdt_max_age);
                     self.counters.hwdt_expired += n as u64;
+                    if now.mono.saturating_duration_since(self.log.window) >= LOG_WINDOW {
+                        self.log.flush();
+                    }
                     self.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
                 }
+                Timer::Hello => {
+                    for i in 0..self.peers.len() {
+                        if !self.peers[i].knows_us {
+                            self.counters.hellos_sent += 1;
+                            self.send(now, i, Body::Hello);
+                        }
+                    }
+                    self.schedule(now.mono + HELLO_INTERVAL, Timer::Hello);
+                }
+                Timer::SyncRetransmit(pi, epoch, id) => {
+                    if self.peers[pi].epoch != epoch {
+                        continue;
+                    }
+                    let Some((routes, tries)) = self.peers[pi].sync_pending.get_mut(&id) else {
+                        continue;
+                    };
+                    *tries += 1;
+                    if *tries > SYNC_TRIES {
+                        warn!(peer = %self.peers[pi].name, batch = id, "route sync never acknowledged");
+                        self.peers[pi].sync_pending.remove(&id);
+                        continue;
+                    }
+                    let routes = routes.clone();
+                    self.counters.sync_batches_retransmitted += 1;
+                    self.send(now, pi, Body::RouteSync { batch: id, routes });
+                    self.schedule(now.mono + SYNC_RETRANSMIT, Timer::SyncRetransmit(pi, epoch, id));
+                }
+                Timer::Probe => self.probe_tick(now),
             }
+        }
+    }
+
+    /// Addresses of a sweep: every host address of the LNDT's prefixes and its single
+    /// hosts; at start also the other routers' prefixes (a VM that moved here while every
+    /// router lost its state answers from this LAN with another site's address).
+    fn fill_probe_queue(&mut self, startup: bool) {
+        let mut targets = BTreeSet::new();
+        let mut add = |p: &crate::tables::Prefix| {
+            if p.size() <= u64::from(crate::config::MAX_PROBED_PREFIX) {
+                targets.extend(p.hosts());
+            }
+        };
+        for p in self.lndt.prefixes() {
+            add(p);
+        }
+        if startup && self.cfg.probe.remote_at_start {
+            for (p, r) in &self.cfg.gndt {
+                if *r != self.cfg.site {
+                    add(p);
+                }
+            }
+        }
+        targets.extend(self.lndt.hosts());
+        targets.remove(&self.cfg.router_ip);
+        self.probe.queue = targets.into_iter().collect();
+        self.probe.startup = startup;
+        self.probe.rate_per_s = if startup { self.cfg.probe.startup_rate_per_s } else { self.cfg.probe.rate_per_s };
+    }
+
+    /// Send the probe frames due now (paced at the sweep's rate); at the end of a sweep,
+    /// schedule the next one.
+    fn probe_tick(&mut self, now: &Now) {
+        if self.probe.queue.is_empty() {
+            self.fill_probe_queue(false);
+        }
+        let rate = f64::from(self.probe.rate_per_s.max(1));
+        let tick = PROBE_TICK.max(Duration::from_secs_f64(1.0 / rate));
+        let n = (rate * tick.as_secs_f64()).round().max(1.0) as usize;
+        for _ in 0..n {
+            let Some(ip) = self.probe.queue.pop_front() else { break };
+            self.counters.probes_sent += 1;
+            let f = frames::arp_request(self.mac(), self.cfg.router_ip, ip);
+            self.inject(f);
+        }
+        if self.probe.queue.is_empty() {
+            self.counters.probe_sweeps += 1;
+            debug!(startup = self.probe.startup, "probe sweep done");
+            self.schedule(now.mono + self.cfg.probe.interval, Timer::Probe);
+        } else {
+            self.schedule(now.mono + tick, Timer::Probe);
         }
     }
 
@@ -973,6 +1439,8 @@ impl Router {
                 serde_json::json!({
                     "name": p.name, "address": p.addr.to_string(),
                     "last_rx_ms_ago": p.last_rx.map(|t| now.mono.saturating_duration_since(t).as_millis() as u64),
+                    "epoch": p.epoch, "knows_our_epoch": p.knows_us,
+                    "sync_unacked": p.sync_pending.len(),
                 })
             })
             .collect();
@@ -983,6 +1451,13 @@ impl Router {
             "router_ip": self.cfg.router_ip,
             "lan_interface": self.cfg.lan_interface,
             "uptime_ms": now.mono.saturating_duration_since(self.started).as_millis() as u64,
+            "epoch": self.epoch,
+            "probe": {
+                "enabled": self.cfg.probe.enabled,
+                "queued": self.probe.queue.len(),
+                "rate_per_s": self.probe.rate_per_s,
+                "startup_sweep": self.probe.startup && !self.probe.queue.is_empty(),
+            },
             "hwdt": hwdt,
             "lndt": self.lndt.view(),
             "gndt": gndt,
@@ -1015,10 +1490,37 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const NO_PROBE: &str = "\n[probe]\nenabled = false\n";
+
+    fn config(site: char, extra: &str) -> Config {
+        let text = match site {
+            'A' => include_str!("../examples/site-a.toml"),
+            _ => include_str!("../examples/site-b.toml"),
+        };
+        Config::parse(&format!("{text}{extra}"), Path::new("x")).unwrap()
+    }
+
+    /// Two routers (without probing) that have opened their sessions.
     fn routers(now: Now) -> (Router, Router) {
-        let a = Config::parse(include_str!("../examples/site-a.toml"), Path::new("a")).unwrap();
-        let b = Config::parse(include_str!("../examples/site-b.toml"), Path::new("b")).unwrap();
-        (Router::new(a, now).unwrap(), Router::new(b, now).unwrap())
+        let (mut a, mut b) =
+            (Router::new(config('A', NO_PROBE), now).unwrap(), Router::new(config('B', NO_PROBE), now).unwrap());
+        a.handle_timers(&now);
+        b.handle_timers(&now);
+        pump(&now, &mut a, &mut b);
+        assert!(a.peers[0].knows_us && b.peers[0].knows_us, "sessions open");
+        (a, b)
+    }
+
+    /// A message from `from` to `to` in their current sessions.
+    fn msg(from: &Router, to: &Router, seq: u64, now: &Now, body: Body<'static>) -> Message<'static> {
+        Message {
+            sender: from.cfg.site.clone(),
+            epoch: from.epoch,
+            peer_epoch: to.epoch,
+            seq,
+            timestamp_us: now.wall_us,
+            body,
+        }
     }
 
     /// Deliver overlay datagrams between the two routers until quiet; return LAN frames
@@ -1076,7 +1578,9 @@ mod tests {
         let now = Now::current();
         let (mut a, _) = routers(now);
         learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.1.1");
-        let out = arps(&pump(&now, &mut a, &mut routers(now).1).0);
+        let mut b = routers(now).1;
+        b.peers[0].epoch = a.epoch;
+        let out = arps(&pump(&now, &mut a, &mut b).0);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].op, 2);
         assert_eq!(out[0].sha, RA);
@@ -1109,9 +1613,11 @@ mod tests {
         let t1 = now.after(Duration::from_millis(10));
         b.handle_frame(&t1, &frames::qemu_rarp(VM_MAC));
         let (fa, fb) = pump(&t1, &mut a, &mut b);
+        let seq1 = b.gndt.host_seq(vm);
+        assert!(seq1 >= t1.wall_us, "a move's sequence number is at least its time in µs");
         for r in [&a, &b] {
             let route = r.gndt.host_route(vm).expect("/32 installed");
-            assert_eq!((route.router.as_str(), route.seq), ("B", 1));
+            assert_eq!((route.router.as_str(), route.seq), ("B", seq1));
         }
         assert!(!a.lndt.contains(vm));
         assert!(b.lndt.contains(vm));
@@ -1144,16 +1650,18 @@ mod tests {
         // Further RARP rounds change nothing.
         b.handle_frame(&t2, &frames::qemu_rarp(VM_MAC));
         pump(&t2, &mut a, &mut b);
-        assert_eq!(b.gndt.host_seq(vm), 1);
-        assert_eq!(b.counters.detections_already_local, 1);
+        assert_eq!(b.gndt.host_seq(vm), seq1);
+        assert!(b.counters.detections_already_local >= 1);
 
         // Move back to A.
         let t3 = t2.after(Duration::from_secs(5));
         a.handle_frame(&t3, &frames::qemu_rarp(VM_MAC));
         let (fa, fb) = pump(&t3, &mut a, &mut b);
+        let seq2 = a.gndt.host_seq(vm);
+        assert!(seq2 > seq1);
         for r in [&a, &b] {
             let route = r.gndt.host_route(vm).unwrap();
-            assert_eq!((route.router.as_str(), route.seq), ("A", 2));
+            assert_eq!((route.router.as_str(), route.seq), ("A", seq2));
         }
         assert!(a.lndt.contains(vm) && !b.lndt.contains(vm));
         let la = arps(&fa);
@@ -1226,36 +1734,27 @@ mod tests {
         let evil = Auth::new(b"not the shared key at all").unwrap();
         let forged = proto::encode(
             &evil,
-            &Message {
-                sender: "A".into(),
-                seq: u64::MAX / 2,
-                timestamp_us: now.wall_us,
-                body: Body::HostRoute { ip: ip("10.1.1.1"), seq: 99, mac: VM_MAC, owner: "A".into() },
-            },
+            &msg(
+                &a,
+                &b,
+                u64::MAX / 2,
+                &now,
+                Body::HostRoute { ip: ip("10.1.1.1"), seq: 99, mac: VM_MAC, owner: "A".into() },
+            ),
         )
         .unwrap();
         b.handle_datagram(&now, a.cfg.listen, &forged);
         assert_eq!(b.counters.overlay_auth_failed, 1);
-        let good = proto::encode(
-            &a.auth,
-            &Message {
-                sender: "A".into(),
-                seq: a.tx_seq + 100,
-                timestamp_us: now.wall_us,
-                body: Body::WhoHas { query: 1, mac: VM_MAC },
-            },
-        )
-        .unwrap();
+        let good =
+            proto::encode(&a.auth, &msg(&a, &b, a.tx_seq + 100, &now, Body::WhoHas { query: 1, mac: VM_MAC })).unwrap();
         b.handle_datagram(&now, a.cfg.listen, &good);
         b.handle_datagram(&now, a.cfg.listen, &good);
         assert_eq!(b.counters.overlay_replayed, 1);
         let old = proto::encode(
             &a.auth,
             &Message {
-                sender: "A".into(),
-                seq: a.tx_seq + 200,
                 timestamp_us: now.wall_us - 3_600_000_000,
-                body: Body::WhoHas { query: 1, mac: VM_MAC },
+                ..msg(&a, &b, a.tx_seq + 200, &now, Body::WhoHas { query: 1, mac: VM_MAC })
             },
         )
         .unwrap();
@@ -1264,12 +1763,13 @@ mod tests {
         // A host route claimed by someone else than its sender.
         let hijack = proto::encode(
             &a.auth,
-            &Message {
-                sender: "A".into(),
-                seq: a.tx_seq + 300,
-                timestamp_us: now.wall_us,
-                body: Body::HostRoute { ip: ip("10.1.1.1"), seq: 5, mac: VM_MAC, owner: "B".into() },
-            },
+            &msg(
+                &a,
+                &b,
+                a.tx_seq + 300,
+                &now,
+                Body::HostRoute { ip: ip("10.1.1.1"), seq: 5, mac: VM_MAC, owner: "B".into() },
+            ),
         )
         .unwrap();
         b.handle_datagram(&now, a.cfg.listen, &hijack);
@@ -1352,5 +1852,265 @@ mod tests {
         assert_eq!(b.counters.migrations_completed, 1);
         assert_eq!(a.counters.route_updates_duplicate, 1);
         assert!(arps(&fb).iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.0.1")));
+    }
+    /// Every datagram `from` wants sent, without delivering them.
+    fn sent(r: &mut Router) -> Vec<Vec<u8>> {
+        r.take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send(_, d) => Some(d),
+                Action::Inject(_) => None,
+            })
+            .collect()
+    }
+
+    /// A router restarted at `now`: a fresh process with the same configuration.
+    fn restart(r: &Router, now: Now) -> Router {
+        let mut n = Router::new(r.cfg.clone(), now).unwrap();
+        n.handle_timers(&now);
+        n
+    }
+
+    /// Move the VM from A to B (RARP at B); returns the route's sequence number.
+    fn move_to_b(now: &Now, a: &mut Router, b: &mut Router) -> u64 {
+        b.handle_frame(now, &frames::qemu_rarp(VM_MAC));
+        pump(now, a, b);
+        let r = b.gndt.host_route(ip("10.1.0.10")).expect("moved").clone();
+        assert_eq!(r.router, "B");
+        assert_eq!(a.gndt.host_route(ip("10.1.0.10")).map(|r| r.seq), Some(r.seq));
+        r.seq
+    }
+
+    #[test]
+    fn a_restart_of_either_router_is_repaired_from_its_peer_and_sequence_numbers_stay_monotonic() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.10");
+        pump(&now, &mut a, &mut b);
+        let t1 = now.after(Duration::from_millis(10));
+        let seq1 = move_to_b(&t1, &mut a, &mut b);
+
+        // A restarts: it only has its /24s, and thinks the VM is on its LAN.
+        let t2 = t1.after(Duration::from_secs(3));
+        let mut a2 = restart(&a, t2);
+        assert!(a2.epoch > a.epoch);
+        assert!(a2.is_local(vm));
+        let (fa, _) = pump(&t2, &mut a2, &mut b);
+        assert_eq!(b.counters.peer_restarts, 1);
+        let route = a2.gndt.host_route(vm).expect("A recovered the /32 from B");
+        assert_eq!((route.router.as_str(), route.seq), ("B", seq1));
+        assert!(!a2.lndt.contains(vm), "A no longer serves the VM");
+        assert_eq!(a2.counters.routes_synced, 1);
+        // A claims the VM's IP on LAN A again (gratuitous ARP with A's MAC).
+        assert!(arps(&fa).iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RA));
+        // Tunnelled traffic A1 -> VM flows again: A sends it to B.
+        let mut pkt = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 1, 10, 1, 0, 10];
+        pkt.extend_from_slice(&[0; 8]);
+        a2.handle_frame(&t2, &frames::ipv4_frame(A1_MAC, RA, &pkt));
+        let (_, fb) = pump(&t2, &mut a2, &mut b);
+        assert_eq!(a2.counters.tunnelled_out, 1);
+        assert_eq!(fb.len(), 1, "B delivered the packet to the VM");
+
+        // B restarts: it forgot it serves the VM.
+        let t3 = t2.after(Duration::from_secs(3));
+        let mut b2 = restart(&b, t3);
+        assert!(!b2.lndt.contains(vm));
+        pump(&t3, &mut a2, &mut b2);
+        let route = b2.gndt.host_route(vm).expect("B recovered the /32 from A");
+        assert_eq!((route.router.as_str(), route.seq), ("B", seq1));
+        assert!(b2.lndt.contains(vm), "B serves the VM again");
+        assert_eq!(b2.hwdt.mac_of(vm), Some(VM_MAC), "B knows the VM's MAC from the sync");
+        a2.handle_frame(&t3, &frames::ipv4_frame(A1_MAC, RA, &pkt));
+        let (_, fb) = pump(&t3, &mut a2, &mut b2);
+        assert_eq!(fb.len(), 1, "the restarted B delivers to the VM");
+        assert_eq!(b2.counters.loop_dropped, 0);
+
+        // The move home beats the route from before both restarts.
+        let t4 = t3.after(Duration::from_secs(1));
+        a2.handle_frame(&t4, &frames::qemu_rarp(VM_MAC));
+        pump(&t4, &mut a2, &mut b2);
+        let seq2 = a2.gndt.host_seq(vm);
+        assert!(seq2 > seq1);
+        assert_eq!(b2.gndt.host_route(vm).map(|r| (r.router.clone(), r.seq)), Some(("A".into(), seq2)));
+        assert!(a2.lndt.contains(vm) && !b2.lndt.contains(vm));
+        assert_eq!(b2.counters.route_updates_stale, 0);
+    }
+
+    #[test]
+    fn nothing_sent_before_a_restart_is_accepted_after_it() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        pump(&now, &mut a, &mut b);
+        // Record what B sends during the move: its who-has, then its host route.
+        let t1 = now.after(Duration::from_millis(10));
+        b.handle_frame(&t1, &frames::qemu_rarp(VM_MAC));
+        let mut recorded = Vec::new();
+        for _ in 0..5 {
+            let d = sent(&mut b);
+            recorded.extend(d.iter().cloned());
+            for x in d {
+                a.handle_datagram(&t1, b.cfg.listen, &x);
+            }
+            for x in sent(&mut a) {
+                b.handle_datagram(&t1, a.cfg.listen, &x);
+            }
+        }
+        assert!(recorded.len() >= 2);
+        // A restarts 2 s later; the recording is replayed to it after the new session.
+        let t2 = t1.after(Duration::from_secs(2));
+        let mut a2 = restart(&a, t2);
+        pump(&t2, &mut a2, &mut b);
+        let before = a2.gndt.clone();
+        let counters = a2.counters.clone();
+        for d in &recorded {
+            a2.handle_datagram(&t2, b.cfg.listen, d);
+        }
+        assert_eq!(a2.counters.overlay_wrong_epoch, counters.overlay_wrong_epoch + recorded.len() as u64);
+        assert_eq!(a2.counters.route_updates_installed, counters.route_updates_installed);
+        assert_eq!(format!("{:?}", a2.gndt), format!("{before:?}"));
+        // B restarts; what the old B sent is older than the epoch A now knows.
+        let t3 = t2.after(Duration::from_secs(2));
+        let mut b2 = restart(&b, t3);
+        pump(&t3, &mut a2, &mut b2);
+        let old_epoch = a2.counters.overlay_old_epoch;
+        for d in &recorded {
+            a2.handle_datagram(&t3, b.cfg.listen, d);
+        }
+        assert_eq!(a2.counters.overlay_old_epoch, old_epoch + recorded.len() as u64);
+        // Within the clock skew, the old scheme would have taken the host route.
+        assert!(t3.wall_us - t1.wall_us < a2.cfg.timers.max_clock_skew.as_micros() as u64);
+        assert_eq!(a2.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
+        // The current sessions still work.
+        a2.handle_frame(&t3, &frames::qemu_rarp(VM_MAC));
+        pump(&t3, &mut a2, &mut b2);
+        assert_eq!(b2.gndt.host_route(vm).map(|r| r.router.as_str()), Some("A"));
+    }
+
+    #[test]
+    fn a_hello_replayed_from_an_earlier_boot_opens_nothing() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        let t1 = now.after(Duration::from_secs(1));
+        // A hello of A's first boot, recorded, and A restarted.
+        let old_hello = proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello)).unwrap();
+        let mut a2 = restart(&a, t1);
+        pump(&t1, &mut a2, &mut b);
+        let restarts = b.counters.peer_restarts;
+        b.handle_datagram(&t1, a.cfg.listen, &old_hello);
+        assert_eq!(b.counters.overlay_old_epoch, 1);
+        assert_eq!(b.counters.peer_restarts, restarts);
+        assert_eq!(b.peers[0].epoch, a2.epoch);
+        let _ = &mut a;
+    }
+
+    #[test]
+    fn a_vm_that_never_talked_across_sites_is_found_by_probing_and_detected_after_its_move() {
+        let now = Now::current();
+        let mut a = Router::new(config('A', ""), now).unwrap();
+        let mut b = Router::new(config('B', NO_PROBE), now).unwrap();
+        // The sweep at start: paced at 1000 frames/s, LAN A's /24 and site B's /24.
+        let mut probed = Vec::new();
+        let mut t = now;
+        for _ in 0..200 {
+            a.handle_timers(&t);
+            b.handle_timers(&t);
+            let (fa, _) = pump(&t, &mut a, &mut b);
+            probed.extend(arps(&fa).into_iter().filter(|x| x.op == OP_REQUEST && x.sha == RA));
+            t = t.after(Duration::from_millis(10));
+        }
+        let targets: BTreeSet<Ipv4Addr> = probed.iter().map(|x| x.tpa).collect();
+        // 253 of LAN A (not the router's own address) and 254 of site B.
+        assert_eq!(probed.len(), 253 + 254, "one request per address, once");
+        assert_eq!(targets.len(), 253 + 254);
+        assert!(targets.contains(&ip("10.1.0.10")) && targets.contains(&ip("10.1.1.1")));
+        assert!(!targets.contains(&ip("10.1.0.254")) && !targets.contains(&ip("10.1.0.0")));
+        assert_eq!(a.counters.probe_sweeps, 1);
+        // The VM answers (unicast to the router).
+        a.handle_frame(&t, &frames::arp_reply(VM_MAC, ip("10.1.0.10"), RA, ip("10.1.0.254")));
+        assert_eq!(a.hwdt.mac_of(ip("10.1.0.10")), Some(VM_MAC));
+        // Periodic sweeps cover only LAN A, at 20 frames/s: 253 frames a minute.
+        let mut t2 = t.after(Duration::from_secs(60));
+        let mut periodic = 0;
+        for _ in 0..(14 * 20) {
+            a.handle_timers(&t2);
+            periodic += arps(&pump(&t2, &mut a, &mut b).0).iter().filter(|x| x.op == OP_REQUEST).count();
+            t2 = t2.after(Duration::from_millis(50));
+        }
+        assert_eq!(periodic, 253);
+        assert_eq!(a.counters.probe_sweeps, 2);
+        // The VM moves to B; B's who-has is answered from A's HWDT.
+        move_to_b(&t2, &mut a, &mut b);
+        assert_eq!(b.counters.rarp_unknown_mac, 0);
+    }
+
+    #[test]
+    fn local_hosts_are_learned_from_ipv4_and_a_moved_vm_from_its_own_traffic() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        // A1 -> VM unicast (flooded to the gateway's port): A learns the VM from it.
+        let mut pkt = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 10, 10, 1, 0, 1];
+        pkt.extend_from_slice(&[0; 8]);
+        a.handle_frame(&now, &frames::ipv4_frame(VM_MAC, A1_MAC, &pkt));
+        assert_eq!(a.hwdt.mac_of(vm), Some(VM_MAC));
+        assert_eq!(a.counters.hwdt_learned_from_ip, 1);
+        assert!(a.take_actions().is_empty(), "nothing forwarded");
+        // The VM appears at B without a RARP and sends to B1: B sees it and repairs.
+        let t1 = now.after(Duration::from_millis(5));
+        let mut to_b1 = pkt.clone();
+        to_b1[16..20].copy_from_slice(&[10, 1, 1, 1]);
+        b.handle_frame(&t1, &frames::ipv4_frame(VM_MAC, B1_MAC, &to_b1));
+        pump(&t1, &mut a, &mut b);
+        assert_eq!(a.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
+        assert_eq!(b.status(&t1)["migrations"][0]["trigger"], "traffic");
+        // More frames of the VM at B cost nothing.
+        b.handle_frame(&t1, &frames::ipv4_frame(VM_MAC, B1_MAC, &to_b1));
+        assert_eq!(b.counters.migrations_detected, 1);
+        // A frame of the VM captured at A before the hand-over, read after it: not a move back.
+        a.handle_captured(
+            &t1.after(Duration::from_millis(50)),
+            t1.wall_us - 1000,
+            &frames::ipv4_frame(VM_MAC, A1_MAC, &pkt),
+        );
+        assert_eq!(a.counters.detections_stale_frame, 1);
+        assert_eq!(a.counters.migrations_detected, 0);
+    }
+
+    #[test]
+    fn after_both_routers_restart_a_moved_vm_is_found_on_its_new_lan() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let mut a = Router::new(config('A', ""), now).unwrap();
+        let mut b = Router::new(config('B', ""), now).unwrap();
+        a.handle_timers(&now);
+        b.handle_timers(&now);
+        pump(&now, &mut a, &mut b);
+        // B's sweep at start asks LAN B for site A's addresses too; the VM answers.
+        b.handle_frame(&now, &frames::arp_reply(VM_MAC, vm, RB, ip("10.1.1.254")));
+        pump(&now, &mut a, &mut b);
+        assert_eq!(a.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
+        assert!(!a.lndt.contains(vm) && b.lndt.contains(vm));
+        assert_eq!(b.status(&now)["migrations"][0]["trigger"], "arp");
+    }
+
+    #[test]
+    fn dropped_overlay_datagrams_are_counted_but_logged_at_a_bounded_rate() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        let evil = Auth::new(b"not the shared key at all").unwrap();
+        let forged = proto::encode(&evil, &msg(&a, &b, 5, &now, Body::Hello)).unwrap();
+        for i in 0..10_000u64 {
+            b.handle_datagram(&now.after(Duration::from_micros(i)), a.cfg.listen, &forged);
+        }
+        assert_eq!(b.counters.overlay_auth_failed, 10_000);
+        assert_eq!(b.counters.log_lines_suppressed, 10_000 - u64::from(LOG_LINES));
+        // A new window logs again.
+        b.handle_datagram(&now.after(LOG_WINDOW), a.cfg.listen, &forged);
+        assert_eq!(b.counters.log_lines_suppressed, 10_000 - u64::from(LOG_LINES));
+        let _ = &mut a;
     }
 }

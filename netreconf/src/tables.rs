@@ -47,6 +47,20 @@ impl Prefix {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & Self::mask(self.len) == u32::from(self.addr)
     }
+
+    /// Number of addresses.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.len))
+    }
+
+    /// The addresses a host may use: all but the network and broadcast addresses (a /31
+    /// and a /32 have none of those).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u64::from(u32::from(self.addr));
+        let n = self.size();
+        let (first, last) = if self.len >= 31 { (0, n) } else { (1, n - 1) };
+        (first..last).map(move |i| Ipv4Addr::from((base + i) as u32))
+    }
 }
 
 impl fmt::Display for Prefix {
@@ -199,6 +213,16 @@ impl Lndt {
         if self.prefixes.iter().any(|p| p.contains(ip)) {
             self.excluded.insert(ip);
         }
+    }
+
+    /// Configured prefixes.
+    pub fn prefixes(&self) -> &[Prefix] {
+        &self.prefixes
+    }
+
+    /// Single hosts (configured, or migrated here).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.hosts.iter().copied()
     }
 
     /// JSON view.
