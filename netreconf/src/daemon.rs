@@ -11,6 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::{UdpSocket, UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
@@ -27,10 +29,21 @@ pub enum DaemonError {
     PcapRead { iface: String, err: pcap::Error },
     #[error("cannot write pcap file {path}: {err}")]
     PcapOut { path: PathBuf, err: pcap::Error },
-    #[error("cannot bind overlay socket {addr}: {err}")]
+    #[error("cannot bind overlay socket {addr}: {err}{}", if err.kind() == std::io::ErrorKind::AddrInUse {
+        " (is another vnetd running?)"
+    } else {
+        ""
+    })]
     Bind { addr: SocketAddr, err: std::io::Error },
     #[error("cannot create control socket {path}: {err}")]
     Control { path: PathBuf, err: std::io::Error },
+    #[error(
+        "another vnetd is running: it answers on control socket {path} (stop it first, or give this \
+         one another control_socket)"
+    )]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot take SIGTERM/SIGINT/SIGHUP through a signalfd: {0}")]
+    Signals(nix::Error),
     #[error(
         "the kernel forwards IPv4 on this gateway ({path} = 1): it would route the same \
          packets as vnetd. Run `sysctl -w net.ipv4.ip_forward=0` (or pass --allow-kernel-forwarding)"
@@ -52,6 +65,7 @@ pub struct Options {
 const CAPTURE: Token = Token(0);
 const OVERLAY: Token = Token(1);
 const CONTROL: Token = Token(2);
+const SIGNALS: Token = Token(3);
 const FIRST_CONN: usize = 16;
 
 struct Conn {
@@ -69,6 +83,9 @@ struct DaemonCounters {
     pcap_dropped: u64,
     pcap_if_dropped: u64,
     pcap_out_frames: u64,
+    /// Frames written to the pcap file with the previous frame's timestamp, because their
+    /// own was earlier (a captured frame read after a frame vnetd injected).
+    pcap_out_ts_clamped: u64,
     /// Frames longer than the capture's snapshot length (GRO/GSO super-packets): not
     /// forwardable, dropped.
     frames_truncated: u64,
@@ -95,6 +112,22 @@ fn timeval_us(ts: &libc::timeval) -> u64 {
         (Ok(s), Ok(us)) => s * 1_000_000 + us,
         _ => 0,
     }
+}
+
+/// `hdr` with a timestamp no earlier than `last` (µs, updated); counts a clamp in `clamped`.
+fn monotonic(hdr: &pcap::PacketHeader, last: &mut u64, clamped: &mut u64) -> pcap::PacketHeader {
+    let mut h = *hdr;
+    let us = timeval_us(&hdr.ts);
+    if us < *last {
+        *clamped += 1;
+        h.ts = libc::timeval {
+            tv_sec: (*last / 1_000_000) as libc::time_t,
+            tv_usec: (*last % 1_000_000) as libc::suseconds_t,
+        };
+    } else {
+        *last = us;
+    }
+    h
 }
 
 fn timeval_now() -> libc::timeval {
@@ -194,8 +227,9 @@ fn open_capture(cfg: &Config) -> Result<(pcap::Capture<pcap::Active>, u32), Daem
         what: "non-blocking mode",
         err,
     })?;
-    // Only what vnetd needs: ARP, RARP and IPv4 sent to the router's MAC.
-    let filter = format!("arp or rarp or (ether dst {} and ip)", cfg.router_mac);
+    // ARP, RARP and every IPv4 frame the LAN delivers to this port: what is sent to the
+    // router's MAC is routed, the rest only teaches the HWDT (and reveals moved VMs).
+    let filter = "arp or rarp or ip".to_string();
     cap.filter(&filter, true).map_err(|err| DaemonError::PcapSetup {
         iface: iface.clone(),
         what: "BPF filter",
@@ -275,11 +309,42 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     Daemon::start(opts)?.event_loop()
 }
 
-/// Opens the pcap file that logs every captured and injected frame.
+/// Opens the pcap file that logs every captured and injected frame: appends to the file of
+/// an earlier run (a restart keeps the history), creates it otherwise.
 fn open_savefile(path: &Path) -> Result<pcap::Savefile, DaemonError> {
-    let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET)
-        .map_err(|err| DaemonError::PcapOut { path: path.to_path_buf(), err })?;
-    dead.savefile(path).map_err(|err| DaemonError::PcapOut { path: path.to_path_buf(), err })
+    let err = |err| DaemonError::PcapOut { path: path.to_path_buf(), err };
+    if path.to_str().is_none() {
+        return Err(err(pcap::Error::PcapError("the path is not UTF-8".into())));
+    }
+    let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(err)?;
+    if path.exists() {
+        dead.savefile_append(path).map_err(err)
+    } else {
+        dead.savefile(path).map_err(err)
+    }
+}
+
+/// The control socket; its file is removed when it is dropped (exit, SIGTERM, a failed start).
+struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, blocked and read from a signalfd in the event loop (vnetd is
+/// single-threaded, so blocking them here blocks them for the whole process).
+fn signal_fd() -> Result<SignalFd, DaemonError> {
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    mask.thread_block().map_err(DaemonError::Signals)?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(DaemonError::Signals)
 }
 
 /// Binds and tunes the overlay (router-to-router) UDP socket.
@@ -289,12 +354,19 @@ fn bind_overlay(addr: SocketAddr) -> Result<UdpSocket, DaemonError> {
     Ok(udp)
 }
 
-/// Binds the control socket, replacing a stale socket file left by an earlier run.
-fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
-    if path.exists() {
-        let _ = std::fs::remove_file(path);
+/// Binds the control socket. A socket file that a running vnetd answers on is refused (two
+/// routers on one gateway would fight over the LAN); one left by a run that was killed is
+/// replaced.
+fn bind_control(path: &Path) -> Result<ControlSocket, DaemonError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning { path: path.to_path_buf() });
+        }
+        info!(path = %path.display(), "replacing the stale control socket of an earlier run");
+        std::fs::remove_file(path).map_err(|err| DaemonError::Control { path: path.to_path_buf(), err })?;
     }
-    UnixListener::bind(path).map_err(|err| DaemonError::Control { path: path.to_path_buf(), err })
+    let listener = UnixListener::bind(path).map_err(|err| DaemonError::Control { path: path.to_path_buf(), err })?;
+    Ok(ControlSocket { listener, path: path.to_path_buf() })
 }
 
 /// A poll over the capture, the overlay socket and the control socket (if any).
@@ -302,10 +374,13 @@ fn register_sources(
     cap: &pcap::Capture<pcap::Active>,
     udp: &mut UdpSocket,
     control: Option<&mut UnixListener>,
+    signals: &SignalFd,
 ) -> Result<Poll, DaemonError> {
     let poll = Poll::new()?;
     let cap_fd = cap.as_raw_fd();
     poll.registry().register(&mut SourceFd(&cap_fd), CAPTURE, Interest::READABLE)?;
+    let sig_fd = signals.as_raw_fd();
+    poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE)?;
     poll.registry().register(udp, OVERLAY, Interest::READABLE)?;
     if let Some(l) = control {
         poll.registry().register(l, CONTROL, Interest::READABLE)?;
@@ -399,13 +474,16 @@ struct Daemon {
     dc: DaemonCounters,
     router: Router,
     poll: Poll,
-    control: Option<UnixListener>,
+    signals: SignalFd,
+    control: Option<ControlSocket>,
     udp: UdpSocket,
     savefile: Option<pcap::Savefile>,
     cap: pcap::Capture<pcap::Active>,
     snaplen: u32,
     cfg: Config,
     pcap_out: Option<PathBuf>,
+    /// Timestamp of the last frame written to the pcap file (µs).
+    last_pcap_us: u64,
 }
 
 impl Daemon {
@@ -415,11 +493,14 @@ impl Daemon {
         if !allow_kernel_forwarding {
             check_forwarding(&cfg.lan_interface)?;
         }
+        // The control socket first: a second vnetd stops here, before it touches the LAN,
+        // the pcap file or the overlay port of the running one.
+        let mut control = cfg.control_socket.as_deref().map(bind_control).transpose()?;
+        let signals = signal_fd()?;
         let (cap, snaplen) = open_capture(&cfg)?;
         let savefile = pcap_out.as_deref().map(open_savefile).transpose()?;
         let mut udp = bind_overlay(cfg.listen)?;
-        let mut control = cfg.control_socket.as_deref().map(bind_control).transpose()?;
-        let poll = register_sources(&cap, &mut udp, control.as_mut())?;
+        let poll = register_sources(&cap, &mut udp, control.as_mut().map(|c| &mut c.listener), &signals)?;
         let router = Router::new(cfg.clone(), Now::current())?;
         info!(
             site = %cfg.site, iface = %cfg.lan_interface, mac = %cfg.router_mac, ip = %cfg.router_ip,
@@ -434,6 +515,7 @@ impl Daemon {
             dc: DaemonCounters::default(),
             router,
             poll,
+            signals,
             control,
             udp,
             savefile,
@@ -441,10 +523,12 @@ impl Daemon {
             snaplen,
             cfg,
             pcap_out,
+            last_pcap_us: 0,
         })
     }
 
-    /// Polls and dispatches until a fatal error.
+    /// Polls and dispatches until a fatal error or SIGTERM/SIGINT/SIGHUP (then returns Ok;
+    /// dropping the daemon removes the control socket file).
     fn event_loop(mut self) -> Result<(), DaemonError> {
         let mut events = Events::with_capacity(256);
         loop {
@@ -460,6 +544,16 @@ impl Daemon {
             }
             for ev in events.iter() {
                 match ev.token() {
+                    SIGNALS => {
+                        if let Ok(Some(info)) = self.signals.read_signal() {
+                            let name = Signal::try_from(info.ssi_signo as i32).map(|s| s.as_str()).unwrap_or("?");
+                            info!(signal = name, "vnetd stopping");
+                            if let Some(sf) = self.savefile.as_mut() {
+                                let _ = sf.flush();
+                            }
+                            return Ok(());
+                        }
+                    }
                     CAPTURE => self.drain_capture()?,
                     OVERLAY => self.drain_overlay(),
                     CONTROL => self.accept_control(),
@@ -499,11 +593,19 @@ impl Daemon {
                 warn!(error = %e, count = self.dc.inject_errors, "frame injection failed");
             }
         }
-        if let Some(sf) = self.savefile.as_mut() {
-            let hdr = pcap::PacketHeader { ts: timeval_now(), caplen: frame.len() as u32, len: frame.len() as u32 };
-            sf.write(&pcap::Packet::new(&hdr, frame));
-            self.dc.pcap_out_frames += 1;
-        }
+        let hdr = pcap::PacketHeader { ts: timeval_now(), caplen: frame.len() as u32, len: frame.len() as u32 };
+        self.save(&hdr, frame);
+    }
+
+    /// Writes a frame to the pcap file, never with a timestamp earlier than the previous
+    /// frame's (readers expect capture order to be time order).
+    fn save(&mut self, hdr: &pcap::PacketHeader, data: &[u8]) {
+        let Some(sf) = self.savefile.as_mut() else {
+            return;
+        };
+        let hdr = monotonic(hdr, &mut self.last_pcap_us, &mut self.dc.pcap_out_ts_clamped);
+        sf.write(&pcap::Packet::new(&hdr, data));
+        self.dc.pcap_out_frames += 1;
     }
 
     fn send(&mut self, to: SocketAddr, bytes: &[u8]) {
@@ -523,11 +625,13 @@ impl Daemon {
             let res = match self.cap.next_packet() {
                 Ok(p) => {
                     let now = Now::current();
+                    let (hdr, data) = (*p.header, p.data);
                     if let Some(sf) = self.savefile.as_mut() {
-                        sf.write(&p);
+                        let h = monotonic(&hdr, &mut self.last_pcap_us, &mut self.dc.pcap_out_ts_clamped);
+                        sf.write(&pcap::Packet::new(&h, data));
                         self.dc.pcap_out_frames += 1;
                     }
-                    if p.header.caplen < p.header.len {
+                    if hdr.caplen < hdr.len {
                         // Cut at the snapshot length: forwarding it would send
                         // a corrupt packet.
                         self.dc.frames_truncated += 1;
@@ -580,7 +684,7 @@ impl Daemon {
 
     /// Accepts the waiting control connections.
     fn accept_control(&mut self) {
-        let Some(l) = self.control.as_mut() else {
+        let Some(l) = self.control.as_mut().map(|c| &mut c.listener) else {
             return;
         };
         loop {
@@ -679,6 +783,46 @@ mod tests {
         // No such interface: the full snapshot length.
         assert_eq!(capture_snaplen("no-such-if0"), 65535);
         assert_eq!(capture_snaplen("lo"), 65535);
+    }
+
+    #[test]
+    fn pcap_timestamps_never_run_backwards() {
+        let at = |us: u64| pcap::PacketHeader {
+            ts: libc::timeval {
+                tv_sec: (us / 1_000_000) as libc::time_t,
+                tv_usec: (us % 1_000_000) as libc::suseconds_t,
+            },
+            caplen: 60,
+            len: 60,
+        };
+        let (mut last, mut clamped) = (0, 0);
+        let out: Vec<u64> = [5_000_100, 5_000_300, 5_000_200, 6_000_000, 4_999_999]
+            .iter()
+            .map(|us| timeval_us(&monotonic(&at(*us), &mut last, &mut clamped).ts))
+            .collect();
+        assert_eq!(out, [5_000_100, 5_000_300, 5_000_300, 6_000_000, 6_000_000]);
+        assert_eq!(clamped, 2);
+    }
+
+    #[test]
+    fn a_second_vnetd_does_not_take_over_a_running_ones_control_socket() {
+        let dir = shrink_testutil::fs::TempDir::new("vnetd-ctl").unwrap();
+        let path = dir.path().join("c.sock");
+        let first = bind_control(&path).unwrap();
+        match bind_control(&path) {
+            Err(DaemonError::AlreadyRunning { path: p }) => assert_eq!(p, path),
+            other => panic!("second bind: {:?}", other.map(|_| ())),
+        }
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok(), "the first one still answers");
+        drop(first);
+        assert!(!path.exists(), "the socket file goes with its vnetd");
+        // A file left by a vnetd that was killed is replaced.
+        let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(stale);
+        assert!(path.exists());
+        let again = bind_control(&path).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(again);
     }
 
     #[test]

@@ -29,6 +29,12 @@ fn bad_config_names_the_field_in_one_line() {
         (ex.replace("router = \"B\"", "router = \"C\""), "gndt[1].router"),
         (ex.replace("shrink-demo-key-change-me-0123456789", "short"), "key"),
         (ex.replace("lan_interface = \"lan0\"", ""), "lan_interface"),
+        // Values of the wrong type: the field, not just the line.
+        (ex.replace("announce_count = 3 ", "announce_count = \"3\" "), "timers.announce_count"),
+        (ex.replace("address = \"192.168.100.2:7800\"", "address = 7800"), "peers[0].address"),
+        // Conflicting tables.
+        (ex.replace("network = \"10.1.1.0/24\"", "network = \"10.1.0.0/24\""), "gndt[1].network"),
+        (ex.replace("lndt = [\"10.1.0.0/24\"]", "lndt = [\"10.1.1.0/24\"]"), "lndt[0]"),
     ] {
         let (ok, err) = check(&bad, &format!("bad-{field}.toml"));
         assert!(!ok);

@@ -208,9 +208,10 @@ fn vm_migrates_to_site_b_and_back() {
     let stream = start_stream(&tb, "a1", "vm", VM_IP, 9000, "a1-vm").unwrap_or_else(|e| panic!("{e}"));
     wait_delivered(&tb, "vm", 200, "UDP A1 -> VM before the move");
     let delivered_b = counter(&tb.status(Site::B).unwrap(), "delivered_local");
+    let t_move = netreconf::router::wall_us();
     tb.move_vm(Site::B).unwrap();
     rarp(&tb);
-    wait_route(&tb, "B", 1).unwrap_or_else(|e| panic!("{e}"));
+    let seq1 = wait_route(&tb, "B", t_move).unwrap_or_else(|e| panic!("{e}"));
     tb.wait_neigh("a1", VM_IP, RA_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
     tb.wait_neigh("vm", A1_IP, RB_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
     ping_all(&tb);
@@ -242,12 +243,12 @@ fn vm_migrates_to_site_b_and_back() {
         st_b["lndt"]
     );
     let rounds = assert_announce_schedule(&tb, Site::B);
-    check_move_records(&st_b, &st_a, 1, rounds[0], A1_IP);
+    check_move_records(&st_b, &st_a, seq1, rounds[0], A1_IP);
 
     // ---- Move back: everything returns to direct layer-2 paths.
     tb.move_vm(Site::A).unwrap();
     rarp(&tb);
-    wait_route(&tb, "A", 2).unwrap_or_else(|e| panic!("{e}"));
+    let seq2 = wait_route(&tb, "A", seq1 + 1).unwrap_or_else(|e| panic!("{e}"));
     tb.wait_neigh("a1", VM_IP, VM_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
     tb.wait_neigh("vm", A1_IP, A1_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
     tb.wait_neigh("b1", VM_IP, RB_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
@@ -256,7 +257,7 @@ fn vm_migrates_to_site_b_and_back() {
     let st_a = tb.status(Site::A).unwrap();
     assert_eq!(counter(&st_a, "migrations_completed"), 1, "{st_a}");
     let rounds = assert_announce_schedule(&tb, Site::A);
-    check_move_records(&st_a, &tb.status(Site::B).unwrap(), 2, rounds[0], B1_IP);
+    check_move_records(&st_a, &tb.status(Site::B).unwrap(), seq2, rounds[0], B1_IP);
 
     // ---- The pcap files are readable by tcpdump and hold the RARP and the GARP.
     let b = run(&["tcpdump", "-nr", tb.pcap(Site::B).to_str().unwrap()]).expect("tcpdump -r b.pcap");
@@ -348,11 +349,14 @@ fn bad_input_is_counted_and_changes_nothing() {
 
     // Forged, stale and replayed control messages, sent from router B's namespace.
     let now = netreconf::router::wall_us();
+    let (epoch_a, epoch_b) = (before_a["epoch"].as_u64().unwrap(), before_b["epoch"].as_u64().unwrap());
     let evil = Auth::new(b"this is not the shared key!").unwrap();
     let forged = proto::encode(
         &evil,
         &Message {
             sender: "B".into(),
+            epoch: epoch_b,
+            peer_epoch: epoch_a,
             seq: now,
             timestamp_us: now,
             body: Body::HostRoute { ip: VM_IP, seq: 1000, mac: VM_MAC, owner: "B".into() },
@@ -364,6 +368,8 @@ fn bad_input_is_counted_and_changes_nothing() {
         &good,
         &Message {
             sender: "B".into(),
+            epoch: epoch_b,
+            peer_epoch: epoch_a,
             seq: 1,
             timestamp_us: now - 3_600_000_000,
             body: Body::HostRoute { ip: VM_IP, seq: 1000, mac: VM_MAC, owner: "B".into() },
@@ -374,6 +380,8 @@ fn bad_input_is_counted_and_changes_nothing() {
         &good,
         &Message {
             sender: "Z".into(),
+            epoch: epoch_b,
+            peer_epoch: epoch_a,
             seq: now,
             timestamp_us: now,
             body: Body::HostRoute { ip: VM_IP, seq: 1000, mac: VM_MAC, owner: "Z".into() },
@@ -425,9 +433,10 @@ fn bad_input_is_counted_and_changes_nothing() {
     tb.ping("b1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
 
     // A real move still works.
+    let t_move = netreconf::router::wall_us();
     tb.move_vm(Site::B).unwrap();
     rarp(&tb);
-    wait_route(&tb, "B", 1).unwrap_or_else(|e| panic!("{e}"));
+    let seq1 = wait_route(&tb, "B", t_move).unwrap_or_else(|e| panic!("{e}"));
     tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
 
     // The flood did not stop detection at A for long: its token bucket (rarp_burst 40,
@@ -441,7 +450,7 @@ fn bad_input_is_counted_and_changes_nothing() {
     let limited = counter(&tb.status(Site::A).unwrap(), "detections_rate_limited");
     tb.move_vm(Site::A).unwrap();
     rarp(&tb);
-    wait_route(&tb, "A", 2).unwrap_or_else(|e| panic!("{e}"));
+    wait_route(&tb, "A", seq1 + 1).unwrap_or_else(|e| panic!("{e}"));
     let st = tb.status(Site::A).unwrap();
     assert_eq!(
         counter(&st, "detections_rate_limited"),
@@ -532,4 +541,357 @@ fn a_stalled_forwarder_loses_nothing() {
         assert_eq!(d["pcap_dropped"], 0, "capture ring overflowed at {site}: {d}");
         assert_eq!(d["overlay_rx_dropped"], 0, "overlay socket overflowed at {site}: {d}");
     }
+}
+
+fn rarp_vm2(tb: &TwoSites) {
+    nsrun(&tb.ns("vm2"), &[PROBE_PATH.as_str(), "rarp", "--iface", "eth0", "--mac", &VM2_MAC.to_string()])
+        .expect("send QEMU's RARP rounds from the second VM");
+}
+
+/// Does a status dump's HWDT map `ip` to `mac`?
+fn hwdt_has(st: &Value, ip: Ipv4Addr, mac: Mac) -> bool {
+    st["hwdt"].as_array().is_some_and(|h| h.iter().any(|e| e["ip"] == ip.to_string() && e["mac"] == mac.to_string()))
+}
+
+/// Defect: a gateway only knew a VM if one of the VM's ARPs had reached it. A VM that had
+/// only talked to a host of its own LAN (whose ARP replies are unicast) was "unknown"
+/// after its move: vnetd B logged `no router knows this MAC` and the VM stayed
+/// unreachable. Now the gateway probes its prefixes (here every 2 s), and learns it.
+#[test]
+fn a_vm_that_never_talked_across_sites_is_detected_after_its_move() {
+    let mut tb = build("n");
+    tb.extra_config = "\n[probe]\ninterval_s = 2\n".into();
+    // The VM is offline while the gateways start: their sweeps at start miss it.
+    nsrun(&tb.ns("vm"), &["ip", "link", "set", "eth0", "down"]).unwrap();
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
+    wait_for("A's sweep at start", 10, || (counter(&tb.status(Site::A).ok()?, "probe_sweeps") >= 1).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!hwdt_has(&tb.status(Site::A).unwrap(), VM_IP, VM_MAC));
+    nsrun(&tb.ns("vm"), &["ip", "link", "set", "eth0", "up"]).unwrap();
+    // The VM talks to A1 only, on its own LAN.
+    tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    let st = wait_for("gateway A to learn the VM from a periodic probe", 15, || {
+        let st = tb.status(Site::A).ok()?;
+        hwdt_has(&st, VM_IP, VM_MAC).then_some(st)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", tb.status(Site::A).ok().map(|s| s["hwdt"].clone())));
+    eprintln!("A probes: sent {}, sweeps {}", counter(&st, "probes_sent"), counter(&st, "probe_sweeps"));
+    // Learned by a periodic sweep, after the sweep at start (253 + 254 addresses).
+    assert!(counter(&st, "probes_sent") > 253 + 254, "{}", st["counters"]);
+
+    let t_move = netreconf::router::wall_us();
+    tb.move_vm(Site::B).unwrap();
+    rarp(&tb);
+    wait_route(&tb, "B", t_move).unwrap_or_else(|e| panic!("{e}"));
+    let st_b = tb.status(Site::B).unwrap();
+    assert_eq!(counter(&st_b, "rarp_unknown_mac"), 0, "{}", st_b["counters"]);
+    tb.ping("b1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    tb.ping("vm", A1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Frames of a vnetd `--pcap-out` file: (timestamp µs, frame).
+fn pcap_frames(file: &Path) -> Vec<(u64, Vec<u8>)> {
+    let Ok(mut cap) = pcap::Capture::from_file(file) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while let Ok(p) = cap.next_packet() {
+        out.push((p.header.ts.tv_sec as u64 * 1_000_000 + p.header.ts.tv_usec as u64, p.data.to_vec()));
+    }
+    out
+}
+
+/// Every VM is reachable from both sites, both ways.
+fn reachable(tb: &TwoSites) {
+    for (from, to) in [
+        ("a1", VM_IP),
+        ("b1", VM_IP),
+        ("vm", A1_IP),
+        ("vm", B1_IP),
+        ("a1", VM2_IP),
+        ("b1", VM2_IP),
+        ("vm2", A1_IP),
+        ("vm2", B1_IP),
+    ] {
+        tb.ping(from, to, 15).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Defect: after `kill -9` and a restart, a gateway had only its /24s; VMs that had moved
+/// stayed unreachable from its site, and its sequence numbers restarted at 1, so the
+/// move home lost to the other router's stale /32. Here the VM of site A is at site B
+/// and the VM of site B at site A; the gateways are killed and restarted one after the
+/// other, then both at once, with a stream to each VM across the other site, and then
+/// the VMs move home.
+#[test]
+fn killed_gateways_recover_every_route_and_the_vms_move_home() {
+    let mut tb = build("r");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
+    ping_all(&tb);
+    tb.ping("a1", VM2_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    tb.move_vm(Site::B).unwrap();
+    rarp(&tb);
+    tb.move_vm2(Site::A).unwrap();
+    rarp_vm2(&tb);
+    let mut seq_vm = wait_host_route(&tb, VM_IP, "B", 1).unwrap_or_else(|e| panic!("{e}"));
+    let mut seq_vm2 = wait_host_route(&tb, VM2_IP, "A", 1).unwrap_or_else(|e| panic!("{e}"));
+    reachable(&tb);
+
+    let mut port = 9100;
+    for (what, sites) in [("A", vec![Site::A]), ("B", vec![Site::B]), ("A and B", vec![Site::A, Site::B])] {
+        let frames_before: Vec<usize> = sites.iter().map(|s| pcap_frames(&tb.pcap(*s)).len()).collect();
+        let s1 = start_stream(&tb, "a1", "vm", VM_IP, port, &format!("a1-vm-{port}")).unwrap_or_else(|e| panic!("{e}"));
+        let s2 = start_stream(&tb, "b1", "vm2", VM2_IP, port + 1, &format!("b1-vm2-{port}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        port += 2;
+        wait_delivered(&tb, "vm", 100, "A1 -> VM at B before the crash");
+        wait_delivered(&tb, "vm2", 100, "B1 -> VM2 at A before the crash");
+        for s in &sites {
+            tb.kill_vnetd(*s);
+        }
+        let t0 = Instant::now();
+        for s in &sites {
+            tb.restart_vnetd(&vnetd(), *s).unwrap();
+        }
+        for s in &sites {
+            tb.wait_vnetd(*s).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let up_ms = t0.elapsed().as_secs_f64() * 1e3;
+        seq_vm = wait_host_route(&tb, VM_IP, "B", seq_vm).unwrap_or_else(|e| panic!("{e}"));
+        seq_vm2 = wait_host_route(&tb, VM2_IP, "A", seq_vm2).unwrap_or_else(|e| panic!("{e}"));
+        let routes_ms = t0.elapsed().as_secs_f64() * 1e3;
+        wait_delivered(&tb, "vm", 200, "A1 -> VM at B after the restart");
+        wait_delivered(&tb, "vm2", 200, "B1 -> VM2 at A after the restart");
+        let flows_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let r1 = stop_stream(s1).unwrap_or_else(|e| panic!("{e}"));
+        let r2 = stop_stream(s2).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "restart of {what}: control socket up {up_ms:.0} ms after the restart, both /32s agreed at \
+             {routes_ms:.0} ms, both streams flowing again by {flows_ms:.0} ms; outage (kill to repair) \
+             A1 -> VM {} ms, B1 -> VM2 {} ms",
+            r1["max_gap_ms"], r2["max_gap_ms"]
+        );
+        assert_stream_flows(&r1);
+        assert_stream_flows(&r2);
+        reachable(&tb);
+        let (st_a, st_b) = (tb.status(Site::A).unwrap(), tb.status(Site::B).unwrap());
+        assert!(
+            st_a["lndt"]["excluded"].as_array().unwrap().iter().any(|v| v == &VM_IP.to_string()),
+            "{}",
+            st_a["lndt"]
+        );
+        assert!(st_a["lndt"]["hosts"].as_array().unwrap().iter().any(|v| v == &VM2_IP.to_string()), "{}", st_a["lndt"]);
+        assert!(st_b["lndt"]["hosts"].as_array().unwrap().iter().any(|v| v == &VM_IP.to_string()), "{}", st_b["lndt"]);
+        assert!(
+            st_b["lndt"]["excluded"].as_array().unwrap().iter().any(|v| v == &VM2_IP.to_string()),
+            "{}",
+            st_b["lndt"]
+        );
+        if sites.len() == 1 {
+            // The peer's route sync restored the /32s (the restarted router's probe at start
+            // may find the VM on its own LAN first: that is a repair too).
+            let st = if sites[0] == Site::A { &st_a } else { &st_b };
+            assert!(
+                counter(st, "routes_synced") >= 1
+                    && counter(st, "routes_synced") + counter(st, "migrations_detected") >= 2,
+                "the restarted router took the /32s from its peer: {}",
+                st["counters"]
+            );
+        } else {
+            // Nobody remembered: each gateway found the other site's VM on its LAN.
+            assert!(counter(&st_a, "migrations_detected") >= 1 && counter(&st_b, "migrations_detected") >= 1);
+        }
+        // `--pcap-out` kept the frames of the run before the crash; time never runs back.
+        for (s, before) in sites.iter().zip(frames_before) {
+            let frames = pcap_frames(&tb.pcap(*s));
+            assert!(frames.len() > before, "{s:?}'s pcap file kept its {before} earlier frames: now {}", frames.len());
+            let back = frames.windows(2).filter(|w| w[1].0 < w[0].0).count();
+            assert_eq!(back, 0, "{s:?}'s pcap timestamps ran backwards {back} times");
+        }
+    }
+
+    // The moves home win over every route from before the restarts.
+    tb.move_vm(Site::A).unwrap();
+    rarp(&tb);
+    tb.move_vm2(Site::B).unwrap();
+    rarp_vm2(&tb);
+    wait_host_route(&tb, VM_IP, "A", seq_vm + 1).unwrap_or_else(|e| panic!("{e}"));
+    wait_host_route(&tb, VM2_IP, "B", seq_vm2 + 1).unwrap_or_else(|e| panic!("{e}"));
+    reachable(&tb);
+    tb.wait_neigh("a1", VM_IP, VM_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    tb.wait_neigh("b1", VM2_IP, VM2_MAC, 10).unwrap_or_else(|e| panic!("{e}"));
+    for site in [Site::A, Site::B] {
+        let st = tb.status(site).unwrap();
+        assert_eq!(counter(&st, "route_updates_stale"), 0, "{site:?}: {}", st["counters"]);
+    }
+}
+
+/// UDP payloads of a capture of overlay datagrams.
+fn udp_payloads(file: &Path) -> Vec<Vec<u8>> {
+    pcap_frames(file)
+        .into_iter()
+        .filter_map(|(_, d)| {
+            let ihl = usize::from(*d.get(14)? & 0x0f) * 4;
+            d.get(14 + ihl + 8..).map(|p| p.to_vec())
+        })
+        .collect()
+}
+
+/// Defect: overlay datagrams recorded before a restart and replayed 2 s after it were all
+/// accepted (host routes too), for up to `max_clock_skew_s`. Now every message is bound
+/// to both ends' boots.
+#[test]
+fn datagrams_recorded_before_a_restart_are_refused_after_it() {
+    let mut tb = build("p");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
+    ping_all(&tb);
+    let cap_file = tb.dir.join("wan-move.pcap");
+    let mut dump = Proc::spawn(
+        "tcpdump",
+        &tb.ns("ra"),
+        &["tcpdump", "-i", "wan0", "-U", "-w", cap_file.to_str().unwrap(), "udp and src host 192.168.100.2"],
+        tb.dir.join("tcpdump-move.log"),
+    )
+    .unwrap();
+    wait_for("tcpdump to start capturing on wan0", 15, || dump.log_text().contains("listening on").then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {}", dump.log_text()));
+    tb.move_vm(Site::B).unwrap();
+    rarp(&tb);
+    let seq = wait_route(&tb, "B", 1).unwrap_or_else(|e| panic!("{e}"));
+    tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    let recorded = wait_for("the host route in the capture", 10, || {
+        let d = udp_payloads(&cap_file);
+        d.iter().any(|p| p.get(4) == Some(&4)).then_some(d)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    dump.stop();
+    let n = recorded.len() as u64;
+    eprintln!(
+        "recorded {n} datagrams B -> A during the move (types {:?})",
+        recorded.iter().map(|p| p[4]).collect::<Vec<_>>()
+    );
+    let mut args = vec![PROBE_PATH.clone(), "udp-hex".into(), "--to".into(), RA_WAN.into()];
+    for p in &recorded {
+        args.push("--hex".into());
+        args.push(arp_hex(p));
+    }
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+
+    for (restarted, counter_name) in [(Site::A, "overlay_wrong_epoch"), (Site::B, "overlay_old_epoch")] {
+        tb.kill_vnetd(restarted);
+        tb.restart_vnetd(&vnetd(), restarted).unwrap();
+        tb.wait_vnetd(restarted).unwrap_or_else(|e| panic!("{e}"));
+        // The replay comes 2 s after the restart, well within the clock-skew limit.
+        std::thread::sleep(Duration::from_secs(2));
+        let before = tb.status(Site::A).unwrap();
+        nsrun(&tb.ns("rb"), &args).expect("replay the recording to A");
+        let st = wait_for(&format!("A to refuse the {n} replayed datagrams ({counter_name})"), 10, || {
+            let st = tb.status(Site::A).ok()?;
+            (counter(&st, counter_name) >= counter(&before, counter_name) + n).then_some(st)
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", tb.status(Site::A).ok().map(|s| s["counters"].clone())));
+        eprintln!("after the restart of {restarted:?}: A counters {}", st["counters"]);
+        for c in ["route_updates_installed", "route_updates_duplicate", "tunnelled_in", "overlay_replayed"] {
+            assert_eq!(counter(&st, c), counter(&before, c), "{c} changed: {}", st["counters"]);
+        }
+        assert_eq!(st["gndt"], before["gndt"]);
+        wait_route(&tb, "B", seq).unwrap_or_else(|e| panic!("{e}"));
+        tb.ping("a1", VM_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Defect: each unauthenticated datagram wrote a log line (100 k datagrams added 17–22 MB to
+/// the log). Now the lines are rate-limited and the counters count every datagram.
+#[test]
+fn a_flood_of_bad_datagrams_is_counted_but_barely_logged() {
+    let mut tb = build("f");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
+    let log = tb.vnetd[0].log.clone();
+    let size = || std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let before = size();
+    let evil = Auth::new(b"this is not the shared key!").unwrap();
+    let now = netreconf::router::wall_us();
+    let forged = proto::encode(
+        &evil,
+        &Message { sender: "B".into(), epoch: now, peer_epoch: 0, seq: now, timestamp_us: now, body: Body::Hello },
+    )
+    .unwrap();
+    let per = 50_000u64;
+    nsrun(
+        &tb.ns("rb"),
+        &[
+            PROBE_PATH.as_str(),
+            "udp-hex",
+            "--to",
+            RA_WAN,
+            "--hex",
+            &arp_hex(&forged),
+            "--hex",
+            &arp_hex(b"VNE2junk"),
+            "--repeat",
+            &per.to_string(),
+        ],
+    )
+    .expect("flood A");
+    let st = wait_for("A to count the flood", 30, || {
+        let st = tb.status(Site::A).ok()?;
+        let seen = counter(&st, "overlay_auth_failed")
+            + counter(&st, "overlay_malformed")
+            + st["daemon"]["overlay_rx_dropped"].as_u64().unwrap_or(0);
+        (seen >= 2 * per).then_some(st)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", tb.status(Site::A).ok().map(|s| s["counters"].clone())));
+    let grown = size() - before;
+    eprintln!(
+        "flood of {} datagrams: log grew {grown} bytes; counters auth_failed {} malformed {} suppressed {} \
+         (kernel dropped {})",
+        2 * per,
+        counter(&st, "overlay_auth_failed"),
+        counter(&st, "overlay_malformed"),
+        counter(&st, "log_lines_suppressed"),
+        st["daemon"]["overlay_rx_dropped"]
+    );
+    assert!(grown < 64 * 1024, "the log grew {grown} bytes for a flood of {} datagrams", 2 * per);
+    assert!(counter(&st, "log_lines_suppressed") > per, "{}", st["counters"]);
+    assert!(tb.vnetd[0].alive());
+    tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Smaller gaps: a second vnetd silently took over a running one's control socket (and
+/// truncated its `--pcap-out`); SIGTERM left the socket file behind.
+#[test]
+fn a_second_vnetd_is_refused_and_sigterm_removes_the_control_socket() {
+    let mut tb = build("l");
+    tb.start_vnetd(&vnetd()).expect("start vnetd on both routers");
+    tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+    let pcap_len = std::fs::metadata(tb.pcap(Site::A)).unwrap().len();
+    let mut second = Proc::spawn(
+        "vnetd-second",
+        &tb.ns("ra"),
+        &[
+            vnetd().to_str().unwrap(),
+            "--config",
+            tb.dir.join("a.toml").to_str().unwrap(),
+            "--pcap-out",
+            tb.pcap(Site::A).to_str().unwrap(),
+        ],
+        tb.dir.join("vnetd-second.log"),
+    )
+    .unwrap();
+    let status = second.wait(10).unwrap_or_else(|e| panic!("the second vnetd kept running ({e})"));
+    let err = second.log_text();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("another vnetd is running"), "{err}");
+    assert!(std::fs::metadata(tb.pcap(Site::A)).unwrap().len() >= pcap_len, "the pcap file was truncated");
+    tb.status(Site::A).expect("the first vnetd still answers");
+    tb.ping("a1", B1_IP, 15).unwrap_or_else(|e| panic!("{e}"));
+
+    let pid = tb.vnetd[0].pid().unwrap();
+    // SAFETY: kill(2) on a pid we spawned and still own (not yet reaped).
+    unsafe { assert_eq!(libc::kill(pid as libc::pid_t, libc::SIGTERM), 0) };
+    let status = tb.vnetd[0].wait(10).unwrap_or_else(|e| panic!("vnetd ignored SIGTERM ({e})"));
+    assert!(status.success(), "vnetd exited with {status}: {}", tb.vnetd[0].log_text());
+    assert!(!tb.socket(Site::A).exists(), "the control socket file is gone");
+    assert!(tb.vnetd[0].log_text().contains("vnetd stopping"), "{}", tb.vnetd[0].log_text());
 }

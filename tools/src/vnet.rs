@@ -77,6 +77,10 @@ pub const A1_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 pub const B1_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
 /// The VM's address (site A's network).
 pub const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
+/// MAC of the second VM ("vm2", a VM of site B).
+pub const VM2_MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x57]);
+/// IP of the second VM.
+pub const VM2_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 10);
 /// Overlay address of router A.
 pub const RA_WAN: &str = "192.168.100.1:7800";
 /// Overlay address of router B.
@@ -180,6 +184,10 @@ pub struct TwoSites {
     pub vnetd: Vec<Proc>,
     /// Where the VM is now.
     pub vm_site: Site,
+    /// TOML appended to both routers' configuration (e.g. a `[probe]` table).
+    pub extra_config: String,
+    /// vnetd starts per site (names the logs of restarts).
+    starts: [u32; 2],
     keep_dir: bool,
 }
 
@@ -202,6 +210,8 @@ impl TwoSites {
             namespaces: Vec::new(),
             vnetd: Vec::new(),
             vm_site: Site::A,
+            extra_config: String::new(),
+            starts: [0; 2],
             keep_dir: std::env::var_os("VNETD_KEEP").is_some(),
         };
         tb.setup()?;
@@ -209,7 +219,7 @@ impl TwoSites {
     }
 
     fn setup(&mut self) -> Result<()> {
-        for role in ["swa", "swb", "ra", "rb", "a1", "b1", "vm"] {
+        for role in ["swa", "swb", "ra", "rb", "a1", "b1", "vm", "vm2"] {
             let ns = self.ns(role);
             run(&["ip", "netns", "add", &ns])?;
             self.namespaces.push(ns.clone());
@@ -227,6 +237,7 @@ impl TwoSites {
             ("a1", "pa1", "swa", "brA", A1_MAC, "10.1.0.1/16"),
             ("vm", "pvm", "swa", "brA", VM_MAC, "10.1.0.10/16"),
             ("b1", "pb1", "swb", "brB", B1_MAC, "10.1.1.1/16"),
+            ("vm2", "pvm2", "swb", "brB", VM2_MAC, "10.1.1.10/16"),
         ];
         for (role, port, sw, br, mac, addr) in hosts {
             self.attach(role, "eth0", &mac.to_string(), port, sw, br)?;
@@ -234,7 +245,9 @@ impl TwoSites {
             run(&["ip", "-n", &ns, "addr", "add", addr, "dev", "eth0"])?;
         }
         // A migrated VM keeps its ARP cache: moving the link must not flush it.
-        let _ = nsrun(&self.ns("vm"), &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_evict_nocarrier=0"]);
+        for vm in ["vm", "vm2"] {
+            let _ = nsrun(&self.ns(vm), &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_evict_nocarrier=0"]);
+        }
         // Routers.
         for (role, port, sw, br, mac) in [("ra", "pra", "swa", "brA", RA_MAC), ("rb", "prb", "swb", "brB", RB_MAC)] {
             self.attach(role, "lan0", &mac.to_string(), port, sw, br)?;
@@ -275,7 +288,7 @@ impl TwoSites {
             Site::A => ("A", RA_MAC, "10.1.0.254", RA_WAN, "B", RB_WAN, "10.1.0.0/24", "a.sock"),
             Site::B => ("B", RB_MAC, "10.1.1.254", RB_WAN, "A", RA_WAN, "10.1.1.0/24", "b.sock"),
         };
-        two_site_config(&SiteConfig {
+        let mut text = two_site_config(&SiteConfig {
             name,
             router_mac: &mac.to_string(),
             router_ip: ip,
@@ -285,7 +298,9 @@ impl TwoSites {
             lndt,
             peer,
             peer_address: peer_addr,
-        })
+        });
+        text.push_str(&self.extra_config);
+        text
     }
 
     /// Control socket of a site's vnetd.
@@ -306,43 +321,79 @@ impl TwoSites {
 
     /// Start vnetd on both routers and wait for their control sockets.
     pub fn start_vnetd(&mut self, vnetd: &Path) -> Result<()> {
-        for (site, role, cfg) in [(Site::A, "ra", "a.toml"), (Site::B, "rb", "b.toml")] {
-            let cfgp = self.dir.join(cfg);
-            std::fs::write(&cfgp, self.config_text(site))?;
-            let _ = std::fs::remove_file(self.socket(site));
-            let p = Proc::spawn(
-                &format!("vnetd-{role}"),
-                &self.ns(role),
-                &[
-                    vnetd.to_str().unwrap_or("vnetd"),
-                    "--config",
-                    cfgp.to_str().unwrap_or(""),
-                    "--pcap-out",
-                    self.pcap(site).to_str().unwrap_or(""),
-                ],
-                self.dir.join(format!("vnetd-{role}.log")),
-            )?;
+        for site in [Site::A, Site::B] {
+            let p = self.spawn_vnetd(vnetd, site)?;
             self.vnetd.push(p);
         }
         for site in [Site::A, Site::B] {
-            let sock = self.socket(site);
-            let procs = &mut self.vnetd;
-            wait_for(&format!("vnetd {site:?} control socket"), 20, || {
-                for p in procs.iter_mut() {
-                    if !p.alive() {
-                        return Some(Err(TestbedError::Command {
-                            cmd: p.name.clone(),
-                            stderr: format!("exited early: {}", p.log_text()),
-                        }));
-                    }
-                }
-                if netreconf::daemon::query_status(&sock).is_ok() {
-                    Some(Ok(()))
-                } else {
-                    None
-                }
-            })??;
+            self.wait_vnetd(site)?;
         }
+        Ok(())
+    }
+
+    fn index(site: Site) -> usize {
+        match site {
+            Site::A => 0,
+            Site::B => 1,
+        }
+    }
+
+    /// Spawns `site`'s vnetd (config written afresh, `--pcap-out` appended to); its log is
+    /// `vnetd-ra.log`, then `vnetd-ra.2.log`, … for restarts.
+    fn spawn_vnetd(&mut self, vnetd: &Path, site: Site) -> Result<Proc> {
+        let (role, cfg) = match site {
+            Site::A => ("ra", "a.toml"),
+            Site::B => ("rb", "b.toml"),
+        };
+        let cfgp = self.dir.join(cfg);
+        std::fs::write(&cfgp, self.config_text(site))?;
+        let n = &mut self.starts[Self::index(site)];
+        *n += 1;
+        let log = if *n == 1 { format!("vnetd-{role}.log") } else { format!("vnetd-{role}.{n}.log") };
+        Ok(Proc::spawn(
+            &format!("vnetd-{role}"),
+            &self.ns(role),
+            &[
+                vnetd.to_str().unwrap_or("vnetd"),
+                "--config",
+                cfgp.to_str().unwrap_or(""),
+                "--pcap-out",
+                self.pcap(site).to_str().unwrap_or(""),
+            ],
+            self.dir.join(log),
+        )?)
+    }
+
+    /// Waits until `site`'s vnetd answers on its control socket.
+    pub fn wait_vnetd(&mut self, site: Site) -> Result<()> {
+        let sock = self.socket(site);
+        let procs = &mut self.vnetd;
+        wait_for(&format!("vnetd {site:?} control socket"), 20, || {
+            for p in procs.iter_mut() {
+                if !p.alive() {
+                    return Some(Err(TestbedError::Command {
+                        cmd: p.name.clone(),
+                        stderr: format!("exited early: {}", p.log_text()),
+                    }));
+                }
+            }
+            if netreconf::daemon::query_status(&sock).is_ok() {
+                Some(Ok(()))
+            } else {
+                None
+            }
+        })?
+    }
+
+    /// `kill -9` of `site`'s vnetd (its control socket file stays behind, as after a crash).
+    pub fn kill_vnetd(&mut self, site: Site) {
+        self.vnetd[Self::index(site)].stop();
+    }
+
+    /// Starts `site`'s vnetd again after [`TwoSites::kill_vnetd`] (without waiting for it).
+    pub fn restart_vnetd(&mut self, vnetd: &Path, site: Site) -> Result<()> {
+        let p = self.spawn_vnetd(vnetd, site)?;
+        self.vnetd[Self::index(site)] = p;
         Ok(())
     }
 
@@ -361,13 +412,23 @@ impl TwoSites {
 
     /// Move the VM's link to the other site's bridge (the VM keeps MAC, IP, ARP cache).
     pub fn move_vm(&mut self, to: Site) -> Result<()> {
+        self.move_port("pvm", to)?;
+        self.vm_site = to;
+        Ok(())
+    }
+
+    /// Move the second VM ("vm2", at site B at first) to `to`'s bridge.
+    pub fn move_vm2(&mut self, to: Site) -> Result<()> {
+        self.move_port("pvm2", to)
+    }
+
+    fn move_port(&self, port: &str, to: Site) -> Result<()> {
         let (from_sw, to_sw, br) = match to {
             Site::A => (self.ns("swb"), self.ns("swa"), "brA"),
             Site::B => (self.ns("swa"), self.ns("swb"), "brB"),
         };
-        run(&["ip", "-n", &from_sw, "link", "set", "pvm", "netns", &to_sw])?;
-        run(&["ip", "-n", &to_sw, "link", "set", "pvm", "master", br, "up"])?;
-        self.vm_site = to;
+        run(&["ip", "-n", &from_sw, "link", "set", port, "netns", &to_sw])?;
+        run(&["ip", "-n", &to_sw, "link", "set", port, "master", br, "up"])?;
         Ok(())
     }
 
@@ -420,20 +481,25 @@ pub fn host_route(st: &Value, ip: Ipv4Addr) -> Option<(String, u64)> {
     })
 }
 
-/// Waits (15 s) until both sites route the VM's /32 to `router` with sequence `seq`; the
-/// error shows the GNDT of the site that does not.
-pub fn wait_route(tb: &TwoSites, router: &str, seq: u64) -> Result<()> {
-    for site in [Site::A, Site::B] {
-        wait_for(&format!("{site:?} GNDT: {VM_IP}/32 -> {router} seq {seq}"), 15, || {
-            let st = tb.status(site).ok()?;
-            (host_route(&st, VM_IP) == Some((router.to_string(), seq))).then_some(())
-        })
-        .map_err(|e| {
-            let gndt = tb.status(site).ok().map(|s| s["gndt"].clone());
-            TestbedError::Failed(format!("{e}; status {site:?}: {gndt:?}"))
-        })?;
-    }
-    Ok(())
+/// Waits (15 s) until both sites route the VM's /32 to `router` with one sequence number of
+/// at least `min_seq` (a move's sequence number is at least the µs time it was detected:
+/// pass [`netreconf::router::wall_us`] taken before the move); returns it. The error shows
+/// the GNDT of the site that does not.
+pub fn wait_route(tb: &TwoSites, router: &str, min_seq: u64) -> Result<u64> {
+    wait_host_route(tb, VM_IP, router, min_seq)
+}
+
+/// [`wait_route`] for the host `ip`.
+pub fn wait_host_route(tb: &TwoSites, ip: Ipv4Addr, router: &str, min_seq: u64) -> Result<u64> {
+    wait_for(&format!("both GNDTs: {ip}/32 -> {router} with seq >= {min_seq}"), 15, || {
+        let a = host_route(&tb.status(Site::A).ok()?, ip)?;
+        let b = host_route(&tb.status(Site::B).ok()?, ip)?;
+        (a == b && a.0 == router && a.1 >= min_seq).then_some(a.1)
+    })
+    .map_err(|e| {
+        let gndt = |site| tb.status(site).ok().map(|s| s["gndt"].clone());
+        TestbedError::Failed(format!("{e}; GNDT A: {:?}; GNDT B: {:?}", gndt(Site::A), gndt(Site::B)))
+    })
 }
 
 /// A 1 kHz UDP stream between two namespaces of the testbed (`vnet-probe udp-send` to

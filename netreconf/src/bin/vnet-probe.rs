@@ -61,6 +61,9 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long = "hex", required = true)]
         hex: Vec<String>,
+        /// Send each datagram this many times (a flood).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Send a numbered UDP stream until STOP exists, then an end-of-stream marker (three
     /// copies) that tells `udp-recv` the stream is over.
@@ -465,12 +468,17 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, String> {
             }
             Ok(serde_json::json!({"sent": count}))
         }
-        Cmd::UdpHex { to, hex } => {
+        Cmd::UdpHex { to, hex, repeat } => {
             let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-            for h in &hex {
-                s.send_to(&unhex(h)?, to).map_err(|e| e.to_string())?;
+            let payloads = hex.iter().map(|h| unhex(h)).collect::<Result<Vec<_>, _>>()?;
+            let mut sent = 0u64;
+            for _ in 0..repeat {
+                for p in &payloads {
+                    s.send_to(p, to).map_err(|e| e.to_string())?;
+                    sent += 1;
+                }
             }
-            Ok(serde_json::json!({"sent": hex.len()}))
+            Ok(serde_json::json!({"sent": sent}))
         }
         Cmd::UdpSend { to, interval_us, stop_file, max_seconds } => {
             let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;

@@ -101,7 +101,7 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     std::fs::write(&go, b"go")?;
     let t_resume = netreconf::router::wall_us();
     announcer.wait(10)?;
-    wait_route(tb, dest_name, seq)?;
+    let route_seq = wait_route(tb, dest_name, t_move)?;
     let (a1_expect, vm_expect) = match to {
         Site::B => (RA_MAC, RB_MAC),
         Site::A => (VM_MAC, A1_MAC),
@@ -117,7 +117,7 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     let st = tb.status(dest)?;
     let rec = st["migrations"]
         .as_array()
-        .and_then(|m| m.iter().rev().find(|r| r["role"] == "destination" && r["seq"] == seq))
+        .and_then(|m| m.iter().rev().find(|r| r["role"] == "destination" && r["seq"] == route_seq))
         .cloned()
         .unwrap_or(Value::Null);
     let dp = read_pcap(&tb.pcap(dest))?;
@@ -136,7 +136,8 @@ fn migrate(tb: &mut TwoSites, b: &Bins, to: Site, seq: u64) -> R<Value> {
     let t_rarp = detected.or(t_rarp_file);
     Ok(json!({
         "to": dest_name,
-        "seq": seq,
+        "move": seq,
+        "route_seq": route_seq,
         "detected_at_first_rarp_capture": detected.is_some() && detected == t_rarp_file,
         "rarp_captured_to_vnetd_read_ms": ms(rec["detection_read_us"].as_u64(), detected),
         "rarp_seen_to_ip_resolved_ms": ms(rec["resolved_us"].as_u64(), detected),
