@@ -929,7 +929,7 @@ impl Router {
             }
             return;
         }
-        if msg.epoch > known && !is_hello || !is_hello && msg.peer_epoch != self.epoch {
+        if !is_hello && (msg.epoch > known || msg.peer_epoch != self.epoch) {
             self.counters.overlay_wrong_epoch += 1;
             if self.log_drop(now) {
                 warn!(%from, sender = %msg.sender, epoch = msg.epoch, our_epoch = self.epoch,

@@ -924,27 +924,57 @@ impl Testbed {
         self.path(&format!("vnetd-{}.sock", site.letter()))
     }
 
+    /// Starts `site`'s vnetd (detached, recorded in `pids/`), logging to `log`.
+    fn spawn_vnetd(&self, site: Site, log: &Path) -> Result<()> {
+        let l = site.letter();
+        let gw = self.ns(&format!("{l}gw"));
+        let cfg = self.path(&format!("vnetd-{l}.toml"));
+        io(&cfg, std::fs::write(&cfg, self.vnetd_config(site)))?;
+        let pcap = self.path(&format!("vnetd-{l}.pcap"));
+        let vnetd = self.state.bins.vnetd.clone();
+        spawn_detached(
+            self.dir(),
+            &format!("vnetd-{l}"),
+            &gw,
+            &[
+                vnetd.to_str().unwrap_or("vnetd"),
+                "--config",
+                cfg.to_str().unwrap_or(""),
+                "--pcap-out",
+                pcap.to_str().unwrap_or(""),
+            ],
+            log,
+        )?;
+        Ok(())
+    }
+
+    /// `kill -9` of `site`'s vnetd (a gateway crash), then a new vnetd there, as an operator's
+    /// supervisor would start it; returns once it answers on its control socket. Its log is
+    /// `vnetd-<site>.restart<n>.log`.
+    pub fn crash_and_restart_vnetd(&self, site: Site, n: u32) -> Result<()> {
+        let l = site.letter();
+        let pf = self.path(&format!("pids/vnetd-{l}.pid"));
+        let pid: u32 = std::fs::read_to_string(&pf)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| TestbedError::Failed(format!("no vnetd pid in {}", pf.display())))?;
+        kill(pid, "-KILL");
+        wait_for(&format!("vnetd at {} (pid {pid}) to die", site.name()), 10, || (!alive(pid)).then_some(()))?;
+        let log = self.path(&format!("vnetd-{l}.restart{n}.log"));
+        self.spawn_vnetd(site, &log)?;
+        let sock = self.vnetd_socket(site);
+        wait_for(&format!("the restarted vnetd at {} (log {})", site.name(), log.display()), 20, || {
+            netreconf::daemon::query_status(&sock).ok()
+        })
+        .map_err(|e| TestbedError::Failed(format!("{e}: {}", tail(&log))))?;
+        Ok(())
+    }
+
     fn start_services(&self) -> Result<()> {
-        let b = self.state.bins.clone();
         for s in Site::ALL {
             let l = s.letter();
             let gw = self.ns(&format!("{l}gw"));
-            let cfg = self.path(&format!("vnetd-{l}.toml"));
-            io(&cfg, std::fs::write(&cfg, self.vnetd_config(s)))?;
-            let pcap = self.path(&format!("vnetd-{l}.pcap"));
-            spawn_detached(
-                self.dir(),
-                &format!("vnetd-{l}"),
-                &gw,
-                &[
-                    b.vnetd.to_str().unwrap_or("vnetd"),
-                    "--config",
-                    cfg.to_str().unwrap_or(""),
-                    "--pcap-out",
-                    pcap.to_str().unwrap_or(""),
-                ],
-                &self.path(&format!("vnetd-{l}.log")),
-            )?;
+            self.spawn_vnetd(s, &self.path(&format!("vnetd-{l}.log")))?;
             for (role, port) in [("coordination", 6379), ("index", 6380)] {
                 let data = self.path(&format!("redis-{l}-{role}"));
                 io(&data, std::fs::create_dir_all(&data))?;

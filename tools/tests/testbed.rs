@@ -309,6 +309,19 @@ fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
     let vc = std::fs::read_to_string(tb.vc_path()).unwrap();
     assert!(vc.contains(&format!("cluster_key = \"{}\"", tb.path("cluster.key").display())), "{vc}");
     move_cluster(&tb, Site::B);
+    // The gateways crash (kill -9) and restart, one then the other, then both at once: every
+    // VM answers both sites' clients again, and the cluster then moves home.
+    for (n, sites) in [(1, vec![Site::A]), (2, vec![Site::B]), (3, vec![Site::A, Site::B])] {
+        let t0 = std::time::Instant::now();
+        for s in &sites {
+            tb.crash_and_restart_vnetd(*s, n).unwrap();
+        }
+        wait_answering(&tb, &format!("after the restart of vnetd at {sites:?}"));
+        eprintln!(
+            "vnetd restart at {sites:?}: every VM answered both sites {:.0} ms after the kill",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
     move_cluster(&tb, Site::A);
 }
 
