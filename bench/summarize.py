@@ -122,7 +122,19 @@ if e:
 
 n = load("vnetd.json")
 if n:
-    out += ["## vnetd (`vnetd-bench bench/results/vnetd.json --moves 6`)", "", "See `vnetd.json`: detection-to-reconfigured times from pcap timestamps, the connectivity gap, and tunnel throughput and latency against plain routing.", ""]
+    out += ["## vnetd (`vnetd-bench bench/results/vnetd.json --moves 6`)", "", "See `vnetd.json`: detection-to-reconfigured times from pcap timestamps, the connectivity gap, tunnel throughput and latency against plain routing, repair after a gateway crash, and the cost of probing.", ""]
+    rs = (n.get("restart") or {}).get("by_restarted_gateway") or {}
+    if rs:
+        out += ["Repair after `kill -9` of vnetd and an immediate restart (site A's VM at B, site B's VM at A; 1 kHz streams to both):", "",
+                "| restarted | new vnetd answers (median / max) | both /32s agree (median / max) | stream outage from the kill (median / max) |", "|---|---|---|---|"]
+        for who in ("A", "B", "both"):
+            r = rs.get(who) or {}
+            f = lambda k: f"{r[k]['median']:.0f} / {r[k]['max']:.0f} ms" if r.get(k) else "?"
+            out.append(f"| {who} | {f('control_socket_up_ms')} | {f('routes_agree_ms')} | {f('stream_outage_ms')} |")
+        out.append("")
+    pr = n.get("probe") or {}
+    if pr:
+        out += [f"Probing: {pr.get('frames_per_minute_per_24_default')} ARP requests per minute per /24 at the defaults (one 60-byte broadcast frame per address per 60 s sweep); the sweep at start on the testbed: {pr.get('startup_sweep_frames_testbed')} frames.", ""]
 
 x = load("indexd.json")
 if x:

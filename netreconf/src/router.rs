@@ -1339,28 +1339,32 @@ impl Router {
     }
 
     /// Addresses of a sweep: every host address of the LNDT's prefixes and its single
-    /// hosts; at start also the other routers' prefixes (a VM that moved here while every
-    /// router lost its state answers from this LAN with another site's address).
+    /// hosts; at start, first the other routers' prefixes (a VM that moved here while every
+    /// router lost its state answers from this LAN with another site's address: finding it
+    /// is what repairs the network), then this site's.
     fn fill_probe_queue(&mut self, startup: bool) {
-        let mut targets = BTreeSet::new();
-        let mut add = |p: &crate::tables::Prefix| {
-            if p.size() <= u64::from(crate::config::MAX_PROBED_PREFIX) {
-                targets.extend(p.hosts());
+        let mut seen = std::collections::HashSet::new();
+        let mut queue = VecDeque::new();
+        let mut add = |queue: &mut VecDeque<Ipv4Addr>, ips: &mut dyn Iterator<Item = Ipv4Addr>| {
+            for ip in ips {
+                if ip != self.cfg.router_ip && seen.insert(ip) {
+                    queue.push_back(ip);
+                }
             }
         };
-        for p in self.lndt.prefixes() {
-            add(p);
-        }
+        let probed = |p: &&crate::tables::Prefix| p.size() <= u64::from(crate::config::MAX_PROBED_PREFIX);
         if startup && self.cfg.probe.remote_at_start {
-            for (p, r) in &self.cfg.gndt {
+            for (p, r) in self.cfg.gndt.iter().filter(|(p, _)| probed(&p)) {
                 if *r != self.cfg.site {
-                    add(p);
+                    add(&mut queue, &mut p.hosts());
                 }
             }
         }
-        targets.extend(self.lndt.hosts());
-        targets.remove(&self.cfg.router_ip);
-        self.probe.queue = targets.into_iter().collect();
+        for p in self.lndt.prefixes().iter().filter(probed) {
+            add(&mut queue, &mut p.hosts());
+        }
+        add(&mut queue, &mut self.lndt.hosts());
+        self.probe.queue = queue;
         self.probe.startup = startup;
         self.probe.rate_per_s = if startup { self.cfg.probe.startup_rate_per_s } else { self.cfg.probe.rate_per_s };
     }
@@ -2028,6 +2032,8 @@ mod tests {
         assert_eq!(targets.len(), 253 + 254);
         assert!(targets.contains(&ip("10.1.0.10")) && targets.contains(&ip("10.1.1.1")));
         assert!(!targets.contains(&ip("10.1.0.254")) && !targets.contains(&ip("10.1.0.0")));
+        // The peers' prefixes first: that is where a VM that moved here would answer.
+        assert!(probed[..254].iter().all(|x| x.tpa.octets()[2] == 1), "site B's /24 first");
         assert_eq!(a.counters.probe_sweeps, 1);
         // The VM answers (unicast to the router).
         a.handle_frame(&t, &frames::arp_reply(VM_MAC, ip("10.1.0.10"), RA, ip("10.1.0.254")));

@@ -22,6 +22,31 @@ fuzz_target!(|data: &[u8]| {
         r.handle_datagram(&now, peer, &sealed);
         r.handle_datagram(&now, peer, &sealed);
     }
+    // A session with peer "B" (epoch 1), then the same bytes bound to it: the sender's epoch
+    // and the receiver's epoch (the fields after the sender's name) set to the session's, so
+    // the logic behind the epoch checks is reached too.
+    let hello = proto::Message {
+        sender: "B".into(),
+        epoch: 1,
+        peer_epoch: r.epoch(),
+        seq: 1,
+        timestamp_us: now.wall_us,
+        body: proto::Body::Hello,
+    };
+    if let Ok(h) = proto::encode(&auth, &hello) {
+        r.handle_datagram(&now, peer, &h);
+    }
+    if let Some(&n) = data.get(5) {
+        let at = 6 + usize::from(n);
+        if data.len() >= at + 16 {
+            let mut bound = data.to_vec();
+            bound[at..at + 8].copy_from_slice(&1u64.to_be_bytes());
+            bound[at + 8..at + 16].copy_from_slice(&r.epoch().to_be_bytes());
+            if let Ok(sealed) = proto::seal(&auth, &bound) {
+                r.handle_datagram(&now, peer, &sealed);
+            }
+        }
+    }
     r.handle_timers(&now.after(std::time::Duration::from_secs(5)));
     let _ = r.take_actions();
     let _ = r.status(&now);

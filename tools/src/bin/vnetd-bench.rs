@@ -8,6 +8,11 @@
 //!   frame waited in the capture path counts; all timestamps are CLOCK_REALTIME µs
 //!   (pcap host timestamps and `SystemTime`), one clock on this one host;
 //! - the connectivity gap of a 1 kHz UDP stream A1 → VM across each move;
+//! - repair after a gateway crash: with site A's VM at site B and site B's VM at site A,
+//!   `kill -9` of vnetd A, of vnetd B, and of both, each restarted at once, with 1 kHz UDP
+//!   streams A1 → VM and B1 → VM2 across the other site: when the new vnetd answered, when
+//!   both /32s agreed again (from its start), and each stream's outage (from the kill);
+//! - the cost of active probing (frames sent per sweep and per minute);
 //! - TCP throughput and UDP round-trip latency A1 → B1 through the vnetd tunnel and
 //!   through a plain kernel-routed path between the same namespaces, with an unlimited
 //!   WAN link and with `tc tbf` at 100 Mbit/s.
@@ -223,6 +228,88 @@ fn wan_tbf(tb: &TwoSites, on: bool) -> R<()> {
     Ok(())
 }
 
+/// Both VMs' /32s agree at both routers, to their current sites, with a sequence number of
+/// at least the given ones; returns the sequence numbers.
+fn routes_agree(tb: &TwoSites, min: (u64, u64)) -> R<(u64, u64)> {
+    let a = wait_host_route(tb, VM_IP, "B", min.0)?;
+    let b = wait_host_route(tb, VM2_IP, "A", min.1)?;
+    Ok((a, b))
+}
+
+/// Crash-and-restart rounds of the gateways (see the module comment).
+fn restarts(tb: &mut TwoSites, b: &Bins, rounds: u32) -> R<Value> {
+    for (mv, vm, mac) in [(Site::B, "vm", VM_MAC), (Site::A, "vm2", VM2_MAC)] {
+        if vm == "vm" {
+            tb.move_vm(mv)?;
+        } else {
+            tb.move_vm2(mv)?;
+        }
+        nsrun(&tb.ns(vm), &[&b.probe, "rarp", "--iface", "eth0", "--mac", &mac.to_string()])?;
+    }
+    let mut seqs = routes_agree(tb, (1, 1))?;
+    let mut out = Vec::new();
+    let mut port = 9300;
+    for round in 0..rounds {
+        for (what, sites) in [("A", vec![Site::A]), ("B", vec![Site::B]), ("both", vec![Site::A, Site::B])] {
+            let s1 = start_stream(tb, "a1", "vm", VM_IP, port, &format!("rs-vm-{port}"))?;
+            let s2 = start_stream(tb, "b1", "vm2", VM2_IP, port + 1, &format!("rs-vm2-{port}"))?;
+            port += 2;
+            std::thread::sleep(Duration::from_millis(500));
+            for s in &sites {
+                tb.kill_vnetd(*s);
+            }
+            let t0 = std::time::Instant::now();
+            for s in &sites {
+                tb.restart_vnetd(&b.vnetd, *s)?;
+            }
+            for s in &sites {
+                tb.wait_vnetd(*s)?;
+            }
+            let up_ms = t0.elapsed().as_secs_f64() * 1e3;
+            seqs = routes_agree(tb, seqs)?;
+            let routes_ms = t0.elapsed().as_secs_f64() * 1e3;
+            std::thread::sleep(Duration::from_millis(1000));
+            let (r1, r2) = (stop_stream(s1)?, stop_stream(s2)?);
+            let m = json!({
+                "round": round + 1, "restarted": what,
+                "control_socket_up_ms": up_ms, "routes_agree_ms": routes_ms,
+                "outage_a1_to_vm_ms": r1["max_gap_ms"], "outage_b1_to_vm2_ms": r2["max_gap_ms"],
+                "lost_a1_to_vm": r1["lost"], "lost_b1_to_vm2": r2["lost"],
+            });
+            eprintln!("restart: {m}");
+            out.push(m);
+        }
+    }
+    // Home again.
+    tb.move_vm(Site::A)?;
+    nsrun(&tb.ns("vm"), &[&b.probe, "rarp", "--iface", "eth0", "--mac", &VM_MAC.to_string()])?;
+    tb.move_vm2(Site::B)?;
+    nsrun(&tb.ns("vm2"), &[&b.probe, "rarp", "--iface", "eth0", "--mac", &VM2_MAC.to_string()])?;
+    wait_host_route(tb, VM_IP, "A", seqs.0 + 1)?;
+    wait_host_route(tb, VM2_IP, "B", seqs.1 + 1)?;
+    let col = |k: &str, who: &str| -> Vec<f64> {
+        out.iter().filter(|m| who.is_empty() || m["restarted"] == who).filter_map(|m| m[k].as_f64()).collect()
+    };
+    let mut by = serde_json::Map::new();
+    for who in ["A", "B", "both"] {
+        let outage: Vec<f64> =
+            col("outage_a1_to_vm_ms", who).into_iter().chain(col("outage_b1_to_vm2_ms", who)).collect();
+        by.insert(
+            who.into(),
+            json!({
+                "control_socket_up_ms": stats(&col("control_socket_up_ms", who)),
+                "routes_agree_ms": stats(&col("routes_agree_ms", who)),
+                "stream_outage_ms": stats(&outage),
+            }),
+        );
+    }
+    Ok(json!({
+        "rounds": out,
+        "by_restarted_gateway": by,
+        "note": "site A's VM at site B, site B's VM (vm2) at site A; `kill -9` of vnetd, restarted at once; control_socket_up and routes_agree are from the restart (spawn) of the new vnetd, routes_agree = both VMs' /32s equal at both routers and pointing to the VMs' sites; stream outage = longest inter-arrival gap of the 1 kHz streams A1 -> VM and B1 -> VM2, which includes the time from the kill to the restart",
+    }))
+}
+
 fn bench(out: &Path, moves: u32) -> R<()> {
     let b = bins()?;
     let mut tb = TwoSites::build("bench")?;
@@ -243,6 +330,9 @@ fn bench(out: &Path, moves: u32) -> R<()> {
         std::thread::sleep(Duration::from_millis(1500));
     }
     let col = |k: &str| -> Vec<f64> { migrations.iter().filter_map(|m| m[k].as_f64()).collect() };
+    eprintln!("gateway crash and restart rounds...");
+    let restart = restarts(&mut tb, &b, 3)?;
+    let probe_status = tb.status(Site::A)?;
 
     eprintln!("throughput/latency through vnetd (unlimited WAN)...");
     let v_unl = throughput_latency(&tb, &b, "vnetd-unl")?;
@@ -302,6 +392,16 @@ fn bench(out: &Path, moves: u32) -> R<()> {
             "wan_tbf_100mbit": cmp(&v_tbf, &p_tbf),
             "note": "A1 -> B1: TCP bulk send for 5 s; UDP echo RTT, 1000 probes at 1 ms (p50 is sensitive to other load on the 2-core machine; min is the steadier figure). Plain = same namespaces, kernel IP forwarding + proxy ARP on the routers, vnetd stopped",
         },
+        "restart": restart,
+        "probe": {
+            "site_a_probes_sent": probe_status["counters"]["probes_sent"],
+            "site_a_sweeps": probe_status["counters"]["probe_sweeps"],
+            "site_a_uptime_s": probe_status["uptime_ms"].as_f64().map(|v| v / 1000.0),
+            "frames_per_sweep_per_24": 253,
+            "frames_per_minute_per_24_default": 253,
+            "startup_sweep_frames_testbed": 253 + 254,
+            "note": "probing (defaults: a sweep every 60 s at 20 frames/s; at start 1000 frames/s, also over the peers' prefixes) sends one 42-byte broadcast ARP request (60 bytes on the wire) per address of the LNDT's prefixes per sweep; the site A counters are of the vnetd A running at the end (restarted in the restart rounds), so its probes_sent includes its sweep at start",
+        },
         "vnetd_counters_site_a": status_a["counters"],
         "vnetd_daemon_site_a": status_a["daemon"],
     });
@@ -312,6 +412,7 @@ fn bench(out: &Path, moves: u32) -> R<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
+            "restart": result["restart"]["by_restarted_gateway"],
             "migration": {
                 "rarp_seen_to_all_routers_ms": result["migration"]["rarp_seen_to_all_routers_ms"],
                 "rarp_seen_to_first_garp_out_ms": result["migration"]["rarp_seen_to_first_garp_out_ms"],
