@@ -122,6 +122,9 @@ pub struct Counters {
     pub detections_from_traffic: u64,
     /// Frames of a host captured before its /32 moved to another router (read late).
     pub detections_stale_frame: u64,
+    /// ARP/IPv4 from another site's address whose MAC the HWDT knows for another address
+    /// too (a proxy-ARP device, not a moved VM): not taken as a move.
+    pub detections_refused_shared_mac: u64,
     /// Log lines not written (rate limit); the counters above still count every event.
     pub log_lines_suppressed: u64,
     pub hwdt_expired: u64,
@@ -599,8 +602,12 @@ impl Router {
                 self.detect(now, seen, a.sha, Some(a.spa), "garp");
                 return;
             }
-            self.counters.detections_from_traffic += 1;
-            self.detect(now, seen, a.sha, Some(a.spa), "arp");
+            if self.mac_claims_another_ip(a.sha, a.spa) {
+                self.counters.detections_refused_shared_mac += 1;
+            } else {
+                self.counters.detections_from_traffic += 1;
+                self.detect(now, seen, a.sha, Some(a.spa), "arp");
+            }
         }
         if a.op != OP_REQUEST || a.is_gratuitous() || a.spa.is_unspecified() {
             return;
@@ -652,9 +659,20 @@ impl Router {
                 debug!(ip = %src, %mac, "HWDT learned from an IPv4 frame");
             }
         } else if self.route_of(src).is_some() {
+            if self.mac_claims_another_ip(mac, src) {
+                self.counters.detections_refused_shared_mac += 1;
+                return;
+            }
             self.counters.detections_from_traffic += 1;
             self.detect(now, seen, mac, Some(src), "traffic");
         }
+    }
+
+    /// Does the HWDT know `mac` for an address other than `ip`? Then the frame of `mac` with
+    /// `ip` comes from a device that answers for several addresses (proxy ARP, a router),
+    /// not from a moved VM, and only a RARP or a gratuitous ARP makes it a move.
+    fn mac_claims_another_ip(&self, mac: Mac, ip: Ipv4Addr) -> bool {
+        self.hwdt.iter().any(|(i, e)| e.mac == mac && *i != ip)
     }
 
     /// A frame (captured and read at `seen`) revealed that `mac` (maybe with `ip`) is on
@@ -1857,7 +1875,16 @@ mod tests {
         assert_eq!(a.counters.route_updates_duplicate, 1);
         assert!(arps(&fb).iter().any(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.0.1")));
     }
-    /// Every datagram `from` wants sent, without delivering them.
+    /// An IPv4/UDP packet (20-byte header, 8 bytes of UDP, no payload).
+    fn udp_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0; 8]);
+        p
+    }
+
+    /// Every datagram `r` wants sent, without delivering them.
     fn sent(r: &mut Router) -> Vec<Vec<u8>> {
         r.take_actions()
             .into_iter()
@@ -1910,8 +1937,7 @@ mod tests {
         // A claims the VM's IP on LAN A again (gratuitous ARP with A's MAC).
         assert!(arps(&fa).iter().any(|x| x.is_gratuitous() && x.spa == vm && x.sha == RA));
         // Tunnelled traffic A1 -> VM flows again: A sends it to B.
-        let mut pkt = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 1, 10, 1, 0, 10];
-        pkt.extend_from_slice(&[0; 8]);
+        let pkt = udp_packet([10, 1, 0, 1], [10, 1, 0, 10]);
         a2.handle_frame(&t2, &frames::ipv4_frame(A1_MAC, RA, &pkt));
         let (_, fb) = pump(&t2, &mut a2, &mut b);
         assert_eq!(a2.counters.tunnelled_out, 1);
@@ -2059,16 +2085,14 @@ mod tests {
         let now = Now::current();
         let (mut a, mut b) = routers(now);
         // A1 -> VM unicast (flooded to the gateway's port): A learns the VM from it.
-        let mut pkt = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 10, 10, 1, 0, 1];
-        pkt.extend_from_slice(&[0; 8]);
+        let pkt = udp_packet([10, 1, 0, 10], [10, 1, 0, 1]);
         a.handle_frame(&now, &frames::ipv4_frame(VM_MAC, A1_MAC, &pkt));
         assert_eq!(a.hwdt.mac_of(vm), Some(VM_MAC));
         assert_eq!(a.counters.hwdt_learned_from_ip, 1);
         assert!(a.take_actions().is_empty(), "nothing forwarded");
         // The VM appears at B without a RARP and sends to B1: B sees it and repairs.
         let t1 = now.after(Duration::from_millis(5));
-        let mut to_b1 = pkt.clone();
-        to_b1[16..20].copy_from_slice(&[10, 1, 1, 1]);
+        let to_b1 = udp_packet([10, 1, 0, 10], [10, 1, 1, 1]);
         b.handle_frame(&t1, &frames::ipv4_frame(VM_MAC, B1_MAC, &to_b1));
         pump(&t1, &mut a, &mut b);
         assert_eq!(a.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
@@ -2084,6 +2108,22 @@ mod tests {
         );
         assert_eq!(a.counters.detections_stale_frame, 1);
         assert_eq!(a.counters.migrations_detected, 0);
+    }
+
+    #[test]
+    fn a_proxy_arp_device_answering_for_the_other_site_is_not_a_moved_vm() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        let proxy = Mac([2, 0, 0, 0, 0, 0x77]);
+        // A device of LAN B (10.1.1.200) that answers ARP for every address of site A.
+        learn(&mut b, &now, proxy, "10.1.1.200", "10.1.1.1");
+        for h in 1..20u8 {
+            b.handle_frame(&now, &frames::arp_reply(proxy, Ipv4Addr::new(10, 1, 0, h), RB, ip("10.1.1.254")));
+        }
+        pump(&now, &mut a, &mut b);
+        assert_eq!(b.counters.migrations_detected, 0);
+        assert_eq!(b.counters.detections_refused_shared_mac, 19);
+        assert!(a.gndt.routes().all(|r| r.prefix.len < 32));
     }
 
     #[test]
