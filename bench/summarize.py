@@ -133,8 +133,9 @@ if n:
             out.append(f"| {who} | {f('control_socket_up_ms')} | {f('routes_agree_ms')} | {f('stream_outage_ms')} |")
         out.append("")
     pr = n.get("probe") or {}
-    if pr:
-        out += [f"Probing: {pr.get('frames_per_minute_per_24_default')} ARP requests per minute per /24 at the defaults (one 60-byte broadcast frame per address per 60 s sweep); the sweep at start on the testbed: {pr.get('startup_sweep_frames_testbed')} frames.", ""]
+    if pr and pr.get("periodic_sweeps"):
+        st, ps = pr.get("sweep_at_start") or {}, pr["periodic_sweeps"][0]
+        out += [f"Probing (counted in vnetd's pcap): {ps['frames']} ARP requests per periodic sweep of a /24, sent in {ps['duration_ms'] / 1000:.1f} s, i.e. {pr['frames_per_minute_per_24_at_default_interval']:.0f} frames per minute per /24 at the default 60 s interval; the sweep at start: {st.get('frames')} frames ({st.get('peer_prefix_frames')} for the peer's prefix first) in {st.get('duration_ms', 0):.0f} ms.", ""]
 
 x = load("indexd.json")
 if x:

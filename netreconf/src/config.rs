@@ -141,7 +141,8 @@ pub struct Probe {
     pub enabled: bool,
     /// Pace of the periodic sweeps (frames per second).
     pub rate_per_s: u32,
-    /// A periodic sweep starts this long after the previous one ended.
+    /// Periodic sweeps start this far apart (the first one this long after the sweep at
+    /// start ended).
     pub interval: Duration,
     /// Pace of the sweep at start (frames per second): after a restart the tables are empty.
     pub startup_rate_per_s: u32,

@@ -288,6 +288,8 @@ struct ProbeState {
     queue: VecDeque<Ipv4Addr>,
     rate_per_s: u32,
     startup: bool,
+    /// When the current sweep started.
+    started: Option<Instant>,
 }
 
 struct Bucket {
@@ -1393,6 +1395,9 @@ impl Router {
         if self.probe.queue.is_empty() {
             self.fill_probe_queue(false);
         }
+        if self.probe.started.is_none() {
+            self.probe.started = Some(now.mono);
+        }
         let rate = f64::from(self.probe.rate_per_s.max(1));
         let tick = PROBE_TICK.max(Duration::from_secs_f64(1.0 / rate));
         let n = (rate * tick.as_secs_f64()).round().max(1.0) as usize;
@@ -1405,7 +1410,11 @@ impl Router {
         if self.probe.queue.is_empty() {
             self.counters.probe_sweeps += 1;
             debug!(startup = self.probe.startup, "probe sweep done");
-            self.schedule(now.mono + self.cfg.probe.interval, Timer::Probe);
+            // Sweeps start `interval` apart (at once if a sweep took longer); the one at
+            // start does not count, so the first periodic sweep starts `interval` after it.
+            let started = if self.probe.startup { now.mono } else { self.probe.started.unwrap_or(now.mono) };
+            self.probe.started = None;
+            self.schedule((started + self.cfg.probe.interval).max(now.mono), Timer::Probe);
         } else {
             self.schedule(now.mono + tick, Timer::Probe);
         }
@@ -2077,6 +2086,29 @@ mod tests {
         // The VM moves to B; B's who-has is answered from A's HWDT.
         move_to_b(&t2, &mut a, &mut b);
         assert_eq!(b.counters.rarp_unknown_mac, 0);
+    }
+
+    #[test]
+    fn periodic_sweeps_start_one_interval_apart() {
+        let now = Now::current();
+        let mut a = Router::new(config('A', ""), now).unwrap();
+        let mut sends = Vec::new();
+        for i in 0..(200 * 20) {
+            let t = now.after(Duration::from_millis(50 * i));
+            a.handle_timers(&t);
+            let n = a.take_actions().iter().filter(|x| matches!(x, Action::Inject(_))).count();
+            sends.extend(std::iter::repeat_n(i * 50, n));
+        }
+        // Sweep starts: the first frame after a pause of more than a second.
+        let starts: Vec<u64> = sends.windows(2).filter(|w| w[1] - w[0] > 1000).map(|w| w[1]).collect();
+        assert!(starts.len() >= 3, "{starts:?}");
+        for w in starts.windows(2) {
+            assert_eq!(w[1] - w[0], 60_000, "sweeps start 60 s apart: {starts:?}");
+        }
+        // 507 frames at start, then 253 per sweep.
+        let after_first = sends.iter().filter(|t| **t >= starts[0] && **t < starts[1]).count();
+        assert_eq!(after_first, 253);
+        assert_eq!(sends.iter().filter(|t| **t < starts[0]).count(), 507);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!   `kill -9` of vnetd A, of vnetd B, and of both, each restarted at once, with 1 kHz UDP
 //!   streams A1 → VM and B1 → VM2 across the other site: when the new vnetd answered, when
 //!   both /32s agreed again (from its start), and each stream's outage (from the kill);
-//! - the cost of active probing (frames sent per sweep and per minute);
+//! - the cost of active probing, counted in vnetd's `--pcap-out` (frames per sweep, the
+//!   sweeps' period and duration, hence frames per minute per /24);
 //! - TCP throughput and UDP round-trip latency A1 → B1 through the vnetd tunnel and
 //!   through a plain kernel-routed path between the same namespaces, with an unlimited
 //!   WAN link and with `tc tbf` at 100 Mbit/s.
@@ -310,6 +311,58 @@ fn restarts(tb: &mut TwoSites, b: &Bins, rounds: u32) -> R<Value> {
     }))
 }
 
+/// The cost of probing, measured: vnetd A restarted with sweeps every `interval_s` (the
+/// defaults otherwise) for `secs`; its probe frames counted in its `--pcap-out` file.
+fn probe_cost(tb: &mut TwoSites, b: &Bins, interval_s: u64, secs: u64) -> R<Value> {
+    tb.extra_config = format!("\n[probe]\ninterval_s = {interval_s}\n");
+    tb.kill_vnetd(Site::A);
+    let t0 = netreconf::router::wall_us();
+    tb.restart_vnetd(&b.vnetd, Site::A)?;
+    tb.wait_vnetd(Site::A)?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let router_ip: std::net::Ipv4Addr = "10.1.0.254".parse()?;
+    let sent: Vec<(u64, std::net::Ipv4Addr)> = read_pcap(&tb.pcap(Site::A))?
+        .into_iter()
+        .filter(|(ts, _)| *ts >= t0)
+        .filter_map(|(ts, f)| match frames::parse(&f) {
+            Ok(Frame::Arp(a)) if a.op == frames::OP_REQUEST && a.sha == RA_MAC && a.spa == router_ip => {
+                Some((ts, a.tpa))
+            }
+            _ => None,
+        })
+        .collect();
+    tb.extra_config.clear();
+    // Sweeps: runs of frames without a pause of a second.
+    let mut sweeps: Vec<Vec<(u64, std::net::Ipv4Addr)>> = Vec::new();
+    for f in sent {
+        match sweeps.last_mut() {
+            Some(s) if f.0 - s.last().map(|x| x.0).unwrap_or(f.0) < 1_000_000 => s.push(f),
+            _ => sweeps.push(vec![f]),
+        }
+    }
+    let describe = |s: &Vec<(u64, std::net::Ipv4Addr)>| {
+        let own = s.iter().filter(|(_, ip)| ip.octets()[2] == 0).count();
+        json!({
+            "frames": s.len(), "own_prefix_frames": own, "peer_prefix_frames": s.len() - own,
+            "duration_ms": (s.last().map(|x| x.0).unwrap_or(0) - s.first().map(|x| x.0).unwrap_or(0)) as f64 / 1000.0,
+        })
+    };
+    let periodic: Vec<&Vec<(u64, std::net::Ipv4Addr)>> = sweeps.iter().skip(1).filter(|s| s.len() > 1).collect();
+    let starts: Vec<f64> = periodic.iter().map(|s| s[0].0 as f64 / 1000.0).collect();
+    let period_ms: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    let per_sweep = periodic.first().map(|s| s.len()).unwrap_or(0);
+    let default_interval = netreconf::config::Probe::default().interval.as_secs_f64();
+    Ok(json!({
+        "interval_s": interval_s, "observed_s": secs,
+        "sweep_at_start": sweeps.first().map(describe),
+        "periodic_sweeps": periodic.iter().map(|s| describe(s)).collect::<Vec<_>>(),
+        "periodic_sweep_period_ms": period_ms,
+        "frames_per_periodic_sweep": per_sweep,
+        "frames_per_minute_per_24_at_default_interval": per_sweep as f64 * 60.0 / default_interval,
+        "note": "counted in vnetd A's --pcap-out: ARP requests from the router's MAC and address; the LNDT of site A is one /24 (253 addresses to ask besides the gateway's); sweeps start interval_s apart, so at the default interval a /24 costs frames_per_periodic_sweep x 60 / default interval (s) frames per minute; each frame is a 42-byte broadcast (60 bytes on the wire)",
+    }))
+}
+
 fn bench(out: &Path, moves: u32) -> R<()> {
     let b = bins()?;
     let mut tb = TwoSites::build("bench")?;
@@ -332,7 +385,8 @@ fn bench(out: &Path, moves: u32) -> R<()> {
     let col = |k: &str| -> Vec<f64> { migrations.iter().filter_map(|m| m[k].as_f64()).collect() };
     eprintln!("gateway crash and restart rounds...");
     let restart = restarts(&mut tb, &b, 3)?;
-    let probe_status = tb.status(Site::A)?;
+    eprintln!("probing cost (vnetd A restarted with a sweep every 20 s, watched for 45 s)...");
+    let probe = probe_cost(&mut tb, &b, 20, 45)?;
 
     eprintln!("throughput/latency through vnetd (unlimited WAN)...");
     let v_unl = throughput_latency(&tb, &b, "vnetd-unl")?;
@@ -393,15 +447,7 @@ fn bench(out: &Path, moves: u32) -> R<()> {
             "note": "A1 -> B1: TCP bulk send for 5 s; UDP echo RTT, 1000 probes at 1 ms (p50 is sensitive to other load on the 2-core machine; min is the steadier figure). Plain = same namespaces, kernel IP forwarding + proxy ARP on the routers, vnetd stopped",
         },
         "restart": restart,
-        "probe": {
-            "site_a_probes_sent": probe_status["counters"]["probes_sent"],
-            "site_a_sweeps": probe_status["counters"]["probe_sweeps"],
-            "site_a_uptime_s": probe_status["uptime_ms"].as_f64().map(|v| v / 1000.0),
-            "frames_per_sweep_per_24": 253,
-            "frames_per_minute_per_24_default": 253,
-            "startup_sweep_frames_testbed": 253 + 254,
-            "note": "probing (defaults: a sweep every 60 s at 20 frames/s; at start 1000 frames/s, also over the peers' prefixes) sends one 42-byte broadcast ARP request (60 bytes on the wire) per address of the LNDT's prefixes per sweep; the site A counters are of the vnetd A running at the end (restarted in the restart rounds), so its probes_sent includes its sweep at start",
-        },
+        "probe": probe,
         "vnetd_counters_site_a": status_a["counters"],
         "vnetd_daemon_site_a": status_a["daemon"],
     });
@@ -413,6 +459,7 @@ fn bench(out: &Path, moves: u32) -> R<()> {
         "{}",
         serde_json::to_string_pretty(&json!({
             "restart": result["restart"]["by_restarted_gateway"],
+            "probe_frames_per_minute_per_24": result["probe"]["frames_per_minute_per_24_at_default_interval"],
             "migration": {
                 "rarp_seen_to_all_routers_ms": result["migration"]["rarp_seen_to_all_routers_ms"],
                 "rarp_seen_to_first_garp_out_ms": result["migration"]["rarp_seen_to_first_garp_out_ms"],
