@@ -248,6 +248,8 @@ const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct LogLimiter {
+    /// What the lines are about (in the summary line).
+    what: &'static str,
     window: Instant,
     lines: u32,
     suppressed: u64,
@@ -275,7 +277,8 @@ impl LogLimiter {
             warn!(
                 suppressed = self.suppressed,
                 window_s = LOG_WINDOW.as_secs(),
-                "more overlay datagrams were dropped than are logged (see the status counters)"
+                about = self.what,
+                "log lines suppressed by the rate limit (the status counters count every event)"
             );
             self.suppressed = 0;
         }
@@ -358,7 +361,10 @@ pub struct Router {
     /// before are not a move back.
     moved_away_us: HashMap<Ipv4Addr, u64>,
     probe: ProbeState,
+    /// Lines about dropped overlay datagrams.
     log: LogLimiter,
+    /// Lines about LAN frames of unknown MACs (RARPs nobody can name).
+    lan_log: LogLimiter,
 }
 
 impl Router {
@@ -416,7 +422,8 @@ impl Router {
             route_macs: HashMap::new(),
             moved_away_us: HashMap::new(),
             probe: ProbeState::default(),
-            log: LogLimiter { window: now.mono, lines: 0, suppressed: 0 },
+            log: LogLimiter { what: "dropped overlay datagrams", window: now.mono, lines: 0, suppressed: 0 },
+            lan_log: LogLimiter { what: "unknown MACs on the LAN", window: now.mono, lines: 0, suppressed: 0 },
             cfg,
         };
         r.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
@@ -721,7 +728,9 @@ impl Router {
                 let id = self.next_query;
                 self.next_query = self.next_query.wrapping_add(1);
                 self.queries.insert(mac, Query { id, trigger, seen });
-                info!(%mac, trigger, "migration suspected: asking peers which IP this MAC uses");
+                if self.log_lan(now) {
+                    info!(%mac, trigger, "migration suspected: asking peers which IP this MAC uses");
+                }
                 for i in 0..self.peers.len() {
                     self.send(now, i, Body::WhoHas { query: id, mac });
                 }
@@ -889,6 +898,16 @@ impl Router {
     /// send them at line rate).
     fn log_drop(&mut self, now: &Now) -> bool {
         let ok = self.log.allow(now.mono);
+        if !ok {
+            self.counters.log_lines_suppressed += 1;
+        }
+        ok
+    }
+
+    /// Whether to log one more line about an unknown MAC on the LAN (rate-limited: any LAN
+    /// host can send RARPs for made-up MACs).
+    fn log_lan(&mut self, now: &Now) -> bool {
+        let ok = self.lan_log.allow(now.mono);
         if !ok {
             self.counters.log_lines_suppressed += 1;
         }
@@ -1295,7 +1314,9 @@ impl Router {
                     if self.queries.get(&mac).map(|q| q.id) == Some(id) {
                         self.queries.remove(&mac);
                         self.counters.rarp_unknown_mac += 1;
-                        info!(%mac, "no router knows this MAC: nothing changed");
+                        if self.log_lan(now) {
+                            info!(%mac, "no router knows this MAC: nothing changed");
+                        }
                     }
                 }
                 Timer::Retransmit(ip, seq) => self.retransmit(now, ip, seq),
@@ -1321,8 +1342,10 @@ impl Router {
                 Timer::Housekeeping => {
                     let n = self.hwdt.expire(now.mono, self.cfg.timers.hwdt_max_age);
                     self.counters.hwdt_expired += n as u64;
-                    if now.mono.saturating_duration_since(self.log.window) >= LOG_WINDOW {
-                        self.log.flush();
+                    for l in [&mut self.log, &mut self.lan_log] {
+                        if now.mono.saturating_duration_since(l.window) >= LOG_WINDOW {
+                            l.flush();
+                        }
                     }
                     self.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
                 }
