@@ -71,6 +71,7 @@ struct RawConfig {
     key: Option<String>,
     key_file: Option<String>,
     control_socket: Option<String>,
+    state_file: Option<String>,
     #[serde(default)]
     lndt: Vec<String>,
     #[serde(default)]
@@ -176,6 +177,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub key: Vec<u8>,
     pub control_socket: Option<PathBuf>,
+    /// Where vnetd keeps its last boot's epoch, so that a boot's epoch orders above every
+    /// earlier one even if the clock was set back (none: the clock alone).
+    pub state_file: Option<PathBuf>,
     pub lndt: Vec<Prefix>,
     pub peers: Vec<Peer>,
     pub gndt: Vec<(Prefix, String)>,
@@ -300,6 +304,23 @@ impl Config {
         }
         let mut timers = Timers::default();
         let t = &raw.timers;
+        // Bounds that keep every timer sum and product far from overflowing `Instant`.
+        const DAY_MS: u64 = 86_400_000;
+        for (name, v, max) in [
+            ("timers.announce_interval_ms", t.announce_interval_ms, 60_000),
+            ("timers.query_timeout_ms", t.query_timeout_ms, 600_000),
+            ("timers.retransmit_ms", t.retransmit_ms, 60_000),
+            ("timers.hwdt_max_age_s", t.hwdt_max_age_s, 366 * 86_400),
+            ("timers.max_clock_skew_s", t.max_clock_skew_s, 86_400),
+            ("probe.interval_s", raw.probe.interval_s, DAY_MS / 1000),
+        ] {
+            if let Some(v) = v.filter(|v| *v > max) {
+                return Err(field(name, format!("{v} is more than the largest allowed, {max}")));
+            }
+        }
+        if let Some(v) = t.retransmit_count.filter(|v| *v > 30) {
+            return Err(field("timers.retransmit_count", format!("{v} is more than the largest allowed, 30")));
+        }
         if let Some(v) = t.announce_count {
             if v == 0 || v > 20 {
                 return Err(field("timers.announce_count", "must be 1..=20".into()));
@@ -381,6 +402,7 @@ impl Config {
             listen,
             key,
             control_socket: raw.control_socket.map(|s| resolve(path, &s)),
+            state_file: raw.state_file.map(|s| resolve(path, &s)),
             lndt,
             peers,
             gndt,

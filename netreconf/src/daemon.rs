@@ -42,6 +42,8 @@ pub enum DaemonError {
          one another control_socket)"
     )]
     AlreadyRunning { path: PathBuf },
+    #[error("state file {path}: {msg}")]
+    State { path: PathBuf, msg: String },
     #[error("cannot take SIGTERM/SIGINT/SIGHUP through a signalfd: {0}")]
     Signals(nix::Error),
     #[error(
@@ -324,6 +326,48 @@ fn open_savefile(path: &Path) -> Result<pcap::Savefile, DaemonError> {
     }
 }
 
+/// This boot's epoch: the time now in µs, or one more than the epoch recorded in
+/// `state_file` by the previous boot if the clock is behind it (set back); recorded there
+/// before the router sends anything. Peers refuse messages from an epoch older than one
+/// they know, so without this a gateway whose clock went back across a restart would be
+/// cut off until its clock passed its previous boot's start.
+pub fn boot_epoch(state_file: Option<&Path>, now_us: u64) -> Result<u64, DaemonError> {
+    let Some(path) = state_file else {
+        return Ok(now_us.max(1));
+    };
+    let err = |msg: String| DaemonError::State { path: path.to_path_buf(), msg };
+    let last = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| err(format!("'{}' is not an epoch (µs); remove the file to start afresh", text.trim())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(err(format!("cannot read it: {e}"))),
+    };
+    let epoch = now_us.max(last.saturating_add(1)).max(1);
+    if epoch != now_us {
+        warn!(
+            epoch,
+            clock_us = now_us,
+            previous = last,
+            "the clock is behind the previous boot's epoch (set back?): this boot's epoch follows the previous one"
+        );
+    }
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{epoch}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| err(format!("cannot record this boot's epoch: {e}")))?;
+    Ok(epoch)
+}
+
 /// The control socket; its file is removed when it is dropped (exit, SIGTERM, a failed start).
 struct ControlSocket {
     listener: UnixListener,
@@ -501,7 +545,9 @@ impl Daemon {
         let savefile = pcap_out.as_deref().map(open_savefile).transpose()?;
         let mut udp = bind_overlay(cfg.listen)?;
         let poll = register_sources(&cap, &mut udp, control.as_mut().map(|c| &mut c.listener), &signals)?;
-        let router = Router::new(cfg.clone(), Now::current())?;
+        let now = Now::current();
+        let epoch = boot_epoch(cfg.state_file.as_deref(), now.wall_us)?;
+        let router = Router::with_epoch(cfg.clone(), now, epoch)?;
         info!(
             site = %cfg.site, iface = %cfg.lan_interface, mac = %cfg.router_mac, ip = %cfg.router_ip,
             listen = %cfg.listen, peers = cfg.peers.len(),
@@ -783,6 +829,23 @@ mod tests {
         // No such interface: the full snapshot length.
         assert_eq!(capture_snaplen("no-such-if0"), 65535);
         assert_eq!(capture_snaplen("lo"), 65535);
+    }
+
+    #[test]
+    fn a_boot_epoch_follows_the_previous_one_even_if_the_clock_went_back() {
+        let dir = shrink_testutil::fs::TempDir::new("vnetd-epoch").unwrap();
+        let f = dir.path().join("A.epoch");
+        assert_eq!(boot_epoch(None, 5_000).unwrap(), 5_000);
+        assert_eq!(boot_epoch(Some(&f), 5_000).unwrap(), 5_000);
+        assert_eq!(std::fs::read_to_string(&f).unwrap().trim(), "5000");
+        // The clock was set back 2 s: the next boot still orders above.
+        assert_eq!(boot_epoch(Some(&f), 3_000).unwrap(), 5_001);
+        assert_eq!(boot_epoch(Some(&f), 9_000).unwrap(), 9_000);
+        std::fs::write(&f, "garbage").unwrap();
+        let e = boot_epoch(Some(&f), 10_000).unwrap_err().to_string();
+        assert!(e.contains("A.epoch") && e.contains("not an epoch"), "{e}");
+        let e = boot_epoch(Some(&dir.path().join("no/such/dir/A.epoch")), 1).unwrap_err().to_string();
+        assert!(e.contains("cannot record"), "{e}");
     }
 
     #[test]

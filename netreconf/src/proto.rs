@@ -25,7 +25,8 @@
 //! - i-have: query id (4), MAC (6), IPv4 (4);
 //! - host-route: IPv4 (4), route sequence (8), MAC (6), owner length (1), owner;
 //! - host-route-ack: IPv4 (4), route sequence (8), flags (1; bit 0 = "I served this IP
-//!   before"), host count (2), hosts (4 each);
+//!   before", bit 1 = "late": the host list of a hand-over made just after a restart),
+//!   host count (2), hosts (4 each);
 //! - hello: empty (the header's epochs are the message);
 //! - route-sync: batch id (4), entry count (2), entries: IPv4 (4), route sequence (8),
 //!   MAC (6), owner length (1), owner;
@@ -81,7 +82,9 @@ pub enum Body<'a> {
     /// GNDT /32 update: `ip` is now served by `owner`.
     HostRoute { ip: Ipv4Addr, seq: u64, mac: Mac, owner: String },
     /// Acknowledgement of a host route; the previous owner lists its LAN hosts.
-    HostRouteAck { ip: Ipv4Addr, seq: u64, was_owner: bool, hosts: Vec<Ipv4Addr> },
+    /// `late`: not an answer to a host route, but the host list of a former owner that
+    /// handed the IP over while it had just restarted and did not know its LAN's hosts yet.
+    HostRouteAck { ip: Ipv4Addr, seq: u64, was_owner: bool, late: bool, hosts: Vec<Ipv4Addr> },
     /// "This is my epoch" (and, in the header, "yours is…"): opens a session.
     Hello,
     /// Part of the sender's /32 table, sent when a session opens.
@@ -221,13 +224,13 @@ pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
             body.push(owner.len() as u8);
             body.extend_from_slice(owner.as_bytes());
         }
-        Body::HostRouteAck { ip, seq, was_owner, hosts } => {
+        Body::HostRouteAck { ip, seq, was_owner, late, hosts } => {
             if hosts.len() > MAX_HOSTS {
                 return Err(ProtoError::TooLarge(hosts.len() * 4));
             }
             body.extend_from_slice(&ip.octets());
             body.extend_from_slice(&seq.to_be_bytes());
-            body.push(u8::from(*was_owner));
+            body.push(u8::from(*was_owner) | u8::from(*late) << 1);
             body.extend_from_slice(&(hosts.len() as u16).to_be_bytes());
             for h in hosts {
                 body.extend_from_slice(&h.octets());
@@ -403,7 +406,7 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
                 hosts.push(b.ip("host")?);
             }
             b.done("ack length")?;
-            Body::HostRouteAck { ip, seq, was_owner: flags & 1 == 1, hosts }
+            Body::HostRouteAck { ip, seq, was_owner: flags & 1 == 1, late: flags & 2 == 2, hosts }
         }
         6 => {
             b.done("hello length")?;
@@ -519,6 +522,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 1, 0, 10),
                 seq: 3,
                 was_owner: true,
+                late: true,
                 hosts: vec![Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2)],
             },
             Body::Hello,

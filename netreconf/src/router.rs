@@ -125,6 +125,9 @@ pub struct Counters {
     /// ARP/IPv4 from another site's address whose MAC the HWDT knows for another address
     /// too (a proxy-ARP device, not a moved VM): not taken as a move.
     pub detections_refused_shared_mac: u64,
+    /// Host lists of a VM's former site received after the move's acknowledgement (the
+    /// former owner had just restarted).
+    pub late_host_reports: u64,
     /// Log lines not written (rate limit); the counters above still count every event.
     pub log_lines_suppressed: u64,
     pub hwdt_expired: u64,
@@ -229,6 +232,28 @@ enum Timer {
     SyncRetransmit(usize, u64, u32),
     /// Next probe frames.
     Probe,
+    /// Decide on the addresses a MAC claimed by ordinary traffic.
+    ClaimCheck(Mac),
+    /// Report the hosts of hand-overs made while the HWDT was cold.
+    LateReports,
+}
+
+/// After the sweep at start, how long answers may still come in before late host lists go out.
+const LATE_REPORT_DELAY: Duration = Duration::from_millis(300);
+
+/// How long the addresses a MAC claims by ordinary ARP/IPv4 frames are collected before
+/// the claim is taken as a move: a proxy-ARP device answering the sweep at start (1000
+/// addresses/s) claims many within it, a moved VM one.
+const CLAIM_SETTLE: Duration = Duration::from_millis(200);
+/// Most MACs with a claim being collected.
+const MAX_CLAIMS: usize = 1024;
+
+/// Addresses of other sites a MAC was seen using on this LAN (ARP or IPv4 frames).
+#[derive(Debug)]
+struct Claim {
+    ips: BTreeSet<Ipv4Addr>,
+    seen: Seen,
+    trigger: &'static str,
 }
 
 /// Hello period while a peer does not know our epoch.
@@ -365,11 +390,20 @@ pub struct Router {
     log: LogLimiter,
     /// Lines about LAN frames of unknown MACs (RARPs nobody can name).
     lan_log: LogLimiter,
+    claims: HashMap<Mac, Claim>,
+    /// Hand-overs made while the HWDT was cold (at start): (IP, seq, new owner).
+    late_reports: Vec<(Ipv4Addr, u64, String)>,
 }
 
 impl Router {
-    /// Build a router from its configuration.
+    /// Build a router from its configuration; its epoch is the time now.
     pub fn new(cfg: Config, now: Now) -> Result<Router, RouterError> {
+        Router::with_epoch(cfg, now, now.wall_us)
+    }
+
+    /// Build a router whose boot has `epoch` (above every earlier boot's: see
+    /// [`crate::config::Config::state_file`]).
+    pub fn with_epoch(cfg: Config, now: Now, epoch: u64) -> Result<Router, RouterError> {
         let auth = Auth::new(&cfg.key)?;
         let mut gndt = Gndt::default();
         for (p, r) in &cfg.gndt {
@@ -417,13 +451,15 @@ impl Router {
             history_id: 0,
             actions: Vec::new(),
             started: now.mono,
-            epoch: now.wall_us.max(1),
+            epoch: epoch.max(1),
             next_batch: 1,
             route_macs: HashMap::new(),
             moved_away_us: HashMap::new(),
             probe: ProbeState::default(),
             log: LogLimiter { what: "dropped overlay datagrams", window: now.mono, lines: 0, suppressed: 0 },
             lan_log: LogLimiter { what: "unknown MACs on the LAN", window: now.mono, lines: 0, suppressed: 0 },
+            claims: HashMap::new(),
+            late_reports: Vec::new(),
             cfg,
         };
         r.schedule(now.mono + Duration::from_secs(30), Timer::Housekeeping);
@@ -611,12 +647,7 @@ impl Router {
                 self.detect(now, seen, a.sha, Some(a.spa), "garp");
                 return;
             }
-            if self.mac_claims_another_ip(a.sha, a.spa) {
-                self.counters.detections_refused_shared_mac += 1;
-            } else {
-                self.counters.detections_from_traffic += 1;
-                self.detect(now, seen, a.sha, Some(a.spa), "arp");
-            }
+            self.claim(now, seen, a.sha, a.spa, "arp");
         }
         if a.op != OP_REQUEST || a.is_gratuitous() || a.spa.is_unspecified() {
             return;
@@ -668,12 +699,48 @@ impl Router {
                 debug!(ip = %src, %mac, "HWDT learned from an IPv4 frame");
             }
         } else if self.route_of(src).is_some() {
-            if self.mac_claims_another_ip(mac, src) {
-                self.counters.detections_refused_shared_mac += 1;
-                return;
-            }
+            self.claim(now, seen, mac, src, "traffic");
+        }
+    }
+
+    /// `mac` used `ip`, an address another site serves, in an ordinary ARP or IPv4 frame:
+    /// a VM that moved here, or a device that answers for several addresses (proxy ARP).
+    /// The addresses the MAC uses are collected for [`CLAIM_SETTLE`]; a MAC with exactly
+    /// one, and known for no other in the HWDT, is taken as a moved VM.
+    fn claim(&mut self, now: &Now, seen: Seen, mac: Mac, ip: Ipv4Addr, trigger: &'static str) {
+        if self.is_local(ip) {
+            self.counters.detections_already_local += 1;
+            return;
+        }
+        if let Some(c) = self.claims.get_mut(&mac) {
+            c.ips.insert(ip);
+            return;
+        }
+        if self.mac_claims_another_ip(mac, ip) {
+            self.counters.detections_refused_shared_mac += 1;
+            return;
+        }
+        if self.claims.len() >= MAX_CLAIMS {
+            self.counters.detections_rate_limited += 1;
+            return;
+        }
+        self.claims.insert(mac, Claim { ips: BTreeSet::from([ip]), seen, trigger });
+        self.schedule(now.mono + CLAIM_SETTLE, Timer::ClaimCheck(mac));
+    }
+
+    fn claim_check(&mut self, now: &Now, mac: Mac) {
+        let Some(c) = self.claims.remove(&mac) else {
+            return;
+        };
+        let ip = *c.ips.iter().next().expect("a claim has an address");
+        if c.ips.len() == 1 && !self.mac_claims_another_ip(mac, ip) {
             self.counters.detections_from_traffic += 1;
-            self.detect(now, seen, mac, Some(src), "traffic");
+            self.detect(now, c.seen, mac, Some(ip), c.trigger);
+        } else {
+            self.counters.detections_refused_shared_mac += c.ips.len() as u64;
+            if self.log_lan(now) {
+                warn!(%mac, addresses = c.ips.len(), "a MAC uses several addresses of other sites (proxy ARP?): not a moved VM");
+            }
         }
     }
 
@@ -744,7 +811,7 @@ impl Router {
         let previous = self.route_of(ip).unwrap_or("?").to_string();
         // Above every sequence number this router knows, and above those of every earlier
         // move it may have forgotten (a restart): a µs timestamp.
-        let seq = (self.gndt.host_seq(ip) + 1).max(now.wall_us);
+        let seq = self.gndt.host_seq(ip).saturating_add(1).max(now.wall_us);
         let me = self.cfg.site.clone();
         self.gndt.offer_host(ip, &me, seq);
         self.route_macs.insert(ip, mac);
@@ -774,13 +841,7 @@ impl Router {
             acked_by: Vec::new(),
             hosts: Vec::new(),
         });
-        let unacked: BTreeSet<String> = self.peers.iter().map(|p| p.name.clone()).collect();
-        for i in 0..self.peers.len() {
-            self.send(now, i, Body::HostRoute { ip, seq, mac, owner: me.clone() });
-        }
-        self.schedule(now.mono + self.cfg.timers.retransmit, Timer::Retransmit(ip, seq));
-        let empty = unacked.is_empty();
-        self.migrations.insert(ip, Migration { mac, seq, unacked, attempts: 0, record: rec });
+        let empty = self.propagate(now, ip, seq, mac, rec);
         // Routing optimisation (§5.5.4): the VM and the hosts of its new LAN talk directly.
         let locals = self.local_hosts(ip);
         let own = self.mac();
@@ -798,6 +859,20 @@ impl Router {
         if empty {
             self.complete(now, ip);
         }
+    }
+
+    /// Send `ip`'s /32 (ours, `seq`) to every peer, retransmitted until each acknowledges.
+    /// Returns true if there is no peer.
+    fn propagate(&mut self, now: &Now, ip: Ipv4Addr, seq: u64, mac: Mac, rec: usize) -> bool {
+        let me = self.cfg.site.clone();
+        let unacked: BTreeSet<String> = self.peers.iter().map(|p| p.name.clone()).collect();
+        for i in 0..self.peers.len() {
+            self.send(now, i, Body::HostRoute { ip, seq, mac, owner: me.clone() });
+        }
+        self.schedule(now.mono + self.cfg.timers.retransmit, Timer::Retransmit(ip, seq));
+        let empty = unacked.is_empty();
+        self.migrations.insert(ip, Migration { mac, seq, unacked, attempts: 0, record: rec });
+        empty
     }
 
     fn complete(&mut self, now: &Now, ip: Ipv4Addr) {
@@ -1035,7 +1110,9 @@ impl Router {
                 _ => self.counters.overlay_unsolicited += 1,
             },
             Body::HostRoute { ip, seq, mac, owner } => self.on_host_route(now, pi, ip, seq, mac, owner),
-            Body::HostRouteAck { ip, seq, was_owner, hosts } => self.on_ack(now, &sender, ip, seq, was_owner, hosts),
+            Body::HostRouteAck { ip, seq, was_owner, late, hosts } => {
+                self.on_ack(now, &sender, ip, seq, was_owner, late, hosts)
+            }
             Body::Hello => {}
             Body::RouteSync { batch, routes } => {
                 for r in routes {
@@ -1116,6 +1193,11 @@ impl Router {
     /// One /32 of a peer's route sync.
     fn on_synced_route(&mut self, now: &Now, pi: usize, r: SyncRoute) {
         let SyncRoute { ip, seq, mac, owner } = r;
+        if self.absurd_seq(now, seq) {
+            self.counters.route_updates_rejected += 1;
+            warn!(%ip, seq, from = %self.peers[pi].name, "synced host route with a sequence number from the future rejected");
+            return;
+        }
         if owner != self.cfg.site && self.peer_index(&owner).is_none() {
             self.counters.route_updates_rejected += 1;
             warn!(%ip, %owner, from = %self.peers[pi].name, "synced host route for an unknown router rejected");
@@ -1136,6 +1218,27 @@ impl Router {
                         self.hwdt.learn(ip, mac, now.mono);
                     }
                     info!(%ip, seq, from = %self.peers[pi].name, "recovered from a peer: this site serves the host");
+                    // Every other router must hold it too (one may have missed our host
+                    // route before we restarted), and the former owner's answer carries
+                    // its LAN's hosts for the VM.
+                    let rec = self.record(MigrationRecord {
+                        role: "destination",
+                        ip,
+                        mac: mac.is_unicast().then_some(mac),
+                        seq,
+                        other_router: self.peers[pi].name.clone(),
+                        trigger: "sync",
+                        detected_us: now.wall_us,
+                        detection_read_us: None,
+                        resolved_us: Some(now.wall_us),
+                        all_acked_us: None,
+                        first_announce_us: None,
+                        acked_by: Vec::new(),
+                        hosts: Vec::new(),
+                    });
+                    if self.propagate(now, ip, seq, mac, rec) {
+                        self.complete(now, ip);
+                    }
                 } else {
                     if let Some(m) = self.migrations.remove(&ip) {
                         self.counters.migrations_lost += 1;
@@ -1145,6 +1248,11 @@ impl Router {
                     self.moved_away_us.insert(ip, now.wall_us);
                     if was_owner {
                         self.hand_over(now, ip, seq, &owner, "sync");
+                        // The peer's word is older than what this LAN may show now (the VM
+                        // may have come back here while we were down): ask. An answer is a
+                        // move here, with a newer sequence number.
+                        let f = frames::arp_request(self.mac(), self.cfg.router_ip, ip);
+                        self.inject(f);
                     } else {
                         self.announced_to.remove(&ip);
                         self.hwdt.remove(ip);
@@ -1173,8 +1281,19 @@ impl Router {
         }
     }
 
+    /// A sequence number no router can have made yet: a move's is at most its detection
+    /// time in µs (or one more than the previous move's), and clocks agree within the skew.
+    fn absurd_seq(&self, now: &Now, seq: u64) -> bool {
+        seq > now.wall_us.saturating_add(self.cfg.timers.max_clock_skew.as_micros() as u64)
+    }
+
     fn on_host_route(&mut self, now: &Now, pi: usize, ip: Ipv4Addr, seq: u64, mac: Mac, owner: String) {
         let sender = self.peers[pi].name.clone();
+        if self.absurd_seq(now, seq) {
+            self.counters.route_updates_rejected += 1;
+            warn!(%ip, seq, %sender, "host route with a sequence number from the future rejected");
+            return;
+        }
         if owner != sender {
             self.counters.route_updates_rejected += 1;
             warn!(%ip, %owner, %sender, "host route for another router rejected");
@@ -1199,7 +1318,7 @@ impl Router {
                     self.announced_to.remove(&ip);
                     self.hwdt.remove(ip);
                 }
-                self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner, hosts });
+                self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner, late: false, hosts });
             }
             HostUpdate::Duplicate => {
                 self.counters.route_updates_duplicate += 1;
@@ -1207,7 +1326,7 @@ impl Router {
                     Some((s, h)) if *s == seq => (true, h.clone()),
                     _ => (false, Vec::new()),
                 };
-                self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner: was, hosts });
+                self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner: was, late: false, hosts });
             }
             HostUpdate::Stale { installed_seq } => {
                 self.counters.route_updates_stale += 1;
@@ -1238,6 +1357,11 @@ impl Router {
         hosts.remove(&ip);
         let hosts: Vec<Ipv4Addr> = hosts.into_iter().take(proto::MAX_HOSTS).collect();
         self.handovers.insert(ip, (seq, hosts.clone()));
+        if self.probe.startup && !self.probe.queue.is_empty() {
+            // Our HWDT is still being filled (we just started): report the hosts once the
+            // sweep at start is done.
+            self.late_reports.push((ip, seq, owner.to_string()));
+        }
         info!(%ip, seq, new_owner = %owner, hosts = hosts.len(),
               "VM left this site: LNDT updated, gratuitous ARP and proxy ARP for its IP");
         self.record(MigrationRecord {
@@ -1258,31 +1382,62 @@ impl Router {
         hosts
     }
 
-    fn on_ack(&mut self, now: &Now, sender: &str, ip: Ipv4Addr, seq: u64, was_owner: bool, hosts: Vec<Ipv4Addr>) {
-        let Some(m) = self.migrations.get_mut(&ip) else {
-            self.counters.overlay_unsolicited += 1;
-            return;
-        };
-        if m.seq != seq || !m.unacked.remove(sender) {
-            self.counters.overlay_unsolicited += 1;
-            return;
-        }
-        let (vm_mac, rec) = (m.mac, m.record);
-        let done = m.unacked.is_empty();
+    /// Tell the VM at `ip` (`vm_mac`) that each remote host of `hosts` is behind this router.
+    fn announce_remote_hosts(&mut self, now: &Now, ip: Ipv4Addr, vm_mac: Mac, hosts: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
         let own = self.mac();
         let mut announced = Vec::new();
-        if was_owner {
-            for h in &hosts {
-                if *h == ip || self.is_local(*h) || *h == self.cfg.router_ip {
-                    continue;
-                }
-                // "h is-at <our MAC>", aimed at the VM's own IP so any stack accepts it.
-                let f = frames::directed_update(own, vm_mac, ip, *h, own);
-                self.announce(now, f);
-                announced.push(*h);
-            }
-            self.announced_to.entry(ip).or_default().extend(announced.iter().copied());
+        if !vm_mac.is_unicast() {
+            return announced;
         }
+        for h in hosts {
+            if *h == ip || self.is_local(*h) || *h == self.cfg.router_ip {
+                continue;
+            }
+            // "h is-at <our MAC>", aimed at the VM's own IP so any stack accepts it.
+            let f = frames::directed_update(own, vm_mac, ip, *h, own);
+            self.announce(now, f);
+            announced.push(*h);
+        }
+        self.announced_to.entry(ip).or_default().extend(announced.iter().copied());
+        announced
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_ack(
+        &mut self,
+        now: &Now,
+        sender: &str,
+        ip: Ipv4Addr,
+        seq: u64,
+        was_owner: bool,
+        late: bool,
+        hosts: Vec<Ipv4Addr>,
+    ) {
+        let in_flight = self.migrations.get(&ip).is_some_and(|m| m.seq == seq && m.unacked.contains(sender));
+        if late {
+            // A former owner that restarted reports its LAN's hosts late (once it knows
+            // them, see `report_late_handovers`): announce them to the VM we serve.
+            let ours = self.gndt.host_route(ip).is_some_and(|r| r.seq == seq && r.router == self.cfg.site);
+            if was_owner && ours && !hosts.is_empty() {
+                self.counters.late_host_reports += 1;
+                let mac = self.hwdt.mac_of(ip).or_else(|| self.route_macs.get(&ip).copied()).unwrap_or(Mac([0; 6]));
+                let n = self.announce_remote_hosts(now, ip, mac, &hosts).len();
+                info!(%ip, seq, from = %sender, hosts = hosts.len(), announced = n,
+                      "late host list from the VM's former site: announced to the VM");
+            } else {
+                self.counters.overlay_unsolicited += 1;
+            }
+            return;
+        }
+        if !in_flight {
+            self.counters.overlay_unsolicited += 1;
+            return;
+        }
+        let m = self.migrations.get_mut(&ip).expect("in flight");
+        m.unacked.remove(sender);
+        let (vm_mac, rec) = (m.mac, m.record);
+        let done = m.unacked.is_empty();
+        let announced = if was_owner { self.announce_remote_hosts(now, ip, vm_mac, &hosts) } else { Vec::new() };
         let first = !announced.is_empty();
         if let Some(r) = self.record_mut(rec) {
             r.acked_by.push(sender.to_string());
@@ -1377,7 +1532,30 @@ impl Router {
                     self.schedule(now.mono + SYNC_RETRANSMIT, Timer::SyncRetransmit(pi, epoch, id));
                 }
                 Timer::Probe => self.probe_tick(now),
+                Timer::ClaimCheck(mac) => self.claim_check(now, mac),
+                Timer::LateReports => self.report_late_handovers(now),
             }
+        }
+    }
+
+    /// The hand-overs made while the HWDT was cold: send each new owner our LAN's hosts now
+    /// (as the acknowledgement of its host route would have), so it can tell the VM they
+    /// are behind it.
+    fn report_late_handovers(&mut self, now: &Now) {
+        for (ip, seq, owner) in std::mem::take(&mut self.late_reports) {
+            if self.gndt.host_route(ip).is_none_or(|r| r.seq != seq || r.router != owner) {
+                continue;
+            }
+            let Some(pi) = self.peer_index(&owner) else { continue };
+            let mut hosts: BTreeSet<Ipv4Addr> = self.local_hosts(ip).into_iter().map(|(h, _)| h).collect();
+            hosts.remove(&ip);
+            let hosts: Vec<Ipv4Addr> = hosts.into_iter().take(proto::MAX_HOSTS).collect();
+            if hosts.is_empty() {
+                continue;
+            }
+            self.handovers.insert(ip, (seq, hosts.clone()));
+            info!(%ip, seq, %owner, hosts = hosts.len(), "sending the host list of a hand-over made at start");
+            self.send(now, pi, Body::HostRouteAck { ip, seq, was_owner: true, late: true, hosts });
         }
     }
 
@@ -1433,6 +1611,9 @@ impl Router {
         if self.probe.queue.is_empty() {
             self.counters.probe_sweeps += 1;
             debug!(startup = self.probe.startup, "probe sweep done");
+            if self.probe.startup && !self.late_reports.is_empty() {
+                self.schedule(now.mono + LATE_REPORT_DELAY, Timer::LateReports);
+            }
             // Sweeps start `interval` apart (at once if a sweep took longer); the one at
             // start does not count, so the first periodic sweep starts `interval` after it.
             let started = if self.probe.startup { now.mono } else { self.probe.started.unwrap_or(now.mono) };
@@ -2150,6 +2331,10 @@ mod tests {
         let to_b1 = udp_packet([10, 1, 0, 10], [10, 1, 1, 1]);
         b.handle_frame(&t1, &frames::ipv4_frame(VM_MAC, B1_MAC, &to_b1));
         pump(&t1, &mut a, &mut b);
+        assert!(a.gndt.host_route(vm).is_none(), "a claim settles before it is a move");
+        let t1 = t1.after(CLAIM_SETTLE);
+        b.handle_timers(&t1);
+        pump(&t1, &mut a, &mut b);
         assert_eq!(a.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
         assert_eq!(b.status(&t1)["migrations"][0]["trigger"], "traffic");
         // More frames of the VM at B cost nothing.
@@ -2161,6 +2346,7 @@ mod tests {
             t1.wall_us - 1000,
             &frames::ipv4_frame(VM_MAC, A1_MAC, &pkt),
         );
+        a.handle_timers(&t1.after(Duration::from_millis(50) + CLAIM_SETTLE));
         assert_eq!(a.counters.detections_stale_frame, 1);
         assert_eq!(a.counters.migrations_detected, 0);
     }
@@ -2170,15 +2356,23 @@ mod tests {
         let now = Now::current();
         let (mut a, mut b) = routers(now);
         let proxy = Mac([2, 0, 0, 0, 0, 0x77]);
-        // A device of LAN B (10.1.1.200) that answers ARP for every address of site A.
-        learn(&mut b, &now, proxy, "10.1.1.200", "10.1.1.1");
+        // Right after B's start (empty HWDT), a device of LAN B answers B's sweep for every
+        // address of site A, one per millisecond.
+        let mut t = now;
         for h in 1..20u8 {
-            b.handle_frame(&now, &frames::arp_reply(proxy, Ipv4Addr::new(10, 1, 0, h), RB, ip("10.1.1.254")));
+            b.handle_frame(&t, &frames::arp_reply(proxy, Ipv4Addr::new(10, 1, 0, h), RB, ip("10.1.1.254")));
+            t = t.after(Duration::from_millis(1));
         }
-        pump(&now, &mut a, &mut b);
+        let t = t.after(CLAIM_SETTLE);
+        b.handle_timers(&t);
+        pump(&t, &mut a, &mut b);
         assert_eq!(b.counters.migrations_detected, 0);
         assert_eq!(b.counters.detections_refused_shared_mac, 19);
         assert!(a.gndt.routes().all(|r| r.prefix.len < 32));
+        // Known for an address of its own LAN, it is refused at once.
+        learn(&mut b, &t, proxy, "10.1.1.200", "10.1.1.1");
+        b.handle_frame(&t, &frames::arp_reply(proxy, ip("10.1.0.99"), RB, ip("10.1.1.254")));
+        assert_eq!(b.counters.detections_refused_shared_mac, 20);
     }
 
     #[test]
@@ -2192,7 +2386,10 @@ mod tests {
         pump(&now, &mut a, &mut b);
         // B's sweep at start asks LAN B for site A's addresses too; the VM answers.
         b.handle_frame(&now, &frames::arp_reply(VM_MAC, vm, RB, ip("10.1.1.254")));
-        pump(&now, &mut a, &mut b);
+        let t = now.after(CLAIM_SETTLE);
+        b.handle_timers(&t);
+        a.handle_timers(&t);
+        pump(&t, &mut a, &mut b);
         assert_eq!(a.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
         assert!(!a.lndt.contains(vm) && b.lndt.contains(vm));
         assert_eq!(b.status(&now)["migrations"][0]["trigger"], "arp");
@@ -2212,6 +2409,210 @@ mod tests {
         // A new window logs again.
         b.handle_datagram(&now.after(LOG_WINDOW), a.cfg.listen, &forged);
         assert_eq!(b.counters.log_lines_suppressed, 10_000 - u64::from(LOG_LINES));
+        let _ = &mut a;
+    }
+    /// Config of router `name` ("A", "B" or "C", sites 10.1.0/24, 10.1.1/24, 10.1.2/24) in a
+    /// three-router mesh.
+    fn mesh_config(name: &str, extra: &str) -> Config {
+        let all = [("A", 0u8), ("B", 1), ("C", 2)];
+        let i = all.iter().position(|(n, _)| *n == name).unwrap() as u8;
+        let mut t = format!(
+            "site = \"{name}\"\nlan_interface = \"lan0\"\nrouter_mac = \"02:00:0a:01:0{i}:fe\"\n\
+             router_ip = \"10.1.{i}.254\"\nlisten = \"192.168.100.{}:7800\"\n\
+             key = \"shrink-demo-key-change-me-0123456789\"\nlndt = [\"10.1.{i}.0/24\"]\n",
+            i + 1
+        );
+        for (n, j) in all {
+            if n != name {
+                t += &format!("[[peers]]\nname = \"{n}\"\naddress = \"192.168.100.{}:7800\"\n", j + 1);
+            }
+        }
+        for (n, j) in all {
+            t += &format!("[[gndt]]\nnetwork = \"10.1.{j}.0/24\"\nrouter = \"{n}\"\n");
+        }
+        Config::parse(&format!("{t}{extra}"), Path::new("mesh")).unwrap()
+    }
+
+    /// Deliver datagrams among `rs` until quiet, dropping those `drop(from, to)` says are
+    /// lost; returns each router's injected frames.
+    fn pump_mesh(now: &Now, rs: &mut [&mut Router], drop: &dyn Fn(&str, &str) -> bool) -> Vec<Vec<Vec<u8>>> {
+        let mut frames_out = vec![Vec::new(); rs.len()];
+        for _ in 0..30 {
+            let mut moved = false;
+            for i in 0..rs.len() {
+                let from = rs[i].cfg.listen;
+                let from_name = rs[i].cfg.site.clone();
+                for act in rs[i].take_actions() {
+                    match act {
+                        Action::Inject(f) => frames_out[i].push(f),
+                        Action::Send(to, d) => {
+                            if let Some(j) = rs.iter().position(|r| r.cfg.listen == to) {
+                                if !drop(&from_name, &rs[j].cfg.site.clone()) {
+                                    rs[j].handle_datagram(now, from, &d);
+                                    moved = true;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        frames_out
+    }
+
+    #[test]
+    fn with_three_routers_a_restarted_destination_repairs_a_peer_that_missed_its_host_route() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let [mut a, mut b, mut c] = ["A", "B", "C"].map(|n| Router::new(mesh_config(n, NO_PROBE), now).unwrap());
+        for r in [&mut a, &mut b, &mut c] {
+            r.handle_timers(&now);
+        }
+        pump_mesh(&now, &mut [&mut a, &mut b, &mut c], &|_, _| false);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        // The VM moves to B; B's messages to A are lost; B dies before retransmitting.
+        let t1 = now.after(Duration::from_millis(10));
+        b.handle_frame(&t1, &frames::garp_request(VM_MAC, vm));
+        pump_mesh(&t1, &mut [&mut a, &mut b, &mut c], &|f, t| f == "B" && t == "A");
+        assert_eq!(c.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
+        assert!(a.gndt.host_route(vm).is_none() && a.lndt.contains(vm));
+        // B restarts; its sync from A has nothing, C's tells it it serves the VM.
+        let t2 = t1.after(Duration::from_secs(2));
+        let mut b2 = restart(&b, t2);
+        pump_mesh(&t2, &mut [&mut a, &mut b2, &mut c], &|_, _| false);
+        assert!(b2.lndt.contains(vm));
+        let seq = b2.gndt.host_seq(vm);
+        for r in [&a, &c] {
+            assert_eq!(
+                r.gndt.host_route(vm).map(|r| (r.router.clone(), r.seq)),
+                Some(("B".into(), seq)),
+                "{}",
+                r.cfg.site
+            );
+        }
+        assert!(!a.lndt.contains(vm), "A handed the VM over");
+    }
+
+    #[test]
+    fn a_vm_that_came_home_while_its_gateway_was_down_is_claimed_back() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        pump(&now, &mut a, &mut b);
+        let t1 = now.after(Duration::from_millis(10));
+        let seq1 = move_to_b(&t1, &mut a, &mut b);
+        // Back to A: A's host route to B is lost, and A is killed.
+        let t2 = t1.after(Duration::from_secs(1));
+        a.handle_frame(&t2, &frames::qemu_rarp(VM_MAC));
+        let _ = sent(&mut a);
+        assert_eq!(b.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
+        // A restarts; B's sync says the VM is at B (the older move); A asks its LAN.
+        let t3 = t2.after(Duration::from_secs(1));
+        let mut a2 = restart(&a, t3);
+        let (fa, _) = pump(&t3, &mut a2, &mut b);
+        let asked = arps(&fa).iter().any(|x| x.op == OP_REQUEST && x.tpa == vm && x.sha == RA);
+        assert!(asked, "A asked its LAN for the IP it handed over on the peer's word");
+        // The VM answers from LAN A.
+        let t4 = t3.after(Duration::from_millis(1));
+        a2.handle_frame(&t4, &frames::arp_reply(VM_MAC, vm, RA, ip("10.1.0.254")));
+        let t5 = t4.after(CLAIM_SETTLE);
+        a2.handle_timers(&t5);
+        pump(&t5, &mut a2, &mut b);
+        let route = b.gndt.host_route(vm).unwrap();
+        assert_eq!(route.router, "A");
+        assert!(route.seq > seq1);
+        assert!(a2.lndt.contains(vm) && !b.lndt.contains(vm));
+    }
+
+    #[test]
+    fn a_former_owner_that_restarted_sends_its_lan_hosts_after_its_sweep() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, A1_MAC, "10.1.0.1", "10.1.0.10");
+        pump(&now, &mut a, &mut b);
+        // A is down; the VM appears at B (its gratuitous ARP); the host route to A is lost.
+        let t1 = now.after(Duration::from_millis(10));
+        b.handle_frame(&t1, &frames::garp_request(VM_MAC, vm));
+        let _ = sent(&mut b);
+        // A restarts with probing; it hands the VM over before it knows A1 again.
+        let t2 = t1.after(Duration::from_secs(1));
+        let mut a2 = Router::new(config('A', ""), t2).unwrap();
+        a2.handle_timers(&t2);
+        pump(&t2, &mut a2, &mut b);
+        assert_eq!(a2.gndt.host_route(vm).map(|r| r.router.as_str()), Some("B"));
+        // A1 answers A's sweep; once the sweep is done, A sends B its hosts and B tells the
+        // VM that A1 is behind B.
+        a2.handle_frame(&t2, &frames::arp_reply(A1_MAC, ip("10.1.0.1"), RA, ip("10.1.0.254")));
+        let mut to_vm = Vec::new();
+        let mut t = t2;
+        for _ in 0..150 {
+            t = t.after(Duration::from_millis(10));
+            a2.handle_timers(&t);
+            b.handle_timers(&t);
+            let (_, fb) = pump(&t, &mut a2, &mut b);
+            to_vm.extend(
+                arps(&fb).into_iter().filter(|x| x.eth_dst == VM_MAC && x.spa == ip("10.1.0.1") && x.sha == RB),
+            );
+        }
+        assert_eq!(b.counters.late_host_reports, 1, "{:?}", b.counters);
+        assert!(!to_vm.is_empty(), "B told the VM that A1 is at B's MAC");
+    }
+
+    #[test]
+    fn sequence_numbers_from_the_future_are_refused() {
+        let vm = ip("10.1.0.10");
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        let far = proto::encode(
+            &b.auth,
+            &msg(&b, &a, 1_000, &now, Body::HostRoute { ip: vm, seq: u64::MAX, mac: VM_MAC, owner: "B".into() }),
+        )
+        .unwrap();
+        a.handle_datagram(&now, b.cfg.listen, &far);
+        assert_eq!(a.counters.route_updates_rejected, 1);
+        assert!(a.gndt.host_route(vm).is_none());
+        let sync = proto::encode(
+            &b.auth,
+            &msg(
+                &b,
+                &a,
+                1_001,
+                &now,
+                Body::RouteSync {
+                    batch: 1,
+                    routes: vec![SyncRoute { ip: vm, seq: u64::MAX, mac: VM_MAC, owner: "B".into() }],
+                },
+            ),
+        )
+        .unwrap();
+        a.handle_datagram(&now, b.cfg.listen, &sync);
+        assert_eq!(a.counters.route_updates_rejected, 2);
+        // A move here still works (no overflow).
+        a.handle_frame(&now, &frames::qemu_rarp(VM_MAC));
+        let _ = &mut b;
+    }
+
+    #[test]
+    fn a_boot_whose_clock_went_back_is_heard_when_its_epoch_follows_the_last_one() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        // A restarts with its clock 5 s behind: an epoch below the one B knows is refused…
+        let back = Now { mono: now.mono + Duration::from_secs(1), wall_us: now.wall_us - 5_000_000 };
+        let mut behind = Router::new(a.cfg.clone(), back).unwrap();
+        behind.handle_timers(&back);
+        pump(&back, &mut behind, &mut b);
+        assert!(b.counters.overlay_old_epoch > 0);
+        assert!(!behind.peers[0].knows_us);
+        // …one that follows the last (vnetd's state file) opens the session.
+        let mut a2 = Router::with_epoch(a.cfg.clone(), back, a.epoch + 1).unwrap();
+        a2.handle_timers(&back);
+        pump(&back, &mut a2, &mut b);
+        assert!(a2.peers[0].knows_us && b.peers[0].epoch == a.epoch + 1);
         let _ = &mut a;
     }
 }

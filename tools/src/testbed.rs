@@ -913,6 +913,7 @@ impl Testbed {
             listen: &format!("{}:7800", site.gateway_addr()),
             key: "shrink-testbed-key-0123456789abcdef",
             control_socket: &self.vnetd_socket(site),
+            state_file: &self.path(&format!("vnetd-{}.epoch", site.letter())),
             lndt: &format!("{}.0/24", site.vm_net()),
             peer: other.router(),
             peer_address: &format!("{}:7800", other.gateway_addr()),

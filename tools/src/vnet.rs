@@ -120,6 +120,8 @@ pub struct SiteConfig<'a> {
     pub key: &'a str,
     /// Control socket.
     pub control_socket: &'a Path,
+    /// Where vnetd records its boot's epoch.
+    pub state_file: &'a Path,
     /// Its LAN's prefix.
     pub lndt: &'a str,
     /// The other router's name.
@@ -138,6 +140,7 @@ router_ip = "{ip}"
 listen = "{listen}"
 key = "{key}"
 control_socket = "{sock}"
+state_file = "{state}"
 lndt = ["{lndt}"]
 
 [[peers]]
@@ -158,6 +161,7 @@ router = "B"
         listen = c.listen,
         key = c.key,
         sock = c.control_socket.display(),
+        state = c.state_file.display(),
         lndt = c.lndt,
         peer = c.peer,
         peer_addr = c.peer_address,
@@ -295,6 +299,7 @@ impl TwoSites {
             listen,
             key: KEY,
             control_socket: &self.dir.join(sock),
+            state_file: &self.dir.join(format!("{name}.epoch")),
             lndt,
             peer,
             peer_address: peer_addr,
