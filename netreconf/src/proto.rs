@@ -27,7 +27,7 @@
 //! - host-route-ack: IPv4 (4), route sequence (8), flags (1; bit 0 = "I served this IP
 //!   before", bit 1 = "late": the host list of a hand-over made just after a restart),
 //!   host count (2), hosts (4 each);
-//! - hello: empty (the header's epochs are the message);
+//! - hello: flags (1; bit 0 = "adopted": the sender has adopted the epoch it names);
 //! - route-sync: batch id (4), entry count (2), entries: IPv4 (4), route sequence (8),
 //!   MAC (6), owner length (1), owner;
 //! - sync-ack: batch id (4).
@@ -85,8 +85,10 @@ pub enum Body<'a> {
     /// `late`: not an answer to a host route, but the host list of a former owner that
     /// handed the IP over while it had just restarted and did not know its LAN's hosts yet.
     HostRouteAck { ip: Ipv4Addr, seq: u64, was_owner: bool, late: bool, hosts: Vec<Ipv4Addr> },
-    /// "This is my epoch" (and, in the header, "yours is…"): opens a session.
-    Hello,
+    /// "This is my epoch" (and, in the header, "yours is…"). `adopted`: the sender has
+    /// adopted the epoch it names (its session with the receiver is open); a hello without
+    /// it answers a hello that did not name the receiver's current epoch.
+    Hello { adopted: bool },
     /// Part of the sender's /32 table, sent when a session opens.
     RouteSync { batch: u32, routes: Vec<SyncRoute> },
     /// Receipt of a route-sync batch.
@@ -118,7 +120,7 @@ impl Body<'_> {
             Body::IHave { .. } => 3,
             Body::HostRoute { .. } => 4,
             Body::HostRouteAck { .. } => 5,
-            Body::Hello => 6,
+            Body::Hello { .. } => 6,
             Body::RouteSync { .. } => 7,
             Body::SyncAck { .. } => 8,
         }
@@ -132,7 +134,7 @@ impl Body<'_> {
             Body::IHave { .. } => "i-have",
             Body::HostRoute { .. } => "host-route",
             Body::HostRouteAck { .. } => "host-route-ack",
-            Body::Hello => "hello",
+            Body::Hello { .. } => "hello",
             Body::RouteSync { .. } => "route-sync",
             Body::SyncAck { .. } => "sync-ack",
         }
@@ -236,7 +238,7 @@ pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
                 body.extend_from_slice(&h.octets());
             }
         }
-        Body::Hello => {}
+        Body::Hello { adopted } => body.push(u8::from(*adopted)),
         Body::RouteSync { batch, routes } => {
             body.extend_from_slice(&batch.to_be_bytes());
             body.extend_from_slice(&(routes.len() as u16).to_be_bytes());
@@ -409,8 +411,9 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
             Body::HostRouteAck { ip, seq, was_owner: flags & 1 == 1, late: flags & 2 == 2, hosts }
         }
         6 => {
+            let flags = b.u8("hello flags")?;
             b.done("hello length")?;
-            Body::Hello
+            Body::Hello { adopted: flags & 1 == 1 }
         }
         7 => {
             let batch = b.u32("batch")?;
@@ -525,7 +528,8 @@ mod tests {
                 late: true,
                 hosts: vec![Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2)],
             },
-            Body::Hello,
+            Body::Hello { adopted: true },
+            Body::Hello { adopted: false },
             Body::RouteSync {
                 batch: 9,
                 routes: vec![

@@ -109,6 +109,9 @@ pub struct Counters {
     /// Not sent: the peer's epoch is not known yet (no session).
     pub overlay_held: u64,
     pub hellos_sent: u64,
+    /// Hellos from a new epoch of a peer that did not name ours (a new boot that does not
+    /// know us yet, or a recording from before we restarted): answered, nothing opened.
+    pub hellos_unbound: u64,
     pub sessions_opened: u64,
     pub peer_restarts: u64,
     pub sync_batches_sent: u64,
@@ -546,10 +549,15 @@ impl Router {
     /// retransmissions and the route sync at session start make up for it).
     fn send(&mut self, now: &Now, peer: usize, body: Body<'_>) {
         let peer_epoch = self.peers[peer].epoch;
-        if peer_epoch == 0 && body != Body::Hello {
+        if peer_epoch == 0 && !matches!(body, Body::Hello { .. }) {
             self.counters.overlay_held += 1;
             return;
         }
+        self.send_naming(now, peer, peer_epoch, body);
+    }
+
+    /// Send `body` to `peer`, naming `peer_epoch` as its epoch.
+    fn send_naming(&mut self, now: &Now, peer: usize, peer_epoch: u64, body: Body<'_>) {
         self.tx_seq += 1;
         let msg = Message {
             sender: self.cfg.site.clone(),
@@ -1033,7 +1041,10 @@ impl Router {
             }
             return;
         }
-        let is_hello = msg.body == Body::Hello;
+        let (is_hello, adopted) = match msg.body {
+            Body::Hello { adopted } => (true, adopted),
+            _ => (false, false),
+        };
         let known = self.peers[pi].epoch;
         if msg.epoch < known {
             self.counters.overlay_old_epoch += 1;
@@ -1051,6 +1062,20 @@ impl Router {
                       "overlay message not bound to the current sessions dropped");
             }
             self.prompt_hello(now, pi);
+            return;
+        }
+        if is_hello && msg.epoch > known && msg.peer_epoch != self.epoch {
+            // A new boot of the peer that does not know ours yet, or a hello recorded
+            // before we restarted: open nothing, answer with our epoch. The peer adopts it
+            // from the answer and says hello again, naming it; that hello opens the session.
+            self.counters.hellos_unbound += 1;
+            let p = &mut self.peers[pi];
+            if p.last_prompt.is_some_and(|t| now.mono.saturating_duration_since(t) < PROMPT_INTERVAL) {
+                return;
+            }
+            p.last_prompt = Some(now.mono);
+            self.counters.hellos_sent += 1;
+            self.send_naming(now, pi, msg.epoch, Body::Hello { adopted: false });
             return;
         }
         let new_session = msg.epoch > known;
@@ -1074,14 +1099,18 @@ impl Router {
             return;
         }
         self.peers[pi].last_rx = Some(now.mono);
-        if msg.peer_epoch == self.epoch {
+        if msg.peer_epoch == self.epoch && (adopted || !is_hello) && !self.peers[pi].knows_us {
+            // The peer has adopted our epoch: what it dropped before now gets through.
             self.peers[pi].knows_us = true;
+            if !new_session {
+                self.resend_session_state(now, pi);
+            }
         }
-        if is_hello && msg.peer_epoch != self.epoch {
-            // The peer does not know our epoch yet: tell it (before anything else of the
-            // new session, which it could not take otherwise).
+        if new_session || is_hello && msg.peer_epoch != self.epoch {
+            // Tell the peer we adopted its epoch (and which is ours), before anything else
+            // of the session, which it could not take otherwise.
             self.counters.hellos_sent += 1;
-            self.send(now, pi, Body::Hello);
+            self.send(now, pi, Body::Hello { adopted: true });
         }
         if new_session {
             self.session_opened(now, pi);
@@ -1113,7 +1142,7 @@ impl Router {
             Body::HostRouteAck { ip, seq, was_owner, late, hosts } => {
                 self.on_ack(now, &sender, ip, seq, was_owner, late, hosts)
             }
-            Body::Hello => {}
+            Body::Hello { .. } => {}
             Body::RouteSync { batch, routes } => {
                 for r in routes {
                     self.on_synced_route(now, pi, r);
@@ -1136,8 +1165,31 @@ impl Router {
             return;
         }
         p.last_prompt = Some(now.mono);
+        let adopted = p.epoch != 0;
         self.counters.hellos_sent += 1;
-        self.send(now, pi, Body::Hello);
+        self.send(now, pi, Body::Hello { adopted });
+    }
+
+    /// Peer `pi` has just adopted our epoch: resend the session's unacknowledged route-sync
+    /// batches and host routes now (it dropped them while it did not know our epoch).
+    fn resend_session_state(&mut self, now: &Now, pi: usize) {
+        let batches: Vec<(u32, Vec<SyncRoute>)> =
+            self.peers[pi].sync_pending.iter().map(|(id, (r, _))| (*id, r.clone())).collect();
+        for (batch, routes) in batches {
+            self.counters.sync_batches_retransmitted += 1;
+            self.send(now, pi, Body::RouteSync { batch, routes });
+        }
+        let name = self.peers[pi].name.clone();
+        let me = self.cfg.site.clone();
+        let inflight: Vec<(Ipv4Addr, u64, Mac)> = self
+            .migrations
+            .iter()
+            .filter(|(_, m)| m.unacked.contains(&name))
+            .map(|(ip, m)| (*ip, m.seq, m.mac))
+            .collect();
+        for (ip, seq, mac) in inflight {
+            self.send(now, pi, Body::HostRoute { ip, seq, mac, owner: me.clone() });
+        }
     }
 
     /// A new session with peer `pi` (first contact, or the peer restarted): send it every
@@ -1507,8 +1559,9 @@ impl Router {
                 Timer::Hello => {
                     for i in 0..self.peers.len() {
                         if !self.peers[i].knows_us {
+                            let adopted = self.peers[i].epoch != 0;
                             self.counters.hellos_sent += 1;
-                            self.send(now, i, Body::Hello);
+                            self.send(now, i, Body::Hello { adopted });
                         }
                     }
                     self.schedule(now.mono + HELLO_INTERVAL, Timer::Hello);
@@ -2239,7 +2292,7 @@ mod tests {
         let (mut a, mut b) = routers(now);
         let t1 = now.after(Duration::from_secs(1));
         // A hello of A's first boot, recorded, and A restarted.
-        let old_hello = proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello)).unwrap();
+        let old_hello = proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello { adopted: true })).unwrap();
         let mut a2 = restart(&a, t1);
         pump(&t1, &mut a2, &mut b);
         let restarts = b.counters.peer_restarts;
@@ -2248,6 +2301,27 @@ mod tests {
         assert_eq!(b.counters.peer_restarts, restarts);
         assert_eq!(b.peers[0].epoch, a2.epoch);
         let _ = &mut a;
+    }
+
+    #[test]
+    fn a_hello_recorded_before_the_receiver_restarted_opens_nothing() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        let t1 = now.after(Duration::from_secs(1));
+        let recorded = proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello { adopted: true })).unwrap();
+        // B restarts; the recording comes first.
+        let t2 = t1.after(Duration::from_secs(2));
+        let mut b2 = Router::new(b.cfg.clone(), t2).unwrap();
+        b2.handle_datagram(&t2, a.cfg.listen, &recorded);
+        assert_eq!((b2.counters.hellos_unbound, b2.counters.sessions_opened), (1, 0));
+        assert_eq!(b2.peers[0].epoch, 0, "no epoch adopted from it");
+        // B's answer names A's epoch without adopting it; A's hello that names B's new epoch
+        // opens the session.
+        b2.handle_timers(&t2);
+        pump(&t2, &mut a, &mut b2);
+        assert!(a.peers[0].knows_us && b2.peers[0].knows_us);
+        assert_eq!(b2.peers[0].epoch, a.epoch);
+        let _ = &mut b;
     }
 
     #[test]
@@ -2400,7 +2474,7 @@ mod tests {
         let now = Now::current();
         let (mut a, mut b) = routers(now);
         let evil = Auth::new(b"not the shared key at all").unwrap();
-        let forged = proto::encode(&evil, &msg(&a, &b, 5, &now, Body::Hello)).unwrap();
+        let forged = proto::encode(&evil, &msg(&a, &b, 5, &now, Body::Hello { adopted: true })).unwrap();
         for i in 0..10_000u64 {
             b.handle_datagram(&now.after(Duration::from_micros(i)), a.cfg.listen, &forged);
         }

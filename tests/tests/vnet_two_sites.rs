@@ -814,7 +814,14 @@ fn a_flood_of_bad_datagrams_is_counted_but_barely_logged() {
     let now = netreconf::router::wall_us();
     let forged = proto::encode(
         &evil,
-        &Message { sender: "B".into(), epoch: now, peer_epoch: 0, seq: now, timestamp_us: now, body: Body::Hello },
+        &Message {
+            sender: "B".into(),
+            epoch: now,
+            peer_epoch: 0,
+            seq: now,
+            timestamp_us: now,
+            body: Body::Hello { adopted: true },
+        },
     )
     .unwrap();
     let per = 50_000u64;
