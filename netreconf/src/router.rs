@@ -1179,6 +1179,11 @@ impl Router {
             self.counters.sync_batches_retransmitted += 1;
             self.send(now, pi, Body::RouteSync { batch, routes });
         }
+        self.resend_unacked_host_routes(now, pi);
+    }
+
+    /// The host routes of our moves that peer `pi` has not acknowledged, again.
+    fn resend_unacked_host_routes(&mut self, now: &Now, pi: usize) {
         let name = self.peers[pi].name.clone();
         let me = self.cfg.site.clone();
         let inflight: Vec<(Ipv4Addr, u64, Mac)> = self
@@ -1229,17 +1234,7 @@ impl Router {
             self.peers[pi].sync_pending.insert(id, (routes, 0));
             self.schedule(now.mono + SYNC_RETRANSMIT, Timer::SyncRetransmit(pi, epoch, id));
         }
-        let name = self.peers[pi].name.clone();
-        let me = self.cfg.site.clone();
-        let inflight: Vec<(Ipv4Addr, u64, Mac)> = self
-            .migrations
-            .iter()
-            .filter(|(_, m)| m.unacked.contains(&name))
-            .map(|(ip, m)| (*ip, m.seq, m.mac))
-            .collect();
-        for (ip, seq, mac) in inflight {
-            self.send(now, pi, Body::HostRoute { ip, seq, mac, owner: me.clone() });
-        }
+        self.resend_unacked_host_routes(now, pi);
     }
 
     /// One /32 of a peer's route sync.
@@ -1799,6 +1794,14 @@ mod tests {
         (a, b)
     }
 
+    /// [`routers`], A having seen the VM's ARP.
+    fn routers_knowing_the_vm(now: Now) -> (Router, Router) {
+        let (mut a, mut b) = routers(now);
+        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
+        pump(&now, &mut a, &mut b);
+        (a, b)
+    }
+
     /// A message from `from` to `to` in their current sessions.
     fn msg(from: &Router, to: &Router, seq: u64, now: &Now, body: Body<'static>) -> Message<'static> {
         Message {
@@ -2238,9 +2241,7 @@ mod tests {
     fn nothing_sent_before_a_restart_is_accepted_after_it() {
         let vm = ip("10.1.0.10");
         let now = Now::current();
-        let (mut a, mut b) = routers(now);
-        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
-        pump(&now, &mut a, &mut b);
+        let (mut a, mut b) = routers_knowing_the_vm(now);
         // Record what B sends during the move: its who-has, then its host route.
         let t1 = now.after(Duration::from_millis(10));
         b.handle_frame(&t1, &frames::qemu_rarp(VM_MAC));
@@ -2574,9 +2575,7 @@ mod tests {
     fn a_vm_that_came_home_while_its_gateway_was_down_is_claimed_back() {
         let vm = ip("10.1.0.10");
         let now = Now::current();
-        let (mut a, mut b) = routers(now);
-        learn(&mut a, &now, VM_MAC, "10.1.0.10", "10.1.0.1");
-        pump(&now, &mut a, &mut b);
+        let (mut a, mut b) = routers_knowing_the_vm(now);
         let t1 = now.after(Duration::from_millis(10));
         let seq1 = move_to_b(&t1, &mut a, &mut b);
         // Back to A: A's host route to B is lost, and A is killed.
