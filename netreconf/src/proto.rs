@@ -27,7 +27,8 @@
 //! - host-route-ack: IPv4 (4), route sequence (8), flags (1; bit 0 = "I served this IP
 //!   before", bit 1 = "late": the host list of a hand-over made just after a restart),
 //!   host count (2), hosts (4 each);
-//! - hello: flags (1; bit 0 = "adopted": the sender has adopted the epoch it names);
+//! - hello: flags (1; bit 0 = "adopted": the sender has adopted the epoch it names;
+//!   bit 1 = "ask": answer with a hello);
 //! - route-sync: batch id (4), entry count (2), entries: IPv4 (4), route sequence (8),
 //!   MAC (6), owner length (1), owner;
 //! - sync-ack: batch id (4).
@@ -87,8 +88,9 @@ pub enum Body<'a> {
     HostRouteAck { ip: Ipv4Addr, seq: u64, was_owner: bool, late: bool, hosts: Vec<Ipv4Addr> },
     /// "This is my epoch" (and, in the header, "yours is…"). `adopted`: the sender has
     /// adopted the epoch it names (its session with the receiver is open); a hello without
-    /// it answers a hello that did not name the receiver's current epoch.
-    Hello { adopted: bool },
+    /// it answers a hello that did not name the receiver's current epoch. `ask`: the
+    /// sender has no sign yet that the receiver adopted its epoch; answer with a hello.
+    Hello { adopted: bool, ask: bool },
     /// Part of the sender's /32 table, sent when a session opens.
     RouteSync { batch: u32, routes: Vec<SyncRoute> },
     /// Receipt of a route-sync batch.
@@ -238,7 +240,7 @@ pub fn encode(auth: &Auth, msg: &Message<'_>) -> Result<Vec<u8>, ProtoError> {
                 body.extend_from_slice(&h.octets());
             }
         }
-        Body::Hello { adopted } => body.push(u8::from(*adopted)),
+        Body::Hello { adopted, ask } => body.push(u8::from(*adopted) | u8::from(*ask) << 1),
         Body::RouteSync { batch, routes } => {
             body.extend_from_slice(&batch.to_be_bytes());
             body.extend_from_slice(&(routes.len() as u16).to_be_bytes());
@@ -413,7 +415,7 @@ pub fn decode_unauthenticated(signed: &[u8]) -> Result<Message<'_>, ProtoError> 
         6 => {
             let flags = b.u8("hello flags")?;
             b.done("hello length")?;
-            Body::Hello { adopted: flags & 1 == 1 }
+            Body::Hello { adopted: flags & 1 == 1, ask: flags & 2 == 2 }
         }
         7 => {
             let batch = b.u32("batch")?;
@@ -528,8 +530,8 @@ mod tests {
                 late: true,
                 hosts: vec![Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2)],
             },
-            Body::Hello { adopted: true },
-            Body::Hello { adopted: false },
+            Body::Hello { adopted: true, ask: false },
+            Body::Hello { adopted: false, ask: true },
             Body::RouteSync {
                 batch: 9,
                 routes: vec![

@@ -190,6 +190,8 @@ struct PeerState {
     sync_pending: BTreeMap<u32, (Vec<SyncRoute>, u32)>,
     /// Last hello sent in answer to a message bound to another epoch.
     last_prompt: Option<Instant>,
+    /// Sequence number of the last message sent to this peer (each peer has a window).
+    tx_seq: u64,
 }
 
 #[derive(Debug)]
@@ -364,7 +366,6 @@ pub struct Router {
     /// Counters.
     pub counters: Counters,
     peers: Vec<PeerState>,
-    tx_seq: u64,
     next_query: u32,
     queries: HashMap<Mac, Query>,
     migrations: BTreeMap<Ipv4Addr, Migration>,
@@ -425,6 +426,7 @@ impl Router {
                 knows_us: false,
                 sync_pending: BTreeMap::new(),
                 last_prompt: None,
+                tx_seq: 0,
             })
             .collect();
         let bucket = Bucket {
@@ -440,7 +442,6 @@ impl Router {
             gndt,
             counters: Counters::default(),
             peers,
-            tx_seq: 0,
             next_query: 1,
             queries: HashMap::new(),
             migrations: BTreeMap::new(),
@@ -558,12 +559,12 @@ impl Router {
 
     /// Send `body` to `peer`, naming `peer_epoch` as its epoch.
     fn send_naming(&mut self, now: &Now, peer: usize, peer_epoch: u64, body: Body<'_>) {
-        self.tx_seq += 1;
+        self.peers[peer].tx_seq += 1;
         let msg = Message {
             sender: self.cfg.site.clone(),
             epoch: self.epoch,
             peer_epoch,
-            seq: self.tx_seq,
+            seq: self.peers[peer].tx_seq,
             timestamp_us: now.wall_us,
             body,
         };
@@ -1041,9 +1042,9 @@ impl Router {
             }
             return;
         }
-        let (is_hello, adopted) = match msg.body {
-            Body::Hello { adopted } => (true, adopted),
-            _ => (false, false),
+        let (is_hello, adopted, ask) = match msg.body {
+            Body::Hello { adopted, ask } => (true, adopted, ask),
+            _ => (false, false, false),
         };
         let known = self.peers[pi].epoch;
         if msg.epoch < known {
@@ -1075,7 +1076,7 @@ impl Router {
             }
             p.last_prompt = Some(now.mono);
             self.counters.hellos_sent += 1;
-            self.send_naming(now, pi, msg.epoch, Body::Hello { adopted: false });
+            self.send_naming(now, pi, msg.epoch, Body::Hello { adopted: false, ask: true });
             return;
         }
         let new_session = msg.epoch > known;
@@ -1106,11 +1107,13 @@ impl Router {
                 self.resend_session_state(now, pi);
             }
         }
-        if new_session || is_hello && msg.peer_epoch != self.epoch {
+        if new_session || is_hello && (ask || msg.peer_epoch != self.epoch) {
             // Tell the peer we adopted its epoch (and which is ours), before anything else
-            // of the session, which it could not take otherwise.
+            // of the session, which it could not take otherwise; ask for an answer until
+            // it shows it adopted ours.
+            let ask = !self.peers[pi].knows_us;
             self.counters.hellos_sent += 1;
-            self.send(now, pi, Body::Hello { adopted: true });
+            self.send(now, pi, Body::Hello { adopted: true, ask });
         }
         if new_session {
             self.session_opened(now, pi);
@@ -1167,7 +1170,7 @@ impl Router {
         p.last_prompt = Some(now.mono);
         let adopted = p.epoch != 0;
         self.counters.hellos_sent += 1;
-        self.send(now, pi, Body::Hello { adopted });
+        self.send(now, pi, Body::Hello { adopted, ask: true });
     }
 
     /// Peer `pi` has just adopted our epoch: resend the session's unacknowledged route-sync
@@ -1556,7 +1559,7 @@ impl Router {
                         if !self.peers[i].knows_us {
                             let adopted = self.peers[i].epoch != 0;
                             self.counters.hellos_sent += 1;
-                            self.send(now, i, Body::Hello { adopted });
+                            self.send(now, i, Body::Hello { adopted, ask: true });
                         }
                     }
                     self.schedule(now.mono + HELLO_INTERVAL, Timer::Hello);
@@ -2037,7 +2040,8 @@ mod tests {
         b.handle_datagram(&now, a.cfg.listen, &forged);
         assert_eq!(b.counters.overlay_auth_failed, 1);
         let good =
-            proto::encode(&a.auth, &msg(&a, &b, a.tx_seq + 100, &now, Body::WhoHas { query: 1, mac: VM_MAC })).unwrap();
+            proto::encode(&a.auth, &msg(&a, &b, a.peers[0].tx_seq + 100, &now, Body::WhoHas { query: 1, mac: VM_MAC }))
+                .unwrap();
         b.handle_datagram(&now, a.cfg.listen, &good);
         b.handle_datagram(&now, a.cfg.listen, &good);
         assert_eq!(b.counters.overlay_replayed, 1);
@@ -2045,7 +2049,7 @@ mod tests {
             &a.auth,
             &Message {
                 timestamp_us: now.wall_us - 3_600_000_000,
-                ..msg(&a, &b, a.tx_seq + 200, &now, Body::WhoHas { query: 1, mac: VM_MAC })
+                ..msg(&a, &b, a.peers[0].tx_seq + 200, &now, Body::WhoHas { query: 1, mac: VM_MAC })
             },
         )
         .unwrap();
@@ -2057,7 +2061,7 @@ mod tests {
             &msg(
                 &a,
                 &b,
-                a.tx_seq + 300,
+                a.peers[0].tx_seq + 300,
                 &now,
                 Body::HostRoute { ip: ip("10.1.1.1"), seq: 5, mac: VM_MAC, owner: "B".into() },
             ),
@@ -2293,7 +2297,8 @@ mod tests {
         let (mut a, mut b) = routers(now);
         let t1 = now.after(Duration::from_secs(1));
         // A hello of A's first boot, recorded, and A restarted.
-        let old_hello = proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello { adopted: true })).unwrap();
+        let old_hello =
+            proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello { adopted: true, ask: true })).unwrap();
         let mut a2 = restart(&a, t1);
         pump(&t1, &mut a2, &mut b);
         let restarts = b.counters.peer_restarts;
@@ -2305,11 +2310,30 @@ mod tests {
     }
 
     #[test]
+    fn hellos_stop_once_the_peer_has_answered() {
+        let now = Now::current();
+        let (mut a, mut b) = routers(now);
+        // As if the hello that showed A that B adopted its epoch had been lost.
+        a.peers[0].knows_us = false;
+        let sent_before = a.counters.hellos_sent + b.counters.hellos_sent;
+        let mut t = now;
+        for _ in 0..20 {
+            t = t.after(Duration::from_millis(500));
+            a.handle_timers(&t);
+            b.handle_timers(&t);
+            pump(&t, &mut a, &mut b);
+        }
+        assert!(a.peers[0].knows_us);
+        assert_eq!(a.counters.hellos_sent + b.counters.hellos_sent, sent_before + 2, "one ask, one answer");
+    }
+
+    #[test]
     fn a_hello_recorded_before_the_receiver_restarted_opens_nothing() {
         let now = Now::current();
         let (mut a, mut b) = routers(now);
         let t1 = now.after(Duration::from_secs(1));
-        let recorded = proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello { adopted: true })).unwrap();
+        let recorded =
+            proto::encode(&a.auth, &msg(&a, &b, 999, &t1, Body::Hello { adopted: true, ask: true })).unwrap();
         // B restarts; the recording comes first.
         let t2 = t1.after(Duration::from_secs(2));
         let mut b2 = Router::new(b.cfg.clone(), t2).unwrap();
@@ -2475,7 +2499,7 @@ mod tests {
         let now = Now::current();
         let (mut a, mut b) = routers(now);
         let evil = Auth::new(b"not the shared key at all").unwrap();
-        let forged = proto::encode(&evil, &msg(&a, &b, 5, &now, Body::Hello { adopted: true })).unwrap();
+        let forged = proto::encode(&evil, &msg(&a, &b, 5, &now, Body::Hello { adopted: true, ask: true })).unwrap();
         for i in 0..10_000u64 {
             b.handle_datagram(&now.after(Duration::from_micros(i)), a.cfg.listen, &forged);
         }

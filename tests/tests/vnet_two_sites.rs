@@ -820,7 +820,7 @@ fn a_flood_of_bad_datagrams_is_counted_but_barely_logged() {
             peer_epoch: 0,
             seq: now,
             timestamp_us: now,
-            body: Body::Hello { adopted: true },
+            body: Body::Hello { adopted: true, ask: true },
         },
     )
     .unwrap();

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         peer_epoch: r.epoch(),
         seq: 1,
         timestamp_us: now.wall_us,
-        body: proto::Body::Hello { adopted: true },
+        body: proto::Body::Hello { adopted: true, ask: true },
     };
     if let Ok(h) = proto::encode(&auth, &hello) {
         r.handle_datagram(&now, peer, &h);
