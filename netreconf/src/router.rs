@@ -982,9 +982,7 @@ impl Router {
     /// send them at line rate).
     fn log_drop(&mut self, now: &Now) -> bool {
         let ok = self.log.allow(now.mono);
-        if !ok {
-            self.counters.log_lines_suppressed += 1;
-        }
+        self.counters.log_lines_suppressed += u64::from(!ok);
         ok
     }
 
@@ -992,10 +990,19 @@ impl Router {
     /// host can send RARPs for made-up MACs).
     fn log_lan(&mut self, now: &Now) -> bool {
         let ok = self.lan_log.allow(now.mono);
-        if !ok {
-            self.counters.log_lines_suppressed += 1;
-        }
+        self.counters.log_lines_suppressed += u64::from(!ok);
         ok
+    }
+
+    /// Whether a hello prompted by peer `pi`'s message may go now (at most one every
+    /// [`PROMPT_INTERVAL`] per peer: recordings can be replayed at line rate).
+    fn may_prompt(&mut self, now: &Now, pi: usize) -> bool {
+        let p = &mut self.peers[pi];
+        if p.last_prompt.is_some_and(|t| now.mono.saturating_duration_since(t) < PROMPT_INTERVAL) {
+            return false;
+        }
+        p.last_prompt = Some(now.mono);
+        true
     }
 
     /// A datagram received on the overlay socket.
@@ -1070,11 +1077,9 @@ impl Router {
             // before we restarted: open nothing, answer with our epoch. The peer adopts it
             // from the answer and says hello again, naming it; that hello opens the session.
             self.counters.hellos_unbound += 1;
-            let p = &mut self.peers[pi];
-            if p.last_prompt.is_some_and(|t| now.mono.saturating_duration_since(t) < PROMPT_INTERVAL) {
+            if !self.may_prompt(now, pi) {
                 return;
             }
-            p.last_prompt = Some(now.mono);
             self.counters.hellos_sent += 1;
             self.send_naming(now, pi, msg.epoch, Body::Hello { adopted: false, ask: true });
             return;
@@ -1163,12 +1168,10 @@ impl Router {
     /// A message bound to another epoch came from peer `pi`: it may not know we restarted
     /// (or we missed its hello). Say hello, at most every [`PROMPT_INTERVAL`].
     fn prompt_hello(&mut self, now: &Now, pi: usize) {
-        let p = &mut self.peers[pi];
-        if p.last_prompt.is_some_and(|t| now.mono.saturating_duration_since(t) < PROMPT_INTERVAL) {
+        if !self.may_prompt(now, pi) {
             return;
         }
-        p.last_prompt = Some(now.mono);
-        let adopted = p.epoch != 0;
+        let adopted = self.peers[pi].epoch != 0;
         self.counters.hellos_sent += 1;
         self.send(now, pi, Body::Hello { adopted, ask: true });
     }
