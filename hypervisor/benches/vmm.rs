@@ -80,6 +80,7 @@ fn boot_in_process(cmdline: &str, mem: u64) -> (Vmm, SharedBuffer) {
     let cfg = VmConfig {
         name: "bench".into(),
         mem_size: mem,
+        vcpus: 1,
         kernel: KernelConfig { kernel: guest(), initrd: None, cmdline: cmdline.into() },
         serial: SerialOutput::Buffer(buf.clone()),
         start_paused: false,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::arch::layout::MIN_MEM_SIZE;
+use crate::arch::mptable::MAX_VCPUS;
 use crate::devices::serial::SharedBuffer;
 use crate::devices::virtio::block::DiskConfig;
 use crate::devices::virtio::net::NetConfig;
@@ -30,6 +31,9 @@ pub enum ConfigError {
     /// Guest memory not a multiple of the page size.
     #[error("--mem {0}: must be a multiple of 4 KiB")]
     MemUnaligned(String),
+    /// A vCPU count that is not 1 to 32.
+    #[error("--cpus {0}: a VM has 1 to {MAX_VCPUS} vCPUs")]
+    Cpus(String),
 }
 
 /// Parses `256M`, `1G`, `512K`, `4096` (binary units; an optional trailing `B`/`iB`).
@@ -63,6 +67,14 @@ pub fn parse_mem_size(value: &str) -> Result<u64, ConfigError> {
     Ok(size)
 }
 
+/// Parses and checks `--cpus` (1 to 32).
+pub fn parse_cpus(value: &str) -> Result<u8, ConfigError> {
+    match value.trim().parse::<u8>() {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(ConfigError::Cpus(value.to_owned())),
+    }
+}
+
 /// Where guest serial output goes.
 #[derive(Clone, Default)]
 pub enum SerialOutput {
@@ -84,6 +96,8 @@ pub struct VmConfig {
     pub name: String,
     /// Guest RAM in bytes.
     pub mem_size: u64,
+    /// vCPUs (1 to 32).
+    pub vcpus: u8,
     /// Kernel to boot.
     pub kernel: KernelConfig,
     /// Serial console destination.
@@ -119,5 +133,15 @@ mod tests {
         assert_eq!(parse_mem_size("32M"), Ok(32 << 20));
         let msg = parse_mem_size("lots").unwrap_err().to_string();
         assert!(msg.contains("--mem") && msg.contains("lots"), "{msg}");
+    }
+
+    #[test]
+    fn cpu_counts() {
+        assert_eq!(parse_cpus("1"), Ok(1));
+        assert_eq!(parse_cpus("32"), Ok(32));
+        for bad in ["0", "33", "-1", "two", "", "256"] {
+            let e = parse_cpus(bad).unwrap_err().to_string();
+            assert!(e.contains("--cpus") && e.contains("1 to 32"), "{bad}: {e}");
+        }
     }
 }

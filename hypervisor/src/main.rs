@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hypervisor::api::ApiServer;
-use hypervisor::config::{parse_mem_size, SerialOutput, VmConfig};
+use hypervisor::config::{parse_cpus, parse_mem_size, SerialOutput, VmConfig};
 use hypervisor::control::{self, Controller, Exit};
 use hypervisor::devices::virtio::block::DiskConfig;
 use hypervisor::devices::virtio::net::NetConfig;
@@ -38,6 +38,11 @@ struct Args {
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     mem: String,
 
+    /// vCPUs (1 to 32), listed in the MP table; the guest starts the others with INIT and a
+    /// startup IPI.
+    #[arg(long, value_name = "N", default_value = "1")]
+    cpus: String,
+
     /// Control API socket (JSON, one object per line; see the README).
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
@@ -65,13 +70,13 @@ struct Args {
     disk: Option<PathBuf>,
 
     /// Restore the VM from a snapshot directory written by the `snapshot` command.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "mem", "net", "image"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "mem", "cpus", "net", "image"])]
     restore: Option<PathBuf>,
 
     /// Receive a live migration on tcp:ADDR:PORT instead of booting; --net, --image and --disk
     /// give this host's backends (default: the source's). A guest with a disk needs --image
     /// (this site's copy of its base image) and --disk (a new file: the migrated overlay).
-    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "mem", "restore", "paused"])]
+    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "mem", "cpus", "restore", "paused"])]
     incoming: Option<String>,
 
     /// With --incoming: the destination site's index Redis (one URL, or several comma-separated
@@ -199,9 +204,11 @@ fn run(args: Args) -> Result<Exit, String> {
         vmm
     } else {
         let mem_size = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
+        let vcpus = parse_cpus(&args.cpus).map_err(|e| e.to_string())?;
         let cfg = VmConfig {
             name: args.name.clone(),
             mem_size,
+            vcpus,
             kernel: KernelConfig {
                 kernel: args.kernel.clone().expect("clap requires --kernel without --restore"),
                 initrd: args.initrd.clone(),

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::cpuid;
 use crate::arch::layout::MMIO_DEVICES_START;
-use crate::arch::msr;
+use crate::arch::{mptable, msr};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT};
@@ -51,6 +51,9 @@ pub enum VmmError {
     /// The MSR list could not be read.
     #[error(transparent)]
     Msr(#[from] msr::MsrError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
@@ -364,10 +367,19 @@ impl Vmm {
         open_kvm()?;
         let mem = memory::create_guest_memory(cfg.mem_size)?;
         let entry = loader::load_kernel(&mem, &kernel)?.entry;
+        mptable::write(&mem, cfg.vcpus)?;
         let p = build_platform(mem, &cfg.serial, None, &devices)?;
-        let vcpu = Vcpu::new(&p.vm, 0, p.pio.clone(), p.mmio.clone())?;
-        vcpu.configure_boot(&p.kvm, p.vm.memory(), entry, 1)?;
-        Self::start(cfg.name.clone(), kernel.cmdline, p, vec![vcpu], cfg.start_paused)
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let vcpu = Vcpu::new(&p.vm, id, p.pio.clone(), p.mmio.clone())?;
+            if id == 0 {
+                vcpu.configure_boot(&p.kvm, p.vm.memory(), entry, cfg.vcpus)?;
+            } else {
+                vcpu.configure_ap(&p.kvm, cfg.vcpus)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Self::start(cfg.name.clone(), kernel.cmdline, p, vcpus, cfg.start_paused)
     }
 
     /// Restores a VM from a snapshot directory. Name, serial output and whether to start paused

@@ -18,6 +18,7 @@ fn boot(cmdline: &str, mem: u64) -> (Vmm, SharedBuffer) {
     let cfg = VmConfig {
         name: "dirty".into(),
         mem_size: mem,
+        vcpus: 1,
         kernel: KernelConfig { kernel: common::guest(), initrd: None, cmdline: cmdline.into() },
         serial: SerialOutput::Buffer(buf.clone()),
         start_paused: false,

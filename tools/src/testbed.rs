@@ -314,6 +314,8 @@ pub struct BootSpec {
     pub vms: usize,
     /// Memory per VM (`256M`).
     pub mem: String,
+    /// vCPUs per VM (`shrink-vmm --cpus`).
+    pub cpus: u8,
     /// Bytes of the base image read into memory (OS content shared across VMs).
     pub preload: String,
     /// Bytes of pseudo-random memory private to each VM.
@@ -332,6 +334,7 @@ impl Default for BootSpec {
         BootSpec {
             vms: 4,
             mem: "256M".into(),
+            cpus: 1,
             preload: "64M".into(),
             private: "28M".into(),
             workload: "idle".into(),
@@ -1039,6 +1042,7 @@ impl Testbed {
         self.state.plain_tcp = spec.plain_tcp;
         let key = self.cluster_key()?.display().to_string();
         let transport: Vec<&str> = if spec.plain_tcp { vec!["--plain-tcp"] } else { vec!["--cluster-key", &key] };
+        let cpus = spec.cpus.to_string();
         for i in 1..=spec.vms {
             let vm = VmInfo::nth(i);
             let ns = self.host_ns(Site::A, (i - 1) % hosts + 1);
@@ -1053,6 +1057,8 @@ impl Testbed {
                 b.guest.to_str().unwrap_or(""),
                 "--mem",
                 &spec.mem,
+                "--cpus",
+                &cpus,
                 "--cmdline",
                 &cmdline,
                 "--name",

@@ -147,6 +147,12 @@ fn move_cluster(tb: &Testbed, dest: Site) {
             vm.name,
             last_beat[i]
         );
+        // The second vCPU runs there too (it reports its own heartbeat through the first).
+        wait_until(
+            &format!("{}: vCPU 1's heartbeat at {}", vm.name, serial.display()),
+            Duration::from_secs(10),
+            || std::fs::read_to_string(&serial).unwrap_or_default().contains("vcpu 1: heartbeat ").then_some(()),
+        );
 
         // Both clients' probes were answered before the move and again at its end, after it:
         // the loss is finite. How much was lost is reported, not judged (the downtime and loss
@@ -296,6 +302,8 @@ fn a_cluster_moves_to_site_b_and_back_and_keeps_talking() {
     tb.boot(&BootSpec {
         vms: 3,
         mem: "128M".into(),
+        // Two vCPUs each: every vCPU's state crosses the sites, and back.
+        cpus: 2,
         preload: "16M".into(),
         private: "2M".into(),
         workload: "idle".into(),

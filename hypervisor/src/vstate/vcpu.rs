@@ -198,8 +198,34 @@ impl Vcpu {
         self.counters.clone()
     }
 
-    /// Prepares the vCPU to enter a kernel at `entry` in long mode (the boot vCPU).
+    /// Prepares the vCPU to enter a kernel at `entry` in long mode (the boot vCPU, index 0, of
+    /// `count`).
     pub fn configure_boot(&self, kvm: &Kvm, mem: &GuestMemoryMmap, entry: u64, count: u8) -> Result<(), VcpuError> {
+        self.configure_cpu(kvm, count)?;
+        let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+        regs::setup_long_mode(mem, &mut sregs)?;
+        self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs::boot_regs(entry)).map_err(self.kvm_err("KVM_SET_REGS"))?;
+        self.fd.set_fpu(&regs::boot_fpu()).map_err(self.kvm_err("KVM_SET_FPU"))?;
+        Ok(())
+    }
+
+    /// Prepares an application processor (index > 0) of `count`: its CPUID, MSRs and LAPIC as
+    /// for the boot vCPU, its registers as at reset. KVM keeps it waiting for INIT and a
+    /// startup IPI (`KVM_MP_STATE_UNINITIALIZED`), which the guest sends, as on hardware.
+    pub fn configure_ap(&self, kvm: &Kvm, count: u8) -> Result<(), VcpuError> {
+        self.configure_cpu(kvm, count)?;
+        let mp = self.fd.get_mp_state().map_err(self.kvm_err("KVM_GET_MP_STATE"))?;
+        if mp.mp_state != kvm_bindings::KVM_MP_STATE_UNINITIALIZED {
+            self.fd
+                .set_mp_state(kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED })
+                .map_err(self.kvm_err("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+
+    /// What every vCPU starts with: CPUID (its place in the topology), boot MSRs, LINT pins.
+    fn configure_cpu(&self, kvm: &Kvm, count: u8) -> Result<(), VcpuError> {
         let cpuid = cpuid::vcpu_cpuid(kvm, self.id, count)?;
         self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
         let msrs = msr::boot_msrs()?;
@@ -213,13 +239,7 @@ impl Vcpu {
                 stopped_at: msrs.as_slice()[n].index,
             });
         }
-        let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
-        regs::setup_long_mode(mem, &mut sregs)?;
-        self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
-        self.fd.set_regs(&regs::boot_regs(entry)).map_err(self.kvm_err("KVM_SET_REGS"))?;
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(self.kvm_err("KVM_SET_FPU"))?;
-        self.set_lint()?;
-        Ok(())
+        self.set_lint()
     }
 
     /// LINT0 as ExtINT and LINT1 as NMI, as a BIOS leaves them (Linux expects this).

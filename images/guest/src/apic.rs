@@ -313,8 +313,41 @@ pub fn tsc_hz(freq: &TimerFrequency) -> u64 {
 /// its measured input frequency. Returns the initial count used.
 pub fn start_periodic(bus_hz: u64, hz: u64) -> u32 {
     let count = (bus_hz / 16 / hz).clamp(1, u64::from(u32::MAX)) as u32;
-    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
-    write(REG_LVT_TIMER, LVT_TIMER_PERIODIC | u32::from(TIMER_VECTOR));
-    write(REG_TIMER_INITIAL, count);
+    start_periodic_count(count, TIMER_VECTOR);
     count
+}
+
+/// Starts this CPU's LAPIC timer, periodic, divide by 16, from `count`, on
+/// `vector` (the application processors use the count the boot CPU measured).
+pub fn start_periodic_count(count: u32, vector: u8) {
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    write(REG_LVT_TIMER, LVT_TIMER_PERIODIC | u32::from(vector));
+    write(REG_TIMER_INITIAL, count);
+}
+
+const REG_ICR_LOW: usize = 0x300;
+const REG_ICR_HIGH: usize = 0x310;
+const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+const ICR_INIT: u32 = 0x0000_4500; // INIT, level assert
+const ICR_STARTUP: u32 = 0x0000_4600; // start-up IPI
+
+fn send_ipi(apic_id: u8, low: u32) {
+    write(REG_ICR_HIGH, u32::from(apic_id) << 24);
+    write(REG_ICR_LOW, low);
+    for _ in 0..100_000 {
+        if read(REG_ICR_LOW) & ICR_DELIVERY_PENDING == 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Sends INIT to the CPU with `apic_id`.
+pub fn send_init(apic_id: u8) {
+    send_ipi(apic_id, ICR_INIT);
+}
+
+/// Sends a start-up IPI: the CPU starts in real mode at `page << 12`.
+pub fn send_startup(apic_id: u8, page: u8) {
+    send_ipi(apic_id, ICR_STARTUP | u32::from(page));
 }

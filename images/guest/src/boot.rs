@@ -37,6 +37,11 @@ pub const KERNEL_STACK_SIZE: usize = 16 * 1024;
 pub const USER_STACK_SIZE: usize = 1024 * 1024;
 /// Size of the ring-3 stack used to report exceptions.
 pub const REPORT_STACK_SIZE: usize = 32 * 1024;
+/// GDT selector of the first application processor's TSS (16 bytes each,
+/// after the boot CPU's at 0x30; see `smp.rs`).
+pub const GDT_AP_TSS: u16 = 0x40;
+/// GDT size: the boot CPU's entries, then a TSS slot per application processor.
+pub const GDT_SIZE: usize = GDT_AP_TSS as usize + 16 * (crate::smp::MAX_CPUS - 1);
 
 global_asm!(
     r#"
@@ -217,8 +222,8 @@ PVH_PD:
     .endr
 
     // GDT: null, (unused), kernel code 0x10, kernel data 0x18,
-    // user data 0x20 (selector 0x23), user code 0x28 (selector 0x2b), and
-    // the TSS at 0x30 (filled above).
+    // user data 0x20 (selector 0x23), user code 0x28 (selector 0x2b), the
+    // TSS at 0x30 (filled above), then the APs' TSSs (filled by `smp.rs`).
     .section .data.boot, "aw"
     .align 16
     .globl BOOT_GDT
@@ -230,18 +235,21 @@ BOOT_GDT:
     .quad 0x00cff3000000ffff
     .quad 0x00affb000000ffff
     .quad 0, 0
+    .skip {gdt_size} - 0x40
 BOOT_GDT_END:
     .align 16
 BOOT_GDT_PTR:
     .short BOOT_GDT_END - BOOT_GDT - 1
     .quad BOOT_GDT
     .align 16
+    .globl BOOT_IDT_PTR
 BOOT_IDT_PTR:
     .short 4095
     .quad BOOT_IDT
 
     .section .bss.boot, "aw", @nobits
     .align 4096
+    .globl BOOT_PML4
 BOOT_PML4:
     .skip 4096
 BOOT_PDPT:
@@ -271,4 +279,5 @@ REPORT_STACK_TOP:
     kstack = const KERNEL_STACK_SIZE,
     ustack = const USER_STACK_SIZE,
     rstack = const REPORT_STACK_SIZE,
+    gdt_size = const GDT_SIZE,
 );

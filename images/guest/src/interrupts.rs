@@ -12,6 +12,8 @@
 //! * Vector 0x20 (LAPIC timer) is a tiny assembly handler: it increments
 //!   [`TICKS`] and writes the LAPIC EOI register. Being pure assembly, it
 //!   clobbers no register (in particular no SSE state of the interrupted code).
+//! * Vector 0x21 (the application processors' LAPIC timers, see `smp.rs`)
+//!   only writes the EOI: it wakes the AP from `hlt`.
 //! * Vectors 0x30..0x40 (device interrupts routed through the IOAPIC) share
 //!   one tiny stub: it sets [`IRQ_PENDING`] and writes the LAPIC EOI. The
 //!   "wait for an event" service returns to ring 3 as soon as that flag is
@@ -206,6 +208,16 @@ timer_stub:
     pop rax
     iretq
 
+    // An application processor's LAPIC timer: only wakes it (the tick count
+    // is the boot CPU's). Touches only RAX.
+    .align 16
+ap_timer_stub:
+    push rax
+    mov eax, 0xfee000b0     // LAPIC EOI register
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
     // Device interrupt (IOAPIC, edge): flag it for ring 3 and acknowledge
     // it. The wait service sees the flag and returns to ring 3, which polls
     // every device. Touches only RAX.
@@ -327,6 +339,9 @@ spurious_stub_addr:
     .quad spurious_stub
 device_stub_addr:
     .quad device_stub
+ap_timer_stub_addr:
+    .quad ap_timer_stub
+    .globl ap_timer_stub_addr
     .globl device_stub_addr
     .globl exception_stubs
     .globl timer_stub_addr
@@ -347,6 +362,7 @@ extern "C" {
     static timer_stub_addr: u64;
     static spurious_stub_addr: u64;
     static device_stub_addr: u64;
+    static ap_timer_stub_addr: u64;
     /// The IDT itself (4 KiB in .bss, loaded by `_start`).
     static mut BOOT_IDT: [Gate; 256];
 }
@@ -385,10 +401,10 @@ impl Gate {
 pub fn init() {
     // SAFETY: the stub table and addresses are defined in the global_asm above
     // and are immutable.
-    let (stubs, timer, spurious, device) =
-        unsafe { (&exception_stubs, timer_stub_addr, spurious_stub_addr, device_stub_addr) };
+    let (stubs, timer, spurious, device, ap_timer) =
+        unsafe { (&exception_stubs, timer_stub_addr, spurious_stub_addr, device_stub_addr, ap_timer_stub_addr) };
     let devices = usize::from(DEVICE_VECTOR_BASE)..usize::from(DEVICE_VECTOR_BASE + DEVICE_VECTORS);
-    // SAFETY: runs once on the only CPU with interrupts disabled; nothing else
+    // SAFETY: runs once, before any other CPU starts, with interrupts disabled; nothing else
     // reads or writes the IDT memory concurrently (the CPU reads it only on
     // interrupt delivery, and none can happen while IF = 0 and no exception is
     // raised here).
@@ -397,6 +413,7 @@ pub fn init() {
         *gate = match vector {
             0..=31 => Gate::interrupt(stubs[vector], KERNEL_CS, 0),
             v if v == usize::from(TIMER_VECTOR) => Gate::interrupt(timer, KERNEL_CS, 0),
+            v if v == usize::from(crate::smp::AP_TIMER_VECTOR) => Gate::interrupt(ap_timer, KERNEL_CS, 0),
             v if v == usize::from(SPURIOUS_VECTOR) => Gate::interrupt(spurious, KERNEL_CS, 0),
             v if devices.contains(&v) => Gate::interrupt(device, KERNEL_CS, 0),
             _ => Gate::interrupt(stubs[32], KERNEL_CS, 0),

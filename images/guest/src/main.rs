@@ -34,6 +34,7 @@ mod net;
 mod probe;
 mod region;
 mod serial;
+mod smp;
 mod virtio;
 mod workload;
 
@@ -106,12 +107,26 @@ pub extern "C" fn kernel_main(boot_info: u64, pvh: u64) -> ! {
     // Memory above the heap, handed out in a fixed order so that the same
     // options give the same addresses.
     let mut regions = Regions::new(&boot, heap_end);
+
+    // The other vCPUs (MP table), started now so that the workloads can be
+    // shared among all of them.
+    let cpus = smp::start(&smp::discover(), count, &mut regions);
+    println!("cpus: {cpus}");
     let mut mem_workload = if config.mem_workload {
         match regions.take(config.mem, 4096) {
             Some((base, size)) => {
-                let w = MemWorkload::new(&config, base, size, HZ, interrupts::ticks());
-                println!("workload mem: base=0x{:x} size={} rate={}", w.base(), w.size(), w.rate());
-                Some(w)
+                println!("workload mem: base=0x{base:x} size={size} rate={}", config.rate);
+                // Every vCPU rewrites its own part of the working set at its
+                // share of the rate (the boot CPU the first part).
+                let n = cpus as u64;
+                let part = (size / n) & !4095;
+                let w = if n > 1 {
+                    println!("workload mem: shared by {n} vcpus, {part} bytes each");
+                    MemWorkload::new(base, part, config.rate / n, config.memtrace, HZ, interrupts::ticks())
+                } else {
+                    MemWorkload::new(base, size, config.rate, config.memtrace, HZ, interrupts::ticks())
+                };
+                Some((w, part))
             }
             None => {
                 println!("workload mem: no usable memory above 0x{heap_end:x}, running idle");
@@ -167,9 +182,13 @@ pub extern "C" fn kernel_main(boot_info: u64, pvh: u64) -> ! {
         Some(n) => u64::from_be_bytes([0, 0, n.mac[0], n.mac[1], n.mac[2], n.mac[3], n.mac[4], n.mac[5]]),
         None => config.seed,
     };
-    if let Some(w) = mem_workload.as_mut() {
+    if let Some((w, part)) = mem_workload.as_mut() {
         w.start(seed, interrupts::ticks());
+        for i in 1..cpus {
+            smp::give_mem_work(i, w.base() + i as u64 * *part, *part, config.rate / cpus as u64, seed);
+        }
     }
+    let mut mem_workload = mem_workload.map(|(w, _)| w);
 
     if config.preload > 0 {
         match disk.as_mut() {
@@ -283,7 +302,12 @@ pub extern "C" fn kernel_main(boot_info: u64, pvh: u64) -> ! {
                 HEARTBEATS.store(beats, Ordering::Relaxed);
                 println!("heartbeat {beats}");
                 if let Some(w) = mem_workload.as_ref() {
-                    println!("mem: dirtied {}", w.dirtied());
+                    let aps: u64 = (1..cpus).map(|i| smp::report(i).1).sum();
+                    println!("mem: dirtied {}", w.dirtied() + aps);
+                }
+                for i in 1..cpus {
+                    let (beats, dirtied) = smp::report(i);
+                    println!("vcpu {i}: heartbeat {beats} dirtied {dirtied}");
                 }
                 if let Some(w) = io_workload.as_ref() {
                     println!("io: read={} written={}", w.read, w.written);

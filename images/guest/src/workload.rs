@@ -9,7 +9,6 @@
 //!   ([`fill_private`]).
 //! * `workload=io` lives in `disk.rs`.
 
-use crate::config::Config;
 use crate::println;
 
 const PAGE_SIZE: u64 = 4096;
@@ -52,13 +51,14 @@ pub struct MemWorkload {
 
 impl MemWorkload {
     /// The workload over the working set `[base, base + size)` (usable RAM,
-    /// page-aligned, owned by the workload alone).
-    pub fn new(config: &Config, base: u64, size: u64, hz: u64, now: u64) -> MemWorkload {
+    /// page-aligned, owned by the workload alone), at `rate` bytes/s;
+    /// `memtrace` prints every page written.
+    pub fn new(base: u64, size: u64, rate: u64, memtrace: bool, hz: u64, now: u64) -> MemWorkload {
         MemWorkload {
             base,
             pages: (size / PAGE_SIZE).max(1),
-            rate: config.rate,
-            memtrace: config.memtrace,
+            rate,
+            memtrace,
             hz,
             start_tick: now,
             accounted: 0,
@@ -70,14 +70,6 @@ impl MemWorkload {
 
     pub fn base(&self) -> u64 {
         self.base
-    }
-
-    pub fn size(&self) -> u64 {
-        self.pages * PAGE_SIZE
-    }
-
-    pub fn rate(&self) -> u64 {
-        self.rate
     }
 
     /// Gives the workload this VM's own data (from the MAC or `seed=`) and writes every page

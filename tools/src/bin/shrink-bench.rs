@@ -92,6 +92,7 @@ fn spec(vm: &Vm, p: &Point) -> BootSpec {
     BootSpec {
         vms: p.vms,
         mem: format!("{}M", vm.mem_mib),
+        cpus: 1,
         preload: vm.preload.into(),
         private: vm.private.into(),
         workload: p.workload.into(),

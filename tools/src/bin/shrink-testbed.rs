@@ -55,6 +55,9 @@ struct Cluster {
     /// Memory per VM.
     #[arg(long, default_value = "256M")]
     mem: String,
+    /// vCPUs per VM (1 to 32).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    cpus: u8,
     /// Bytes of the base image each guest reads into memory (OS content shared by the VMs).
     #[arg(long, default_value = "64M")]
     preload: String,
@@ -75,6 +78,7 @@ impl Cluster {
         BootSpec {
             vms: self.vms,
             mem: self.mem.clone(),
+            cpus: self.cpus,
             preload: self.preload.clone(),
             private: self.private.clone(),
             workload: self.workload.clone(),
