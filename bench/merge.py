@@ -3,8 +3,8 @@
 
 Usage: bench/merge.py OUT.json IN1.json IN2.json ...
 
-A point (family, workload, VMs, rate, chunk, transport) measured in a later file replaces the same point of
-an earlier one; a point that failed never replaces one that was measured. The result keeps every
+A point (family, workload, VMs, rate, chunk; and transport in the tls family) measured in a later file
+replaces the same point of an earlier one; a point that failed never replaces one that was measured. The result keeps every
 run's command, date and duration under "runs", and `command` says it was merged. Then draw the
 plots with `target/release/shrink-bench --replot OUT.json --out DIR`.
 """
@@ -13,8 +13,11 @@ import sys
 
 
 def key(p):
-    # Points before the tls family have no transport: they ran in clear text.
-    return (p["family"], p["workload"], p["vms"], p["rate_mbit"], p["chunk"], p.get("transport", "plain"))
+    # A later measurement of a point replaces an earlier one whatever its transport (points
+    # before the tls family have none: they ran in clear text), except in the tls family, which
+    # measures both transports on purpose.
+    transport = p.get("transport", "plain") if p["family"] == "tls" else None
+    return (p["family"], p["workload"], p["vms"], p["rate_mbit"], p["chunk"], transport)
 
 
 def main(out, inputs):
@@ -30,7 +33,8 @@ def main(out, inputs):
             points[k] = p
     merged = dict(docs[-1])
     merged["runs"] = [{"command": d["command"], "date": d["date"], "seconds": d["seconds"], "complete": d["complete"]} for d in docs]
-    merged["command"] = " + ".join(d["command"] for d in docs) + " (merged by bench/merge.py)"
+    suffix = " (merged by bench/merge.py)"
+    merged["command"] = " + ".join(d["command"].removesuffix(suffix) for d in docs) + suffix
     merged["seconds"] = sum(d["seconds"] for d in docs)
     merged["complete"] = all(d["complete"] for d in docs)
     merged["points"] = [points[k] for k in order]

@@ -81,15 +81,18 @@ if e:
             f"Date: {e['date']}. Command: `{e['command']}` ({e['seconds'] // 60} min). {e['testbed']}.", "",
             f"VM: {e['vm']['memory_mib']} MiB, `preload={e['vm']['preload']} private={e['vm']['private']}` — {e['vm']['mix']}.", "",
             f"QEMU: {e['qemu']}. The lower bound is the distinct content site B's repository does not hold, plus digest records (stream bytes, no TCP/IP headers).", "",
-            "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-tls.png`, `fig-network.png`.", "",
-            "| family | workload | VMs | Mbit/s | chunk | shrink | --no-dedup | QEMU | QEMU multifd+zstd | lower bound | shrink/QEMU bytes, time | shrink/QEMU-zstd bytes, time | shrink/no-dedup bytes, time | downtime mean / max: shrink, QEMU, QEMU-zstd | deduplicated | from peers | from repository | pulled | shrink disk MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "Plots: `fig-size.png`, `fig-workload-time.png`, `fig-workload-bytes.png`, `fig-bandwidth.png`, `fig-granularity.png`, `fig-network.png`"
+            + (", `fig-tls.png`." if any(p["family"] == "tls" for p in pts) else
+               ". What TLS costs (another machine, Intel Xeon, 2026-12-02, `target/release/shrink-bench --families tls --sizes 16`): `eval-tls.json`, `fig-tls.png`, and the table in the top-level README's Encryption section.")
+            + " The transport column says how shrink's VMMs migrated: `tls` as deployed, `plain` for the points measured before TLS existed, in clear text (TLS costs 12–19 % in time on 2 cores; QEMU runs in clear text in every point).", "",
+            "| family | workload | VMs | Mbit/s | chunk | transport | shrink | --no-dedup | QEMU | QEMU multifd+zstd | lower bound | shrink/QEMU bytes, time | shrink/QEMU-zstd bytes, time | shrink/no-dedup bytes, time | downtime mean / max: shrink, QEMU, QEMU-zstd | deduplicated | from peers | from repository | pulled | shrink disk MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tls = [p for p in pts if p["family"] == "tls"]
     pts = [p for p in pts if p["family"] != "tls"]
     for p in pts:
         s_, r = p["shrink"], p["ratios"]
         lb = p["lower_bound"]
-        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | {cell(p, 'qemu_zstd')} | "
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {p.get('transport', 'plain')} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | {cell(p, 'qemu_zstd')} | "
                    f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])}, {ratio(r['time_shrink_over_qemu'])} | "
                    f"{ratio(r.get('wan_bytes_shrink_over_qemu_zstd'))}, {ratio(r.get('time_shrink_over_qemu_zstd'))} | "
                    f"{ratio(r['wan_bytes_shrink_over_no_dedup'])}, {ratio(r['time_shrink_over_no_dedup'])} | {down(p, 'shrink')}, {down(p, 'qemu')}, {down(p, 'qemu_zstd')} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_.get('repository', 0)} | {s_['pulled']} | {mb((s_.get('disk') or {}).get('wan_bytes', 0)):.1f} |")
