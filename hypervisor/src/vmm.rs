@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::cpuid;
 use crate::arch::layout::MMIO_DEVICES_START;
-use crate::arch::{mptable, msr};
+use crate::arch::{acpi, mptable, msr};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::serial::{SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PORT};
@@ -54,6 +54,9 @@ pub enum VmmError {
     /// The MP table could not be written.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
@@ -368,6 +371,7 @@ impl Vmm {
         let mem = memory::create_guest_memory(cfg.mem_size)?;
         let entry = loader::load_kernel(&mem, &kernel)?.entry;
         mptable::write(&mem, cfg.vcpus)?;
+        acpi::write(&mem, cfg.vcpus)?;
         let p = build_platform(mem, &cfg.serial, None, &devices)?;
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {

@@ -1,5 +1,5 @@
-//! The Linux boot path: a Debian kernel's banner through the 64-bit boot protocol, and a
-//! bzImage's setup header and zero page.
+//! The Linux boot path: a Debian kernel's banner through the 64-bit boot protocol, its count of
+//! the vCPUs from the MADT, and a bzImage's setup header and zero page.
 
 use std::time::Duration;
 
@@ -25,6 +25,30 @@ fn debian_vmlinux_prints_its_banner_on_serial() {
     // The kernel read our command line and e820 map from the zero page.
     vm.wait_for("Command line: console=ttyS0 earlyprintk=serial", Duration::from_secs(60));
     vm.wait_for("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable", Duration::from_secs(60));
+}
+
+#[test]
+fn debian_linux_counts_every_vcpu_in_the_madt() {
+    let dir = TempDir::new("linux-smp").unwrap();
+    let kernel = image("vmlinux");
+    let vm = VmProcess::spawn(
+        dir.path(),
+        "linux4",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            "512M",
+            "--cpus",
+            "4",
+            "--cmdline",
+            "console=ttyS0 earlyprintk=serial",
+        ],
+    );
+    // Debian's cloud kernel has no MP-table parser: it takes its processors from the MADT.
+    vm.wait_for("ACPI: Using ACPI (MADT) for SMP configuration information", Duration::from_secs(180));
+    vm.wait_for("IOAPIC[0]: apic_id 4, version 17, address 0xfec00000, GSI 0-23", Duration::from_secs(10));
+    vm.wait_for("smpboot: Allowing 4 CPUs, 0 hotplug CPUs", Duration::from_secs(60));
 }
 
 #[test]

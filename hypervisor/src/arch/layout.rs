@@ -9,6 +9,7 @@
 //! | `0x9000..0x10000`         | identity page tables (PML4, PDPT, 4 × PD)  |
 //! | `0x20000`                 | kernel command line                        |
 //! | `0x9fc00` (EBDA)          | MP table (the vCPUs, IOAPIC, interrupts)   |
+//! | `0xe0000`                 | ACPI RSDP, XSDT, MADT (the same)           |
 //! | `0x100000..`              | kernel (bzImage) / ELF segments            |
 //! | `MMIO_GAP_START..4 GiB`   | device MMIO (virtio-mmio), LAPIC, IOAPIC   |
 //! | `4 GiB..`                 | RAM above the gap when `--mem` > 3 GiB     |
