@@ -3,7 +3,7 @@
 
 Usage: bench/merge.py OUT.json IN1.json IN2.json ...
 
-A point (family, workload, VMs, rate, chunk; and transport in the tls family) measured in a later file
+A point (family, workload, VMs, rate, chunk, WAN delay; and transport in the tls family) measured in a later file
 replaces the same point of an earlier one; a point that failed never replaces one that was measured. The result keeps every
 run's command, date and duration under "runs", and `command` says it was merged. Then draw the
 plots with `target/release/shrink-bench --replot OUT.json --out DIR`.
@@ -17,7 +17,7 @@ def key(p):
     # before the tls family have none: they ran in clear text), except in the tls family, which
     # measures both transports on purpose.
     transport = p.get("transport", "plain") if p["family"] == "tls" else None
-    return (p["family"], p["workload"], p["vms"], p["rate_mbit"], p["chunk"], transport)
+    return (p["family"], p["workload"], p["vms"], p["rate_mbit"], p["chunk"], p.get("wan_delay_ms", 0), transport)
 
 
 def main(out, inputs):

@@ -85,14 +85,14 @@ if e:
             + (", `fig-tls.png`." if any(p["family"] == "tls" for p in pts) else
                ". What TLS costs (another machine, Intel Xeon, 2026-12-02, `target/release/shrink-bench --families tls --sizes 16`): `eval-tls.json`, `fig-tls.png`, and the table in the top-level README's Encryption section.")
             + " The transport column says how shrink's VMMs migrated: `tls` as deployed, `plain` for the points measured before TLS existed, in clear text (TLS costs 12–19 % in time on 2 cores; QEMU runs in clear text in every point).", "",
-            "| family | workload | VMs | Mbit/s | chunk | transport | shrink | --no-dedup | QEMU | QEMU multifd+zstd | lower bound | shrink/QEMU bytes, time | shrink/QEMU-zstd bytes, time | shrink/no-dedup bytes, time | downtime mean / max: shrink, QEMU, QEMU-zstd | deduplicated | from peers | from repository | pulled | shrink disk MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| family | workload | VMs | Mbit/s | one-way delay | chunk | transport | shrink | --no-dedup | QEMU | QEMU multifd+zstd | lower bound | shrink/QEMU bytes, time | shrink/QEMU-zstd bytes, time | shrink/no-dedup bytes, time | downtime mean / max: shrink, QEMU, QEMU-zstd | deduplicated | from peers | from repository | pulled | shrink disk MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tls = [p for p in pts if p["family"] == "tls"]
     pts = [p for p in pts if p["family"] != "tls"]
     for p in pts:
         s_, r = p["shrink"], p["ratios"]
         lb = p["lower_bound"]
-        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {p.get('transport', 'plain')} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | {cell(p, 'qemu_zstd')} | "
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p.get('wan_delay_ms', 0)} ms | {p['chunk']} | {p.get('transport', 'plain')} | {cell(p, 'shrink')} | {cell(p, 'no_dedup')} | {cell(p, 'qemu')} | {cell(p, 'qemu_zstd')} | "
                    f"{sec(lb['time_ms']):.1f} s, {mb(lb['bytes']):.0f} MB | {ratio(r['wan_bytes_shrink_over_qemu'])}, {ratio(r['time_shrink_over_qemu'])} | "
                    f"{ratio(r.get('wan_bytes_shrink_over_qemu_zstd'))}, {ratio(r.get('time_shrink_over_qemu_zstd'))} | "
                    f"{ratio(r['wan_bytes_shrink_over_no_dedup'])}, {ratio(r['time_shrink_over_no_dedup'])} | {down(p, 'shrink')}, {down(p, 'qemu')}, {down(p, 'qemu_zstd')} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_.get('repository', 0)} | {s_['pulled']} | {mb((s_.get('disk') or {}).get('wan_bytes', 0)):.1f} |")
@@ -118,6 +118,13 @@ if e:
                        f"{s_.get('machine_cpu_s', 0):.1f} CPU-s | {down(p, 'shrink')} |")
     for p in failed:
         out.append(f"\nFailed: {p['family']} family, {p['vms']} VMs, {p['workload']}, {p['rate_mbit']} Mbit/s: {p['error']}")
+    lat = [p for p in pts if p.get("wan_rtt_ms") and p.get("wan_delay_ms")]
+    if lat:
+        out += ["", "WAN round trip between the border routers (ping, 200 × 10 ms apart, before the moves): what the delay line adds beyond twice its delay.", "",
+                "| one-way delay | RTT min / avg / max | mdev | added to 2 × delay (avg) |", "|---|---|---|---|"]
+        for p in sorted(lat, key=lambda p: p["wan_delay_ms"]):
+            r, d = p["wan_rtt_ms"], p["wan_delay_ms"]
+            out.append(f"| {d} ms | {r['min']:.3f} / {r['avg']:.3f} / {r['max']:.3f} ms | {r['mdev']:.3f} ms | {r['avg'] - 2 * d:.3f} ms |")
     sp = e.get("source_pipeline") or {}
     if sp:
         out += ["", f"Source pipeline (one thread, SHA-256 + pipelined SET NX): {sp['hash_and_coordination_pages_per_s']:.0f} pages/s, {sp['fraction_of_hash_limit'] * 100:.0f} % of the hash-only limit ({sp['hash_only_pages_per_s']:.0f} pages/s)."]

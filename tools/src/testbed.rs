@@ -175,13 +175,26 @@ pub struct Options {
     pub wan_rate: String,
     /// Compute hosts per site.
     pub hosts_per_site: usize,
+    /// One-way WAN delay, ms (0: none), added by a delay line between the border routers
+    /// ([`crate::delayline`]).
+    #[serde(default)]
+    pub wan_delay_ms: u64,
 }
 
+/// The longest one-way WAN delay the testbed offers, ms.
+pub const MAX_WAN_DELAY_MS: u64 = 1000;
+
 impl Options {
-    /// Defaults for testbed `name`: directory `/tmp/shrink-testbed-<name>`, 100 Mbit/s WAN, two
-    /// hosts per site.
+    /// Defaults for testbed `name`: directory `/tmp/shrink-testbed-<name>`, 100 Mbit/s WAN
+    /// without added delay, two hosts per site.
     pub fn new(name: &str) -> Options {
-        Options { name: name.to_owned(), dir: default_dir(name), wan_rate: "100mbit".into(), hosts_per_site: 2 }
+        Options {
+            name: name.to_owned(),
+            dir: default_dir(name),
+            wan_rate: "100mbit".into(),
+            hosts_per_site: 2,
+            wan_delay_ms: 0,
+        }
     }
 }
 
@@ -535,6 +548,14 @@ pub fn isolate(hide: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// ping's summary `rtt min/avg/max/mdev = 0.1/0.2/0.3/0.04 ms`, as numbers.
+fn parse_ping_rtt(out: &str) -> Option<[f64; 4]> {
+    let line = out.lines().find(|l| l.contains("min/avg/max"))?;
+    let values = line.split('=').nth(1)?.split_whitespace().next()?;
+    let v: Vec<f64> = values.split('/').filter_map(|x| x.parse().ok()).collect();
+    v.try_into().ok()
+}
+
 /// `s` as a TOML basic string (JSON's escapes are TOML's).
 fn toml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
@@ -630,6 +651,12 @@ impl Testbed {
         }
         if !(1..=8).contains(&opts.hosts_per_site) {
             return Err(TestbedError::Failed(format!("{} hosts per site: 1 to 8", opts.hosts_per_site)));
+        }
+        if opts.wan_delay_ms > MAX_WAN_DELAY_MS {
+            return Err(TestbedError::Failed(format!(
+                "WAN delay {} ms: at most {MAX_WAN_DELAY_MS} ms one way",
+                opts.wan_delay_ms
+            )));
         }
         down(&opts.name, &opts.dir)?;
         io(&opts.dir, std::fs::create_dir_all(&opts.dir))?;
@@ -776,6 +803,9 @@ impl Testbed {
             all.extend([format!("{l}sw"), format!("{l}gw"), format!("{l}rt"), format!("{l}cl")]);
             all.extend((1..=o.hosts_per_site).map(|k| format!("{l}h{k}")));
         }
+        if o.wan_delay_ms > 0 {
+            all.push("wan".into());
+        }
         for role in &all {
             let ns = self.ns(role);
             netns::run(&["ip", "netns", "add", &ns])?;
@@ -826,15 +856,20 @@ impl Testbed {
                 self.ip(&h, &["route", "add", "172.16.0.0/16", "via", &format!("{}.254", s.mgmt_net())])?;
             }
         }
-        // The WAN.
+        // The WAN: a veth between the routers, or with a delay, one from each router to the
+        // delay line's namespace.
         let (ra, rb) = (self.ns("art"), self.ns("brt"));
-        self.ip(
-            &ra,
-            &[
-                "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", "wan0", "mtu", "1600", "netns",
-                &rb,
-            ],
-        )?;
+        if o.wan_delay_ms == 0 {
+            self.ip(
+                &ra,
+                &[
+                    "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", "wan0", "mtu", "1600",
+                    "netns", &rb,
+                ],
+            )?;
+        } else {
+            self.delay_line(&ra, &rb)?;
+        }
         for (s, rt) in [(Site::A, &ra), (Site::B, &rb)] {
             let other = s.other();
             self.ip(rt, &["addr", "add", &format!("192.168.100.{}/24", s.n() + 1), "dev", "wan0"])?;
@@ -904,6 +939,45 @@ impl Testbed {
             }
         }
         Ok(())
+    }
+
+    /// The routers' `wan0`s, each a veth into `<n>-wan` (`wa`, `wb`), and the delay line
+    /// between those (`shrink-testbed delay-line`, its log `<dir>/delay-line.log`). Checksum and
+    /// segmentation offloads are off on every end, so the line handles complete frames of the
+    /// link's MTU (not 64 KiB aggregates, nor TCP segments whose checksum a NIC would fill in:
+    /// forwarded as they are, those would arrive corrupt); it may hold twice the link rate × the
+    /// delay in each direction.
+    fn delay_line(&self, ra: &str, rb: &str) -> Result<()> {
+        let o = &self.state.opts;
+        let wan = self.ns("wan");
+        for (rt, end) in [(ra, "wa"), (rb, "wb")] {
+            self.ip(
+                rt,
+                &[
+                    "link", "add", "wan0", "mtu", "1600", "type", "veth", "peer", "name", end, "mtu", "1600", "netns",
+                    &wan,
+                ],
+            )?;
+            self.ip(&wan, &["link", "set", end, "up"])?;
+            for (ns, dev) in [(rt, "wan0"), (wan.as_str(), end)] {
+                self.exec(ns, &["ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off", "gro", "off"])?;
+            }
+        }
+        let bps = rate_bps(&o.wan_rate).unwrap_or(100_000_000);
+        let limit = (2 * bps / 8 * o.wan_delay_ms / 1000).max(1 << 20).to_string();
+        let delay = o.wan_delay_ms.to_string();
+        let bin = self.state.bins.testbed.display().to_string();
+        let args = [bin.as_str(), "delay-line", "--delay-ms", &delay, "--limit-bytes", &limit, "wa", "wb"];
+        spawn_detached(self.dir(), "delay-line", &wan, &args, &self.path("delay-line.log"))?;
+        Ok(())
+    }
+
+    /// The WAN's round trip between the border routers: `count` pings 10 ms apart (56-byte
+    /// payloads, through the shaping and the delay line), as ping's `(min, avg, max, mdev)`, ms.
+    pub fn wan_rtt(&self, count: u32) -> Result<[f64; 4]> {
+        let n = count.max(1).to_string();
+        let out = self.exec(&self.ns("art"), &["ping", "-q", "-n", "-i", "0.01", "-c", &n, "192.168.100.2"])?;
+        parse_ping_rtt(&out).ok_or_else(|| TestbedError::Failed(format!("no round-trip times from ping: {out}")))
     }
 
     /// vnetd's configuration for `site`.
@@ -1459,6 +1533,13 @@ impl Testbed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_round_trips_are_read_from_its_summary() {
+        let out = "--- 192.168.100.2 ping statistics ---\n200 packets transmitted, 200 received, 0% packet loss, time 2400ms\nrtt min/avg/max/mdev = 100.051/100.210/101.377/0.141 ms\n";
+        assert_eq!(parse_ping_rtt(out), Some([100.051, 100.210, 101.377, 0.141]));
+        assert_eq!(parse_ping_rtt("100% packet loss"), None);
+    }
 
     #[test]
     fn wan_rates_parse_like_tc_and_bad_ones_are_refused() {

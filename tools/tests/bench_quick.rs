@@ -38,9 +38,23 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     let points = doc["points"].as_array().unwrap();
     let families: Vec<&str> = points.iter().map(|p| p["family"].as_str().unwrap()).collect();
-    assert_eq!(families, ["size", "workload", "workload", "bandwidth", "granularity", "tls", "tls"], "{err}");
+    assert_eq!(
+        families,
+        ["size", "workload", "workload", "bandwidth", "granularity", "latency", "tls", "tls"],
+        "{err}"
+    );
     let transports: Vec<&str> = points.iter().map(|p| p["transport"].as_str().unwrap()).collect();
-    assert_eq!(transports, ["tls", "tls", "tls", "tls", "tls", "tls", "plain"], "TLS unless measured without");
+    assert_eq!(transports, ["tls", "tls", "tls", "tls", "tls", "tls", "tls", "plain"], "TLS unless measured without");
+    // The latency family's WAN holds every frame 20 ms each way; the others' add nothing.
+    for p in points {
+        let (delay, rtt_min) = (u(&p["wan_delay_ms"]), p["wan_rtt_ms"]["min"].as_f64().unwrap());
+        assert_eq!(delay, if p["family"] == "latency" { 20 } else { 0 }, "{p:#}");
+        if delay > 0 {
+            assert!(rtt_min >= 2.0 * delay as f64, "the delay line delays: {}", p["wan_rtt_ms"]);
+        } else {
+            assert!(rtt_min < 20.0, "no delay line: {}", p["wan_rtt_ms"]);
+        }
+    }
     for p in points {
         assert!(p.get("error").is_none(), "{p:#}");
         let s = &p["shrink"];
@@ -95,6 +109,7 @@ fn the_quick_evaluation_measures_every_family_and_draws_the_plots() {
         "fig-bandwidth.png",
         "fig-granularity.png",
         "fig-tls.png",
+        "fig-latency.png",
         "fig-network.png",
     ] {
         let b = std::fs::read(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));

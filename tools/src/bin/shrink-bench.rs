@@ -32,9 +32,9 @@ struct Cli {
     /// Where eval.json and the plots go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Families to run: size, workload, bandwidth, granularity, tls (network timings come with
-    /// every run).
-    #[arg(long, value_delimiter = ',', default_value = "size,workload,bandwidth,granularity,tls")]
+    /// Families to run: size, workload, bandwidth, granularity, tls, latency (network timings
+    /// come with every run).
+    #[arg(long, value_delimiter = ',', default_value = "size,workload,bandwidth,granularity,tls,latency")]
     families: Vec<String>,
     /// Workloads of the workload family (`mem`, `io`).
     #[arg(long, value_delimiter = ',', default_value = "mem,io")]
@@ -48,6 +48,12 @@ struct Cli {
     /// Chunk sizes (granularity family; the others use 4096).
     #[arg(long, value_delimiter = ',')]
     chunks: Option<Vec<u32>>,
+    /// One-way WAN delays, ms (latency family; the others use --wan-delay-ms).
+    #[arg(long, value_delimiter = ',')]
+    delays: Option<Vec<u64>>,
+    /// One-way WAN delay of every family but latency, ms.
+    #[arg(long, default_value_t = 0)]
+    wan_delay_ms: u64,
     /// Leave QEMU out.
     #[arg(long)]
     no_qemu: bool,
@@ -71,6 +77,8 @@ struct Point {
     baselines: bool,
     /// The VMMs migrate in clear text (the tls family's reference points).
     plain_tcp: bool,
+    /// One-way WAN delay, ms.
+    delay_ms: u64,
 }
 
 /// The VM of the runs.
@@ -171,14 +179,22 @@ fn disks_of(tb: &Testbed, keep: &Path) -> Result<Vec<eval::DiskContent>, String>
 fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String> {
     let e = |e: testbed::TestbedError| e.to_string();
     let dir = testbed::default_dir(&cli.name);
-    let opts =
-        Options { name: cli.name.clone(), dir: dir.clone(), wan_rate: format!("{}mbit", p.rate), hosts_per_site: 2 };
+    let opts = Options {
+        name: cli.name.clone(),
+        dir: dir.clone(),
+        wan_rate: format!("{}mbit", p.rate),
+        hosts_per_site: 2,
+        wan_delay_ms: p.delay_ms,
+    };
     let bps = p.rate * 1_000_000;
     let mut tb = Testbed::up(opts.clone(), bins.clone()).map_err(e)?;
     if p.chunk != 4096 {
         // (`up` indexes the repositories at 4096-byte chunks.)
         tb.index_repositories_at(&[p.chunk]).map_err(e)?;
     }
+    // The WAN's round trip as the moves will see it (rate shaping, delay line), before any
+    // traffic.
+    let rtt = tb.wan_rtt(200).map_err(e)?;
     let spec = spec(vm, p);
     tb.boot(&spec).map_err(e)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -210,7 +226,8 @@ fn run_point(cli: &Cli, bins: &Bins, vm: &Vm, p: &Point) -> Result<Value, String
     let ratio = |a: &Value, b: Option<&Value>, k: &str| b.map(|b| u(&a[k]) as f64 / u(&b[k]).max(1) as f64);
     Ok(json!({
         "family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk,
-        "transport": if p.plain_tcp { "plain" } else { "tls" },
+        "transport": if p.plain_tcp { "plain" } else { "tls" }, "wan_delay_ms": p.delay_ms,
+        "wan_rtt_ms": {"min": rtt[0], "avg": rtt[1], "max": rtt[2], "mdev": rtt[3]},
         "vm": {"mem": spec.mem, "preload": spec.preload, "private": spec.private, "cmdline_extra": spec.extra},
         "lower_bound": {"bytes": bound.bytes, "time_ms": bound.time_ms(bps), "distinct_chunks": bound.distinct, "nonuniform_chunks": bound.nonuniform, "uniform_chunks": bound.uniform,
                         "in_repository_chunks": bound.in_repository, "disk_chunks": bound.disk_chunks},
@@ -247,6 +264,7 @@ fn matrix(cli: &Cli) -> Vec<Point> {
         chunk,
         baselines,
         plain_tcp: false,
+        delay_ms: cli.wan_delay_ms,
     };
     // The size family's largest point is also the bandwidth family's 100 Mbit/s point and the
     // granularity family's 4096-byte point.
@@ -272,6 +290,15 @@ fn matrix(cli: &Cli) -> Vec<Point> {
     if want("granularity") {
         for &c in chunks.iter().filter(|&&c| c != 4096) {
             pts.push(p("granularity", "idle", nmax, 100, c, false));
+        }
+    }
+    if want("latency") {
+        // The WAN's one-way delay, at 100 Mbit/s (0 ms is the size family's point, when the
+        // others run without delay).
+        let delays = cli.delays.clone().unwrap_or(if cli.quick { vec![20] } else { vec![0, 10, 50, 100] });
+        let size_point = want("size") || want("bandwidth") || want("granularity");
+        for d in delays.into_iter().filter(|&d| d != cli.wan_delay_ms || !size_point) {
+            pts.push(Point { delay_ms: d, ..p("latency", "idle", nmax, 100, 4096, true) });
         }
     }
     if want("tls") {
@@ -327,7 +354,7 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
     let mut made = Vec::new();
     let sel = |f: &dyn Fn(&Value) -> bool| -> Vec<&Value> {
         let mut v: Vec<&Value> = points.iter().filter(|p| p.get("error").is_none() && f(p)).collect();
-        v.sort_by_key(|p| (u(&p["vms"]), u(&p["rate_mbit"]), u(&p["chunk"])));
+        v.sort_by_key(|p| (u(&p["vms"]), u(&p["rate_mbit"]), u(&p["chunk"]), u(&p["wan_delay_ms"])));
         v
     };
     fn some(v: &Value) -> Option<&Value> {
@@ -403,6 +430,24 @@ fn plots(out: &Path, points: &[Value]) -> Result<Vec<String>, String> {
         vec![
             panel("total migration time", "WAN Mbit/s", "s", systems(&bw, &rate, &time, Some(&btime))),
             panel("bytes over the WAN", "WAN Mbit/s", "MB", systems(&bw, &rate, &bytes, Some(&bbytes))),
+        ],
+    )?;
+    // The WAN's delay, at the largest cluster and 100 Mbit/s.
+    let lat = sel(&|p| {
+        u(&p["vms"]) == nmax
+            && p["workload"] == "idle"
+            && u(&p["chunk"]) == 4096
+            && u(&p["rate_mbit"]) == 100
+            && p["transport"] != "plain"
+            && (p["family"] == "latency" || p["family"] == "size")
+    });
+    let delay = |p: &Value| u(&p["wan_delay_ms"]) as f64;
+    fig(
+        "fig-latency.png",
+        &format!("{nmax} idle VMs, 100 Mbit/s, one-way WAN delay"),
+        vec![
+            panel("total migration time", "one-way delay, ms", "s", systems(&lat, &delay, &time, Some(&btime))),
+            panel("bytes over the WAN", "one-way delay, ms", "MB", systems(&lat, &delay, &bytes, Some(&bbytes))),
         ],
     )?;
     // What TLS costs: the same move over TLS and in clear text, at each rate.
@@ -547,7 +592,7 @@ fn document(cli: &Cli, vm: &Vm, points: &[Value], pipeline: Option<&Value>, t0: 
         "quick": cli.quick,
         "machine": shrink_testutil::util::machine(),
         "complete": complete,
-        "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue), no added latency",
+        "testbed": "two sites in network namespaces, 2 compute hosts each, vnetd gateways, WAN shaped with tc tbf (50 ms queue); one-way delay per point (wan_delay_ms, a user-space delay line between the border routers; wan_rtt_ms: ping's min/avg/max/mdev between them, 200 pings before the moves)",
         "vm": {"memory_mib": vm.mem_mib, "preload": vm.preload, "private": vm.private,
             "mix": "preload = the first bytes of the Debian base image read into memory (OS content shared by the VMs of the image); private = pseudo-random memory of the VM's own"},
         "qemu": "live: the same guest, command line and disk on qemu-system-x86_64 -M microvm -accel kvm -kernel (PVH) at site-A hosts, taps on the hosts' br0, migrated all at once to QEMUs started with -incoming at site-B hosts; qemu = plain pre-copy (QEMU's defaults, 300 ms downtime limit), qemu_zstd = multifd, 2 channels, multifd-compression zstd; max-bandwidth unlimited; disks moved as libvirt does without shared storage (NBD export of a new overlay on site B's base, blockdev-mirror sync=top, migrate when ready with pause-before-switchover, the mirror completed while the guest is paused, the destination started with -S and resumed then); a move ends when the destination runs, and its downtime runs until then; wan_net_bytes = link bytes less the probes' own traffic (calibrated over 2 s before each move), for every system",
@@ -583,8 +628,9 @@ fn main() -> ExitCode {
     }
     let r = (|| -> Result<usize, String> {
         for f in &cli.families {
-            if !["size", "workload", "bandwidth", "granularity", "tls"].contains(&f.as_str()) {
-                return Err(format!("--families: '{f}' is not one of size, workload, bandwidth, granularity, tls"));
+            const FAMILIES: [&str; 6] = ["size", "workload", "bandwidth", "granularity", "tls", "latency"];
+            if !FAMILIES.contains(&f.as_str()) {
+                return Err(format!("--families: '{f}' is not one of {}", FAMILIES.join(", ")));
             }
         }
         if let Some(w) = cli.workloads.iter().find(|w| !["mem", "io"].contains(&w.as_str())) {
@@ -592,6 +638,10 @@ fn main() -> ExitCode {
         }
         if cli.sizes.as_ref().is_some_and(|s| s.contains(&0)) || cli.rates.as_ref().is_some_and(|r| r.contains(&0)) {
             return Err("--sizes and --rates take positive numbers".into());
+        }
+        let max_delay = testbed::MAX_WAN_DELAY_MS;
+        if let Some(d) = cli.delays.iter().flatten().chain([&cli.wan_delay_ms]).find(|&&d| d > max_delay) {
+            return Err(format!("WAN delay {d} ms: at most {max_delay} ms one way"));
         }
         let sizes = migrate::protocol::CHUNK_SIZES;
         if let Some(c) = cli.chunks.as_ref().and_then(|c| c.iter().find(|&&c| !sizes.contains(&(c as usize)))) {
@@ -616,13 +666,14 @@ fn main() -> ExitCode {
         let mut failed = 0;
         for (i, p) in pts.iter().enumerate() {
             eprintln!(
-                "[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {}-byte chunks, {}{} ({:.0} s so far)",
+                "[{}/{}] {} family: {} VMs, {} workload, {} Mbit/s, {} ms one way, {}-byte chunks, {}{} ({:.0} s so far)",
                 i + 1,
                 pts.len(),
                 p.family,
                 p.vms,
                 p.workload,
                 p.rate,
+                p.delay_ms,
                 p.chunk,
                 if p.plain_tcp { "plain TCP" } else { "TLS" },
                 if p.baselines { ", with --no-dedup and QEMU" } else { "" },
@@ -659,7 +710,7 @@ fn main() -> ExitCode {
                     eprintln!("    failed: {e}");
                     failed += 1;
                     let _ = testbed::down(&cli.name, &testbed::default_dir(&cli.name));
-                    done.push(json!({"family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk, "error": e}));
+                    done.push(json!({"family": p.family, "workload": p.workload, "vms": p.vms, "rate_mbit": p.rate, "chunk": p.chunk, "wan_delay_ms": p.delay_ms, "error": e}));
                 }
             }
             write(&document(&cli, &vm, &done, None, t0, false))?;

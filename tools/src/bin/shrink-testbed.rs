@@ -36,6 +36,9 @@ struct Net {
     /// WAN rate between the sites (tc syntax: 100mbit, 1gbit).
     #[arg(long, default_value = "100mbit")]
     wan_rate: String,
+    /// One-way WAN delay, ms (0 to 1000), added in user space between the border routers.
+    #[arg(long, default_value_t = 0)]
+    wan_delay_ms: u64,
     /// Compute hosts per site.
     #[arg(long, default_value_t = 2)]
     hosts: usize,
@@ -122,6 +125,19 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// The WAN's delay line (how the testbed adds `--wan-delay-ms`): frames read on interface A
+    /// go out on B after the delay, and the other way round.
+    #[command(hide = true)]
+    DelayLine {
+        /// One-way delay.
+        #[arg(long)]
+        delay_ms: u64,
+        /// Most bytes held in each direction (more is dropped).
+        #[arg(long)]
+        limit_bytes: usize,
+        a: String,
+        b: String,
+    },
     /// Run CMD in a mount namespace of its own, with every DIR hidden under an empty read-only
     /// tmpfs (how the testbed runs processes on a site's hosts).
     #[command(hide = true)]
@@ -155,7 +171,13 @@ fn bins(net: &Net) -> Result<Bins, String> {
 }
 
 fn opts(cli: &Cli, net: &Net) -> Options {
-    Options { name: cli.name.clone(), dir: dir(cli), wan_rate: net.wan_rate.clone(), hosts_per_site: net.hosts }
+    Options {
+        name: cli.name.clone(),
+        dir: dir(cli),
+        wan_rate: net.wan_rate.clone(),
+        hosts_per_site: net.hosts,
+        wan_delay_ms: net.wan_delay_ms,
+    }
 }
 
 fn dir(cli: &Cli) -> PathBuf {
@@ -171,10 +193,11 @@ fn main() -> ExitCode {
     let r = match &cli.cmd {
         Cmd::Up(net) => bins(net).and_then(|b| Testbed::up(opts(&cli, net), b).map_err(|e| e.to_string())).map(|tb| {
             println!(
-                "testbed '{}' is up: {} namespaces, vnetd and Redis at both sites; WAN {}",
+                "testbed '{}' is up: {} namespaces, vnetd and Redis at both sites; WAN {}, {} ms one way",
                 cli.name,
                 testbed::namespaces(&cli.name).len(),
-                net.wan_rate
+                net.wan_rate,
+                net.wan_delay_ms
             );
             println!(
                 "next: shrink-testbed --name {} boot   (then shrink-migrate --cluster {} --dest siteB)",
@@ -219,6 +242,10 @@ fn main() -> ExitCode {
         }),
         Cmd::Demo { net, cluster, report, keep } => demo(&cli, net, cluster, report.as_deref(), *keep),
         Cmd::Isolate { hide, cmd } => return isolate(hide, cmd),
+        Cmd::DelayLine { delay_ms, limit_bytes, a, b } => {
+            shrink_tools::delayline::run(a, b, Duration::from_millis(*delay_ms), *limit_bytes)
+                .map_err(|e| e.to_string())
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
