@@ -38,8 +38,8 @@ struct Args {
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     mem: String,
 
-    /// vCPUs (1 to 32), listed in the MP table; the guest starts the others with INIT and a
-    /// startup IPI.
+    /// vCPUs (1 to 32), listed in the MP table and the ACPI MADT; vCPU 0 boots, the guest
+    /// starts the others with INIT and start-up IPIs.
     #[arg(long, value_name = "N", default_value = "1")]
     cpus: String,
 

@@ -76,13 +76,8 @@ fn one_two_and_four_vcpus_boot_and_every_one_runs_the_workload() {
             assert!(!vm.serial_text().contains("vcpu 1:"), "{}", vm.serial_text());
         } else {
             vm.wait_for(&format!("workload mem: shared by {n} vcpus"), BOOT);
+            // Each AP counts its own heartbeat and dirties its own pages: it runs.
             wait_aps_past(&vm, n, &vec![(0, 0); usize::from(n - 1)], "after boot");
-            // Each vCPU exits to the VMM on its own (its LAPIC timer, its MMIO).
-            let status = vm.exec("status", json!({}));
-            for v in status["vcpus"].as_array().unwrap() {
-                let exits: u64 = v["exits"].as_object().unwrap().values().map(|x| x.as_u64().unwrap()).sum();
-                assert!(exits > 0, "vCPU {} never ran: {status}", v["id"]);
-            }
         }
     }
 }

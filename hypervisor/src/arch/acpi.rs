@@ -6,14 +6,18 @@
 //! vCPU index), the IOAPIC (ID = vCPU count, GSI base 0, pins routed as the ISA IRQs of the same
 //! number, as KVM's in-kernel irqchip does), NMI on LINT1, and 8259 PICs present.
 //!
-//! No FADT or DSDT: the guest gets no ACPI namespace (power button, sleep states), only the
-//! processor topology. Linux then turns ACPI off after reading the MADT.
+//! A FADT says the platform is hardware-reduced (no SCI, no PM timer, no fixed ACPI hardware):
+//! without it, Linux would set up an SCI on IRQ 0 with ACPI's defaults for it (level,
+//! active-low), against the edge-triggered PIT. There is no DSDT: the guest gets no ACPI
+//! namespace (power button, sleep states), only the processor topology; Linux turns the rest of
+//! ACPI off when it finds none.
 //!
-//! | at                 | table                                          |
-//! |--------------------|------------------------------------------------|
+//! | at                 | table                                           |
+//! |--------------------|-------------------------------------------------|
 //! | [`RSDP_START`]     | RSDP (ACPI 2.0, 36 bytes), pointing at the XSDT |
-//! | `+ 0x30`           | XSDT, one entry: the MADT                      |
-//! | `+ 0x60`           | MADT                                           |
+//! | `+ 0x30`           | XSDT: the MADT and the FADT                     |
+//! | next 16 bytes      | MADT                                            |
+//! | next 16 bytes      | FADT (ACPI 6, 276 bytes)                        |
 //!
 //! The RSDP sits in the BIOS area that ACPI's search covers (0xE0000..0xFFFFF, 16-byte
 //! aligned), reserved in the e820 map. [`build`] is pure; [`write`] puts the bytes in guest
@@ -21,12 +25,15 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::mptable::{IOAPIC_ADDRESS, LAPIC_ADDRESS, MAX_VCPUS};
+use super::mptable::{checksum, IOAPIC_ADDRESS, LAPIC_ADDRESS, MAX_VCPUS};
 
 /// Where the RSDP goes (the XSDT and MADT follow it).
 pub const RSDP_START: u64 = 0xe_0000;
 const XSDT_OFFSET: usize = 0x30;
-const MADT_OFFSET: usize = 0x60;
+/// FADT length for ACPI 6.0 and later (revision 6).
+const FADT_LENGTH: usize = 276;
+/// FADT flags: HW_REDUCED_ACPI.
+const FADT_HW_REDUCED: u32 = 1 << 20;
 const HEADER: usize = 36;
 const OEM_ID: &[u8; 6] = b"SHRINK";
 const OEM_TABLE_ID: &[u8; 8] = b"SHRINKVM";
@@ -40,10 +47,6 @@ pub enum AcpiError {
     /// Writing guest memory failed.
     #[error("cannot write the ACPI tables into guest memory: {0}")]
     Memory(String),
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
 }
 
 /// A system description table: the standard header, then `body`, checksummed.
@@ -84,7 +87,22 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, AcpiError> {
     madt.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
     let madt = table(b"APIC", 4, &madt);
 
-    let xsdt = table(b"XSDT", 1, &(base + MADT_OFFSET as u64).to_le_bytes());
+    // FADT body (after the header): everything zero (no FACS, no DSDT, no fixed hardware)
+    // but the flags, the minor version and the hypervisor's name.
+    let mut fadt = vec![0u8; FADT_LENGTH - HEADER];
+    fadt[112 - HEADER..116 - HEADER].copy_from_slice(&FADT_HW_REDUCED.to_le_bytes());
+    fadt[131 - HEADER] = 3; // FADT minor version (ACPI 6.3)
+    fadt[268 - HEADER..276 - HEADER].copy_from_slice(b"SHRINKVM");
+    let fadt = table(b"FACP", 6, &fadt);
+
+    // The XSDT's two entries, then the MADT and the FADT, each 16-byte aligned.
+    let madt_at = (XSDT_OFFSET + HEADER + 16).next_multiple_of(16);
+    let fadt_at = (madt_at + madt.len()).next_multiple_of(16);
+    let mut entries = Vec::new();
+    for at in [madt_at, fadt_at] {
+        entries.extend_from_slice(&(base + at as u64).to_le_bytes());
+    }
+    let xsdt = table(b"XSDT", 1, &entries);
 
     let mut rsdp = Vec::with_capacity(36);
     rsdp.extend_from_slice(b"RSD PTR ");
@@ -98,10 +116,11 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, AcpiError> {
     rsdp[8] = checksum(&rsdp[..20]);
     rsdp[32] = checksum(&rsdp);
 
-    let mut out = vec![0u8; MADT_OFFSET + madt.len()];
+    let mut out = vec![0u8; fadt_at + fadt.len()];
     out[..rsdp.len()].copy_from_slice(&rsdp);
     out[XSDT_OFFSET..XSDT_OFFSET + xsdt.len()].copy_from_slice(&xsdt);
-    out[MADT_OFFSET..].copy_from_slice(&madt);
+    out[madt_at..madt_at + madt.len()].copy_from_slice(&madt);
+    out[fadt_at..].copy_from_slice(&fadt);
     Ok(out)
 }
 
@@ -139,6 +158,13 @@ mod tests {
             let xsdt = &t[xsdt_at..xsdt_at + u32_at(&t, xsdt_at + 4) as usize];
             assert_eq!(&xsdt[..4], b"XSDT");
             assert_eq!(sum(xsdt), 0, "XSDT checksum");
+            assert_eq!(xsdt.len(), HEADER + 16, "two entries");
+            let fadt_at = (u64_at(xsdt, HEADER + 8) - RSDP_START) as usize;
+            let fadt = &t[fadt_at..fadt_at + u32_at(&t, fadt_at + 4) as usize];
+            assert_eq!((&fadt[..4], fadt.len(), fadt[8]), (&b"FACP"[..], FADT_LENGTH, 6));
+            assert_eq!(sum(fadt), 0, "FADT checksum");
+            assert_eq!(u32_at(fadt, 112), FADT_HW_REDUCED, "hardware-reduced, nothing else");
+            assert_eq!(u32_at(fadt, 40), 0, "no DSDT");
             let madt_at = (u64_at(xsdt, HEADER) - RSDP_START) as usize;
             let madt = &t[madt_at..madt_at + u32_at(&t, madt_at + 4) as usize];
             assert_eq!(&madt[..4], b"APIC");
@@ -163,6 +189,7 @@ mod tests {
             assert_eq!(cpus, (0..n).map(|i| (i, i)).collect::<Vec<_>>());
             assert_eq!(ioapic, Some((n, IOAPIC_ADDRESS)));
             assert!(RSDP_START + t.len() as u64 <= 0xf_0000, "inside the BIOS area");
+            assert!(xsdt_at + xsdt.len() <= madt_at && madt_at + madt.len() <= fadt_at, "no overlap");
         }
     }
 

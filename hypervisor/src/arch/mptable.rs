@@ -11,7 +11,7 @@
 //! | one processor per vCPU   | APIC ID = vCPU index, enabled; vCPU 0 is the boot CPU |
 //! | one bus                  | ISA, bus 0                                             |
 //! | one IOAPIC               | ID = vCPU count, at `0xfec00000`                       |
-//! | an I/O interrupt per pin | bus 0 IRQ n to IOAPIC pin n (n < 24)                   |
+//! | an I/O interrupt per IRQ | ISA IRQ n to IOAPIC pin n (n < 16)                     |
 //! | two local interrupts     | ExtINT on LINT0 of CPU 0, NMI on LINT1 of every CPU    |
 //!
 //! [`build`] is pure; [`write`] puts its bytes into guest memory.
@@ -28,8 +28,8 @@ pub const MAX_VCPUS: u8 = 32;
 pub const LAPIC_ADDRESS: u32 = 0xfee0_0000;
 /// The IOAPIC's address (KVM's in-kernel IOAPIC).
 pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
-/// Pins of KVM's IOAPIC.
-pub const IOAPIC_PINS: u8 = 24;
+/// ISA interrupts (routed to the IOAPIC pins of the same number).
+const ISA_IRQS: u8 = 16;
 
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
@@ -52,15 +52,16 @@ pub enum MpTableError {
     /// A vCPU count outside 1..=[`MAX_VCPUS`].
     #[error("{0} vCPUs: a VM has 1 to {MAX_VCPUS}")]
     VcpuCount(u8),
-    /// The table does not fit between its start and the end of low memory.
-    #[error("the MP table ({0} bytes) does not fit below 1 MiB")]
+    /// The table does not fit where it goes.
+    #[error("the MP table ({0} bytes) does not fit in a KiB below 1 MiB")]
     TooLarge(usize),
     /// Writing guest memory failed.
     #[error("cannot write the MP table into guest memory: {0}")]
     Memory(String),
 }
 
-fn checksum(bytes: &[u8]) -> u8 {
+/// The byte that makes `bytes` sum to 0 (MP and ACPI structures alike).
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
 }
 
@@ -86,7 +87,7 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDRESS.to_le_bytes());
     count += 1;
-    for pin in 0..IOAPIC_PINS {
+    for pin in 0..ISA_IRQS {
         // Type, interrupt type, flags (conforming to the bus), source bus and IRQ, IOAPIC, pin.
         entries.extend_from_slice(&[3, INT_VECTORED, 0, 0, 0, pin, ioapic_id, pin]);
         count += 1;
@@ -99,7 +100,8 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     const HEADER: usize = 44;
     let table_len = HEADER + entries.len();
     let total = FLOATING + table_len;
-    if base + total as u64 > HIMEM_START {
+    // Within a KiB (at MPTABLE_START: the EBDA's first, where Linux looks) and below 1 MiB.
+    if total > 1024 || base + total as u64 > HIMEM_START {
         return Err(MpTableError::TooLarge(total));
     }
     let table_addr = (base + FLOATING as u64) as u32;
@@ -184,7 +186,7 @@ mod tests {
         assert_eq!(ioapic[1], 4);
         assert_eq!(u32::from_le_bytes(ioapic[4..8].try_into().unwrap()), IOAPIC_ADDRESS);
         let pins: Vec<u8> = entries(&t).iter().filter(|e| e.0 == 3).map(|e| e.1[7]).collect();
-        assert_eq!(pins, (0..IOAPIC_PINS).collect::<Vec<_>>());
+        assert_eq!(pins, (0..ISA_IRQS).collect::<Vec<_>>());
     }
 
     #[test]

@@ -207,11 +207,12 @@ impl Vcpu {
         self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
         self.fd.set_regs(&regs::boot_regs(entry)).map_err(self.kvm_err("KVM_SET_REGS"))?;
         self.fd.set_fpu(&regs::boot_fpu()).map_err(self.kvm_err("KVM_SET_FPU"))?;
-        Ok(())
+        self.set_lint()
     }
 
-    /// Prepares an application processor (index > 0) of `count`: its CPUID, MSRs and LAPIC as
-    /// for the boot vCPU, its registers as at reset. KVM keeps it waiting for INIT and a
+    /// Prepares an application processor (index > 0) of `count`: its CPUID and MSRs as for the
+    /// boot vCPU, its registers and LAPIC as at reset (LINT pins masked: the MP table and MADT
+    /// route ExtINT to the boot vCPU only). KVM keeps it waiting for INIT and a
     /// startup IPI (`KVM_MP_STATE_UNINITIALIZED`), which the guest sends, as on hardware.
     pub fn configure_ap(&self, kvm: &Kvm, count: u8) -> Result<(), VcpuError> {
         self.configure_cpu(kvm, count)?;
@@ -224,7 +225,7 @@ impl Vcpu {
         Ok(())
     }
 
-    /// What every vCPU starts with: CPUID (its place in the topology), boot MSRs, LINT pins.
+    /// What every vCPU starts with: CPUID (its place in the topology) and boot MSRs.
     fn configure_cpu(&self, kvm: &Kvm, count: u8) -> Result<(), VcpuError> {
         let cpuid = cpuid::vcpu_cpuid(kvm, self.id, count)?;
         self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
@@ -239,7 +240,7 @@ impl Vcpu {
                 stopped_at: msrs.as_slice()[n].index,
             });
         }
-        self.set_lint()
+        Ok(())
     }
 
     /// LINT0 as ExtINT and LINT1 as NMI, as a BIOS leaves them (Linux expects this).

@@ -117,16 +117,16 @@ pub extern "C" fn kernel_main(boot_info: u64, pvh: u64) -> ! {
             Some((base, size)) => {
                 println!("workload mem: base=0x{base:x} size={size} rate={}", config.rate);
                 // Every vCPU rewrites its own part of the working set at its
-                // share of the rate (the boot CPU the first part).
-                let n = cpus as u64;
-                let part = (size / n) & !4095;
-                let w = if n > 1 {
+                // share of the rate (the boot CPU the first part; what is
+                // left over, less than a page per vCPU, stays unused). A set
+                // of fewer pages than vCPUs stays the boot CPU's.
+                let n = if size / 4096 >= cpus as u64 { cpus as u64 } else { 1 };
+                let part = if n > 1 { (size / n) & !4095 } else { size };
+                if n > 1 {
                     println!("workload mem: shared by {n} vcpus, {part} bytes each");
-                    MemWorkload::new(base, part, config.rate / n, config.memtrace, HZ, interrupts::ticks())
-                } else {
-                    MemWorkload::new(base, size, config.rate, config.memtrace, HZ, interrupts::ticks())
-                };
-                Some((w, part))
+                }
+                let w = MemWorkload::new(base, part, config.rate / n, config.memtrace, HZ, interrupts::ticks());
+                Some((w, part, n as usize))
             }
             None => {
                 println!("workload mem: no usable memory above 0x{heap_end:x}, running idle");
@@ -182,13 +182,13 @@ pub extern "C" fn kernel_main(boot_info: u64, pvh: u64) -> ! {
         Some(n) => u64::from_be_bytes([0, 0, n.mac[0], n.mac[1], n.mac[2], n.mac[3], n.mac[4], n.mac[5]]),
         None => config.seed,
     };
-    if let Some((w, part)) = mem_workload.as_mut() {
+    if let Some((w, part, n)) = mem_workload.as_mut() {
         w.start(seed, interrupts::ticks());
-        for i in 1..cpus {
-            smp::give_mem_work(i, w.base() + i as u64 * *part, *part, config.rate / cpus as u64, seed);
+        for i in 1..*n {
+            smp::give_mem_work(i, w.base() + i as u64 * *part, *part, config.rate / *n as u64, seed);
         }
     }
-    let mut mem_workload = mem_workload.map(|(w, _)| w);
+    let mut mem_workload = mem_workload.map(|(w, _, _)| w);
 
     if config.preload > 0 {
         match disk.as_mut() {

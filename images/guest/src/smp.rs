@@ -55,7 +55,6 @@ static AP_BOOT: ApBoot =
 /// One AP's mailbox: written by the AP (started, beats, dirtied) or by the
 /// boot CPU (the work). Index 0 is the boot CPU's and stays unused.
 pub struct ApSlot {
-    apic_id: AtomicU64,
     started: AtomicU64,
     beats: AtomicU64,
     dirtied: AtomicU64,
@@ -69,7 +68,6 @@ pub struct ApSlot {
 impl ApSlot {
     const fn new() -> ApSlot {
         ApSlot {
-            apic_id: AtomicU64::new(0),
             started: AtomicU64::new(0),
             beats: AtomicU64::new(0),
             dirtied: AtomicU64::new(0),
@@ -112,10 +110,8 @@ ap_trampoline_start:
     rdmsr
     or eax, 0x100
     wrmsr
-    mov eax, cr0
-    and eax, 0xfffffffb                 // EM off (the compiler emits SSE)
-    or eax, 0x80000023                  // PG | NE | MP | PE
-    mov cr0, eax
+    mov eax, 0x80000033                 // PG | NE | ET | MP | PE, set exactly:
+    mov cr0, eax                        // caches on (INIT leaves CD | NW), EM off
     .byte 0x66, 0xff, 0x2e              // ljmp (m16:32) [tr_entry]
     .word tr_entry - ap_trampoline_start
     .balign 4
@@ -186,8 +182,9 @@ unsafe fn phys(addr: u64, len: usize) -> &'static [u8] {
 /// first; just this CPU's when there is no valid table.
 pub fn discover() -> vec::Vec<u8> {
     let mut ids = vec::Vec::new();
-    // Where a BIOS puts the floating pointer: the EBDA's first KiB, the
-    // last KiB of base memory, and the BIOS ROM area.
+    // Where a BIOS puts the floating pointer: the first KiB of the EBDA
+    // (which the VMM puts at the end of base memory, 639 KiB; the pointer in
+    // the BIOS data area is not consulted) and the BIOS ROM area.
     for (start, len) in [(0x9_fc00u64, 0x400usize), (0xf_0000, 0x1_0000)] {
         // SAFETY: low memory and the BIOS area are identity-mapped and only
         // read here (the VMM or the firmware wrote them before boot).
@@ -197,7 +194,7 @@ pub fn discover() -> vec::Vec<u8> {
                 continue;
             }
             let table = u64::from(u32::from_le_bytes([fp[4], fp[5], fp[6], fp[7]]));
-            if table == 0 || table >= 0x10_0000 {
+            if table == 0 || table + 44 > 0x10_0000 {
                 continue;
             }
             // SAFETY: as above; the table lies below 1 MiB (checked).
@@ -263,10 +260,12 @@ pub fn start(ids: &[u8], timer_count: u32, regions: &mut Regions) -> usize {
     if aps == 0 {
         return cpus();
     }
-    let Some((mut next, _)) = regions.take(aps * AP_MEMORY, 4096).filter(|r| r.1 >= aps * AP_MEMORY) else {
+    let Some((mut next, got)) = regions.take(aps * AP_MEMORY, 4096) else {
         println!("smp: no memory for the other {aps} vcpus");
         return cpus();
     };
+    // As many APs as the memory found holds.
+    let aps = aps.min(got / AP_MEMORY);
     TIMER_COUNT.store(u64::from(timer_count), Ordering::Relaxed);
     // SAFETY: page 1 is free low memory (below the EBDA, unused by the boot
     // protocols once the boot structures are copied), identity-mapped; the
@@ -278,7 +277,7 @@ pub fn start(ids: &[u8], timer_count: u32, regions: &mut Regions) -> usize {
     }
     let mut index = 0usize;
     for &id in ids.iter().filter(|&&id| id != me) {
-        if index + 1 >= MAX_CPUS {
+        if index as u64 >= aps {
             break;
         }
         index += 1;
@@ -305,10 +304,11 @@ pub fn start(ids: &[u8], timer_count: u32, regions: &mut Regions) -> usize {
             gdt[slot + 1] = high;
         }
         let slot = &SLOTS[index];
-        slot.apic_id.store(u64::from(id), Ordering::Relaxed);
         AP_BOOT.index.store(index as u64, Ordering::Relaxed);
         AP_BOOT.kernel_stack_top.store(kernel_top, Ordering::Relaxed);
         AP_BOOT.user_stack_top.store(user_top - 8, Ordering::Release);
+        // Everything above is in memory before the IPIs (plain MMIO writes) go out.
+        core::sync::atomic::fence(Ordering::SeqCst);
         apic::send_init(id);
         wait_us(10_000);
         for _ in 0..2 {
