@@ -137,39 +137,33 @@ fn packet_socket(iface: &str) -> Result<OwnedFd, DelayLineError> {
     if r < 0 {
         return Err(io("bind")(std::io::Error::last_os_error()));
     }
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to an int and its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io("PACKET_IGNORE_OUTGOING")(std::io::Error::last_os_error()));
-    }
+    set_option(&fd, libc::PACKET_IGNORE_OUTGOING, &1 as &libc::c_int).map_err(io("PACKET_IGNORE_OUTGOING"))?;
     // Frames for the other router's MAC must be seen too.
     // SAFETY: packet_mreq is plain data; all-zero is a valid start.
     let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
     mreq.mr_ifindex = index as i32;
     mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
-    // SAFETY: setsockopt with a pointer to a packet_mreq and its size.
+    set_option(&fd, libc::PACKET_ADD_MEMBERSHIP, &mreq).map_err(io("PACKET_ADD_MEMBERSHIP"))?;
+    Ok(fd)
+}
+
+/// `setsockopt(SOL_PACKET, option, value)`.
+fn set_option<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> std::io::Result<()> {
+    // SAFETY: `value` points to a T of the size given, alive for the call.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_PACKET,
-            libc::PACKET_ADD_MEMBERSHIP,
-            (&mreq as *const libc::packet_mreq).cast(),
-            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if r < 0 {
-        return Err(io("PACKET_ADD_MEMBERSHIP")(std::io::Error::last_os_error()));
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
-    Ok(fd)
 }
 
 /// Waits until `fd` is readable or `timeout` has passed (nanosecond resolution).

@@ -134,10 +134,6 @@ pub fn write<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<(), AcpiError> {
 mod tests {
     use super::*;
 
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
-    }
-
     fn u32_at(b: &[u8], at: usize) -> u32 {
         u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
     }
@@ -151,24 +147,24 @@ mod tests {
         for n in [1u8, 4, MAX_VCPUS] {
             let t = build(n, RSDP_START).unwrap();
             assert_eq!(&t[..8], b"RSD PTR ");
-            assert_eq!(sum(&t[..20]), 0, "RSDP checksum");
-            assert_eq!(sum(&t[..36]), 0, "RSDP extended checksum");
+            assert_eq!(checksum(&t[..20]), 0, "RSDP checksum");
+            assert_eq!(checksum(&t[..36]), 0, "RSDP extended checksum");
             assert_eq!(t[15], 2, "ACPI 2.0");
             let xsdt_at = (u64_at(&t, 24) - RSDP_START) as usize;
             let xsdt = &t[xsdt_at..xsdt_at + u32_at(&t, xsdt_at + 4) as usize];
             assert_eq!(&xsdt[..4], b"XSDT");
-            assert_eq!(sum(xsdt), 0, "XSDT checksum");
+            assert_eq!(checksum(xsdt), 0, "XSDT checksum");
             assert_eq!(xsdt.len(), HEADER + 16, "two entries");
             let fadt_at = (u64_at(xsdt, HEADER + 8) - RSDP_START) as usize;
             let fadt = &t[fadt_at..fadt_at + u32_at(&t, fadt_at + 4) as usize];
             assert_eq!((&fadt[..4], fadt.len(), fadt[8]), (&b"FACP"[..], FADT_LENGTH, 6));
-            assert_eq!(sum(fadt), 0, "FADT checksum");
+            assert_eq!(checksum(fadt), 0, "FADT checksum");
             assert_eq!(u32_at(fadt, 112), FADT_HW_REDUCED, "hardware-reduced, nothing else");
             assert_eq!(u32_at(fadt, 40), 0, "no DSDT");
             let madt_at = (u64_at(xsdt, HEADER) - RSDP_START) as usize;
             let madt = &t[madt_at..madt_at + u32_at(&t, madt_at + 4) as usize];
             assert_eq!(&madt[..4], b"APIC");
-            assert_eq!(sum(madt), 0, "MADT checksum");
+            assert_eq!(checksum(madt), 0, "MADT checksum");
             assert_eq!(u32_at(madt, HEADER), LAPIC_ADDRESS);
             // Walk the entries: every vCPU's LAPIC, enabled, then the IOAPIC and the NMI.
             let (mut at, mut cpus, mut ioapic) = (HEADER + 8, Vec::new(), None);

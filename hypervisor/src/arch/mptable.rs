@@ -142,10 +142,6 @@ pub fn write<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<(), MpTableError> {
 mod tests {
     use super::*;
 
-    fn sum(b: &[u8]) -> u8 {
-        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
-    }
-
     /// The table's entries, as (type, bytes).
     fn entries(t: &[u8]) -> Vec<(u8, &[u8])> {
         let mut out = Vec::new();
@@ -163,13 +159,13 @@ mod tests {
         for n in [1, 2, 4, MAX_VCPUS] {
             let t = build(n, MPTABLE_START).unwrap();
             assert_eq!(&t[..4], b"_MP_");
-            assert_eq!(sum(&t[..16]), 0, "floating pointer checksum, {n} vCPUs");
+            assert_eq!(checksum(&t[..16]), 0, "floating pointer checksum, {n} vCPUs");
             assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64, MPTABLE_START + 16);
             let table = &t[16..];
             assert_eq!(&table[..4], b"PCMP");
             let len = u16::from_le_bytes(table[4..6].try_into().unwrap()) as usize;
             assert_eq!(len, table.len());
-            assert_eq!(sum(table), 0, "table checksum, {n} vCPUs");
+            assert_eq!(checksum(table), 0, "table checksum, {n} vCPUs");
             let count = u16::from_le_bytes(table[34..36].try_into().unwrap()) as usize;
             assert_eq!(count, entries(&t).len());
             assert!(MPTABLE_START + t.len() as u64 <= EBDA_START + 1024, "within the first KiB of the EBDA");
