@@ -97,8 +97,8 @@ if e:
                    f"{ratio(r.get('wan_bytes_shrink_over_qemu_zstd'))}, {ratio(r.get('time_shrink_over_qemu_zstd'))} | "
                    f"{ratio(r['wan_bytes_shrink_over_no_dedup'])}, {ratio(r['time_shrink_over_no_dedup'])} | {down(p, 'shrink')}, {down(p, 'qemu')}, {down(p, 'qemu_zstd')} | {s_['deduplicated']} | {s_['fetched_from_peers']} | {s_.get('repository', 0)} | {s_['pulled']} | {mb((s_.get('disk') or {}).get('wan_bytes', 0)):.1f} |")
     out += ["", "### Network: what the moved VMs' peers saw (each system's move to site B; probes every 10 ms from a client on each site's LAN)", "",
-            "| family | workload | VMs | Mbit/s | chunk | system | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| family | workload | VMs | Mbit/s | one-way delay | chunk | system | downtime mean / max | gap at A mean / max | gap at B mean / max | lost probes max (A/B) | vnetd detection mean | reconfiguration mean / max | all answering after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p, system in [(p, k) for p in pts for k in ("shrink", "qemu", "qemu_zstd") if (p.get(k) or {}).get("network")]:
         net = p[system]["network"]
         def st(k):
@@ -107,7 +107,7 @@ if e:
         d, ga, gb, det, rec = st("downtime_ms"), st("gap_a_ms"), st("gap_b_ms"), st("detection_ms"), st("reconfiguration_ms")
         la, lbb = st("lost_a")[1], st("lost_b")[1]
         ok = all(x.get("answering") for x in net)
-        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p['chunk']} | {system} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
+        out.append(f"| {p['family']} | {p['workload']} | {p['vms']} | {p['rate_mbit']} | {p.get('wan_delay_ms', 0)} ms | {p['chunk']} | {system} | {d[0]:.0f} / {d[1]:.0f} ms | {ga[0]:.0f} / {ga[1]:.0f} ms | {gb[0]:.0f} / {gb[1]:.0f} ms | {la:.0f} / {lbb:.0f} | {det[0]:.2f} ms | {rec[0]:.2f} / {rec[1]:.2f} ms | {'yes' if ok else 'NO'} |")
     if tls:
         out += ["", "### What TLS costs (`tls` family: the same cluster moved over TLS and with `--plain-tcp`)", "",
                 "| VMs | Mbit/s | transport | time | bytes on the link | machine CPU during the move | downtime mean / max |",
