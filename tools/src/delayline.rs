@@ -46,27 +46,21 @@ pub struct DelayQueue {
     limit_bytes: usize,
     queued_bytes: usize,
     frames: VecDeque<(Instant, Vec<u8>)>,
-    /// Frames dropped because the queue was full.
-    pub dropped: u64,
-    /// The most bytes ever queued.
-    pub peak_bytes: usize,
 }
 
 impl DelayQueue {
     /// An empty queue holding each frame for `delay`, at most `limit_bytes` at a time.
     pub fn new(delay: Duration, limit_bytes: usize) -> DelayQueue {
-        DelayQueue { delay, limit_bytes, queued_bytes: 0, frames: VecDeque::new(), dropped: 0, peak_bytes: 0 }
+        DelayQueue { delay, limit_bytes, queued_bytes: 0, frames: VecDeque::new() }
     }
 
-    /// Queues `frame`, arrived at `now`, until `now + delay`; false (and counted) if it does not
-    /// fit.
+    /// Queues `frame`, arrived at `now`, until `now + delay`; false (the frame is dropped) if it
+    /// does not fit.
     pub fn push(&mut self, now: Instant, frame: Vec<u8>) -> bool {
         if self.queued_bytes + frame.len() > self.limit_bytes {
-            self.dropped += 1;
             return false;
         }
         self.queued_bytes += frame.len();
-        self.peak_bytes = self.peak_bytes.max(self.queued_bytes);
         self.frames.push_back((now + self.delay, frame));
         true
     }
@@ -254,7 +248,7 @@ mod tests {
         assert!(q.push(t0, vec![0; 600]));
         assert!(!q.push(t0, vec![0; 600]), "over the limit");
         assert!(q.push(t0, vec![0; 400]), "exactly to the limit");
-        assert_eq!((q.dropped, q.peak_bytes), (1, 1000));
+        assert_eq!(q.queued_bytes(), 1000);
         assert!(q.pop_due(t0 + Duration::from_millis(1)).is_some());
         assert!(q.push(t0, vec![0; 600]), "room again");
     }

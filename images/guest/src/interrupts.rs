@@ -198,34 +198,29 @@ exc_common:
     hlt
     jmp 2b
 
-    // LAPIC timer: count the tick and acknowledge it. Touches only RAX.
+    // LAPIC timer: count the tick and acknowledge it.
     .align 16
 timer_stub:
     lock inc qword ptr [rip + {ticks}]
-    push rax
-    mov eax, 0xfee000b0     // LAPIC EOI register (zero-extended to 64 bits)
-    mov dword ptr [rax], 0
-    pop rax
-    iretq
-
-    // An application processor's LAPIC timer: only wakes it (the tick count
-    // is the boot CPU's). Touches only RAX.
-    .align 16
-ap_timer_stub:
-    push rax
-    mov eax, 0xfee000b0     // LAPIC EOI register
-    mov dword ptr [rax], 0
-    pop rax
-    iretq
+    jmp eoi_return
 
     // Device interrupt (IOAPIC, edge): flag it for ring 3 and acknowledge
     // it. The wait service sees the flag and returns to ring 3, which polls
-    // every device. Touches only RAX.
+    // every device.
     .align 16
 device_stub:
     mov qword ptr [rip + {irq_pending}], 1
+    jmp eoi_return
+
+    // An application processor's LAPIC timer: only acknowledged, which wakes
+    // it (the tick count is the boot CPU's). Also the end of the two stubs
+    // above: write the LAPIC EOI register and return. Touches only RAX,
+    // which it restores.
+    .align 16
+ap_timer_stub:
+eoi_return:
     push rax
-    mov eax, 0xfee000b0     // LAPIC EOI register
+    mov eax, 0xfee000b0     // LAPIC EOI register (zero-extended to 64 bits)
     mov dword ptr [rax], 0
     pop rax
     iretq
